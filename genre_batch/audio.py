@@ -1,0 +1,236 @@
+"""Audio decoding (libsndfile first, FFmpeg via PyAV as fallback) and embedded tag reading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import IO, Any
+
+import av
+import fsspec
+import mutagen
+import numpy as np
+import soundfile as sf
+import soxr
+from mutagen.id3 import ID3
+
+SAMPLE_RATE = 22050
+AUDIO_EXTENSIONS: frozenset[str] = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
+)
+_PREROLL_S = 0.25  # decoded and dropped before a seek target: libsndfile's MP3 decoder outputs ~0.1 s of zeros after a seek
+_ID3_FRAMES = {"genre": "TCON", "artist": "TPE1", "album": "TALB"}
+
+
+class AudioError(Exception):
+    """A file that cannot be analysed; `kind` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """Native properties of a decoded file and the excerpt that was analysed."""
+
+    duration_s: float
+    sample_rate: int
+    channels: int
+    offset_s: float
+    analysed_s: float
+
+
+@dataclass(frozen=True)
+class Tags:
+    """Embedded genre/artist/album tags; None where absent."""
+
+    genre: str | None = None
+    artist: str | None = None
+    album: str | None = None
+
+
+@dataclass(frozen=True)
+class _Native:
+    """Mono float32 samples at the file's native rate, plus where they came from."""
+
+    samples: np.ndarray
+    sample_rate: int
+    channels: int
+    duration_s: float
+    offset_s: float
+
+
+def decode(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the middle `max_seconds` of a file to mono float32 at SAMPLE_RATE."""
+    try:
+        opener = fsspec.open(uri, "rb")
+    except ValueError as e:
+        raise AudioError("io_error", f"cannot open: {e}") from e
+    try:
+        with opener as f:
+            if not f.read(1):
+                raise AudioError("empty", "file is empty (0 bytes)")
+            f.seek(0)
+            native = _decode_native(f, max_seconds)
+    except OSError as e:
+        raise AudioError("io_error", f"cannot read file: {_os_reason(e)}") from e
+    y = _to_sample_rate(native.samples, native.sample_rate)
+    analysed_s = len(y) / SAMPLE_RATE
+    if analysed_s < min_seconds:
+        raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
+    if not np.isfinite(y).all():
+        raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
+    info = AudioInfo(native.duration_s, native.sample_rate, native.channels, native.offset_s, analysed_s)
+    return y, info
+
+
+def _os_reason(e: OSError) -> str:
+    """Describe an OS error without its file name (which may be a URL carrying credentials)."""
+    return f"{e.strerror} ({type(e).__name__})" if e.strerror else type(e).__name__
+
+
+def _to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Resample mono float32 samples from `rate` to SAMPLE_RATE."""
+    if rate == SAMPLE_RATE or len(samples) == 0:
+        return samples
+    return soxr.resample(samples, rate, SAMPLE_RATE)
+
+
+def _excerpt(duration_s: float, max_seconds: float | None, rate: int) -> tuple[int, int | None]:
+    """Start and end (None: to the end) sample indices of the middle `max_seconds` of a file."""
+    if max_seconds is None or duration_s <= max_seconds:
+        return 0, None
+    start = round((duration_s - max_seconds) / 2.0 * rate)
+    return start, start + round(max_seconds * rate)
+
+
+def _decode_native(f: IO[bytes], max_seconds: float | None) -> _Native:
+    """Decode the excerpt with libsndfile, falling back to FFmpeg for formats libsndfile lacks."""
+    try:
+        return _decode_soundfile(f, max_seconds)
+    except sf.LibsndfileError as e:
+        sndfile_reason = e.error_string
+    f.seek(0)
+    try:
+        return _decode_av(f, max_seconds)
+    except (av.FFmpegError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise AudioError("undecodable", f"not a readable audio file (libsndfile: {sndfile_reason}; ffmpeg: {reason})") from e
+
+
+def _decode_soundfile(f: IO[bytes], max_seconds: float | None) -> _Native:
+    """Read the excerpt with libsndfile, seeking instead of decoding what is skipped."""
+    with sf.SoundFile(f) as snd:
+        rate, channels = snd.samplerate, snd.channels
+        duration_s = snd.frames / rate
+        start, end = _excerpt(duration_s, max_seconds, rate)
+        preroll = min(start, round(_PREROLL_S * rate))
+        if start:
+            snd.seek(start - preroll)
+        data = snd.read(-1 if end is None else end - start + preroll, dtype="float32", always_2d=True)
+    return _Native(_downmix(data[preroll:]), rate, channels, duration_s, start / rate)
+
+
+def _downmix(frames: np.ndarray) -> np.ndarray:
+    """Average a float32 (samples, channels) array to mono (a matrix product: far faster than mean)."""
+    channels = frames.shape[1]
+    return frames[:, 0] if channels == 1 else frames @ np.full(channels, 1.0 / channels, dtype=np.float32)
+
+
+def _decode_av(f: IO[bytes], max_seconds: float | None) -> _Native:
+    """Decode the excerpt with FFmpeg, seeking to it in long files."""
+    with av.open(f) as container:
+        if not container.streams.audio:
+            raise AudioError("no_audio_stream", f"container ({container.format.name}) has no audio stream")
+        stream = container.streams.audio[0]
+        rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+        header_s = _av_duration(container, stream)
+        start, end = _excerpt(header_s or 0.0, max_seconds, rate)
+        if start:
+            container.seek(int(start / rate / stream.time_base) + (stream.start_time or 0), stream=stream)
+        samples = _decode_range(container, stream, start, end)
+    if header_s is not None:
+        return _Native(samples, rate, channels, header_s, start / rate)
+    duration_s = len(samples) / rate  # no duration in the header: everything was decoded, now take the middle
+    start, end = _excerpt(duration_s, max_seconds, rate)
+    return _Native(samples[start:end], rate, channels, duration_s, start / rate)
+
+
+def _av_duration(container: Any, stream: Any) -> float | None:
+    """Duration in seconds from the stream or container header, or None if unknown."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
+def _decode_range(container: Any, stream: Any, start: int, end: int | None) -> np.ndarray:
+    """Decode mono samples in [start, end) (native-rate sample indices), skipping corrupt packets."""
+    blocks: list[np.ndarray] = []
+    first: int | None = None
+    total = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError:
+            continue
+        for frame in frames:
+            if first is None:
+                first = start if frame.pts is None else _sample_index(frame.pts, stream)
+                planar, channels = frame.format.is_planar, frame.layout.nb_channels
+            blocks.append(frame.to_ndarray())
+            total += frame.samples
+        if end is not None and first is not None and first + total >= end:
+            break
+    if first is None:
+        return np.zeros(0, dtype=np.float32)
+    mono = _to_mono(np.concatenate(blocks, axis=1), planar, channels)
+    return mono[max(0, start - first) : None if end is None else max(0, end - first)]
+
+
+def _sample_index(pts: int, stream: Any) -> int:
+    """Native-rate sample index of a presentation timestamp, counted from the stream start."""
+    return round(float((pts - (stream.start_time or 0)) * stream.time_base) * stream.codec_context.sample_rate)
+
+
+def _to_mono(data: np.ndarray, planar: bool, channels: int) -> np.ndarray:
+    """Convert FFmpeg samples (planar (channels, n) or packed (1, n * channels)) to mono float32 in [-1, 1]."""
+    frames = data.T if planar else data.reshape(-1, channels)
+    mono = _downmix(frames.astype(np.float32, copy=False))
+    if data.dtype.kind == "u":
+        return (mono - 128.0) / 128.0
+    if data.dtype.kind == "i":
+        return mono / float(2 ** (8 * data.dtype.itemsize - 1))
+    return mono
+
+
+def read_tags(uri: str) -> Tags:
+    """Read embedded genre/artist/album tags (ID3, Vorbis comment, FLAC, MP4); empty Tags if none or unreadable."""
+    try:
+        with fsspec.open(uri, "rb") as f:
+            audio = mutagen.File(f, easy=True)
+    except Exception:  # mutagen's parsers raise assorted errors on malformed files; tags are optional
+        return Tags()
+    if audio is None or audio.tags is None:
+        return Tags()
+    if isinstance(audio.tags, ID3):
+        return Tags(**{key: _id3_text(audio.tags, frame_id) for key, frame_id in _ID3_FRAMES.items()})
+    return Tags(**{key: _first(audio.tags.get(key)) for key in _ID3_FRAMES})
+
+
+def _id3_text(tags: ID3, frame_id: str) -> str | None:
+    """First value of a raw ID3 text frame (genres resolved from ID3v1 numbers), or None."""
+    frame = tags.get(frame_id)
+    if frame is None:
+        return None
+    return _first(frame.genres if frame_id == "TCON" else frame.text)
+
+
+def _first(values: list[Any] | None) -> str | None:
+    """First tag value as a stripped string, or None if missing or blank."""
+    if not values:
+        return None
+    text = str(values[0]).strip()
+    return text or None

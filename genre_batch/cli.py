@@ -1,0 +1,334 @@
+"""Command line: genre-batch extract | train | tag | run | query | classify | demo | serve."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from genre_batch import GenreBatchError
+
+app = typer.Typer(
+    help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+QUIET_CONSOLE = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
+
+StoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store", "-s", envvar="GENRE_BATCH_STORE", help="Store URL (folder or s3://bucket/prefix) holding features, models, catalog."
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", help="Dask scheduler address (tcp://host:8786). Default: a local cluster, one single-threaded worker per core."),
+]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option("--labels", "-l", help="Label source: 'folders' (parent folder = genre), 'tags' (embedded genre tag), or a CSV/Parquet file with file and genre columns."),
+]
+MinAccuracyOpt = Annotated[
+    float, typer.Option("--min-accuracy", help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
+]
+DEFAULT_STORE = "genre-batch-store"
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a GenreBatchError as one line on stderr and exit 1, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except GenreBatchError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
+) -> None:
+    """Distributed batch genre tagging of music libraries."""
+    for key, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_CONSOLE)}.items():
+        os.environ.setdefault(key, value)
+
+
+def progress_bar() -> Progress:
+    """A progress bar for extraction."""
+    return Progress(
+        TextColumn("extracting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("files, {task.fields[errors]} errors"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def with_progress(call: Callable[[], dict]) -> dict:
+    """Run a flow while drawing extraction progress."""
+    from genre_batch import progress
+
+    with progress_bar() as bar:
+        task = bar.add_task("extract", total=None, errors=0, visible=False)
+
+        def update(done: int, total: int, errors: int) -> None:
+            bar.update(task, completed=done, total=total, errors=errors, visible=True)
+
+        with progress.listening(update):
+            return call()
+
+
+def print_extract(summary: dict) -> None:
+    """Print what an extraction did."""
+    out.print(
+        f"extract: {summary['discovered']} audio files in {summary['library']}; "
+        f"{summary['extracted']} extracted, {summary['failed']} failed, {summary['unchanged']} unchanged, "
+        f"{summary['removed']} removed"
+        + (f" ({summary['wall_s']:.1f} s, {summary['cpu_s'] / max(1, summary['extracted'] + summary['failed']):.3f} CPU s/file)" if summary["shards"] else ""),
+        markup=False,
+    )
+
+
+def print_train(summary: dict) -> None:
+    """Print what a training did."""
+    state = "promoted to current" if summary["promoted"] else "NOT promoted (current model kept)"
+    out.print(
+        f"train: model {summary['version']} on {summary['tracks']} tracks, {len(summary['genres'])} genres "
+        f"(labels: {summary['label_source']}); cross-validated accuracy {summary['cv_accuracy']:.3f}, "
+        f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
+        markup=False,
+    )
+    if summary["dropped_genres"]:
+        out.print(f"  genres with too few tracks, left out: {summary['dropped_genres']}", markup=False)
+
+
+def print_tag(summary: dict) -> None:
+    """Print what a tagging published."""
+    genres = ", ".join(f"{g} {n}" for g, n in summary["genres"].items())
+    out.print(
+        f"tag: published catalog snapshot {summary['snapshot']}: {summary['rows']} tracks with model "
+        f"{summary['model_version']} ({genres}); {summary['disagreements']} disagree with their embedded tag",
+        markup=False,
+    )
+
+
+def print_errors(store_url: str, limit: int = 10) -> None:
+    """Print the files that currently fail, with their reasons."""
+    from genre_batch.feature_store import current_errors
+    from genre_batch.store import Store
+
+    errors = current_errors(Store(store_url))
+    if errors.num_rows == 0:
+        return
+    out.print(f"errors: {errors.num_rows} files could not be processed (query them: SELECT * FROM errors):", markup=False)
+    for row in errors.slice(0, limit).to_pylist():
+        out.print(f"  {row['uri']}: {row['error_type']}: {row['message']}", markup=False)
+    if errors.num_rows > limit:
+        out.print(f"  ... and {errors.num_rows - limit} more", markup=False)
+
+
+def print_record(record: dict, store_url: str) -> None:
+    """Print the summary of a run record."""
+    if "extract" in record:
+        print_extract(record["extract"])
+    if "train_decision" in record:
+        out.print(f"train decision: {record['train_decision']}", markup=False)
+    if "train" in record:
+        print_train(record["train"])
+    if "tag" in record:
+        print_tag(record["tag"])
+    print_errors(store_url)
+    out.print(f"run {record['run_id']} {record.get('status', 'completed')}", markup=False)
+
+
+@app.command()
+@friendly
+def extract(
+    library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
+    store: StoreOpt = DEFAULT_STORE,
+    scheduler: SchedulerOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not.")] = False,
+) -> None:
+    """Extract features of new and changed audio files of LIBRARY into the store."""
+    from flows.pipeline import extract_flow
+
+    store = absolute(store)
+    record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force))
+    print_record(record, store)
+
+
+@app.command()
+@friendly
+def train(
+    store: StoreOpt = DEFAULT_STORE,
+    labels: LabelsOpt = "folders",
+    min_accuracy: MinAccuracyOpt = 0.0,
+) -> None:
+    """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
+    from flows.pipeline import train_flow
+
+    store = absolute(store)
+    print_record(train_flow(store, labels_spec(labels), min_accuracy), store)
+
+
+@app.command()
+@friendly
+def tag(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Tag every track of the store with the current model and publish a new catalog snapshot."""
+    from flows.pipeline import tag_flow
+
+    store = absolute(store)
+    print_record(tag_flow(store), store)
+
+
+def labels_spec(labels: str | None) -> str | None:
+    """A label spec with a local file path made absolute."""
+    return labels if labels in (None, "folders", "tags") else absolute(labels)
+
+
+@app.command()
+@friendly
+def run(
+    library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
+    store: StoreOpt = DEFAULT_STORE,
+    labels: LabelsOpt = None,
+    scheduler: SchedulerOpt = None,
+    min_accuracy: MinAccuracyOpt = 0.0,
+) -> None:
+    """The nightly job as one Prefect flow: extract what changed, retrain if labelled data changed, tag, publish."""
+    from flows.pipeline import nightly
+
+    store = absolute(store)
+    record = with_progress(lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy))
+    print_record(record, store)
+
+
+def render(table: Any, fmt: str) -> None:
+    """Print a query result as a table, CSV or JSON."""
+    from genre_batch import query as q
+
+    if fmt == "json":
+        sys.stdout.write(q.to_json(table) + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(q.to_csv(table))
+    else:
+        view = Table(*table.column_names, show_lines=False)
+        for row in q.rows(table):
+            view.add_row(*("" if v is None else str(v) for v in row.values()))
+        out.print(view, markup=False)
+        out.print(f"({table.num_rows} rows)", markup=False)
+
+
+@app.command()
+@friendly
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL over tables 'catalog' (published snapshot) and 'errors'.")],
+    store: StoreOpt = DEFAULT_STORE,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: table, csv or json.")] = "table",
+) -> None:
+    """Run DuckDB SQL over the published catalog and the error records."""
+    from genre_batch import query as q
+    from genre_batch.store import Store
+
+    if fmt not in q.FORMATS:
+        raise GenreBatchError(f"unknown format {fmt!r}: use one of {', '.join(q.FORMATS)}")
+    render(q.run(Store(absolute(store)), sql), fmt)
+
+
+@app.command()
+@friendly
+def classify(
+    files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
+    store: StoreOpt = DEFAULT_STORE,
+    top: Annotated[int, typer.Option("--top", help="How many genres to show per file.")] = 3,
+) -> None:
+    """Predict the genres of files with the current model of the store (nothing is stored)."""
+    from genre_batch.store import Store
+    from genre_batch.tagging import classify_files
+
+    for uri, result in classify_files(Store(absolute(store)), [absolute(f) for f in files], top):
+        if isinstance(result, str):
+            out.print(f"{uri}: error: {result}", markup=False)
+        else:
+            out.print(f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
+
+
+@app.command()
+@friendly
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Where to build the demo library and store.")] = Path("genre-batch-demo"),
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Build a small synthetic library (tagged, untagged and one corrupt file), run the nightly job on it, show the catalog."""
+    from flows.pipeline import nightly
+    from genre_batch import demo as demo_library
+    from genre_batch import query as q
+    from genre_batch.store import Store
+
+    library, store = demo_library.build(directory.resolve())
+    out.print(f"demo library: {library} ({demo_library.describe()})", markup=False)
+    record = with_progress(lambda: nightly(str(library), str(store), "tags", scheduler, 0.0))
+    print_record(record, str(store))
+    for title, sql in demo_library.EXAMPLE_QUERIES:
+        out.print(f"\n{title}\n$ genre-batch query --store {store} \"{sql}\"", markup=False)
+        render(q.run(Store(str(store)), sql), "table")
+
+
+@app.command()
+@friendly
+def serve(
+    library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
+    store: StoreOpt = DEFAULT_STORE,
+    labels: LabelsOpt = None,
+    scheduler: SchedulerOpt = None,
+    cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule of the nightly run (default: 0 2 * * *).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
+) -> None:
+    """Register the nightly flow as a scheduled Prefect deployment and serve it (runs until stopped)."""
+    from flows.pipeline import NIGHTLY_CRON, nightly
+
+    nightly.serve(
+        name=name,
+        cron=cron or NIGHTLY_CRON,
+        parameters={"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler},
+    )
+
+
+def main() -> None:
+    """Entry point of the genre-batch command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Cluster: a Dask client on a given scheduler, or on a local cluster sized to the machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dask
+from distributed import Client, LocalCluster
+
+from genre_batch import GenreBatchError
+
+WORKER_WAIT_S = 60
+
+
+def numba_cache_dir() -> str:
+    """Where workers keep numba's compiled code between runs (NUMBA_CACHE_DIR, else the user cache)."""
+    return os.environ.get("NUMBA_CACHE_DIR") or str(Path.home() / ".cache" / "genre-batch" / "numba")
+
+
+def local_cluster(n_workers: int | None = None) -> LocalCluster:
+    """A local multi-process cluster: one single-threaded worker per core."""
+    environ = {"NUMBA_CACHE_DIR": numba_cache_dir(), "OMP_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "MKL_NUM_THREADS": 1}
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
+        return LocalCluster(
+            n_workers=n_workers or os.cpu_count() or 1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
+    """A client on `scheduler` (tcp://host:port) or, when None, on a local cluster closed on exit."""
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as e:
+            raise GenreBatchError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except TimeoutError:
+                raise GenreBatchError(f"no Dask worker joined {scheduler} within {WORKER_WAIT_S} s") from None
+            yield client
+        return
+    with local_cluster(n_workers) as cluster, Client(cluster) as client:
+        yield client

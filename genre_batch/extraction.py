@@ -1,0 +1,160 @@
+"""Extraction: shards of files fanned out over Dask, one Parquet part per shard."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+from distributed import Client, as_completed
+
+from genre_batch import audio, features
+from genre_batch.feature_store import ERROR_SCHEMA, FEATURE_SCHEMA, PROVENANCE_SCHEMA
+from genre_batch.store import Store, write_table
+
+MAX_SHARD_SIZE = 256
+SHARDS_PER_WORKER = 4
+
+Progress = Callable[[int, int, int], None]
+"""Called with (files done, files in total, errors so far) after each shard."""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What one shard produced."""
+
+    shard: int
+    files: int
+    extracted: int
+    failed: int
+    cpu_s: float
+
+
+@dataclass
+class ExtractionResult:
+    """What an extraction produced, over all shards."""
+
+    files: int = 0
+    extracted: int = 0
+    failed: int = 0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    shards: int = 0
+    shard_failures: list[str] = field(default_factory=list)
+
+
+def shard_size(n_files: int, n_workers: int, max_size: int = MAX_SHARD_SIZE) -> int:
+    """Files per shard: enough shards to balance the workers, at most `max_size` files each."""
+    return max(1, min(max_size, math.ceil(n_files / max(1, n_workers * SHARDS_PER_WORKER))))
+
+
+def split(todo: pa.Table, size: int) -> list[pa.Table]:
+    """Cut the files to extract into shards of `size` rows."""
+    return [todo.slice(i, size) for i in range(0, todo.num_rows, size)]
+
+
+def now() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def extract_file(uri: str) -> tuple[dict, np.ndarray]:
+    """Decode one file and compute its provenance and feature vector (raises audio.AudioError)."""
+    y, info = audio.decode(uri)
+    tags = audio.read_tags(uri)
+    vector = features.extract(y, audio.SAMPLE_RATE)
+    meta = {
+        "duration_s": info.duration_s,
+        "sample_rate": info.sample_rate,
+        "channels": info.channels,
+        "offset_s": info.offset_s,
+        "analysed_s": info.analysed_s,
+        "tag_genre": tags.genre,
+        "tag_artist": tags.artist,
+        "tag_album": tags.album,
+    }
+    return meta, vector
+
+
+def error_row(file: dict, stage: str, error_type: str, message: str, run_id: str) -> dict:
+    """An error record for a file."""
+    return {
+        "uri": file["uri"],
+        "track_id": file["track_id"],
+        "fingerprint": file["fingerprint"],
+        "stage": stage,
+        "error_type": error_type,
+        "message": message,
+        "feature_version": features.FEATURE_VERSION,
+        "run_id": run_id,
+        "occurred_at": now(),
+    }
+
+
+def feature_table(rows: list[dict], vectors: list[np.ndarray]) -> pa.Table:
+    """Assemble provenance rows and feature vectors into a table of FEATURE_SCHEMA."""
+    matrix = np.vstack(vectors) if vectors else np.zeros((0, len(features.FEATURE_NAMES)), np.float32)
+    columns = [pa.array([r[f.name] for r in rows], f.type) for f in PROVENANCE_SCHEMA]
+    columns += [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
+    return pa.Table.from_arrays(columns, schema=FEATURE_SCHEMA)
+
+
+def extract_shard(store_url: str, files: pa.Table, run_id: str, shard: int) -> ShardResult:
+    """Extract every file of a shard and write its feature part and error part (runs on a worker)."""
+    started = time.process_time()
+    store = Store(store_url)
+    rows: list[dict] = []
+    vectors: list[np.ndarray] = []
+    errors: list[dict] = []
+    for file in files.to_pylist():
+        try:
+            meta, vector = extract_file(file["uri"])
+        except audio.AudioError as e:
+            errors.append(error_row(file, "decode", e.kind, str(e), run_id))
+            continue
+        except Exception as e:  # a bug or a library failure on one file must not sink the shard
+            errors.append(error_row(file, "features", type(e).__name__, str(e) or repr(e), run_id))
+            continue
+        rows.append(
+            {**file, **meta, "feature_version": features.FEATURE_VERSION, "run_id": run_id, "extracted_at": now()}
+        )
+        vectors.append(vector)
+    name = f"{run_id}-{shard:05d}.parquet"
+    if errors:
+        write_table(store.fs, f"{store.error_parts}/{name}", pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+    if rows:
+        write_table(store.fs, f"{store.feature_parts}/{name}", feature_table(rows, vectors))
+    return ShardResult(shard, files.num_rows, len(rows), len(errors), time.process_time() - started)
+
+
+def run_shards(client: Client, store_url: str, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:
+    """Extract the planned files on the cluster, reporting progress as shards finish."""
+    started = time.perf_counter()
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    shards = split(todo, shard_size(todo.num_rows, n_workers))
+    result = ExtractionResult(files=todo.num_rows, shards=len(shards))
+    on_progress(0, todo.num_rows, 0)
+    futures = [
+        client.submit(extract_shard, store_url, files, run_id, i, key=f"extract-{run_id}-{i}", pure=False)
+        for i, files in enumerate(shards)
+    ]
+    done = 0
+    for future in as_completed(futures):
+        index = futures.index(future)
+        try:
+            shard: ShardResult = future.result()
+        except Exception as e:
+            result.shard_failures.append(f"shard {index} ({shards[index].num_rows} files): {type(e).__name__}: {e}")
+            done += shards[index].num_rows
+        else:
+            result.extracted += shard.extracted
+            result.failed += shard.failed
+            result.cpu_s += shard.cpu_s
+            done += shard.files
+        on_progress(done, todo.num_rows, result.failed)
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -1,0 +1,92 @@
+"""Audio features: one STFT per excerpt, every feature derived from it, pooled into a fixed vector."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+
+FEATURE_VERSION = 1
+"""Bumped whenever the vector's meaning changes; rows of other versions are re-extracted."""
+
+N_FFT = 2048
+HOP = 512
+N_MELS = 128
+N_MFCC = 20
+
+STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "median", "skew", "kurtosis")
+
+SERIES: tuple[tuple[str, int], ...] = (
+    ("mfcc", N_MFCC),
+    ("mfcc_delta", N_MFCC),
+    ("mfcc_delta2", N_MFCC),
+    ("contrast", 7),
+    ("chroma", 12),
+    ("centroid", 1),
+    ("bandwidth", 1),
+    ("rolloff", 1),
+    ("flatness", 1),
+    ("zcr", 1),
+    ("rms", 1),
+    ("onset", 1),
+)
+"""Frame-level series (family, number of coefficients), in vector order."""
+
+SCALARS: tuple[str, ...] = ("tempo_bpm",)
+"""Track-level values appended after the pooled series."""
+
+
+def _series_names(family: str, n: int) -> list[str]:
+    """Names of a family's coefficient rows."""
+    return [family] if n == 1 else [f"{family}_{i:02d}" for i in range(1, n + 1)]
+
+
+FEATURE_NAMES: tuple[str, ...] = tuple(
+    [f"{name}_{stat}" for family, n in SERIES for name in _series_names(family, n) for stat in STATISTICS]
+    + list(SCALARS)
+)
+"""Column names of the feature vector, in order."""
+
+
+def pool(series: np.ndarray) -> np.ndarray:
+    """Pool each row of a (coefficients, frames) array into STATISTICS, row-major."""
+    x = series.astype(np.float64)
+    mean = x.mean(axis=1)
+    dev = x - mean[:, None]
+    var = (dev**2).mean(axis=1)
+    safe = np.where(var > 1e-12, var, 1.0)
+    skew = np.where(var > 1e-12, (dev**3).mean(axis=1) / safe**1.5, 0.0)
+    kurt = np.where(var > 1e-12, (dev**4).mean(axis=1) / safe**2 - 3.0, 0.0)
+    stats = np.stack([mean, np.sqrt(var), x.min(axis=1), x.max(axis=1), np.median(x, axis=1), skew, kurt], axis=1)
+    return stats.reshape(-1)
+
+
+def frame_series(y: np.ndarray, sr: int) -> tuple[list[np.ndarray], float]:
+    """Compute every frame-level series from one STFT, plus the tempo."""
+    mag = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
+    power = mag**2
+    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=sr, n_mels=N_MELS))
+    mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)
+    onset = librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=HOP)
+    tempo = float(librosa.feature.tempo(onset_envelope=onset, sr=sr, hop_length=HOP)[0])
+    series = [
+        mfcc,
+        librosa.feature.delta(mfcc, order=1),
+        librosa.feature.delta(mfcc, order=2),
+        librosa.feature.spectral_contrast(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.chroma_stft(S=power, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.spectral_bandwidth(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.spectral_flatness(S=mag, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP),
+        librosa.feature.rms(S=mag, frame_length=N_FFT, hop_length=HOP),
+        onset[None, :],
+    ]
+    return series, tempo
+
+
+def extract(y: np.ndarray, sr: int) -> np.ndarray:
+    """The fixed-length float32 feature vector of a mono excerpt (finite: NaN/inf become 0)."""
+    series, tempo = frame_series(y.astype(np.float32, copy=False), sr)
+    vector = np.concatenate([pool(s) for s in series] + [np.array([tempo])])
+    return np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

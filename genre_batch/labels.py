@@ -1,0 +1,85 @@
+"""Labels: the genre of each training track, from folders, embedded tags or a CSV/Parquet file."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from genre_batch import GenreBatchError
+
+LABELS_SCHEMA = pa.schema([("uri", pa.string()), ("genre", pa.string())])
+FILE_COLUMNS = ("file", "uri", "path")
+GENRE_COLUMNS = ("genre", "label")
+
+
+def normalise(genre: str | None) -> str | None:
+    """Canonical genre name: trimmed and lower-case; None for blanks."""
+    if genre is None:
+        return None
+    genre = " ".join(genre.split()).casefold()
+    return genre or None
+
+
+def label_source(spec: str) -> str:
+    """A stable description of a label spec, stored with the model."""
+    return spec if spec in ("folders", "tags") else f"file:{posixpath.basename(spec)}"
+
+
+def from_folders(tracks: pa.Table, library: str) -> pa.Table:
+    """Genre = name of the parent folder, for tracks inside a sub-folder of the library."""
+    prefix = library.rstrip("/") + "/"
+    rows = []
+    for uri in tracks["uri"].to_pylist():
+        relative = uri[len(prefix):] if uri.startswith(prefix) else None
+        if relative and "/" in relative:
+            rows.append({"uri": uri, "genre": normalise(posixpath.basename(posixpath.dirname(relative)))})
+    return pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
+
+
+def from_tags(tracks: pa.Table) -> pa.Table:
+    """Genre = the genre tag embedded in the file."""
+    genres = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
+    table = pa.table({"uri": tracks["uri"], "genre": pa.array(genres, pa.string())}, schema=LABELS_SCHEMA)
+    return table.filter(pc.is_valid(table["genre"]))
+
+
+def read_label_file(path: str) -> pa.Table:
+    """Read a CSV or Parquet label file with a file column and a genre column."""
+    try:
+        table = pq.read_table(path) if path.lower().endswith(".parquet") else pacsv.read_csv(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise GenreBatchError(f"cannot read labels file {path}: {e}") from None
+    file_col = next((c for c in FILE_COLUMNS if c in table.column_names), None)
+    genre_col = next((c for c in GENRE_COLUMNS if c in table.column_names), None)
+    if file_col is None or genre_col is None:
+        raise GenreBatchError(
+            f"labels file {path} needs a file column ({'/'.join(FILE_COLUMNS)}) and a genre column "
+            f"({'/'.join(GENRE_COLUMNS)}); it has: {', '.join(table.column_names)}"
+        )
+    return pa.table({"file": table[file_col].cast(pa.string()), "genre": table[genre_col].cast(pa.string())})
+
+
+def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
+    """Genre from a label file; its file column is a URI or a path relative to the library root."""
+    given = read_label_file(path)
+    known = set(tracks["uri"].to_pylist())
+    prefix = library.rstrip("/") + "/"
+    genres: dict[str, str] = {}
+    for file, genre in zip(given["file"].to_pylist(), given["genre"].to_pylist()):
+        uri = file if file in known else prefix + posixpath.normpath((file or "").lstrip("/"))
+        if uri in known and normalise(genre):  # paths outside the library never match a track
+            genres[uri] = normalise(genre)
+    return pa.table({"uri": list(genres), "genre": list(genres.values())}, schema=LABELS_SCHEMA)
+
+
+def resolve(spec: str, tracks: pa.Table, library: str) -> pa.Table:
+    """Labels (uri, genre) for the tracks of the store, from a spec: folders, tags, or a file path."""
+    if spec == "folders":
+        return from_folders(tracks, library)
+    if spec == "tags":
+        return from_tags(tracks)
+    return from_file(tracks, spec, library)

@@ -1,0 +1,226 @@
+"""The stages of a run (extract, train, tag), callable with or without Prefect."""
+
+from __future__ import annotations
+
+import platform
+import uuid
+from collections.abc import Iterator
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow.compute as pc
+import xgboost as xgb
+
+from genre_batch import GenreBatchError, catalog, evaluation, labels, registry, training
+from genre_batch.cluster import dask_client
+from genre_batch.discovery import discover
+from genre_batch.extraction import Progress, run_shards
+from genre_batch.feature_store import current_features, plan, read_inventory, write_inventory
+from genre_batch.features import FEATURE_VERSION
+from genre_batch.store import Store, write_json
+from genre_batch.tagging import tag as tag_tracks
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def no_progress(done: int, total: int, errors: int) -> None:
+    """A progress callback that ignores progress."""
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction did."""
+
+    library: str
+    discovered: int = 0
+    extracted: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    shards: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+@dataclass
+class TrainSummary:
+    """What a training did."""
+
+    version: str
+    promoted: bool
+    reason: str
+    label_source: str
+    tracks: int
+    genres: list[str]
+    cv_accuracy: float
+    cv_macro_f1: float
+    holdout_accuracy: float
+    holdout_macro_f1: float
+    dropped_genres: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TagSummary:
+    """What a tagging published."""
+
+    snapshot: str
+    rows: int
+    model_version: str
+    genres: dict[str, int]
+    disagreements: int
+
+
+def extract(
+    library: str,
+    store_url: str,
+    run_id: str,
+    scheduler: str | None = None,
+    force: bool = False,
+    on_progress: Progress = no_progress,
+) -> ExtractSummary:
+    """Discover the library, extract new and changed files on Dask, then record the library listing."""
+    store = Store(store_url)
+    inventory = discover(library)
+    previous = read_inventory(store)
+    todo = plan(inventory, store, force)
+    summary = ExtractSummary(library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows)
+    summary.unchanged = inventory.num_rows - todo.num_rows
+    if todo.num_rows:
+        with dask_client(scheduler) as client:
+            result = run_shards(client, store_url, todo, run_id, on_progress)
+        if result.shard_failures:
+            raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))
+        summary.extracted, summary.failed, summary.shards = result.extracted, result.failed, result.shards
+        summary.wall_s, summary.cpu_s = round(result.wall_s, 3), round(result.cpu_s, 3)
+    summary.removed = int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=inventory["uri"]))).as_py() or 0)
+    write_inventory(store, inventory)
+    return summary
+
+
+def library_of(store: Store) -> str:
+    """The library the store's inventory was listed from."""
+    meta = read_inventory(store).schema.metadata or {}
+    if b"library" not in meta:
+        raise GenreBatchError(f"the store {store.url} has no extracted library yet: run 'genre-batch extract' first")
+    return meta[b"library"].decode()
+
+
+def training_data(store: Store, spec: str) -> training.TrainingSet:
+    """The labelled training set of the store for a label spec."""
+    tracks = current_features(store)
+    return training.training_set(tracks, labels.resolve(spec, tracks, library_of(store)), labels.label_source(spec))
+
+
+def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
+    """Whether the labelled data differs from what the current model was trained on, and why."""
+    store = Store(store_url)
+    version = registry.current_version(store)
+    if version is None:
+        return True, "no current model"
+    trained_on = registry.metadata(store, version).get("training_fingerprint")
+    if trained_on != training_data(store, spec).fingerprint:
+        return True, "labels or features changed since the current model was trained"
+    return False, f"current model {version} was trained on the same labelled data"
+
+
+def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0) -> TrainSummary:
+    """Cross-validate, hold out, fit on all labelled tracks, register; promote if it passes the gate."""
+    store = Store(store_url)
+    data = training_data(store, spec)
+    n_classes = len(data.genres)
+    cv = evaluation.scores(data.y, training.cross_validated_predictions(data.X, data.y, n_classes), data.genres)
+    train_idx, test_idx = training.holdout_split(data.y)
+    held_model = training.fit(data.X[train_idx], data.y[train_idx], n_classes)
+    held_pred = training.predict_proba(held_model, data.X[test_idx]).argmax(axis=1)
+    holdout = evaluation.scores(data.y[test_idx], held_pred, data.genres)
+    baseline = evaluation.majority_baseline(data.y)
+    passes = cv["accuracy"] > baseline and cv["accuracy"] >= min_accuracy
+    reason = (
+        f"cross-validated accuracy {cv['accuracy']:.3f} vs majority baseline {baseline:.3f}"
+        + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
+    )
+    version = registry.new_version()
+    metadata = {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "run_id": run_id,
+        "genres": data.genres,
+        "label_source": labels.label_source(spec),
+        "feature_version": FEATURE_VERSION,
+        "training_fingerprint": data.fingerprint,
+        "tracks": len(data.y),
+        "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y)),
+        "dropped_genres": data.dropped,
+        "params": {**training.PARAMS, "num_boost_round": training.ROUNDS},
+        "cross_validation": {**cv, "folds": training.folds(data.y)},
+        "holdout": {**holdout, "fraction": round(len(test_idx) / len(data.y), 3)},
+        "majority_baseline": baseline,
+        "gate": {"passed": passes, "reason": reason, "min_accuracy": min_accuracy},
+        "xgboost_version": xgb.__version__,
+        "python": platform.python_version(),
+    }
+    png = evaluation.confusion_png(holdout["confusion"], data.genres, f"{version} (held-out {len(test_idx)} tracks)")
+    registry.register(store, version, training.fit(data.X, data.y, n_classes), metadata, png)
+    if passes:
+        registry.promote(store, version)
+    return TrainSummary(
+        version=version,
+        promoted=passes,
+        reason=reason,
+        label_source=metadata["label_source"],
+        tracks=len(data.y),
+        genres=data.genres,
+        cv_accuracy=round(cv["accuracy"], 4),
+        cv_macro_f1=round(cv["macro_f1"], 4),
+        holdout_accuracy=round(holdout["accuracy"], 4),
+        holdout_macro_f1=round(holdout["macro_f1"], 4),
+        dropped_genres=data.dropped,
+    )
+
+
+def tag(store_url: str, run_id: str, keep: int = catalog.KEEP_SNAPSHOTS) -> TagSummary:
+    """Predict every current track with the current model and publish a catalog snapshot."""
+    store = Store(store_url)
+    version, booster, meta = registry.load_current(store)
+    if meta["feature_version"] != FEATURE_VERSION:
+        raise GenreBatchError(
+            f"current model {version} was trained on feature version {meta['feature_version']}, "
+            f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
+        )
+    table = tag_tracks(current_features(store), booster, meta["genres"], version, run_id, datetime.now(timezone.utc))
+    pointer = catalog.publish(store, table, run_id, version, keep)
+    disagreements = int(np.sum(table["disagrees_with_tag"].fill_null(False).to_numpy(zero_copy_only=False)))
+    return TagSummary(
+        snapshot=pointer["snapshot"],
+        rows=table.num_rows,
+        model_version=version,
+        genres=dict(Counter(table["genre"].to_pylist()).most_common()),
+        disagreements=disagreements,
+    )
+
+
+@contextmanager
+def run_record(store_url: str, flow: str) -> Iterator[dict]:
+    """A run record to fill in; written to the store's runs/ when the block ends, failed or not."""
+    record: dict = {"run_id": new_run_id(), "flow": flow, "started_at": datetime.now(timezone.utc).isoformat()}
+    try:
+        yield record
+        record["status"] = "completed"
+    except BaseException as e:
+        record["status"] = "failed"
+        record["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        record["finished_at"] = datetime.now(timezone.utc).isoformat()
+        store = Store(store_url)
+        write_json(store.fs, f"{store.runs}/{record['run_id']}.json", record)
+
+
+def as_record(summary: object) -> dict:
+    """A stage summary as a plain dict."""
+    return asdict(summary)
