@@ -27,7 +27,6 @@ class AudioError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -121,15 +120,57 @@ def _decode_native(f: IO[bytes], max_seconds: float | None) -> _Native:
 
 def _decode_soundfile(f: IO[bytes], max_seconds: float | None) -> _Native:
     """Read the excerpt with libsndfile, seeking instead of decoding what is skipped."""
-    with sf.SoundFile(f) as snd:
-        rate, channels = snd.samplerate, snd.channels
-        duration_s = snd.frames / rate
-        start, end = _excerpt(duration_s, max_seconds, rate)
-        preroll = min(start, round(_PREROLL_S * rate))
-        if start:
-            snd.seek(start - preroll)
-        data = snd.read(-1 if end is None else end - start + preroll, dtype="float32", always_2d=True)
+    source = _CallbackSafeFile(f)
+    try:
+        with sf.SoundFile(source) as snd:
+            rate, channels = snd.samplerate, snd.channels
+            duration_s = snd.frames / rate
+            start, end = _excerpt(duration_s, max_seconds, rate)
+            preroll = min(start, round(_PREROLL_S * rate))
+            if start:
+                snd.seek(start - preroll)
+            data = snd.read(-1 if end is None else end - start + preroll, dtype="float32", always_2d=True)
+    finally:
+        source.raise_pending()  # an I/O error takes precedence over what libsndfile made of it
     return _Native(_downmix(data[preroll:]), rate, channels, duration_s, start / rate)
+
+
+class _CallbackSafeFile:
+    """File wrapper for libsndfile's callbacks: cffi prints and swallows an I/O error raised there (libsndfile then
+    sees end of file and WAV audio is silently truncated), so it is kept here and re-raised afterwards."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self._error: Exception | None = None
+
+    def readinto(self, buffer: Any) -> int:
+        """Read into a buffer; 0 bytes (end of file to libsndfile) after an error."""
+        try:
+            return self._f.readinto(buffer)
+        except Exception as e:  # re-raised by raise_pending()
+            self._error = self._error or e
+            return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Seek; -1 (failure to libsndfile) after an error."""
+        try:
+            return self._f.seek(offset, whence)
+        except Exception as e:  # re-raised by raise_pending()
+            self._error = self._error or e
+            return -1
+
+    def tell(self) -> int:
+        """Current position (file objects track it without I/O, so it does not fail)."""
+        return self._f.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        """Read bytes (soundfile requires the method; libsndfile reads through readinto)."""
+        return self._f.read(size)
+
+    def raise_pending(self) -> None:
+        """Re-raise the first error seen inside a callback, if any."""
+        if self._error is not None:
+            raise self._error
 
 
 def _downmix(frames: np.ndarray) -> np.ndarray:
@@ -145,6 +186,8 @@ def _decode_av(f: IO[bytes], max_seconds: float | None) -> _Native:
             raise AudioError("no_audio_stream", f"container ({container.format.name}) has no audio stream")
         stream = container.streams.audio[0]
         rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+        if not rate or not channels:
+            raise AudioError("undecodable", f"not a readable audio file (ffmpeg: {container.format.name} stream without audio parameters)")
         header_s = _av_duration(container, stream)
         start, end = _excerpt(header_s or 0.0, max_seconds, rate)
         if start:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from genre_batch import GenreBatchError
+from genre_batch import GenreBatchError, default_numba_cache_dir
 
 app = typer.Typer(
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
@@ -31,7 +31,7 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
-QUIET_CONSOLE = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
+QUIET_CONSOLE = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"}
 
 StoreOpt = Annotated[
     str,
@@ -79,6 +79,7 @@ def options(
     """Distributed batch genre tagging of music libraries."""
     for key, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_CONSOLE)}.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before numba loads: one cache for all
 
 
 def progress_bar() -> Progress:
@@ -91,22 +92,27 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err,
-        transient=False,
+        transient=True,
     )
 
 
 def with_progress(call: Callable[[], dict]) -> dict:
-    """Run a flow while drawing extraction progress."""
+    """Run a flow, drawing an extraction progress bar once extraction reports progress."""
     from genre_batch import progress
 
-    with progress_bar() as bar:
-        task = bar.add_task("extract", total=None, errors=0, visible=False)
+    bar = progress_bar()
+    task = bar.add_task("extract", total=None, errors=0)
 
-        def update(done: int, total: int, errors: int) -> None:
-            bar.update(task, completed=done, total=total, errors=errors, visible=True)
+    def update(done: int, total: int, errors: int) -> None:
+        bar.start()
+        bar.update(task, completed=done, total=total, errors=errors)
 
+    try:
         with progress.listening(update):
             return call()
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def print_extract(summary: dict) -> None:

@@ -6,19 +6,19 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
 
-from genre_batch import GenreBatchError
+from genre_batch import GenreBatchError, default_numba_cache_dir
+from genre_batch.features import warm_up
 
 WORKER_WAIT_S = 60
 
 
 def numba_cache_dir() -> str:
     """Where workers keep numba's compiled code between runs (NUMBA_CACHE_DIR, else the user cache)."""
-    return os.environ.get("NUMBA_CACHE_DIR") or str(Path.home() / ".cache" / "genre-batch" / "numba")
+    return os.environ.get("NUMBA_CACHE_DIR") or default_numba_cache_dir()
 
 
 def local_cluster(n_workers: int | None = None) -> LocalCluster:
@@ -34,6 +34,19 @@ def local_cluster(n_workers: int | None = None) -> LocalCluster:
         )
 
 
+def warm_up_workers(client: Client) -> None:
+    """Warm librosa's numba code on one worker per host, then on the others.
+
+    Workers compiling at once into one numba cache can mix its files and segfault later (numba#10128);
+    after the first worker of a host has filled the cache, the others only load it.
+    """
+    by_host: dict[str, list[str]] = {}
+    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
+        by_host.setdefault(info["host"], []).append(address)
+    for wave in ([addrs[0] for addrs in by_host.values()], [a for addrs in by_host.values() for a in addrs[1:]]):
+        client.gather([client.submit(warm_up, workers=[a], allow_other_workers=False, pure=False) for a in wave])
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
     """A client on `scheduler` (tcp://host:port) or, when None, on a local cluster closed on exit."""
@@ -47,7 +60,9 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
                 client.wait_for_workers(1, timeout=WORKER_WAIT_S)
             except TimeoutError:
                 raise GenreBatchError(f"no Dask worker joined {scheduler} within {WORKER_WAIT_S} s") from None
+            warm_up_workers(client)
             yield client
         return
     with local_cluster(n_workers) as cluster, Client(cluster) as client:
+        warm_up_workers(client)
         yield client

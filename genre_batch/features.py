@@ -73,7 +73,7 @@ def frame_series(y: np.ndarray, sr: int) -> tuple[list[np.ndarray], float]:
         librosa.feature.delta(mfcc, order=1),
         librosa.feature.delta(mfcc, order=2),
         librosa.feature.spectral_contrast(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.chroma_stft(S=power, sr=sr, n_fft=N_FFT, hop_length=HOP),
+        librosa.feature.chroma_stft(S=power, sr=sr, n_fft=N_FFT, hop_length=HOP, tuning=0.0),
         librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
         librosa.feature.spectral_bandwidth(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
         librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
@@ -83,6 +83,11 @@ def frame_series(y: np.ndarray, sr: int) -> tuple[list[np.ndarray], float]:
         onset[None, :],
     ]
     return series, tempo
+
+
+def warm_up() -> None:
+    """Compile librosa's numba code (or load it from numba's on-disk cache) by extracting one second of noise."""
+    extract(np.random.default_rng(0).uniform(-0.1, 0.1, 22050).astype(np.float32), 22050)
 
 
 def extract(y: np.ndarray, sr: int) -> np.ndarray:

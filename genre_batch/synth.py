@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 import soxr
-from mutagen.id3 import ID3, TALB, TCON, TPE1
+from mutagen.id3 import ID3, TALB, TCON, TPE1, Encoding
 
 STYLES: tuple[str, ...] = ("ambient", "chiptune", "electronic", "percussion")
 FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "m4a")
@@ -99,7 +99,7 @@ def _electronic(n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
     kick_cycles = 50.0 * tb + (160.0 - 50.0) * tau * (1.0 - np.exp(-tb / tau))
     kick = np.sin(np.float32(2 * np.pi) * kick_cycles) * np.exp(-tb / np.float32(0.18))
     noise = rng.standard_normal(half, dtype=np.float32)
-    hat = np.r_[np.zeros(half, dtype=np.float32), np.diff(noise, prepend=0.0) * np.exp(-tb[:half] / np.float32(0.03))]
+    hat = np.r_[np.zeros(half, dtype=np.float32), np.diff(noise, prepend=noise[:1]) * np.exp(-tb[:half] / np.float32(0.03))]
     bass_freqs = _hz(rng.integers(33, 41) + rng.choice([0, 0, 3, 5, 7, 10, 12], size=8))
     bass = _notes(bass_freqs, np.exp(-tb[:half] / np.float32(0.12)), sr, lambda c: 2.0 * c - 1.0)
     return np.resize(np.tile(0.9 * kick + 0.25 * hat, 4) + 0.3 * bass, n)
@@ -137,7 +137,7 @@ def render(style: str, seconds: float, seed: int, sr: int = 22050) -> np.ndarray
     rng = np.random.default_rng([seed, STYLES.index(style)])
     y = _RENDERERS[style](n, sr, rng) + np.float32(10 ** (-50 / 20)) * rng.standard_normal(n, dtype=np.float32)
     peak = float(np.max(np.abs(y))) if n else 0.0
-    return (y * np.float32(0.8 / peak) if peak > 0 else y).astype(np.float32)
+    return y * np.float32(0.8 / peak) if peak > 0 else y
 
 
 def _write_soundfile(path: Path, frames: np.ndarray, sr: int, fmt: str, subtype: str | None) -> None:
@@ -160,15 +160,15 @@ def _write_m4a(path: Path, y: np.ndarray, sr: int) -> None:
 
 
 def _write_tags(path: Path, tags: dict[str, str]) -> None:
-    """Write genre/artist/album tags with mutagen (easy interfaces; raw ID3 frames for WAV/AIFF)."""
+    """Write genre/artist/album tags with mutagen (easy interfaces; raw ID3 frames for WAV/AIFF, which have none)."""
     audio = mutagen.File(path, easy=True)
     if audio.tags is None:
         audio.add_tags()
-    for key, value in tags.items():
-        if isinstance(audio.tags, ID3):
-            audio.tags.add(_ID3_FRAMES[key](encoding=3, text=[value]))
-        else:
-            audio[key] = [value]
+    if isinstance(audio.tags, ID3):
+        for key, value in tags.items():
+            audio.tags.add(_ID3_FRAMES[key](encoding=Encoding.UTF8, text=[value]))
+    else:
+        audio.tags.update({key: [value] for key, value in tags.items()})
     audio.save()
 
 

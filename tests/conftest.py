@@ -1,0 +1,68 @@
+"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="genre-batch-numba-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+from genre_batch.audio import SAMPLE_RATE  # noqa: E402
+from genre_batch.synth import STYLES, render, write_audio  # noqa: E402
+
+CLIP_SECONDS = 3.0
+FORMATS_CYCLE = ("wav", "flac", "ogg", "mp3")
+
+
+def make_library(root: Path, per_style: int, seed: int = 0, styles: tuple[str, ...] = STYLES) -> list[Path]:
+    """Write `per_style` short clips of each style under root/<style>/, cycling through formats."""
+    paths = []
+    for s, style in enumerate(styles):
+        for i in range(per_style):
+            path = root / style / f"{style}-{seed}-{i:02d}.{FORMATS_CYCLE[i % len(FORMATS_CYCLE)]}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_audio(path, render(style, CLIP_SECONDS, seed * 1000 + s * 100 + i), SAMPLE_RATE, {"genre": style})
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def library_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Build a labelled library (folders and tags agree) in a fresh folder."""
+
+    def build(per_style: int = 2, name: str = "library", seed: int = 0, styles: tuple[str, ...] = STYLES) -> Path:
+        root = tmp_path / name
+        make_library(root, per_style, seed, styles)
+        return root
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler() -> Iterator[str]:
+    """Address of a real local cluster: 2 worker processes, one thread each; closed after the session."""
+    from distributed import Client
+
+    from genre_batch.cluster import local_cluster, warm_up_workers
+
+    with local_cluster(n_workers=2) as cluster:
+        with Client(cluster) as client:
+            warm_up_workers(client)
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect server (real API, SQLite in a temp folder) for the whole session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

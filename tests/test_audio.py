@@ -1,0 +1,230 @@
+"""Tests for audio decoding, tag reading and the synthetic audio generator (fixtures generated in tmp_path)."""
+
+from pathlib import Path
+
+import av
+import fsspec
+import numpy as np
+import pytest
+import soundfile as sf
+
+from genre_batch.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Tags, decode, read_tags
+from genre_batch.synth import FORMATS, STYLES, render, write_audio
+
+NATIVE_RATE = 44100
+
+
+def _tone(freq: float, seconds: float, sr: int = NATIVE_RATE, amplitude: float = 0.5) -> np.ndarray:
+    """A float32 sine tone."""
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(round(seconds * sr)) / sr)).astype(np.float32)
+
+
+def _dominant_hz(y: np.ndarray, sr: int = SAMPLE_RATE) -> float:
+    """Frequency of the strongest FFT bin of a windowed signal."""
+    return float(np.argmax(np.abs(np.fft.rfft(y * np.hanning(len(y)))))) * sr / len(y)
+
+
+def _band_level(y: np.ndarray, freq: float, sr: int = SAMPLE_RATE) -> float:
+    """Peak FFT magnitude within 20 Hz of `freq`."""
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    hz = np.fft.rfftfreq(len(y), 1 / sr)
+    return float(spectrum[np.abs(hz - freq) < 20].max())
+
+
+def _expect_error(uri: str | Path, kind: str, **kwargs: float) -> AudioError:
+    """Decode `uri`, asserting it fails with the given kind and an informative message."""
+    with pytest.raises(AudioError) as info:
+        decode(str(uri), **kwargs)
+    assert info.value.kind == kind
+    assert len(str(info.value)) > 10
+    return info.value
+
+
+def test_audio_extensions_cover_written_formats() -> None:
+    assert {f".{fmt}" for fmt in FORMATS} <= AUDIO_EXTENSIONS
+    assert all(ext == ext.lower() and ext.startswith(".") for ext in AUDIO_EXTENSIONS)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mono_round_trip_keeps_pitch_and_duration(tmp_path: Path, fmt: str) -> None:
+    path = write_audio(tmp_path / f"tone.{fmt}", _tone(440.0, 2.0), NATIVE_RATE)
+    y, info = decode(str(path))
+    assert y.dtype == np.float32 and y.ndim == 1
+    assert info.sample_rate == (48000 if fmt == "opus" else NATIVE_RATE)
+    assert info.channels == 1
+    assert info.duration_s == pytest.approx(2.0, abs=0.1)
+    assert info.offset_s == 0.0
+    assert info.analysed_s == pytest.approx(len(y) / SAMPLE_RATE)
+    assert len(y) / SAMPLE_RATE == pytest.approx(2.0, abs=0.1)
+    assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
+    assert 0.3 < np.abs(y).max() < 1.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stereo_is_downmixed_by_mean(tmp_path: Path, fmt: str) -> None:
+    common, opposite = _tone(440.0, 2.0, amplitude=0.4), _tone(1000.0, 2.0, amplitude=0.4)
+    path = write_audio(tmp_path / f"stereo.{fmt}", np.stack([common + opposite, common - opposite], axis=1), NATIVE_RATE)
+    y, info = decode(str(path))
+    assert info.channels == 2 and y.ndim == 1
+    assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
+    assert _band_level(y, 1000.0) < 0.1 * _band_level(y, 440.0)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "m4a"])
+def test_long_file_decodes_only_the_middle(tmp_path: Path, fmt: str) -> None:
+    sr = SAMPLE_RATE
+    segment_hz = np.array([300, 400, 500, 600, 700, 800, 900, 1000, 1100])
+    t = np.arange(90 * sr) / sr
+    signal = (0.5 * np.sin(2 * np.pi * segment_hz[(t // 10).astype(int)] * t)).astype(np.float32)
+    y, info = decode(str(write_audio(tmp_path / f"long.{fmt}", signal, sr)), max_seconds=20)
+    assert info.duration_s == pytest.approx(90.0, abs=0.1)
+    assert info.offset_s == pytest.approx(35.0, abs=0.01)
+    assert info.analysed_s == pytest.approx(20.0, abs=0.01)
+    assert len(y) == pytest.approx(20 * sr, abs=2)
+    # the excerpt covers 35-55 s: the end of segment 3, all of segment 4, the start of segment 5
+    assert _dominant_hz(y[round(0.5 * sr) : round(4.5 * sr)]) == pytest.approx(600, abs=5)
+    assert _dominant_hz(y[round(5.5 * sr) : round(14.5 * sr)]) == pytest.approx(700, abs=5)
+    assert _dominant_hz(y[round(15.5 * sr) : round(19.5 * sr)]) == pytest.approx(800, abs=5)
+    assert np.abs(y[: round(0.05 * sr)]).max() > 0.3  # no silent decoder warm-up at the seek point
+
+
+class _StreamSink:
+    """A write-only, non-seekable byte sink, so muxers cannot go back and write a duration header."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        self.data += chunk
+        return len(chunk)
+
+
+def test_stream_without_duration_header_still_yields_the_middle(tmp_path: Path) -> None:
+    sr = SAMPLE_RATE
+    t = np.arange(30 * sr) / sr
+    signal = (16000 * np.sin(2 * np.pi * np.where(t < 15, 440, 880) * t)).astype(np.int16)
+    sink = _StreamSink()
+    with av.open(sink, "w", format="matroska") as container:
+        stream = container.add_stream("flac", rate=sr, layout="mono")
+        frame = av.AudioFrame.from_ndarray(signal[None, :], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = sr, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    path = tmp_path / "live.mka"
+    path.write_bytes(bytes(sink.data))
+    with av.open(str(path)) as container:
+        assert container.duration is None
+    y, info = decode(str(path), max_seconds=10)
+    assert info.duration_s == pytest.approx(30.0, abs=0.01)
+    assert info.offset_s == pytest.approx(10.0, abs=0.01) and info.analysed_s == pytest.approx(10.0, abs=0.01)
+    assert _dominant_hz(y[: round(4.5 * sr)]) == pytest.approx(440, abs=3)
+    assert _dominant_hz(y[round(5.5 * sr) :]) == pytest.approx(880, abs=3)
+
+
+def test_short_file_with_max_seconds_is_decoded_whole(tmp_path: Path) -> None:
+    y, info = decode(str(write_audio(tmp_path / "short.flac", _tone(440.0, 3.0), NATIVE_RATE)), max_seconds=20)
+    assert info.offset_s == 0.0 and info.analysed_s == pytest.approx(3.0, abs=0.01)
+
+
+def test_fsspec_url_is_decoded_and_tagged(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "remote.mp3", _tone(440.0, 1.0), NATIVE_RATE, {"genre": "Jazz"})
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/test-audio/remote.mp3", path.read_bytes())
+    try:
+        y, info = decode("memory://test-audio/remote.mp3")
+        assert info.duration_s == pytest.approx(1.0, abs=0.1)
+        assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
+        assert read_tags("memory://test-audio/remote.mp3") == Tags(genre="Jazz")
+    finally:
+        fs.rm("/test-audio/remote.mp3")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.wav").touch()
+    assert "empty" in str(_expect_error(tmp_path / "empty.wav", "empty"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("noise.mp3", np.random.default_rng(0).bytes(20_000)), ("notes.wav", b"this is a text file, not audio\n" * 50)],
+)
+def test_undecodable_file(tmp_path: Path, name: str, content: bytes) -> None:
+    (tmp_path / name).write_bytes(content)
+    message = str(_expect_error(tmp_path / name, "undecodable"))
+    assert "libsndfile" in message and "ffmpeg" in message
+    assert str(tmp_path) not in message
+
+
+def test_container_without_audio_stream(tmp_path: Path) -> None:
+    path = tmp_path / "video.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = 32
+        for _ in range(5):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")))
+        container.mux(stream.encode(None))
+    assert "no audio stream" in str(_expect_error(path, "no_audio_stream"))
+
+
+def test_too_short(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "clip.wav", _tone(440.0, 0.2), NATIVE_RATE)
+    assert "0.20 s" in str(_expect_error(path, "too_short"))
+    assert decode(str(path), min_seconds=0.1)[1].analysed_s == pytest.approx(0.2)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    message = str(_expect_error(tmp_path / "missing.mp3", "io_error"))
+    assert "No such file" in message and str(tmp_path) not in message
+
+
+def test_nan_samples(tmp_path: Path) -> None:
+    y = _tone(440.0, 1.0)
+    y[1000:1010] = np.nan
+    sf.write(tmp_path / "nan.wav", y, NATIVE_RATE, subtype="FLOAT")
+    assert "NaN" in str(_expect_error(tmp_path / "nan.wav", "invalid_samples"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tags_round_trip(tmp_path: Path, fmt: str) -> None:
+    tags = {"genre": " Synth Pop ", "artist": "Ada Lovelace", "album": "Analytical Engine"}
+    path = write_audio(tmp_path / f"tagged.{fmt}", _tone(440.0, 1.0), NATIVE_RATE, tags)
+    assert read_tags(str(path)) == Tags(genre="Synth Pop", artist="Ada Lovelace", album="Analytical Engine")
+    assert decode(str(path))[1].duration_s == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "flac", "ogg", "m4a"])
+def test_untagged_file_has_empty_tags(tmp_path: Path, fmt: str) -> None:
+    assert read_tags(str(write_audio(tmp_path / f"plain.{fmt}", _tone(440.0, 1.0), NATIVE_RATE))) == Tags()
+
+
+def test_partial_tags(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "partial.flac", _tone(440.0, 1.0), NATIVE_RATE, {"artist": "Solo", "genre": "  "})
+    assert read_tags(str(path)) == Tags(artist="Solo")
+
+
+@pytest.mark.parametrize("name", ["garbage.mp3", "garbage.m4a", "missing.flac"])
+def test_unreadable_file_has_empty_tags(tmp_path: Path, name: str) -> None:
+    if name.startswith("garbage"):
+        (tmp_path / name).write_bytes(np.random.default_rng(1).bytes(5000))
+    assert read_tags(str(tmp_path / name)) == Tags()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_render_is_finite_bounded_and_deterministic(style: str) -> None:
+    y = render(style, 3.0, seed=7)
+    assert y.dtype == np.float32 and y.shape == (3 * 22050,)
+    assert np.isfinite(y).all()
+    assert 0.1 < np.abs(y).max() <= 1.0
+    np.testing.assert_array_equal(y, render(style, 3.0, seed=7))
+    assert not np.array_equal(y, render(style, 3.0, seed=8))
+    assert render(style, 0.5, seed=1, sr=16000).shape == (8000,)
+
+
+def test_render_rejects_unknown_style() -> None:
+    with pytest.raises(ValueError, match="unknown style"):
+        render("polka", 1.0, seed=0)
+
+
+def test_write_audio_rejects_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unsupported extension"):
+        write_audio(tmp_path / "x.xyz", _tone(440.0, 0.1), NATIVE_RATE)

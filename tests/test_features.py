@@ -1,0 +1,87 @@
+"""Features on synthetic signals with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from genre_batch import features
+from genre_batch.audio import SAMPLE_RATE
+from genre_batch.synth import STYLES, render
+
+SR = SAMPLE_RATE
+
+
+def named(vector: np.ndarray) -> dict[str, float]:
+    """Feature vector as a name -> value dict."""
+    return dict(zip(features.FEATURE_NAMES, vector.tolist()))
+
+
+def sine(freq: float, seconds: float = 3.0, amplitude: float = 0.5) -> np.ndarray:
+    """A pure tone."""
+    t = np.arange(int(seconds * SR)) / SR
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def clicks(bpm: float, seconds: float = 8.0) -> np.ndarray:
+    """A click track: short decaying noise bursts at `bpm`."""
+    y = np.zeros(int(seconds * SR), np.float32)
+    burst = (np.random.default_rng(0).standard_normal(400) * np.exp(-np.arange(400) / 60)).astype(np.float32)
+    for start in np.arange(0, seconds, 60.0 / bpm):
+        i = int(start * SR)
+        y[i : i + 400] += burst[: len(y) - i]
+    return y
+
+
+def test_names_are_unique_and_match_series() -> None:
+    expected = sum(n for _, n in features.SERIES) * len(features.STATISTICS) + len(features.SCALARS)
+    assert len(features.FEATURE_NAMES) == expected == len(set(features.FEATURE_NAMES))
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("seconds", [0.5, 3.0, 20.0])
+def test_vector_is_finite_float32_of_fixed_length(style: str, seconds: float) -> None:
+    vector = features.extract(render(style, seconds, seed=1), SR)
+    assert vector.dtype == np.float32
+    assert vector.shape == (len(features.FEATURE_NAMES),)
+    assert np.isfinite(vector).all()
+
+
+def test_silence_gives_finite_vector() -> None:
+    assert np.isfinite(features.extract(np.zeros(SR * 2, np.float32), SR)).all()
+
+
+def test_pure_tone_centroid_and_chroma() -> None:
+    f = named(features.extract(sine(440.0), SR))
+    assert f["centroid_mean"] == pytest.approx(440.0, rel=0.05)
+    chroma = [f[f"chroma_{i:02d}_mean"] for i in range(1, 13)]
+    assert int(np.argmax(chroma)) == 9  # C, C#, D, ..., A is the tenth pitch class
+
+
+def test_higher_tone_has_higher_centroid_and_louder_has_higher_rms() -> None:
+    low, high, loud = (named(features.extract(y, SR)) for y in (sine(220), sine(1760), sine(220, amplitude=0.9)))
+    assert high["centroid_mean"] > 4 * low["centroid_mean"]
+    assert loud["rms_mean"] == pytest.approx(low["rms_mean"] * 0.9 / 0.5, rel=0.02)
+
+
+def test_noise_is_flatter_and_crosses_zero_more_than_a_tone() -> None:
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, SR * 3).astype(np.float32)
+    n, t = named(features.extract(noise, SR)), named(features.extract(sine(440), SR))
+    assert n["flatness_mean"] > 10 * t["flatness_mean"]
+    assert n["zcr_mean"] > 5 * t["zcr_mean"]
+
+
+@pytest.mark.parametrize("bpm", [90.0, 120.0, 150.0])
+def test_tempo_of_a_click_track(bpm: float) -> None:
+    assert named(features.extract(clicks(bpm), SR))["tempo_bpm"] == pytest.approx(bpm, rel=0.05)
+
+
+def test_pool_statistics_on_known_rows() -> None:
+    series = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
+    stats = features.pool(series).reshape(2, len(features.STATISTICS))
+    row = dict(zip(features.STATISTICS, stats[0]))
+    assert (row["mean"], row["min"], row["max"], row["median"]) == (2.5, 1.0, 4.0, 2.5)
+    assert row["std"] == pytest.approx(np.std([1, 2, 3, 4]))
+    assert row["skew"] == pytest.approx(0.0)
+    constant = dict(zip(features.STATISTICS, stats[1]))
+    assert constant["std"] == constant["skew"] == constant["kurtosis"] == 0.0

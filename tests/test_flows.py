@@ -1,0 +1,99 @@
+"""Prefect flows and the CLI, end to end, against a real temporary Prefect server and Dask cluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.pipeline import NIGHTLY_CRON, nightly
+from genre_batch import catalog
+from genre_batch.cli import app
+from genre_batch.store import Store
+from genre_batch.synth import STYLES
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_nightly_flow_end_to_end(
+    library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str, prefect_server: None
+) -> None:
+    library, store = library_factory(per_style=3), tmp_path / "store"
+    first = nightly(str(library), str(store), "folders", dask_scheduler)
+    assert first["status"] == "completed"
+    assert first["extract"]["extracted"] == 12 and first["train"]["promoted"]
+    assert first["tag"]["rows"] == 12
+    record = json.loads((store / "runs" / f"{first['run_id']}.json").read_text())
+    assert record["status"] == "completed" and record["tag"]["snapshot"] == catalog.pointer(Store(str(store)))["snapshot"]
+
+    second = nightly(str(library), str(store), "folders", dask_scheduler)
+    assert second["extract"]["extracted"] == 0
+    assert "train" not in second and "same labelled data" in second["train_decision"]
+    assert second["tag"]["model_version"] == first["train"]["version"]
+
+
+def test_cli_run_query_classify(
+    library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str, prefect_server: None
+) -> None:
+    library, store = library_factory(per_style=3), str(tmp_path / "store")
+    (library / "broken.mp3").write_bytes(b"\x00" * 100)
+    code, out, _ = cli("run", str(library), "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
+    assert code == 0, out
+    assert "13 audio files" in out and "12 extracted, 1 failed" in out and "broken.mp3: undecodable" in out
+
+    code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
+    assert code == 0 and json.loads(out) == [{"genre": g, "n": 3} for g in sorted(STYLES)]
+    code, out, _ = cli("query", "--store", store, "--format", "csv", "SELECT error_type FROM errors")
+    assert code == 0 and out.splitlines() == ['"error_type"', '"undecodable"']
+    code, out, _ = cli("query", "--store", store, "SELECT count(*) AS tracks FROM catalog")
+    assert code == 0 and "tracks" in out and "12" in out and "(1 rows)" in out
+
+    clip = sorted((library / "chiptune").iterdir())[0]
+    code, out, _ = cli("classify", "--store", store, "--top", "2", str(clip), str(library / "broken.mp3"))
+    assert code == 0
+    first, second = out.splitlines()
+    assert first.startswith(f"{clip}: chiptune ") and first.count(",") == 1
+    assert second.startswith(f"{library / 'broken.mp3'}: error: undecodable")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["extract", "/no/such/library", "--store", "/tmp/x"], "library not found or not a folder: /no/such/library"),
+        (["query", "--store", "/no/store", "SELECT 1"], "no published catalog in /no/store"),
+        (["tag", "--store", "/no/store"], "no current model in /no/store"),
+        (["query", "--store", "/no/store", "--format", "xml", "SELECT 1"], "unknown format 'xml'"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], message: str, prefect_server: None) -> None:
+    code, out, err = cli(*args)
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}")
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("verb", ["extract", "train", "tag", "run", "query", "classify", "demo", "serve"])
+def test_every_verb_has_help(verb: str) -> None:
+    code, out, _ = cli(verb, "--help")
+    assert code == 0 and "Usage:" in out and "--help" in out
+
+
+def test_scheduled_deployment_matches_prefect_yaml() -> None:
+    deployment = nightly.to_deployment(name="nightly", cron=NIGHTLY_CRON, parameters={"library": "/l", "store": "/s"})
+    assert [s.schedule.cron for s in deployment.schedules] == [NIGHTLY_CRON]
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [declared] = config["deployments"]
+    assert declared["entrypoint"] == "flows/pipeline.py:nightly"
+    assert [s["cron"] for s in declared["schedules"]] == [NIGHTLY_CRON]
+    assert set(declared["parameters"]) <= set(nightly.parameters.properties)
