@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store, read_json, read_table, write_json, write_table
+from genre_batch.store import Store, read_json, read_table, swap_bytes, version_token, write_table
 
 CATALOG_VERSION = 1
 KEEP_SNAPSHOTS = 5
@@ -44,9 +45,9 @@ def write_snapshot(store: Store, table: pa.Table, snapshot: str) -> list[str]:
     return [relative]
 
 
-def promote(store: Store, pointer: dict) -> None:
-    """Switch readers to a snapshot with one atomic write of the pointer."""
-    write_json(store.fs, f"{store.catalog}/{POINTER}", pointer)
+def promote(store: Store, pointer: dict, expected: str | None) -> None:
+    """Switch readers to a snapshot with one atomic write of the pointer, if nobody else switched it meanwhile."""
+    swap_bytes(store.fs, f"{store.catalog}/{POINTER}", json.dumps(pointer, indent=2, sort_keys=True).encode(), expected)
 
 
 def pointer(store: Store) -> dict | None:
@@ -72,6 +73,7 @@ def prune(store: Store, keep: int = KEEP_SNAPSHOTS) -> list[str]:
 def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep: int = KEEP_SNAPSHOTS) -> dict:
     """Write a new snapshot, switch the pointer to it, then prune old snapshots; returns the pointer."""
     snapshot = snapshot_id(run_id)
+    expected = version_token(store.fs, f"{store.catalog}/{POINTER}")
     new = {
         "snapshot": snapshot,
         "files": write_snapshot(store, table, snapshot),
@@ -81,7 +83,7 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep
         "run_id": run_id,
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
-    promote(store, new)
+    promote(store, new, expected)
     prune(store, keep)
     return new
 

@@ -63,10 +63,18 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from genre_batch.store import storage_error
+
         try:
             return command(*args, **kwargs)
         except GenreBatchError as e:
             err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1) from None
+        except Exception as e:
+            message = storage_error(e)
+            if message is None:
+                raise
+            err.print(f"error: {message}", markup=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -75,8 +83,14 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 @app.callback()
 def options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
+    ] = None,
 ) -> None:
     """Distributed batch genre tagging of music libraries."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url  # read by botocore here and by local workers
     for key, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_CONSOLE)}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before numba loads: one cache for all

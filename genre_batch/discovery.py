@@ -65,6 +65,7 @@ def library_root(library: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def discover(library: str) -> pa.Table:
     """List every audio file under a library URL, sorted by URI, with size, version and fingerprint."""
     fs, root = library_root(library)
+    fs.invalidate_cache(root)
     found = fs.find(root, detail=True)
     rows = sorted(
         (uri_of(fs, path), int(info.get("size") or 0), file_version(info))

@@ -14,6 +14,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from s3fs import S3FileSystem
+
+from genre_batch import GenreBatchError
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,48 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                 os.remove(tmp)
     else:
         fs.pipe_file(path, data)  # one PUT: object stores make it visible whole or not at all
+
+
+def version_token(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """What a conditional write compares: the ETag on object stores, None for a missing file or on disk."""
+    if is_local(fs) or not fs.exists(path):
+        return None
+    return fs.info(path).get("ETag")
+
+
+def swap_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, expected: str | None) -> None:
+    """Replace a small file only if it is still the version read before (S3 If-Match / If-None-Match).
+
+    On disk this is an atomic rename. On S3 the write is refused with a clear error when another writer
+    changed the file in between; servers without conditional writes answer 501 and get a plain PUT.
+    """
+    if not isinstance(fs, S3FileSystem):
+        write_bytes(fs, path, data)
+        return
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as e:
+        if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+            raise GenreBatchError(f"{fs.unstrip_protocol(path)} was changed by another writer during this run; nothing was switched") from None
+        if "not implemented" not in str(e).lower():
+            raise
+        fs.pipe_file(path, data)
+    fs.invalidate_cache(path)
+
+
+def storage_error(e: BaseException) -> str | None:
+    """A one-line explanation of a storage access failure (never containing credentials), else None."""
+    from botocore.exceptions import BotoCoreError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return "no AWS credentials found (looked in the standard chain: environment, profile, instance role)"
+    if isinstance(e, PermissionError):
+        return f"access denied: {e.strerror or e}"
+    if isinstance(e, BotoCoreError):
+        return f"object store error: {e}"
+    return None
 
 
 def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:

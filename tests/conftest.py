@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="genre-batch-numba-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # as the CLI
 
 from genre_batch.audio import SAMPLE_RATE  # noqa: E402
 from genre_batch.synth import STYLES, render, write_audio  # noqa: E402

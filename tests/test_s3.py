@@ -1,0 +1,151 @@
+"""S3 end to end against a real S3 server process (SeaweedFS `weed mini`) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import s3fs
+from typer.testing import CliRunner
+
+from genre_batch import GenreBatchError, catalog
+from genre_batch.cli import app
+from genre_batch.store import Store, swap_bytes, version_token
+from genre_batch.synth import STYLES
+
+KEY, SECRET = "genre-batch-test-key", "genre-batch-test-secret-0123456789"
+GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on the S3 port + 10000
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free, as is the port 10000 above it."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + GRPC_OFFSET < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + GRPC_OFFSET))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port pair")
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until something answers HTTP at url."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # an HTTP answer, even 403, means the server is up
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"nothing answered at {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 server accepting KEY/SECRET; stopped after the module, also on failure."""
+    port, data = free_port(), tmp_path_factory.mktemp("weed")
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={port}", "-admin.ui=false"],
+        env={**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> s3fs.S3FileSystem:
+    """Credentials and endpoint from the standard AWS variables (inherited by local Dask workers)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem()
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_run_with_library_and_store_on_s3(
+    s3: s3fs.S3FileSystem, library_factory: Callable[..., Path], prefect_server: None
+) -> None:
+    local = library_factory(per_style=3)
+    (local / "broken.mp3").write_bytes(b"\x00" * 64)
+    s3.mkdir("music")
+    s3.put(str(local), "music/library", recursive=True)
+    library, store = "s3://music/library", "s3://music/genre-batch"
+
+    code, out, err = cli("run", library, "--store", store, "--labels", "folders")
+    assert code == 0, out + err
+    assert "13 audio files in s3://music/library" in out and "12 extracted, 1 failed" in out
+
+    code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
+    assert code == 0 and json.loads(out) == [{"genre": g, "n": 3} for g in sorted(STYLES)]
+    code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT uri, error_type FROM errors")
+    assert json.loads(out) == [{"uri": "s3://music/library/broken.mp3", "error_type": "undecodable"}]
+    table = catalog.read(Store(store))
+    assert all(u.startswith("s3://music/library/") for u in table["uri"].to_pylist()) and table.num_rows == 12
+    assert s3.exists("music/genre-batch/catalog/CURRENT.json") and s3.exists("music/genre-batch/features/inventory.parquet")
+
+    s3.invalidate_cache()
+    before = sorted(s3.find("music/genre-batch/features"))
+    code, out, _ = cli("run", library, "--store", store, "--labels", "folders")
+    assert code == 0 and "0 extracted, 0 failed, 13 unchanged" in out and "trained on the same labelled data" in out
+    s3.invalidate_cache()
+    assert sorted(s3.find("music/genre-batch/features")) == before
+
+
+def test_wrong_credentials_give_one_clear_line(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> None:
+    s3.mkdir("private")
+    s3.pipe_file("private/library/a.wav", b"RIFF")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    code, out, err = cli("run", "s3://private/library", "--store", "s3://private/store")
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: access denied")
+    assert "Traceback" not in out + err and "not-the-secret" not in out + err and KEY not in out + err
+
+
+def test_pointer_swap_refuses_a_concurrent_change(s3: s3fs.S3FileSystem) -> None:
+    s3.mkdir("swap")
+    path = "swap/catalog/CURRENT.json"
+    swap_bytes(s3, path, b'{"snapshot": "a"}', None)  # If-None-Match: created
+    seen = version_token(s3, path)
+    with pytest.raises(GenreBatchError, match="changed by another writer"):
+        swap_bytes(s3, path, b'{"snapshot": "x"}', None)  # must not overwrite an existing pointer blindly
+    swap_bytes(s3, path, b'{"snapshot": "b"}', seen)  # If-Match: our version is still there
+    with pytest.raises(GenreBatchError, match="changed by another writer"):
+        swap_bytes(s3, path, b'{"snapshot": "c"}', seen)  # someone (we) changed it since `seen`
+    assert s3.cat_file(path) == b'{"snapshot": "b"}'
