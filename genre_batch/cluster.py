@@ -29,7 +29,7 @@ def local_cluster(n_workers: int | None = None) -> LocalCluster:
             n_workers=n_workers or os.cpu_count() or 1,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: never collides with another cluster
             silence_logs=logging.ERROR,
         )
 
@@ -49,7 +49,8 @@ def warm_up_workers(client: Client) -> None:
 
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client on `scheduler` (tcp://host:port) or, when None, on a local cluster closed on exit."""
+    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster."""
+    scheduler = scheduler or dask.config.get("scheduler-address", None)
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")

@@ -142,9 +142,10 @@ def run_shards(client: Client, store_url: str, todo: pa.Table, run_id: str, on_p
         client.submit(extract_shard, store_url, files, run_id, i, key=f"extract-{run_id}-{i}", pure=False)
         for i, files in enumerate(shards)
     ]
+    position = {future: i for i, future in enumerate(futures)}
     done = 0
     for future in as_completed(futures):
-        index = futures.index(future)
+        index = position[future]
         try:
             shard: ShardResult = future.result()
         except Exception as e:
