@@ -1,0 +1,1 @@
+"""Benchmarks on real music (kept outside the package and the test suite)."""
