@@ -34,9 +34,9 @@ def decide_training_task(store: str, labels: str) -> tuple[bool, str]:
 
 
 @task(name="train")
-def train_task(store: str, labels: str, run_id: str, min_accuracy: float) -> dict:
+def train_task(store: str, labels: str, run_id: str, min_accuracy: float, abstain_below: float, group_by: str) -> dict:
     """Train, evaluate and register a model; promote it if it passes the gate."""
-    summary = pipeline.as_record(pipeline.train(store, labels, run_id, min_accuracy))
+    summary = pipeline.as_record(pipeline.train(store, labels, run_id, min_accuracy, abstain_below, group_by))
     get_run_logger().info("training: %s", summary)
     return summary
 
@@ -61,10 +61,10 @@ def extract_flow(library: str, store: str, scheduler: str | None = None, force: 
 
 
 @flow(name="genre-batch-train")
-def train_flow(store: str, labels: str, min_accuracy: float = 0.0) -> dict:
+def train_flow(store: str, labels: str, min_accuracy: float = 0.0, abstain_below: float = 0.0, group_by: str = "auto") -> dict:
     """Train a model on the store's labelled tracks."""
     with pipeline.run_record(store, "train") as record:
-        record["train"] = train_task(store, labels, record["run_id"], min_accuracy)
+        record["train"] = train_task(store, labels, record["run_id"], min_accuracy, abstain_below, group_by)
     return record
 
 
@@ -78,7 +78,13 @@ def tag_flow(store: str) -> dict:
 
 @flow(name="genre-batch-nightly")
 def nightly(
-    library: str, store: str, labels: str | None = None, scheduler: str | None = None, min_accuracy: float = 0.0
+    library: str,
+    store: str,
+    labels: str | None = None,
+    scheduler: str | None = None,
+    min_accuracy: float = 0.0,
+    abstain_below: float = 0.0,
+    group_by: str = "auto",
 ) -> dict:
     """The nightly job: extract what changed, retrain when labelled data changed, tag, publish."""
     with pipeline.run_record(store, "nightly") as record:
@@ -86,6 +92,6 @@ def nightly(
         if labels:
             retrain, record["train_decision"] = decide_training_task(store, labels)
             if retrain:
-                record["train"] = train_task(store, labels, record["run_id"], min_accuracy)
+                record["train"] = train_task(store, labels, record["run_id"], min_accuracy, abstain_below, group_by)
         record["tag"] = tag_task(store, record["run_id"])
     return record

@@ -50,6 +50,13 @@ LabelsOpt = Annotated[
 MinAccuracyOpt = Annotated[
     float, typer.Option("--min-accuracy", help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
 ]
+AbstainOpt = Annotated[
+    float, typer.Option("--abstain-below", help="Tracks whose calibrated confidence is under this get genre 'unknown' (probabilities kept). Stored with the model.")
+]
+GroupByOpt = Annotated[
+    str,
+    typer.Option("--group-by", help="Keep these groups whole in evaluation splits: auto (artist tags, else album tags, else track), track, artist, album, folder, or a feature-store column."),
+]
 DEFAULT_STORE = "genre-batch-store"
 
 
@@ -145,7 +152,7 @@ def print_train(summary: dict) -> None:
     state = "promoted to current" if summary["promoted"] else "NOT promoted (current model kept)"
     out.print(
         f"train: model {summary['version']} on {summary['tracks']} tracks, {len(summary['genres'])} genres "
-        f"(labels: {summary['label_source']}); cross-validated accuracy {summary['cv_accuracy']:.3f}, "
+        f"(labels: {summary['label_source']}); cross-validated accuracy (grouped by {summary['grouping']}) {summary['cv_accuracy']:.3f}, "
         f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
         markup=False,
     )
@@ -214,12 +221,38 @@ def train(
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = "folders",
     min_accuracy: MinAccuracyOpt = 0.0,
+    abstain_below: AbstainOpt = 0.0,
+    group_by: GroupByOpt = "auto",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), min_accuracy), store)
+    print_record(train_flow(store, labels_spec(labels), min_accuracy, abstain_below, group_by), store)
+
+
+@app.command()
+@friendly
+def evaluate(
+    store: StoreOpt = DEFAULT_STORE,
+    labels: LabelsOpt = "folders",
+    group_by: GroupByOpt = "auto",
+) -> None:
+    """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
+    from genre_batch import pipeline
+
+    report = pipeline.evaluate(absolute(store), labels_spec(labels), group_by)
+    cv = report["cross_validation"]
+    out.print(
+        f"evaluate: {report['tracks']} tracks ({report['windows']} windows), {len(report['genres'])} genres, "
+        f"{cv['folds']}-fold CV grouped by {cv['grouping']} ({cv['groups']} groups): accuracy {cv['accuracy']:.3f}, "
+        f"macro-F1 {cv['macro_f1']:.3f} (majority baseline {report['majority_baseline']:.3f}); calibration error "
+        f"{cv['ece']:.3f} -> {cv['ece_calibrated']:.3f} at temperature {cv['temperature']:.2f}",
+        markup=False,
+    )
+    for genre, s in cv["per_genre"].items():
+        out.print(f"  {genre}: precision {s['precision']:.2f} recall {s['recall']:.2f} F1 {s['f1']:.2f} ({s['support']} tracks)", markup=False)
+    out.print(f"report: {report['report']}/report.json, confusion_matrix.png", markup=False)
 
 
 @app.command()
@@ -245,12 +278,16 @@ def run(
     labels: LabelsOpt = None,
     scheduler: SchedulerOpt = None,
     min_accuracy: MinAccuracyOpt = 0.0,
+    abstain_below: AbstainOpt = 0.0,
+    group_by: GroupByOpt = "auto",
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain if labelled data changed, tag, publish."""
     from flows.pipeline import nightly
 
     store = absolute(store)
-    record = with_progress(lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy))
+    record = with_progress(
+        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by)
+    )
     print_record(record, store)
 
 

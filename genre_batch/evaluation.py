@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.optimize import minimize_scalar  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score  # noqa: E402
 from sklearn.metrics import precision_recall_fscore_support  # noqa: E402
 
@@ -48,3 +49,31 @@ def confusion_png(confusion: list[list[int]], genres: list[str], title: str) -> 
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: |accuracy - confidence| averaged over confidence bins, weighted by size."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(
+        sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b) for b in range(bins) if np.any(which == b))
+    )
+
+
+def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities: softmax(log p / T); rows sum to 1."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
+    """The temperature that minimises the negative log-likelihood of the true genres."""
+
+    def nll(log_t: float) -> float:
+        return float(-np.mean(np.log(np.clip(calibrate(probabilities, np.exp(log_t))[np.arange(len(y)), y], 1e-12, 1.0))))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))

@@ -63,10 +63,10 @@ def now() -> datetime:
 
 
 def extract_file(uri: str) -> tuple[dict, np.ndarray]:
-    """Decode one file and compute its provenance and feature vector (raises audio.AudioError)."""
+    """Decode one file and compute its provenance and its windows' features (raises audio.AudioError)."""
     y, info = audio.decode(uri)
     tags = audio.read_tags(uri)
-    vector = features.extract(y, audio.SAMPLE_RATE)
+    matrix = features.extract(y, audio.SAMPLE_RATE)
     meta = {
         "duration_s": info.duration_s,
         "sample_rate": info.sample_rate,
@@ -76,8 +76,9 @@ def extract_file(uri: str) -> tuple[dict, np.ndarray]:
         "tag_genre": tags.genre,
         "tag_artist": tags.artist,
         "tag_album": tags.album,
+        "window_offsets_s": [info.offset_s + t for t in features.window_starts(len(y), audio.SAMPLE_RATE)],
     }
-    return meta, vector
+    return meta, matrix
 
 
 def error_row(file: dict, stage: str, error_type: str, message: str, run_id: str) -> dict:
@@ -95,9 +96,9 @@ def error_row(file: dict, stage: str, error_type: str, message: str, run_id: str
     }
 
 
-def feature_table(rows: list[dict], vectors: list[np.ndarray]) -> pa.Table:
-    """Assemble provenance rows and feature vectors into a table of FEATURE_SCHEMA."""
-    matrix = np.vstack(vectors) if vectors else np.zeros((0, len(features.FEATURE_NAMES)), np.float32)
+def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
+    """Assemble per-window provenance rows and the files' feature matrices into a table of FEATURE_SCHEMA."""
+    matrix = np.vstack(matrices) if matrices else np.zeros((0, len(features.FEATURE_NAMES)), np.float32)
     columns = [pa.array([r[f.name] for r in rows], f.type) for f in PROVENANCE_SCHEMA]
     columns += [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
     return pa.Table.from_arrays(columns, schema=FEATURE_SCHEMA)
@@ -108,27 +109,29 @@ def extract_shard(store_url: str, files: pa.Table, run_id: str, shard: int) -> S
     started = time.process_time()
     store = Store(store_url)
     rows: list[dict] = []
-    vectors: list[np.ndarray] = []
+    matrices: list[np.ndarray] = []
     errors: list[dict] = []
+    extracted = 0
     for file in files.to_pylist():
         try:
-            meta, vector = extract_file(file["uri"])
+            meta, matrix = extract_file(file["uri"])
         except audio.AudioError as e:
             errors.append(error_row(file, "decode", e.kind, str(e), run_id))
             continue
         except Exception as e:  # a bug or a library failure on one file must not sink the shard
             errors.append(error_row(file, "features", type(e).__name__, str(e) or repr(e), run_id))
             continue
-        rows.append(
-            {**file, **meta, "feature_version": features.FEATURE_VERSION, "run_id": run_id, "extracted_at": now()}
-        )
-        vectors.append(vector)
+        stamp = {"feature_version": features.FEATURE_VERSION, "run_id": run_id, "extracted_at": now()}
+        offsets = meta.pop("window_offsets_s")
+        rows += [{**file, **meta, **stamp, "window": i, "window_offset_s": t} for i, t in enumerate(offsets)]
+        matrices.append(matrix)
+        extracted += 1
     name = f"{run_id}-{shard:05d}.parquet"
     if errors:
         write_table(store.fs, f"{store.error_parts}/{name}", pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
     if rows:
-        write_table(store.fs, f"{store.feature_parts}/{name}", feature_table(rows, vectors))
-    return ShardResult(shard, files.num_rows, len(rows), len(errors), time.process_time() - started)
+        write_table(store.fs, f"{store.feature_parts}/{name}", feature_table(rows, matrices))
+    return ShardResult(shard, files.num_rows, extracted, len(errors), time.process_time() - started)
 
 
 def run_shards(client: Client, store_url: str, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:

@@ -23,6 +23,8 @@ PROVENANCE_SCHEMA = pa.schema(
         ("channels", pa.int16()),
         ("offset_s", pa.float32()),
         ("analysed_s", pa.float32()),
+        ("window", pa.int16()),
+        ("window_offset_s", pa.float32()),
         ("tag_genre", pa.string()),
         ("tag_artist", pa.string()),
         ("tag_album", pa.string()),
@@ -31,7 +33,7 @@ PROVENANCE_SCHEMA = pa.schema(
         ("extracted_at", TIMESTAMP),
     ]
 )
-"""Per-file provenance stored in front of the feature columns."""
+"""Per-window provenance stored in front of the feature columns: one row per analysis window of a file."""
 
 FEATURE_SCHEMA = pa.schema(list(PROVENANCE_SCHEMA) + [(name, pa.float32()) for name in FEATURE_NAMES]).with_metadata(
     {"genre_batch.feature_version": str(FEATURE_VERSION)}
@@ -102,14 +104,15 @@ def plan(inventory: pa.Table, store: Store, force: bool = False) -> pa.Table:
     return inventory.join(done.group_by(KEYS).aggregate([]), keys=KEYS, join_type="left anti").sort_by("uri")
 
 
-def latest_per_uri(table: pa.Table, time_column: str) -> pa.Table:
-    """Keep the newest row of each URI."""
+def newest_per_uri(table: pa.Table, time_column: str) -> pa.Table:
+    """Keep each URI's rows of its newest extraction (all of that extraction's windows)."""
     if table.num_rows == 0:
         return table
-    ordered = table.sort_by([("uri", "ascending"), (time_column, "ascending")])
-    ordered = ordered.append_column("_row", pa.array(range(ordered.num_rows), pa.int64()))
-    last = ordered.group_by("uri").aggregate([("_row", "max")])["_row_max"]
-    return ordered.take(pc.sort_indices(last)).drop_columns("_row")
+    newest = table.group_by("uri").aggregate([(time_column, "max")]).select(["uri", f"{time_column}_max"])
+    joined = table.join(newest.rename_columns(["uri", "_newest"]), keys="uri")
+    keep = joined.filter(pc.equal(joined[time_column], joined["_newest"])).drop_columns("_newest")
+    order = [("uri", "ascending")] + ([("window", "ascending")] if "window" in keep.column_names else [])
+    return keep.sort_by(order)
 
 
 def live(table: pa.Table, inventory: pa.Table) -> pa.Table:
@@ -123,14 +126,19 @@ def live(table: pa.Table, inventory: pa.Table) -> pa.Table:
 
 
 def current_features(store: Store) -> pa.Table:
-    """One row per file of the library as last listed: its newest features for its current content."""
+    """The window rows of every file of the library as last listed, from its newest extraction of its current content."""
     table = live(read_parts(store, store.feature_parts, FEATURE_SCHEMA), read_inventory(store))
-    return latest_per_uri(table, "extracted_at")
+    return newest_per_uri(table, "extracted_at")
+
+
+def tracks(windows: pa.Table) -> pa.Table:
+    """One row per track (its first window) of a feature table."""
+    return windows.filter(pc.equal(windows["window"], 0))
 
 
 def current_errors(store: Store) -> pa.Table:
     """One row per file of the library that failed on its current content and has no features."""
     inventory = read_inventory(store)
-    errors = latest_per_uri(live(read_parts(store, store.error_parts, ERROR_SCHEMA), inventory), "occurred_at")
+    errors = newest_per_uri(live(read_parts(store, store.error_parts, ERROR_SCHEMA), inventory), "occurred_at")
     ok = current_features(store)
     return errors.filter(pc.invert(pc.is_in(errors["uri"], value_set=ok["uri"])))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import librosa
 import numpy as np
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 """Bumped whenever the vector's meaning changes; rows of other versions are re-extracted."""
+
+WINDOW_S = 10.0
+"""Length of the analysis windows a track is cut into: one feature row per window."""
 
 N_FFT = 2048
 HOP = 512
@@ -60,15 +63,13 @@ def pool(series: np.ndarray) -> np.ndarray:
     return stats.reshape(-1)
 
 
-def frame_series(y: np.ndarray, sr: int) -> tuple[list[np.ndarray], float]:
-    """Compute every frame-level series from one STFT, plus the tempo."""
+def frame_series(y: np.ndarray, sr: int) -> list[np.ndarray]:
+    """Every frame-level series of SERIES, computed from one STFT."""
     mag = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
     power = mag**2
     mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=sr, n_mels=N_MELS))
     mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)
-    onset = librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=HOP)
-    tempo = float(librosa.feature.tempo(onset_envelope=onset, sr=sr, hop_length=HOP)[0])
-    series = [
+    return [
         mfcc,
         librosa.feature.delta(mfcc, order=1),
         librosa.feature.delta(mfcc, order=2),
@@ -80,9 +81,28 @@ def frame_series(y: np.ndarray, sr: int) -> tuple[list[np.ndarray], float]:
         librosa.feature.spectral_flatness(S=mag, n_fft=N_FFT, hop_length=HOP),
         librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP),
         librosa.feature.rms(S=mag, frame_length=N_FFT, hop_length=HOP),
-        onset[None, :],
+        librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=HOP)[None, :],
     ]
-    return series, tempo
+
+
+def windows(n_frames: int, sr: int, window_s: float = WINDOW_S) -> list[tuple[int, int]]:
+    """Frame ranges of the whole windows that fit, centred in the excerpt; one window if none fits."""
+    size = round(window_s * sr / HOP)
+    count = n_frames // size
+    if count == 0:
+        return [(0, n_frames)]
+    start = (n_frames - count * size) // 2
+    return [(start + i * size, start + (i + 1) * size) for i in range(count)]
+
+
+def window_starts(n_samples: int, sr: int) -> list[float]:
+    """Start time in seconds of each window of an excerpt of `n_samples` (matches `extract`'s rows)."""
+    return [a * HOP / sr for a, _ in windows(1 + n_samples // HOP, sr)]
+
+
+def tempo(onset: np.ndarray, sr: int) -> float:
+    """Tempo in BPM of an onset-strength envelope."""
+    return float(librosa.feature.tempo(onset_envelope=onset, sr=sr, hop_length=HOP)[0])
 
 
 def warm_up() -> None:
@@ -91,7 +111,10 @@ def warm_up() -> None:
 
 
 def extract(y: np.ndarray, sr: int) -> np.ndarray:
-    """The fixed-length float32 feature vector of a mono excerpt (finite: NaN/inf become 0)."""
-    series, tempo = frame_series(y.astype(np.float32, copy=False), sr)
-    vector = np.concatenate([pool(s) for s in series] + [np.array([tempo])])
-    return np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    """Feature vectors of a mono excerpt's windows: a finite float32 (windows, features) array."""
+    series = frame_series(y.astype(np.float32, copy=False), sr)
+    rows = [
+        np.concatenate([pool(s[:, a:b]) for s in series] + [np.array([tempo(series[-1][0, a:b], sr)])])
+        for a, b in windows(series[0].shape[1], sr)
+    ]
+    return np.nan_to_num(np.vstack(rows), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

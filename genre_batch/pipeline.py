@@ -18,9 +18,9 @@ from genre_batch import GenreBatchError, catalog, evaluation, labels, registry, 
 from genre_batch.cluster import dask_client
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
-from genre_batch.feature_store import current_features, plan, read_inventory, write_inventory
+from genre_batch.feature_store import current_features, plan, read_inventory, tracks, write_inventory
 from genre_batch.features import FEATURE_VERSION
-from genre_batch.store import Store, write_json
+from genre_batch.store import Store, write_bytes, write_json
 from genre_batch.tagging import tag as tag_tracks
 
 
@@ -62,6 +62,7 @@ class TrainSummary:
     cv_macro_f1: float
     holdout_accuracy: float
     holdout_macro_f1: float
+    grouping: str
     dropped_genres: dict[str, int] = field(default_factory=dict)
 
 
@@ -111,10 +112,11 @@ def library_of(store: Store) -> str:
     return meta[b"library"].decode()
 
 
-def training_data(store: Store, spec: str) -> training.TrainingSet:
+def training_data(store: Store, spec: str, grouping: str = "auto") -> training.TrainingSet:
     """The labelled training set of the store for a label spec."""
-    tracks = current_features(store)
-    return training.training_set(tracks, labels.resolve(spec, tracks, library_of(store)), labels.label_source(spec))
+    windows = current_features(store)
+    labelled = labels.resolve(spec, tracks(windows), library_of(store))
+    return training.training_set(windows, labelled, labels.label_source(spec), grouping)
 
 
 def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
@@ -129,17 +131,67 @@ def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
     return False, f"current model {version} was trained on the same labelled data"
 
 
-def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0) -> TrainSummary:
-    """Cross-validate, hold out, fit on all labelled tracks, register; promote if it passes the gate."""
+def cross_validation(data: training.TrainingSet) -> dict:
+    """Grouped k-fold scores of track predictions, raw and calibrated, with the fitted temperature."""
+    oof = training.out_of_fold(data)
+    temperature = evaluation.fit_temperature(oof, data.y_track)
+    report = evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres)
+    return {
+        **report,
+        "folds": training.folds(data),
+        "grouping": data.grouping,
+        "groups": int(len(set(data.groups.tolist()))),
+        "temperature": temperature,
+        "ece": evaluation.expected_calibration_error(oof, data.y_track),
+        "ece_calibrated": evaluation.expected_calibration_error(evaluation.calibrate(oof, temperature), data.y_track),
+    }
+
+
+def holdout(data: training.TrainingSet, temperature: float) -> dict:
+    """Scores of a model fitted without one grouped, stratified fold, on that fold's tracks."""
+    train_tracks, test_tracks = training.splits(data, training.folds(data))[0]
+    fit_windows, test_windows = training.windows_of(data, train_tracks), training.windows_of(data, test_tracks)
+    model = training.fit(data.X[fit_windows], data.y[fit_windows], len(data.genres))
+    probabilities = training.per_track(
+        training.predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track)
+    )[test_tracks]
+    truth = data.y_track[test_tracks]
+    return {
+        **evaluation.scores(truth, probabilities.argmax(axis=1), data.genres),
+        "fraction": round(len(test_tracks) / len(data.y_track), 3),
+        "ece": evaluation.expected_calibration_error(probabilities, truth),
+        "ece_calibrated": evaluation.expected_calibration_error(evaluation.calibrate(probabilities, temperature), truth),
+    }
+
+
+def evaluate(store_url: str, spec: str, grouping: str = "auto") -> dict:
+    """Grouped cross-validation report of the store's labelled tracks, written to evaluations/ with its picture."""
     store = Store(store_url)
-    data = training_data(store, spec)
-    n_classes = len(data.genres)
-    cv = evaluation.scores(data.y, training.cross_validated_predictions(data.X, data.y, n_classes), data.genres)
-    train_idx, test_idx = training.holdout_split(data.y)
-    held_model = training.fit(data.X[train_idx], data.y[train_idx], n_classes)
-    held_pred = training.predict_proba(held_model, data.X[test_idx]).argmax(axis=1)
-    holdout = evaluation.scores(data.y[test_idx], held_pred, data.genres)
-    baseline = evaluation.majority_baseline(data.y)
+    data = training_data(store, spec, grouping)
+    report = {
+        "evaluated_at": datetime.now(timezone.utc).isoformat(),
+        "label_source": labels.label_source(spec),
+        "feature_version": FEATURE_VERSION,
+        "tracks": len(data.y_track),
+        "windows": len(data.y),
+        "genres": data.genres,
+        "majority_baseline": evaluation.majority_baseline(data.y_track),
+        "cross_validation": cross_validation(data),
+    }
+    folder = f"{store.path('evaluations')}/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    cv = report["cross_validation"]
+    write_bytes(store.fs, f"{folder}/confusion_matrix.png", evaluation.confusion_png(cv["confusion"], data.genres, f"{cv['folds']}-fold CV grouped by {data.grouping}"))
+    write_json(store.fs, f"{folder}/report.json", report)
+    return {**report, "report": folder}
+
+
+def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abstain_below: float = 0.0, grouping: str = "auto") -> TrainSummary:
+    """Cross-validate and hold out (grouped), fit on all labelled tracks, calibrate, register; promote if it passes."""
+    store = Store(store_url)
+    data = training_data(store, spec, grouping)
+    cv = cross_validation(data)
+    held = holdout(data, cv["temperature"])
+    baseline = evaluation.majority_baseline(data.y_track)
     passes = cv["accuracy"] > baseline and cv["accuracy"] >= min_accuracy
     reason = (
         f"cross-validated accuracy {cv['accuracy']:.3f} vs majority baseline {baseline:.3f}"
@@ -153,19 +205,22 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0) -> 
         "label_source": labels.label_source(spec),
         "feature_version": FEATURE_VERSION,
         "training_fingerprint": data.fingerprint,
-        "tracks": len(data.y),
-        "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y)),
+        "tracks": len(data.y_track),
+        "windows": len(data.y),
+        "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
         "params": {**training.PARAMS, "num_boost_round": training.ROUNDS},
-        "cross_validation": {**cv, "folds": training.folds(data.y)},
-        "holdout": {**holdout, "fraction": round(len(test_idx) / len(data.y), 3)},
+        "temperature": cv["temperature"],
+        "abstain_below": abstain_below,
+        "cross_validation": cv,
+        "holdout": held,
         "majority_baseline": baseline,
         "gate": {"passed": passes, "reason": reason, "min_accuracy": min_accuracy},
         "xgboost_version": xgb.__version__,
         "python": platform.python_version(),
     }
-    png = evaluation.confusion_png(holdout["confusion"], data.genres, f"{version} (held-out {len(test_idx)} tracks)")
-    registry.register(store, version, training.fit(data.X, data.y, n_classes), metadata, png)
+    png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
+    registry.register(store, version, training.fit(data.X, data.y, len(data.genres)), metadata, png)
     if passes:
         registry.promote(store, version)
     return TrainSummary(
@@ -173,12 +228,13 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0) -> 
         promoted=passes,
         reason=reason,
         label_source=metadata["label_source"],
-        tracks=len(data.y),
+        tracks=len(data.y_track),
         genres=data.genres,
         cv_accuracy=round(cv["accuracy"], 4),
         cv_macro_f1=round(cv["macro_f1"], 4),
-        holdout_accuracy=round(holdout["accuracy"], 4),
-        holdout_macro_f1=round(holdout["macro_f1"], 4),
+        holdout_accuracy=round(held["accuracy"], 4),
+        holdout_macro_f1=round(held["macro_f1"], 4),
+        grouping=data.grouping,
         dropped_genres=data.dropped,
     )
 
@@ -192,7 +248,7 @@ def tag(store_url: str, run_id: str, keep: int = catalog.KEEP_SNAPSHOTS) -> TagS
             f"current model {version} was trained on feature version {meta['feature_version']}, "
             f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
         )
-    table = tag_tracks(current_features(store), booster, meta["genres"], version, run_id, datetime.now(timezone.utc))
+    table = tag_tracks(current_features(store), booster, meta, version, run_id, datetime.now(timezone.utc))
     pointer = catalog.publish(store, table, run_id, version, keep)
     disagreements = int(np.sum(table["disagrees_with_tag"].fill_null(False).to_numpy(zero_copy_only=False)))
     return TagSummary(

@@ -14,31 +14,49 @@ from genre_batch.catalog import CATALOG_SCHEMA
 from genre_batch.extraction import extract_file
 from genre_batch.labels import normalise
 from genre_batch.store import Store
-from genre_batch.training import matrix, predict_proba
+from genre_batch.evaluation import calibrate
+from genre_batch.feature_store import tracks
+from genre_batch.training import matrix, per_track, predict_proba
+
+
+UNKNOWN = "unknown"
+"""Genre of a track whose confidence is under the model's abstain threshold."""
+
+
+def track_probabilities(booster: xgb.Booster, windows: pa.Table, meta: dict) -> tuple[pa.Table, np.ndarray]:
+    """One row per track and its calibrated probabilities: window predictions averaged, temperature applied."""
+    first = tracks(windows)
+    if first.num_rows == 0:
+        return first, np.zeros((0, len(meta["genres"])))
+    position = {u: i for i, u in enumerate(first["uri"].to_pylist())}
+    track = np.array([position[u] for u in windows["uri"].to_pylist()])
+    averaged = per_track(predict_proba(booster, matrix(windows)), track, first.num_rows)
+    return first, calibrate(averaged, meta.get("temperature", 1.0))
 
 
 def catalog_rows(
-    tracks: pa.Table, probabilities: np.ndarray, genres: list[str], model_version: str, run_id: str, tagged_at: datetime
+    first: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime
 ) -> pa.Table:
-    """Catalog rows for feature rows and their predicted probabilities."""
-    top = probabilities.argmax(axis=1) if len(tracks) else np.zeros(0, dtype=int)
-    predicted = [genres[i] for i in top]
-    embedded = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
-    n = tracks.num_rows
+    """Catalog rows of tracks and their probabilities; under the abstain threshold the genre is `unknown`."""
+    genres, n = meta["genres"], first.num_rows
+    confidence = probabilities.max(axis=1) if n else np.zeros(0)
+    top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
+    predicted = [g if c >= meta.get("abstain_below", 0.0) else UNKNOWN for g, c in zip(top, confidence)]
+    embedded = [normalise(g) for g in first["tag_genre"].to_pylist()]
     return pa.table(
         {
-            "track_id": tracks["track_id"],
-            "uri": tracks["uri"],
+            "track_id": first["track_id"],
+            "uri": first["uri"],
             "genre": pa.array(predicted, pa.string()),
-            "confidence": pa.array(probabilities.max(axis=1) if n else [], pa.float64()),
+            "confidence": pa.array(confidence, pa.float64()),
             "probabilities": pa.array(
                 [list(zip(genres, map(float, row))) for row in probabilities], CATALOG_SCHEMA.field("probabilities").type
             ),
             "embedded_genre": pa.array(embedded, pa.string()),
             "disagrees_with_tag": pa.array([None if e is None else e != p for e, p in zip(embedded, predicted)], pa.bool_()),
-            "duration_s": tracks["duration_s"],
+            "duration_s": first["duration_s"],
             "model_version": pa.array([model_version] * n, pa.string()),
-            "feature_version": tracks["feature_version"],
+            "feature_version": first["feature_version"],
             "run_id": pa.array([run_id] * n, pa.string()),
             "tagged_at": pa.array([tagged_at] * n, CATALOG_SCHEMA.field("tagged_at").type),
         },
@@ -46,10 +64,10 @@ def catalog_rows(
     )
 
 
-def tag(tracks: pa.Table, booster: xgb.Booster, genres: list[str], model_version: str, run_id: str, tagged_at: datetime) -> pa.Table:
+def tag(windows: pa.Table, booster: xgb.Booster, meta: dict, model_version: str, run_id: str, tagged_at: datetime) -> pa.Table:
     """Predict every track's genre probabilities and build its catalog rows."""
-    probabilities = predict_proba(booster, matrix(tracks)) if tracks.num_rows else np.zeros((0, len(genres)))
-    return catalog_rows(tracks, probabilities, genres, model_version, run_id, tagged_at)
+    first, probabilities = track_probabilities(booster, windows, meta)
+    return catalog_rows(first, probabilities, meta, model_version, run_id, tagged_at)
 
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
@@ -58,11 +76,12 @@ def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, l
     results: list[tuple[str, list[tuple[str, float]] | str]] = []
     for uri in uris:
         try:
-            _, vector = extract_file(uri)
+            _, windows = extract_file(uri)
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
             continue
-        probabilities = predict_proba(booster, vector[None, :])[0]
+        averaged = predict_proba(booster, windows).mean(axis=0, keepdims=True)
+        probabilities = calibrate(averaged, meta.get("temperature", 1.0))[0]
         order = np.argsort(probabilities)[::-1][:top]
         results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
     return results

@@ -1,8 +1,9 @@
-"""Training: XGBoost on the labelled tracks of the feature store, on one node."""
+"""Training: XGBoost on the analysis windows of labelled tracks, evaluated on whole tracks in grouped splits."""
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xgboost as xgb
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
@@ -26,29 +27,34 @@ PARAMS: dict = {
     "nthread": 1,
     "seed": 0,
 }
-"""XGBoost parameters; one thread is stable on shared machines (see docs/GUIDE facts)."""
+"""XGBoost parameters; one thread stays stable on shared machines."""
 
 ROUNDS = 200
 MAX_FOLDS = 5
-HOLDOUT = 0.2
 MIN_PER_GENRE = 2
+GROUPINGS = ("auto", "track", "artist", "album", "folder")
+"""Ways to group tracks in splits; any other value names a column of the feature store."""
 
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """Feature matrix and integer labels of the labelled tracks."""
+    """Window feature matrix with labels, the track of each window, and the split group of each track."""
 
     X: np.ndarray
     y: np.ndarray
+    track: np.ndarray
+    y_track: np.ndarray
+    groups: np.ndarray
     genres: list[str]
     uris: list[str]
+    grouping: str
     fingerprint: str
     dropped: dict[str, int]
 
 
-def matrix(tracks: pa.Table) -> np.ndarray:
+def matrix(windows: pa.Table) -> np.ndarray:
     """The float32 feature matrix of a feature table, columns in FEATURE_NAMES order."""
-    return np.column_stack([tracks[name].to_numpy(zero_copy_only=False) for name in FEATURE_NAMES]).astype(np.float32)
+    return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in FEATURE_NAMES]).astype(np.float32)
 
 
 def training_fingerprint(rows: list[tuple[str, str, str]], source: str) -> str:
@@ -59,10 +65,41 @@ def training_fingerprint(rows: list[tuple[str, str, str]], source: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def training_set(tracks: pa.Table, labels: pa.Table, source: str) -> TrainingSet:
-    """Join features with labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
-    joined = tracks.join(labels, keys="uri", join_type="inner").sort_by("uri")
-    counts = Counter(joined["genre"].to_pylist())
+def resolve_grouping(tracks: pa.Table, grouping: str) -> str:
+    """The grouping to use: `auto` is artist tags when tracks have them, else album tags, else tracks."""
+    if grouping != "auto":
+        return grouping
+    for name, column in (("artist", "tag_artist"), ("album", "tag_album")):
+        if pc.sum(pc.is_valid(tracks[column])).as_py():
+            return name
+    return "track"
+
+
+def group_keys(tracks: pa.Table, grouping: str) -> list[str]:
+    """The split group of each track; a track without a value is a group of its own."""
+    uris = tracks["uri"].to_pylist()
+    if grouping == "track":
+        return uris
+    if grouping == "folder":
+        return [posixpath.dirname(u) for u in uris]
+    column = {"artist": "tag_artist", "album": "tag_album"}.get(grouping, grouping)
+    if column not in tracks.column_names:
+        raise GenreBatchError(f"cannot group by {grouping!r}: use one of {', '.join(GROUPINGS)} or a feature-store column")
+    values = tracks[column].to_pylist()
+    return [f"{column}={v}" if v not in (None, "") else u for v, u in zip(values, uris)]
+
+
+def codes(values: list[str]) -> np.ndarray:
+    """Integer codes of values, in order of first appearance."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(v, len(index)) for v in values], dtype=np.int64)
+
+
+def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str = "auto") -> TrainingSet:
+    """Join window features with track labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
+    joined = windows.join(labels, keys="uri", join_type="inner").sort_by([("uri", "ascending"), ("window", "ascending")])
+    first = joined.filter(pc.equal(joined["window"], 0))
+    counts = Counter(first["genre"].to_pylist())
     dropped = {g: n for g, n in counts.items() if n < MIN_PER_GENRE}
     genres = sorted(g for g in counts if g not in dropped)
     if len(genres) < 2:
@@ -71,13 +108,21 @@ def training_set(tracks: pa.Table, labels: pa.Table, source: str) -> TrainingSet
             f"found {dict(counts) or 'no labelled tracks'} (label source: {source})"
         )
     keep = joined.filter(pc.is_in(joined["genre"], value_set=pa.array(genres)))
+    tracks = keep.filter(pc.equal(keep["window"], 0))
+    grouping = resolve_grouping(tracks, grouping)
+    uris = tracks["uri"].to_pylist()
+    position = {u: i for i, u in enumerate(uris)}
     index = {g: i for i, g in enumerate(genres)}
-    rows = list(zip(keep["uri"].to_pylist(), keep["fingerprint"].to_pylist(), keep["genre"].to_pylist()))
+    rows = list(zip(uris, tracks["fingerprint"].to_pylist(), tracks["genre"].to_pylist()))
     return TrainingSet(
         X=matrix(keep),
         y=np.array([index[g] for g in keep["genre"].to_pylist()], dtype=np.int32),
+        track=np.array([position[u] for u in keep["uri"].to_pylist()], dtype=np.int64),
+        y_track=np.array([index[g] for g in tracks["genre"].to_pylist()], dtype=np.int32),
+        groups=codes(group_keys(tracks, grouping)),
         genres=genres,
-        uris=keep["uri"].to_pylist(),
+        uris=uris,
+        grouping=grouping,
         fingerprint=training_fingerprint(rows, source),
         dropped=dropped,
     )
@@ -90,26 +135,44 @@ def fit(X: np.ndarray, y: np.ndarray, n_classes: int) -> xgb.Booster:
 
 
 def predict_proba(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
-    """Class probabilities, one row per track."""
+    """Class probabilities, one row per window."""
     return booster.predict(xgb.DMatrix(X, feature_names=list(FEATURE_NAMES)))
 
 
-def folds(y: np.ndarray) -> int:
-    """Number of cross-validation folds: up to MAX_FOLDS, at most the smallest genre's size."""
-    return int(min(MAX_FOLDS, np.bincount(y).min()))
+def per_track(probabilities: np.ndarray, track: np.ndarray, n_tracks: int) -> np.ndarray:
+    """Average window probabilities into track probabilities (rows sum to 1)."""
+    sums = np.zeros((n_tracks, probabilities.shape[1]))
+    np.add.at(sums, track, probabilities)
+    return sums / np.maximum(np.bincount(track, minlength=n_tracks), 1)[:, None]
 
 
-def cross_validated_predictions(X: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0) -> np.ndarray:
-    """Out-of-fold predicted classes of stratified k-fold cross-validation."""
-    predicted = np.empty_like(y)
-    splitter = StratifiedKFold(n_splits=folds(y), shuffle=True, random_state=seed)
-    for train, test in splitter.split(X, y):
-        predicted[test] = predict_proba(fit(X[train], y[train], n_classes), X[test]).argmax(axis=1)
-    return predicted
+def folds(data: TrainingSet) -> int:
+    """Number of folds: up to MAX_FOLDS, at most the number of groups of the smallest genre."""
+    groups_per_genre = [len(set(data.groups[data.y_track == g])) for g in range(len(data.genres))]
+    return int(min(MAX_FOLDS, min(groups_per_genre)))
 
 
-def holdout_split(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train/test indices, the test part holding at least one track per genre."""
-    n_classes = int(y.max()) + 1
-    test_size = max(HOLDOUT, n_classes / len(y))
-    return train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
+def splits(data: TrainingSet, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified group k-fold over tracks: (train tracks, test tracks); a group is never on both sides."""
+    if n_splits < 2:
+        raise GenreBatchError(
+            f"grouped evaluation needs 2+ {data.grouping} groups per genre; "
+            f"use --group-by track or add labelled tracks"
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(data.y_track)), data.y_track, data.groups))
+
+
+def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
+    """Indices of the windows of the given tracks."""
+    return np.flatnonzero(np.isin(data.track, tracks))
+
+
+def out_of_fold(data: TrainingSet, seed: int = 0) -> np.ndarray:
+    """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation."""
+    result = np.zeros((len(data.y_track), len(data.genres)))
+    for train, test in splits(data, folds(data), seed):
+        model = fit(data.X[windows_of(data, train)], data.y[windows_of(data, train)], len(data.genres))
+        test_windows = windows_of(data, test)
+        result[test] = per_track(predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track))[test]
+    return result

@@ -12,9 +12,10 @@ from genre_batch.synth import STYLES, render
 SR = SAMPLE_RATE
 
 
-def named(vector: np.ndarray) -> dict[str, float]:
-    """Feature vector as a name -> value dict."""
-    return dict(zip(features.FEATURE_NAMES, vector.tolist()))
+def named(matrix: np.ndarray) -> dict[str, float]:
+    """The single window's features of a short excerpt as a name -> value dict."""
+    assert matrix.shape[0] == 1
+    return dict(zip(features.FEATURE_NAMES, matrix[0].tolist()))
 
 
 def sine(freq: float, seconds: float = 3.0, amplitude: float = 0.5) -> np.ndarray:
@@ -39,12 +40,31 @@ def test_names_are_unique_and_match_series() -> None:
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("seconds", [0.5, 3.0, 20.0])
-def test_vector_is_finite_float32_of_fixed_length(style: str, seconds: float) -> None:
-    vector = features.extract(render(style, seconds, seed=1), SR)
-    assert vector.dtype == np.float32
-    assert vector.shape == (len(features.FEATURE_NAMES),)
-    assert np.isfinite(vector).all()
+@pytest.mark.parametrize("seconds, windows", [(0.5, 1), (3.0, 1), (20.0, 2), (35.0, 3)])
+def test_windows_are_finite_float32_of_fixed_length(style: str, seconds: float, windows: int) -> None:
+    matrix = features.extract(render(style, seconds, seed=1), SR)
+    assert matrix.dtype == np.float32
+    assert matrix.shape == (windows, len(features.FEATURE_NAMES))
+    assert np.isfinite(matrix).all()
+
+
+def test_windows_are_whole_centred_and_match_their_start_times() -> None:
+    size = round(features.WINDOW_S * SR / features.HOP)
+    bounds = features.windows(3 * size + 10, SR)
+    assert bounds == [(5, 5 + size), (5 + size, 5 + 2 * size), (5 + 2 * size, 5 + 3 * size)]
+    assert features.windows(size - 1, SR) == [(0, size - 1)]  # shorter than a window: one window, all of it
+    n_samples = int(35 * SR)
+    starts = features.window_starts(n_samples, SR)
+    assert len(starts) == features.extract(render("chiptune", 35.0, 2), SR).shape[0]
+    assert starts[1] - starts[0] == pytest.approx(features.WINDOW_S, abs=0.05)
+
+
+def test_each_window_describes_its_own_part_of_the_excerpt() -> None:
+    y = np.concatenate([sine(220.0, features.WINDOW_S), sine(1760.0, features.WINDOW_S)])
+    matrix = features.extract(y, SR)
+    centroid = features.FEATURE_NAMES.index("centroid_mean")
+    assert matrix[0, centroid] == pytest.approx(220.0, rel=0.1)
+    assert matrix[1, centroid] == pytest.approx(1760.0, rel=0.1)
 
 
 def test_silence_gives_finite_vector() -> None:

@@ -12,7 +12,7 @@ import pytest
 from genre_batch import GenreBatchError, catalog, pipeline, query, registry
 from genre_batch.audio import SAMPLE_RATE
 from genre_batch.feature_store import current_errors, current_features
-from genre_batch.features import FEATURE_NAMES
+from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.store import Store
 from genre_batch.synth import STYLES, render, write_audio
 from genre_batch.tagging import classify_files
@@ -36,7 +36,7 @@ def test_incremental_extraction(library_factory: Callable[..., Path], tmp_path: 
     assert features.num_rows == 8
     matrix = np.column_stack([features[n].to_numpy() for n in FEATURE_NAMES])
     assert matrix.dtype == np.float32 and np.isfinite(matrix).all()
-    assert set(features["feature_version"].to_pylist()) == {1}
+    assert set(features["feature_version"].to_pylist()) == {FEATURE_VERSION}
     assert all(d == pytest.approx(3.0, abs=0.1) for d in features["duration_s"].to_pylist())
 
     # unchanged library: nothing extracted, no feature data written at all
@@ -85,7 +85,7 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     _, store = trained_store
     s = Store(str(store))
     version, _, meta = registry.load_current(s)
-    assert meta["label_source"] == "folders" and meta["feature_version"] == 1
+    assert meta["label_source"] == "folders" and meta["feature_version"] == FEATURE_VERSION
     assert meta["tracks"] == 20 and meta["cross_validation"]["folds"] == 5
     assert meta["cross_validation"]["accuracy"] >= 0.8 > meta["majority_baseline"]
     assert set(meta["holdout"]["per_genre"]) == set(STYLES)
@@ -149,7 +149,7 @@ def test_catalog_rows_carry_probabilities_and_provenance(trained_store: tuple[Pa
         assert set(probs) == set(STYLES) and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert row["confidence"] == pytest.approx(max(probs.values()))
         assert row["genre"] == max(probs, key=probs.get)
-        assert row["model_version"] == summary.model_version and row["feature_version"] == 1
+        assert row["model_version"] == summary.model_version and row["feature_version"] == FEATURE_VERSION
         assert row["run_id"] == "run-xyz" and row["embedded_genre"] in STYLES
         assert row["disagrees_with_tag"] == (row["genre"] != row["embedded_genre"])
 

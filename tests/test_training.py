@@ -1,0 +1,113 @@
+"""Grouped splits, calibration and abstention on synthetic tables (no audio needed)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from genre_batch import evaluation, training
+from genre_batch.features import FEATURE_NAMES
+from genre_batch.tagging import UNKNOWN, catalog_rows
+
+GENRES = ["ambient", "chiptune", "electronic", "percussion"]
+
+
+def windows_table(n_tracks: int = 40, n_windows: int = 3, artists: int = 10, seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """A feature table of n_tracks x n_windows rows (genre signal in the first feature) and its labels."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for t in range(n_tracks):
+        genre = t % len(GENRES)
+        uri = f"/lib/{GENRES[genre]}/{t:03d}.mp3"
+        labels.append({"uri": uri, "genre": GENRES[genre]})
+        for w in range(n_windows):
+            values = rng.normal(size=len(FEATURE_NAMES)).astype(np.float32)
+            values[0] += 3.0 * genre
+            rows.append(
+                {"uri": uri, "fingerprint": f"f{t}", "window": w, "tag_artist": f"artist {t % artists}", "tag_album": None}
+                | dict(zip(FEATURE_NAMES, values.tolist()))
+            )
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(table.schema.get_field_index("tag_album"), "tag_album", pa.nulls(len(table), pa.string()))
+    return table, pa.Table.from_pylist(labels)
+
+
+@pytest.mark.parametrize("grouping", ["track", "artist"])
+def test_windows_and_groups_never_straddle_a_split(grouping: str) -> None:
+    data = training.training_set(*windows_table(), "folders", grouping)
+    assert data.grouping == grouping and len(data.y) == 3 * len(data.y_track)
+    for train, test in training.splits(data, training.folds(data)):
+        assert not set(train) & set(test)
+        train_windows, test_windows = training.windows_of(data, train), training.windows_of(data, test)
+        assert not set(data.track[train_windows]) & set(data.track[test_windows])
+        assert len(train_windows) + len(test_windows) == len(data.y)
+        assert not set(data.groups[train]) & set(data.groups[test])
+
+
+def test_auto_grouping_uses_artist_tags_when_present() -> None:
+    windows, labels = windows_table()
+    assert training.training_set(windows, labels, "folders").grouping == "artist"
+    untagged = windows.set_column(windows.schema.get_field_index("tag_artist"), "tag_artist", pa.nulls(len(windows), pa.string()))
+    assert training.training_set(untagged, labels, "folders").grouping == "track"
+
+
+def test_out_of_fold_track_predictions_are_learned() -> None:
+    data = training.training_set(*windows_table(), "folders", "artist")
+    probabilities = training.out_of_fold(data)
+    assert probabilities.shape == (40, 4)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
+
+
+def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities from a 60%-accurate model that claims ~95% confidence."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    guess = np.where(rng.random(n) < 0.6, y, rng.integers(0, 4, n))
+    logits = rng.normal(0, 0.3, (n, 4))
+    logits[np.arange(n), guess] += 4.0
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True), y
+
+
+def test_calibration_sums_to_one_and_lowers_error_on_a_held_out_part() -> None:
+    fit_p, fit_y = overconfident(400, seed=1)
+    held_p, held_y = overconfident(400, seed=2)
+    temperature = evaluation.fit_temperature(fit_p, fit_y)
+    assert temperature > 1.0  # overconfident: probabilities get flattened
+    calibrated = evaluation.calibrate(held_p, temperature)
+    assert np.allclose(calibrated.sum(axis=1), 1.0)
+    assert (calibrated.argmax(axis=1) == held_p.argmax(axis=1)).all()  # ranking unchanged
+    before, after = evaluation.expected_calibration_error(held_p, held_y), evaluation.expected_calibration_error(calibrated, held_y)
+    assert before > 0.25 and after < before / 3
+
+
+def test_expected_calibration_error_of_a_perfectly_calibrated_model_is_small() -> None:
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.3, 1.0, 20000)
+    correct = rng.random(20000) < confidence
+    p = np.column_stack([confidence, 1 - confidence])
+    y = np.where(correct, 0, 1)
+    assert evaluation.expected_calibration_error(p, y) < 0.02
+
+
+def test_abstain_threshold_gives_unknown_rows_that_keep_their_probabilities() -> None:
+    first = pa.table(
+        {
+            "track_id": ["a", "b"],
+            "uri": ["/l/a.mp3", "/l/b.mp3"],
+            "tag_genre": [None, "Chiptune"],
+            "duration_s": pa.array([30.0, 30.0], pa.float32()),
+            "feature_version": pa.array([2, 2], pa.int32()),
+        }
+    )
+    probabilities = np.array([[0.4, 0.3, 0.2, 0.1], [0.05, 0.9, 0.03, 0.02]])
+    meta = {"genres": GENRES, "abstain_below": 0.5}
+    rows = catalog_rows(first, probabilities, meta, "m-1", "run-1", datetime.now(timezone.utc)).to_pylist()
+    assert [r["genre"] for r in rows] == [UNKNOWN, "chiptune"]
+    assert dict(rows[0]["probabilities"]) == pytest.approx(dict(zip(GENRES, probabilities[0])))
+    assert rows[0]["confidence"] == pytest.approx(0.4)
+    assert rows[1]["disagrees_with_tag"] is False and rows[0]["disagrees_with_tag"] is None
