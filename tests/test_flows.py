@@ -59,6 +59,12 @@ def test_cli_run_query_classify(
     code, out, _ = cli("query", "--store", store, "SELECT count(*) AS tracks FROM catalog")
     assert code == 0 and "tracks" in out and "12" in out and "(1 rows)" in out
 
+    code, out, _ = cli("evaluate", "--store", store, "--labels", "folders")
+    assert code == 0 and "12 tracks (12 windows), 4 genres, 3-fold CV grouped by track (12 groups)" in out
+    report = json.loads(Path(out.split("report: ")[1].split("/report.json")[0], "report.json").read_text())
+    assert report["cross_validation"]["accuracy"] > report["majority_baseline"] and report["tracks"] == 12
+    assert 0 <= report["cross_validation"]["ece_calibrated"] <= 1
+
     clip = sorted((library / "chiptune").iterdir())[0]
     code, out, _ = cli("classify", "--store", store, "--top", "2", str(clip), str(library / "broken.mp3"))
     assert code == 0
@@ -83,7 +89,7 @@ def test_cli_errors_are_one_line(args: list[str], message: str, prefect_server: 
     assert "Traceback" not in err + out
 
 
-@pytest.mark.parametrize("verb", ["extract", "train", "tag", "run", "query", "classify", "demo", "serve"])
+@pytest.mark.parametrize("verb", ["extract", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve"])
 def test_every_verb_has_help(verb: str) -> None:
     code, out, _ = cli(verb, "--help")
     assert code == 0 and "Usage:" in out and "--help" in out
