@@ -106,14 +106,18 @@ def extract_all(tasks: list[Task], workers: int) -> dict[tuple[str, str, int], t
         return dict(zip(keys, pool.map(extract_one, jobs, chunksize=4)))
 
 
-def fit_predict(method: str, X: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int) -> np.ndarray:
+def fit_predict(
+    method: str, X: list[np.ndarray], y: np.ndarray, groups: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int
+) -> np.ndarray:
     """Predicted classes of the test tracks: genre-batch trains on windows and averages them; the recipe is per track."""
     if method == "genre-batch":
         X_train = np.vstack([X[i] for i in train])
         y_train = np.concatenate([np.full(len(X[i]), y[i]) for i in train])
-        track = np.concatenate([np.full(len(X[i]), k) for k, i in enumerate(test)])
-        windows = training.predict_proba(training.fit(X_train, y_train, n_classes), np.vstack([X[i] for i in test]))
-        return training.per_track(windows, track, len(test)).argmax(axis=1)
+        train_track = np.concatenate([np.full(len(X[i]), k) for k, i in enumerate(train)])
+        model, _ = training.fit(X_train, y_train, n_classes, train_track, groups[train])
+        test_track = np.concatenate([np.full(len(X[i]), k) for k, i in enumerate(test)])
+        windows = training.predict_proba(model, np.vstack([X[i] for i in test]))
+        return training.per_track(windows, test_track, len(test)).argmax(axis=1)
     model = xgb.XGBClassifier(n_jobs=1)
     return model.fit(np.stack([X[i] for i in train]), y[train]).predict(np.stack([X[i] for i in test]))
 
@@ -123,7 +127,7 @@ def evaluate(task: Task, X: dict[str, list[np.ndarray]], y: np.ndarray, groups: 
     splits = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=SEED).split(y, y, groups))
     out: dict[str, dict] = {}
     for method in METHODS:
-        folds = [scores(y[te], fit_predict(method, X[method], y, tr, te, len(task.genres)), task.genres) for tr, te in splits]
+        folds = [scores(y[te], fit_predict(method, X[method], y, groups, tr, te, len(task.genres)), task.genres) for tr, te in splits]
         acc = np.array([f["accuracy"] for f in folds])
         f1 = np.array([f["macro_f1"] for f in folds])
         out[method] = {

@@ -150,8 +150,8 @@ def cross_validation(data: training.TrainingSet) -> dict:
 def holdout(data: training.TrainingSet, temperature: float) -> dict:
     """Scores of a model fitted without one grouped, stratified fold, on that fold's tracks."""
     train_tracks, test_tracks = training.splits(data, training.folds(data))[0]
-    fit_windows, test_windows = training.windows_of(data, train_tracks), training.windows_of(data, test_tracks)
-    model = training.fit(data.X[fit_windows], data.y[fit_windows], len(data.genres))
+    test_windows = training.windows_of(data, test_tracks)
+    model, _ = training.fit_tracks(data, train_tracks)
     probabilities = training.per_track(
         training.predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track)
     )[test_tracks]
@@ -209,7 +209,8 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abs
         "windows": len(data.y),
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
-        "params": {**training.PARAMS, "num_boost_round": training.ROUNDS},
+        "params": {**training.PARAMS, "max_rounds": training.MAX_ROUNDS, "early_stopping_rounds": training.EARLY_STOPPING},
+        "weights": "balanced: every genre the same total weight, every track of a genre the same share",
         "temperature": cv["temperature"],
         "abstain_below": abstain_below,
         "cross_validation": cv,
@@ -220,7 +221,8 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abs
         "python": platform.python_version(),
     }
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
-    registry.register(store, version, training.fit(data.X, data.y, len(data.genres)), metadata, png)
+    model, metadata["params"]["num_boost_round"] = training.fit_tracks(data, np.arange(len(data.y_track)))
+    registry.register(store, version, model, metadata, png)
     if passes:
         registry.promote(store, version)
     return TrainSummary(

@@ -29,7 +29,10 @@ PARAMS: dict = {
 }
 """XGBoost parameters; one thread stays stable on shared machines."""
 
-ROUNDS = 200
+MAX_ROUNDS = 1000
+EARLY_STOPPING = 30
+DEFAULT_ROUNDS = 200
+"""Rounds when a training set is too small for a validation fold (fewer than 2 groups in some genre)."""
 MAX_FOLDS = 5
 MIN_PER_GENRE = 2
 GROUPINGS = ("auto", "track", "artist", "album", "folder")
@@ -128,15 +131,56 @@ def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str
     )
 
 
-def fit(X: np.ndarray, y: np.ndarray, n_classes: int) -> xgb.Booster:
-    """Train a multi-class XGBoost booster."""
-    dtrain = xgb.DMatrix(X, label=y, feature_names=list(FEATURE_NAMES))
-    return xgb.train({**PARAMS, "num_class": n_classes}, dtrain, num_boost_round=ROUNDS)
+def balanced_weights(y: np.ndarray, track: np.ndarray) -> np.ndarray:
+    """Window weights giving every genre the same total weight and every track of a genre the same share (mean 1)."""
+    windows_per_track = np.bincount(track)[track]
+    genre_of_track = np.zeros(track.max() + 1, dtype=np.int64)
+    genre_of_track[track] = y
+    present = np.unique(track)
+    tracks_per_genre = np.bincount(genre_of_track[present], minlength=int(y.max()) + 1)
+    weights = 1.0 / (windows_per_track * tracks_per_genre[y])
+    return weights * len(weights) / weights.sum()
+
+
+def dmatrix(X: np.ndarray, y: np.ndarray | None = None, weight: np.ndarray | None = None) -> xgb.DMatrix:
+    """An XGBoost matrix with the feature names."""
+    return xgb.DMatrix(X, label=y, weight=weight, feature_names=list(FEATURE_NAMES))
+
+
+def boosting_rounds(X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int) -> int:
+    """Rounds chosen by early stopping on a grouped, stratified validation fold of the training windows."""
+    groups_per_genre = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+    if groups_per_genre < 2:
+        return DEFAULT_ROUNDS
+    splitter = StratifiedGroupKFold(n_splits=min(MAX_FOLDS, groups_per_genre), shuffle=True, random_state=PARAMS["seed"])
+    fit_rows, check_rows = next(splitter.split(X, y, groups))
+    booster = xgb.train(
+        {**PARAMS, "num_class": n_classes},
+        dmatrix(X[fit_rows], y[fit_rows], weight[fit_rows]),
+        num_boost_round=MAX_ROUNDS,
+        evals=[(dmatrix(X[check_rows], y[check_rows], weight[check_rows]), "validation")],
+        early_stopping_rounds=EARLY_STOPPING,
+        verbose_eval=False,
+    )
+    return booster.best_iteration + 1
+
+
+def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray) -> tuple[xgb.Booster, int]:
+    """Train on windows (genre- and track-balanced weights) for early-stopped rounds; returns the model and its rounds."""
+    weight = balanced_weights(y, track)
+    rounds = boosting_rounds(X, y, weight, groups[track], n_classes)
+    return xgb.train({**PARAMS, "num_class": n_classes}, dmatrix(X, y, weight), num_boost_round=rounds), rounds
+
+
+def fit_tracks(data: TrainingSet, tracks: np.ndarray) -> tuple[xgb.Booster, int]:
+    """Train on the windows of the given tracks of a training set."""
+    rows = windows_of(data, tracks)
+    return fit(data.X[rows], data.y[rows], len(data.genres), data.track[rows], data.groups)
 
 
 def predict_proba(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
     """Class probabilities, one row per window."""
-    return booster.predict(xgb.DMatrix(X, feature_names=list(FEATURE_NAMES)))
+    return booster.predict(dmatrix(X))
 
 
 def per_track(probabilities: np.ndarray, track: np.ndarray, n_tracks: int) -> np.ndarray:
@@ -172,7 +216,7 @@ def out_of_fold(data: TrainingSet, seed: int = 0) -> np.ndarray:
     """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation."""
     result = np.zeros((len(data.y_track), len(data.genres)))
     for train, test in splits(data, folds(data), seed):
-        model = fit(data.X[windows_of(data, train)], data.y[windows_of(data, train)], len(data.genres))
+        model, _ = fit_tracks(data, train)
         test_windows = windows_of(data, test)
         result[test] = per_track(predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track))[test]
     return result

@@ -111,3 +111,19 @@ def test_abstain_threshold_gives_unknown_rows_that_keep_their_probabilities() ->
     assert dict(rows[0]["probabilities"]) == pytest.approx(dict(zip(GENRES, probabilities[0])))
     assert rows[0]["confidence"] == pytest.approx(0.4)
     assert rows[1]["disagrees_with_tag"] is False and rows[0]["disagrees_with_tag"] is None
+
+
+def test_balanced_weights_give_each_genre_and_each_track_of_a_genre_the_same_weight() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    track = np.array([0, 0, 0, 1, 2, 3, 4])  # genre 0: a 3-window and a 1-window track; genre 1: three 1-window tracks
+    w = training.balanced_weights(y, track)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[y == 0].sum() == pytest.approx(w[y == 1].sum())
+    assert w[track == 0].sum() == pytest.approx(w[track == 1].sum())
+    assert w[track == 2].sum() == pytest.approx(w[track == 4].sum())
+
+
+def test_early_stopping_needs_two_groups_per_genre_else_default_rounds() -> None:
+    X = np.random.default_rng(0).normal(size=(4, len(FEATURE_NAMES))).astype(np.float32)
+    y, groups = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])  # one group per genre: nothing to validate on
+    assert training.boosting_rounds(X, y, np.ones(4), groups, 2) == training.DEFAULT_ROUNDS
