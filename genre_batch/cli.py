@@ -57,6 +57,11 @@ GroupByOpt = Annotated[
     str,
     typer.Option("--group-by", help="Keep these groups whole in evaluation splits: auto (artist tags, else album tags, else track), track, artist, album, folder, or a feature-store column."),
 ]
+STRICT_EXIT = 3
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help=f"Exit with status {STRICT_EXIT} when any file of the library currently fails (see the errors table)."),
+]
 DEFAULT_STORE = "genre-batch-store"
 
 
@@ -170,23 +175,24 @@ def print_tag(summary: dict) -> None:
     )
 
 
-def print_errors(store_url: str, limit: int = 10) -> None:
-    """Print the files that currently fail, with their reasons."""
+def print_errors(store_url: str, limit: int = 10) -> int:
+    """Print the files that currently fail, with their reasons; returns how many there are."""
     from genre_batch.feature_store import current_errors
     from genre_batch.store import Store
 
     errors = current_errors(Store(store_url))
     if errors.num_rows == 0:
-        return
+        return 0
     out.print(f"errors: {errors.num_rows} files could not be processed (query them: SELECT * FROM errors):", markup=False)
     for row in errors.slice(0, limit).to_pylist():
         out.print(f"  {row['uri']}: {row['error_type']}: {row['message']}", markup=False)
     if errors.num_rows > limit:
         out.print(f"  ... and {errors.num_rows - limit} more", markup=False)
+    return errors.num_rows
 
 
-def print_record(record: dict, store_url: str) -> None:
-    """Print the summary of a run record."""
+def print_record(record: dict, store_url: str, strict: bool = False) -> None:
+    """Print the summary of a run record; with `strict`, exit 3 when library files currently fail."""
     if "extract" in record:
         print_extract(record["extract"])
     if "train_decision" in record:
@@ -195,8 +201,11 @@ def print_record(record: dict, store_url: str) -> None:
         print_train(record["train"])
     if "tag" in record:
         print_tag(record["tag"])
-    print_errors(store_url)
+    failing = print_errors(store_url)
     out.print(f"run {record['run_id']} {record.get('status', 'completed')}", markup=False)
+    if strict and failing:
+        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
+        raise typer.Exit(STRICT_EXIT)
 
 
 @app.command()
@@ -206,13 +215,14 @@ def extract(
     store: StoreOpt = DEFAULT_STORE,
     scheduler: SchedulerOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not.")] = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Extract features of new and changed audio files of LIBRARY into the store."""
     from flows.pipeline import extract_flow
 
     store = absolute(store)
     record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force))
-    print_record(record, store)
+    print_record(record, store, strict)
 
 
 @app.command()
@@ -280,6 +290,7 @@ def run(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
+    strict: StrictOpt = False,
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain if labelled data changed, tag, publish."""
     from flows.pipeline import nightly
@@ -288,7 +299,7 @@ def run(
     record = with_progress(
         lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by)
     )
-    print_record(record, store)
+    print_record(record, store, strict)
 
 
 def render(table: Any, fmt: str) -> None:
