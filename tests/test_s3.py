@@ -109,6 +109,7 @@ def test_run_with_library_and_store_on_s3(
 
     code, out, err = cli("run", library, "--store", store, "--labels", "folders")
     assert code == 0, out + err
+    assert KEY not in out + err and SECRET not in out + err
     assert "13 audio files in s3://music/library" in out and "12 extracted, 1 failed" in out
 
     code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
@@ -125,6 +126,15 @@ def test_run_with_library_and_store_on_s3(
     assert code == 0 and "0 extracted, 0 failed, 13 unchanged" in out and "trained on the same labelled data" in out
     s3.invalidate_cache()
     assert sorted(s3.find("music/genre-batch/features")) == before
+
+    # credentials never reach stored data: features, errors, models, catalog, run records
+    stored = s3.find("music/genre-batch")
+    assert any("/runs/" in p for p in stored) and any(p.endswith("model.ubj") for p in stored)
+    for path in stored:
+        data = s3.cat_file(path)
+        assert KEY.encode() not in data and SECRET.encode() not in data, path
+    model = next(p for p in stored if p.endswith("model.ubj"))
+    assert s3.cat_file(model)[:1] == b"{" and not s3.cat_file(model).startswith(b"\x80")  # UBJSON, not a pickle
 
 
 def test_wrong_credentials_give_one_clear_line(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> None:

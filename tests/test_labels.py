@@ -1,0 +1,73 @@
+"""Label sources: folders, embedded tags, CSV/Parquet files (which never reach outside the library)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from genre_batch import GenreBatchError, labels
+
+LIBRARY = "/music/lib"
+
+
+def tracks() -> pa.Table:
+    """Track rows as the feature store holds them."""
+    return pa.table(
+        {
+            "uri": [f"{LIBRARY}/Rock/a.mp3", f"{LIBRARY}/jazz/live/b.flac", f"{LIBRARY}/c.ogg", f"{LIBRARY}/d.wav"],
+            "tag_genre": ["  Hard  Rock ", None, "Jazz", ""],
+        }
+    )
+
+
+def as_dict(table: pa.Table) -> dict[str, str]:
+    """uri -> genre."""
+    return dict(zip(table["uri"].to_pylist(), table["genre"].to_pylist()))
+
+
+def test_folders_use_the_parent_folder_and_skip_files_at_the_root() -> None:
+    assert as_dict(labels.resolve("folders", tracks(), LIBRARY)) == {
+        f"{LIBRARY}/Rock/a.mp3": "rock",
+        f"{LIBRARY}/jazz/live/b.flac": "live",
+    }
+
+
+def test_tags_are_normalised_and_blank_tags_ignored() -> None:
+    assert as_dict(labels.resolve("tags", tracks(), LIBRARY)) == {f"{LIBRARY}/Rock/a.mp3": "hard rock", f"{LIBRARY}/c.ogg": "jazz"}
+
+
+def test_label_file_matches_uris_and_relative_paths_but_never_outside_the_library(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "file,genre\n"
+        f"{LIBRARY}/Rock/a.mp3,Metal\n"  # a URI of the library
+        "jazz/live/b.flac,Jazz\n"  # relative to the library root
+        "../lib/d.wav,pop\n"  # climbs out of the root (even to come back): ignored
+        "../../etc/passwd,rock\n"  # outside the library: ignored, never opened
+        "/etc/passwd,rock\n"  # an absolute path that is no track: ignored
+        "c.ogg,\n"  # no genre: ignored
+    )
+    got = as_dict(labels.resolve(str(csv), tracks(), LIBRARY))
+    assert got == {f"{LIBRARY}/Rock/a.mp3": "metal", f"{LIBRARY}/jazz/live/b.flac": "jazz"}
+
+
+def test_label_file_in_parquet_with_other_column_names(tmp_path: Path) -> None:
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"path": ["c.ogg"], "label": ["Ambient"]}), path)
+    assert as_dict(labels.resolve(str(path), tracks(), LIBRARY)) == {f"{LIBRARY}/c.ogg": "ambient"}
+    assert labels.label_source(str(path)) == "file:labels.parquet"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("name,style\nx,y\n", "needs a file column"), (None, "cannot read labels file")],
+)
+def test_bad_label_files_are_clear_errors(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "labels.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(GenreBatchError, match=message):
+        labels.resolve(str(path), tracks(), LIBRARY)
