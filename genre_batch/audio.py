@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -60,28 +62,48 @@ class _Native:
     offset_s: float
 
 
-def decode(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo]:
-    """Decode the middle `max_seconds` of a file to mono float32 at SAMPLE_RATE."""
+@contextmanager
+def _opened(uri: str) -> Iterator[IO[bytes]]:
+    """An open file of a local path or fsspec URL; open and read failures become AudioError("io_error")."""
     try:
         opener = fsspec.open(uri, "rb")
     except ValueError as e:
         raise AudioError("io_error", f"cannot open: {e}") from e
     try:
         with opener as f:
-            if not f.read(1):
-                raise AudioError("empty", "file is empty (0 bytes)")
-            f.seek(0)
-            native = _decode_native(f, max_seconds)
+            yield f
     except OSError as e:
         raise AudioError("io_error", f"cannot read file: {_os_reason(e)}") from e
+
+
+def _decoded(f: IO[bytes], max_seconds: float | None, min_seconds: float) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the middle `max_seconds` of an open file to mono float32 at SAMPLE_RATE."""
+    if not f.read(1):
+        raise AudioError("empty", "file is empty (0 bytes)")
+    f.seek(0)
+    native = _decode_native(f, max_seconds)
     y = _to_sample_rate(native.samples, native.sample_rate)
     analysed_s = len(y) / SAMPLE_RATE
     if analysed_s < min_seconds:
         raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
     if not np.isfinite(y).all():
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
-    info = AudioInfo(native.duration_s, native.sample_rate, native.channels, native.offset_s, analysed_s)
-    return y, info
+    return y, AudioInfo(native.duration_s, native.sample_rate, native.channels, native.offset_s, analysed_s)
+
+
+def decode(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the middle `max_seconds` of a file to mono float32 at SAMPLE_RATE."""
+    with _opened(uri) as f:
+        return _decoded(f, max_seconds, min_seconds)
+
+
+def load(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo, Tags]:
+    """Read a file's tags and decode it through one open file (one open, one listing on object stores)."""
+    with _opened(uri) as f:
+        tags = _tags_of(f)
+        f.seek(0)
+        y, info = _decoded(f, max_seconds, min_seconds)
+    return y, info, tags
 
 
 def _os_reason(e: OSError) -> str:
@@ -253,7 +275,15 @@ def read_tags(uri: str) -> Tags:
     """Read embedded genre/artist/album tags (ID3, Vorbis comment, FLAC, MP4); empty Tags if none or unreadable."""
     try:
         with fsspec.open(uri, "rb") as f:
-            audio = mutagen.File(f, easy=True)
+            return _tags_of(f)
+    except Exception:  # an unopenable file has no readable tags; tags are optional
+        return Tags()
+
+
+def _tags_of(f: IO[bytes]) -> Tags:
+    """Tags of an open file; empty Tags if none or unreadable."""
+    try:
+        audio = mutagen.File(f, easy=True)
     except Exception:  # mutagen's parsers raise assorted errors on malformed files; tags are optional
         return Tags()
     if audio is None or audio.tags is None:

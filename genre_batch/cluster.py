@@ -22,9 +22,8 @@ def numba_cache_dir() -> str:
 
 
 def local_cluster(n_workers: int | None = None) -> LocalCluster:
-    """A local multi-process cluster: one single-threaded worker per core."""
-    environ = {"NUMBA_CACHE_DIR": numba_cache_dir(), "OMP_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "MKL_NUM_THREADS": 1}
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
+    """A local multi-process cluster: one single-threaded worker per core (Dask's nanny already sets OMP/BLAS threads to 1)."""
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.NUMBA_CACHE_DIR": numba_cache_dir()}):
         return LocalCluster(
             n_workers=n_workers or os.cpu_count() or 1,
             threads_per_worker=1,

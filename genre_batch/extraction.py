@@ -64,8 +64,7 @@ def now() -> datetime:
 
 def extract_file(uri: str) -> tuple[dict, np.ndarray]:
     """Decode one file and compute its provenance and its windows' features (raises audio.AudioError)."""
-    y, info = audio.decode(uri)
-    tags = audio.read_tags(uri)
+    y, info, tags = audio.load(uri)
     matrix = features.extract(y, audio.SAMPLE_RATE)
     meta = {
         "duration_s": info.duration_s,

@@ -125,9 +125,15 @@ def live(table: pa.Table, inventory: pa.Table) -> pa.Table:
     return current.filter(keep)
 
 
-def current_features(store: Store) -> pa.Table:
-    """The window rows of every file of the library as last listed, from its newest extraction of its current content."""
-    table = live(read_parts(store, store.feature_parts, FEATURE_SCHEMA), read_inventory(store))
+PROVENANCE_COLUMNS = [f.name for f in PROVENANCE_SCHEMA]
+
+
+def current_features(store: Store, columns: list[str] | None = None) -> pa.Table:
+    """The window rows of every file of the library as last listed, from its newest extraction of its current content.
+
+    `columns` reads only those columns (they must include uri, fingerprint, feature_version, extracted_at).
+    """
+    table = live(read_parts(store, store.feature_parts, FEATURE_SCHEMA, columns), read_inventory(store))
     return newest_per_uri(table, "extracted_at")
 
 
@@ -140,5 +146,5 @@ def current_errors(store: Store) -> pa.Table:
     """One row per file of the library that failed on its current content and has no features."""
     inventory = read_inventory(store)
     errors = newest_per_uri(live(read_parts(store, store.error_parts, ERROR_SCHEMA), inventory), "occurred_at")
-    ok = current_features(store)
+    ok = current_features(store, KEYS + ["feature_version", "extracted_at"])
     return errors.filter(pc.invert(pc.is_in(errors["uri"], value_set=ok["uri"])))

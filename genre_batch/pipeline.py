@@ -18,7 +18,7 @@ from genre_batch import GenreBatchError, catalog, evaluation, labels, registry, 
 from genre_batch.cluster import dask_client
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
-from genre_batch.feature_store import current_features, plan, read_inventory, tracks, write_inventory
+from genre_batch.feature_store import PROVENANCE_COLUMNS, current_features, plan, read_inventory, tracks, write_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.store import Store, write_bytes, write_json
 from genre_batch.tagging import tag as tag_tracks
@@ -126,7 +126,9 @@ def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
     if version is None:
         return True, "no current model"
     trained_on = registry.metadata(store, version).get("training_fingerprint")
-    if trained_on != training_data(store, spec).fingerprint:
+    first = tracks(current_features(store, PROVENANCE_COLUMNS))  # no feature columns: only the fingerprint is needed
+    labelled = labels.resolve(spec, first, library_of(store))
+    if trained_on != training.labelled_tracks(first, labelled, labels.label_source(spec))[3]:
         return True, "labels or features changed since the current model was trained"
     return False, f"current model {version} was trained on the same labelled data"
 

@@ -98,11 +98,10 @@ def codes(values: list[str]) -> np.ndarray:
     return np.array([index.setdefault(v, len(index)) for v in values], dtype=np.int64)
 
 
-def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str = "auto") -> TrainingSet:
-    """Join window features with track labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
-    joined = windows.join(labels, keys="uri", join_type="inner").sort_by([("uri", "ascending"), ("window", "ascending")])
-    first = joined.filter(pc.equal(joined["window"], 0))
-    counts = Counter(first["genre"].to_pylist())
+def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa.Table, list[str], dict[str, int], str]:
+    """Tracks kept for training (genres with MIN_PER_GENRE+ tracks) with their genre, the genres, the dropped ones, and their fingerprint."""
+    joined = tracks.join(labels, keys="uri", join_type="inner").sort_by("uri")
+    counts = Counter(joined["genre"].to_pylist())
     dropped = {g: n for g, n in counts.items() if n < MIN_PER_GENRE}
     genres = sorted(g for g in counts if g not in dropped)
     if len(genres) < 2:
@@ -110,13 +109,22 @@ def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str
             f"training needs at least 2 genres with {MIN_PER_GENRE}+ labelled tracks each; "
             f"found {dict(counts) or 'no labelled tracks'} (label source: {source})"
         )
-    keep = joined.filter(pc.is_in(joined["genre"], value_set=pa.array(genres)))
-    tracks = keep.filter(pc.equal(keep["window"], 0))
+    kept = joined.filter(pc.is_in(joined["genre"], value_set=pa.array(genres)))
+    rows = list(zip(kept["uri"].to_pylist(), kept["fingerprint"].to_pylist(), kept["genre"].to_pylist()))
+    return kept, genres, dropped, training_fingerprint(rows, source)
+
+
+def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str = "auto") -> TrainingSet:
+    """Join window features with track labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
+    first = windows.filter(pc.equal(windows["window"], 0))
+    tracks, genres, dropped, fingerprint = labelled_tracks(first, labels, source)
+    keep = windows.join(tracks.select(["uri", "genre"]), keys="uri", join_type="inner").sort_by(
+        [("uri", "ascending"), ("window", "ascending")]
+    )
     grouping = resolve_grouping(tracks, grouping)
     uris = tracks["uri"].to_pylist()
     position = {u: i for i, u in enumerate(uris)}
     index = {g: i for i, g in enumerate(genres)}
-    rows = list(zip(uris, tracks["fingerprint"].to_pylist(), tracks["genre"].to_pylist()))
     return TrainingSet(
         X=matrix(keep),
         y=np.array([index[g] for g in keep["genre"].to_pylist()], dtype=np.int32),
@@ -126,7 +134,7 @@ def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str
         genres=genres,
         uris=uris,
         grouping=grouping,
-        fingerprint=training_fingerprint(rows, source),
+        fingerprint=fingerprint,
         dropped=dropped,
     )
 
