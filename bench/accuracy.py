@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import xgboost as xgb  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
-from genre_batch import audio, features, training  # noqa: E402
+from genre_batch import audio, extraction, features, training  # noqa: E402
 from genre_batch.evaluation import majority_baseline, scores  # noqa: E402
 
 SEED = 0
@@ -80,8 +80,7 @@ def extract_one(job: tuple[str, str]) -> tuple[np.ndarray | None, float, str | N
     start = time.process_time()
     try:
         if method == "genre-batch":
-            y, _ = audio.decode(path)  # exactly what the pipeline stores: middle 60 s, mono 22050 Hz
-            vector = features.extract(y, audio.SAMPLE_RATE)
+            _, vector = extraction.extract_file(path)  # exactly what the pipeline stores
         else:
             y, sr = librosa.load(path, sr=22050, mono=True)  # the recipe: whole file
             vector = recipe_features(y, sr)

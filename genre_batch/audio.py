@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -22,6 +22,12 @@ AUDIO_EXTENSIONS: frozenset[str] = frozenset(
 _PREROLL_S = 0.25  # decoded and dropped before a seek target: libsndfile's MP3 decoder outputs ~0.1 s of zeros after a seek
 _ID3_FRAMES = {"genre": "TCON", "artist": "TPE1", "album": "TALB"}
 
+Span = tuple[float, float]
+"""A part of a file to decode: (start, length) in seconds."""
+
+SpanPlan = Callable[[float], list[Span]]
+"""Chooses the sorted, non-overlapping spans to decode from a file's duration in seconds."""
+
 
 class AudioError(Exception):
     """A file that cannot be analysed; `kind` is a short machine-readable reason."""
@@ -33,13 +39,21 @@ class AudioError(Exception):
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """Native properties of a decoded file and the excerpt that was analysed."""
+    """Native properties of a decoded file and how much of it was analysed."""
 
     duration_s: float
     sample_rate: int
     channels: int
     offset_s: float
     analysed_s: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A decoded span: mono float32 samples at SAMPLE_RATE starting `offset_s` seconds into the file."""
+
+    offset_s: float
+    samples: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -53,13 +67,17 @@ class Tags:
 
 @dataclass(frozen=True)
 class _Native:
-    """Mono float32 samples at the file's native rate, plus where they came from."""
+    """Decoded spans as (start sample, mono float32 samples) at the file's native rate."""
 
-    samples: np.ndarray
+    parts: list[tuple[int, np.ndarray]]
     sample_rate: int
     channels: int
     duration_s: float
-    offset_s: float
+
+
+def whole(duration_s: float) -> list[Span]:
+    """The span plan that decodes the whole file."""
+    return [(0.0, duration_s)]
 
 
 @contextmanager
@@ -76,34 +94,35 @@ def _opened(uri: str) -> Iterator[IO[bytes]]:
         raise AudioError("io_error", f"cannot read file: {_os_reason(e)}") from e
 
 
-def _decoded(f: IO[bytes], max_seconds: float | None, min_seconds: float) -> tuple[np.ndarray, AudioInfo]:
-    """Decode the middle `max_seconds` of an open file to mono float32 at SAMPLE_RATE."""
+def _decoded(f: IO[bytes], spans: SpanPlan, min_seconds: float) -> tuple[list[Segment], AudioInfo]:
+    """Decode the planned spans of an open file to mono float32 at SAMPLE_RATE."""
     if not f.read(1):
         raise AudioError("empty", "file is empty (0 bytes)")
     f.seek(0)
-    native = _decode_native(f, max_seconds)
-    y = _to_sample_rate(native.samples, native.sample_rate)
-    analysed_s = len(y) / SAMPLE_RATE
+    native = _decode_native(f, spans)
+    rate = native.sample_rate
+    segments = [Segment(start / rate, _to_sample_rate(x, rate)) for start, x in native.parts if len(x)]
+    analysed_s = sum(len(s.samples) for s in segments) / SAMPLE_RATE
     if analysed_s < min_seconds:
         raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
-    if not np.isfinite(y).all():
+    if not all(np.isfinite(s.samples).all() for s in segments):
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
-    return y, AudioInfo(native.duration_s, native.sample_rate, native.channels, native.offset_s, analysed_s)
+    return segments, AudioInfo(native.duration_s, rate, native.channels, segments[0].offset_s, analysed_s)
 
 
-def decode(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo]:
-    """Decode the middle `max_seconds` of a file to mono float32 at SAMPLE_RATE."""
+def decode(uri: str, spans: SpanPlan = whole, min_seconds: float = 0.5) -> tuple[list[Segment], AudioInfo]:
+    """Decode the planned spans of a file (the whole file by default) to mono float32 at SAMPLE_RATE."""
     with _opened(uri) as f:
-        return _decoded(f, max_seconds, min_seconds)
+        return _decoded(f, spans, min_seconds)
 
 
-def load(uri: str, max_seconds: float | None = 60.0, min_seconds: float = 0.5) -> tuple[np.ndarray, AudioInfo, Tags]:
-    """Read a file's tags and decode it through one open file (one open, one listing on object stores)."""
+def load(uri: str, spans: SpanPlan = whole, min_seconds: float = 0.5) -> tuple[list[Segment], AudioInfo, Tags]:
+    """Read a file's tags and decode its planned spans through one open file (one open, one listing on object stores)."""
     with _opened(uri) as f:
         tags = _tags_of(f)
         f.seek(0)
-        y, info = _decoded(f, max_seconds, min_seconds)
-    return y, info, tags
+        segments, info = _decoded(f, spans, min_seconds)
+    return segments, info, tags
 
 
 def _os_reason(e: OSError) -> str:
@@ -118,43 +137,45 @@ def _to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     return soxr.resample(samples, rate, SAMPLE_RATE)
 
 
-def _excerpt(duration_s: float, max_seconds: float | None, rate: int) -> tuple[int, int | None]:
-    """Start and end (None: to the end) sample indices of the middle `max_seconds` of a file."""
-    if max_seconds is None or duration_s <= max_seconds:
-        return 0, None
-    start = round((duration_s - max_seconds) / 2.0 * rate)
-    return start, start + round(max_seconds * rate)
+def _span_indices(spans: list[Span], rate: int, frames: int) -> list[tuple[int, int]]:
+    """Start and end sample indices of each span, clipped to the file's `frames` samples; empty spans dropped."""
+    bounds = [(max(0, round(start * rate)), min(frames, round((start + length) * rate))) for start, length in spans]
+    return [(a, b) for a, b in bounds if b > a]
 
 
-def _decode_native(f: IO[bytes], max_seconds: float | None) -> _Native:
-    """Decode the excerpt with libsndfile, falling back to FFmpeg for formats libsndfile lacks."""
+def _decode_native(f: IO[bytes], spans: SpanPlan) -> _Native:
+    """Decode the planned spans with libsndfile, falling back to FFmpeg for formats libsndfile lacks."""
     try:
-        return _decode_soundfile(f, max_seconds)
+        return _decode_soundfile(f, spans)
     except sf.LibsndfileError as e:
         sndfile_reason = e.error_string
     f.seek(0)
     try:
-        return _decode_av(f, max_seconds)
+        return _decode_av(f, spans)
     except (av.FFmpegError, ValueError) as e:
         reason = getattr(e, "strerror", None) or type(e).__name__
         raise AudioError("undecodable", f"not a readable audio file (libsndfile: {sndfile_reason}; ffmpeg: {reason})") from e
 
 
-def _decode_soundfile(f: IO[bytes], max_seconds: float | None) -> _Native:
-    """Read the excerpt with libsndfile, seeking instead of decoding what is skipped."""
+def _decode_soundfile(f: IO[bytes], spans: SpanPlan) -> _Native:
+    """Read the planned spans with libsndfile, seeking instead of decoding what is skipped."""
     source = _CallbackSafeFile(f)
     try:
         with sf.SoundFile(source) as snd:
             rate, channels = snd.samplerate, snd.channels
             duration_s = snd.frames / rate
-            start, end = _excerpt(duration_s, max_seconds, rate)
-            preroll = min(start, round(_PREROLL_S * rate))
-            if start:
-                snd.seek(start - preroll)
-            data = snd.read(-1 if end is None else end - start + preroll, dtype="float32", always_2d=True)
+            parts = [(start, _read_span(snd, start, end)) for start, end in _span_indices(spans(duration_s), rate, snd.frames)]
     finally:
         source.raise_pending()  # an I/O error takes precedence over what libsndfile made of it
-    return _Native(_downmix(data[preroll:]), rate, channels, duration_s, start / rate)
+    return _Native(parts, rate, channels, duration_s)
+
+
+def _read_span(snd: sf.SoundFile, start: int, end: int) -> np.ndarray:
+    """Mono samples [start, end) of an open SoundFile, decoding a short preroll before a seek target."""
+    preroll = min(start, round(_PREROLL_S * snd.samplerate))
+    if snd.tell() != start - preroll:
+        snd.seek(start - preroll)
+    return _downmix(snd.read(end - start + preroll, dtype="float32", always_2d=True)[preroll:])
 
 
 class _CallbackSafeFile:
@@ -201,8 +222,8 @@ def _downmix(frames: np.ndarray) -> np.ndarray:
     return frames[:, 0] if channels == 1 else frames @ np.full(channels, 1.0 / channels, dtype=np.float32)
 
 
-def _decode_av(f: IO[bytes], max_seconds: float | None) -> _Native:
-    """Decode the excerpt with FFmpeg, seeking to it in long files."""
+def _decode_av(f: IO[bytes], spans: SpanPlan) -> _Native:
+    """Decode the planned spans with FFmpeg, seeking to each one."""
     with av.open(f) as container:
         if not container.streams.audio:
             raise AudioError("no_audio_stream", f"container ({container.format.name}) has no audio stream")
@@ -211,15 +232,23 @@ def _decode_av(f: IO[bytes], max_seconds: float | None) -> _Native:
         if not rate or not channels:
             raise AudioError("undecodable", f"not a readable audio file (ffmpeg: {container.format.name} stream without audio parameters)")
         header_s = _av_duration(container, stream)
-        start, end = _excerpt(header_s or 0.0, max_seconds, rate)
-        if start:
-            container.seek(int(start / rate / stream.time_base) + (stream.start_time or 0), stream=stream)
-        samples = _decode_range(container, stream, start, end)
-    if header_s is not None:
-        return _Native(samples, rate, channels, header_s, start / rate)
-    duration_s = len(samples) / rate  # no duration in the header: everything was decoded, now take the middle
-    start, end = _excerpt(duration_s, max_seconds, rate)
-    return _Native(samples[start:end], rate, channels, duration_s, start / rate)
+        if header_s is not None:
+            parts = [
+                (start, _decode_span(container, stream, start, end))
+                for start, end in _span_indices(spans(header_s), rate, round(header_s * rate))
+            ]
+            return _Native(parts, rate, channels, header_s)
+        samples = _decode_range(container, stream, 0, None)  # no duration in the header: decode all, then take the spans
+    duration_s = len(samples) / rate
+    return _Native([(a, samples[a:b]) for a, b in _span_indices(spans(duration_s), rate, len(samples))], rate, channels, duration_s)
+
+
+def _decode_span(container: Any, stream: Any, start: int, end: int) -> np.ndarray:
+    """Seek to a span (unless it starts the file) and decode it."""
+    if start:
+        rate = stream.codec_context.sample_rate
+        container.seek(int(start / rate / stream.time_base) + (stream.start_time or 0), stream=stream)
+    return _decode_range(container, stream, start, end)
 
 
 def _av_duration(container: Any, stream: Any) -> float | None:

@@ -63,9 +63,9 @@ def now() -> datetime:
 
 
 def extract_file(uri: str) -> tuple[dict, np.ndarray]:
-    """Decode one file and compute its provenance and its windows' features (raises audio.AudioError)."""
-    y, info, tags = audio.load(uri)
-    matrix = features.extract(y, audio.SAMPLE_RATE)
+    """Decode one file's analysis spans and compute its provenance and its windows' features (raises audio.AudioError)."""
+    segments, info, tags = audio.load(uri, features.window_spans)
+    sr = audio.SAMPLE_RATE
     meta = {
         "duration_s": info.duration_s,
         "sample_rate": info.sample_rate,
@@ -75,9 +75,9 @@ def extract_file(uri: str) -> tuple[dict, np.ndarray]:
         "tag_genre": tags.genre,
         "tag_artist": tags.artist,
         "tag_album": tags.album,
-        "window_offsets_s": [info.offset_s + t for t in features.window_starts(len(y), audio.SAMPLE_RATE)],
+        "window_offsets_s": [s.offset_s + t for s in segments for t in features.window_starts(len(s.samples), sr)],
     }
-    return meta, matrix
+    return meta, np.vstack([features.extract(s.samples, sr) for s in segments])
 
 
 def error_row(file: dict, stage: str, error_type: str, message: str, run_id: str) -> dict:

@@ -1,15 +1,21 @@
-"""Audio features: one STFT per excerpt, every feature derived from it, pooled into a fixed vector."""
+"""Audio features: one STFT per decoded span, every feature derived from it, pooled per window into a fixed vector."""
 
 from __future__ import annotations
 
 import librosa
 import numpy as np
 
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 """Bumped whenever the vector's meaning changes; rows of other versions are re-extracted."""
 
 WINDOW_S = 10.0
 """Length of the analysis windows a track is cut into: one feature row per window."""
+
+MAX_WINDOWS = 6
+"""Windows analysed per track at most, so that a track's cost does not grow with its length."""
+
+SPREAD = (0.1, 0.25, 0.75, 0.9)
+"""Where, as fractions of a long track, the windows beyond its middle 20 s are centred."""
 
 N_FFT = 2048
 HOP = 512
@@ -85,6 +91,17 @@ def frame_series(y: np.ndarray, sr: int) -> list[np.ndarray]:
     ]
 
 
+def window_spans(duration_s: float) -> list[tuple[float, float]]:
+    """The (start, length) spans of a track to analyse: its middle MAX_WINDOWS windows, or for a long track
+    the middle two windows plus one centred at each SPREAD fraction."""
+    budget = MAX_WINDOWS * WINDOW_S
+    if duration_s < budget + WINDOW_S:
+        length = min(duration_s, budget)
+        return [((duration_s - length) / 2, length)]
+    spread = [(f * duration_s - WINDOW_S / 2, WINDOW_S) for f in SPREAD]
+    return sorted([(duration_s / 2 - WINDOW_S, 2 * WINDOW_S), *spread])
+
+
 def windows(n_frames: int, sr: int, window_s: float = WINDOW_S) -> list[tuple[int, int]]:
     """Frame ranges of the whole windows that fit, centred in the excerpt; one window if none fits."""
     size = round(window_s * sr / HOP)
@@ -96,7 +113,7 @@ def windows(n_frames: int, sr: int, window_s: float = WINDOW_S) -> list[tuple[in
 
 
 def window_starts(n_samples: int, sr: int) -> list[float]:
-    """Start time in seconds of each window of an excerpt of `n_samples` (matches `extract`'s rows)."""
+    """Start time in seconds of each window of a span of `n_samples` (matches `extract`'s rows)."""
     return [a * HOP / sr for a, _ in windows(1 + n_samples // HOP, sr)]
 
 
@@ -111,7 +128,7 @@ def warm_up() -> None:
 
 
 def extract(y: np.ndarray, sr: int) -> np.ndarray:
-    """Feature vectors of a mono excerpt's windows: a finite float32 (windows, features) array."""
+    """Feature vectors of a mono span's windows: a finite float32 (windows, features) array."""
     series = frame_series(y.astype(np.float32, copy=False), sr)
     rows = [
         np.concatenate([pool(s[:, a:b]) for s in series] + [np.array([tempo(series[-1][0, a:b], sr)])])

@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genre_batch.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Tags, decode, read_tags
+from genre_batch.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Span, Tags, decode, read_tags
+from genre_batch.features import window_spans
 from genre_batch.synth import FORMATS, STYLES, render, write_audio
 
 NATIVE_RATE = 44100
+
+
+
+def _middle(seconds: float):
+    """A span plan: the middle `seconds` of a file (all of it if shorter)."""
+
+    def plan(duration_s: float) -> list[Span]:
+        length = min(seconds, duration_s)
+        return [((duration_s - length) / 2, length)]
+
+    return plan
+
+
+def _mono(uri: str, seconds: float | None = None, **kwargs):
+    """Decode one contiguous span (the middle `seconds`, or the whole file) to (samples, info)."""
+    segments, info = decode(uri, _middle(seconds), **kwargs) if seconds else decode(uri, **kwargs)
+    assert len(segments) == 1
+    return segments[0].samples, info
 
 
 def _tone(freq: float, seconds: float, sr: int = NATIVE_RATE, amplitude: float = 0.5) -> np.ndarray:
@@ -48,7 +67,7 @@ def test_audio_extensions_cover_written_formats() -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mono_round_trip_keeps_pitch_and_duration(tmp_path: Path, fmt: str) -> None:
     path = write_audio(tmp_path / f"tone.{fmt}", _tone(440.0, 2.0), NATIVE_RATE)
-    y, info = decode(str(path))
+    y, info = _mono(str(path))
     assert y.dtype == np.float32 and y.ndim == 1
     assert info.sample_rate == (48000 if fmt == "opus" else NATIVE_RATE)
     assert info.channels == 1
@@ -64,7 +83,7 @@ def test_mono_round_trip_keeps_pitch_and_duration(tmp_path: Path, fmt: str) -> N
 def test_stereo_is_downmixed_by_mean(tmp_path: Path, fmt: str) -> None:
     common, opposite = _tone(440.0, 2.0, amplitude=0.4), _tone(1000.0, 2.0, amplitude=0.4)
     path = write_audio(tmp_path / f"stereo.{fmt}", np.stack([common + opposite, common - opposite], axis=1), NATIVE_RATE)
-    y, info = decode(str(path))
+    y, info = _mono(str(path))
     assert info.channels == 2 and y.ndim == 1
     assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
     assert _band_level(y, 1000.0) < 0.1 * _band_level(y, 440.0)
@@ -76,7 +95,7 @@ def test_long_file_decodes_only_the_middle(tmp_path: Path, fmt: str) -> None:
     segment_hz = np.array([300, 400, 500, 600, 700, 800, 900, 1000, 1100])
     t = np.arange(90 * sr) / sr
     signal = (0.5 * np.sin(2 * np.pi * segment_hz[(t // 10).astype(int)] * t)).astype(np.float32)
-    y, info = decode(str(write_audio(tmp_path / f"long.{fmt}", signal, sr)), max_seconds=20)
+    y, info = _mono(str(write_audio(tmp_path / f"long.{fmt}", signal, sr)), 20)
     assert info.duration_s == pytest.approx(90.0, abs=0.1)
     assert info.offset_s == pytest.approx(35.0, abs=0.01)
     assert info.analysed_s == pytest.approx(20.0, abs=0.01)
@@ -86,6 +105,22 @@ def test_long_file_decodes_only_the_middle(tmp_path: Path, fmt: str) -> None:
     assert _dominant_hz(y[round(5.5 * sr) : round(14.5 * sr)]) == pytest.approx(700, abs=5)
     assert _dominant_hz(y[round(15.5 * sr) : round(19.5 * sr)]) == pytest.approx(800, abs=5)
     assert np.abs(y[: round(0.05 * sr)]).max() > 0.3  # no silent decoder warm-up at the seek point
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "m4a"])
+def test_long_track_decodes_windows_spread_across_it(tmp_path: Path, fmt: str) -> None:
+    sr = SAMPLE_RATE
+    t = np.arange(200 * sr) / sr
+    signal = (0.5 * np.sin(2 * np.pi * (200 + 100 * (t // 10)) * t)).astype(np.float32)  # 200 Hz, 300 Hz, ... per 10 s
+    segments, info = decode(str(write_audio(tmp_path / f"track.{fmt}", signal, sr)), window_spans)
+    # 200 s: windows centred at 10% (20 s), 25% (50 s), the middle 20 s, 75% (150 s) and 90% (180 s)
+    assert [s.offset_s for s in segments] == pytest.approx([15.0, 45.0, 90.0, 145.0, 175.0], abs=0.01)
+    assert [len(s.samples) / sr for s in segments] == pytest.approx([10.0, 10.0, 20.0, 10.0, 10.0], abs=0.01)
+    assert info.analysed_s == pytest.approx(60.0, abs=0.05) and info.offset_s == pytest.approx(15.0, abs=0.01)
+    for s in segments:  # each segment holds its own part of the file: the tone of the 10 s block it starts in
+        head = s.samples[round(0.5 * sr) : round(4.5 * sr)]
+        assert _dominant_hz(head) == pytest.approx(200 + 100 * (s.offset_s // 10), abs=5)
+        assert np.abs(s.samples[: round(0.05 * sr)]).max() > 0.3  # no silent decoder warm-up at any seek point
 
 
 class _StreamSink:
@@ -114,7 +149,7 @@ def test_stream_without_duration_header_still_yields_the_middle(tmp_path: Path) 
     path.write_bytes(bytes(sink.data))
     with av.open(str(path)) as container:
         assert container.duration is None
-    y, info = decode(str(path), max_seconds=10)
+    y, info = _mono(str(path), 10)
     assert info.duration_s == pytest.approx(30.0, abs=0.01)
     assert info.offset_s == pytest.approx(10.0, abs=0.01) and info.analysed_s == pytest.approx(10.0, abs=0.01)
     assert _dominant_hz(y[: round(4.5 * sr)]) == pytest.approx(440, abs=3)
@@ -122,7 +157,7 @@ def test_stream_without_duration_header_still_yields_the_middle(tmp_path: Path) 
 
 
 def test_short_file_with_max_seconds_is_decoded_whole(tmp_path: Path) -> None:
-    y, info = decode(str(write_audio(tmp_path / "short.flac", _tone(440.0, 3.0), NATIVE_RATE)), max_seconds=20)
+    y, info = _mono(str(write_audio(tmp_path / "short.flac", _tone(440.0, 3.0), NATIVE_RATE)), 20)
     assert info.offset_s == 0.0 and info.analysed_s == pytest.approx(3.0, abs=0.01)
 
 
@@ -131,7 +166,7 @@ def test_fsspec_url_is_decoded_and_tagged(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     fs.pipe("/test-audio/remote.mp3", path.read_bytes())
     try:
-        y, info = decode("memory://test-audio/remote.mp3")
+        y, info = _mono("memory://test-audio/remote.mp3")
         assert info.duration_s == pytest.approx(1.0, abs=0.1)
         assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
         assert read_tags("memory://test-audio/remote.mp3") == Tags(genre="Jazz")

@@ -59,6 +59,21 @@ def test_windows_are_whole_centred_and_match_their_start_times() -> None:
     assert starts[1] - starts[0] == pytest.approx(features.WINDOW_S, abs=0.05)
 
 
+@pytest.mark.parametrize("duration", [0.4, 3.0, 30.0, 60.0, 69.9, 70.0, 240.0, 7200.0])
+def test_window_spans_cover_the_middle_and_bound_the_cost(duration: float) -> None:
+    spans = features.window_spans(duration)
+    assert all(0.0 <= a and a + n <= duration + 1e-9 for a, n in spans)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))  # sorted, non-overlapping
+    assert sum(n for _, n in spans) <= features.MAX_WINDOWS * features.WINDOW_S  # cost independent of length
+    assert any(a <= duration / 2 <= a + n for a, n in spans)  # the middle is always analysed
+    if duration < (features.MAX_WINDOWS + 1) * features.WINDOW_S:
+        assert len(spans) == 1 and spans[0][1] == pytest.approx(min(duration, 60.0))
+    else:
+        assert len(spans) == len(features.SPREAD) + 1
+        centres = sorted(a + n / 2 for a, n in spans)
+        assert centres == pytest.approx(sorted([duration / 2, *(f * duration for f in features.SPREAD)]))
+
+
 def test_each_window_describes_its_own_part_of_the_excerpt() -> None:
     y = np.concatenate([sine(220.0, features.WINDOW_S), sine(1760.0, features.WINDOW_S)])
     matrix = features.extract(y, SR)
