@@ -19,6 +19,8 @@ SAMPLE_RATE = 22050
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
 )
+SILENCE_DBFS = -80.0
+"""Audio whose analysed samples all stay below this peak level is digital silence: an error, it has no genre."""
 _PREROLL_S = 0.25  # decoded and dropped before a seek target: libsndfile's MP3 decoder outputs ~0.1 s of zeros after a seek
 _ID3_FRAMES = {"genre": "TCON", "artist": "TPE1", "album": "TALB"}
 
@@ -107,6 +109,8 @@ def _decoded(f: IO[bytes], spans: SpanPlan, min_seconds: float) -> tuple[list[Se
         raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
     if not all(np.isfinite(s.samples).all() for s in segments):
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
+    if max(float(np.abs(s.samples).max()) for s in segments) < 10 ** (SILENCE_DBFS / 20):
+        raise AudioError("silent", f"audio is digital silence (peak below {SILENCE_DBFS:g} dBFS)")
     return segments, AudioInfo(native.duration_s, rate, native.channels, segments[0].offset_s, analysed_s)
 
 

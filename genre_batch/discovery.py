@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import stat
 
 import fsspec
 import pyarrow as pa
@@ -62,6 +64,33 @@ def library_root(library: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root
 
 
+def files_of(found: dict[str, dict]) -> dict[str, dict]:
+    """The files of a listing: regular files, and local symbolic links to files (which fsspec lists as "other").
+
+    A link to a file counts as that file, with the size and mtime of its target. A broken or looping link is
+    kept as listed, so that reading it records an error. Links to folders are not followed: no cycle, no duplicate.
+    """
+    files = {}
+    for path, info in found.items():
+        if info.get("type") == "file":
+            files[path] = info
+        elif info.get("islink"):
+            target = link_target(path, info)
+            if target is not None:
+                files[path] = target
+    return files
+
+
+def link_target(path: str, info: dict) -> dict | None:
+    """The listing entry of a local link to a file: its target's size and mtime, or as listed if broken or looping;
+    None when it points to something else (a folder, a pipe)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return info
+    return {**info, "size": target.st_size, "mtime": target.st_mtime} if stat.S_ISREG(target.st_mode) else None
+
+
 def discover(library: str) -> pa.Table:
     """List every audio file under a library URL, sorted by URI, with size, version and fingerprint."""
     fs, root = library_root(library)
@@ -69,8 +98,8 @@ def discover(library: str) -> pa.Table:
     found = fs.find(root, detail=True)
     rows = sorted(
         (uri_of(fs, path), int(info.get("size") or 0), file_version(info))
-        for path, info in found.items()
-        if info.get("type") == "file" and is_audio_path(path)
+        for path, info in files_of(found).items()
+        if is_audio_path(path)
     )
     uris = [r[0] for r in rows]
     return pa.table(

@@ -207,6 +207,21 @@ def test_too_short(tmp_path: Path) -> None:
     assert decode(str(path), min_seconds=0.1)[1].analysed_s == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize(("name", "peak_dbfs"), [("zeros.wav", -np.inf), ("zeros.mp3", -np.inf), ("faint.flac", -85.0)])
+def test_digital_silence(tmp_path: Path, name: str, peak_dbfs: float) -> None:
+    path = write_audio(tmp_path / name, _tone(440.0, 2.0, amplitude=10 ** (peak_dbfs / 20)), NATIVE_RATE)
+    assert str(_expect_error(path, "silent")) == "audio is digital silence (peak below -80 dBFS)"
+
+
+def test_quiet_audio_above_the_silence_threshold_is_decoded(tmp_path: Path) -> None:
+    y, _ = _mono(str(write_audio(tmp_path / "quiet.flac", _tone(440.0, 2.0, amplitude=10 ** (-70 / 20)), NATIVE_RATE)))
+    assert _dominant_hz(y) == pytest.approx(440.0, abs=2.0)
+
+
+def test_short_silence_is_too_short(tmp_path: Path) -> None:
+    _expect_error(write_audio(tmp_path / "blip.wav", np.zeros(4410, np.float32), NATIVE_RATE), "too_short")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     message = str(_expect_error(tmp_path / "missing.mp3", "io_error"))
     assert "No such file" in message and str(tmp_path) not in message
