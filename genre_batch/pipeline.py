@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 import xgboost as xgb
 
-from genre_batch import GenreBatchError, catalog, evaluation, labels, registry, training
+from genre_batch import GenreBatchError, catalog, evaluation, labels, lease, registry, training
 from genre_batch.cluster import dask_client
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
@@ -266,19 +266,23 @@ def tag(store_url: str, run_id: str, keep: int = catalog.KEEP_SNAPSHOTS) -> TagS
 
 @contextmanager
 def run_record(store_url: str, flow: str) -> Iterator[dict]:
-    """A run record to fill in; written to the store's runs/ when the block ends, failed or not."""
+    """A run record to fill in, under the store's run lease; written to the store's runs/ when the block ends, failed or not.
+
+    A run refused because another run holds the lease writes nothing.
+    """
     record: dict = {"run_id": new_run_id(), "flow": flow, "started_at": datetime.now(timezone.utc).isoformat()}
-    try:
-        yield record
-        record["status"] = "completed"
-    except BaseException as e:
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        store = Store(store_url)
-        write_json(store.fs, f"{store.runs}/{record['run_id']}.json", record)
+    with lease.held(store_url, record["run_id"]):
+        try:
+            yield record
+            record["status"] = "completed"
+        except BaseException as e:
+            record["status"] = "failed"
+            record["error"] = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            record["finished_at"] = datetime.now(timezone.utc).isoformat()
+            store = Store(store_url)
+            write_json(store.fs, f"{store.runs}/{record['run_id']}.json", record)
 
 
 def as_record(summary: object) -> dict:

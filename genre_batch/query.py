@@ -9,35 +9,50 @@ from datetime import date, datetime
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
 
 from genre_batch import GenreBatchError, catalog
 from genre_batch.feature_store import current_errors
-from genre_batch.store import Store, is_local
+from genre_batch.store import Store
 
 FORMATS = ("table", "csv", "json")
+READ_ONLY = ("SELECT", "EXPLAIN")
+"""Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
 
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `catalog` and `errors` over the store."""
+    """An in-memory DuckDB connection with views `catalog` and `errors` over the store, and no file access of its own.
+
+    The published snapshot's files are read through a pyarrow dataset (on the store's filesystem), so DuckDB itself
+    needs no file system: external access is switched off and the configuration locked, which refuses COPY ... TO,
+    EXPORT, ATTACH, INSTALL and read_*() of any path, in the store or elsewhere.
+    """
     con = duckdb.connect(":memory:")
-    paths = catalog.files(store)
-    if not is_local(store.fs):
-        con.register_filesystem(store.fs)
-        paths = [store.fs.unstrip_protocol(p) for p in paths]
-    con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet({paths!r})")
+    con.register("catalog_files", ds.dataset(catalog.files(store), format="parquet", filesystem=store.fs))
     con.register("errors_arrow", current_errors(store))
+    con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
     con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
 
 
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse any statement that is not a query (CREATE, INSERT, COPY, SET, ATTACH, ...)."""
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind not in READ_ONLY:
+            raise GenreBatchError(f"query refused: genre-batch query is read-only and runs only SELECT statements, not {kind}")
+
+
 def run(store: Store, sql: str) -> pa.Table:
-    """Run one SQL statement and return its result as an Arrow table."""
+    """Run read-only SQL (one statement, or several: the last one's result) and return its result as an Arrow table."""
     con = connect(store)
     try:
-        result = con.sql(sql)
-        return result.to_arrow_table() if result is not None else pa.table({})
+        check_read_only(con, sql)
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as e:
-        raise GenreBatchError(f"query failed: {e}") from None
+        raise GenreBatchError(f"query failed: {str(e).splitlines()[0]}") from None  # one line: no caret diagram
     finally:
         con.close()
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from genre_batch import GenreBatchError, catalog, store as store_mod
 from genre_batch.store import Store
@@ -100,3 +106,129 @@ def test_write_bytes_is_all_or_nothing(tmp_path: Path) -> None:
     store_mod.write_bytes(s.fs, path, b"new")
     assert Path(path).read_bytes() == b"new"
     assert [p.name for p in Path(path).parent.iterdir()] == ["file.bin"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A publishing process killed (SIGKILL: no exception handler, no finally) at each step of catalog.publish
+# ----------------------------------------------------------------------------------------------------------------
+
+OLD = (("rock", 2), ("pop", 3), ("folk", 4))  # published before the crash, oldest first
+NEW, NEXT, LAST = ("jazz", 7), ("blues", 9), ("metal", 5)
+
+
+def kill_self(*args: object, **kwargs: object) -> None:
+    """Die at once, as from SIGKILL or a power cut."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_at_fsync(nth: int) -> Callable[[int], None]:
+    """An os.fsync that, at its nth call, cuts the file being written to half its length and dies."""
+    real, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == nth:
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            kill_self()
+        real(fd)
+
+    return fsync
+
+
+def die_at_pointer_rename() -> Callable[[str, str], None]:
+    """An os.replace that dies instead of renaming a finished temp file onto the pointer."""
+    real = os.replace
+    return lambda src, dst: kill_self() if dst.endswith(catalog.POINTER) else real(src, dst)
+
+
+def die_after_first_rm() -> Callable[..., None]:
+    """LocalFileSystem.rm that deletes one old snapshot, then dies."""
+    real = LocalFileSystem.rm
+
+    def rm(self: LocalFileSystem, path: str, *args: object, **kwargs: object) -> None:
+        real(self, path, *args, **kwargs)
+        kill_self()
+
+    return rm
+
+
+CRASHES: dict[str, Callable[[], None]] = {
+    "snapshot-half-written": lambda: setattr(os, "fsync", die_at_fsync(1)),
+    "before-switch": lambda: setattr(catalog, "promote", kill_self),
+    "pointer-half-written": lambda: setattr(os, "fsync", die_at_fsync(2)),
+    "pointer-before-rename": lambda: setattr(os, "replace", die_at_pointer_rename()),
+    "before-prune": lambda: setattr(catalog, "prune", kill_self),
+    "during-prune": lambda: setattr(LocalFileSystem, "rm", die_after_first_rm()),
+}
+"""Where publish dies: each step of catalog.publish (write_snapshot, promote, prune), inside and between them."""
+
+
+def crash_publish(store: str, step: str) -> None:
+    """(In a child process.) Publish the NEW catalog with keep=2 and get killed at `step`."""
+    CRASHES[step]()
+    catalog.publish(Store(store), rows(NEW[1], NEW[0], "run-new"), "run-new", "m-1", keep=2)
+
+
+def snapshot_names(store: Path) -> list[str]:
+    """Names of the snapshot folders, oldest first."""
+    return sorted(p.name for p in (store / "catalog" / "snapshots").iterdir())
+
+
+def assert_published(s: Store, genre: str, n: int) -> None:
+    """The pointer names complete files that read whole as the catalog of `n` tracks of `genre`."""
+    table = catalog.read(s)
+    assert (table.num_rows, set(table["genre"].to_pylist())) == (n, {genre})
+    assert catalog.pointer(s)["rows"] == n and table.schema.metadata[b"genre_batch.catalog_version"] == b"1"
+
+
+@pytest.mark.parametrize(
+    "step, switched, old_left, snapshot_written",
+    [
+        ("snapshot-half-written", False, 3, False),
+        ("before-switch", False, 3, True),
+        ("pointer-half-written", False, 3, True),
+        ("pointer-before-rename", False, 3, True),
+        ("before-prune", True, 3, True),
+        ("during-prune", True, 2, True),
+    ],
+)
+def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool, old_left: int, snapshot_written: bool) -> None:
+    s = Store(str(tmp_path))
+    for i, (genre, n) in enumerate(OLD):
+        catalog.publish(s, rows(n, genre, f"run-old-{i}"), f"run-old-{i}", "m-1", keep=10)
+    old = snapshot_names(tmp_path)
+    previous = catalog.pointer(s)
+
+    child = subprocess.run(
+        [sys.executable, "-c", f"import test_catalog; test_catalog.crash_publish({str(tmp_path)!r}, {step!r})"],
+        cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+    # Readers see one complete catalog: the previous one until the switch, the new one from the switch on.
+    if switched:
+        assert_published(s, *NEW)
+        assert catalog.pointer(s)["run_id"] == "run-new"
+    else:
+        assert catalog.pointer(s) == previous
+        assert_published(s, *OLD[-1])
+    [new] = [name for name in snapshot_names(tmp_path) if name not in old]
+    assert snapshot_names(tmp_path) == old[3 - old_left:] + [new]  # prune deletes oldest first
+    written = tmp_path / "catalog" / "snapshots" / new / "catalog.parquet"
+    assert written.exists() == snapshot_written  # never a partial file under the final name
+    if snapshot_written:
+        assert pq.read_table(written).num_rows == NEW[1]
+    else:
+        [partial] = list(written.parent.iterdir())  # the half-written temp file, named so that nothing reads it
+        assert ".tmp-" in partial.name and partial.stat().st_size > 0
+    leftovers = sorted(p.name for p in (tmp_path / "catalog").iterdir() if ".tmp-" in p.name)
+    assert len(leftovers) == (step in ("pointer-half-written", "pointer-before-rename"))
+
+    # The next run publishes; its prune removes the old snapshots the crash left (keep=2: the newest two folders).
+    catalog.publish(s, rows(NEXT[1], NEXT[0], "run-next"), "run-next", "m-1", keep=2)
+    assert_published(s, *NEXT)
+    assert not set(old) & set(snapshot_names(tmp_path)) and new in snapshot_names(tmp_path)
+    # An unpublished snapshot counts among the newest until newer ones push it out.
+    catalog.publish(s, rows(LAST[1], LAST[0], "run-last"), "run-last", "m-1", keep=2)
+    assert_published(s, *LAST)
+    assert len(snapshot_names(tmp_path)) == 2 and new not in snapshot_names(tmp_path)

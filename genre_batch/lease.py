@@ -1,0 +1,228 @@
+"""Run lease: at most one store-writing run at a time, named by a small JSON object that its holder keeps renewing.
+
+`runs/LEASE.json` names the holder (run id, host, pid) and when its lease expires. A run acquires it before it
+writes to the store and releases it when it ends, completed or failed; a heartbeat thread renews it meanwhile.
+Another run is refused while the lease is live. It takes the lease over once it has expired (the holder stopped
+renewing: it died or hung), or at once when the holder was a process of this host that no longer exists.
+
+Acquiring is a conditional write, so two runs starting at the same instant cannot both win: on local disk the
+read-decide-write happens under an exclusive `flock` of `runs/.LEASE.lock`; on S3 it is one PUT with
+`If-None-Match: *` (no lease yet) or `If-Match: <ETag read>` (takeover), through `store.swap_bytes`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+from genre_batch import GenreBatchError
+from genre_batch.store import Store, is_local, swap_bytes, version_token, write_bytes
+
+LEASE = "LEASE.json"
+LOCK = ".LEASE.lock"
+TTL_S = 600.0
+HEARTBEAT_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class Conflict(Exception):
+    """The lease changed between reading it and writing it."""
+
+
+def utcnow() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace ('' where there is none to read): pids compare only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def new_lease(run_id: str, now: datetime, ttl_s: float) -> dict:
+    """A lease for `run_id` held by this process, valid for `ttl_s` seconds from `now`."""
+    return {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_namespace": pid_namespace(),
+        "acquired_at": now.isoformat(),
+        "expires_at": (now + timedelta(seconds=ttl_s)).isoformat(),
+    }
+
+
+def renewed(lease: dict, now: datetime, ttl_s: float) -> dict:
+    """The same lease, valid for `ttl_s` seconds from `now`."""
+    return {**lease, "expires_at": (now + timedelta(seconds=ttl_s)).isoformat()}
+
+
+def expired(lease: dict, now: datetime) -> bool:
+    """True when the holder has not renewed the lease in time."""
+    return datetime.fromisoformat(lease["expires_at"]) <= now
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (in this PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def holder_dead(lease: dict) -> bool:
+    """True when the holder was a process of this host and PID namespace that no longer exists."""
+    here = lease.get("host") == socket.gethostname() and lease.get("pid_namespace") == pid_namespace()
+    return here and not pid_alive(int(lease["pid"]))
+
+
+def takeable(lease: dict, now: datetime) -> bool:
+    """True when another run may take the lease over: it expired or its holder is dead."""
+    return expired(lease, now) or holder_dead(lease)
+
+
+def refusal(store: Store, lease: dict) -> str:
+    """The one-line reason a run cannot start while `lease` is held."""
+    return (
+        f"the store {store.url} is in use by run {lease['run_id']} (pid {lease['pid']} on {lease['host']}); "
+        f"its lease expires at {lease['expires_at']} unless that run renews it: try again when it has ended"
+    )
+
+
+def lease_path(store: Store) -> str:
+    """Where the lease lives in the store."""
+    return f"{store.runs}/{LEASE}"
+
+
+@contextmanager
+def exclusive(store: Store) -> Iterator[None]:
+    """On local disk, an exclusive flock for a read-decide-write of the lease (S3 uses conditional PUTs instead)."""
+    if not is_local(store.fs):
+        yield
+        return
+    os.makedirs(store.runs, exist_ok=True)
+    fd = os.open(f"{store.runs}/{LOCK}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, also when the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def read(store: Store) -> tuple[dict | None, str | None]:
+    """The lease and the version a conditional write compares (S3 ETag, read before the content); (None, None) if free."""
+    path = lease_path(store)
+    store.fs.invalidate_cache(path)
+    try:
+        token = version_token(store.fs, path)
+        data = store.fs.cat_file(path)
+    except FileNotFoundError:
+        return None, None
+    try:
+        return json.loads(data), token
+    except ValueError:
+        raise GenreBatchError(f"unreadable run lease {store.fs.unstrip_protocol(path)}: delete it if no run is active") from None
+
+
+def put(store: Store, lease: dict | None, expected: str | None) -> None:
+    """Write the lease if it is still the version `expected` (S3; on disk the caller holds exclusive()); None deletes it."""
+    path = lease_path(store)
+    if lease is None:
+        store.fs.rm(path)
+    elif is_local(store.fs):
+        write_bytes(store.fs, path, json.dumps(lease, indent=2).encode())
+    else:
+        try:
+            swap_bytes(store.fs, path, json.dumps(lease, indent=2).encode(), expected)
+        except GenreBatchError:  # the precondition failed: another run wrote the lease since we read it
+            raise Conflict(path) from None
+
+
+def acquire(store: Store, run_id: str, ttl_s: float = TTL_S) -> dict:
+    """Take the store's lease for `run_id`, or raise GenreBatchError naming the live holder."""
+    with exclusive(store):
+        current, token = read(store)
+        now = utcnow()
+        if current is not None and not takeable(current, now):
+            raise GenreBatchError(refusal(store, current))
+        lease = new_lease(run_id, now, ttl_s)
+        try:
+            put(store, lease, token)
+        except Conflict:
+            winner, _ = read(store)
+            raise GenreBatchError(refusal(store, winner) if winner else "another run changed the store lease at the same moment: try again") from None
+    if current is not None:
+        log.warning("took over the store lease of run %s (%s)", current["run_id"], "holder dead" if holder_dead(current) else "expired")
+    return lease
+
+
+def renew(store: Store, run_id: str, ttl_s: float = TTL_S) -> bool:
+    """Extend `run_id`'s lease by `ttl_s` from now; False when the lease is no longer its own."""
+    with exclusive(store):
+        current, token = read(store)
+        if current is None or current["run_id"] != run_id:
+            return False
+        try:
+            put(store, renewed(current, utcnow(), ttl_s), token)
+        except Conflict:
+            return False
+    return True
+
+
+def release(store: Store, run_id: str) -> None:
+    """Give the lease up if `run_id` still holds it (on S3, checked by a read just before an unconditional delete)."""
+    with exclusive(store):
+        current, _ = read(store)
+        if current is not None and current["run_id"] == run_id:
+            put(store, None, None)
+
+
+class Heartbeat(threading.Thread):
+    """Renews a lease every `every_s` seconds until stopped, or until the lease turns out to be lost."""
+
+    def __init__(self, store: Store, run_id: str, ttl_s: float, every_s: float) -> None:
+        super().__init__(name=f"lease-heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.ttl_s, self.every_s = store, run_id, ttl_s, every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        """Renew until stopped; a failed renewal is retried at the next beat."""
+        while not self.stopped.wait(self.every_s):
+            try:
+                if not renew(self.store, self.run_id, self.ttl_s):
+                    log.error("run %s lost the store lease (it expired and another run took it over)", self.run_id)
+                    return
+            except Exception as e:  # noqa: BLE001 - a storage hiccup: the lease is still valid until it expires
+                log.warning("could not renew the store lease of run %s: %s", self.run_id, e)
+
+    def stop(self) -> None:
+        """Stop renewing and wait for the thread to end."""
+        self.stopped.set()
+        self.join()
+
+
+@contextmanager
+def held(store_url: str, run_id: str, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S) -> Iterator[dict]:
+    """Hold the store's lease for `run_id` while the block runs, renewed by a heartbeat; released at the end."""
+    store = Store(store_url)
+    lease = acquire(store, run_id, ttl_s)
+    beat = Heartbeat(store, run_id, ttl_s, heartbeat_s)
+    beat.start()
+    try:
+        yield lease
+    finally:
+        beat.stop()
+        release(store, run_id)

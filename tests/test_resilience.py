@@ -1,0 +1,454 @@
+"""Resilience: a Dask worker or the flow process killed mid-extraction, concurrent runs (the run lease), a read-only query.
+
+Real processes on 127.0.0.1 (`genre-batch` CLI runs, `dask scheduler`/`dask worker`), each in its own session and
+stopped with its process group in a `finally` (helpers of test_servers.py). CLI runs report to the session's
+temporary Prefect server (conftest's `prefect_server`); conftest's `dask_scheduler` has filled the numba cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from typer.testing import CliRunner
+
+from genre_batch import GenreBatchError, catalog, lease
+from genre_batch.cli import app
+from genre_batch.extraction import shard_size
+from genre_batch.feature_store import current_features
+from genre_batch.store import Store
+
+from conftest import make_library
+from test_catalog import rows
+from test_servers import GENRE_BATCH, base_env, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
+
+PER_STYLE = 24
+FILES = 4 * PER_STYLE  # 3 s clips: one window each
+SHARDS = 8  # on 2 workers: 2 x extraction.SHARDS_PER_WORKER shards of 12 files
+LOCAL_SHARD = shard_size(FILES, os.cpu_count() or 1)  # files per shard on the CLI's local cluster (one worker per core)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers and fixtures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    """A library of FILES short clips, shared by the tests of this module (they only read it), and its URIs."""
+    root = (tmp_path_factory.mktemp("resilience") / "library").resolve()
+    return root, {str(p) for p in make_library(root, PER_STYLE)}
+
+
+@pytest.fixture
+def warm_numba(dask_scheduler: str) -> None:
+    """The session's numba cache filled (conftest's cluster warmed it): CLI workers load librosa's code, not compile it."""
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, prefect_server: None) -> dict[str, str]:
+    """Environment of a CLI subprocess: the session's Prefect server, its own Prefect home, the session's numba cache."""
+    from prefect.settings import PREFECT_API_URL
+
+    return base_env(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "prefect-home"))
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def part_files(store: Path) -> dict[str, tuple[str, int]]:
+    """Finished feature parts: name -> (sha256 of the bytes, mtime in ns)."""
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted((store / "features" / "parts").glob("*.parquet"))
+    }
+
+
+def raw_rows(store: Path) -> pa.Table:
+    """(uri, window, run_id) of every row of every feature part, superseded or not."""
+    files = sorted((store / "features" / "parts").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f, columns=["uri", "window", "run_id"]) for f in files])
+
+
+def unique_keys(table: pa.Table) -> int:
+    """How many distinct (uri, window) pairs a table holds."""
+    return table.group_by(["uri", "window"]).aggregate([]).num_rows
+
+
+def run_records(store: Path) -> list[dict]:
+    """The run records of the store (not the lease)."""
+    return [json.loads(p.read_text()) for p in sorted((store / "runs").glob("*.json")) if p.name != lease.LEASE]
+
+
+def lease_file(store: Path) -> Path:
+    """Where the run lease lives."""
+    return store / "runs" / lease.LEASE
+
+
+def store_tree(store: Path) -> dict[str, bytes]:
+    """Every file of a store with its bytes."""
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def assert_every_file_once(store: Path, uris: set[str]) -> None:
+    """Current features: every library file exactly once (3 s clips have one window), with its features."""
+    current = current_features(Store(str(store)), ["uri", "fingerprint", "feature_version", "extracted_at", "window", "mfcc_01_mean"])
+    assert current.num_rows == unique_keys(current) == len(uris)
+    assert set(current["uri"].to_pylist()) == uris
+    assert current["mfcc_01_mean"].null_count == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. A Dask worker SIGKILLed mid-extraction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nanny_of(name: str) -> psutil.Process:
+    """The `dask worker ... --name NAME` process of the dask_cluster fixture: the nanny."""
+    [nanny] = [p for p in psutil.Process().children() if p.cmdline()[2:3] == ["worker"] and name in p.cmdline()]
+    return nanny
+
+
+def worker_of(nanny: psutil.Process) -> psutil.Process:
+    """The worker process a nanny runs (its multiprocessing child, not the resource tracker)."""
+    [worker] = [c for c in nanny.children() if "spawn_main" in " ".join(c.cmdline())]
+    return worker
+
+
+def tasks_on(scheduler: str, pid: int) -> list[str]:
+    """Keys the scheduler has assigned to the worker process `pid`."""
+    from distributed import Client
+
+    with Client(scheduler, timeout="10s") as client:
+        [address] = [a for a, p in client.run(os.getpid).items() if p == pid]
+        return list(client.processing(workers=[address])[address])
+
+
+def test_worker_killed_mid_extraction_every_file_once(
+    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str], dask_cluster: str  # noqa: F811
+) -> None:
+    """SIGKILL of a worker (not its nanny) while it extracts a shard: the run completes, each file is stored once."""
+    root, uris = library
+    store = tmp_path / "store"
+    nanny = nanny_of("test-worker-0")
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", dask_cluster]
+    log = tmp_path / "extract.log"
+    with server(cmd, cli_env, log, tmp_path) as run:
+        wait_until(lambda: part_files(store), 180, "the first shard part", [(run, log)])
+        victim = worker_of(nanny)
+        assigned = tasks_on(dask_cluster, victim.pid)
+        victim.kill()
+        parts_at_kill = len(part_files(store))
+        code = run.wait(240)
+    assert code == 0, tail(log)
+    assert assigned and all(k.startswith("extract-") for k in assigned), assigned  # it was working on shards
+    assert parts_at_kill < SHARDS  # mid-extraction
+    wait_until(lambda: worker_of(nanny).pid != victim.pid, 60, "the nanny to restart its worker", [])
+
+    [record] = run_records(store)
+    assert record["status"] == "completed", record
+    assert (record["extract"]["extracted"], record["extract"]["failed"], record["extract"]["shards"]) == (FILES, 0, SHARDS)
+    assert f"{FILES} audio files in {root}; {FILES} extracted, 0 failed, 0 unchanged, 0 removed" in log.read_text()
+    run_id = record["run_id"]
+    assert sorted(part_files(store)) == [f"{run_id}-{i:05d}.parquet" for i in range(SHARDS)]
+    assert not (store / "features" / "errors").exists()
+    # Duplicates were not written: the rescheduled shard rewrote the part of the same name (one row per file in all parts).
+    raw = raw_rows(store)
+    assert raw.num_rows == unique_keys(raw) == FILES and set(raw["run_id"].to_pylist()) == {run_id}
+    assert_every_file_once(store, uris)
+    assert not lease_file(store).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The flow process SIGKILLed mid-extraction, with its process group (its local Dask cluster)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_killed_extraction_resumes_without_redoing_finished_shards(
+    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str]
+) -> None:
+    """The next run extracts only the files of unfinished shards; finished parts stay as they were; no duplicates."""
+    root, uris = library
+    store = tmp_path / "store"
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store)]  # local cluster: its workers are in the CLI's group
+    log = tmp_path / "killed.log"
+    with server(cmd, cli_env, log, tmp_path) as run:
+        wait_until(lambda: len(part_files(store)) >= 2, 240, "two shard parts", [(run, log)])
+        tree = descendants(run.pid)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(30)
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive and len(gone) >= 2, alive  # the CLI's Dask workers died with it
+
+    before = part_files(store)
+    done = set(raw_rows(store)["uri"].to_pylist())
+    assert 2 <= len(before) and len(done) == LOCAL_SHARD * len(before) < FILES, (before, len(done))
+    assert run_records(store) == [] and not (store / "features" / "inventory.parquet").exists()  # killed before both
+    assert json.loads(lease_file(store).read_text())["pid"] == run.pid  # its lease is left behind, its holder dead
+
+    code, out, err = run_command(cmd, cli_env, tmp_path, timeout=300)
+    assert code == 0, out + err
+    remaining = FILES - len(done)
+    assert f"{FILES} audio files in {root}; {remaining} extracted, 0 failed, {len(done)} unchanged, 0 removed" in out, out
+    [record] = run_records(store)
+    assert record["status"] == "completed" and record["extract"]["extracted"] == remaining
+
+    after = part_files(store)
+    assert {name: after[name] for name in before} == before  # finished shards were not redone or rewritten
+    assert all(name.startswith(record["run_id"]) for name in set(after) - set(before))
+    raw = raw_rows(store)
+    resumed = raw.filter(pc.equal(raw["run_id"], record["run_id"]))
+    assert set(resumed["uri"].to_pylist()) == uris - done and resumed.num_rows == remaining
+    assert raw.num_rows == unique_keys(raw) == FILES  # no duplicate rows, even superseded ones
+    assert_every_file_once(store, uris)
+    assert not lease_file(store).exists()  # the dead holder's lease was taken over, then released
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. The run lease
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_second_run_is_refused_while_the_first_holds_the_lease(
+    library: tuple[Path, set[str]], tmp_path: Path, dask_scheduler: str, cli_env: dict[str, str]
+) -> None:
+    """Two CLI runs on one store: the second exits 1 with one line naming the holder; the first completes."""
+    root, _ = library
+    store = tmp_path / "store"
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", dask_scheduler]
+    log = tmp_path / "first.log"
+    with server(cmd, cli_env, log, tmp_path) as first:
+        holder = wait_until(lambda: json.loads(lease_file(store).read_text()), 120, "the first run's lease", [(first, log)])
+        code, out, err = run_command(cmd, cli_env, tmp_path, timeout=120)
+        first_still_running = first.poll() is None
+        first_code = first.wait(240)
+    assert code == 1, out + err
+    assert err.strip().splitlines() == [
+        (
+            f"error: the store {store} is in use by run {holder['run_id']} (pid {first.pid} on {socket.gethostname()}); "
+            f"its lease expires at {holder['expires_at']} unless that run renews it: try again when it has ended"
+        )
+    ]
+    assert first_still_running and first_code == 0, tail(log)
+    [record] = run_records(store)  # the refused run wrote nothing, not even a run record
+    assert record["run_id"] == holder["run_id"] and record["status"] == "completed"
+    assert record["extract"]["extracted"] == FILES and raw_rows(store).num_rows == FILES
+    assert not lease_file(store).exists()  # released after success
+
+
+@pytest.mark.parametrize("verb", ["extract", "train", "tag", "run"])
+def test_every_writing_verb_is_refused_while_the_lease_is_held(verb: str, tmp_path: Path, prefect_server: None) -> None:
+    store = tmp_path / "store"
+    args = [verb, str(tmp_path)] if verb in ("extract", "run") else [verb]
+    with lease.held(str(store), "run-holder") as held:
+        code, _, err = cli(*args, "--store", str(store))
+        assert (code, err) == (1, f"error: {lease.refusal(Store(str(store)), held)}\n")
+        assert json.loads(lease_file(store).read_text()) == held
+    assert sorted(store_tree(store)) == ["runs/.LEASE.lock"]  # nothing written by the refused run; lease released
+
+
+def test_lease_is_released_after_success_and_after_failure(tmp_path: Path, prefect_server: None) -> None:
+    store, empty = tmp_path / "store", tmp_path / "empty-library"
+    empty.mkdir()
+    assert cli("extract", str(empty), "--store", str(store))[0] == 0
+    assert not lease_file(store).exists()
+    code, _, err = cli("tag", "--store", str(store))
+    assert code == 1 and "no current model" in err
+    assert not lease_file(store).exists()
+    assert sorted((r["flow"], r["status"]) for r in run_records(store)) == [("extract", "completed"), ("tag", "failed")]
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def held_by(host: str, pid: int, expires_in_s: float) -> dict:
+    """A lease of run-other held by process `pid` on `host`, expiring `expires_in_s` seconds from now."""
+    return {**lease.new_lease("run-other", lease.utcnow(), expires_in_s), "host": host, "pid": pid}
+
+
+@pytest.mark.parametrize(
+    "case, taken",
+    [
+        ("expired, holder on another host", True),
+        ("live, holder on another host", False),
+        ("live, holder on this host dead", True),
+        ("live, holder on this host alive", False),
+    ],
+)
+def test_takeover_only_of_an_expired_lease_or_a_dead_holder(tmp_path: Path, case: str, taken: bool) -> None:
+    s = Store(str(tmp_path))
+    here = socket.gethostname()
+    other = {
+        "expired, holder on another host": held_by("elsewhere", 4242, -1),
+        "live, holder on another host": held_by("elsewhere", 4242, 600),
+        "live, holder on this host dead": held_by(here, dead_pid(), 600),
+        "live, holder on this host alive": held_by(here, os.getppid(), 600),
+    }[case]
+    lease_file(tmp_path).parent.mkdir()
+    lease_file(tmp_path).write_text(json.dumps(other))
+    if taken:
+        mine = lease.acquire(s, "run-mine")
+        assert json.loads(lease_file(tmp_path).read_text()) == mine and mine["pid"] == os.getpid()
+    else:
+        with pytest.raises(GenreBatchError) as refused:
+            lease.acquire(s, "run-mine")
+        assert str(refused.value) == lease.refusal(s, other) and "run run-other" in str(refused.value)
+        assert json.loads(lease_file(tmp_path).read_text()) == other
+
+
+RACER = """
+import os, sys, time
+from genre_batch import GenreBatchError, lease
+from genre_batch.store import Store
+store, run_id, go = sys.argv[1:]
+open(f"{go}.{run_id}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    lease.acquire(Store(store), run_id)
+    print("won")
+except GenreBatchError as e:
+    print(f"refused: {e}")
+"""
+
+
+@pytest.mark.parametrize("previous", ["none", "expired"])
+def test_runs_starting_at_the_same_instant_cannot_both_win(tmp_path: Path, previous: str) -> None:
+    store, go = tmp_path / "store", tmp_path / "go"
+    if previous == "expired":
+        lease_file(store).parent.mkdir(parents=True)
+        lease_file(store).write_text(json.dumps(held_by("elsewhere", 4242, -1)))
+    racers = [f"run-{i}" for i in range(6)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(store), r, str(go)], stdout=subprocess.PIPE, text=True) for r in racers]
+    try:
+        wait_until(lambda: all(Path(f"{go}.{r}").exists() for r in racers), 120, "the racers to start", [])
+        go.touch()  # all of them acquire now
+        outcomes = {r: p.communicate(timeout=60)[0].strip() for r, p in zip(racers, procs)}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    winners = [r for r, o in outcomes.items() if o == "won"]
+    assert len(winners) == 1, outcomes
+    assert json.loads(lease_file(store).read_text())["run_id"] == winners[0]
+    assert all(o.startswith(f"refused: the store {store} is in use by run {winners[0]} ") for r, o in outcomes.items() if r not in winners), outcomes
+
+
+def test_heartbeat_renews_the_lease_while_the_run_lasts(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    with lease.held(str(tmp_path), "run-long", ttl_s=1.0, heartbeat_s=0.1) as first:
+        time.sleep(1.5)  # longer than the TTL
+        current, _ = lease.read(s)
+        assert current["run_id"] == "run-long" and not lease.expired(current, lease.utcnow())
+        assert current["expires_at"] > first["expires_at"]
+    assert lease.read(s) == (None, None)
+
+
+def test_lease_taken_over_from_a_hung_holder_is_left_alone(tmp_path: Path) -> None:
+    """A holder that stopped renewing loses the lease; its heartbeat and its release leave the new holder's lease."""
+    s = Store(str(tmp_path))
+    with lease.held(str(tmp_path), "run-hung", ttl_s=0.5, heartbeat_s=0.2):
+        with lease.exclusive(s):  # as if the holder had hung past its TTL and another run had taken over
+            lease.put(s, lease.new_lease("run-new", lease.utcnow(), 600), None)
+        taken = lease.read(s)[0]
+        time.sleep(0.7)  # several beats
+        assert lease.read(s)[0] == taken
+    assert lease.read(s)[0] == taken
+
+
+def test_lease_is_released_when_the_block_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), lease.held(str(tmp_path), "run-failing"):
+        raise RuntimeError("stage failed")
+    assert lease.read(Store(str(tmp_path))) == (None, None)
+
+
+@pytest.fixture
+def s3_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    """A store on a moto S3 server in this process (it honours If-None-Match and If-Match)."""
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir("leases")
+        yield Store("s3://leases/store")
+    finally:
+        moto.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_lease_conditional_writes(s3_store: Store) -> None:
+    """On S3 the write that acquires is conditional: a run whose read is stale cannot overwrite the winner's lease."""
+    seen, token = lease.read(s3_store)  # a run reads: no lease
+    winner = lease.acquire(s3_store, "run-a")  # another run acquires meanwhile
+    with pytest.raises(lease.Conflict):
+        lease.put(s3_store, lease.new_lease("run-b", lease.utcnow(), 60), token)  # If-None-Match fails
+    with pytest.raises(GenreBatchError, match="in use by run run-a"):
+        lease.acquire(s3_store, "run-b")
+    assert seen is None and lease.read(s3_store)[0] == winner
+
+    expired = lease.renewed(winner, lease.utcnow(), -1)  # run-a hangs past its TTL ...
+    lease.put(s3_store, expired, lease.read(s3_store)[1])
+    stale = lease.read(s3_store)[1]
+    taker = lease.acquire(s3_store, "run-c")  # ... run-c takes over (If-Match on the expired version) ...
+    with pytest.raises(lease.Conflict):
+        lease.put(s3_store, lease.new_lease("run-d", lease.utcnow(), 60), stale)  # ... and run-d, too late, cannot
+    assert not lease.renew(s3_store, "run-a") and lease.read(s3_store)[0] == taker
+    lease.release(s3_store, "run-c")
+    assert lease.read(s3_store) == (None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. `genre-batch query` cannot write
+# ----------------------------------------------------------------------------------------------------------------
+
+REFUSED = "error: query refused: genre-batch query is read-only and runs only SELECT statements, not {}"
+NO_FILES = 'error: query failed: Permission Error: Cannot access file "{}" - file system operations are disabled by configuration'
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("COPY catalog TO '{store}/catalog/snapshots/evil.parquet'", REFUSED.format("COPY")),
+        ("CREATE TABLE stolen AS SELECT * FROM catalog", REFUSED.format("CREATE")),
+        ("ATTACH '{store}/catalog/evil.duckdb' AS evil", REFUSED.format("ATTACH")),
+        ("SELECT 1; COPY (SELECT 1) TO '{store}/catalog/CURRENT.json'", REFUSED.format("COPY")),
+        ("SET enable_external_access = true", REFUSED.format("SET")),
+        ("SELECT * FROM read_text('{store}/catalog/CURRENT.json')", NO_FILES.format("{store}/catalog/CURRENT.json")),
+    ],
+    ids=["copy-into-store", "create-table", "attach-file", "copy-after-select", "set-option", "read-store-file"],
+)
+def test_query_cannot_write_or_open_store_files(tmp_path: Path, sql: str, message: str) -> None:
+    store = tmp_path / "store"
+    catalog.publish(Store(str(store)), rows(3, "rock", "run-a"), "run-a", "m-1")
+    before = store_tree(store)
+    code, out, err = cli("query", "--store", str(store), sql.format(store=store))
+    assert (code, out, err) == (1, "", message.format(store=store) + "\n")
+    assert store_tree(store) == before
+    code, out, _ = cli("query", "--store", str(store), "--format", "json", "SELECT genre, count(*) AS n FROM catalog GROUP BY genre")
+    assert (code, json.loads(out)) == (0, [{"genre": "rock", "n": 3}])
