@@ -82,15 +82,16 @@ def write_inventory(store: Store, inventory: pa.Table) -> bool:
     return True
 
 
+RETRIED_ERRORS = ("io_error",)
+"""Error kinds retried by the next run even if the file is unchanged: the file may read fine once storage recovers."""
+
+
 def processed(store: Store) -> pa.Table:
-    """(uri, fingerprint) of every file already extracted or failed with the current feature version."""
+    """(uri, fingerprint) of every file already extracted, or failed for good, with the current feature version."""
     cols = KEYS + ["feature_version"]
-    done = pa.concat_tables(
-        [
-            read_parts(store, store.feature_parts, FEATURE_SCHEMA, cols),
-            read_parts(store, store.error_parts, ERROR_SCHEMA, cols),
-        ]
-    )
+    errors = read_parts(store, store.error_parts, ERROR_SCHEMA, cols + ["error_type"])
+    final = errors.filter(pc.invert(pc.is_in(errors["error_type"], value_set=pa.array(RETRIED_ERRORS)))).select(cols)
+    done = pa.concat_tables([read_parts(store, store.feature_parts, FEATURE_SCHEMA, cols), final])
     return done.filter(pc.equal(done["feature_version"], FEATURE_VERSION)).select(KEYS)
 
 

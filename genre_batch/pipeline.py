@@ -6,7 +6,7 @@ import platform
 import uuid
 from collections.abc import Iterator
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -274,15 +274,20 @@ def run_record(store_url: str, flow: str) -> Iterator[dict]:
     with lease.held(store_url, record["run_id"]):
         try:
             yield record
-            record["status"] = "completed"
         except BaseException as e:
-            record["status"] = "failed"
-            record["error"] = f"{type(e).__name__}: {e}"
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            with suppress(OSError):  # the store may be what failed: the run's own error is the one to report
+                write_record(store_url, record)
             raise
-        finally:
-            record["finished_at"] = datetime.now(timezone.utc).isoformat()
-            store = Store(store_url)
-            write_json(store.fs, f"{store.runs}/{record['run_id']}.json", record)
+        record["status"] = "completed"
+        write_record(store_url, record)
+
+
+def write_record(store_url: str, record: dict) -> None:
+    """Stamp a run record's end and write it to the store's runs/."""
+    record["finished_at"] = datetime.now(timezone.utc).isoformat()
+    store = Store(store_url)
+    write_json(store.fs, f"{store.runs}/{record['run_id']}.json", record)
 
 
 def as_record(summary: object) -> dict:

@@ -18,6 +18,25 @@ from s3fs import S3FileSystem
 
 from genre_batch import GenreBatchError
 
+RETRY_DEFAULTS = {"AWS_RETRY_MODE": "legacy", "AWS_MAX_ATTEMPTS": "5"}
+"""botocore's retry settings for every S3 request of a run, unless set in the environment (to change them, set
+these variables: they take precedence over retry_mode / max_attempts in ~/.aws/config).
+
+Legacy mode retries HTTP 429, 500, 502, 503, 504 and 509 answers, throttling codes and connection errors, up to
+5 attempts with jittered exponential backoff (random x 1, 2, 4, 8 s). Pinned because botocore already carries a
+switch (AWS_NEW_RETRIES_2026) that makes `standard` the default (3 attempts), and standard mode does not retry
+a 429 TooManyRequests answer. On top of this, s3fs retries a request that still ends in SlowDown up to 5 times.
+"""
+
+
+def use_retry_defaults() -> None:
+    """Set RETRY_DEFAULTS where unset: botocore reads them when a client is created, and local workers inherit them."""
+    for name, value in RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+use_retry_defaults()  # on import: before the flow process or a worker creates its first S3 client
+
 
 @dataclass(frozen=True)
 class Store:
@@ -124,7 +143,7 @@ def swap_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, expected: 
 
 def storage_error(e: BaseException) -> str | None:
     """A one-line explanation of a storage access failure (never containing credentials), else None."""
-    from botocore.exceptions import BotoCoreError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     if isinstance(e, NoCredentialsError):
         return "no AWS credentials found (looked in the standard chain: environment, profile, instance role)"
@@ -132,6 +151,8 @@ def storage_error(e: BaseException) -> str | None:
         return f"access denied: {e.strerror or e}"
     if isinstance(e, BotoCoreError):
         return f"object store error: {e}"
+    if isinstance(e, OSError) and isinstance(e.__cause__, ClientError):  # s3fs's translation of an S3 error answer
+        return f"object store error: {e.__cause__}"
     return None
 
 

@@ -34,7 +34,7 @@ from genre_batch.store import Store
 
 from conftest import make_library
 from test_catalog import rows
-from test_servers import GENRE_BATCH, base_env, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
+from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
 
 PER_STYLE = 24
 FILES = 4 * PER_STYLE  # 3 s clips: one window each
@@ -227,18 +227,25 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(
-    library: tuple[Path, set[str]], tmp_path: Path, dask_scheduler: str, cli_env: dict[str, str]
+    library: tuple[Path, set[str]], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
-    """Two CLI runs on one store: the second exits 1 with one line naming the holder; the first completes."""
+    """Two CLI runs on one store: the second exits 1 with one line naming the holder; the first completes.
+
+    The first run is held deterministically: its scheduler has no worker until the second run has been refused.
+    """
     root, _ = library
     store = tmp_path / "store"
-    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", dask_scheduler]
-    log = tmp_path / "first.log"
-    with server(cmd, cli_env, log, tmp_path) as first:
-        holder = wait_until(lambda: json.loads(lease_file(store).read_text()), 120, "the first run's lease", [(first, log)])
+    address = f"tcp://{HOST}:{free_port()}"
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", address]
+    scheduler_cmd = [DASK, "scheduler", "--host", HOST, "--port", address.rsplit(":", 1)[1], "--no-dashboard"]
+    worker_cmd = [DASK, "worker", address, "--nthreads", "1", "--host", HOST, "--no-dashboard"]
+    logs = {name: tmp_path / f"{name}.log" for name in ("scheduler", "first", "worker")}
+    with server(scheduler_cmd, base_env(), logs["scheduler"], tmp_path), server(cmd, cli_env, logs["first"], tmp_path) as first:
+        holder = wait_until(lambda: json.loads(lease_file(store).read_text()), 120, "the first run's lease", [(first, logs["first"])])
         code, out, err = run_command(cmd, cli_env, tmp_path, timeout=120)
-        first_still_running = first.poll() is None
-        first_code = first.wait(240)
+        first_still_running = first.poll() is None  # it waits for a worker, holding the lease
+        with server(worker_cmd, base_env(), logs["worker"], tmp_path):
+            first_code = first.wait(240)
     assert code == 1, out + err
     assert err.strip().splitlines() == [
         (
@@ -246,7 +253,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(
             f"its lease expires at {holder['expires_at']} unless that run renews it: try again when it has ended"
         )
     ]
-    assert first_still_running and first_code == 0, tail(log)
+    assert first_still_running and first_code == 0, tail(logs["first"])
     [record] = run_records(store)  # the refused run wrote nothing, not even a run record
     assert record["run_id"] == holder["run_id"] and record["status"] == "completed"
     assert record["extract"]["extracted"] == FILES and raw_rows(store).num_rows == FILES
