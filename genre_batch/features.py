@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import librosa
 import numpy as np
 
@@ -69,23 +71,56 @@ def pool(series: np.ndarray) -> np.ndarray:
     return stats.reshape(-1)
 
 
+@cache
+def _filterbanks(sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """STFT bin frequencies, the mel filterbank and the chroma filterbank for `sr` (built once per process)."""
+    freq = librosa.fft_frequencies(sr=sr, n_fft=N_FFT)
+    mel = librosa.filters.mel(sr=sr, n_fft=N_FFT, n_mels=N_MELS)
+    chroma = librosa.filters.chroma(sr=sr, n_fft=N_FFT, tuning=0.0)
+    return freq, mel, chroma
+
+
+def _normalised(x: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Columns of `x` divided by their norms; all-zero columns are left as they are (as librosa.util.normalize)."""
+    return x / np.where(norms > np.finfo(np.float32).tiny, norms, 1.0)
+
+
+def spectral_shape(mag: np.ndarray, freq: np.ndarray, roll_percent: float = 0.85) -> list[np.ndarray]:
+    """Spectral centroid, bandwidth and rolloff frequency per frame (librosa's definitions, computed with matrix products)."""
+    total = mag.sum(axis=0, dtype=np.float64)
+    centroid = _normalised(freq @ mag.astype(np.float64), total)
+    second = _normalised((freq**2) @ mag.astype(np.float64), total)
+    bandwidth = np.sqrt(np.maximum(second - np.where(total > 0, centroid**2, 0.0), 0.0))
+    cumulative = np.cumsum(mag, axis=0)
+    rolloff = freq[(cumulative >= roll_percent * cumulative[-1]).argmax(axis=0)]
+    return [centroid[None, :], bandwidth[None, :], rolloff[None, :]]
+
+
+def zero_crossing_rate(y: np.ndarray, n_frames: int) -> np.ndarray:
+    """Fraction of sign changes per STFT frame (librosa's centred, edge-padded frames), from one cumulative sum."""
+    padded = np.pad(y, N_FFT // 2, mode="edge")
+    changes = np.concatenate([[0], np.cumsum(np.diff(padded < -1e-10) != 0)])
+    starts = np.arange(n_frames) * HOP
+    return ((changes[starts + N_FFT - 1] - changes[starts]) / N_FFT)[None, :]
+
+
 def frame_series(y: np.ndarray, sr: int) -> list[np.ndarray]:
     """Every frame-level series of SERIES, computed from one STFT."""
+    freq, mel_basis, chroma_basis = _filterbanks(sr)
     mag = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
     power = mag**2
-    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=sr, n_mels=N_MELS))
+    mel_db = librosa.power_to_db(mel_basis @ power)
     mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)
+    raw_chroma = chroma_basis @ power
     return [
         mfcc,
         librosa.feature.delta(mfcc, order=1),
         librosa.feature.delta(mfcc, order=2),
         librosa.feature.spectral_contrast(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.chroma_stft(S=power, sr=sr, n_fft=N_FFT, hop_length=HOP, tuning=0.0),
-        librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.spectral_bandwidth(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.spectral_rolloff(S=mag, sr=sr, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.spectral_flatness(S=mag, n_fft=N_FFT, hop_length=HOP),
-        librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP),
+        _normalised(raw_chroma, raw_chroma.max(axis=0)),
+        *spectral_shape(mag, freq),
+        librosa.feature.spectral_flatness(S=power, power=1.0),
+        zero_crossing_rate(y, mag.shape[1]),
         librosa.feature.rms(S=mag, frame_length=N_FFT, hop_length=HOP),
         librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=HOP)[None, :],
     ]
@@ -104,7 +139,7 @@ def window_spans(duration_s: float) -> list[tuple[float, float]]:
 
 def windows(n_frames: int, sr: int, window_s: float = WINDOW_S) -> list[tuple[int, int]]:
     """Frame ranges of the whole windows that fit, centred in the excerpt; one window if none fits."""
-    size = round(window_s * sr / HOP)
+    size = int(window_s * sr / HOP)  # rounded down, so that a 60 s span holds 6 windows
     count = n_frames // size
     if count == 0:
         return [(0, n_frames)]
@@ -130,8 +165,6 @@ def warm_up() -> None:
 def extract(y: np.ndarray, sr: int) -> np.ndarray:
     """Feature vectors of a mono span's windows: a finite float32 (windows, features) array."""
     series = frame_series(y.astype(np.float32, copy=False), sr)
-    rows = [
-        np.concatenate([pool(s[:, a:b]) for s in series] + [np.array([tempo(series[-1][0, a:b], sr)])])
-        for a, b in windows(series[0].shape[1], sr)
-    ]
+    stacked = np.vstack(series)  # (coefficients, frames): pooled row by row, in FEATURE_NAMES order
+    rows = [np.append(pool(stacked[:, a:b]), tempo(series[-1][0, a:b], sr)) for a, b in windows(stacked.shape[1], sr)]
     return np.nan_to_num(np.vstack(rows), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import librosa
 import numpy as np
 import pytest
 
@@ -49,7 +50,8 @@ def test_windows_are_finite_float32_of_fixed_length(style: str, seconds: float, 
 
 
 def test_windows_are_whole_centred_and_match_their_start_times() -> None:
-    size = round(features.WINDOW_S * SR / features.HOP)
+    size = int(features.WINDOW_S * SR / features.HOP)
+    assert len(features.windows(1 + round(60 * SR) // features.HOP, SR)) == 6  # a 60 s span holds 6 windows
     bounds = features.windows(3 * size + 10, SR)
     assert bounds == [(5, 5 + size), (5 + size, 5 + 2 * size), (5 + 2 * size, 5 + 3 * size)]
     assert features.windows(size - 1, SR) == [(0, size - 1)]  # shorter than a window: one window, all of it
@@ -80,6 +82,26 @@ def test_each_window_describes_its_own_part_of_the_excerpt() -> None:
     centroid = features.FEATURE_NAMES.index("centroid_mean")
     assert matrix[0, centroid] == pytest.approx(220.0, rel=0.1)
     assert matrix[1, centroid] == pytest.approx(1760.0, rel=0.1)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_fast_series_match_librosa(style: str) -> None:
+    y = render(style, 12.0, seed=4)
+    mag = np.abs(librosa.stft(y, n_fft=features.N_FFT, hop_length=features.HOP))
+    power, n = mag**2, mag.shape[1]
+    freq = librosa.fft_frequencies(sr=SR, n_fft=features.N_FFT)
+    expected = [
+        librosa.feature.spectral_centroid(S=mag, sr=SR),
+        librosa.feature.spectral_bandwidth(S=mag, sr=SR),
+        librosa.feature.spectral_rolloff(S=mag, sr=SR),
+    ]
+    for got, want in zip(features.spectral_shape(mag, freq), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(features.zero_crossing_rate(y, n), librosa.feature.zero_crossing_rate(y, frame_length=2048, hop_length=512))
+    series = dict(zip([f for f, _ in features.SERIES], features.frame_series(y, SR)))
+    np.testing.assert_allclose(series["chroma"], librosa.feature.chroma_stft(S=power, sr=SR, tuning=0.0), rtol=1e-4, atol=1e-6)
+    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=SR, n_mels=features.N_MELS))
+    np.testing.assert_allclose(series["mfcc"], librosa.feature.mfcc(S=mel_db, n_mfcc=features.N_MFCC), rtol=1e-4, atol=1e-3)
 
 
 def test_silence_gives_finite_vector() -> None:
