@@ -13,28 +13,41 @@ import pyarrow.dataset as ds
 
 from genre_batch import GenreBatchError, catalog
 from genre_batch.feature_store import current_errors
-from genre_batch.store import Store
+from genre_batch.store import Store, is_local
 
 FORMATS = ("table", "csv", "json")
 READ_ONLY = ("SELECT", "EXPLAIN")
 """Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
 
 
-def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `catalog` and `errors` over the store, and no file access of its own.
+def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with views `catalog` and (when `sql` names it) `errors`, and no file access
+    beyond the published snapshot's own files.
 
-    The published snapshot's files are read through a pyarrow dataset (on the store's filesystem), so DuckDB itself
-    needs no file system: external access is switched off and the configuration locked, which refuses COPY ... TO,
-    EXPORT, ATTACH, INSTALL and read_*() of any path, in the store or elsewhere.
+    On disk DuckDB reads the snapshot's Parquet files itself (its fastest path), allowed by `allowed_paths`; on
+    object stores they are read through a pyarrow dataset on the store's filesystem. External access is then
+    switched off and the configuration locked, which refuses COPY ... TO, EXPORT, ATTACH, INSTALL and read_*() of
+    any other path. The errors view is built only when asked for: it reads the feature store's key columns.
     """
     con = duckdb.connect(":memory:")
-    con.register("catalog_files", ds.dataset(catalog.files(store), format="parquet", filesystem=store.fs))
-    con.register("errors_arrow", current_errors(store))
-    con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
-    con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
+    files = catalog.files(store)
+    if is_local(store.fs):
+        con.execute("SET allowed_paths = $files", {"files": files})
+        con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet({sql_list(files)})")
+    else:
+        con.register("catalog_files", ds.dataset(files, format="parquet", filesystem=store.fs))
+        con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
+    if "errors" in sql.lower():
+        con.register("errors_arrow", current_errors(store))
+        con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def sql_list(values: list[str]) -> str:
+    """A SQL list literal of strings (quotes doubled)."""
+    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -47,7 +60,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 def run(store: Store, sql: str) -> pa.Table:
     """Run read-only SQL (one statement, or several: the last one's result) and return its result as an Arrow table."""
-    con = connect(store)
+    con = connect(store, sql)
     try:
         check_read_only(con, sql)
         return con.sql(sql).to_arrow_table()
