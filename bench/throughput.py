@@ -1,0 +1,473 @@
+"""Throughput of genre-batch on real music: per-file CPU vs the STFT floor and the seed recipe, the whole pipeline, 1 vs 2 workers."""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # before numpy loads: one-thread CPU times here, in spawned workers and in CLI runs
+
+from genre_batch import default_numba_cache_dir
+
+os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before librosa loads: one cache for all processes
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import pstats  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import librosa  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import soundfile as sf  # noqa: E402
+import soxr  # noqa: E402
+from distributed import Client  # noqa: E402
+
+import genre_batch  # noqa: E402
+from bench.accuracy import recipe_features  # noqa: E402
+from bench.accuracy import warm_up as warm_up_both  # noqa: E402
+from bench.scale import DEFAULT_WORK, MANIFEST, cli_command, cli_env, latest_record, print_targets, role, run_cli, target  # noqa: E402
+from genre_batch.audio import AUDIO_EXTENSIONS  # noqa: E402
+from genre_batch.cluster import local_cluster, warm_up_workers  # noqa: E402
+from genre_batch.extraction import extract_file  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_OUT = Path("bench/results/throughput.json")
+SR = 22050
+N_FFT = 2048
+HOP = 512
+FLOOR_BLOCK_S = 120  # the floor decodes long files in blocks of this many seconds (same CPU, bounded memory)
+RECIPE_MAX_S = 600.0  # the recipe loads the whole file: skipped above 10 minutes (60 min would need ~4 GB)
+LONG_TRACKS_MIN: tuple[int, ...] = (5, 6, 7, 8, 9, 10, 60)
+"""Lengths in minutes of the long MP3s made by concatenating clips of one genre folder."""
+LONG_SOURCE_EXT = ".mp3"
+SAMPLE_PER_FORMAT = 40
+SPEEDUP_FILES = 200
+PROFILE_REPEATS = 3
+PROFILE_TOP = 14
+LIBRARY_LAYOUT = 1  # bump when the library layout changes: cached libraries are rebuilt
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Library:
+    """The benchmark library: real clips copied under new names, plus long tracks."""
+
+    root: Path
+    clips: list[Path]
+    long: list[Path]
+
+    def kind(self, path: Path) -> str:
+        """A file's class in the report: 'mp3 clip', 'flac clip', or 'mp3 N min' for long tracks."""
+        if path in self.long:
+            return f"mp3 {round(sf.info(str(path)).duration / 60)} min"
+        return f"{path.suffix.lower().lstrip('.')} clip"
+
+    def counts(self) -> dict[str, int]:
+        """Number of files of each clip class."""
+        counts: dict[str, int] = {}
+        for path in self.clips:
+            counts[self.kind(path)] = counts.get(self.kind(path), 0) + 1
+        return counts
+
+
+def originals(data: Path) -> list[Path]:
+    """Audio files of `data/<task>/<genre>/`, in a seeded shuffled order (any prefix mixes formats and genres)."""
+    files = sorted(p for p in data.glob("*/*/*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    if not files:
+        raise SystemExit(f"no audio files as <task>/<genre>/<file> in {data}")
+    order = np.random.default_rng(SEED).permutation(len(files))
+    return [files[i] for i in order]
+
+
+def folder_of(source: Path) -> str:
+    """Library folder (the genre label for --labels folders) of a source file: '<task>-<genre>'."""
+    return f"{source.parent.parent.name}-{source.parent.name}"
+
+
+def link(source: Path, target: Path) -> None:
+    """Hardlink `source` as `target` (a copy across filesystems)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def layout(path: Path) -> tuple[int, int]:
+    """Sample rate and channels of an audio file."""
+    info = sf.info(str(path))
+    return info.samplerate, info.channels
+
+
+def write_long_track(sources: list[Path], minutes: int, target: Path) -> None:
+    """Concatenate the sources (cycling) into an MP3 of exactly `minutes`, at the first source's rate and channels."""
+    rate, channels = layout(sources[0])
+    usable = [s for s in sources if layout(s) == (rate, channels)]
+    todo = minutes * 60 * rate
+    partial = target.with_name(f".{target.name}.partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with sf.SoundFile(str(partial), "w", rate, channels, format="MP3") as out:
+        for source in itertools.cycle(usable):
+            data = sf.read(str(source), dtype="float32", always_2d=True)[0][:todo]
+            out.write(data)
+            todo -= len(data)
+            if not todo:
+                break
+    partial.rename(target)
+
+
+def long_tracks(data: Path, work: Path) -> list[tuple[Path, str]]:
+    """The long MP3s (built once into work/long, two at a time) and the library folder each belongs to."""
+    groups: dict[str, list[Path]] = {}
+    for source in sorted(p for p in data.glob(f"*/*/*{LONG_SOURCE_EXT}")):
+        groups.setdefault(folder_of(source), []).append(source)
+    if not groups:
+        raise SystemExit(f"no {LONG_SOURCE_EXT} clips in {data} to make long tracks from")
+    folders = [sorted(groups)[i % len(groups)] for i in range(len(LONG_TRACKS_MIN))]
+    targets = [work / "long" / f"{folder}-{m}min.mp3" for folder, m in zip(folders, LONG_TRACKS_MIN)]
+    missing = [i for i, path in enumerate(targets) if not path.exists()]
+    if missing:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(write_long_track, [groups[folders[i]] for i in missing], [LONG_TRACKS_MIN[i] for i in missing], [targets[i] for i in missing]))
+    return list(zip(targets, folders))
+
+
+def build_library(data: Path, work: Path, n_files: int) -> Library:
+    """Real clips hardlinked under new names (c<copy>-<name>) up to `n_files` with the long tracks; reused if already built."""
+    root = work / f"library-{n_files}"
+    sources = originals(data)
+    n_clips = n_files - len(LONG_TRACKS_MIN)
+    if n_clips < 1:
+        raise SystemExit(f"--files must exceed the {len(LONG_TRACKS_MIN)} long tracks")
+    picks = [sources[i % len(sources)] for i in range(n_clips)]
+    clips = [root / folder_of(s) / f"c{i // len(sources)}-{s.name}" for i, s in enumerate(picks)]
+    made = long_tracks(data, work)
+    long = [root / folder / f"long-{path.name.rsplit('-', 1)[1]}" for path, folder in made]
+    manifest = {"layout": LIBRARY_LAYOUT, "data": str(data), "files": n_files, "long_minutes": list(LONG_TRACKS_MIN)}
+    if (root / MANIFEST).exists() and json.loads((root / MANIFEST).read_text()) == manifest:
+        return Library(root, clips, long)
+    shutil.rmtree(root, ignore_errors=True)
+    for source, clip in zip(picks, clips):
+        link(source, clip)
+    for (path, _), target_path in zip(made, long):
+        link(path, target_path)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return Library(root, clips, long)
+
+
+def subset(library: Library, work: Path, n_files: int) -> Path:
+    """A library of hardlinks to the first `n_files` clips (the same mix of formats), for the 1- vs 2-worker runs."""
+    root = work / f"speedup-{n_files}-of-{library.root.name}"
+    manifest = {"source": str(library.root), "files": n_files}
+    if (root / MANIFEST).exists() and json.loads((root / MANIFEST).read_text()) == manifest:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    for clip in library.clips[:n_files]:
+        link(clip, root / clip.relative_to(library.root))
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def sample(library: Library, per_format: int) -> list[Path]:
+    """Up to `per_format` distinct-content clips of each format (first copies) plus every long track."""
+    chosen: dict[str, list[Path]] = {}
+    for clip in library.clips:
+        if clip.name.startswith("c0-") and len(chosen.setdefault(clip.suffix.lower(), [])) < per_format:
+            chosen[clip.suffix.lower()].append(clip)
+    return [p for group in chosen.values() for p in group] + library.long
+
+
+def floor(path: Path) -> None:
+    """The floor: decode the whole file with soundfile, mix to mono, resample to 22050 Hz, one STFT (n_fft 2048, hop 512)."""
+    with sf.SoundFile(str(path)) as snd:
+        rate, channels = snd.samplerate, snd.channels
+        for block in snd.blocks(blocksize=FLOOR_BLOCK_S * rate, dtype="float32", always_2d=True):
+            mono = block[:, 0] if channels == 1 else block @ np.full(channels, 1.0 / channels, dtype=np.float32)
+            y = soxr.resample(mono, rate, SR) if rate != SR else mono
+            librosa.stft(y, n_fft=N_FFT, hop_length=HOP)
+
+
+def recipe(path: Path) -> None:
+    """The seed-article recipe: librosa.load (whole file, 22050 Hz mono), then MFCC, contrast, chroma each from y."""
+    y, sr = librosa.load(str(path), sr=SR, mono=True)
+    recipe_features(y, sr)
+
+
+def extractor(path: Path) -> None:
+    """genre-batch's extractor on one file, exactly as a worker runs it."""
+    extract_file(str(path))
+
+
+def cpu_ms(function: Callable[[Path], None], path: Path) -> float:
+    """CPU milliseconds (this process, one thread) of one call."""
+    started = time.process_time()
+    function(path)
+    return 1000 * (time.process_time() - started)
+
+
+def measure_files(library: Library, files: list[Path]) -> list[dict]:
+    """Per-file CPU of the floor, the extractor and the recipe, interleaved file by file."""
+    warm_up_both()
+    rows = []
+    for path in files:
+        duration = sf.info(str(path)).duration
+        row = {"file": str(path.relative_to(library.root)), "kind": library.kind(path), "duration_s": round(duration, 2)}
+        row["extractor_ms"] = cpu_ms(extractor, path)
+        row["floor_ms"] = cpu_ms(floor, path)
+        row["recipe_ms"] = cpu_ms(recipe, path) if duration <= RECIPE_MAX_S else None
+        rows.append(row)
+    return rows
+
+
+def by_kind(rows: list[dict]) -> dict[str, dict]:
+    """Medians per file class: floor, extractor, recipe, and the median of per-file extractor/floor ratios."""
+    kinds: dict[str, dict] = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        group = [r for r in rows if r["kind"] == kind]
+        recipes = [r["recipe_ms"] for r in group if r["recipe_ms"] is not None]
+        kinds[kind] = {
+            "files": len(group),
+            "duration_s": statistics.median(r["duration_s"] for r in group),
+            "floor_ms": statistics.median(r["floor_ms"] for r in group),
+            "extractor_ms": statistics.median(r["extractor_ms"] for r in group),
+            "recipe_ms": statistics.median(recipes) if recipes else None,
+            "extractor_over_floor": statistics.median(r["extractor_ms"] / r["floor_ms"] for r in group),
+        }
+    return kinds
+
+
+def label(function: tuple[str, int, str]) -> str:
+    """A readable name of a profiled function: module path inside site-packages, or the builtin's name."""
+    filename, _, name = function
+    if filename == "~":
+        return name
+    parts = Path(filename).with_suffix("").parts
+    start = parts.index("site-packages") + 1 if "site-packages" in parts else len(parts) - 2
+    return f"{'.'.join(parts[start:])}.{name}"
+
+
+def profile(path: Path, repeats: int = PROFILE_REPEATS, top: int = PROFILE_TOP) -> dict:
+    """CPU ms per call of what genre-batch's code calls (cProfile, process time), largest first; package's own time apart."""
+    profiler = cProfile.Profile(time.process_time)
+    started = time.process_time()
+    for _ in range(repeats):
+        profiler.runcall(extract_file, str(path))
+    total = 1000 * (time.process_time() - started) / repeats
+    package = str(Path(genre_batch.__file__).parent)
+    costs: dict[str, float] = {}
+    own = 0.0
+    for function, (_, _, tottime, _, callers) in pstats.Stats(profiler).stats.items():
+        if function[0].startswith(package):
+            own += tottime
+            continue
+        ms = sum(edge[3] for caller, edge in callers.items() if caller[0].startswith(package))
+        if ms:
+            costs[label(function)] = costs.get(label(function), 0.0) + 1000 * ms / repeats
+    ranked = sorted(costs.items(), key=lambda kv: -kv[1])[:top]
+    return {"file": path.name, "total_ms_profiled": round(total, 1), "package_own_ms": round(1000 * own / repeats, 1),
+            "calls": [{"call": name, "ms": round(ms, 1)} for name, ms in ranked]}
+
+
+def fresh_store(work: Path, name: str) -> Path:
+    """An empty store folder in `work`."""
+    store = work / "stores" / name
+    shutil.rmtree(store, ignore_errors=True)
+    return store
+
+
+def library_estimate(library: Library, rows: list[dict], column: str) -> float:
+    """Seconds of `column` for the whole library: clip medians times clip counts plus each long track's own measure."""
+    kinds = by_kind(rows)
+    clips = sum(kinds[kind][column] * n for kind, n in library.counts().items())
+    long = sum(r[column] for r in rows if r["kind"] not in library.counts())
+    return (clips + long) / 1000
+
+
+def pipeline(library: Library, work: Path) -> dict:
+    """genre-batch extract on a fresh store (default local cluster), a no-op re-run, then train and tag, each as CLI runs."""
+    env = cli_env(work)
+    store = fresh_store(work, "pipeline")
+    load = os.getloadavg()[0]
+    runs = {"extract": run_cli(cli_command("extract", str(library.root), "--store", str(store)), env)}
+    record = latest_record(store)["extract"]
+    runs["noop_extract"] = run_cli(cli_command("extract", str(library.root), "--store", str(store)), env)
+    runs["train"] = run_cli(cli_command("train", "--store", str(store), "--labels", "folders"), env)
+    runs["tag"] = run_cli(cli_command("tag", "--store", str(store)), env)
+    out = {name: run.summary() for name, run in runs.items()}
+    out["extract"].update(
+        files=record["discovered"], extracted=record["extracted"], failed=record["failed"], shards=record["shards"],
+        extraction_stage_wall_s=record["wall_s"], shard_cpu_s=record["cpu_s"],
+        peak_rss_mb_per_worker=[round(mb) for mb in runs["extract"].peak_worker_rss_mb()], load_avg_1min_at_start=load,
+    )
+    return out
+
+
+def start_cluster(n_workers: int) -> tuple[object, Client, dict]:
+    """Start a local cluster of `n_workers` in this process and warm it up; its wall time and CPU (this process + workers)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    cluster = local_cluster(n_workers)
+    client = Client(cluster)
+    warm_up_workers(client)
+    me = psutil.Process()
+    workers = [p for p in me.children(recursive=True) if role(p, me.pid) == "dask workers"]
+    worker_cpu = sum(sum(p.cpu_times()[:2]) for p in workers)
+    cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu + worker_cpu, 2)}
+    return cluster, client, cost
+
+
+def speedup(library: Library, work: Path, n_files: int) -> dict:
+    """The same clips extracted on a 1-worker and a 2-worker cluster started here (`--scheduler`); fresh store each."""
+    root = subset(library, work, n_files)
+    env = cli_env(work)
+    out: dict = {"files": n_files, "library": str(root)}
+    for n_workers in (1, 2):
+        load = os.getloadavg()[0]
+        cluster, client, start = start_cluster(n_workers)
+        with cluster, client:
+            store = fresh_store(work, f"speedup-{n_workers}")
+            run = run_cli(cli_command("extract", str(root), "--store", str(store), "--scheduler", cluster.scheduler_address), env)
+        record = latest_record(store)["extract"]
+        out[f"workers_{n_workers}"] = {
+            "cluster_start_and_warm_up": start, "cli": run.summary(), "extraction_stage_wall_s": record["wall_s"],
+            "shard_cpu_s": record["cpu_s"], "files_per_s": round(record["extracted"] / record["wall_s"], 2),
+            "load_avg_1min_at_start": load,
+        }
+    one, two = out["workers_1"], out["workers_2"]
+    out["speedup_extraction_stage"] = round(one["extraction_stage_wall_s"] / two["extraction_stage_wall_s"], 2)
+    out["speedup_cli_wall"] = round(one["cli"]["wall_s"] / two["cli"]["wall_s"], 2)
+    return out
+
+
+def totals(library: Library, rows: list[dict], pipe: dict, cluster_start: dict) -> dict:
+    """Whole-pipeline aggregates: CPU per file, files per second, fixed costs, overhead per file, floors and extractor sums."""
+    run, noop = pipe["extract"], pipe["noop_extract"]
+    files = run["files"]
+    fixed_cpu = noop["cpu_s"] + cluster_start["cpu_s"]
+    extractor_s = library_estimate(library, rows, "extractor_ms")
+    return {
+        "files": files,
+        "wall_s": run["wall_s"],
+        "cpu_s": run["cpu_s"],
+        "cpu_ms_per_file": round(1000 * run["cpu_s"] / files, 1),
+        "files_per_s": round(files / run["wall_s"], 2),
+        "fixed_wall_s": round(noop["wall_s"] + cluster_start["wall_s"], 2),
+        "fixed_cpu_s": round(fixed_cpu, 2),
+        "floor_sum_s": round(library_estimate(library, rows, "floor_ms"), 2),
+        "extractor_sum_s": round(extractor_s, 2),
+        "overhead_cpu_ms_per_file": round(1000 * (run["cpu_s"] - fixed_cpu - extractor_s) / files, 1),
+        "shard_overhead_cpu_ms_per_file": round(1000 * (run["shard_cpu_s"] - extractor_s) / files, 1),
+    }
+
+
+def targets(kinds: dict[str, dict], agg: dict, speed: dict, pipe: dict) -> list[dict]:
+    """The per-file and pipeline targets of issue #5 with their measured values."""
+    longest = max((k for k in kinds if k.endswith(" min") and int(k.split()[1]) <= 10), key=lambda k: int(k.split()[1]))
+    hour = max((k for k in kinds if k.endswith(" min")), key=lambda k: int(k.split()[1]))
+    rows = [target(f"extractor CPU/file vs floor, {k}s (median ratio)", kinds[k]["extractor_over_floor"], 1.6, "x")
+            for k in kinds if k.endswith("clip")]
+    rows += [
+        target("pipeline total CPU vs sum of floors, start-up included", agg["cpu_s"] / agg["floor_sum_s"], 2.0, "x"),
+        target(f"2 workers vs 1, throughput ({speed['files']} files, extraction stage)", speed["speedup_extraction_stage"], 1.8, "x", at_least=True),
+        target(f"{longest} track vs a 60 s mp3 clip, extractor CPU", kinds[longest]["extractor_ms"] / kinds["mp3 clip"]["extractor_ms"], 2.0, "x"),
+        target(f"peak RSS per worker, {hour} file in the batch", max(pipe["extract"]["peak_rss_mb_per_worker"]) / 1000, 1.5, "GB"),
+    ]
+    return rows
+
+
+def print_report(report: dict) -> None:
+    """Print the tables: per-file CPU, profile, pipeline, speedup, targets."""
+    print(f"{'per-file CPU, one thread (median ms)':<38} {'files':>5} {'length':>7} {'floor':>7} {'extractor':>9} {'recipe':>7} {'extr/floor':>10}")
+    for kind, k in report["per_file"].items():
+        recipe_ms = f"{k['recipe_ms']:.0f}" if k["recipe_ms"] is not None else "-"
+        print(f"{kind:<38} {k['files']:>5} {k['duration_s']:>6.0f}s {k['floor_ms']:>7.0f} {k['extractor_ms']:>9.0f} {recipe_ms:>7} {k['extractor_over_floor']:>9.2f}x")
+    for p in report["profile"]:
+        print(f"\nextract_file({p['file']}) under cProfile: {p['total_ms_profiled']:.0f} ms CPU; genre-batch's own code {p['package_own_ms']:.0f} ms; calls from it:")
+        for c in p["calls"]:
+            print(f"  {c['ms']:>7.1f} ms  {c['call']}")
+    agg, pipe = report["totals"], report["pipeline"]
+    print(f"\npipeline: genre-batch extract, {agg['files']} files (60-min file included), fresh store, local cluster of 2 workers")
+    print(f"  wall {agg['wall_s']:.1f} s, CPU {agg['cpu_s']:.1f} s {pipe['extract']['cpu_s_by_role']}")
+    print(f"  {agg['cpu_ms_per_file']:.0f} ms CPU/file, {agg['files_per_s']:.2f} files/s; extraction stage {pipe['extract']['extraction_stage_wall_s']:.1f} s wall, "
+          f"shards {pipe['extract']['shard_cpu_s']:.1f} s CPU; peak RSS per worker {pipe['extract']['peak_rss_mb_per_worker']} MB")
+    print(f"  fixed: no-op extract {pipe['noop_extract']['wall_s']:.1f} s wall, {pipe['noop_extract']['cpu_s']:.1f} s CPU {pipe['noop_extract']['cpu_s_by_role']}; "
+          f"cluster start + warm-up (2 workers) {report['cluster_start']['wall_s']:.1f} s wall, {report['cluster_start']['cpu_s']:.1f} s CPU")
+    print(f"  sum of floors {agg['floor_sum_s']:.1f} s, of extractor {agg['extractor_sum_s']:.1f} s (estimates from the sample); overhead beyond "
+          f"extractor and fixed costs {agg['overhead_cpu_ms_per_file']:.0f} ms CPU/file (inside shards {agg['shard_overhead_cpu_ms_per_file']:.0f} ms)")
+    for stage in ("train", "tag"):
+        print(f"  {stage} (separate CLI run): {pipe[stage]['wall_s']:.1f} s wall, {pipe[stage]['cpu_s']:.1f} s CPU")
+    s = report["speedup"]
+    print(f"\nworkers ({s['files']} clips, cluster started by the bench, --scheduler):")
+    for n in (1, 2):
+        w = s[f"workers_{n}"]
+        print(f"  {n}: extraction stage {w['extraction_stage_wall_s']:.1f} s ({w['files_per_s']:.2f} files/s), CLI {w['cli']['wall_s']:.1f} s wall; "
+              f"cluster start + warm-up {w['cluster_start_and_warm_up']['wall_s']:.1f} s; load avg {w['load_avg_1min_at_start']:.1f}")
+    print(f"  speedup {s['speedup_extraction_stage']:.2f}x (extraction stage), {s['speedup_cli_wall']:.2f}x (CLI wall)")
+
+
+def run(data: Path, work: Path, n_files: int, per_format: int, speedup_files: int) -> dict:
+    """Build the library, then every measurement of the report."""
+    started = time.perf_counter()
+    library = build_library(data, work, n_files)
+    report: dict = {"data": str(data), "work": str(work), "library": str(library.root), "files": n_files,
+                    "library_counts": {**library.counts(), "long tracks": len(library.long)}, "cpus": os.cpu_count(),
+                    "library_build_s": round(time.perf_counter() - started, 1),
+                    "load_avg_1min_at_start": os.getloadavg()[0]}
+    rows = measure_files(library, sample(library, per_format))
+    report["per_file"] = by_kind(rows)
+    report["files_measured"] = rows
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["kind"], library.root / r["file"])
+    report["profile"] = [profile(firsts[k]) for k in ("mp3 clip", "flac clip") if k in firsts]
+    report["speedup"] = speedup(library, work, min(speedup_files, len(library.clips)))
+    report["cluster_start"] = report["speedup"]["workers_2"]["cluster_start_and_warm_up"]
+    report["pipeline"] = pipeline(library, work)
+    report["totals"] = totals(library, rows, report["pipeline"], report["cluster_start"])
+    report["targets"] = targets(report["per_file"], report["totals"], report["speedup"], report["pipeline"])
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m bench.throughput [--data DIR] [--work DIR] [--files 1000] [--out FILE] [--skip-scale]."""
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of <task>/<genre>/<audio> (default {DEFAULT_DATA}); read only")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for the built library, stores and Prefect home (default {DEFAULT_WORK}); the library is reused between runs. Never inside the repository")
+    parser.add_argument("--files", type=int, default=1000, help="files in the benchmark library, long tracks included (default 1000)")
+    parser.add_argument("--sample", type=int, default=SAMPLE_PER_FORMAT, help=f"clips per format measured file by file (default {SAMPLE_PER_FORMAT}); long tracks always")
+    parser.add_argument("--speedup-files", type=int, default=SPEEDUP_FILES, help=f"clips extracted on 1 and on 2 workers (default {SPEEDUP_FILES})")
+    parser.add_argument("--skip-scale", action="store_true", help="skip the scale checks (10,000-file no-op run, 1M-row catalog; also: python -m bench.scale)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"write the report as JSON here (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    work = args.work.resolve()
+    if Path(__file__).resolve().parent.parent in [work, *work.parents]:
+        parser.error("--work must be outside the repository: the library holds copies of the data")
+    report = run(args.data.resolve(), work, args.files, args.sample, args.speedup_files)
+    print_report(report)
+    if not args.skip_scale:
+        from bench import scale
+
+        report["scale"] = scale.run(work)
+        report["targets"] += scale.targets(report["scale"])
+        print()
+        scale.print_scale(report["scale"])
+    print()
+    print_targets(report["targets"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
