@@ -246,7 +246,7 @@ def test_very_long_file_is_analysed_in_windows_spread_across_it(ran: Run) -> Non
     spans = features.window_spans(LONG_S)
     assert spans == [(115.0, 10.0), (295.0, 10.0), (590.0, 20.0), (895.0, 10.0), (1075.0, 10.0)]
     assert [r["window"] for r in rows] == list(range(6))
-    assert [r["window_offset_s"] for r in rows] == pytest.approx([115, 295, 590, 600, 895, 1075], abs=0.01)
+    assert [r["window_offset_s"] for r in rows] == pytest.approx([115, 295, 590, 600, 895, 1075], abs=0.05)  # windows of 430 frames sit centred in their span, up to a frame in
     assert rows[0]["duration_s"] == pytest.approx(LONG_S) and rows[0]["analysed_s"] == pytest.approx(60.0, abs=0.01)
     for r in rows:  # each window holds its own part of the file: the chirp's pitch at the window's centre
         assert r["centroid_mean"] == pytest.approx(chirp_hz(r["window_offset_s"] + 5), abs=10)
