@@ -313,16 +313,19 @@ def pipeline(library: Library, work: Path) -> dict:
     return out
 
 
+def worker_cpu() -> dict[int, float]:
+    """CPU seconds so far of each Dask worker process started by this process."""
+    me = psutil.Process()
+    return {p.pid: sum(p.cpu_times()[:2]) for p in me.children(recursive=True) if role(p, me.pid) == "dask workers"}
+
+
 def start_cluster(n_workers: int) -> tuple[object, Client, dict]:
     """Start a local cluster of `n_workers` in this process and warm it up; its wall time and CPU (this process + workers)."""
     wall, cpu = time.perf_counter(), time.process_time()
     cluster = local_cluster(n_workers)
     client = Client(cluster)
     warm_up_workers(client)
-    me = psutil.Process()
-    workers = [p for p in me.children(recursive=True) if role(p, me.pid) == "dask workers"]
-    worker_cpu = sum(sum(p.cpu_times()[:2]) for p in workers)
-    cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu + worker_cpu, 2)}
+    cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu + sum(worker_cpu().values()), 2)}
     return cluster, client, cost
 
 
@@ -336,12 +339,14 @@ def speedup(library: Library, work: Path, n_files: int) -> dict:
         cluster, client, start = start_cluster(n_workers)
         with cluster, client:
             store = fresh_store(work, f"speedup-{n_workers}")
+            before = worker_cpu()
             run = run_cli(cli_command("extract", str(root), "--store", str(store), "--scheduler", cluster.scheduler_address), env)
+            busy = [round(cpu - before.get(pid, 0.0), 1) for pid, cpu in worker_cpu().items()]
         record = latest_record(store)["extract"]
         out[f"workers_{n_workers}"] = {
             "cluster_start_and_warm_up": start, "cli": run.summary(), "extraction_stage_wall_s": record["wall_s"],
             "shard_cpu_s": record["cpu_s"], "files_per_s": round(record["extracted"] / record["wall_s"], 2),
-            "load_avg_1min_at_start": load,
+            "worker_cpu_s": busy, "cores_used": round(sum(busy) / record["wall_s"], 2), "load_avg_1min_at_start": load,
         }
     one, two = out["workers_1"], out["workers_2"]
     out["speedup_extraction_stage"] = round(one["extraction_stage_wall_s"] / two["extraction_stage_wall_s"], 2)
@@ -411,7 +416,8 @@ def print_report(report: dict) -> None:
     for n in (1, 2):
         w = s[f"workers_{n}"]
         print(f"  {n}: extraction stage {w['extraction_stage_wall_s']:.1f} s ({w['files_per_s']:.2f} files/s), CLI {w['cli']['wall_s']:.1f} s wall; "
-              f"cluster start + warm-up {w['cluster_start_and_warm_up']['wall_s']:.1f} s; load avg {w['load_avg_1min_at_start']:.1f}")
+              f"cluster start + warm-up {w['cluster_start_and_warm_up']['wall_s']:.1f} s; worker CPU {w['worker_cpu_s']} s "
+              f"({w['cores_used']:.2f} cores busy); load avg {w['load_avg_1min_at_start']:.1f}")
     print(f"  speedup {s['speedup_extraction_stage']:.2f}x (extraction stage), {s['speedup_cli_wall']:.2f}x (CLI wall)")
 
 
