@@ -156,10 +156,10 @@ def storage_error(e: BaseException) -> str | None:
     return None
 
 
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write an Arrow table as one Parquet file, atomically."""
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+    """Write an Arrow table as one Parquet file (row groups of `row_group_size` rows, else pyarrow's default), atomically."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes(fs, path, buf.getvalue())
 
 

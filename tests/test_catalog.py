@@ -55,6 +55,28 @@ def test_publish_switches_readers_to_the_new_snapshot(tmp_path: Path) -> None:
     assert table.schema.metadata[b"genre_batch.catalog_version"] == b"1"
 
 
+def test_snapshot_is_sorted_by_genre_then_confidence_in_row_groups(tmp_path: Path) -> None:
+    """Rows come out grouped by genre, most confident first; each row group's statistics cover few genres."""
+    s = Store(str(tmp_path))
+    n = 2 * catalog.ROW_GROUP_ROWS + 5
+    genres = ["rock", "jazz", "pop", "blues", "metal"]
+    shuffled = rows(n, "x", "run-a")
+    shuffled = shuffled.set_column(2, "genre", pa.array([genres[(i * 7) % 5] for i in range(n)]))
+    shuffled = shuffled.set_column(3, "confidence", pa.array([((i * 7919) % n) / n for i in range(n)]))
+    catalog.publish(s, shuffled, "run-a", "m-1")
+    [path] = catalog.files(s)
+    table = catalog.read(s)
+    assert table.num_rows == n and sorted(table["confidence"].to_pylist()) == sorted(shuffled["confidence"].to_pylist())
+    keys = list(zip(table["genre"].to_pylist(), (-c for c in table["confidence"].to_pylist())))
+    assert keys == sorted(keys)
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_row_groups == 3 and metadata.row_group(0).num_rows == catalog.ROW_GROUP_ROWS
+    genre_column = table.schema.get_field_index("genre")
+    spans = [(rg.column(genre_column).statistics.min, rg.column(genre_column).statistics.max)
+             for rg in (metadata.row_group(i) for i in range(3))]
+    assert spans == [("blues", "metal"), ("metal", "rock"), ("rock", "rock")], spans  # a query on "jazz" reads one group
+
+
 def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(str(tmp_path))
     catalog.publish(s, rows(4, "rock", "run-a"), "run-a", "m-1")
