@@ -14,7 +14,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from s3fs import S3FileSystem
 
 from genre_batch import GenreBatchError
 
@@ -125,6 +124,8 @@ def swap_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, expected: 
     On disk this is an atomic rename. On S3 the write is refused with a clear error when another writer
     changed the file in between; servers without conditional writes answer 501 and get a plain PUT.
     """
+    from s3fs import S3FileSystem  # imported when needed: it costs 0.3 s of every CLI start
+
     if not isinstance(fs, S3FileSystem):
         write_bytes(fs, path, data)
         return
