@@ -105,18 +105,20 @@ def extract_all(tasks: list[Task], workers: int) -> dict[tuple[str, str, int], t
         return dict(zip(keys, pool.map(extract_one, jobs, chunksize=4)))
 
 
+def stacked(X: list[np.ndarray], tracks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of the given tracks, one matrix, and the position in `tracks` of each window's track."""
+    return np.vstack([X[i] for i in tracks]), np.repeat(np.arange(len(tracks)), [len(X[i]) for i in tracks])
+
+
 def fit_predict(
     method: str, X: list[np.ndarray], y: np.ndarray, groups: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int
 ) -> np.ndarray:
     """Predicted classes of the test tracks: genre-batch trains on windows and averages them; the recipe is per track."""
     if method == "genre-batch":
-        X_train = np.vstack([X[i] for i in train])
-        y_train = np.concatenate([np.full(len(X[i]), y[i]) for i in train])
-        train_track = np.concatenate([np.full(len(X[i]), k) for k, i in enumerate(train)])
-        model, _ = training.fit(X_train, y_train, n_classes, train_track, groups[train])
-        test_track = np.concatenate([np.full(len(X[i]), k) for k, i in enumerate(test)])
-        windows = training.predict_proba(model, np.vstack([X[i] for i in test]))
-        return training.per_track(windows, test_track, len(test)).argmax(axis=1)
+        X_train, train_track = stacked(X, train)
+        model, _ = training.fit(X_train, y[train][train_track], n_classes, train_track, groups[train])
+        X_test, test_track = stacked(X, test)
+        return training.per_track(training.predict_proba(model, X_test), test_track, len(test)).argmax(axis=1)
     model = xgb.XGBClassifier(n_jobs=1)
     return model.fit(np.stack([X[i] for i in train]), y[train]).predict(np.stack([X[i] for i in test]))
 

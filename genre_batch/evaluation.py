@@ -70,6 +70,14 @@ def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     return scaled / scaled.sum(axis=1, keepdims=True)
 
 
+def calibration_errors(probabilities: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, float]:
+    """Expected calibration error of probabilities as they are (`ece`) and scaled by `temperature` (`ece_calibrated`)."""
+    return {
+        "ece": expected_calibration_error(probabilities, y),
+        "ece_calibrated": expected_calibration_error(calibrate(probabilities, temperature), y),
+    }
+
+
 def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
     """The temperature that minimises the negative log-likelihood of the true genres."""
 

@@ -137,12 +137,10 @@ def read(store: Store) -> tuple[dict | None, str | None]:
         raise GenreBatchError(f"unreadable run lease {store.fs.unstrip_protocol(path)}: delete it if no run is active") from None
 
 
-def put(store: Store, lease: dict | None, expected: str | None) -> None:
-    """Write the lease if it is still the version `expected` (S3; on disk the caller holds exclusive()); None deletes it."""
+def put(store: Store, lease: dict, expected: str | None) -> None:
+    """Write the lease if it is still the version `expected` (S3; on disk the caller holds exclusive())."""
     path = lease_path(store)
-    if lease is None:
-        store.fs.rm(path)
-    elif is_local(store.fs):
+    if is_local(store.fs):
         write_bytes(store.fs, path, json.dumps(lease, indent=2).encode())
     else:
         try:
@@ -187,7 +185,7 @@ def release(store: Store, run_id: str) -> None:
     with exclusive(store):
         current, _ = read(store)
         if current is not None and current["run_id"] == run_id:
-            put(store, None, None)
+            store.fs.rm(lease_path(store))
 
 
 class Heartbeat(threading.Thread):

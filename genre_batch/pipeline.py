@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import xgboost as xgb
 
@@ -112,11 +113,15 @@ def library_of(store: Store) -> str:
     return meta[b"library"].decode()
 
 
+def track_labels(store: Store, spec: str, windows: pa.Table) -> pa.Table:
+    """The genres a label spec gives the tracks of a feature table of the store."""
+    return labels.resolve(spec, tracks(windows), library_of(store))
+
+
 def training_data(store: Store, spec: str, grouping: str = "auto") -> training.TrainingSet:
     """The labelled training set of the store for a label spec."""
     windows = current_features(store)
-    labelled = labels.resolve(spec, tracks(windows), library_of(store))
-    return training.training_set(windows, labelled, labels.label_source(spec), grouping)
+    return training.training_set(windows, track_labels(store, spec, windows), labels.label_source(spec), grouping)
 
 
 def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
@@ -126,43 +131,37 @@ def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
     if version is None:
         return True, "no current model"
     trained_on = registry.metadata(store, version).get("training_fingerprint")
-    first = tracks(current_features(store, PROVENANCE_COLUMNS))  # no feature columns: only the fingerprint is needed
-    labelled = labels.resolve(spec, first, library_of(store))
-    if trained_on != training.labelled_tracks(first, labelled, labels.label_source(spec))[3]:
+    windows = current_features(store, PROVENANCE_COLUMNS)  # no feature columns: only the fingerprint is needed
+    *_, fingerprint = training.labelled_tracks(tracks(windows), track_labels(store, spec, windows), labels.label_source(spec))
+    if trained_on != fingerprint:
         return True, "labels or features changed since the current model was trained"
     return False, f"current model {version} was trained on the same labelled data"
 
 
-def cross_validation(data: training.TrainingSet) -> dict:
-    """Grouped k-fold scores of track predictions, raw and calibrated, with the fitted temperature."""
-    oof = training.out_of_fold(data)
+def cross_validation(data: training.TrainingSet, oof: np.ndarray) -> dict:
+    """Grouped k-fold scores of the out-of-fold track probabilities `oof`, raw and calibrated, with the fitted temperature."""
     temperature = evaluation.fit_temperature(oof, data.y_track)
-    report = evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres)
     return {
-        **report,
+        **evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres),
         "folds": training.folds(data),
         "grouping": data.grouping,
         "groups": int(len(set(data.groups.tolist()))),
         "temperature": temperature,
-        "ece": evaluation.expected_calibration_error(oof, data.y_track),
-        "ece_calibrated": evaluation.expected_calibration_error(evaluation.calibrate(oof, temperature), data.y_track),
+        **evaluation.calibration_errors(oof, data.y_track, temperature),
     }
 
 
-def holdout(data: training.TrainingSet, temperature: float) -> dict:
-    """Scores of a model fitted without one grouped, stratified fold, on that fold's tracks."""
-    train_tracks, test_tracks = training.splits(data, training.folds(data))[0]
-    test_windows = training.windows_of(data, test_tracks)
-    model, _ = training.fit_tracks(data, train_tracks)
-    probabilities = training.per_track(
-        training.predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track)
-    )[test_tracks]
-    truth = data.y_track[test_tracks]
+def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> dict:
+    """Scores of the model fitted without the first grouped, stratified fold, on that fold's tracks.
+
+    That model is the first one of the cross-validation, so its predictions are the out-of-fold ones `oof` of that fold.
+    """
+    _, test_tracks = training.splits(data, training.folds(data))[0]
+    probabilities, truth = oof[test_tracks], data.y_track[test_tracks]
     return {
         **evaluation.scores(truth, probabilities.argmax(axis=1), data.genres),
         "fraction": round(len(test_tracks) / len(data.y_track), 3),
-        "ece": evaluation.expected_calibration_error(probabilities, truth),
-        "ece_calibrated": evaluation.expected_calibration_error(evaluation.calibrate(probabilities, temperature), truth),
+        **evaluation.calibration_errors(probabilities, truth, temperature),
     }
 
 
@@ -178,7 +177,7 @@ def evaluate(store_url: str, spec: str, grouping: str = "auto") -> dict:
         "windows": len(data.y),
         "genres": data.genres,
         "majority_baseline": evaluation.majority_baseline(data.y_track),
-        "cross_validation": cross_validation(data),
+        "cross_validation": cross_validation(data, training.out_of_fold(data)),
     }
     folder = f"{store.path('evaluations')}/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     cv = report["cross_validation"]
@@ -191,8 +190,9 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abs
     """Cross-validate and hold out (grouped), fit on all labelled tracks, calibrate, register; promote if it passes."""
     store = Store(store_url)
     data = training_data(store, spec, grouping)
-    cv = cross_validation(data)
-    held = holdout(data, cv["temperature"])
+    oof = training.out_of_fold(data)
+    cv = cross_validation(data, oof)
+    held = holdout(data, oof, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
     passes = cv["accuracy"] > baseline and cv["accuracy"] >= min_accuracy
     reason = (

@@ -33,7 +33,7 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     files = catalog.files(store)
     if is_local(store.fs):
         con.execute("SET allowed_paths = $files", {"files": files})
-        con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet({sql_list(files)})")
+        con.read_parquet(files).create_view("catalog")
     else:
         con.register("catalog_files", ds.dataset(files, format="parquet", filesystem=store.fs))
         con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
@@ -43,11 +43,6 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
-
-
-def sql_list(values: list[str]) -> str:
-    """A SQL list literal of strings (quotes doubled)."""
-    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -16,11 +16,16 @@ from genre_batch.labels import normalise
 from genre_batch.store import Store
 from genre_batch.evaluation import calibrate
 from genre_batch.feature_store import tracks
-from genre_batch.training import matrix, per_track, predict_proba
+from genre_batch.training import matrix, per_track, predict_proba, track_index
 
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""
+
+
+def calibrated(booster: xgb.Booster, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
+    """Track probabilities from window features: predictions averaged per track, the model's temperature applied."""
+    return calibrate(per_track(predict_proba(booster, X), track, n_tracks), meta.get("temperature", 1.0))
 
 
 def track_probabilities(booster: xgb.Booster, windows: pa.Table, meta: dict) -> tuple[pa.Table, np.ndarray]:
@@ -28,10 +33,7 @@ def track_probabilities(booster: xgb.Booster, windows: pa.Table, meta: dict) -> 
     first = tracks(windows)
     if first.num_rows == 0:
         return first, np.zeros((0, len(meta["genres"])))
-    position = {u: i for i, u in enumerate(first["uri"].to_pylist())}
-    track = np.array([position[u] for u in windows["uri"].to_pylist()])
-    averaged = per_track(predict_proba(booster, matrix(windows)), track, first.num_rows)
-    return first, calibrate(averaged, meta.get("temperature", 1.0))
+    return first, calibrated(booster, matrix(windows), track_index(windows, first), first.num_rows, meta)
 
 
 def catalog_rows(
@@ -80,8 +82,7 @@ def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, l
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
             continue
-        averaged = predict_proba(booster, windows).mean(axis=0, keepdims=True)
-        probabilities = calibrate(averaged, meta.get("temperature", 1.0))[0]
+        probabilities = calibrated(booster, windows, np.zeros(len(windows), np.int64), 1, meta)[0]  # one track
         order = np.argsort(probabilities)[::-1][:top]
         results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
     return results

@@ -14,6 +14,7 @@ import xgboost as xgb
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
+from genre_batch.feature_store import tracks as first_windows
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 
 PARAMS: dict = {
@@ -116,27 +117,34 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
 
 def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str = "auto") -> TrainingSet:
     """Join window features with track labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
-    first = windows.filter(pc.equal(windows["window"], 0))
-    tracks, genres, dropped, fingerprint = labelled_tracks(first, labels, source)
+    tracks, genres, dropped, fingerprint = labelled_tracks(first_windows(windows), labels, source)
     keep = windows.join(tracks.select(["uri", "genre"]), keys="uri", join_type="inner").sort_by(
         [("uri", "ascending"), ("window", "ascending")]
     )
     grouping = resolve_grouping(tracks, grouping)
-    uris = tracks["uri"].to_pylist()
-    position = {u: i for i, u in enumerate(uris)}
     index = {g: i for i, g in enumerate(genres)}
     return TrainingSet(
         X=matrix(keep),
         y=np.array([index[g] for g in keep["genre"].to_pylist()], dtype=np.int32),
-        track=np.array([position[u] for u in keep["uri"].to_pylist()], dtype=np.int64),
+        track=track_index(keep, tracks),
         y_track=np.array([index[g] for g in tracks["genre"].to_pylist()], dtype=np.int32),
         groups=codes(group_keys(tracks, grouping)),
         genres=genres,
-        uris=uris,
+        uris=tracks["uri"].to_pylist(),
         grouping=grouping,
         fingerprint=fingerprint,
         dropped=dropped,
     )
+
+
+def track_index(windows: pa.Table, tracks: pa.Table) -> np.ndarray:
+    """The row in `tracks` of each window's track (matched by URI)."""
+    return pc.index_in(windows["uri"], value_set=tracks["uri"]).to_numpy().astype(np.int64)
+
+
+def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
+    """How many distinct groups the genre with the fewest has."""
+    return min(len(np.unique(groups[y == c])) for c in np.unique(y))
 
 
 def balanced_weights(y: np.ndarray, track: np.ndarray) -> np.ndarray:
@@ -157,10 +165,10 @@ def dmatrix(X: np.ndarray, y: np.ndarray | None = None, weight: np.ndarray | Non
 
 def boosting_rounds(X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int) -> int:
     """Rounds chosen by early stopping on a grouped, stratified validation fold of the training windows."""
-    groups_per_genre = min(len(np.unique(groups[y == c])) for c in np.unique(y))
-    if groups_per_genre < 2:
+    smallest = groups_per_genre(y, groups)
+    if smallest < 2:
         return DEFAULT_ROUNDS
-    splitter = StratifiedGroupKFold(n_splits=min(MAX_FOLDS, groups_per_genre), shuffle=True, random_state=PARAMS["seed"])
+    splitter = StratifiedGroupKFold(n_splits=min(MAX_FOLDS, smallest), shuffle=True, random_state=PARAMS["seed"])
     fit_rows, check_rows = next(splitter.split(X, y, groups))
     booster = xgb.train(
         {**PARAMS, "num_class": n_classes},
@@ -200,8 +208,7 @@ def per_track(probabilities: np.ndarray, track: np.ndarray, n_tracks: int) -> np
 
 def folds(data: TrainingSet) -> int:
     """Number of folds: up to MAX_FOLDS, at most the number of groups of the smallest genre."""
-    groups_per_genre = [len(set(data.groups[data.y_track == g])) for g in range(len(data.genres))]
-    return int(min(MAX_FOLDS, min(groups_per_genre)))
+    return int(min(MAX_FOLDS, groups_per_genre(data.y_track, data.groups)))
 
 
 def splits(data: TrainingSet, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -220,11 +227,15 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(data.track, tracks))
 
 
+def predict_tracks(booster: xgb.Booster, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
+    """Probabilities of the given tracks of a training set: their windows' predictions averaged."""
+    rows = windows_of(data, tracks)
+    return per_track(predict_proba(booster, data.X[rows]), data.track[rows], len(data.y_track))[tracks]
+
+
 def out_of_fold(data: TrainingSet, seed: int = 0) -> np.ndarray:
     """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation."""
     result = np.zeros((len(data.y_track), len(data.genres)))
     for train, test in splits(data, folds(data), seed):
-        model, _ = fit_tracks(data, train)
-        test_windows = windows_of(data, test)
-        result[test] = per_track(predict_proba(model, data.X[test_windows]), data.track[test_windows], len(data.y_track))[test]
+        result[test] = predict_tracks(fit_tracks(data, train)[0], data, test)
     return result

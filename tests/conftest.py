@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,6 +34,18 @@ def make_library(root: Path, per_style: int, seed: int = 0, styles: tuple[str, .
     return paths
 
 
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run the genre-batch CLI in-process: (exit code, stdout, stderr); an uncaught exception is added to stderr
+    as the traceback the CLI would print, so that checks of a clean one-line error see it."""
+    from typer.testing import CliRunner
+
+    from genre_batch.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    uncaught = result.exception if not isinstance(result.exception, SystemExit | None) else None
+    return result.exit_code, result.stdout, result.stderr + (f"Traceback: {uncaught!r}" if uncaught else "")
+
+
 @pytest.fixture
 def library_factory(tmp_path: Path) -> Callable[..., Path]:
     """Build a labelled library (folders and tags agree) in a fresh folder."""
@@ -56,6 +69,25 @@ def dask_scheduler() -> Iterator[str]:
         with Client(cluster) as client:
             warm_up_workers(client)
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """A moto S3 server in this process on 127.0.0.1 (any key is accepted; it honours If-None-Match and If-Match);
+    stopped after the module, also on failure."""
+    from moto.server import ThreadedMotoServer
+
+    access_log = logging.getLogger("werkzeug")
+    level = access_log.level
+    access_log.setLevel(logging.WARNING)  # one log line per request would drown a failure
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        access_log.setLevel(level)
 
 
 @pytest.fixture(scope="session")

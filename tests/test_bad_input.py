@@ -22,11 +22,9 @@ import pyarrow.compute as pc
 import pytest
 import soundfile as sf
 from distributed import Client
-from typer.testing import CliRunner
 
-from conftest import make_library
+from conftest import cli, make_library
 from genre_batch import audio, catalog, features
-from genre_batch.cli import app
 from genre_batch.discovery import discover
 from genre_batch.extraction import run_shards
 from genre_batch.feature_store import ERROR_SCHEMA, current_errors, current_features, plan, read_parts, tracks, write_inventory
@@ -39,9 +37,6 @@ TONE_HZ = 440.0
 LONG_RATE, LONG_S = 8000, 20 * 60
 UNDECODABLE = "not a readable audio file ("
 NO_SUCH_FILE = "cannot read file: No such file or directory (FileNotFoundError)"
-
-runner = CliRunner()
-
 
 @dataclass(frozen=True)
 class Matrix:
@@ -61,12 +56,6 @@ class Run:
     store: Path
     code: int
     out: str
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def tone(freq: float, seconds: float, sr: int, amplitude: float = 0.5) -> np.ndarray:
@@ -280,12 +269,14 @@ def test_awkward_names_and_file_links_are_processed(ran: Run) -> None:
     assert (rows["linked.wav"][0]["size"], rows["linked.wav"][0]["fingerprint"]) == (target["size"], target["fingerprint"])
 
 
-DROP_DAC_CAPS = """
+CANNOT_DROP_CAPS = 77
+DROP_DAC_CAPS = f"""
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: out of the bounding set, so lost at exec even by root
-    if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-        sys.exit(77)
+    if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: needs CAP_SETPCAP
+        print(os.strerror(ctypes.get_errno()), file=sys.stderr)
+        sys.exit({CANNOT_DROP_CAPS})
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
@@ -307,10 +298,15 @@ def test_unreadable_file_is_one_io_error_record(tmp_path: Path) -> None:
     locked = write_audio(library / "locked.wav", tone(TONE_HZ, 1.0, SR).astype(np.float32), SR)
     locked.chmod(0)
     # root reads any file; without the two capabilities that allow it, root meets file permissions like any user
-    python = [sys.executable, "-c", DROP_DAC_CAPS] if os.geteuid() == 0 else [sys.executable]
+    as_root = os.geteuid() == 0
+    python = [sys.executable, "-c", DROP_DAC_CAPS] if as_root else [sys.executable]
     child = subprocess.run([*python, "-c", EXTRACT_LIBRARY, str(library), str(store)], capture_output=True, text=True)
-    if child.returncode == 77:
-        pytest.skip("cannot drop CAP_DAC_OVERRIDE here (no CAP_SETPCAP), so root reads the mode-000 file")
+    if as_root and child.returncode == CANNOT_DROP_CAPS:
+        pytest.skip(
+            "running as root, and prctl(PR_CAPBSET_DROP) of CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed "
+            f"({child.stderr.strip()}; it needs CAP_SETPCAP): root would read the mode-000 file, so there is no "
+            "permission error to test"
+        )
     assert child.returncode == 0, child.stderr
     (error,) = current_errors(Store(str(store))).to_pylist()
     assert (error["uri"], error["error_type"]) == (str(locked), "io_error")

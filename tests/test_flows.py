@@ -8,22 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from conftest import cli
 
 from flows.pipeline import NIGHTLY_CRON, nightly
 from genre_batch import catalog
-from genre_batch.cli import app
 from genre_batch.store import Store
 from genre_batch.synth import STYLES
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_nightly_flow_end_to_end(

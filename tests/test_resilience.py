@@ -24,15 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from typer.testing import CliRunner
 
 from genre_batch import GenreBatchError, catalog, lease
-from genre_batch.cli import app
 from genre_batch.extraction import shard_size
 from genre_batch.feature_store import current_features
 from genre_batch.store import Store
 
-from conftest import make_library
+from conftest import cli, make_library
 from test_catalog import rows
 from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
 
@@ -65,12 +63,6 @@ def cli_env(tmp_path: Path, prefect_server: None) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     return base_env(PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_HOME=str(tmp_path / "prefect-home"))
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def part_files(store: Path) -> dict[str, tuple[str, int]]:
@@ -391,21 +383,15 @@ def test_lease_is_released_when_the_block_fails(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def s3_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
-    """A store on a moto S3 server in this process (it honours If-None-Match and If-Match)."""
-    from moto.server import ThreadedMotoServer
-
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    moto.start()
+def s3_store(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
+    """A store on conftest's moto S3 server (it honours If-None-Match and If-Match)."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_url}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
-        host, port = moto.get_host_and_port()
-        for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
         s3fs.S3FileSystem().mkdir("leases")
         yield Store("s3://leases/store")
     finally:
-        moto.stop()
         s3fs.S3FileSystem.clear_instance_cache()
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import s3fs
-from typer.testing import CliRunner
+from conftest import cli
 
 from genre_batch import GenreBatchError, catalog
-from genre_batch.cli import app
 from genre_batch.store import Store, swap_bytes, version_token
 from genre_batch.synth import STYLES
 
@@ -90,12 +89,6 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> s3fs.S3FileSystem:
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     return s3fs.S3FileSystem()
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_run_with_library_and_store_on_s3(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,10 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
-from typer.testing import CliRunner
-
-from genre_batch.cli import app
+from conftest import cli
 
 KEY, SECRET = "genre-batch-fault-key", "genre-batch-fault-secret-0123456789"
 S3_ERRORS = {
@@ -166,22 +162,6 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (any key is accepted); stopped after the module, also on failure."""
-    access_log = logging.getLogger("werkzeug")
-    level = access_log.level
-    access_log.setLevel(logging.WARNING)  # the proxy records the requests; one log line each would drown a failure
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        access_log.setLevel(level)
-
-
 @pytest.fixture
 def direct(moto_url: str) -> s3fs.S3FileSystem:
     """A client of the S3 server that bypasses the proxy (to prepare a library)."""
@@ -219,11 +199,47 @@ def upload_library(direct: s3fs.S3FileSystem, local: Path, bucket: str) -> list[
     return sorted(f"s3://{bucket}/library/{p.relative_to(local).as_posix()}" for p in local.rglob("*") if p.is_file())
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr), an uncaught exception as the traceback it would print."""
-    result = CliRunner().invoke(app, list(args))
-    uncaught = result.exception if not isinstance(result.exception, SystemExit | None) else None
-    return result.exit_code, result.stdout, result.stderr + (f"Traceback: {uncaught!r}" if uncaught else "")
+@dataclass(frozen=True)
+class Bucket:
+    """A generated library uploaded to s3://NAME/library, and the fault proxy the pipeline reaches it through."""
+
+    name: str
+    uris: list[str]
+    proxy: FaultProxy
+
+    @property
+    def library(self) -> str:
+        return f"s3://{self.name}/library"
+
+    @property
+    def store(self) -> str:
+        return f"s3://{self.name}/store"
+
+    def run(self) -> tuple[int, str, str]:
+        """`genre-batch run` of the library into the store, with folder labels, through the proxy."""
+        return cli("--endpoint-url", self.proxy.url, "run", self.library, "--store", self.store, "--labels", "folders")
+
+
+@pytest.fixture
+def bucket(
+    start_proxy: Callable[[Rule], FaultProxy],
+    direct: s3fs.S3FileSystem,
+    library_factory: Callable[..., Path],
+    prefect_server: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Bucket]:
+    """Upload a library of `per_style` clips per genre to a bucket and start a proxy with `rule` in front of the server.
+
+    `max_attempts` sets AWS_MAX_ATTEMPTS, the variable operators set (restored afterwards): fewer attempts keep a test short.
+    """
+
+    def make(name: str, per_style: int, rule: Rule, max_attempts: int | None = None) -> Bucket:
+        uris = upload_library(direct, library_factory(per_style=per_style), name)
+        if max_attempts is not None:
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(max_attempts))
+        return Bucket(name, uris, start_proxy(rule))
+
+    return make
 
 
 def run_records(direct: s3fs.S3FileSystem, store: str) -> list[dict]:
@@ -276,17 +292,11 @@ def no_faults(method: str, target: str, earlier: int) -> int | None:
     return None
 
 
-def test_transient_faults_are_retried_and_every_file_is_catalogued(
-    start_proxy: Callable[[Rule], FaultProxy],
-    direct: s3fs.S3FileSystem,
-    library_factory: Callable[..., Path],
-    prefect_server: None,
-) -> None:
-    uris = upload_library(direct, library_factory(per_style=3), "transient")
-    proxy = start_proxy(TransientFaults(n=5))
-    library, store = "s3://transient/library", "s3://transient/store"
+def test_transient_faults_are_retried_and_every_file_is_catalogued(bucket: Callable[..., Bucket]) -> None:
+    transient = bucket("transient", per_style=3, rule=TransientFaults(n=5))
+    uris, proxy, store = transient.uris, transient.proxy, transient.store
 
-    code, out, err = cli("--endpoint-url", proxy.url, "run", library, "--store", store, "--labels", "folders")
+    code, out, err = transient.run()
 
     assert code == 0, out + err
     assert "12 audio files in s3://transient/library; 12 extracted, 0 failed" in out
@@ -301,24 +311,16 @@ def test_transient_faults_are_retried_and_every_file_is_catalogued(
     assert kinds[("GET", "")] and kinds[("GET", "store")] and kinds[("PUT", "store")]  # listings, store reads and writes
 
 
-def test_persistent_faults_on_objects_are_recorded_per_file(
-    start_proxy: Callable[[Rule], FaultProxy],
-    direct: s3fs.S3FileSystem,
-    library_factory: Callable[..., Path],
-    prefect_server: None,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    uris = upload_library(direct, library_factory(per_style=4), "persistent")  # 3 tracks per genre remain to train on
+def test_persistent_faults_on_objects_are_recorded_per_file(bucket: Callable[..., Bucket]) -> None:
     broken = {
         "library/ambient/ambient-0-00.wav": (503, {"GET"}),  # throttled: SlowDown on every read
         "library/chiptune/chiptune-0-01.flac": (500, {"HEAD", "GET"}),  # server error on every request
         "library/electronic/electronic-0-02.ogg": (429, {"GET"}),  # TooManyRequests on every read
     }
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the variable operators set; fewer attempts keep the test short
-    proxy = start_proxy(persistent(broken))
-    library, store = "s3://persistent/library", "s3://persistent/store"
+    faulty = bucket("persistent", per_style=4, rule=persistent(broken), max_attempts=2)  # 3 tracks per genre remain to train on
+    uris, proxy, store = faulty.uris, faulty.proxy, faulty.store
 
-    code, out, err = cli("--endpoint-url", proxy.url, "run", library, "--store", store, "--labels", "folders")
+    code, out, err = faulty.run()
 
     assert code == 0, out + err
     assert "16 audio files in s3://persistent/library; 13 extracted, 3 failed" in out
@@ -341,18 +343,11 @@ def test_persistent_faults_on_objects_are_recorded_per_file(
 
 
 def test_failed_publish_keeps_the_previous_catalog_and_a_rerun_finishes_the_work(
-    start_proxy: Callable[[Rule], FaultProxy],
-    direct: s3fs.S3FileSystem,
-    library_factory: Callable[..., Path],
-    prefect_server: None,
-    monkeypatch: pytest.MonkeyPatch,
+    bucket: Callable[..., Bucket], direct: s3fs.S3FileSystem, library_factory: Callable[..., Path]
 ) -> None:
-    uris = upload_library(direct, library_factory(per_style=3), "publish")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # fewer attempts keep the test short
-    proxy = start_proxy(no_faults)
-    library, store = "s3://publish/library", "s3://publish/store"
-    run = ("--endpoint-url", proxy.url, "run", library, "--store", store, "--labels", "folders")
-    code, out, err = cli(*run)
+    publish = bucket("publish", per_style=3, rule=no_faults, max_attempts=2)
+    uris, proxy, store = publish.uris, publish.proxy, publish.store
+    code, out, err = publish.run()
     assert code == 0 and "12 extracted, 0 failed" in out, out + err
     published = {path: direct.cat_file(path) for path in direct.find("publish/store/catalog")}
     more = library_factory(per_style=1, name="more", seed=1, styles=("ambient", "chiptune"))
@@ -361,7 +356,7 @@ def test_failed_publish_keeps_the_previous_catalog_and_a_rerun_finishes_the_work
     added = sorted(f"s3://publish/library/{p.relative_to(more).as_posix()}" for p in more.rglob("*") if p.is_file())
 
     proxy.rule = persistent({"store/catalog/": (503, {"PUT"})})  # publishing is throttled for the whole run
-    code, out, err = cli(*run)
+    code, out, err = publish.run()
 
     assert code == 1
     assert err.strip().splitlines() == [err.strip()]  # one line, no traceback
@@ -373,7 +368,7 @@ def test_failed_publish_keeps_the_previous_catalog_and_a_rerun_finishes_the_work
     assert first["status"] == "completed" and failed["status"] == "failed" and "reduce your request rate" in failed["error"]
 
     proxy.rule = no_faults
-    code, out, err = cli(*run)
+    code, out, err = publish.run()
 
     assert code == 0, out + err
     assert "14 audio files in s3://publish/library; 0 extracted, 0 failed, 14 unchanged" in out  # extracted by the failed run
