@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"  # before numpy loads: single-threaded parent and (spawned) children, honest CPU times
+import librosa
+import numpy as np
+import xgboost as xgb
+from sklearn.model_selection import StratifiedGroupKFold
 
-from genre_batch import default_numba_cache_dir
-
-os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before librosa loads: one cache for all processes
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import librosa  # noqa: E402
-import numpy as np  # noqa: E402
-import xgboost as xgb  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
-
-from genre_batch import audio, extraction, features, training  # noqa: E402
-from genre_batch.evaluation import majority_baseline, scores  # noqa: E402
+from genre_batch import audio, extraction, features, training
+from genre_batch.evaluation import majority_baseline, scores
 
 SEED = 0
 METHODS: tuple[str, ...] = ("genre-batch", "seed-recipe")

@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before numpy loads, here and in every CLI process started from here
+import numpy as np
+import psutil
+import pyarrow as pa
+import soundfile as sf
 
-from genre_batch import default_numba_cache_dir
-
-os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # the cache the CLI's workers use too
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import soundfile as sf  # noqa: E402
-
-from genre_batch import catalog, query  # noqa: E402
-from genre_batch.discovery import track_id  # noqa: E402
-from genre_batch.store import Store  # noqa: E402
+from genre_batch import catalog, query
+from genre_batch.discovery import track_id
+from genre_batch.store import Store
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-bench"
 POLL_S = 0.2

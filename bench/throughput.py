@@ -2,44 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import itertools
+import json
+import multiprocessing
 import os
+import pstats
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"  # before numpy loads: one-thread CPU times here, in spawned workers and in CLI runs
+import librosa
+import numpy as np
+import psutil
+import soundfile as sf
+import soxr
+from distributed import Client
 
-from genre_batch import default_numba_cache_dir
-
-os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before librosa loads: one cache for all processes
-
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import pstats  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import librosa  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import soundfile as sf  # noqa: E402
-import soxr  # noqa: E402
-from distributed import Client  # noqa: E402
-
-import genre_batch  # noqa: E402
-from bench.accuracy import recipe_features  # noqa: E402
-from bench.accuracy import warm_up as warm_up_both  # noqa: E402
-from bench.scale import DEFAULT_WORK, MANIFEST, cli_command, cli_env, latest_record, print_targets, role, run_cli, target  # noqa: E402
-from genre_batch.audio import AUDIO_EXTENSIONS  # noqa: E402
-from genre_batch.cluster import local_cluster, warm_up_workers  # noqa: E402
-from genre_batch.extraction import extract_file  # noqa: E402
+import genre_batch
+from bench.accuracy import recipe_features
+from bench.accuracy import warm_up as warm_up_both
+from bench.scale import (
+    DEFAULT_WORK,
+    MANIFEST,
+    cli_command,
+    cli_env,
+    latest_record,
+    print_targets,
+    role,
+    run_cli,
+    target,
+)
+from genre_batch.audio import AUDIO_EXTENSIONS
+from genre_batch.cluster import local_cluster, warm_up_workers
+from genre_batch.extraction import extract_file
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_OUT = Path("bench/results/throughput.json")

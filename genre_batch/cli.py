@@ -192,7 +192,7 @@ def print_errors(store_url: str, limit: int = 10) -> int:
 
 
 def print_record(record: dict, store_url: str, strict: bool = False) -> None:
-    """Print the summary of a run record; with `strict`, exit 3 when library files currently fail."""
+    """Print the summary of a run record; with `strict`, exit STRICT_EXIT when library files currently fail."""
     if "extract" in record:
         print_extract(record["extract"])
     if "train_decision" in record:
