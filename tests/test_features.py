@@ -84,24 +84,86 @@ def test_each_window_describes_its_own_part_of_the_excerpt() -> None:
     assert matrix[1, centroid] == pytest.approx(1760.0, rel=0.1)
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_fast_series_match_librosa(style: str) -> None:
-    y = render(style, 12.0, seed=4)
+def noise(seconds: float = 3.0, amplitude: float = 0.5) -> np.ndarray:
+    """Uniform white noise."""
+    return np.random.default_rng(0).uniform(-amplitude, amplitude, int(seconds * SR)).astype(np.float32)
+
+
+SIGNALS = {
+    **{style: lambda style=style: render(style, 12.0, seed=4) for style in STYLES},
+    "tone": lambda: sine(440.0),
+    "low tone": lambda: sine(55.0, amplitude=0.01),
+    "noise": noise,
+    "clicks": lambda: clicks(120.0),
+    "silence": lambda: np.zeros(2 * SR, np.float32),
+    "short noise": lambda: noise(0.2),  # 9 frames: the fewest librosa.feature.delta accepts
+    "half silent": lambda: np.concatenate([np.zeros(SR, np.float32), sine(880.0, 1.0)]),
+}
+"""Synthetic signals the reimplemented series are checked on against librosa."""
+
+
+@pytest.mark.parametrize("name", SIGNALS)
+def test_fast_series_match_librosa(name: str) -> None:
+    y = SIGNALS[name]()
     mag = np.abs(librosa.stft(y, n_fft=features.N_FFT, hop_length=features.HOP))
-    power, n = mag**2, mag.shape[1]
-    freq = librosa.fft_frequencies(sr=SR, n_fft=features.N_FFT)
-    expected = [
-        librosa.feature.spectral_centroid(S=mag, sr=SR),
-        librosa.feature.spectral_bandwidth(S=mag, sr=SR),
-        librosa.feature.spectral_rolloff(S=mag, sr=SR),
-    ]
-    for got, want in zip(features.spectral_shape(mag, freq), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(features.zero_crossing_rate(y, n), librosa.feature.zero_crossing_rate(y, frame_length=2048, hop_length=512))
-    series = dict(zip([f for f, _ in features.SERIES], features.frame_series(y, SR)))
-    np.testing.assert_allclose(series["chroma"], librosa.feature.chroma_stft(S=power, sr=SR, tuning=0.0), rtol=1e-4, atol=1e-6)
+    power = mag**2
     mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=SR, n_mels=features.N_MELS))
-    np.testing.assert_allclose(series["mfcc"], librosa.feature.mfcc(S=mel_db, n_mfcc=features.N_MFCC), rtol=1e-4, atol=1e-3)
+    frames = {"n_fft": features.N_FFT, "hop_length": features.HOP}
+    expected = {  # librosa's own functions, as extract used them: family -> (series, rtol, atol)
+        "mfcc": (librosa.feature.mfcc(S=mel_db, n_mfcc=features.N_MFCC), 1e-4, 1e-3),
+        "contrast": (librosa.feature.spectral_contrast(S=mag, sr=SR, **frames), 1e-5, 1e-4),
+        "chroma": (librosa.feature.chroma_stft(S=power, sr=SR, tuning=0.0), 1e-4, 1e-6),
+        "centroid": (librosa.feature.spectral_centroid(S=mag, sr=SR), 1e-4, 1e-3),
+        "bandwidth": (librosa.feature.spectral_bandwidth(S=mag, sr=SR), 1e-4, 1e-3),
+        "rolloff": (librosa.feature.spectral_rolloff(S=mag, sr=SR), 0, 0),  # the same float32 running sums: the same bins
+        "flatness": (librosa.feature.spectral_flatness(S=power, power=1.0), 1e-5, 1e-12),
+        "zcr": (librosa.feature.zero_crossing_rate(y, frame_length=features.N_FFT, hop_length=features.HOP), 0, 0),
+        "rms": (librosa.feature.rms(S=mag, frame_length=features.N_FFT, hop_length=features.HOP), 1e-5, 1e-9),
+        "onset": (librosa.onset.onset_strength(S=mel_db, sr=SR, hop_length=features.HOP)[None, :], 1e-4, 1e-4),
+    }
+    series = dict(zip([f for f, _ in features.SERIES], features.frame_series(y, SR)))
+    for family, (want, rtol, atol) in expected.items():  # compared as extract keeps them: non-finite values zeroed
+        got = np.nan_to_num(series[family], nan=0.0, posinf=0.0, neginf=0.0)
+        np.testing.assert_allclose(got, np.nan_to_num(want, nan=0.0, posinf=0.0, neginf=0.0), rtol=rtol, atol=atol, err_msg=family)
+    onset = series["onset"][0]
+    for a, b in [(0, len(onset)), (0, 5), (len(onset) // 2, len(onset))]:  # whole, very short, second half
+        assert features.tempo(onset[a:b], SR) == librosa.feature.tempo(onset_envelope=onset[a:b], sr=SR, hop_length=features.HOP)[0]
+
+
+@pytest.mark.parametrize("sr", [16000, 44100])
+def test_contrast_bands_follow_the_sample_rate(sr: int) -> None:
+    mag = np.abs(librosa.stft(noise(2.0), n_fft=features.N_FFT, hop_length=features.HOP))
+    want = librosa.feature.spectral_contrast(S=mag, sr=sr, n_fft=features.N_FFT, hop_length=features.HOP)
+    np.testing.assert_allclose(features.spectral_contrast(mag, sr), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bpm", [60.0, 97.0, 128.0, 174.0])
+def test_tempo_matches_librosa_on_click_tracks(bpm: float) -> None:
+    y = clicks(bpm, 20.0)
+    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=SR, n_fft=features.N_FFT, hop_length=features.HOP))
+    onset = librosa.onset.onset_strength(S=mel_db, sr=SR, hop_length=features.HOP)
+    for a, b in features.windows(len(onset), SR):
+        assert features.tempo(onset[a:b], SR) == librosa.feature.tempo(onset_envelope=onset[a:b], sr=SR, hop_length=features.HOP)[0]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the moments of a row holding inf
+@pytest.mark.parametrize("frames", [1, 2, 7, 430, 431])
+def test_pooled_median_min_max_match_numpy(frames: int) -> None:
+    series = np.random.default_rng(frames).standard_normal((4, frames)).astype(np.float32)
+    series[2, 0] = np.nan  # non-finite values propagate as in numpy (and extract then zeroes them)
+    series[3, -1] = np.inf
+    stats = features.pool(series).reshape(4, len(features.STATISTICS))
+    for stat, numpy_stat in (("median", np.median), ("min", np.min), ("max", np.max)):
+        i = features.STATISTICS.index(stat)
+        np.testing.assert_array_equal(stats[:, i], numpy_stat(series.astype(np.float64), axis=1))
+
+
+def test_pool_windows_pools_each_window() -> None:
+    series = np.random.default_rng(2).standard_normal((5, 3 * 431 + 7)).astype(np.float32)
+    series[1] = 3.0  # a constant row: std, skew and kurtosis 0
+    for bounds in (features.windows(series.shape[1], SR), [(0, series.shape[1])]):
+        want = np.vstack([features.pool(series[:, a:b]) for a, b in bounds])
+        np.testing.assert_allclose(features.pool_windows(series, bounds), want, rtol=1e-12, atol=1e-12)
 
 
 def test_silence_gives_finite_vector() -> None:
