@@ -108,11 +108,17 @@ def _decoded(f: IO[bytes], spans: SpanPlan, min_seconds: float) -> tuple[list[Se
     analysed_s = sum(len(s.samples) for s in segments) / SAMPLE_RATE
     if analysed_s < min_seconds:
         raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
-    if not all(np.isfinite(s.samples).all() for s in segments):
+    peaks = [_peak(s.samples) for s in segments]
+    if not np.isfinite(peaks).all():
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
-    if max(float(np.abs(s.samples).max()) for s in segments) < 10 ** (SILENCE_DBFS / 20):
+    if max(peaks) < 10 ** (SILENCE_DBFS / 20):
         raise AudioError("silent", f"audio is digital silence (peak below {SILENCE_DBFS:g} dBFS)")
     return segments, AudioInfo(native.duration_s, rate, native.channels, segments[0].offset_s, analysed_s)
+
+
+def _peak(samples: np.ndarray) -> float:
+    """Largest absolute sample value (NaN if a sample is NaN), from two reductions without np.abs's temporary array."""
+    return float(np.maximum(samples.max(), -samples.min()))
 
 
 def decode(uri: str, spans: SpanPlan = whole, min_seconds: float = 0.5) -> tuple[list[Segment], AudioInfo]:
@@ -239,7 +245,7 @@ def _decode_av(f: IO[bytes], spans: SpanPlan) -> _Native:
         header_s = _av_duration(container, stream)
         if header_s is not None:
             parts = [
-                (start, _decode_span(container, stream, start, end))
+                (start, _decode_span(container, stream, rate, start, end))
                 for start, end in _span_indices(spans(header_s), rate, round(header_s * rate))
             ]
             return _Native(parts, rate, channels, header_s)
@@ -248,10 +254,9 @@ def _decode_av(f: IO[bytes], spans: SpanPlan) -> _Native:
     return _Native([(a, samples[a:b]) for a, b in _span_indices(spans(duration_s), rate, len(samples))], rate, channels, duration_s)
 
 
-def _decode_span(container: Any, stream: Any, start: int, end: int) -> np.ndarray:
-    """Seek to a span (unless it starts the file) and decode it."""
+def _decode_span(container: Any, stream: Any, rate: int, start: int, end: int) -> np.ndarray:
+    """Seek to a span (unless it starts the file) and decode it; `rate` is the stream's sample rate."""
     if start:
-        rate = stream.codec_context.sample_rate
         container.seek(int(start / rate / stream.time_base) + (stream.start_time or 0), stream=stream)
     return _decode_range(container, stream, start, end)
 

@@ -234,6 +234,20 @@ def test_nan_samples(tmp_path: Path) -> None:
     assert "NaN" in str(_expect_error(tmp_path / "nan.wav", "invalid_samples"))
 
 
+def test_negative_infinite_samples(tmp_path: Path) -> None:
+    y = _tone(440.0, 1.0)
+    y[1000] = -np.inf
+    sf.write(tmp_path / "neginf.wav", y, NATIVE_RATE, subtype="FLOAT")
+    assert "infinite" in str(_expect_error(tmp_path / "neginf.wav", "invalid_samples"))
+
+
+def test_a_negative_only_peak_is_not_silence(tmp_path: Path) -> None:
+    y = np.zeros(NATIVE_RATE, np.float32)
+    y[1000:1100] = -0.5
+    sf.write(tmp_path / "dip.wav", y, NATIVE_RATE, subtype="FLOAT")
+    assert np.abs(_mono(str(tmp_path / "dip.wav"))[0]).max() > 0.1
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tags_round_trip(tmp_path: Path, fmt: str) -> None:
     tags = {"genre": " Synth Pop ", "artist": "Ada Lovelace", "album": "Analytical Engine"}
