@@ -48,6 +48,8 @@ DEFAULT_OUT = Path("bench/results/throughput.json")
 SR = 22050
 N_FFT = 2048
 HOP = 512
+LONG_REPEATS = 3
+"""Calls per long track in the per-file part (their median): each length is a class of one file, else one noisy sample."""
 FLOOR_BLOCK_S = 120  # the floor decodes long files in blocks of this many seconds (same CPU, bounded memory)
 RECIPE_MAX_S = 600.0  # the recipe loads the whole file: skipped above 10 minutes (60 min would need ~4 GB)
 LONG_TRACKS_MIN: tuple[int, ...] = (5, 6, 7, 8, 9, 10, 60)
@@ -211,11 +213,14 @@ def extractor(path: Path) -> None:
     extract_file(str(path))
 
 
-def cpu_ms(function: Callable[[Path], None], path: Path) -> float:
-    """CPU milliseconds (this process, one thread) of one call."""
-    started = time.process_time()
-    function(path)
-    return 1000 * (time.process_time() - started)
+def cpu_ms(function: Callable[[Path], None], path: Path, repeats: int = 1) -> float:
+    """CPU milliseconds (this process, one thread) of one call: the median of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        function(path)
+        times.append(1000 * (time.process_time() - started))
+    return statistics.median(times)
 
 
 def measure_files(library: Library, files: list[Path]) -> list[dict]:
@@ -225,8 +230,9 @@ def measure_files(library: Library, files: list[Path]) -> list[dict]:
     for path in files:
         duration = sf.info(str(path)).duration
         row = {"file": str(path.relative_to(library.root)), "kind": library.kind(path), "duration_s": round(duration, 2)}
-        row["extractor_ms"] = cpu_ms(extractor, path)
-        row["floor_ms"] = cpu_ms(floor, path)
+        repeats = LONG_REPEATS if path in library.long else 1
+        row["extractor_ms"] = cpu_ms(extractor, path, repeats)
+        row["floor_ms"] = cpu_ms(floor, path, repeats)
         row["recipe_ms"] = cpu_ms(recipe, path) if duration <= RECIPE_MAX_S else None
         rows.append(row)
     return rows
