@@ -81,13 +81,9 @@ def _median(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(ordered[..., -1]), np.nan, (ordered[..., (n - 1) // 2] + ordered[..., n // 2]) / 2)
 
 
-def pool(series: np.ndarray) -> np.ndarray:
-    """Pool each row of a (coefficients, frames) array into STATISTICS, row-major."""
-    return _statistics(series.astype(np.float64)).reshape(-1)
-
-
 def pool_windows(series: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
-    """`pool` of each of the contiguous, equally long windows `windows` returns, in one pass: (windows, features)."""
+    """Each row of a (coefficients, frames) array pooled into STATISTICS (row-major) per window, for the contiguous,
+    equally long windows `windows` returns, in one pass: (windows, coefficients x STATISTICS)."""
     start, end = bounds[0][0], bounds[-1][1]
     stacked = series[:, start:end].astype(np.float64).reshape(len(series), len(bounds), -1).transpose(1, 0, 2)
     return _statistics(stacked).reshape(len(bounds), -1)

@@ -152,7 +152,7 @@ def test_pooled_median_min_max_match_numpy(frames: int) -> None:
     series = np.random.default_rng(frames).standard_normal((4, frames)).astype(np.float32)
     series[2, 0] = np.nan  # non-finite values propagate as in numpy (and extract then zeroes them)
     series[3, -1] = np.inf
-    stats = features.pool(series).reshape(4, len(features.STATISTICS))
+    stats = features.pool_windows(series, [(0, frames)])[0].reshape(4, len(features.STATISTICS))
     for stat, numpy_stat in (("median", np.median), ("min", np.min), ("max", np.max)):
         i = features.STATISTICS.index(stat)
         np.testing.assert_array_equal(stats[:, i], numpy_stat(series.astype(np.float64), axis=1))
@@ -162,7 +162,7 @@ def test_pool_windows_pools_each_window() -> None:
     series = np.random.default_rng(2).standard_normal((5, 3 * 431 + 7)).astype(np.float32)
     series[1] = 3.0  # a constant row: std, skew and kurtosis 0
     for bounds in (features.windows(series.shape[1], SR), [(0, series.shape[1])]):
-        want = np.vstack([features.pool(series[:, a:b]) for a, b in bounds])
+        want = np.vstack([features.pool_windows(series[:, a:b], [(0, b - a)]) for a, b in bounds])  # window by window
         np.testing.assert_allclose(features.pool_windows(series, bounds), want, rtol=1e-12, atol=1e-12)
 
 
@@ -197,7 +197,7 @@ def test_tempo_of_a_click_track(bpm: float) -> None:
 
 def test_pool_statistics_on_known_rows() -> None:
     series = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
-    stats = features.pool(series).reshape(2, len(features.STATISTICS))
+    stats = features.pool_windows(series, [(0, 4)])[0].reshape(2, len(features.STATISTICS))
     row = dict(zip(features.STATISTICS, stats[0]))
     assert (row["mean"], row["min"], row["max"], row["median"]) == (2.5, 1.0, 4.0, 2.5)
     assert row["std"] == pytest.approx(np.std([1, 2, 3, 4]))
