@@ -1,18 +1,22 @@
-"""Prefect flows: extract, train, tag and the nightly run. Thin: all logic is in genre_batch."""
+"""Prefect flows: extract, train, tag, compact and the nightly run. Thin: all logic is in genre_batch."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 
-from genre_batch import pipeline, progress
+from genre_batch import progress
+from genre_batch.cluster import Session, session
+from genre_batch.stages import compact, extract, runs, tag, train
+from genre_batch.store import Store
 
 NIGHTLY_CRON = "0 2 * * *"
 """Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
 
 
-@task(name="extract")
-def extract_task(library: str, store: str, run_id: str, scheduler: str | None, force: bool) -> dict:
+@task(name="extract", cache_policy=NO_CACHE)
+def extract_task(library: str, store: Store, run_id: str, cluster: Session, force: bool) -> dict:
     """Extract features of new and changed files on Dask, with progress in Prefect and the CLI."""
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"extraction of {library}")
@@ -22,32 +26,42 @@ def extract_task(library: str, store: str, run_id: str, scheduler: str | None, f
         logger.info("extracted %d/%d files, %d errors", done, total, errors)
         progress.report(done, total, errors)
 
-    summary = pipeline.as_record(pipeline.extract(library, store, run_id, scheduler, force, on_progress))
+    summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress))
     logger.info("extraction: %s", summary)
     return summary
 
 
-@task(name="decide-training")
-def decide_training_task(store: str, labels: str) -> tuple[bool, str]:
-    """Whether labels or features changed since the current model was trained."""
-    return pipeline.needs_training(store, labels)
+@task(name="compact", cache_policy=NO_CACHE)
+def compact_task(store: Store, cluster: Session, when_needed: bool) -> dict | None:
+    """Compact the feature store (when `when_needed`: only past the automatic threshold)."""
+    if when_needed and not compact.needed(store):
+        return None
+    summary = runs.as_record(compact.compact(store, cluster))
+    get_run_logger().info("compaction: %s", summary)
+    return summary
 
 
-@task(name="train")
-def train_task(store: str, labels: str, run_id: str, min_accuracy: float, abstain_below: float, group_by: str) -> dict:
+@task(name="decide-training", cache_policy=NO_CACHE)
+def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, str]:
+    """Whether the retrain policy asks for a new model."""
+    return train.retrain_decision(store, labels, policy)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_accuracy: float, abstain_below: float, group_by: str) -> dict:
     """Train, evaluate and register a model; promote it if it passes the gate."""
-    summary = pipeline.as_record(pipeline.train(store, labels, run_id, min_accuracy, abstain_below, group_by))
+    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by))
     get_run_logger().info("training: %s", summary)
     return summary
 
 
-@task(name="tag-and-publish")
-def tag_task(store: str, run_id: str) -> dict:
-    """Tag every track with the current model and publish a catalog snapshot."""
-    summary = pipeline.as_record(pipeline.tag(store, run_id))
+@task(name="tag-and-publish", cache_policy=NO_CACHE)
+def tag_task(store: Store, run_id: str, cluster: Session, full: bool) -> dict:
+    """Tag new and changed tracks (every track for a new model) on Dask and publish a catalog snapshot."""
+    summary = runs.as_record(tag.tag(store, run_id, cluster, full=full))
     create_markdown_artifact(
         "| genre | tracks |\n|---|---|\n" + "".join(f"| {g} | {n} |\n" for g, n in summary["genres"].items()),
-        description=f"catalog snapshot {summary['snapshot']} ({summary['rows']} tracks)",
+        description=f"catalog snapshot {summary['snapshot']} ({summary['rows']} tracks, {summary['mode']})",
     )
     return summary
 
@@ -55,24 +69,37 @@ def tag_task(store: str, run_id: str) -> dict:
 @flow(name="genre-batch-extract")
 def extract_flow(library: str, store: str, scheduler: str | None = None, force: bool = False) -> dict:
     """Extract features of a library's new and changed files into the store."""
-    with pipeline.run_record(store, "extract") as record:
-        record["extract"] = extract_task(library, store, record["run_id"], scheduler, force)
+    s = Store.at(store)
+    with runs.run_record(s, "extract") as record, session(scheduler) as cluster:
+        record["extract"] = extract_task(library, s, record["run_id"], cluster, force)
+        record["compact"] = compact_task(s, cluster, True)
+    return record
+
+
+@flow(name="genre-batch-compact")
+def compact_flow(store: str, scheduler: str | None = None) -> dict:
+    """Rewrite the feature store's current rows into large parts, dropping superseded ones."""
+    s = Store.at(store)
+    with runs.run_record(s, "compact") as record, session(scheduler) as cluster:
+        record["compact"] = compact_task(s, cluster, False)
     return record
 
 
 @flow(name="genre-batch-train")
-def train_flow(store: str, labels: str, min_accuracy: float = 0.0, abstain_below: float = 0.0, group_by: str = "auto") -> dict:
+def train_flow(store: str, labels: str, scheduler: str | None = None, min_accuracy: float = 0.0, abstain_below: float = 0.0, group_by: str = "auto") -> dict:
     """Train a model on the store's labelled tracks."""
-    with pipeline.run_record(store, "train") as record:
-        record["train"] = train_task(store, labels, record["run_id"], min_accuracy, abstain_below, group_by)
+    s = Store.at(store)
+    with runs.run_record(s, "train") as record, session(scheduler) as cluster:
+        record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by)
     return record
 
 
 @flow(name="genre-batch-tag")
-def tag_flow(store: str) -> dict:
+def tag_flow(store: str, scheduler: str | None = None, full: bool = False) -> dict:
     """Tag the store's tracks with the current model and publish the catalog."""
-    with pipeline.run_record(store, "tag") as record:
-        record["tag"] = tag_task(store, record["run_id"])
+    s = Store.at(store)
+    with runs.run_record(s, "tag") as record, session(scheduler) as cluster:
+        record["tag"] = tag_task(s, record["run_id"], cluster, full)
     return record
 
 
@@ -85,13 +112,16 @@ def nightly(
     min_accuracy: float = 0.0,
     abstain_below: float = 0.0,
     group_by: str = "auto",
+    retrain: str = "auto",
 ) -> dict:
-    """The nightly job: extract what changed, retrain when labelled data changed, tag, publish."""
-    with pipeline.run_record(store, "nightly") as record:
-        record["extract"] = extract_task(library, store, record["run_id"], scheduler, False)
+    """The nightly job: extract what changed, retrain as the policy says, tag what changed, publish."""
+    s = Store.at(store)
+    with runs.run_record(s, "nightly") as record, session(scheduler) as cluster:
+        record["extract"] = extract_task(library, s, record["run_id"], cluster, False)
+        record["compact"] = compact_task(s, cluster, True)
         if labels:
-            retrain, record["train_decision"] = decide_training_task(store, labels)
-            if retrain:
-                record["train"] = train_task(store, labels, record["run_id"], min_accuracy, abstain_below, group_by)
-        record["tag"] = tag_task(store, record["run_id"])
+            retrained, record["train_decision"] = decide_training_task(s, labels, retrain)
+            if retrained:
+                record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by)
+        record["tag"] = tag_task(s, record["run_id"], cluster, False)
     return record

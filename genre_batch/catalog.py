@@ -1,4 +1,4 @@
-"""Catalog: immutable Parquet snapshots published by one atomic pointer switch; the last N kept."""
+"""Catalog: immutable Parquet snapshots, one file per genre, published by one atomic pointer switch; the last N kept."""
 
 from __future__ import annotations
 
@@ -6,23 +6,26 @@ import json
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store, read_json, read_table, swap_bytes, version_token, write_table
+from genre_batch.store import Store
 
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2
 KEEP_SNAPSHOTS = 5
 POINTER = "CURRENT.json"
 
-SNAPSHOT_ORDER = [("genre", "ascending"), ("confidence", "descending")]
+FILE_ORDER = [("confidence", "descending"), ("uri", "ascending")]
 ROW_GROUP_ROWS = 100_000
-"""Snapshot rows are sorted by SNAPSHOT_ORDER into row groups of ROW_GROUP_ROWS: a query on one genre skips the
-other genres' row groups by their statistics and finds its most confident tracks first."""
+"""A snapshot holds one file per genre, its rows sorted by FILE_ORDER in row groups of ROW_GROUP_ROWS: a query on one
+genre reads that genre's file only (the others are skipped by their statistics) and finds its most confident tracks
+first."""
 
 CATALOG_SCHEMA = pa.schema(
     [
         ("track_id", pa.string()),
         ("uri", pa.string()),
+        ("fingerprint", pa.string()),
         ("genre", pa.string()),
         ("confidence", pa.float64()),
         ("probabilities", pa.map_(pa.string(), pa.float64())),
@@ -35,7 +38,7 @@ CATALOG_SCHEMA = pa.schema(
         ("tagged_at", pa.timestamp("ms", tz="UTC")),
     ]
 ).with_metadata({"genre_batch.catalog_version": str(CATALOG_VERSION)})
-"""Catalog schema, version CATALOG_VERSION (documented in the README)."""
+"""Catalog schema, version CATALOG_VERSION (documented in the README). Version 2 added `fingerprint`."""
 
 
 def snapshot_id(run_id: str) -> str:
@@ -43,54 +46,99 @@ def snapshot_id(run_id: str) -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{run_id.rsplit('-', 1)[-1]}"
 
 
-def write_snapshot(store: Store, table: pa.Table, snapshot: str) -> list[str]:
-    """Write a snapshot's files, rows in SNAPSHOT_ORDER (invisible to readers until promoted); paths relative to the catalog."""
-    relative = f"snapshots/{snapshot}/catalog.parquet"
-    write_table(store.fs, f"{store.catalog}/{relative}", table.sort_by(SNAPSHOT_ORDER), ROW_GROUP_ROWS)
-    return [relative]
+def genre_file(snapshot: str, number: int) -> str:
+    """A snapshot's file of one genre, relative to the catalog folder."""
+    return f"snapshots/{snapshot}/genre-{number:03d}.parquet"
+
+
+def pieces_folder(store: Store, snapshot: str) -> str:
+    """Where tagging tasks leave their per-genre pieces before they are merged into the snapshot's files."""
+    return f"{store.catalog}/snapshots/{snapshot}/_pieces"
+
+
+def write_genre(store: Store, relative: str, table: pa.Table) -> int:
+    """Write one genre's rows as a snapshot file in FILE_ORDER (invisible to readers until promoted); returns its rows."""
+    store.write_table(f"{store.catalog}/{relative}", table.sort_by(FILE_ORDER).cast(CATALOG_SCHEMA), ROW_GROUP_ROWS)
+    return table.num_rows
 
 
 def promote(store: Store, pointer: dict, expected: str | None) -> None:
     """Switch readers to a snapshot with one atomic write of the pointer, if nobody else switched it meanwhile."""
-    swap_bytes(store.fs, f"{store.catalog}/{POINTER}", json.dumps(pointer, indent=2, sort_keys=True).encode(), expected)
+    store.swap(f"{store.catalog}/{POINTER}", json.dumps(pointer, indent=2, sort_keys=True).encode(), expected)
 
 
 def pointer(store: Store) -> dict | None:
     """The published snapshot's pointer, or None before the first publish."""
     path = f"{store.catalog}/{POINTER}"
-    return read_json(store.fs, path) if store.fs.exists(path) else None
+    return store.read_json(path) if store.exists(path) else None
+
+
+def snapshot_names(store: Store) -> list[str]:
+    """Names of the snapshot folders, oldest first (published or not)."""
+    folder = f"{store.catalog}/snapshots"
+    store.fs.invalidate_cache(folder)
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def published_history(store: Store, current: dict | None, keep: int) -> list[str]:
+    """The newest `keep` snapshots that were published, oldest first (pointers before version 2 kept no history:
+    then the folders up to the current one count)."""
+    if current is None:
+        return []
+    if "history" in current:
+        return current["history"][-keep:]
+    return [n for n in snapshot_names(store) if n <= current["snapshot"]][-keep:]
 
 
 def prune(store: Store, keep: int = KEEP_SNAPSHOTS) -> list[str]:
-    """Delete snapshots older than the newest `keep` (never the published one); returns those deleted."""
-    folder = f"{store.catalog}/snapshots"
-    store.fs.invalidate_cache(folder)
-    if not store.fs.exists(folder):
-        return []
-    current = (pointer(store) or {}).get("snapshot")
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(folder, detail=False))
-    old = [n for n in names[:-keep] if n != current] if keep > 0 else []
+    """Delete every snapshot but the `keep` newest published ones (a snapshot never published, left by a crash, goes
+    at once); returns those deleted."""
+    kept = set(published_history(store, pointer(store), max(1, keep)))
+    old = [n for n in snapshot_names(store) if n not in kept]
     for name in old:
-        store.fs.rm(f"{folder}/{name}", recursive=True)
+        store.fs.rm(f"{store.catalog}/snapshots/{name}", recursive=True)
     return old
 
 
-def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep: int = KEEP_SNAPSHOTS) -> dict:
-    """Write a new snapshot, switch the pointer to it, then prune old snapshots; returns the pointer."""
-    snapshot = snapshot_id(run_id)
-    expected = version_token(store.fs, f"{store.catalog}/{POINTER}")
+def switch(store: Store, snapshot: str, files: dict[str, str], rows: int, model_version: str, run_id: str,
+           keep: int = KEEP_SNAPSHOTS, **extra: object) -> dict:
+    """Publish a written snapshot (`files`: relative path -> genre): switch the pointer, then prune; returns the pointer."""
+    path = f"{store.catalog}/{POINTER}"
+    expected = store.version_token(path)
+    previous = pointer(store)
     new = {
         "snapshot": snapshot,
-        "files": write_snapshot(store, table, snapshot),
-        "rows": table.num_rows,
+        "files": sorted(files),
+        "genres": files,
+        "rows": rows,
         "catalog_version": CATALOG_VERSION,
         "model_version": model_version,
         "run_id": run_id,
         "published_at": datetime.now(timezone.utc).isoformat(),
+        "history": (published_history(store, previous, max(1, keep) - 1) if keep > 1 else []) + [snapshot],
+        **extra,
     }
     promote(store, new, expected)
     prune(store, keep)
     return new
+
+
+def split_by_genre(table: pa.Table) -> dict[str, pa.Table]:
+    """A catalog table's rows per genre, genres in sorted order."""
+    return {g: table.filter(pc.equal(table["genre"], g)) for g in sorted(pc.unique(table["genre"]).to_pylist())}
+
+
+def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep: int = KEEP_SNAPSHOTS) -> dict:
+    """Write a catalog table held in this process as a new snapshot and publish it; returns the pointer."""
+    snapshot = snapshot_id(run_id)
+    files = {}
+    for number, (genre, rows) in enumerate(split_by_genre(table).items()):
+        files[genre_file(snapshot, number)] = genre
+        write_genre(store, genre_file(snapshot, number), rows)
+    return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep)
 
 
 def files(store: Store) -> list[str]:
@@ -101,6 +149,9 @@ def files(store: Store) -> list[str]:
     return [f"{store.catalog}/{name}" for name in current["files"]]
 
 
-def read(store: Store) -> pa.Table:
-    """The published catalog as one Arrow table."""
-    return pa.concat_tables([read_table(store.fs, path) for path in files(store)])
+def read(store: Store, columns: list[str] | None = None) -> pa.Table:
+    """The published catalog as one Arrow table (for small catalogs and tests: readers of large ones use DuckDB)."""
+    paths = files(store)
+    if not paths:
+        return CATALOG_SCHEMA.empty_table() if columns is None else CATALOG_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables([store.read_table(p, columns) for p in paths], promote_options="permissive")

@@ -1,4 +1,4 @@
-"""Command line: genre-batch extract | train | tag | run | query | classify | demo | serve."""
+"""Command line: genre-batch extract | compact | train | evaluate | tag | run | query | classify | demo | serve."""
 
 from __future__ import annotations
 
@@ -67,7 +67,15 @@ DEFAULT_STORE = "genre-batch-store"
 
 def absolute(url: str) -> str:
     """A local path made absolute (workers may run elsewhere); URLs unchanged."""
-    return url if "://" in url else str(Path(url).expanduser().resolve())
+    from genre_batch.store import absolute as made_absolute
+
+    return made_absolute(url)
+
+
+RetrainOpt = Annotated[
+    str,
+    typer.Option("--retrain", help="When to train a new model: auto (no model; or, unless pinned, more than 5 % of the labelled set changed, or any change after 30 days), always, never."),
+]
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -146,7 +154,7 @@ def print_extract(summary: dict) -> None:
     out.print(
         f"extract: {summary['discovered']} audio files in {summary['library']}; "
         f"{summary['extracted']} extracted, {summary['failed']} failed, {summary['unchanged']} unchanged, "
-        f"{summary['removed']} removed"
+        f"{summary['moved']} moved, {summary['removed']} removed"
         + (f" ({summary['wall_s']:.1f} s, {summary['cpu_s'] / max(1, summary['extracted'] + summary['failed']):.3f} CPU s/file)" if summary["shards"] else ""),
         markup=False,
     )
@@ -168,9 +176,25 @@ def print_train(summary: dict) -> None:
 def print_tag(summary: dict) -> None:
     """Print what a tagging published."""
     genres = ", ".join(f"{g} {n}" for g, n in summary["genres"].items())
+    if summary["mode"] == "unchanged":
+        out.print(f"tag: catalog snapshot {summary['snapshot']} is up to date ({summary['rows']} tracks, model {summary['model_version']})", markup=False)
+        return
+    how = (
+        f"{summary['predicted']} predicted, {summary['carried']} carried over, {summary['dropped']} dropped"
+        if summary["mode"] == "incremental" else f"all {summary['predicted']} predicted"
+    )
     out.print(
         f"tag: published catalog snapshot {summary['snapshot']}: {summary['rows']} tracks with model "
-        f"{summary['model_version']} ({genres}); {summary['disagreements']} disagree with their embedded tag",
+        f"{summary['model_version']} ({genres}; {how}); {summary['disagreements']} disagree with their embedded tag",
+        markup=False,
+    )
+
+
+def print_compact(summary: dict) -> None:
+    """Print what a compaction did."""
+    out.print(
+        f"compact: {summary['parts_before']} parts -> {summary['parts_after']}, index rows {summary['index_rows_before']} -> "
+        f"{summary['index_rows_after']} ({summary['tracks']} current tracks)",
         markup=False,
     )
 
@@ -180,7 +204,7 @@ def print_errors(store_url: str, limit: int = 10) -> int:
     from genre_batch.feature_store import current_errors
     from genre_batch.store import Store
 
-    errors = current_errors(Store(store_url))
+    errors = current_errors(Store.at(store_url))
     if errors.num_rows == 0:
         return 0
     out.print(f"errors: {errors.num_rows} files could not be processed (query them: SELECT * FROM errors):", markup=False)
@@ -195,6 +219,8 @@ def print_record(record: dict, store_url: str, strict: bool = False) -> None:
     """Print the summary of a run record; with `strict`, exit STRICT_EXIT when library files currently fail."""
     if "extract" in record:
         print_extract(record["extract"])
+    if record.get("compact"):
+        print_compact(record["compact"])
     if "train_decision" in record:
         out.print(f"train decision: {record['train_decision']}", markup=False)
     if "train" in record:
@@ -227,9 +253,20 @@ def extract(
 
 @app.command()
 @friendly
+def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None) -> None:
+    """Rewrite the feature store's current rows into large parts, dropping superseded rows and leftover files."""
+    from flows.pipeline import compact_flow
+
+    store = absolute(store)
+    print_record(compact_flow(store, scheduler), store)
+
+
+@app.command()
+@friendly
 def train(
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = "folders",
+    scheduler: SchedulerOpt = None,
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
@@ -238,7 +275,7 @@ def train(
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), min_accuracy, abstain_below, group_by), store)
+    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by), store)
 
 
 @app.command()
@@ -246,12 +283,16 @@ def train(
 def evaluate(
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = "folders",
+    scheduler: SchedulerOpt = None,
     group_by: GroupByOpt = "auto",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
-    from genre_batch import pipeline
+    from genre_batch.cluster import session
+    from genre_batch.stages import train as stage
+    from genre_batch.store import Store
 
-    report = pipeline.evaluate(absolute(store), labels_spec(labels), group_by)
+    with session(scheduler) as cluster:
+        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by)
     cv = report["cross_validation"]
     out.print(
         f"evaluate: {report['tracks']} tracks ({report['windows']} windows), {len(report['genres'])} genres, "
@@ -267,12 +308,16 @@ def evaluate(
 
 @app.command()
 @friendly
-def tag(store: StoreOpt = DEFAULT_STORE) -> None:
-    """Tag every track of the store with the current model and publish a new catalog snapshot."""
+def tag(
+    store: StoreOpt = DEFAULT_STORE,
+    scheduler: SchedulerOpt = None,
+    full: Annotated[bool, typer.Option("--full", help="Predict every track, even those the published snapshot already holds for the current model.")] = False,
+) -> None:
+    """Tag the store's tracks with the current model (new and changed ones only, when the model is unchanged) and publish a catalog snapshot."""
     from flows.pipeline import tag_flow
 
     store = absolute(store)
-    print_record(tag_flow(store), store)
+    print_record(tag_flow(store, scheduler, full), store)
 
 
 def labels_spec(labels: str | None) -> str | None:
@@ -290,14 +335,18 @@ def run(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
+    retrain: RetrainOpt = "auto",
     strict: StrictOpt = False,
 ) -> None:
-    """The nightly job as one Prefect flow: extract what changed, retrain if labelled data changed, tag, publish."""
+    """The nightly job as one Prefect flow: extract what changed, retrain as --retrain says, tag what changed, publish."""
     from flows.pipeline import nightly
+    from genre_batch.stages.train import RETRAIN_POLICIES
 
+    if retrain not in RETRAIN_POLICIES:
+        raise typer.BadParameter(f"use one of {', '.join(RETRAIN_POLICIES)}", param_hint="--retrain")
     store = absolute(store)
     record = with_progress(
-        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by)
+        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain)
     )
     print_record(record, store, strict)
 
@@ -331,7 +380,7 @@ def query(
 
     if fmt not in q.FORMATS:
         raise GenreBatchError(f"unknown format {fmt!r}: use one of {', '.join(q.FORMATS)}")
-    render(q.run(Store(absolute(store)), sql), fmt)
+    render(q.run(Store.at(store), sql), fmt)
 
 
 @app.command()
@@ -345,7 +394,7 @@ def classify(
     from genre_batch.store import Store
     from genre_batch.tagging import classify_files
 
-    for uri, result in classify_files(Store(absolute(store)), [absolute(f) for f in files], top):
+    for uri, result in classify_files(Store.at(store), [absolute(f) for f in files], top):
         if isinstance(result, str):
             out.print(f"{uri}: error: {result}", markup=False)
         else:
@@ -370,7 +419,7 @@ def demo(
     print_record(record, str(store))
     for title, sql in demo_library.EXAMPLE_QUERIES:
         out.print(f"\n{title}\n$ genre-batch query --store {store} \"{sql}\"", markup=False)
-        render(q.run(Store(str(store)), sql), "table")
+        render(q.run(Store.at(str(store)), sql), "table")
 
 
 @app.command()

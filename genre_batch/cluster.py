@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import dask
 from distributed import Client, LocalCluster
@@ -72,3 +72,46 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
     with local_cluster(n_workers) as cluster, Client(cluster) as client:
         warm_up_workers(client)
         yield client
+
+
+class Session:
+    """A Dask client started on first use (a run with nothing to compute starts no cluster) and closed with the session."""
+
+    def __init__(self, scheduler: str | None = None, n_workers: int | None = None) -> None:
+        self.scheduler, self.n_workers = scheduler, n_workers
+        self._stack = ExitStack()
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        """The client, starting the cluster (or connecting to the scheduler) the first time."""
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(self.scheduler, self.n_workers))
+        return self._client
+
+    @property
+    def started(self) -> bool:
+        """Whether a cluster was started or connected to."""
+        return self._client is not None
+
+    def run(self, calls: list[tuple]) -> list:
+        """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls."""
+        if not calls:
+            return []
+        client = self.client
+        return client.gather([client.submit(*call, pure=False) for call in calls])
+
+    def close(self) -> None:
+        """Close the client and any local cluster."""
+        self._stack.close()
+        self._client = None
+
+
+@contextmanager
+def session(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Session]:
+    """A lazily started Dask session for the block."""
+    s = Session(scheduler, n_workers)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -6,13 +6,14 @@ import hashlib
 import os
 import posixpath
 import stat
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
 from genre_batch.audio import AUDIO_EXTENSIONS
-from genre_batch.store import is_local
+from genre_batch.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
     [
@@ -24,6 +25,8 @@ INVENTORY_SCHEMA = pa.schema(
     ]
 )
 """One row per audio file found: `version` is the ETag on object stores, the mtime on disks."""
+
+LIST_BATCH = 50_000
 
 
 def track_id(uri: str) -> str:
@@ -64,51 +67,100 @@ def library_root(library: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root
 
 
-def files_of(found: dict[str, dict]) -> dict[str, dict]:
-    """The files of a listing: regular files, and local symbolic links to files (which fsspec lists as "other").
+def local_listing(root: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, version) of the files under a local folder, one folder at a time.
 
-    A link to a file counts as that file, with the size and mtime of its target. A broken or looping link is
-    kept as listed, so that reading it records an error. Links to folders are not followed: no cycle, no duplicate.
+    A symbolic link to a file counts as that file, with the size and mtime of its target; a broken or looping link
+    is kept (size 0), so that reading it records an error. Links to folders are not followed: no cycle, no duplicate.
     """
-    files = {}
-    for path, info in found.items():
-        if info.get("type") == "file":
-            files[path] = info
-        elif info.get("islink"):
-            target = link_target(path, info)
-            if target is not None:
-                files[path] = target
-    return files
+    folders = [root]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif is_audio_path(entry.path):
+                    found = local_file(entry)
+                    if found is not None:
+                        yield found
 
 
-def link_target(path: str, info: dict) -> dict | None:
-    """The listing entry of a local link to a file: its target's size and mtime, or as listed if broken or looping;
-    None when it points to something else (a folder, a pipe)."""
-    try:
-        target = os.stat(path)
-    except OSError:
-        return info
-    return {**info, "size": target.st_size, "mtime": target.st_mtime} if stat.S_ISREG(target.st_mode) else None
+def local_file(entry: os.DirEntry) -> tuple[str, int, str] | None:
+    """(path, size, version) of a listed file or link to a file; None for links to folders, pipes and the like."""
+    if entry.is_symlink():
+        try:
+            target = os.stat(entry.path)
+        except OSError:
+            return entry.path, 0, repr(entry.stat(follow_symlinks=False).st_mtime)
+        return (entry.path, target.st_size, repr(target.st_mtime)) if stat.S_ISREG(target.st_mode) else None
+    if not entry.is_file(follow_symlinks=False):
+        return None
+    info = entry.stat(follow_symlinks=False)
+    return entry.path, info.st_size, repr(info.st_mtime)
 
 
-def discover(library: str) -> pa.Table:
-    """List every audio file under a library URL, sorted by URI, with size, version and fingerprint."""
-    fs, root = library_root(library)
-    fs.invalidate_cache(root)
-    found = fs.find(root, detail=True)
-    rows = sorted(
-        (uri_of(fs, path), int(info.get("size") or 0), file_version(info))
-        for path, info in files_of(found).items()
-        if is_audio_path(path)
-    )
-    uris = [r[0] for r in rows]
+def s3_listing(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, ETag) of the objects under a bucket prefix, one page of 1,000 at a time."""
+    bucket, _, prefix = root.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/") and is_audio_path(obj["Key"]):
+                yield f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0), str(obj.get("ETag", "")).strip('"')
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def walk_listing(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, version) of the files under a folder of any other filesystem, one folder at a time."""
+    for _, _, files in fs.walk(root, detail=True):
+        for info in files.values():
+            if info.get("type") == "file" and is_audio_path(info["name"]):
+                yield info["name"], int(info.get("size") or 0), file_version(info)
+
+
+def listing(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int, str]]:
+    """(path, size, version) of every audio file under a library root, streamed."""
+    if is_local(fs):
+        return local_listing(root)
+    if is_s3(fs):
+        return s3_listing(fs, root)
+    return walk_listing(fs, root)
+
+
+def inventory_batch(fs: fsspec.AbstractFileSystem, rows: list[tuple[str, int, str]]) -> pa.Table:
+    """Inventory rows of listed files."""
+    uris = [uri_of(fs, path) for path, _, _ in rows]
     return pa.table(
         {
             "uri": uris,
             "track_id": [track_id(u) for u in uris],
             "fingerprint": [fingerprint(size, version) for _, size, version in rows],
-            "size": [r[1] for r in rows],
-            "version": [r[2] for r in rows],
+            "size": [size for _, size, _ in rows],
+            "version": [version for _, _, version in rows],
         },
         schema=INVENTORY_SCHEMA,
-    ).replace_schema_metadata({"library": uri_of(fs, root)})
+    )
+
+
+def discover(library: str) -> pa.Table:
+    """List every audio file under a library URL, sorted by URI, with size, version and fingerprint.
+
+    The listing is streamed and turned into Arrow in batches of LIST_BATCH files: no process holds more than the
+    inventory table itself (about 150 bytes per file)."""
+    fs, root = library_root(library)
+    fs.invalidate_cache(root)
+    tables, rows = [], []
+    for row in listing(fs, root):
+        rows.append(row)
+        if len(rows) == LIST_BATCH:
+            tables.append(inventory_batch(fs, rows))
+            rows = []
+    tables.append(inventory_batch(fs, rows))
+    return pa.concat_tables(tables).sort_by("uri").replace_schema_metadata({"library": uri_of(fs, root)})

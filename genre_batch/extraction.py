@@ -13,8 +13,8 @@ import pyarrow as pa
 from distributed import Client, as_completed
 
 from genre_batch import audio, features
-from genre_batch.feature_store import ERROR_SCHEMA, FEATURE_SCHEMA, PROVENANCE_SCHEMA
-from genre_batch.store import Store, write_table
+from genre_batch.feature_store import LIBROSA, feature_table, index_table, write_shard
+from genre_batch.store import Store
 
 MAX_SHARD_SIZE = 256
 SHARDS_PER_WORKER = 4
@@ -81,59 +81,48 @@ def extract_file(uri: str) -> tuple[dict, np.ndarray]:
 
 
 def error_row(file: dict, stage: str, error_type: str, message: str, run_id: str) -> dict:
-    """An error record for a file."""
+    """The index row of a file that could not be processed."""
     return {
-        "uri": file["uri"],
-        "track_id": file["track_id"],
-        "fingerprint": file["fingerprint"],
-        "stage": stage,
+        **file,
+        "family": LIBROSA.name,
+        "feature_version": LIBROSA.version,
+        "row_start": 0,
+        "row_count": 0,
         "error_type": error_type,
-        "message": message,
-        "feature_version": features.FEATURE_VERSION,
+        "error_stage": stage,
+        "error_message": message,
         "run_id": run_id,
-        "occurred_at": now(),
+        "extracted_at": now(),
     }
 
 
-def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
-    """Assemble per-window provenance rows and the files' feature matrices into a table of FEATURE_SCHEMA."""
-    matrix = np.vstack(matrices) if matrices else np.zeros((0, len(features.FEATURE_NAMES)), np.float32)
-    columns = [pa.array([r[f.name] for r in rows], f.type) for f in PROVENANCE_SCHEMA]
-    columns += [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
-    return pa.Table.from_arrays(columns, schema=FEATURE_SCHEMA)
-
-
-def extract_shard(store_url: str, files: pa.Table, run_id: str, shard: int) -> ShardResult:
-    """Extract every file of a shard and write its feature part and error part (runs on a worker)."""
+def extract_shard(store: Store, files: pa.Table, run_id: str, shard: int) -> ShardResult:
+    """Extract every file of a shard, then write its feature part and its index file (runs on a worker)."""
     started = time.process_time()
-    store = Store(store_url)
+    name = f"{run_id}-{shard:05d}.parquet"
     rows: list[dict] = []
     matrices: list[np.ndarray] = []
-    errors: list[dict] = []
-    extracted = 0
+    index: list[dict] = []
     for file in files.to_pylist():
         try:
             meta, matrix = extract_file(file["uri"])
         except audio.AudioError as e:
-            errors.append(error_row(file, "decode", e.kind, str(e), run_id))
+            index.append(error_row(file, "decode", e.kind, str(e), run_id))
             continue
         except Exception as e:  # a bug or a library failure on one file must not sink the shard
-            errors.append(error_row(file, "features", type(e).__name__, str(e) or repr(e), run_id))
+            index.append(error_row(file, "features", type(e).__name__, str(e) or repr(e), run_id))
             continue
-        stamp = {"feature_version": features.FEATURE_VERSION, "run_id": run_id, "extracted_at": now()}
+        stamp = {"feature_version": LIBROSA.version, "run_id": run_id, "extracted_at": now()}
         offsets = meta.pop("window_offsets_s")
+        index.append({**file, **meta, **stamp, "family": LIBROSA.name, "part": name, "row_start": len(rows), "row_count": len(offsets)})
         rows += [{**file, **meta, **stamp, "window": i, "window_offset_s": t} for i, t in enumerate(offsets)]
         matrices.append(matrix)
-        extracted += 1
-    name = f"{run_id}-{shard:05d}.parquet"
-    if errors:
-        write_table(store.fs, f"{store.error_parts}/{name}", pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
-    if rows:
-        write_table(store.fs, f"{store.feature_parts}/{name}", feature_table(rows, matrices))
-    return ShardResult(shard, files.num_rows, extracted, len(errors), time.process_time() - started)
+    write_shard(store, name, feature_table(rows, matrices), index_table(index))
+    failed = sum(1 for r in index if r.get("error_type"))
+    return ShardResult(shard, files.num_rows, len(index) - failed, failed, time.process_time() - started)
 
 
-def run_shards(client: Client, store_url: str, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:
+def run_shards(client: Client, store: Store, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:
     """Extract the planned files on the cluster, reporting progress as shards finish."""
     started = time.perf_counter()
     n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
@@ -141,7 +130,7 @@ def run_shards(client: Client, store_url: str, todo: pa.Table, run_id: str, on_p
     result = ExtractionResult(files=todo.num_rows, shards=len(shards))
     on_progress(0, todo.num_rows, 0)
     futures = [
-        client.submit(extract_shard, store_url, files, run_id, i, key=f"extract-{run_id}-{i}", pure=False)
+        client.submit(extract_shard, store, files, run_id, i, key=f"extract-{run_id}-{i}", pure=False)
         for i, files in enumerate(shards)
     ]
     position = {future: i for i, future in enumerate(futures)}

@@ -1,15 +1,43 @@
-"""Feature store: immutable Parquet parts per shard, resolved against the library inventory."""
+"""Feature store: immutable Parquet parts of window rows, and the track index that says which rows are current.
+
+Every shard writes one part (`features/parts/<name>.parquet`, one row per analysis window) and then one index file
+(`features/index/<name>.parquet`, one row per file of the shard: where its windows are, or why it failed). Readers
+resolve the index, never the window rows: per URI of the library listing, its newest successful extraction of the
+current content and feature version (else its newest failure). A part without an index file (a shard killed
+between the two writes, or a store written before the index existed) is indexed from its own rows by `repair`.
+Compaction rewrites the current rows into large parts with one index file, then deletes what it replaced.
+"""
 
 from __future__ import annotations
 
+import json
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from genre_batch.discovery import INVENTORY_SCHEMA
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.store import Store, list_files, read_table, write_table
+from genre_batch.store import TEMP_MARK, Store
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A feature family: its own version and its own parts, tracked in the one track index."""
+
+    name: str
+    version: int
+    folder: str
+    """Folder of its parts under `features/`."""
+
+
+LIBROSA = Family("librosa", FEATURE_VERSION, "parts")
+"""The librosa family: 603 pooled series per 10 s window (features.FEATURE_NAMES)."""
 
 PROVENANCE_SCHEMA = pa.schema(
     [
@@ -53,24 +81,171 @@ ERROR_SCHEMA = pa.schema(
         ("occurred_at", TIMESTAMP),
     ]
 )
-"""Schema of an error part: one row per file that could not be processed."""
+"""Schema of the `errors` table: one row per file that currently fails (and of error parts of stores before the index)."""
+
+INDEX_VERSION = 1
+INDEX_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("track_id", pa.string()),
+        ("fingerprint", pa.string()),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+        ("family", pa.string()),
+        ("feature_version", pa.int32()),
+        ("part", pa.string()),
+        ("row_start", pa.int64()),
+        ("row_count", pa.int32()),
+        ("duration_s", pa.float32()),
+        ("tag_genre", pa.string()),
+        ("tag_artist", pa.string()),
+        ("tag_album", pa.string()),
+        ("error_type", pa.string()),
+        ("error_stage", pa.string()),
+        ("error_message", pa.string()),
+        ("run_id", pa.string()),
+        ("extracted_at", TIMESTAMP),
+    ]
+).with_metadata({"genre_batch.index_version": str(INDEX_VERSION)})
+"""Track index, one row per (file, extraction): where its windows are (`part`, `row_start`, `row_count`), or why it
+failed (`error_*`, no part). `extracted_at` is when it was extracted or failed."""
 
 KEYS = ["uri", "fingerprint"]
+RETRIED_ERRORS = ("io_error",)
+"""Error kinds retried by the next run even if the file is unchanged: the file may read fine once storage recovers."""
+
+COMPACT_PREFIX = "compact-"
+COMPACT_TARGET_WINDOWS = 60_000
+"""Window rows per part written by compaction (about 10,000 tracks, ~150 MB in memory while written)."""
+AUTO_COMPACT_PARTS = 200
+AUTO_COMPACT_SUPERSEDED = 0.25
+"""A run compacts by itself when the store holds more than AUTO_COMPACT_PARTS parts, or when more than this share of
+the index's rows are superseded (changed or removed files, older versions, duplicates)."""
 
 
-def read_parts(store: Store, folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Concatenate the Parquet parts of a folder (an empty table if there are none)."""
-    files = list_files(store.fs, folder, ".parquet")
+def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
+    """Assemble per-window provenance rows and the files' feature matrices into a table of FEATURE_SCHEMA."""
+    matrix = np.vstack(matrices) if matrices else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    columns = [pa.array([r[f.name] for r in rows], f.type) for f in PROVENANCE_SCHEMA]
+    columns += [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
+    return pa.Table.from_arrays(columns, schema=FEATURE_SCHEMA)
+
+
+def index_table(rows: list[dict]) -> pa.Table:
+    """Index rows (dicts with any subset of INDEX_SCHEMA's fields) as a table of INDEX_SCHEMA."""
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+
+
+def part_path(store: Store, name: str, family: Family = LIBROSA) -> str:
+    """Where a part of a family lives."""
+    return f"{store.features}/{family.folder}/{name}"
+
+
+def write_shard(store: Store, name: str, windows: pa.Table, index: pa.Table, family: Family = LIBROSA) -> None:
+    """Write a shard's part (if it has window rows), then its index file: once the index lists it, it is visible."""
+    if windows.num_rows:
+        store.write_table(part_path(store, name, family), windows)
+    store.write_table(f"{store.index}/{name}", index)
+
+
+def spans(uris: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Start row and row count of each run of equal consecutive URIs."""
+    n = len(uris)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    changes = pc.not_equal(uris.slice(1), uris.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(changes) + 1])
+    return starts, np.diff(np.append(starts, n))
+
+
+def index_of_part(windows: pa.Table, name: str, family: Family = LIBROSA) -> pa.Table:
+    """Index rows of a part's window rows (one per consecutive run of a URI)."""
+    starts, counts = spans(windows["uri"].combine_chunks())
+    first = windows.take(pa.array(starts))
+    n = first.num_rows
+    given = {
+        "family": pa.array([family.name] * n, pa.string()),
+        "part": pa.array([name] * n, pa.string()),
+        "row_start": pa.array(starts, pa.int64()),
+        "row_count": pa.array(counts, pa.int32()),
+    }
+    if "feature_version" not in first.column_names:
+        given["feature_version"] = pa.array([1] * n, pa.int32())  # version 1 parts did not say
+    columns = [
+        given[f.name] if f.name in given else first[f.name].cast(f.type) if f.name in first.column_names else pa.nulls(n, f.type)
+        for f in INDEX_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=INDEX_SCHEMA)
+
+
+def index_of_errors(errors: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """Index rows of an error part written before the index existed."""
+    n = errors.num_rows
+    return index_table(
+        [
+            {**{k: r[k] for k in ("uri", "track_id", "fingerprint", "feature_version", "run_id", "error_type")},
+             "family": family.name, "error_stage": r["stage"], "error_message": r["message"], "extracted_at": r["occurred_at"],
+             "row_start": 0, "row_count": 0}
+            for r in errors.to_pylist()
+        ]
+    ) if n else INDEX_SCHEMA.empty_table()
+
+
+PROVENANCE_COLUMNS = [f.name for f in PROVENANCE_SCHEMA]
+
+
+def unindexed(store: Store, index: pa.Table, family: Family = LIBROSA) -> list[str]:
+    """Names of parts and old error parts that no index file lists (compaction leftovers excluded)."""
+    indexed = {p.rsplit("/", 1)[-1] for p in store.list(store.index, ".parquet")}
+    indexed |= set(pc.unique(index["part"].drop_null()).to_pylist()) if index.num_rows else set()
+    names = {p.rsplit("/", 1)[-1] for p in store.list(f"{store.features}/{family.folder}", ".parquet")}
+    names |= {p.rsplit("/", 1)[-1] for p in store.list(store.error_parts, ".parquet")}
+    return sorted(n for n in names - indexed if not n.startswith(COMPACT_PREFIX))
+
+
+def index_of_shard(store: Store, name: str, family: Family = LIBROSA) -> pa.Table:
+    """The index rows of one shard, read from its part and its old error part."""
+    tables = []
+    if store.exists(part_path(store, name, family)):
+        present = [c for c in PROVENANCE_COLUMNS if c in store.parquet_schema(part_path(store, name, family)).names]
+        tables.append(index_of_part(store.read_table(part_path(store, name, family), present), name, family))
+    if store.exists(f"{store.error_parts}/{name}"):
+        tables.append(index_of_errors(store.read_table(f"{store.error_parts}/{name}"), family))
+    return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+
+
+def stored_index(store: Store, columns: list[str] | None = None, files: list[str] | None = None) -> pa.Table:
+    """The rows of the given index files (default: every index file)."""
+    files = store.list(store.index, ".parquet") if files is None else files
     if not files:
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    return pa.concat_tables([read_table(store.fs, f, columns) for f in files])
+        return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
+    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns)
+
+
+def read_index(store: Store, columns: list[str] | None = None) -> pa.Table:
+    """The whole track index: its files, plus (computed, not written) the rows of parts no index file lists yet."""
+    table = stored_index(store)
+    missing = [index_of_shard(store, name) for name in unindexed(store, table)]
+    table = pa.concat_tables([table, *missing]) if missing else table
+    return table if columns is None else table.select(columns)
+
+
+def repair(store: Store) -> list[str]:
+    """Finish or undo an interrupted compaction, remove temporary files, and index the parts no index file lists;
+    returns the names indexed. Only a run holding the store's lease may call it."""
+    finish_compactions(store)
+    remove_temporary_files(store)
+    names = unindexed(store, stored_index(store, ["part"]))
+    for name in names:
+        store.write_table(f"{store.index}/{name}", index_of_shard(store, name))
+    return names
 
 
 def read_inventory(store: Store) -> pa.Table:
     """The library listing of the last completed extraction (empty if none)."""
-    if not store.fs.exists(store.inventory):
+    if not store.exists(store.inventory):
         return INVENTORY_SCHEMA.empty_table()
-    return read_table(store.fs, store.inventory)
+    return store.read_table(store.inventory)
 
 
 def write_inventory(store: Store, inventory: pa.Table) -> bool:
@@ -78,74 +253,233 @@ def write_inventory(store: Store, inventory: pa.Table) -> bool:
     previous = read_inventory(store)
     if previous.select(KEYS).equals(inventory.select(KEYS)) and previous.schema.metadata == inventory.schema.metadata:
         return False
-    write_table(store.fs, store.inventory, inventory)
+    store.write_table(store.inventory, inventory)
     return True
 
 
-RETRIED_ERRORS = ("io_error",)
-"""Error kinds retried by the next run even if the file is unchanged: the file may read fine once storage recovers."""
+def keys_of(table: pa.Table) -> pa.ChunkedArray:
+    """One string per row naming its (uri, fingerprint), for membership tests on tables that joins cannot carry."""
+    return pc.binary_join_element_wise(table["uri"], table["fingerprint"], "\x00")
 
 
-def processed(store: Store) -> pa.Table:
-    """(uri, fingerprint) of every file already extracted, or failed for good, with the current feature version."""
-    cols = KEYS + ["feature_version"]
-    errors = read_parts(store, store.error_parts, ERROR_SCHEMA, cols + ["error_type"])
-    final = errors.filter(pc.invert(pc.is_in(errors["error_type"], value_set=pa.array(RETRIED_ERRORS)))).select(cols)
-    done = pa.concat_tables([read_parts(store, store.feature_parts, FEATURE_SCHEMA, cols), final])
-    return done.filter(pc.equal(done["feature_version"], FEATURE_VERSION)).select(KEYS)
+def of_family(index: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """The index rows of a family's current version."""
+    return index.filter(pc.and_(pc.equal(index["family"], family.name), pc.equal(index["feature_version"], family.version)))
 
 
-def plan(inventory: pa.Table, store: Store, force: bool = False) -> pa.Table:
-    """The inventory rows that need extraction: new, changed, or every row when `force`."""
-    if force:
-        return inventory
-    done = processed(store)
-    if done.num_rows == 0:
-        return inventory
-    return inventory.join(done.group_by(KEYS).aggregate([]), keys=KEYS, join_type="left anti").sort_by("uri")
+def live(index: pa.Table, inventory: pa.Table) -> pa.Table:
+    """Index rows whose (uri, fingerprint) is in the library listing."""
+    return index.join(inventory.select(KEYS), keys=KEYS, join_type="left semi")
 
 
-def newest_per_uri(table: pa.Table, time_column: str) -> pa.Table:
-    """Keep each URI's rows of its newest extraction (all of that extraction's windows)."""
-    if table.num_rows == 0:
-        return table
-    newest = table.group_by("uri").aggregate([(time_column, "max")]).select(["uri", f"{time_column}_max"])
-    joined = table.join(newest.rename_columns(["uri", "_newest"]), keys="uri")
-    keep = joined.filter(pc.equal(joined[time_column], joined["_newest"])).drop_columns("_newest")
-    order = [("uri", "ascending")] + ([("window", "ascending")] if "window" in keep.column_names else [])
-    return keep.sort_by(order)
-
-
-def live(table: pa.Table, inventory: pa.Table) -> pa.Table:
-    """Rows of the current feature version whose (uri, fingerprint) is in the inventory."""
-    current = table.filter(pc.equal(table["feature_version"], FEATURE_VERSION))
-    keep = pc.is_in(
-        pc.binary_join_element_wise(current["uri"], current["fingerprint"], "\x00"),
-        value_set=pc.binary_join_element_wise(inventory["uri"], inventory["fingerprint"], "\x00"),
+def newest(index: pa.Table) -> pa.Table:
+    """One row per URI: its newest successful extraction, else its newest failure."""
+    if index.num_rows == 0:
+        return index
+    failed = pc.is_valid(index["error_type"])
+    ordered = index.append_column("_failed", failed).sort_by(
+        [("uri", "ascending"), ("_failed", "ascending"), ("extracted_at", "descending")]
     )
-    return current.filter(keep)
+    starts, _ = spans(ordered["uri"].combine_chunks())
+    return ordered.take(pa.array(starts)).drop_columns("_failed")
 
 
-PROVENANCE_COLUMNS = [f.name for f in PROVENANCE_SCHEMA]
+def resolved(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """Per file of the listing, the index row that stands for its current content (success, else failure)."""
+    return newest(live(of_family(index, family), inventory))
 
 
-def current_features(store: Store, columns: list[str] | None = None) -> pa.Table:
-    """The window rows of every file of the library as last listed, from its newest extraction of its current content.
-
-    `columns` reads only those columns (they must include uri, fingerprint, feature_version, extracted_at).
-    """
-    table = live(read_parts(store, store.feature_parts, FEATURE_SCHEMA, columns), read_inventory(store))
-    return newest_per_uri(table, "extracted_at")
+def succeeded(rows: pa.Table) -> pa.Table:
+    """The rows of successful extractions."""
+    return rows.filter(pc.is_null(rows["error_type"]))
 
 
-def tracks(windows: pa.Table) -> pa.Table:
-    """One row per track (its first window) of a feature table."""
-    return windows.filter(pc.equal(windows["window"], 0))
+def failed(rows: pa.Table) -> pa.Table:
+    """The rows of failed extractions."""
+    return rows.filter(pc.is_valid(rows["error_type"]))
 
 
-def current_errors(store: Store) -> pa.Table:
-    """One row per file of the library that failed on its current content and has no features."""
-    inventory = read_inventory(store)
-    errors = newest_per_uri(live(read_parts(store, store.error_parts, ERROR_SCHEMA), inventory), "occurred_at")
-    ok = current_features(store, KEYS + ["feature_version", "extracted_at"])
-    return errors.filter(pc.invert(pc.is_in(errors["uri"], value_set=ok["uri"])))
+def current_tracks(store: Store, inventory: pa.Table | None = None, family: Family = LIBROSA) -> pa.Table:
+    """Index rows of every file of the library with features of its current content, sorted by URI."""
+    inventory = read_inventory(store) if inventory is None else inventory
+    return succeeded(resolved(read_index(store), inventory, family))
+
+
+def current_errors(store: Store, family: Family = LIBROSA) -> pa.Table:
+    """One row per file of the library that failed on its current content and has no features (the errors table)."""
+    rows = failed(resolved(read_index(store), read_inventory(store), family))
+    return pa.table(
+        {
+            "uri": rows["uri"], "track_id": rows["track_id"], "fingerprint": rows["fingerprint"],
+            "stage": rows["error_stage"], "error_type": rows["error_type"], "message": rows["error_message"],
+            "feature_version": rows["feature_version"], "run_id": rows["run_id"], "occurred_at": rows["extracted_at"],
+        },
+        schema=ERROR_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an extraction must do, from the library listing and the track index."""
+
+    todo: pa.Table
+    """Listing rows to extract: new or changed files, failures to retry."""
+    moved: pa.Table
+    """Index rows of files that moved (same size and version under a new URI): they keep features and track_id."""
+    unchanged: int
+
+
+def plan(inventory: pa.Table, index: pa.Table, force: bool = False, family: Family = LIBROSA) -> Plan:
+    """The files of the listing to extract, and the files that only moved."""
+    empty = INDEX_SCHEMA.empty_table()
+    if force:
+        return Plan(inventory, empty, 0)
+    rows = resolved(index, inventory, family)
+    done = rows.filter(pc.invert(pc.is_in(rows["error_type"].fill_null(""), value_set=pa.array(RETRIED_ERRORS))))
+    todo = inventory.join(done.select(KEYS), keys=KEYS, join_type="left anti").sort_by("uri")
+    moved = moves(todo, index, inventory, family)
+    if moved.num_rows:
+        todo = todo.filter(pc.invert(pc.is_in(todo["uri"], value_set=moved["uri"])))
+    return Plan(todo, moved, inventory.num_rows - todo.num_rows - moved.num_rows)
+
+
+def moves(todo: pa.Table, index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """Index rows re-pointed to new URIs: a file to extract whose fingerprint (size, version) is that of a file gone
+    from the listing keeps that file's features and track_id. Pairs are made in URI order, each departed file once."""
+    gone = succeeded(of_family(index, family))
+    gone = newest(gone.filter(pc.invert(pc.is_in(gone["uri"], value_set=inventory["uri"]))))
+    if gone.num_rows == 0 or todo.num_rows == 0:
+        return INDEX_SCHEMA.empty_table()
+    gone = gone.filter(pc.is_in(gone["fingerprint"], value_set=todo["fingerprint"]))
+    by_fingerprint: dict[str, list[dict]] = {}
+    for row in gone.to_pylist():
+        by_fingerprint.setdefault(row["fingerprint"], []).append(row)
+    rows = []
+    for new in todo.filter(pc.is_in(todo["fingerprint"], value_set=gone["fingerprint"])).to_pylist():
+        candidates = by_fingerprint.get(new["fingerprint"])
+        if candidates:
+            rows.append({**candidates.pop(0), "uri": new["uri"], "size": new["size"], "version": new["version"]})
+    return index_table(rows) if rows else INDEX_SCHEMA.empty_table()
+
+
+def window_indices(tracks: pa.Table) -> np.ndarray:
+    """Row numbers in a part of the windows of the given index rows."""
+    starts = tracks["row_start"].to_numpy()
+    counts = tracks["row_count"].to_numpy().astype(np.int64)
+    if len(starts) == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(counts.sum()) + offsets
+
+
+def read_windows(store: Store, tracks: pa.Table, columns: list[str] | None = None, family: Family = LIBROSA) -> pa.Table:
+    """The window rows of the given index rows (all in one part), with `uri` and `track_id` as the index says
+    (a moved file's rows still carry its old URI)."""
+    part = tracks["part"][0].as_py()
+    table = store.read_table(part_path(store, part, family), columns).take(pa.array(window_indices(tracks)))
+    counts = tracks["row_count"].to_numpy().astype(np.int64)
+    for name in ("uri", "track_id"):
+        if name in table.column_names:
+            value = pa.array(np.repeat(np.array(tracks[name].to_pylist(), dtype=object), counts), pa.string())
+            table = table.set_column(table.schema.get_field_index(name), name, value)
+    return table
+
+
+def by_part(tracks: pa.Table) -> list[pa.Table]:
+    """Index rows grouped by the part holding them, each group in row order."""
+    if tracks.num_rows == 0:
+        return []
+    ordered = tracks.sort_by([("part", "ascending"), ("row_start", "ascending")])
+    starts, counts = spans(ordered["part"].combine_chunks())
+    return [ordered.slice(int(s), int(c)) for s, c in zip(starts, counts)]
+
+
+def batches(tracks: pa.Table, max_windows: int) -> list[list[pa.Table]]:
+    """Index rows grouped by part, the groups dealt into batches of about `max_windows` windows (a part never split)."""
+    out: list[list[pa.Table]] = []
+    size = max_windows
+    for group in by_part(tracks):
+        windows = int(pc.sum(group["row_count"]).as_py() or 0)
+        if size + windows > max_windows and (not out or out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(group)
+        size += windows
+    return [b for b in out if b]
+
+
+# Compaction ------------------------------------------------------------------------------------------------------
+
+
+def compaction_id() -> str:
+    """A sortable, unique compaction name."""
+    from datetime import datetime, timezone
+
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}"
+
+
+def superseded_share(index_rows: int, current_rows: int) -> float:
+    """Share of index rows that no longer stand for a current file."""
+    return 1.0 - current_rows / index_rows if index_rows else 0.0
+
+
+def needs_compaction(store: Store, index_rows: int, current_rows: int) -> bool:
+    """Whether a run should compact by itself (AUTO_COMPACT_PARTS, AUTO_COMPACT_SUPERSEDED)."""
+    parts = len(store.list(store.feature_parts, ".parquet"))
+    return parts > AUTO_COMPACT_PARTS or (parts > 1 and superseded_share(index_rows, current_rows) > AUTO_COMPACT_SUPERSEDED)
+
+
+def compact_group(store: Store, groups: list[pa.Table], name: str) -> pa.Table:
+    """Copy the windows of the given index rows into one new part (runs on a worker); returns its index rows."""
+    windows = pa.concat_tables([read_windows(store, g) for g in groups])
+    rows = pa.concat_tables(groups)
+    store.write_table(part_path(store, name), windows.replace_schema_metadata(FEATURE_SCHEMA.metadata))
+    counts = rows["row_count"].to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rows = rows.set_column(rows.schema.get_field_index("part"), "part", pa.array([name] * rows.num_rows, pa.string()))
+    return rows.set_column(rows.schema.get_field_index("row_start"), "row_start", pa.array(starts, pa.int64()))
+
+
+def compacted_index_path(store: Store, cid: str) -> str:
+    """The index file of a compaction."""
+    return f"{store.index}/{COMPACT_PREFIX}{cid}.parquet"
+
+
+def commit_compaction(store: Store, cid: str, index: pa.Table, replaced_index: list[str], replaced_parts: list[str]) -> None:
+    """Write the compaction's index file, naming what it replaces; from then on readers use the new parts."""
+    meta = {
+        **(INDEX_SCHEMA.metadata or {}),
+        b"genre_batch.replaces_index": json.dumps(replaced_index).encode(),
+        b"genre_batch.replaces_parts": json.dumps(replaced_parts).encode(),
+    }
+    store.write_table(compacted_index_path(store, cid), index.replace_schema_metadata(meta))
+
+
+def finish_compactions(store: Store) -> None:
+    """Delete what committed compactions replaced (index files first, then parts) and the parts of uncommitted ones."""
+    committed = set()
+    for path in store.list(store.index, ".parquet"):
+        name = path.rsplit("/", 1)[-1]
+        if not name.startswith(COMPACT_PREFIX):
+            continue
+        committed.add(name[: -len(".parquet")])
+        meta = store.parquet_schema(path).metadata or {}
+        store.delete([f"{store.index}/{n}" for n in json.loads(meta.get(b"genre_batch.replaces_index", b"[]"))])
+        for n in json.loads(meta.get(b"genre_batch.replaces_parts", b"[]")):
+            store.delete([part_path(store, n), f"{store.error_parts}/{n}"])
+    orphans = [
+        p for p in store.list(store.feature_parts, ".parquet")
+        if p.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX) and p.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in committed
+    ]
+    store.delete(orphans)
+
+
+def remove_temporary_files(store: Store) -> None:
+    """Delete temporary files that killed writes left in the feature store."""
+    for folder in (store.feature_parts, store.error_parts, store.index, store.features):
+        store.fs.invalidate_cache(folder)
+        try:
+            names = store.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            continue
+        store.delete([p for p in names if TEMP_MARK in p.rsplit("/", 1)[-1]])

@@ -5,14 +5,14 @@ writes to the store and releases it when it ends, completed or failed; a heartbe
 Another run is refused while the lease is live. It takes the lease over once it has expired (the holder stopped
 renewing: it died or hung), or at once when the holder was a process of this host that no longer exists.
 
-Acquiring is a conditional write, so two runs starting at the same instant cannot both win: on local disk the
-read-decide-write happens under an exclusive `flock` of `runs/.LEASE.lock`; on S3 it is one PUT with
-`If-None-Match: *` (no lease yet) or `If-Match: <ETag read>` (takeover), through `store.swap_bytes`.
+Acquiring is a conditional write (`Store.swap`), so two runs starting at the same instant cannot both win: on local
+disk a compare-and-rename under an exclusive `flock` of `runs/LEASE.json.lock`; on S3 one PUT with
+`If-None-Match: *` (no lease yet) or `If-Match: <ETag read>` (takeover). Backends without conditional writes are
+refused.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,18 +23,13 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store, is_local, swap_bytes, version_token, write_bytes
+from genre_batch.store import ConflictError, Store
 
 LEASE = "LEASE.json"
-LOCK = ".LEASE.lock"
 TTL_S = 600.0
 HEARTBEAT_S = 60.0
 
 log = logging.getLogger(__name__)
-
-
-class Conflict(Exception):
-    """The lease changed between reading it and writing it."""
 
 
 def utcnow() -> datetime:
@@ -107,61 +102,38 @@ def lease_path(store: Store) -> str:
     return f"{store.runs}/{LEASE}"
 
 
-@contextmanager
-def exclusive(store: Store) -> Iterator[None]:
-    """On local disk, an exclusive flock for a read-decide-write of the lease (S3 uses conditional PUTs instead)."""
-    if not is_local(store.fs):
-        yield
-        return
-    os.makedirs(store.runs, exist_ok=True)
-    fd = os.open(f"{store.runs}/{LOCK}", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, also when the process dies
-        yield
-    finally:
-        os.close(fd)
-
-
 def read(store: Store) -> tuple[dict | None, str | None]:
     """The lease and the version a conditional write compares (S3 ETag, read before the content); (None, None) if free."""
     path = lease_path(store)
     store.fs.invalidate_cache(path)
     try:
-        token = version_token(store.fs, path)
+        token = store.version_token(path)
         data = store.fs.cat_file(path)
     except FileNotFoundError:
         return None, None
     try:
         return json.loads(data), token
     except ValueError:
-        raise GenreBatchError(f"unreadable run lease {store.fs.unstrip_protocol(path)}: delete it if no run is active") from None
+        raise GenreBatchError(f"unreadable run lease {store.uri(path)}: delete it if no run is active") from None
 
 
 def put(store: Store, lease: dict, expected: str | None) -> None:
-    """Write the lease if it is still the version `expected` (S3; on disk the caller holds exclusive())."""
-    path = lease_path(store)
-    if is_local(store.fs):
-        write_bytes(store.fs, path, json.dumps(lease, indent=2).encode())
-    else:
-        try:
-            swap_bytes(store.fs, path, json.dumps(lease, indent=2).encode(), expected)
-        except GenreBatchError:  # the precondition failed: another run wrote the lease since we read it
-            raise Conflict(path) from None
+    """Write the lease if it is still the version `expected` (None: only if there is none); else ConflictError."""
+    store.swap(lease_path(store), json.dumps(lease, indent=2).encode(), expected)
 
 
 def acquire(store: Store, run_id: str, ttl_s: float = TTL_S) -> dict:
     """Take the store's lease for `run_id`, or raise GenreBatchError naming the live holder."""
-    with exclusive(store):
-        current, token = read(store)
-        now = utcnow()
-        if current is not None and not takeable(current, now):
-            raise GenreBatchError(refusal(store, current))
-        lease = new_lease(run_id, now, ttl_s)
-        try:
-            put(store, lease, token)
-        except Conflict:
-            winner, _ = read(store)
-            raise GenreBatchError(refusal(store, winner) if winner else "another run changed the store lease at the same moment: try again") from None
+    current, token = read(store)
+    now = utcnow()
+    if current is not None and not takeable(current, now):
+        raise GenreBatchError(refusal(store, current))
+    lease = new_lease(run_id, now, ttl_s)
+    try:
+        put(store, lease, token)
+    except ConflictError:
+        winner, _ = read(store)
+        raise GenreBatchError(refusal(store, winner) if winner else "another run changed the store lease at the same moment: try again") from None
     if current is not None:
         log.warning("took over the store lease of run %s (%s)", current["run_id"], "holder dead" if holder_dead(current) else "expired")
     return lease
@@ -169,23 +141,22 @@ def acquire(store: Store, run_id: str, ttl_s: float = TTL_S) -> dict:
 
 def renew(store: Store, run_id: str, ttl_s: float = TTL_S) -> bool:
     """Extend `run_id`'s lease by `ttl_s` from now; False when the lease is no longer its own."""
-    with exclusive(store):
-        current, token = read(store)
-        if current is None or current["run_id"] != run_id:
-            return False
-        try:
-            put(store, renewed(current, utcnow(), ttl_s), token)
-        except Conflict:
-            return False
+    current, token = read(store)
+    if current is None or current["run_id"] != run_id:
+        return False
+    try:
+        put(store, renewed(current, utcnow(), ttl_s), token)
+    except ConflictError:
+        return False
     return True
 
 
 def release(store: Store, run_id: str) -> None:
-    """Give the lease up if `run_id` still holds it (on S3, checked by a read just before an unconditional delete)."""
-    with exclusive(store):
-        current, _ = read(store)
-        if current is not None and current["run_id"] == run_id:
-            store.fs.rm(lease_path(store))
+    """Give the lease up if `run_id` still holds it (checked by a read just before an unconditional delete: nobody
+    else takes over a live, unexpired lease)."""
+    current, _ = read(store)
+    if current is not None and current["run_id"] == run_id:
+        store.delete([lease_path(store)])
 
 
 class Heartbeat(threading.Thread):
@@ -213,9 +184,8 @@ class Heartbeat(threading.Thread):
 
 
 @contextmanager
-def held(store_url: str, run_id: str, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S) -> Iterator[dict]:
+def held(store: Store, run_id: str, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S) -> Iterator[dict]:
     """Hold the store's lease for `run_id` while the block runs, renewed by a heartbeat; released at the end."""
-    store = Store(store_url)
     lease = acquire(store, run_id, ttl_s)
     beat = Heartbeat(store, run_id, ttl_s, heartbeat_s)
     beat.start()

@@ -30,7 +30,10 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect(":memory:")
     files = catalog.files(store)
-    if is_local(store.fs):
+    if not files:  # an empty catalog: a view of no rows with the catalog's columns
+        con.register("catalog_files", catalog.CATALOG_SCHEMA.empty_table())
+        con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
+    elif is_local(store.fs):
         con.execute("SET allowed_paths = $files", {"files": files})
         con.read_parquet(files).create_view("catalog")
     else:

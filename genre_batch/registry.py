@@ -1,18 +1,28 @@
-"""Model registry: versioned XGBoost models (own UBJSON format, never pickle) and a CURRENT pointer."""
+"""Model registry: versioned XGBoost models (own UBJSON format, never pickle) and a CURRENT pointer with history.
+
+The pointer `models/CURRENT.json` is {"version", "pinned", "history"}: switched by a conditional write (like the
+catalog's), `history` the versions that were current before, newest last; a pinned model is never replaced by an
+automatic retrain."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import xgboost as xgb
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store, read_json, write_bytes, write_json
+from genre_batch.store import Store
 
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
 CONFUSION_FILE = "confusion_matrix.png"
+LABELLED_FILE = "labelled.parquet"
+"""The labelled set a model was trained on: (uri, fingerprint, genre) of every labelled track, sampled or not."""
+POINTER = "CURRENT.json"
+HISTORY = 20
 
 
 def new_version() -> str:
@@ -20,29 +30,53 @@ def new_version() -> str:
     return f"m-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def register(store: Store, version: str, booster: xgb.Booster, metadata: dict, confusion_png: bytes) -> str:
-    """Store a model with its metadata and confusion matrix; the metadata is written last."""
+def register(store: Store, version: str, booster: xgb.Booster, metadata: dict, confusion_png: bytes, labelled: pa.Table) -> str:
+    """Store a model with its labelled set, metadata and confusion matrix; the metadata is written last."""
     folder = f"{store.models}/{version}"
-    write_bytes(store.fs, f"{folder}/{MODEL_FILE}", bytes(booster.save_raw("ubj")))
-    write_bytes(store.fs, f"{folder}/{CONFUSION_FILE}", confusion_png)
-    write_json(store.fs, f"{folder}/{METADATA_FILE}", {**metadata, "version": version})
+    store.write_bytes(f"{folder}/{MODEL_FILE}", bytes(booster.save_raw("ubj")))
+    store.write_bytes(f"{folder}/{CONFUSION_FILE}", confusion_png)
+    store.write_table(f"{folder}/{LABELLED_FILE}", labelled)
+    store.write_json(f"{folder}/{METADATA_FILE}", {**metadata, "version": version})
     return folder
 
 
-def promote(store: Store, version: str) -> None:
-    """Make a registered model the current one (one atomic write)."""
-    write_json(store.fs, f"{store.models}/CURRENT.json", {"version": version})
+def pointer(store: Store) -> dict | None:
+    """The model pointer ({"version": ...} in stores before the history), or None when no model was promoted."""
+    path = f"{store.models}/{POINTER}"
+    return store.read_json(path) if store.exists(path) else None
+
+
+def promote(store: Store, version: str, pinned: bool = False) -> dict:
+    """Make a registered model the current one: a conditional switch of the pointer, the old version into its history."""
+    path = f"{store.models}/{POINTER}"
+    expected = store.version_token(path)
+    previous = pointer(store) or {}
+    history = previous.get("history", []) + ([previous["version"]] if previous.get("version") else [])
+    new = {"version": version, "pinned": pinned, "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history[-HISTORY:]}
+    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
+    return new
 
 
 def current_version(store: Store) -> str | None:
     """The current model's version, or None when no model was promoted."""
-    pointer = f"{store.models}/CURRENT.json"
-    return read_json(store.fs, pointer)["version"] if store.fs.exists(pointer) else None
+    current = pointer(store)
+    return current["version"] if current else None
+
+
+def pinned(store: Store) -> bool:
+    """Whether the current model is pinned (never replaced by an automatic retrain)."""
+    return bool((pointer(store) or {}).get("pinned"))
+
+
+def labelled_set(store: Store, version: str) -> pa.Table | None:
+    """The labelled set a model was trained on, or None for models registered before it was kept."""
+    path = f"{store.models}/{version}/{LABELLED_FILE}"
+    return store.read_table(path) if store.exists(path) else None
 
 
 def metadata(store: Store, version: str) -> dict:
     """A registered model's metadata."""
-    return read_json(store.fs, f"{store.models}/{version}/{METADATA_FILE}")
+    return store.read_json(f"{store.models}/{version}/{METADATA_FILE}")
 
 
 def load(store: Store, version: str) -> tuple[xgb.Booster, dict]:

@@ -1,13 +1,18 @@
-"""The store: one fsspec URL holding everything the pipeline owns, with atomic writes."""
+"""The store: one fsspec URL holding everything the pipeline owns, its layout, and its atomic and conditional writes."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -27,6 +32,9 @@ switch (AWS_NEW_RETRIES_2026) that makes `standard` the default (3 attempts), an
 a 429 TooManyRequests answer. On top of this, s3fs retries a request that still ends in SlowDown up to 5 times.
 """
 
+TEMP_MARK = ".tmp-"
+"""Infix of the temporary file an atomic local write renames into place; a kill mid-write can leave one behind."""
+
 
 def use_retry_defaults() -> None:
     """Set RETRY_DEFAULTS where unset: botocore reads them when a client is created, and local workers inherit them."""
@@ -37,11 +45,35 @@ def use_retry_defaults() -> None:
 use_retry_defaults()  # on import: before the flow process or a worker creates its first S3 client
 
 
+class ConflictError(GenreBatchError):
+    """A conditional write found that another writer changed the file since it was read."""
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when `fs` is the local disk."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when `fs` speaks the S3 API (which has conditional writes)."""
+    return "s3" in fs.protocol if isinstance(fs.protocol, tuple) else fs.protocol in ("s3", "s3a")
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
 @dataclass(frozen=True)
 class Store:
-    """Paths of the store layout under one root URL (local folder, s3://bucket/prefix, ...)."""
+    """The store under one root URL (local folder, s3://bucket/prefix): its layout and its reads and writes."""
 
     url: str
+
+    @classmethod
+    def at(cls, url: str) -> Store:
+        """The store at a URL or local path (made absolute, so that workers elsewhere find the same folder)."""
+        return cls(absolute(url))
 
     @cached_property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -57,15 +89,29 @@ class Store:
         """A path inside the store."""
         return "/".join([self.root, *parts])
 
+    def uri(self, path: str) -> str:
+        """The URL of a path of the store (for messages)."""
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+
+    @property
+    def features(self) -> str:
+        """Folder of the feature store (parts, track index, inventory)."""
+        return self.path("features")
+
     @property
     def feature_parts(self) -> str:
-        """Folder of immutable feature parts, one per extracted shard."""
+        """Folder of immutable feature parts of the librosa family."""
         return self.path("features", "parts")
 
     @property
     def error_parts(self) -> str:
-        """Folder of immutable error parts, one per shard that had failures."""
+        """Folder of error parts written before the track index existed (read once, when the index is built)."""
         return self.path("features", "errors")
+
+    @property
+    def index(self) -> str:
+        """Folder of the track index: one small Parquet file per part (and per compaction)."""
+        return self.path("features", "index")
 
     @property
     def inventory(self) -> str:
@@ -87,17 +133,66 @@ class Store:
         """Folder of run records."""
         return self.path("runs")
 
+    @property
+    def evaluations(self) -> str:
+        """Folder of evaluation reports."""
+        return self.path("evaluations")
 
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True when `fs` is the local disk."""
-    return isinstance(fs, LocalFileSystem)
+    def exists(self, path: str) -> bool:
+        """True when a file or folder exists."""
+        return self.fs.exists(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically: readers see the old file or the new one, never a part."""
+        write_bytes(self.fs, path, data)
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Write an Arrow table as one Parquet file, atomically."""
+        write_table(self.fs, path, table, row_group_size)
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet file."""
+        return read_table(self.fs, path, columns)
+
+    def parquet_schema(self, path: str) -> pa.Schema:
+        """The schema and metadata of a Parquet file (its footer only)."""
+        with self.fs.open(path, "rb") as f:
+            return pq.read_schema(f)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        """Write a JSON document atomically."""
+        write_json(self.fs, path, obj)
+
+    def read_json(self, path: str) -> Any:
+        """Read a JSON document."""
+        return read_json(self.fs, path)
+
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Sorted paths of finished files with `suffix` directly in `folder` (temporary files excluded)."""
+        return list_files(self.fs, folder, suffix)
+
+    def delete(self, paths: list[str]) -> None:
+        """Delete files (missing ones are fine)."""
+        for path in paths:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+    def version_token(self, path: str) -> str | None:
+        """What a conditional write of `path` compares: None when the file is missing."""
+        return version_token(self.fs, path)
+
+    def swap(self, path: str, data: bytes, expected: str | None) -> None:
+        """Replace a small file only if it is still the version `expected` (None: only if missing); else ConflictError."""
+        swap_bytes(self.fs, path, data, expected)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file atomically: readers see the old file or the new one, never a part."""
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -111,35 +206,83 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # one PUT: object stores make it visible whole or not at all
 
 
+def content_token(data: bytes) -> str:
+    """The version token of a local file: a hash of its content."""
+    return hashlib.sha1(data).hexdigest()
+
+
 def version_token(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    """What a conditional write compares: the ETag on object stores, None for a missing file or on disk."""
-    if is_local(fs) or not fs.exists(path):
+    """What a conditional write compares: the ETag on S3, a content hash on disk; None for a missing file."""
+    try:
+        if is_local(fs):
+            with open(path, "rb") as f:
+                return content_token(f.read())
+        fs.invalidate_cache(path)
+        return fs.info(path).get("ETag")
+    except FileNotFoundError:
         return None
-    return fs.info(path).get("ETag")
+
+
+@contextmanager
+def locked(path: str) -> Iterator[None]:
+    """An exclusive flock on `path`.lock for a read-compare-write on local disk (released if the process dies)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def s3_error_code(e: BaseException) -> tuple[str, int]:
+    """The S3 error code and HTTP status behind an s3fs error (('', 0) when it is not an S3 answer)."""
+    from botocore.exceptions import ClientError
+
+    cause = e if isinstance(e, ClientError) else e.__cause__
+    if not isinstance(cause, ClientError):
+        return "", 0
+    return cause.response.get("Error", {}).get("Code", ""), int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 def swap_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes, expected: str | None) -> None:
-    """Replace a small file only if it is still the version read before (S3 If-Match / If-None-Match).
+    """Replace a small file only if it is still the version read before; ConflictError when another writer changed it.
 
-    On disk this is an atomic rename. On S3 the write is refused with a clear error when another writer
-    changed the file in between; servers without conditional writes answer 501 and get a plain PUT.
+    On disk: compare-and-rename under an exclusive flock. On S3: one PUT with If-Match / If-None-Match; a PUT that
+    was applied but answered an error (a 5xx after the retries) is recognised by reading the object back. Backends
+    without conditional writes (and S3 servers answering 501) are refused: a plain write could lose a race.
     """
-    from s3fs import S3FileSystem  # imported when needed: it costs 0.3 s of every CLI start
-
-    if not isinstance(fs, S3FileSystem):
-        write_bytes(fs, path, data)
+    where = path if is_local(fs) else fs.unstrip_protocol(path)
+    if is_local(fs):
+        with locked(path):
+            if version_token(fs, path) != expected:
+                raise ConflictError(f"{where} was changed by another writer during this run; nothing was switched")
+            write_bytes(fs, path, data)
         return
+    if not is_s3(fs):
+        raise GenreBatchError(f"{where}: the {fs.protocol} backend has no conditional writes; use a local folder or s3:// for the store")
     bucket, key, _ = fs.split_path(path)
     condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
     except OSError as e:
-        if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
-            raise GenreBatchError(f"{fs.unstrip_protocol(path)} was changed by another writer during this run; nothing was switched") from None
-        if "not implemented" not in str(e).lower():
+        code, status = s3_error_code(e)
+        if code == "NotImplemented" or status == 501:
+            raise GenreBatchError(f"{where}: the S3 server does not support conditional writes (If-Match), which the store needs") from None
+        if not applied(fs, path, data):  # a 5xx may hide a PUT that went through: it is ours if the content is
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                raise ConflictError(f"{where} was changed by another writer during this run; nothing was switched") from None
             raise
-        fs.pipe_file(path, data)
     fs.invalidate_cache(path)
+
+
+def applied(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """True when the object at `path` holds exactly `data` (a write answered with an error went through)."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.cat_file(path) == data
+    except OSError:
+        return False
 
 
 def storage_error(e: BaseException) -> str | None:
@@ -184,6 +327,8 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 def list_files(fs: fsspec.AbstractFileSystem, folder: str, suffix: str) -> list[str]:
     """Sorted paths of finished files with `suffix` directly in `folder` (temp files excluded)."""
     fs.invalidate_cache(folder)
-    if not fs.exists(folder):
+    try:
+        names = fs.ls(folder, detail=False)
+    except FileNotFoundError:
         return []
-    return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(suffix))
+    return sorted(p for p in names if p.endswith(suffix) and TEMP_MARK not in p.rsplit("/", 1)[-1])

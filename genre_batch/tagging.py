@@ -1,4 +1,4 @@
-"""Tagging: features x model -> one catalog row per track, with every genre's probability."""
+"""Tagging: features x model -> one catalog row per track, with every genre's probability; per part, on the workers."""
 
 from __future__ import annotations
 
@@ -6,21 +6,37 @@ from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import xgboost as xgb
 
-from genre_batch import registry
+from genre_batch import catalog, registry
 from genre_batch.audio import AudioError
 from genre_batch.catalog import CATALOG_SCHEMA
+from genre_batch.evaluation import calibrate
 from genre_batch.extraction import extract_file
+from genre_batch.feature_store import keys_of, read_windows
+from genre_batch.features import FEATURE_NAMES
 from genre_batch.labels import normalise
 from genre_batch.store import Store
-from genre_batch.evaluation import calibrate
-from genre_batch.feature_store import tracks
-from genre_batch.training import matrix, per_track, predict_proba, track_index
-
+from genre_batch.training import matrix, per_track, predict_proba
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""
+
+BATCH_WINDOWS = 120_000
+"""Window rows per tagging task (parts are never split): about 300 MB of features in a worker at a time."""
+
+_models: dict[tuple[str, str], tuple[xgb.Booster, dict]] = {}
+"""Models loaded in this process, by (store URL, version): each worker loads a model once."""
+
+
+def worker_model(store: Store, version: str) -> tuple[xgb.Booster, dict]:
+    """A registered model, loaded once per process."""
+    key = (store.url, version)
+    if key not in _models:
+        _models.clear()  # one model at a time: a new version replaces the old
+        _models[key] = registry.load(store, version)
+    return _models[key]
 
 
 def calibrated(booster: xgb.Booster, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
@@ -28,27 +44,25 @@ def calibrated(booster: xgb.Booster, X: np.ndarray, track: np.ndarray, n_tracks:
     return calibrate(per_track(predict_proba(booster, X), track, n_tracks), meta.get("temperature", 1.0))
 
 
-def track_probabilities(booster: xgb.Booster, windows: pa.Table, meta: dict) -> tuple[pa.Table, np.ndarray]:
-    """One row per track and its calibrated probabilities: window predictions averaged, temperature applied."""
-    first = tracks(windows)
-    if first.num_rows == 0:
-        return first, np.zeros((0, len(meta["genres"])))
-    return first, calibrated(booster, matrix(windows), track_index(windows, first), first.num_rows, meta)
+def genres_of(meta: dict) -> list[str]:
+    """Every genre a model's catalog rows can carry: its genres, then `unknown`."""
+    return [*meta["genres"], UNKNOWN]
 
 
 def catalog_rows(
-    first: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime
+    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime
 ) -> pa.Table:
-    """Catalog rows of tracks and their probabilities; under the abstain threshold the genre is `unknown`."""
-    genres, n = meta["genres"], first.num_rows
+    """Catalog rows of tracks (index rows) and their probabilities; under the abstain threshold the genre is `unknown`."""
+    genres, n = meta["genres"], tracks.num_rows
     confidence = probabilities.max(axis=1) if n else np.zeros(0)
     top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
     predicted = [g if c >= meta.get("abstain_below", 0.0) else UNKNOWN for g, c in zip(top, confidence)]
-    embedded = [normalise(g) for g in first["tag_genre"].to_pylist()]
+    embedded = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
     return pa.table(
         {
-            "track_id": first["track_id"],
-            "uri": first["uri"],
+            "track_id": tracks["track_id"],
+            "uri": tracks["uri"],
+            "fingerprint": tracks["fingerprint"],
             "genre": pa.array(predicted, pa.string()),
             "confidence": pa.array(confidence, pa.float64()),
             "probabilities": pa.array(
@@ -56,9 +70,9 @@ def catalog_rows(
             ),
             "embedded_genre": pa.array(embedded, pa.string()),
             "disagrees_with_tag": pa.array([None if e is None else e != p for e, p in zip(embedded, predicted)], pa.bool_()),
-            "duration_s": first["duration_s"],
+            "duration_s": tracks["duration_s"],
             "model_version": pa.array([model_version] * n, pa.string()),
-            "feature_version": first["feature_version"],
+            "feature_version": tracks["feature_version"],
             "run_id": pa.array([run_id] * n, pa.string()),
             "tagged_at": pa.array([tagged_at] * n, CATALOG_SCHEMA.field("tagged_at").type),
         },
@@ -66,10 +80,43 @@ def catalog_rows(
     )
 
 
-def tag(windows: pa.Table, booster: xgb.Booster, meta: dict, model_version: str, run_id: str, tagged_at: datetime) -> pa.Table:
-    """Predict every track's genre probabilities and build its catalog rows."""
-    first, probabilities = track_probabilities(booster, windows, meta)
-    return catalog_rows(first, probabilities, meta, model_version, run_id, tagged_at)
+def predict_part(store: Store, tracks: pa.Table, booster: xgb.Booster, meta: dict) -> np.ndarray:
+    """Calibrated probabilities of the given index rows of one part."""
+    windows = read_windows(store, tracks, list(FEATURE_NAMES))
+    track = np.repeat(np.arange(tracks.num_rows), tracks["row_count"].to_numpy().astype(np.int64))
+    return calibrated(booster, matrix(windows), track, tracks.num_rows, meta)
+
+
+def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime) -> pa.Table:
+    """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process."""
+    booster, meta = worker_model(store, version)
+    tables = [catalog_rows(g, predict_part(store, g, booster, meta), meta, version, run_id, tagged_at) for g in groups]
+    return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
+
+
+def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, snapshot: str, task: int) -> dict[str, int]:
+    """Tag a batch of parts (runs on a worker) and leave its rows as one piece per genre; returns rows per genre."""
+    table = tag_groups(store, version, groups, run_id, tagged_at)
+    genres = genres_of(worker_model(store, version)[1])
+    counts = {}
+    for genre, rows in catalog.split_by_genre(table).items():
+        store.write_table(f"{catalog.pieces_folder(store, snapshot)}/{genres.index(genre):03d}/{task:05d}.parquet", rows)
+        counts[genre] = rows.num_rows
+    return counts
+
+
+def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, dropped: pa.Table | None) -> tuple[int, int]:
+    """Write a snapshot's file of one genre (runs on a worker): its new pieces plus the rows of the previous snapshot's
+    file `carried` (relative to the catalog), less the (uri, fingerprint) keys `dropped`; returns (rows, disagreements)."""
+    tables = [store.read_table(p) for p in store.list(f"{catalog.pieces_folder(store, snapshot)}/{number:03d}", ".parquet")]
+    if carried is not None:
+        previous = store.read_table(f"{store.catalog}/{carried}")
+        if dropped is not None and dropped.num_rows:
+            previous = previous.filter(pc.invert(pc.is_in(keys_of(previous), value_set=keys_of(dropped).combine_chunks())))
+        tables.append(previous.select(CATALOG_SCHEMA.names))
+    table = pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
+    rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table)
+    return rows, int(pc.sum(table["disagrees_with_tag"].fill_null(False)).as_py() or 0)
 
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:

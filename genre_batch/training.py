@@ -14,7 +14,6 @@ import xgboost as xgb
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
-from genre_batch.feature_store import tracks as first_windows
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 
 PARAMS: dict = {
@@ -115,13 +114,41 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
     return kept, genres, dropped, training_fingerprint(rows, source)
 
 
-def training_set(windows: pa.Table, labels: pa.Table, source: str, grouping: str = "auto") -> TrainingSet:
-    """Join window features with track labels, dropping genres with fewer than MIN_PER_GENRE tracks."""
-    tracks, genres, dropped, fingerprint = labelled_tracks(first_windows(windows), labels, source)
+TRAINING_BUDGET_BYTES = 512 * 2**20
+"""Memory for the float32 window features of a training sample: with the model's working copies, training stays
+under 2 GB per process. The cap per genre follows from it (`cap_per_genre`)."""
+
+
+def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES) -> int:
+    """Labelled tracks per genre that fit the memory budget."""
+    per_track = max(1.0, windows_per_track) * len(FEATURE_NAMES) * 4
+    return max(MIN_PER_GENRE, int(budget // (max(1, n_genres) * per_track)))
+
+
+def digest(value: str) -> str:
+    """A short stable hash, for deterministic ordering."""
+    return hashlib.sha1(value.encode()).hexdigest()[:12]
+
+
+def sample(tracks: pa.Table, cap: int | None, grouping: str) -> pa.Table:
+    """At most `cap` tracks per genre, chosen deterministically: tracks ordered by a hash of their split group, then of
+    their URI, so that whole groups (artists, albums) are kept together; all tracks when `cap` is None."""
+    if cap is None:
+        return tracks
+    keys = [digest(g) + digest(u) for g, u in zip(group_keys(tracks, grouping), tracks["uri"].to_pylist())]
+    ordered = tracks.append_column("_order", pa.array(keys)).sort_by([("genre", "ascending"), ("_order", "ascending")])
+    genre = ordered["genre"].to_pylist()
+    rank = np.zeros(len(genre), np.int64)
+    for i in range(1, len(genre)):
+        rank[i] = rank[i - 1] + 1 if genre[i] == genre[i - 1] else 0
+    return ordered.filter(pa.array(rank < cap)).drop_columns("_order").sort_by("uri")
+
+
+def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str, dropped: dict[str, int]) -> TrainingSet:
+    """The training set of labelled tracks (with a `genre` column, sorted by URI) and their window rows."""
     keep = windows.join(tracks.select(["uri", "genre"]), keys="uri", join_type="inner").sort_by(
         [("uri", "ascending"), ("window", "ascending")]
     )
-    grouping = resolve_grouping(tracks, grouping)
     index = {g: i for i, g in enumerate(genres)}
     return TrainingSet(
         X=matrix(keep),

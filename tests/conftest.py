@@ -16,6 +16,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # as the CLI
 
 from genre_batch.audio import SAMPLE_RATE  # noqa: E402
+from genre_batch.store import Store  # noqa: E402
 from genre_batch.synth import STYLES, render, write_audio  # noqa: E402
 
 CLIP_SECONDS = 3.0
@@ -44,6 +45,18 @@ def cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args))
     uncaught = result.exception if not isinstance(result.exception, SystemExit | None) else None
     return result.exit_code, result.stdout, result.stderr + (f"Traceback: {uncaught!r}" if uncaught else "")
+
+
+def current_features(store: Store) -> "pa.Table":
+    """Every window row of the library's current tracks, in URI and window order (for small test stores)."""
+    import pyarrow as pa
+
+    from genre_batch.feature_store import by_part, current_tracks, read_windows
+
+    groups = by_part(current_tracks(store))
+    if not groups:
+        return pa.table({"uri": pa.array([], pa.string())})
+    return pa.concat_tables([read_windows(store, g) for g in groups]).sort_by([("uri", "ascending"), ("window", "ascending")])
 
 
 @pytest.fixture

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import current_features
 
-from genre_batch import GenreBatchError, catalog, pipeline, query, registry
+from genre_batch import GenreBatchError, catalog, query, registry
 from genre_batch.audio import SAMPLE_RATE
-from genre_batch.feature_store import current_errors, current_features
+from genre_batch.cluster import session
+from genre_batch.feature_store import current_errors
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.stages import extract as extract_stage, runs, tag as tag_stage, train as train_stage
 from genre_batch.store import Store
 from genre_batch.synth import STYLES, render, write_audio
 from genre_batch.tagging import classify_files
@@ -23,9 +26,22 @@ def part_files(store: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in (store / "features").rglob("*") if p.is_file()}
 
 
-def extract(library: Path, store: Path, scheduler: str) -> pipeline.ExtractSummary:
+def extract(library: Path, store: Path, scheduler: str) -> extract_stage.ExtractSummary:
     """Run the extract stage."""
-    return pipeline.extract(str(library), str(store), pipeline.new_run_id(), scheduler)
+    with session(scheduler) as cluster:
+        return extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster)
+
+
+def train(store: Path, spec: str, run_id: str, scheduler: str) -> train_stage.TrainSummary:
+    """Run the train stage."""
+    with session(scheduler) as cluster:
+        return train_stage.train(Store(str(store)), spec, run_id, cluster)
+
+
+def tag(store: Path, run_id: str, scheduler: str, full: bool = False) -> tag_stage.TagSummary:
+    """Run the tag stage."""
+    with session(scheduler) as cluster:
+        return tag_stage.tag(Store(str(store)), run_id, cluster, full=full)
 
 
 def test_incremental_extraction(library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str) -> None:
@@ -63,7 +79,7 @@ def trained_store(library_factory: Callable[..., Path], tmp_path: Path, dask_sch
     """A library of 5 clips per style, extracted and trained with folder labels."""
     library, store = library_factory(per_style=5), tmp_path / "store"
     extract(library, store, dask_scheduler)
-    summary = pipeline.train(str(store), "folders", "run-train")
+    summary = train(store, "folders", "run-train", dask_scheduler)
     assert summary.promoted and summary.genres == sorted(STYLES)
     return library, store
 
@@ -93,8 +109,8 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     folder = store / "models" / version
     assert (folder / "model.ubj").stat().st_size > 0
     assert (folder / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert pipeline.needs_training(str(store), "folders") == (False, f"current model {version} was trained on the same labelled data")
-    assert pipeline.needs_training(str(store), "tags")[0]  # another label source: another training set
+    assert train_stage.retrain_decision(s, "folders") == (False, f"current model {version} was trained on the same labelled data")
+    assert train_stage.retrain_decision(s, "tags")[0]  # another label source: another training set
 
 
 def test_bad_files_become_error_records_and_the_rest_succeed(
@@ -121,27 +137,27 @@ def test_bad_files_become_error_records_and_the_rest_succeed(
     # failed files are not retried while unchanged
     assert extract(library, store, dask_scheduler).extracted == 0
     # and they stay out of training (folder 'bad' has no features) and out of the catalog
-    pipeline.train(str(store), "folders", "run-1")
-    pipeline.tag(str(store), "run-1")
+    train(store, "folders", "run-1", dask_scheduler)
+    tag(store, "run-1", dask_scheduler)
     assert catalog.read(Store(str(store))).num_rows == 20
 
 
 def test_deleted_file_leaves_the_next_catalog(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
     library, store = trained_store
-    pipeline.tag(str(store), "run-1")
+    tag(store, "run-1", dask_scheduler)
     gone = sorted(library.rglob("*.mp3"))[0]
     assert str(gone) in catalog.read(Store(str(store)))["uri"].to_pylist()
     gone.unlink()
     summary = extract(library, store, dask_scheduler)
     assert (summary.removed, summary.extracted) == (1, 0)
-    pipeline.tag(str(store), "run-2")
+    tag(store, "run-2", dask_scheduler)
     uris = catalog.read(Store(str(store)))["uri"].to_pylist()
     assert str(gone) not in uris and len(uris) == 19
 
 
-def test_catalog_rows_carry_probabilities_and_provenance(trained_store: tuple[Path, Path]) -> None:
+def test_catalog_rows_carry_probabilities_and_provenance(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
     _, store = trained_store
-    summary = pipeline.tag(str(store), "run-xyz")
+    summary = tag(store, "run-xyz", dask_scheduler)
     table = catalog.read(Store(str(store)))
     assert summary.rows == table.num_rows == 20
     for row in table.to_pylist():
@@ -154,9 +170,9 @@ def test_catalog_rows_carry_probabilities_and_provenance(trained_store: tuple[Pa
         assert row["disagrees_with_tag"] == (row["genre"] != row["embedded_genre"])
 
 
-def test_query_formats(trained_store: tuple[Path, Path]) -> None:
+def test_query_formats(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
     _, store = trained_store
-    pipeline.tag(str(store), "run-1")
+    tag(store, "run-1", dask_scheduler)
     s = Store(str(store))
     table = query.run(s, "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
     assert table.to_pylist() == [{"genre": g, "n": 5} for g in sorted(STYLES)]

@@ -1,0 +1,68 @@
+"""The extract stage: list the library, plan against the track index, extract new and changed files on Dask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from genre_batch import GenreBatchError
+from genre_batch.cluster import Session
+from genre_batch.discovery import discover
+from genre_batch.extraction import Progress, run_shards
+from genre_batch.feature_store import plan, read_index, read_inventory, repair, write_inventory
+from genre_batch.store import Store
+
+
+def no_progress(done: int, total: int, errors: int) -> None:
+    """A progress callback that ignores progress."""
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction did."""
+
+    library: str
+    discovered: int = 0
+    extracted: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    shards: int = 0
+    repaired_parts: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+def extract(
+    library: str, store: Store, run_id: str, session: Session, force: bool = False, on_progress: Progress = no_progress
+) -> ExtractSummary:
+    """Discover the library, extract new and changed files on Dask, record moved files, then the library listing."""
+    repaired = repair(store)
+    inventory = discover(library)
+    previous = read_inventory(store)
+    todo = plan(inventory, read_index(store), force)
+    summary = ExtractSummary(
+        library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
+        unchanged=todo.unchanged, moved=todo.moved.num_rows, repaired_parts=len(repaired),
+    )
+    if todo.moved.num_rows:
+        store.write_table(f"{store.index}/{run_id}-moves.parquet", todo.moved)
+    if todo.todo.num_rows:
+        result = run_shards(session.client, store, todo.todo, run_id, on_progress)
+        if result.shard_failures:
+            raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))
+        summary.extracted, summary.failed, summary.shards = result.extracted, result.failed, result.shards
+        summary.wall_s, summary.cpu_s = round(result.wall_s, 3), round(result.cpu_s, 3)
+    summary.removed = int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=inventory["uri"]))).as_py() or 0)
+    write_inventory(store, inventory)
+    return summary
+
+
+def library_of(store: Store) -> str:
+    """The library the store's inventory was listed from."""
+    meta = read_inventory(store).schema.metadata or {}
+    if b"library" not in meta:
+        raise GenreBatchError(f"the store {store.url} has no extracted library yet: run 'genre-batch extract' first")
+    return meta[b"library"].decode()

@@ -1,0 +1,100 @@
+"""The tag stage: predict on the workers, part by part, and publish a snapshot of one file per genre.
+
+With the model of the published snapshot unchanged, only new and changed tracks are predicted: the rows of unchanged
+tracks are carried over from the previous snapshot, those of removed and changed tracks dropped. The result equals a
+full re-tag (same tracks, genres and probabilities); a new model re-tags everything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from genre_batch import GenreBatchError, catalog, registry
+from genre_batch.cluster import Session
+from genre_batch.feature_store import KEYS, batches, current_tracks, read_inventory
+from genre_batch.features import FEATURE_VERSION
+from genre_batch.store import Store
+from genre_batch.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
+
+
+@dataclass
+class TagSummary:
+    """What a tagging published."""
+
+    snapshot: str
+    rows: int
+    model_version: str
+    genres: dict[str, int]
+    disagreements: int
+    mode: str
+    """`full` (every track predicted), `incremental` (new and changed tracks predicted) or `unchanged` (nothing to do)."""
+    predicted: int = 0
+    carried: int = 0
+    dropped: int = 0
+    """Rows of the previous snapshot left out: removed files, and the old rows of changed ones."""
+
+
+def current_model(store: Store) -> tuple[str, dict]:
+    """The current model's version and card, checked to read the store's feature version."""
+    version = registry.current_version(store)
+    if version is None:
+        raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
+    meta = registry.metadata(store, version)
+    if meta["feature_version"] != FEATURE_VERSION:
+        raise GenreBatchError(
+            f"current model {version} was trained on feature version {meta['feature_version']}, "
+            f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
+        )
+    return version, meta
+
+
+def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table | None:
+    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, same catalog
+    version), else None: then everything is predicted."""
+    if not previous or previous.get("model_version") != version or previous.get("catalog_version") != catalog.CATALOG_VERSION:
+        return None
+    return catalog.read(store, KEYS)
+
+
+def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False) -> TagSummary:
+    """Tag the library's current tracks with the current model on the workers and publish a snapshot."""
+    version, meta = current_model(store)
+    tracks = current_tracks(store, read_inventory(store))
+    previous = catalog.pointer(store)
+    before = None if full else carried_keys(previous, version, store)
+    if before is None:
+        todo, dropped = tracks, None
+    else:
+        todo = tracks.join(before, keys=KEYS, join_type="left anti")
+        dropped = before.join(tracks.select(KEYS), keys=KEYS, join_type="left anti")
+        if todo.num_rows == 0 and dropped.num_rows == 0:
+            return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
+                              previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0)
+    snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
+    genres = genres_of(meta)
+    work = batches(todo, BATCH_WINDOWS)
+    predicted: Counter[str] = Counter()
+    for counts in session.run([(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i) for i, groups in enumerate(work)]):
+        predicted.update(counts)
+    carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
+    numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
+    merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped) for n in numbers])
+    if work:
+        store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
+    files = {catalog.genre_file(snapshot, n): genres[n] for n, (rows, _) in zip(numbers, merged) if rows}
+    counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
+    rows = sum(counts.values())
+    disagreements = sum(d for _, d in merged)
+    catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
+                   feature_version=FEATURE_VERSION)
+    return TagSummary(
+        snapshot=snapshot, rows=rows, model_version=version,
+        genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
+        mode="full" if before is None else "incremental", predicted=todo.num_rows,
+        carried=rows - todo.num_rows, dropped=0 if dropped is None else dropped.num_rows,
+    )
+

@@ -1,0 +1,251 @@
+"""The train stage: a capped, grouped sample of the labelled tracks read by the workers; cross-validation, the
+model registered and promoted if it passes; the retrain policy of nightly runs; evaluation reports."""
+
+from __future__ import annotations
+
+import platform
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xgboost as xgb
+
+from genre_batch import GenreBatchError, evaluation, labels, registry, training
+from genre_batch.cluster import Session
+from genre_batch.feature_store import KEYS, batches, current_tracks, read_inventory, read_windows
+from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.stages.extract import library_of
+from genre_batch.store import Store
+
+READ_BATCH_WINDOWS = 60_000
+"""Window rows per reading task of the training sample."""
+
+RETRAIN_POLICIES = ("auto", "always", "never")
+RETRAIN_CHANGED_SHARE = 0.05
+RETRAIN_AFTER_DAYS = 30
+"""`--retrain auto` (nightly default) retrains when there is no current model, or the current model is not pinned and
+either more than RETRAIN_CHANGED_SHARE of the labelled set changed (tracks added, removed, re-labelled or changed
+content), or it is older than RETRAIN_AFTER_DAYS and anything in the labelled set changed."""
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """The store's labelled tracks for a label spec: index rows with a `genre`, and what training keeps of them."""
+
+    tracks: pa.Table
+    genres: list[str]
+    dropped: dict[str, int]
+    fingerprint: str
+    source: str
+
+
+@dataclass
+class TrainSummary:
+    """What a training did."""
+
+    version: str
+    promoted: bool
+    reason: str
+    label_source: str
+    tracks: int
+    sampled_tracks: int
+    genres: list[str]
+    cv_accuracy: float
+    cv_macro_f1: float
+    holdout_accuracy: float
+    holdout_macro_f1: float
+    grouping: str
+    dropped_genres: dict[str, int] = field(default_factory=dict)
+
+
+def labelled(store: Store, spec: str) -> Labelled:
+    """The labelled tracks of the store's current index for a label spec (no window rows are read)."""
+    tracks = current_tracks(store, read_inventory(store))
+    source = labels.label_source(spec)
+    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store)), source)
+    return Labelled(kept, genres, dropped, fingerprint, source)
+
+
+def labelled_keys(data: Labelled) -> pa.Table:
+    """(uri, fingerprint, genre) of a labelled set: what the registry keeps with a model."""
+    return data.tracks.select([*KEYS, "genre"])
+
+
+def read_sample(store: Store, sample: pa.Table, session: Session) -> pa.Table:
+    """The window rows (URI, window, features) of sampled tracks, read part by part on the workers."""
+    groups = batches(sample, READ_BATCH_WINDOWS)
+    if not groups:
+        return pa.table({"uri": pa.array([], pa.string()), "window": pa.array([], pa.int16())})
+    columns = ["uri", "window", *FEATURE_NAMES]
+    return pa.concat_tables(session.run([(read_batch, store, batch, columns) for batch in groups]))
+
+
+def read_batch(store: Store, groups: list[pa.Table], columns: list[str]) -> pa.Table:
+    """The window rows of some parts' index rows (runs on a worker)."""
+    return pa.concat_tables([read_windows(store, g, columns) for g in groups])
+
+
+def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True) -> tuple[training.TrainingSet, Labelled, int | None]:
+    """The training set of the store for a label spec: a deterministic sample capped per genre (unless not `capped`),
+    with the cap."""
+    data = labelled(store, spec)
+    grouping = training.resolve_grouping(data.tracks, grouping)
+    windows_per_track = float(pc.mean(data.tracks["row_count"]).as_py() or 1.0)
+    cap = training.cap_per_genre(len(data.genres), windows_per_track) if capped else None
+    sample = training.sample(data.tracks, cap, grouping)
+    windows = read_sample(store, sample, session)
+    return training.training_set(windows, sample, data.genres, grouping, data.fingerprint, data.dropped), data, cap
+
+
+def changed_share(before: pa.Table, now: pa.Table) -> float:
+    """Share of a labelled set that changed: rows in one set and not the other, over the size of the old set."""
+    keys = [*KEYS, "genre"]
+    gone = before.join(now.select(keys), keys=keys, join_type="left anti").num_rows
+    new = now.join(before.select(keys), keys=keys, join_type="left anti").num_rows
+    return (gone + new) / max(1, before.num_rows)
+
+
+def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetime | None = None) -> tuple[bool, str]:
+    """Whether a nightly run retrains, and why (see RETRAIN_CHANGED_SHARE)."""
+    version = registry.current_version(store)
+    if policy == "always":
+        return True, "--retrain always"
+    if version is None:
+        if policy == "never":
+            raise GenreBatchError(f"no current model in {store.url} and --retrain never: train one with 'genre-batch train'")
+        return True, "no current model"
+    if policy == "never":
+        return False, f"--retrain never: current model {version} kept"
+    if registry.pinned(store):
+        return False, f"current model {version} is pinned"
+    meta = registry.metadata(store, version)
+    data = labelled(store, spec)
+    if meta.get("label_source") != data.source:
+        return True, f"label source changed ({meta.get('label_source')} -> {data.source})"
+    before = registry.labelled_set(store, version)
+    if before is None:  # a model registered before labelled sets were kept: only an identical set counts as unchanged
+        same = meta.get("training_fingerprint") == data.fingerprint
+        return (False, f"current model {version} was trained on the same labelled data") if same else (True, "labels or features changed since the current model was trained")
+    share = changed_share(before, labelled_keys(data))
+    age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(meta["created_at"])
+    if share > RETRAIN_CHANGED_SHARE:
+        return True, f"{share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%})"
+    if share > 0 and age > timedelta(days=RETRAIN_AFTER_DAYS):
+        return True, f"the labelled set changed ({share:.1%}) and current model {version} is older than {RETRAIN_AFTER_DAYS} days"
+    if share == 0:
+        return False, f"current model {version} was trained on the same labelled data"
+    return False, f"only {share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%}): current model {version} kept"
+
+
+def cross_validation(data: training.TrainingSet, oof: np.ndarray) -> dict:
+    """Grouped k-fold scores of the out-of-fold track probabilities `oof`, raw and calibrated, with the fitted temperature."""
+    temperature = evaluation.fit_temperature(oof, data.y_track)
+    return {
+        **evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres),
+        "folds": training.folds(data),
+        "grouping": data.grouping,
+        "groups": int(len(set(data.groups.tolist()))),
+        "temperature": temperature,
+        **evaluation.calibration_errors(oof, data.y_track, temperature),
+    }
+
+
+def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> dict:
+    """Scores of the model fitted without the first grouped, stratified fold, on that fold's tracks.
+
+    That model is the first one of the cross-validation, so its predictions are the out-of-fold ones `oof` of that fold.
+    """
+    _, test_tracks = training.splits(data, training.folds(data))[0]
+    probabilities, truth = oof[test_tracks], data.y_track[test_tracks]
+    return {
+        **evaluation.scores(truth, probabilities.argmax(axis=1), data.genres),
+        "fraction": round(len(test_tracks) / len(data.y_track), 3),
+        **evaluation.calibration_errors(probabilities, truth, temperature),
+    }
+
+
+def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto") -> dict:
+    """Grouped cross-validation report of the store's labelled tracks, written to evaluations/ with its picture."""
+    data, labelled_set, cap = training_data(store, spec, session, grouping)
+    report = {
+        "evaluated_at": datetime.now(timezone.utc).isoformat(),
+        "label_source": labelled_set.source,
+        "feature_version": FEATURE_VERSION,
+        "tracks": len(data.y_track),
+        "labelled_tracks": labelled_set.tracks.num_rows,
+        "cap_per_genre": cap,
+        "windows": len(data.y),
+        "genres": data.genres,
+        "majority_baseline": evaluation.majority_baseline(data.y_track),
+        "cross_validation": cross_validation(data, training.out_of_fold(data)),
+    }
+    folder = f"{store.evaluations}/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    cv = report["cross_validation"]
+    store.write_bytes(f"{folder}/confusion_matrix.png", evaluation.confusion_png(cv["confusion"], data.genres, f"{cv['folds']}-fold CV grouped by {data.grouping}"))
+    store.write_json(f"{folder}/report.json", report)
+    return {**report, "report": folder}
+
+
+def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0, grouping: str = "auto") -> TrainSummary:
+    """Cross-validate and hold out (grouped), fit on the capped sample, calibrate, register; promote if it passes."""
+    data, labelled_set, cap = training_data(store, spec, session, grouping)
+    oof = training.out_of_fold(data)
+    cv = cross_validation(data, oof)
+    held = holdout(data, oof, cv["temperature"])
+    baseline = evaluation.majority_baseline(data.y_track)
+    passes = cv["accuracy"] > baseline and cv["accuracy"] >= min_accuracy
+    reason = (
+        f"cross-validated accuracy {cv['accuracy']:.3f} vs majority baseline {baseline:.3f}"
+        + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
+    )
+    version = registry.new_version()
+    metadata = {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "run_id": run_id,
+        "genres": data.genres,
+        "label_source": labelled_set.source,
+        "feature_version": FEATURE_VERSION,
+        "feature_families": {"librosa": FEATURE_VERSION},
+        "training_fingerprint": data.fingerprint,
+        "labelled_tracks": labelled_set.tracks.num_rows,
+        "tracks": len(data.y_track),
+        "windows": len(data.y),
+        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES,
+                   "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
+        "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
+        "dropped_genres": data.dropped,
+        "params": {**training.PARAMS, "max_rounds": training.MAX_ROUNDS, "early_stopping_rounds": training.EARLY_STOPPING},
+        "weights": "balanced: every genre the same total weight, every track of a genre the same share",
+        "temperature": cv["temperature"],
+        "abstain_below": abstain_below,
+        "cross_validation": cv,
+        "holdout": held,
+        "majority_baseline": baseline,
+        "gate": {"passed": passes, "reason": reason, "min_accuracy": min_accuracy},
+        "xgboost_version": xgb.__version__,
+        "python": platform.python_version(),
+    }
+    png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
+    model, metadata["params"]["num_boost_round"] = training.fit_tracks(data, np.arange(len(data.y_track)))
+    registry.register(store, version, model, metadata, png, labelled_keys(labelled_set))
+    if passes:
+        registry.promote(store, version)
+    return TrainSummary(
+        version=version,
+        promoted=passes,
+        reason=reason,
+        label_source=labelled_set.source,
+        tracks=labelled_set.tracks.num_rows,
+        sampled_tracks=len(data.y_track),
+        genres=data.genres,
+        cv_accuracy=round(cv["accuracy"], 4),
+        cv_macro_f1=round(cv["macro_f1"], 4),
+        holdout_accuracy=round(held["accuracy"], 4),
+        holdout_macro_f1=round(held["macro_f1"], 4),
+        grouping=data.grouping,
+        dropped_genres=data.dropped,
+    )
