@@ -23,12 +23,12 @@ import pytest
 import soundfile as sf
 from distributed import Client
 
-from conftest import cli, make_library
+from conftest import cli, current_features, make_library
 from genre_batch import audio, catalog, features
 from genre_batch.discovery import discover
 from genre_batch.extraction import run_shards
-from genre_batch.feature_store import ERROR_SCHEMA, current_errors, current_features, plan, read_parts, tracks, write_inventory
-from genre_batch.pipeline import no_progress
+from genre_batch.feature_store import current_errors, current_tracks, failed, plan, read_index, write_inventory
+from genre_batch.stages.extract import no_progress
 from genre_batch.store import Store
 from genre_batch.synth import render, write_audio
 
@@ -208,12 +208,12 @@ def test_catalog_holds_exactly_the_good_and_the_processed_files(ran: Run) -> Non
 
 def test_each_bad_file_is_one_error_record_with_a_clear_reason(ran: Run) -> None:
     store = Store(str(ran.store))
-    recorded = read_parts(store, store.error_parts, ERROR_SCHEMA).to_pylist()
+    recorded = failed(read_index(store)).to_pylist()
     assert sorted(r["uri"] for r in recorded) == sorted(ran.matrix.errors)  # one record per bad file, nothing else
     for row in recorded:
         kind, message = ran.matrix.errors[row["uri"]]
-        assert (row["stage"], row["error_type"]) == ("decode", kind)
-        assert message in row["message"] and str(ran.matrix.root) not in row["message"]
+        assert (row["error_stage"], row["error_type"]) == ("decode", kind)
+        assert message in row["error_message"] and str(ran.matrix.root) not in row["error_message"]
     assert {r["uri"] for r in current_errors(store).to_pylist()} == set(ran.matrix.errors)
     assert not set(current_features(store)["uri"].to_pylist()) & set(ran.matrix.errors)
 
@@ -287,7 +287,7 @@ from genre_batch.extraction import extract_shard
 from genre_batch.feature_store import write_inventory
 from genre_batch.store import Store
 inventory = discover(sys.argv[1])
-extract_shard(sys.argv[2], inventory, "run-locked", 0)
+extract_shard(Store(sys.argv[2]), inventory, "run-locked", 0)
 write_inventory(Store(sys.argv[2]), inventory)
 """
 
@@ -321,16 +321,16 @@ def test_file_deleted_or_rewritten_between_listing_and_reading(tmp_path: Path, d
         for seed, name in enumerate(("kept", "gone", "rewritten"))
     )
     listed = discover(str(library))
-    todo = plan(listed, store)
+    todo = plan(listed, read_index(store)).todo
     gone.unlink()
     write_audio(rewritten, render("percussion", 4.0, seed=9), SR)  # new content, new size
     with Client(dask_scheduler) as client:
-        first = run_shards(client, store.url, todo, "run-1", no_progress)
+        first = run_shards(client, store, todo, "run-1", no_progress)
         write_inventory(store, listed)
         assert (first.extracted, first.failed, first.shard_failures) == (2, 1, [])
         (error,) = current_errors(store).to_pylist()
         assert (error["uri"], error["error_type"], error["message"]) == (str(gone), "io_error", NO_SUCH_FILE)
-        read = tracks(current_features(store)).to_pylist()
+        read = current_tracks(store).to_pylist()
         by_uri = {r["uri"]: r for r in read}
         assert set(by_uri) == {str(kept), str(rewritten)}
         old = listed.filter(pc.equal(listed["uri"], str(rewritten))).to_pylist()[0]
@@ -338,9 +338,9 @@ def test_file_deleted_or_rewritten_between_listing_and_reading(tmp_path: Path, d
         assert by_uri[str(rewritten)]["duration_s"] == pytest.approx(4.0, abs=0.01)  # ... with the content read
 
         relisted = discover(str(library))
-        again = plan(relisted, store)
+        again = plan(relisted, read_index(store)).todo
         assert again["uri"].to_pylist() == [str(rewritten)]
-        second = run_shards(client, store.url, again, "run-2", no_progress)
+        second = run_shards(client, store, again, "run-2", no_progress)
         write_inventory(store, relisted)
     assert (second.extracted, second.failed) == (1, 0)
     windows = current_features(store)

@@ -25,6 +25,7 @@ def rows(n: int, genre: str, run: str) -> pa.Table:
         {
             "track_id": [f"t{i}" for i in range(n)],
             "uri": [f"/music/{i}.mp3" for i in range(n)],
+            "fingerprint": [f"f{i}" for i in range(n)],
             "genre": [genre] * n,
             "confidence": [0.9] * n,
             "probabilities": [[(genre, 0.9), ("other", 0.1)]] * n,
@@ -52,29 +53,27 @@ def test_publish_switches_readers_to_the_new_snapshot(tmp_path: Path) -> None:
     table = catalog.read(s)
     assert table.num_rows == 5 and set(table["genre"].to_pylist()) == {"jazz"}
     assert pointer["rows"] == 5 and pointer["catalog_version"] == catalog.CATALOG_VERSION
-    assert table.schema.metadata[b"genre_batch.catalog_version"] == b"1"
+    assert table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
-def test_snapshot_is_sorted_by_genre_then_confidence_in_row_groups(tmp_path: Path) -> None:
-    """Rows come out grouped by genre, most confident first; each row group's statistics cover few genres."""
+def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path) -> None:
+    """Each genre's rows are one file, most confident first, in row groups: a query on one genre reads one file."""
     s = Store(str(tmp_path))
     n = 2 * catalog.ROW_GROUP_ROWS + 5
     genres = ["rock", "jazz", "pop", "blues", "metal"]
     shuffled = rows(n, "x", "run-a")
-    shuffled = shuffled.set_column(2, "genre", pa.array([genres[(i * 7) % 5] for i in range(n)]))
-    shuffled = shuffled.set_column(3, "confidence", pa.array([((i * 7919) % n) / n for i in range(n)]))
-    catalog.publish(s, shuffled, "run-a", "m-1")
-    [path] = catalog.files(s)
+    shuffled = shuffled.set_column(3, "genre", pa.array([genres[(i * 7) % 5] for i in range(n)]))
+    shuffled = shuffled.set_column(4, "confidence", pa.array([((i * 7919) % n) / n for i in range(n)]))
+    pointer = catalog.publish(s, shuffled, "run-a", "m-1")
     table = catalog.read(s)
     assert table.num_rows == n and sorted(table["confidence"].to_pylist()) == sorted(shuffled["confidence"].to_pylist())
-    keys = list(zip(table["genre"].to_pylist(), (-c for c in table["confidence"].to_pylist())))
-    assert keys == sorted(keys)
-    metadata = pq.ParquetFile(path).metadata
-    assert metadata.num_row_groups == 3 and metadata.row_group(0).num_rows == catalog.ROW_GROUP_ROWS
-    genre_column = table.schema.get_field_index("genre")
-    spans = [(rg.column(genre_column).statistics.min, rg.column(genre_column).statistics.max)
-             for rg in (metadata.row_group(i) for i in range(3))]
-    assert spans == [("blues", "metal"), ("metal", "rock"), ("rock", "rock")], spans  # a query on "jazz" reads one group
+    assert sorted(pointer["genres"].values()) == sorted(genres) and len(catalog.files(s)) == 5
+    for path in catalog.files(s):
+        part = pq.read_table(path)
+        assert set(part["genre"].to_pylist()) == {pointer["genres"][path.split("/catalog/", 1)[1]]}
+        confidence = part["confidence"].to_pylist()
+        assert confidence == sorted(confidence, reverse=True) and part.num_rows in (n // 5, n // 5 + 1)
+        assert pq.ParquetFile(path).metadata.row_group(0).num_rows == min(part.num_rows, catalog.ROW_GROUP_ROWS)
 
 
 def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,7 +199,7 @@ def assert_published(s: Store, genre: str, n: int) -> None:
     """The pointer names complete files that read whole as the catalog of `n` tracks of `genre`."""
     table = catalog.read(s)
     assert (table.num_rows, set(table["genre"].to_pylist())) == (n, {genre})
-    assert catalog.pointer(s)["rows"] == n and table.schema.metadata[b"genre_batch.catalog_version"] == b"1"
+    assert catalog.pointer(s)["rows"] == n and table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
 @pytest.mark.parametrize(
@@ -236,7 +235,7 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
         assert_published(s, *OLD[-1])
     [new] = [name for name in snapshot_names(tmp_path) if name not in old]
     assert snapshot_names(tmp_path) == old[3 - old_left:] + [new]  # prune deletes oldest first
-    written = tmp_path / "catalog" / "snapshots" / new / "catalog.parquet"
+    written = tmp_path / "catalog" / "snapshots" / new / "genre-000.parquet"
     assert written.exists() == snapshot_written  # never a partial file under the final name
     if snapshot_written:
         assert pq.read_table(written).num_rows == NEW[1]
@@ -246,11 +245,12 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
     leftovers = sorted(p.name for p in (tmp_path / "catalog").iterdir() if ".tmp-" in p.name)
     assert len(leftovers) == (step in ("pointer-half-written", "pointer-before-rename"))
 
-    # The next run publishes; its prune removes the old snapshots the crash left (keep=2: the newest two folders).
+    # The next run publishes; its prune keeps the two newest published snapshots (keep=2) and removes everything else,
+    # a snapshot the crash left unpublished included: it never counts among the kept ones.
     catalog.publish(s, rows(NEXT[1], NEXT[0], "run-next"), "run-next", "m-1", keep=2)
     assert_published(s, *NEXT)
-    assert not set(old) & set(snapshot_names(tmp_path)) and new in snapshot_names(tmp_path)
-    # An unpublished snapshot counts among the newest until newer ones push it out.
+    [next_name] = [n for n in snapshot_names(tmp_path) if n not in old and n != new]
+    assert snapshot_names(tmp_path) == ([new] if switched else [old[-1]]) + [next_name]
     catalog.publish(s, rows(LAST[1], LAST[0], "run-last"), "run-last", "m-1", keep=2)
     assert_published(s, *LAST)
     assert len(snapshot_names(tmp_path)) == 2 and new not in snapshot_names(tmp_path)

@@ -27,10 +27,9 @@ import s3fs
 
 from genre_batch import GenreBatchError, catalog, lease
 from genre_batch.extraction import shard_size
-from genre_batch.feature_store import current_features
 from genre_batch.store import Store
 
-from conftest import cli, make_library
+from conftest import current_features, cli, make_library
 from test_catalog import rows
 from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
 
@@ -101,7 +100,7 @@ def store_tree(store: Path) -> dict[str, bytes]:
 
 def assert_every_file_once(store: Path, uris: set[str]) -> None:
     """Current features: every library file exactly once (3 s clips have one window), with its features."""
-    current = current_features(Store(str(store)), ["uri", "fingerprint", "feature_version", "extracted_at", "window", "mfcc_01_mean"])
+    current = current_features(Store(str(store)))
     assert current.num_rows == unique_keys(current) == len(uris)
     assert set(current["uri"].to_pylist()) == uris
     assert current["mfcc_01_mean"].null_count == 0
@@ -256,7 +255,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(
 def test_every_writing_verb_is_refused_while_the_lease_is_held(verb: str, tmp_path: Path, prefect_server: None) -> None:
     store = tmp_path / "store"
     args = [verb, str(tmp_path)] if verb in ("extract", "run") else [verb]
-    with lease.held(str(store), "run-holder") as held:
+    with lease.held(Store(str(store)), "run-holder") as held:
         code, _, err = cli(*args, "--store", str(store))
         assert (code, err) == (1, f"error: {lease.refusal(Store(str(store)), held)}\n")
         assert json.loads(lease_file(store).read_text()) == held
@@ -356,7 +355,7 @@ def test_runs_starting_at_the_same_instant_cannot_both_win(tmp_path: Path, previ
 
 def test_heartbeat_renews_the_lease_while_the_run_lasts(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
-    with lease.held(str(tmp_path), "run-long", ttl_s=1.0, heartbeat_s=0.1) as first:
+    with lease.held(s, "run-long", ttl_s=1.0, heartbeat_s=0.1) as first:
         time.sleep(1.5)  # longer than the TTL
         current, _ = lease.read(s)
         assert current["run_id"] == "run-long" and not lease.expired(current, lease.utcnow())
@@ -367,9 +366,9 @@ def test_heartbeat_renews_the_lease_while_the_run_lasts(tmp_path: Path) -> None:
 def test_lease_taken_over_from_a_hung_holder_is_left_alone(tmp_path: Path) -> None:
     """A holder that stopped renewing loses the lease; its heartbeat and its release leave the new holder's lease."""
     s = Store(str(tmp_path))
-    with lease.held(str(tmp_path), "run-hung", ttl_s=0.5, heartbeat_s=0.2):
-        with lease.exclusive(s):  # as if the holder had hung past its TTL and another run had taken over
-            lease.put(s, lease.new_lease("run-new", lease.utcnow(), 600), None)
+    with lease.held(s, "run-hung", ttl_s=0.5, heartbeat_s=0.2):
+        # as if the holder had hung past its TTL and another run had taken over
+        lease.put(s, lease.new_lease("run-new", lease.utcnow(), 600), lease.read(s)[1])
         taken = lease.read(s)[0]
         time.sleep(0.7)  # several beats
         assert lease.read(s)[0] == taken
@@ -377,7 +376,7 @@ def test_lease_taken_over_from_a_hung_holder_is_left_alone(tmp_path: Path) -> No
 
 
 def test_lease_is_released_when_the_block_fails(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), lease.held(str(tmp_path), "run-failing"):
+    with pytest.raises(RuntimeError), lease.held(Store(str(tmp_path)), "run-failing"):
         raise RuntimeError("stage failed")
     assert lease.read(Store(str(tmp_path))) == (None, None)
 
