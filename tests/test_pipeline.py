@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
-from conftest import current_features
+from conftest import current_features, make_library
 
 from genre_batch import GenreBatchError, catalog, query, registry
 from genre_batch.audio import SAMPLE_RATE
@@ -74,14 +76,28 @@ def test_incremental_extraction(library_factory: Callable[..., Path], tmp_path: 
     assert runs[str(touched)] not in {run for uri, run in runs.items() if uri != str(touched)}
 
 
-@pytest.fixture
-def trained_store(library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str) -> tuple[Path, Path]:
-    """A library of 5 clips per style, extracted and trained with folder labels."""
-    library, store = library_factory(per_style=5), tmp_path / "store"
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str) -> tuple[Path, Path]:
+    """A library of 5 clips per style, extracted and trained with folder labels, built once per module; a pristine
+    copy of both (file times kept, so fingerprints match) sits next to them."""
+    root = tmp_path_factory.mktemp("trained")
+    library, store = root / "library", root / "store"
+    make_library(library, 5)
     extract(library, store, dask_scheduler)
     summary = train(store, "folders", "run-train", dask_scheduler)
     assert summary.promoted and summary.genres == sorted(STYLES)
+    for folder in (library, store):
+        shutil.copytree(folder, root / f"pristine-{folder.name}", symlinks=True)
     return library, store
+
+
+@pytest.fixture
+def trained_store(trained_once: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
+    """The trained library and store, restored to their pristine state after the test."""
+    yield trained_once
+    for folder in trained_once:
+        shutil.rmtree(folder)
+        shutil.copytree(folder.parent / f"pristine-{folder.name}", folder, symlinks=True)
 
 
 def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Path], tmp_path: Path) -> None:
@@ -186,3 +202,120 @@ def test_query_formats(trained_store: tuple[Path, Path], dask_scheduler: str) ->
     assert query.run(s, "SELECT count(*) AS n FROM errors").to_pylist() == [{"n": 0}]
     with pytest.raises(GenreBatchError, match="query failed"):
         query.run(s, "SELECT nope FROM catalog")
+
+
+def catalog_by_uri(store: Path) -> dict[str, tuple]:
+    """(track_id, genre, probabilities) of every catalog row, by URI."""
+    return {r["uri"]: (r["track_id"], r["genre"], dict(r["probabilities"])) for r in catalog.read(Store(str(store))).to_pylist()}
+
+
+def test_distributed_tagging_equals_the_single_process_result(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
+    from datetime import datetime, timezone
+
+    from genre_batch.feature_store import by_part, current_tracks
+    from genre_batch.tagging import tag_groups
+
+    _, store = trained_store
+    summary = tag(store, "run-d", dask_scheduler)
+    assert summary.mode == "full" and summary.predicted == summary.rows == 20
+    s = Store(str(store))
+    local = tag_groups(s, summary.model_version, by_part(current_tracks(s)), "run-d", datetime.now(timezone.utc))
+    expected = {r["uri"]: (r["track_id"], r["genre"], dict(r["probabilities"])) for r in local.to_pylist()}
+    assert catalog_by_uri(store) == expected  # row for row: same tracks, genres, probabilities
+
+
+def test_incremental_tagging_equals_a_full_retag(trained_store: tuple[Path, Path], dask_scheduler: str, tmp_path: Path) -> None:
+    library, store = trained_store
+    tag(store, "run-1", dask_scheduler)
+    assert tag(store, "run-2", dask_scheduler).mode == "unchanged"  # nothing changed: nothing predicted, nothing published
+    changed, gone = sorted(library.rglob("*.wav"))[:2]
+    write_audio(changed, render("percussion", 3.0, seed=77), SAMPLE_RATE, {"genre": "percussion"})
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    gone.unlink()
+    write_audio(library / "chiptune" / "new.ogg", render("chiptune", 3.0, seed=78), SAMPLE_RATE)
+    extract(library, store, dask_scheduler)
+    incremental = tag(store, "run-3", dask_scheduler)
+    assert (incremental.mode, incremental.predicted, incremental.carried, incremental.dropped) == ("incremental", 2, 18, 2)
+    after = catalog_by_uri(store)
+    assert str(gone) not in after and str(library / "chiptune" / "new.ogg") in after and len(after) == 20
+    full = tag(store, "run-4", dask_scheduler, full=True)
+    assert full.mode == "full" and full.predicted == 20
+    retagged = catalog_by_uri(store)
+    assert retagged.keys() == after.keys()
+    for uri, (track, genre, probabilities) in retagged.items():
+        assert after[uri][:2] == (track, genre)
+        assert after[uri][2] == pytest.approx(probabilities, abs=1e-12)
+
+
+def test_moved_file_keeps_its_track_id_and_is_not_extracted_again(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
+    library, store = trained_store
+    tag(store, "run-1", dask_scheduler)
+    before = catalog_by_uri(store)
+    source = sorted(library.rglob("*.flac"))[0]
+    target = library / "moved" / source.name
+    target.parent.mkdir()
+    source.rename(target)  # a rename keeps size and mtime
+    summary = extract(library, store, dask_scheduler)
+    assert (summary.extracted, summary.moved, summary.removed) == (0, 1, 1)
+    tag(store, "run-2", dask_scheduler)
+    after = catalog_by_uri(store)
+    assert str(source) not in after and after[str(target)][0] == before[str(source)][0]
+    assert after[str(target)][1:] == before[str(source)][1:]
+
+
+def test_training_sample_is_capped_deterministic_and_keeps_groups_whole() -> None:
+    from genre_batch import training
+
+    uris = [f"/m/{g}/{a}-{i}.mp3" for g in ("rock", "jazz") for a in range(10) for i in range(3)]
+    tracks = pa.table({
+        "uri": uris,
+        "genre": [u.split("/")[2] for u in uris],
+        "tag_artist": [u.split("/")[3].split("-")[0] for u in uris],
+    })
+    first = training.sample(tracks, 9, "artist")
+    assert first.equals(training.sample(tracks.take(list(reversed(range(tracks.num_rows)))), 9, "artist"))
+    counts = {g: first["genre"].to_pylist().count(g) for g in ("rock", "jazz")}
+    assert counts == {"rock": 9, "jazz": 9}
+    per_artist: dict[tuple, int] = {}
+    for u in first["uri"].to_pylist():
+        key = (u.split("/")[2], u.split("/")[3].split("-")[0])
+        per_artist[key] = per_artist.get(key, 0) + 1
+    assert sorted(per_artist.values()) == [3] * 6  # three whole artists per genre
+    assert training.sample(tracks, None, "artist").equals(tracks)
+    assert training.cap_per_genre(10, 6.0) == training.TRAINING_BUDGET_BYTES // (10 * 6 * len(FEATURE_NAMES) * 4)
+
+
+def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    library, store = trained_store
+    s = Store(str(store))
+    version = registry.current_version(s)
+    uris = sorted(str(p) for p in library.rglob("*") if p.is_file())
+    labels_file = tmp_path / "labels.csv"
+
+    def relabel(n: int) -> str:
+        """A label file giving the folder genres, with the first n tracks relabelled."""
+        other = {g: STYLES[(STYLES.index(g) + 1) % len(STYLES)] for g in STYLES}  # a genre that is not the folder's
+        rows = [f"{u},{other[Path(u).parent.name] if i < n else Path(u).parent.name}" for i, u in enumerate(uris)]
+        labels_file.write_text("file,genre\n" + "\n".join(rows) + "\n")
+        return str(labels_file)
+
+    assert train_stage.retrain_decision(s, "folders", "always") == (True, "--retrain always")
+    assert train_stage.retrain_decision(s, "folders", "never")[0] is False
+    assert train_stage.retrain_decision(s, relabel(0))[1].startswith("label source changed")  # folders -> file
+    registry.register(s, "m-file", *registry.load(s, version), b"", train_stage.labelled_keys(train_stage.labelled(s, relabel(0))))
+    meta = registry.metadata(s, "m-file")
+    s.write_json(f"{s.models}/m-file/metadata.json", {**meta, "label_source": "file:labels.csv"})
+    registry.promote(s, "m-file")
+    assert train_stage.retrain_decision(s, relabel(0)) == (False, "current model m-file was trained on the same labelled data")
+    one = train_stage.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 2 rows differ = 10 % > 5 %
+    assert one[0] and "10.0% of the labelled set changed" in one[1]
+    registry.promote(s, "m-file", pinned=True)
+    assert train_stage.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
+    assert registry.pointer(s)["history"][-2:] == [version, "m-file"]
+    registry.promote(s, "m-file")
+    late = datetime.now(timezone.utc) + timedelta(days=train_stage.RETRAIN_AFTER_DAYS + 1)
+    many = [f"{u},{Path(u).parent.name}" for u in uris] + ["/elsewhere/x.mp3,rock"]  # ignored: outside the library
+    labels_file.write_text("file,genre\n" + "\n".join(many) + "\n")
+    assert train_stage.retrain_decision(s, str(labels_file), now=late)[0] is False  # unchanged, however old
