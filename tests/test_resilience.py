@@ -27,7 +27,7 @@ import s3fs
 
 from genre_batch import GenreBatchError, catalog, lease
 from genre_batch.extraction import shard_size
-from genre_batch.store import Store
+from genre_batch.store import ConflictError, Store
 
 from conftest import current_features, cli, make_library
 from test_catalog import rows
@@ -156,7 +156,7 @@ def test_worker_killed_mid_extraction_every_file_once(
     [record] = run_records(store)
     assert record["status"] == "completed", record
     assert (record["extract"]["extracted"], record["extract"]["failed"], record["extract"]["shards"]) == (FILES, 0, SHARDS)
-    assert f"{FILES} audio files in {root}; {FILES} extracted, 0 failed, 0 unchanged, 0 removed" in log.read_text()
+    assert f"{FILES} audio files in {root}; {FILES} extracted, 0 failed, 0 unchanged, 0 moved, 0 removed" in log.read_text()
     run_id = record["run_id"]
     assert sorted(part_files(store)) == [f"{run_id}-{i:05d}.parquet" for i in range(SHARDS)]
     assert not (store / "features" / "errors").exists()
@@ -197,7 +197,7 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     code, out, err = run_command(cmd, cli_env, tmp_path, timeout=300)
     assert code == 0, out + err
     remaining = FILES - len(done)
-    assert f"{FILES} audio files in {root}; {remaining} extracted, 0 failed, {len(done)} unchanged, 0 removed" in out, out
+    assert f"{FILES} audio files in {root}; {remaining} extracted, 0 failed, {len(done)} unchanged, 0 moved, 0 removed" in out, out
     [record] = run_records(store)
     assert record["status"] == "completed" and record["extract"]["extracted"] == remaining
 
@@ -259,7 +259,7 @@ def test_every_writing_verb_is_refused_while_the_lease_is_held(verb: str, tmp_pa
         code, _, err = cli(*args, "--store", str(store))
         assert (code, err) == (1, f"error: {lease.refusal(Store(str(store)), held)}\n")
         assert json.loads(lease_file(store).read_text()) == held
-    assert sorted(store_tree(store)) == ["runs/.LEASE.lock"]  # nothing written by the refused run; lease released
+    assert sorted(store_tree(store)) == ["runs/LEASE.json.lock"]  # nothing written by the refused run; lease released
 
 
 def test_lease_is_released_after_success_and_after_failure(tmp_path: Path, prefect_server: None) -> None:
@@ -398,7 +398,7 @@ def test_s3_lease_conditional_writes(s3_store: Store) -> None:
     """On S3 the write that acquires is conditional: a run whose read is stale cannot overwrite the winner's lease."""
     seen, token = lease.read(s3_store)  # a run reads: no lease
     winner = lease.acquire(s3_store, "run-a")  # another run acquires meanwhile
-    with pytest.raises(lease.Conflict):
+    with pytest.raises(ConflictError):
         lease.put(s3_store, lease.new_lease("run-b", lease.utcnow(), 60), token)  # If-None-Match fails
     with pytest.raises(GenreBatchError, match="in use by run run-a"):
         lease.acquire(s3_store, "run-b")
@@ -408,7 +408,7 @@ def test_s3_lease_conditional_writes(s3_store: Store) -> None:
     lease.put(s3_store, expired, lease.read(s3_store)[1])
     stale = lease.read(s3_store)[1]
     taker = lease.acquire(s3_store, "run-c")  # ... run-c takes over (If-Match on the expired version) ...
-    with pytest.raises(lease.Conflict):
+    with pytest.raises(ConflictError):
         lease.put(s3_store, lease.new_lease("run-d", lease.utcnow(), 60), stale)  # ... and run-d, too late, cannot
     assert not lease.renew(s3_store, "run-a") and lease.read(s3_store)[0] == taker
     lease.release(s3_store, "run-c")

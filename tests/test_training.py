@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from genre_batch import evaluation, training
@@ -35,9 +36,16 @@ def windows_table(n_tracks: int = 40, n_windows: int = 3, artists: int = 10, see
     return table, pa.Table.from_pylist(labels)
 
 
+def training_set(windows: pa.Table, labels: pa.Table, grouping: str = "auto") -> training.TrainingSet:
+    """The training set of a window table and its labels, as the train stage builds it (no cap)."""
+    tracks = windows.filter(pc.equal(windows["window"], 0))
+    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels, "folders")
+    return training.training_set(windows, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
+
+
 @pytest.mark.parametrize("grouping", ["track", "artist"])
 def test_windows_and_groups_never_straddle_a_split(grouping: str) -> None:
-    data = training.training_set(*windows_table(), "folders", grouping)
+    data = training_set(*windows_table(), grouping)
     assert data.grouping == grouping and len(data.y) == 3 * len(data.y_track)
     for train, test in training.splits(data, training.folds(data)):
         assert not set(train) & set(test)
@@ -49,13 +57,13 @@ def test_windows_and_groups_never_straddle_a_split(grouping: str) -> None:
 
 def test_auto_grouping_uses_artist_tags_when_present() -> None:
     windows, labels = windows_table()
-    assert training.training_set(windows, labels, "folders").grouping == "artist"
+    assert training_set(windows, labels).grouping == "artist"
     untagged = windows.set_column(windows.schema.get_field_index("tag_artist"), "tag_artist", pa.nulls(len(windows), pa.string()))
-    assert training.training_set(untagged, labels, "folders").grouping == "track"
+    assert training_set(untagged, labels).grouping == "track"
 
 
 def test_out_of_fold_track_predictions_are_learned() -> None:
-    data = training.training_set(*windows_table(), "folders", "artist")
+    data = training_set(*windows_table(), "artist")
     probabilities = training.out_of_fold(data)
     assert probabilities.shape == (40, 4)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -99,6 +107,7 @@ def test_abstain_threshold_gives_unknown_rows_that_keep_their_probabilities() ->
         {
             "track_id": ["a", "b"],
             "uri": ["/l/a.mp3", "/l/b.mp3"],
+            "fingerprint": ["fa", "fb"],
             "tag_genre": [None, "Chiptune"],
             "duration_s": pa.array([30.0, 30.0], pa.float32()),
             "feature_version": pa.array([2, 2], pa.int32()),
