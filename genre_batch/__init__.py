@@ -4,7 +4,21 @@ __version__ = "0.1.0"
 
 
 class GenreBatchError(Exception):
-    """An error the user can act on; the CLI prints it as one line, without a traceback."""
+    """An error the user can act on; the CLI prints it as one line, without a traceback, and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class NoModel(GenreBatchError):
+    """A run kept its extraction but has no model to tag with (none was ever promoted, or the gate refused the new one)."""
+
+    exit_code = 4
+
+
+class PublishRefused(GenreBatchError):
+    """A guard kept the previous catalog: the listing shrank, or a new model flips too many genres (see --force)."""
+
+    exit_code = 5
 
 
 def default_numba_cache_dir() -> str:

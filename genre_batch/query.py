@@ -29,8 +29,9 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     any other path. The errors view is built only when asked for: it reads the feature store's key columns.
     """
     con = duckdb.connect(":memory:")
-    files = catalog.files(store)
-    if not files:  # an empty catalog: a view of no rows with the catalog's columns
+    # SQL naming the catalog needs one published (files() says so); the errors table is queryable before
+    files = catalog.files(store) if "catalog" in sql.lower() or catalog.pointer(store) else []
+    if not files:  # an empty (or not yet published) catalog: a view of no rows with the catalog's columns
         con.register("catalog_files", catalog.CATALOG_SCHEMA.empty_table())
         con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
     elif is_local(store.fs):

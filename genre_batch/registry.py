@@ -94,3 +94,75 @@ def load_current(store: Store) -> tuple[str, xgb.Booster, dict]:
         raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
     booster, meta = load(store, version)
     return version, booster, meta
+
+
+def versions(store: Store) -> list[str]:
+    """Registered model versions, oldest first (only complete ones: their card is written last)."""
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.models, detail=False)
+                  if store.exists(f"{p.rstrip('/')}/{METADATA_FILE}")) if store.exists(store.models) else []
+
+
+def summary(meta: dict, current: dict | None) -> dict:
+    """One line of `models list`: the card's key facts and whether it is current or pinned."""
+    return {
+        "version": meta["version"],
+        "created_at": meta["created_at"],
+        "tracks": meta.get("labelled_tracks", meta["tracks"]),
+        "genres": len(meta["genres"]),
+        "cv_accuracy": round(meta["cross_validation"]["accuracy"], 4),
+        "holdout_accuracy": round(meta["holdout"]["accuracy"], 4),
+        "gate_passed": meta["gate"]["passed"],
+        "current": bool(current and current["version"] == meta["version"]),
+        "pinned": bool(current and current["version"] == meta["version"] and current.get("pinned")),
+    }
+
+
+def catalogue(store: Store) -> list[dict]:
+    """`models list`: every registered model, oldest first."""
+    current = pointer(store)
+    return [summary(metadata(store, v), current) for v in versions(store)]
+
+
+def promote_checked(store: Store, version: str, force: bool = False) -> dict:
+    """Make a registered model current by hand; a model the promotion gate refused needs `force`."""
+    if version not in versions(store):
+        raise GenreBatchError(f"no model {version} in {store.url}: see 'genre-batch models list'")
+    gate = metadata(store, version)["gate"]
+    if not gate["passed"] and not force:
+        raise GenreBatchError(f"model {version} failed the promotion gate ({gate['reason']}): pass --force to promote it anyway")
+    return promote(store, version, pinned=bool((pointer(store) or {}).get("pinned")))
+
+
+def rollback(store: Store) -> dict:
+    """Make the model that was current before the current one current again (from the pointer's history)."""
+    path = f"{store.models}/{POINTER}"
+    expected = store.version_token(path)
+    current = pointer(store)
+    if not current or not current.get("history"):
+        raise GenreBatchError(f"no earlier current model to roll back to in {store.url}")
+    *history, previous = current["history"]
+    new = {"version": previous, "pinned": current.get("pinned", False), "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history}
+    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
+    return new
+
+
+def pin(store: Store, pinned: bool = True) -> dict:
+    """Pin (or unpin) the current model: a pinned model is never replaced by an automatic retrain."""
+    path = f"{store.models}/{POINTER}"
+    expected = store.version_token(path)
+    current = pointer(store)
+    if not current:
+        raise GenreBatchError(f"no current model in {store.url} to pin")
+    new = {**current, "pinned": pinned}
+    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
+    return new
+
+
+def prune(store: Store, keep: int) -> list[str]:
+    """Delete all but the `keep` newest models, never the current one nor a model in its history; returns those deleted."""
+    current = pointer(store) or {}
+    protected = {current.get("version"), *current.get("history", [])[-keep:]}
+    old = [v for v in versions(store)[:-keep] if v not in protected] if keep > 0 else []
+    for version in old:
+        store.fs.rm(f"{store.models}/{version}", recursive=True)
+    return old

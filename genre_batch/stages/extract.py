@@ -6,12 +6,28 @@ from dataclasses import dataclass
 
 import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError
+from genre_batch import GenreBatchError, PublishRefused
 from genre_batch.cluster import Session
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
 from genre_batch.feature_store import plan, read_index, read_inventory, repair, write_inventory
 from genre_batch.store import Store
+
+
+LISTING_SHRINK_LIMIT = 0.3
+"""A listing with more than this share fewer files than the previous one is refused (an empty or unmounted library,
+a wrong prefix) unless forced: nothing is written, and the catalog keeps the files."""
+
+
+def check_listing(previous: int, listed: int, library: str, force: bool) -> None:
+    """Refuse a listing that shrank past LISTING_SHRINK_LIMIT, unless `force`."""
+    if force or previous == 0 or (previous - listed) / previous <= LISTING_SHRINK_LIMIT:
+        return
+    raise PublishRefused(
+        f"the listing of {library} has {listed} audio files, the previous one {previous}: {1 - listed / previous:.0%} fewer, "
+        f"over the {LISTING_SHRINK_LIMIT:.0%} limit (an empty or unmounted library, or a wrong prefix?); nothing was changed: "
+        "pass --force if the files are really gone"
+    )
 
 
 def no_progress(done: int, total: int, errors: int) -> None:
@@ -36,12 +52,16 @@ class ExtractSummary:
 
 
 def extract(
-    library: str, store: Store, run_id: str, session: Session, force: bool = False, on_progress: Progress = no_progress
+    library: str, store: Store, run_id: str, session: Session, force: bool = False, on_progress: Progress = no_progress,
+    allow_shrink: bool = False,
 ) -> ExtractSummary:
-    """Discover the library, extract new and changed files on Dask, record moved files, then the library listing."""
+    """Discover the library, extract new and changed files on Dask, record moved files, then the library listing.
+
+    `force` re-extracts every file; it, or `allow_shrink`, also accepts a listing that shrank past the limit."""
     repaired = repair(store)
     inventory = discover(library)
     previous = read_inventory(store)
+    check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
     todo = plan(inventory, read_index(store), force)
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError, catalog, registry
+from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry
 from genre_batch.cluster import Session
 from genre_batch.feature_store import KEYS, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
@@ -38,11 +39,28 @@ class TagSummary:
     """Rows of the previous snapshot left out: removed files, and the old rows of changed ones."""
 
 
+GENRE_FLIP_LIMIT = 0.3
+"""A new model that changes the genre of more than this share of the tracks the published catalog holds is not
+published unless forced: the previous catalog stays."""
+
+
+def no_model(store: Store) -> NoModel:
+    """Why there is no model to tag with, and what to do next."""
+    refused = [v for v in registry.versions(store) if not registry.metadata(store, v)["gate"]["passed"]]
+    if refused:
+        reason = registry.metadata(store, refused[-1])["gate"]["reason"]
+        return NoModel(
+            f"no current model in {store.url}: the promotion gate refused model {refused[-1]} ({reason}); the extraction "
+            f"is kept. Next: add or fix labelled tracks and run again, or 'genre-batch models promote {refused[-1]} --force'"
+        )
+    return NoModel(f"no current model in {store.url}: run 'genre-batch train --labels ...' (or 'run' with --labels) first")
+
+
 def current_model(store: Store) -> tuple[str, dict]:
     """The current model's version and card, checked to read the store's feature version."""
     version = registry.current_version(store)
     if version is None:
-        raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
+        raise no_model(store)
     meta = registry.metadata(store, version)
     if meta["feature_version"] != FEATURE_VERSION:
         raise GenreBatchError(
@@ -60,8 +78,17 @@ def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table 
     return catalog.read(store, KEYS)
 
 
-def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False) -> TagSummary:
-    """Tag the library's current tracks with the current model on the workers and publish a snapshot."""
+def flipped_share(store: Store, files: dict[str, str]) -> float:
+    """Share of the tracks of the published snapshot that the written snapshot `files` gives another genre."""
+    before = catalog.read(store, ["uri", "genre"])
+    after = pa.concat_tables([store.read_table(f"{store.catalog}/{f}", ["uri", "genre"]) for f in files]) if files else before.slice(0, 0)
+    both = before.join(after.rename_columns(["uri", "new_genre"]), keys="uri", join_type="inner")
+    return int(pc.sum(pc.not_equal(both["genre"], both["new_genre"])).as_py() or 0) / both.num_rows if both.num_rows else 0.0
+
+
+def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
+    """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
+    that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
     version, meta = current_model(store)
     tracks = current_tracks(store, read_inventory(store))
     previous = catalog.pointer(store)
@@ -89,6 +116,15 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
+    if previous and previous.get("model_version") != version and not force:
+        share = flipped_share(store, files)
+        if share > GENRE_FLIP_LIMIT:
+            store.fs.rm(f"{store.catalog}/snapshots/{snapshot}", recursive=True)
+            raise PublishRefused(
+                f"model {version} gives {share:.0%} of the catalog's tracks another genre than model {previous['model_version']} "
+                f"(over the {GENRE_FLIP_LIMIT:.0%} limit): the previous catalog stays; check it ('genre-batch models show {version}'), "
+                "then publish with --force or go back with 'genre-batch models rollback'"
+            )
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
                    feature_version=FEATURE_VERSION)
     return TagSummary(
