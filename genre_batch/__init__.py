@@ -7,6 +7,10 @@ class GenreBatchError(Exception):
     """An error the user can act on; the CLI prints it as one line, without a traceback."""
 
 
+class UsageError(GenreBatchError):
+    """An invocation that cannot work, found before anything starts; the CLI exits with status 2."""
+
+
 def default_numba_cache_dir() -> str:
     """Where numba keeps librosa's compiled code when NUMBA_CACHE_DIR is unset (shared by CLI and local workers)."""
     import os.path

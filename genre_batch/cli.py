@@ -1,8 +1,13 @@
-"""Command line: genre-batch extract | train | tag | run | query | classify | demo | serve."""
+"""Command line: genre-batch extract | train | tag | run | query | classify | demo | serve.
+
+Arguments, label specs, formats and local paths are checked before Prefect or Dask are imported (genre_batch.checks):
+a usage error costs no start-up, exits 2 and prints one line.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from genre_batch import GenreBatchError, default_numba_cache_dir
+from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache_dir, signals
 
 app = typer.Typer(
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
@@ -48,10 +53,10 @@ LabelsOpt = Annotated[
     typer.Option("--labels", "-l", help="Label source: 'folders' (parent folder = genre), 'tags' (embedded genre tag), or a CSV/Parquet file with file and genre columns."),
 ]
 MinAccuracyOpt = Annotated[
-    float, typer.Option("--min-accuracy", help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
+    float, typer.Option("--min-accuracy", min=0.0, max=1.0, help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
 ]
 AbstainOpt = Annotated[
-    float, typer.Option("--abstain-below", help="Tracks whose calibrated confidence is under this get genre 'unknown' (probabilities kept). Stored with the model.")
+    float, typer.Option("--abstain-below", min=0.0, max=1.0, help="Tracks whose calibrated confidence is under this get genre 'unknown' (probabilities kept). Stored with the model.")
 ]
 GroupByOpt = Annotated[
     str,
@@ -62,7 +67,12 @@ StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help=f"Exit with status {STRICT_EXIT} when any file of the library currently fails (see the errors table)."),
 ]
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="Summary format: text (for people) or json (one object on stdout, keys in the README).")
+]
 DEFAULT_STORE = "genre-batch-store"
+SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "train_decision", "train", "tag")
+"""Keys of the JSON summary (--format json), besides failing_files; a stage that did not run is null."""
 
 
 def absolute(url: str) -> str:
@@ -71,7 +81,7 @@ def absolute(url: str) -> str:
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a GenreBatchError as one line on stderr and exit 1, without a traceback."""
+    """Print a UsageError (exit 2) or a GenreBatchError (exit 1) as one line on stderr, without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -79,6 +89,9 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return command(*args, **kwargs)
+        except UsageError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(2) from None
         except GenreBatchError as e:
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(1) from None
@@ -92,6 +105,26 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def version() -> str:
+    """The installed version of genre-batch."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from genre_batch import __version__
+
+    try:
+        return installed("genre-batch")
+    except PackageNotFoundError:
+        return __version__
+
+
+def show_version(value: bool) -> None:
+    """--version: print the version and exit."""
+    if value:
+        out.print(f"genre-batch {version()}", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
@@ -99,6 +132,9 @@ def options(
         str | None,
         typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
     ] = None,
+    _version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Distributed batch genre tagging of music libraries."""
     if endpoint_url:
@@ -191,8 +227,33 @@ def print_errors(store_url: str, limit: int = 10) -> int:
     return errors.num_rows
 
 
-def print_record(record: dict, store_url: str, strict: bool = False) -> None:
-    """Print the summary of a run record; with `strict`, exit STRICT_EXIT when library files currently fail."""
+def failing_files(store_url: str) -> int:
+    """How many files of the library currently fail."""
+    from genre_batch.feature_store import current_errors
+    from genre_batch.store import Store
+
+    return current_errors(Store(store_url)).num_rows
+
+
+def json_summary(record: dict, failing: int) -> dict:
+    """The stable JSON summary of a run record: every key of SUMMARY_KEYS (null when absent) and failing_files."""
+    return {**{key: record.get(key) for key in SUMMARY_KEYS}, "failing_files": failing}
+
+
+def print_record(record: dict, store_url: str, strict: bool = False, fmt: str = "text") -> None:
+    """Print the summary of a run record (text or json); with `strict`, exit STRICT_EXIT when library files currently fail."""
+    if fmt == "json":
+        failing = failing_files(store_url)
+        sys.stdout.write(json.dumps(json_summary(record, failing), sort_keys=True) + "\n")
+    else:
+        failing = print_text_record(record, store_url)
+    if strict and failing:
+        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
+        raise typer.Exit(STRICT_EXIT)
+
+
+def print_text_record(record: dict, store_url: str) -> int:
+    """Print the summary of a run record for people; returns how many library files currently fail."""
     if "extract" in record:
         print_extract(record["extract"])
     if "train_decision" in record:
@@ -203,9 +264,25 @@ def print_record(record: dict, store_url: str, strict: bool = False) -> None:
         print_tag(record["tag"])
     failing = print_errors(store_url)
     out.print(f"run {record['run_id']} {record.get('status', 'completed')}", markup=False)
-    if strict and failing:
-        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
-        raise typer.Exit(STRICT_EXIT)
+    return failing
+
+
+def check_writer(library: str | None, store: str, fmt: str, labels: str | None = None) -> None:
+    """Checks of a store-writing verb: local ones first (exit 2), then one request each to a remote library and store (exit 1)."""
+    if library is not None:
+        checks.library(library)
+    checks.writable_folder(store, "store")
+    checks.labels(labels)
+    checks.summary_format(fmt)
+    if library is not None:
+        checks.remote_library(library)
+    checks.remote_store(store)
+
+
+def check_reader(store: str) -> None:
+    """A verb that reads the store: a local store must be an existing folder."""
+    if not checks.is_url(store) and not checks.local_path(store).is_dir():
+        raise UsageError(f"store not found or not a folder: {store}")
 
 
 @app.command()
@@ -216,13 +293,15 @@ def extract(
     scheduler: SchedulerOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not.")] = False,
     strict: StrictOpt = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Extract features of new and changed audio files of LIBRARY into the store."""
+    check_writer(library, store, fmt)
     from flows.pipeline import extract_flow
 
     store = absolute(store)
     record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force))
-    print_record(record, store, strict)
+    print_record(record, store, strict, fmt)
 
 
 @app.command()
@@ -233,12 +312,15 @@ def train(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
+    fmt: FormatOpt = "text",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
+    check_reader(store)
+    check_writer(None, store, fmt, labels)
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), min_accuracy, abstain_below, group_by), store)
+    print_record(train_flow(store, labels_spec(labels), min_accuracy, abstain_below, group_by), store, fmt=fmt)
 
 
 @app.command()
@@ -249,6 +331,8 @@ def evaluate(
     group_by: GroupByOpt = "auto",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
+    check_reader(store)
+    checks.labels(labels)
     from genre_batch import pipeline
 
     report = pipeline.evaluate(absolute(store), labels_spec(labels), group_by)
@@ -267,12 +351,14 @@ def evaluate(
 
 @app.command()
 @friendly
-def tag(store: StoreOpt = DEFAULT_STORE) -> None:
+def tag(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Tag every track of the store with the current model and publish a new catalog snapshot."""
+    check_reader(store)
+    check_writer(None, store, fmt)
     from flows.pipeline import tag_flow
 
     store = absolute(store)
-    print_record(tag_flow(store), store)
+    print_record(tag_flow(store), store, fmt=fmt)
 
 
 def labels_spec(labels: str | None) -> str | None:
@@ -291,15 +377,21 @@ def run(
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
     strict: StrictOpt = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain if labelled data changed, tag, publish."""
+    check_writer(library, store, fmt, labels)
+    checks.has_model_or_labels(store, labels)
     from flows.pipeline import nightly
 
     store = absolute(store)
     record = with_progress(
         lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by)
     )
-    print_record(record, store, strict)
+    print_record(record, store, strict, fmt)
+
+
+QUERY_FORMATS = ("table", "csv", "json")
 
 
 def render(table: Any, fmt: str) -> None:
@@ -326,11 +418,12 @@ def query(
     fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: table, csv or json.")] = "table",
 ) -> None:
     """Run DuckDB SQL over the published catalog and the error records."""
+    checks.sql_statement(sql)
+    checks.query_format(fmt, QUERY_FORMATS)
+    check_reader(store)
     from genre_batch import query as q
     from genre_batch.store import Store
 
-    if fmt not in q.FORMATS:
-        raise GenreBatchError(f"unknown format {fmt!r}: use one of {', '.join(q.FORMATS)}")
     render(q.run(Store(absolute(store)), sql), fmt)
 
 
@@ -339,17 +432,23 @@ def query(
 def classify(
     files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
     store: StoreOpt = DEFAULT_STORE,
-    top: Annotated[int, typer.Option("--top", help="How many genres to show per file.")] = 3,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
 ) -> None:
-    """Predict the genres of files with the current model of the store (nothing is stored)."""
+    """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
+    check_reader(store)
     from genre_batch.store import Store
     from genre_batch.tagging import classify_files
 
+    failed = 0
     for uri, result in classify_files(Store(absolute(store)), [absolute(f) for f in files], top):
         if isinstance(result, str):
             out.print(f"{uri}: error: {result}", markup=False)
+            failed += 1
         else:
             out.print(f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
+    if failed:
+        err.print(f"error: {failed} of {len(files)} files could not be classified", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -359,6 +458,7 @@ def demo(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Build a small synthetic library (tagged, untagged and one corrupt file), run the nightly job on it, show the catalog."""
+    checks.writable_folder(str(directory), "demo folder")
     from flows.pipeline import nightly
     from genre_batch import demo as demo_library
     from genre_batch import query as q
@@ -383,19 +483,59 @@ def serve(
     cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule of the nightly run (default: 0 2 * * *).")] = None,
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
 ) -> None:
-    """Register the nightly flow as a scheduled Prefect deployment and serve it (runs until stopped)."""
-    from flows.pipeline import NIGHTLY_CRON, nightly
+    """Register the nightly flow as a scheduled Prefect deployment on a Prefect server and serve it (runs until stopped)."""
+    check_writer(library, store, "text", labels)
+    checks.prefect_server()
+    from prefect import serve as serve_deployments
 
-    nightly.serve(
-        name=name,
-        cron=cron or NIGHTLY_CRON,
-        parameters={"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler},
-    )
+    from flows.pipeline import NIGHTLY_CRON, deployment
+
+    parameters = {"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler}
+    try:
+        scheduled = deployment(name, cron or NIGHTLY_CRON, parameters)
+    except ValueError as e:  # pydantic's ValidationError: a cron Prefect does not accept
+        raise UsageError(f"invalid --cron {cron!r}: {str(e).splitlines()[-1].strip()}") from None
+    serve_deployments(scheduled)
+
+
+def usage_message(e: Exception) -> str:
+    """One line for a command-line parsing error, naming the help to read."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {e.format_message()}{where}"  # type: ignore[attr-defined]
+
+
+def run_app(argv: list[str]) -> int:
+    """Run the command line on `argv`; returns the exit status (2 for parsing errors, printed as one line)."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError as ParsingError
+
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(argv, prog_name="genre-batch", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        err.print(e.format_message(), markup=False)
+        return 2
+    except ParsingError as e:
+        err.print(usage_message(e), markup=False)
+        return 2
+    except ClickException as e:
+        err.print(f"error: {e.format_message()}", markup=False)
+        return e.exit_code
+    return status if isinstance(status, int) else 0
 
 
 def main() -> None:
-    """Entry point of the genre-batch command."""
-    app()
+    """Entry point of the genre-batch command: SIGINT/SIGTERM end it with status 130/143 after the run unwinds."""
+    try:
+        with signals.interruptible():
+            status = run_app(sys.argv[1:])
+    except BaseException as e:
+        signum = signals.signal_number(e)
+        if signum is None:
+            raise
+        err.print(f"error: interrupted by {signals.signal_name(signum)}", markup=False)
+        status = signals.exit_status(signum)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

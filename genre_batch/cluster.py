@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
 from genre_batch.features import warm_up
@@ -52,9 +52,30 @@ def warm_up_workers(client: Client) -> None:
         client.gather([client.submit(warm_up, workers=[a], allow_other_workers=False, pure=False) for a in wave])
 
 
+def cancel_all(client: Client) -> None:
+    """Cancel every future of the client: queued shards never start, running ones finish unseen (or die with a local cluster)."""
+    futures = [Future(key, client) for key in list(client.futures)]
+    if futures:
+        client.cancel(futures, force=True)
+
+
+@contextmanager
+def cancelling(client: Client) -> Iterator[Client]:
+    """The client; when the block fails or is interrupted (SIGTERM, SIGINT), its futures are cancelled on the cluster first."""
+    try:
+        yield client
+    except BaseException:
+        cancel_all(client)
+        raise
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster."""
+    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster.
+
+    On failure or interruption the client's futures are cancelled; then a local cluster's nannies stop their workers,
+    waiting at most 4 s for a running shard (Dask's nanny close timeout, 0.8 x 5 s) before killing them.
+    """
     scheduler = scheduler or dask.config.get("scheduler-address", None)
     if scheduler:
         try:
@@ -67,8 +88,10 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
             except TimeoutError:
                 raise GenreBatchError(f"no Dask worker joined {scheduler} within {WORKER_WAIT_S} s") from None
             warm_up_workers(client)
-            yield client
+            with cancelling(client):
+                yield client
         return
     with local_cluster(n_workers) as cluster, Client(cluster) as client:
         warm_up_workers(client)
-        yield client
+        with cancelling(client):
+            yield client

@@ -9,20 +9,22 @@ from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xgboost as xgb
 
-from genre_batch import GenreBatchError, catalog, evaluation, labels, lease, registry, training
+from genre_batch import GenreBatchError, catalog, labels, lease
 from genre_batch.cluster import dask_client
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
 from genre_batch.feature_store import PROVENANCE_COLUMNS, current_features, plan, read_inventory, tracks, write_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.store import Store, write_bytes, write_json
-from genre_batch.tagging import tag as tag_tracks
+
+if TYPE_CHECKING:  # imported where used: extraction alone must not load xgboost, scikit-learn or matplotlib (README, Cheap start)
+    from genre_batch import training
 
 
 def new_run_id() -> str:
@@ -120,12 +122,14 @@ def track_labels(store: Store, spec: str, windows: pa.Table) -> pa.Table:
 
 def training_data(store: Store, spec: str, grouping: str = "auto") -> training.TrainingSet:
     """The labelled training set of the store for a label spec."""
+    from genre_batch import training
     windows = current_features(store)
     return training.training_set(windows, track_labels(store, spec, windows), labels.label_source(spec), grouping)
 
 
 def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
     """Whether the labelled data differs from what the current model was trained on, and why."""
+    from genre_batch import registry, training
     store = Store(store_url)
     version = registry.current_version(store)
     if version is None:
@@ -140,6 +144,7 @@ def needs_training(store_url: str, spec: str) -> tuple[bool, str]:
 
 def cross_validation(data: training.TrainingSet, oof: np.ndarray) -> dict:
     """Grouped k-fold scores of the out-of-fold track probabilities `oof`, raw and calibrated, with the fitted temperature."""
+    from genre_batch import evaluation, training
     temperature = evaluation.fit_temperature(oof, data.y_track)
     return {
         **evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres),
@@ -156,6 +161,7 @@ def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> 
 
     That model is the first one of the cross-validation, so its predictions are the out-of-fold ones `oof` of that fold.
     """
+    from genre_batch import evaluation, training
     _, test_tracks = training.splits(data, training.folds(data))[0]
     probabilities, truth = oof[test_tracks], data.y_track[test_tracks]
     return {
@@ -167,6 +173,7 @@ def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> 
 
 def evaluate(store_url: str, spec: str, grouping: str = "auto") -> dict:
     """Grouped cross-validation report of the store's labelled tracks, written to evaluations/ with its picture."""
+    from genre_batch import evaluation, training
     store = Store(store_url)
     data = training_data(store, spec, grouping)
     report = {
@@ -188,6 +195,9 @@ def evaluate(store_url: str, spec: str, grouping: str = "auto") -> dict:
 
 def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abstain_below: float = 0.0, grouping: str = "auto") -> TrainSummary:
     """Cross-validate and hold out (grouped), fit on all labelled tracks, calibrate, register; promote if it passes."""
+    import xgboost as xgb
+
+    from genre_batch import evaluation, registry, training
     store = Store(store_url)
     data = training_data(store, spec, grouping)
     oof = training.out_of_fold(data)
@@ -245,6 +255,8 @@ def train(store_url: str, spec: str, run_id: str, min_accuracy: float = 0.0, abs
 
 def tag(store_url: str, run_id: str, keep: int = catalog.KEEP_SNAPSHOTS) -> TagSummary:
     """Predict every current track with the current model and publish a catalog snapshot."""
+    from genre_batch import registry
+    from genre_batch.tagging import tag as tag_tracks
     store = Store(store_url)
     version, booster, meta = registry.load_current(store)
     if meta["feature_version"] != FEATURE_VERSION:
