@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-
-import xgboost as xgb
+from typing import TYPE_CHECKING
 
 from genre_batch import GenreBatchError
 from genre_batch.store import Store, read_json, write_bytes, write_json
@@ -13,6 +12,9 @@ from genre_batch.store import Store, read_json, write_bytes, write_json
 MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
 CONFUSION_FILE = "confusion_matrix.png"
+
+if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost (README, Cheap start)
+    import xgboost as xgb
 
 
 def new_version() -> str:
@@ -47,6 +49,8 @@ def metadata(store: Store, version: str) -> dict:
 
 def load(store: Store, version: str) -> tuple[xgb.Booster, dict]:
     """Load a registered model and its metadata."""
+    import xgboost as xgb
+
     booster = xgb.Booster()
     with store.fs.open(f"{store.models}/{version}/{MODEL_FILE}", "rb") as f:
         booster.load_model(bytearray(f.read()))
