@@ -1,22 +1,53 @@
-"""Prefect flows: extract, train, tag, compact and the nightly run. Thin: all logic is in genre_batch."""
+"""Prefect flows: extract, compact, train, tag and the nightly run. Thin: all logic is in genre_batch."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
 from genre_batch.cluster import Session, session
-from genre_batch.stages import compact, extract, runs, tag, train
+from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
+from genre_batch.stages import compact, extract, runs
 from genre_batch.store import Store
 
 NIGHTLY_CRON = "0 2 * * *"
 """Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
 
+ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+"""The deployment's concurrency: a run due while another runs is cancelled ("Deployment concurrency limit reached.")."""
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(store: Store, record: dict) -> None:
+    """Keyed artifacts of a finished run: summary, errors by kind, and the confusion matrix of a trained model."""
+    from genre_batch.feature_store import current_errors
+
+    create_table_artifact([summary_row(record)], key=artifact_key("summary", store.url), description=f"run {record['run_id']} on {store.url}")
+    kinds = Counter(current_errors(store)["error_type"].to_pylist())
+    create_table_artifact(
+        [{"error_type": kind, "files": n} for kind, n in kinds.most_common()] or [{"error_type": "none", "files": 0}],
+        key=artifact_key("errors", store.url),
+        description=f"files of the library that currently fail, by kind (run {record['run_id']})",
+    )
+    if "train" in record:
+        from genre_batch import registry
+
+        version = record["train"]["version"]
+        create_markdown_artifact(
+            confusion_markdown(registry.metadata(store, version)),
+            key=artifact_key("confusion-matrix", store.url),
+            description=f"held-out confusion matrix of model {version} ({'promoted' if record['train']['promoted'] else 'not promoted'})",
+        )
+
 
 @task(name="extract", cache_policy=NO_CACHE)
-def extract_task(library: str, store: Store, run_id: str, cluster: Session, force: bool) -> dict:
+def extract_task(library: str, store: Store, run_id: str, cluster: Session, force: bool, allow_shrink: bool = False) -> dict:
     """Extract features of new and changed files on Dask, with progress in Prefect and the CLI."""
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"extraction of {library}")
@@ -26,7 +57,7 @@ def extract_task(library: str, store: Store, run_id: str, cluster: Session, forc
         logger.info("extracted %d/%d files, %d errors", done, total, errors)
         progress.report(done, total, errors)
 
-    summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress))
+    summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress, allow_shrink))
     logger.info("extraction: %s", summary)
     return summary
 
@@ -44,23 +75,30 @@ def compact_task(store: Store, cluster: Session, when_needed: bool) -> dict | No
 @task(name="decide-training", cache_policy=NO_CACHE)
 def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, str]:
     """Whether the retrain policy asks for a new model."""
+    from genre_batch.stages import train
+
     return train.retrain_decision(store, labels, policy)
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_accuracy: float, abstain_below: float, group_by: str) -> dict:
     """Train, evaluate and register a model; promote it if it passes the gate."""
+    from genre_batch.stages import train
+
     summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by))
     get_run_logger().info("training: %s", summary)
     return summary
 
 
 @task(name="tag-and-publish", cache_policy=NO_CACHE)
-def tag_task(store: Store, run_id: str, cluster: Session, full: bool) -> dict:
+def tag_task(store: Store, run_id: str, cluster: Session, full: bool, force: bool) -> dict:
     """Tag new and changed tracks (every track for a new model) on Dask and publish a catalog snapshot."""
-    summary = runs.as_record(tag.tag(store, run_id, cluster, full=full))
+    from genre_batch.stages import tag
+
+    summary = runs.as_record(tag.tag(store, run_id, cluster, full=full, force=force))
     create_markdown_artifact(
-        "| genre | tracks |\n|---|---|\n" + "".join(f"| {g} | {n} |\n" for g, n in summary["genres"].items()),
+        markdown_table(["genre", "tracks"], [[g, n] for g, n in summary["genres"].items()]),
+        key=artifact_key("catalog", store.url),
         description=f"catalog snapshot {summary['snapshot']} ({summary['rows']} tracks, {summary['mode']})",
     )
     return summary
@@ -73,6 +111,7 @@ def extract_flow(library: str, store: str, scheduler: str | None = None, force: 
     with runs.run_record(s, "extract") as record, session(scheduler) as cluster:
         record["extract"] = extract_task(library, s, record["run_id"], cluster, force)
         record["compact"] = compact_task(s, cluster, True)
+    report_task(s, record)
     return record
 
 
@@ -91,15 +130,17 @@ def train_flow(store: str, labels: str, scheduler: str | None = None, min_accura
     s = Store.at(store)
     with runs.run_record(s, "train") as record, session(scheduler) as cluster:
         record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by)
+    report_task(s, record)
     return record
 
 
 @flow(name="genre-batch-tag")
-def tag_flow(store: str, scheduler: str | None = None, full: bool = False) -> dict:
+def tag_flow(store: str, scheduler: str | None = None, full: bool = False, force: bool = False) -> dict:
     """Tag the store's tracks with the current model and publish the catalog."""
     s = Store.at(store)
     with runs.run_record(s, "tag") as record, session(scheduler) as cluster:
-        record["tag"] = tag_task(s, record["run_id"], cluster, full)
+        record["tag"] = tag_task(s, record["run_id"], cluster, full, force)
+    report_task(s, record)
     return record
 
 
@@ -113,15 +154,29 @@ def nightly(
     abstain_below: float = 0.0,
     group_by: str = "auto",
     retrain: str = "auto",
+    force: bool = False,
 ) -> dict:
-    """The nightly job: extract what changed, retrain as the policy says, tag what changed, publish."""
+    """The nightly job: extract what changed, retrain as the policy says, tag what changed, publish (`force`: past the guards)."""
+    check_parameters(library=library, store=store, labels=labels)
     s = Store.at(store)
     with runs.run_record(s, "nightly") as record, session(scheduler) as cluster:
-        record["extract"] = extract_task(library, s, record["run_id"], cluster, False)
+        record["extract"] = extract_task(library, s, record["run_id"], cluster, False, force)
         record["compact"] = compact_task(s, cluster, True)
         if labels:
             retrained, record["train_decision"] = decide_training_task(s, labels, retrain)
             if retrained:
                 record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by)
-        record["tag"] = tag_task(s, record["run_id"], cluster, False)
+        record["tag"] = tag_task(s, record["run_id"], cluster, False, force)
+    report_task(s, record)
     return record
+
+
+def deployment(name: str, cron: str, parameters: dict) -> RunnerDeployment:
+    """The nightly deployment that `genre-batch serve` serves: its cron, one run at a time, loaded by module path from any directory."""
+    return nightly.to_deployment(
+        name=name,
+        cron=cron,
+        parameters=parameters,
+        concurrency_limit=ONE_RUN_AT_A_TIME,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )

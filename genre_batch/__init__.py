@@ -21,6 +21,12 @@ class PublishRefused(GenreBatchError):
     exit_code = 5
 
 
+class UsageError(GenreBatchError):
+    """An invocation that cannot work, found before anything starts; the CLI exits with status 2."""
+
+    exit_code = 2
+
+
 def default_numba_cache_dir() -> str:
     """Where numba keeps librosa's compiled code when NUMBA_CACHE_DIR is unset (shared by CLI and local workers)."""
     import os.path

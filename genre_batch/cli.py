@@ -1,8 +1,13 @@
-"""Command line: genre-batch extract | compact | train | evaluate | tag | run | query | classify | demo | serve."""
+"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | demo | serve.
+
+Arguments, label specs, formats and local paths are checked before Prefect or Dask are imported (genre_batch.checks):
+a usage error costs no start-up, exits 2 and prints one line.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from genre_batch import GenreBatchError, default_numba_cache_dir
+from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache_dir, signals
 
 app = typer.Typer(
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
@@ -48,10 +53,10 @@ LabelsOpt = Annotated[
     typer.Option("--labels", "-l", help="Label source: 'folders' (parent folder = genre), 'tags' (embedded genre tag), or a CSV/Parquet file with file and genre columns."),
 ]
 MinAccuracyOpt = Annotated[
-    float, typer.Option("--min-accuracy", help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
+    float, typer.Option("--min-accuracy", min=0.0, max=1.0, help="Promote a new model only if its cross-validated accuracy reaches this (and beats the majority baseline).")
 ]
 AbstainOpt = Annotated[
-    float, typer.Option("--abstain-below", help="Tracks whose calibrated confidence is under this get genre 'unknown' (probabilities kept). Stored with the model.")
+    float, typer.Option("--abstain-below", min=0.0, max=1.0, help="Tracks whose calibrated confidence is under this get genre 'unknown' (probabilities kept). Stored with the model.")
 ]
 GroupByOpt = Annotated[
     str,
@@ -62,7 +67,12 @@ StrictOpt = Annotated[
     bool,
     typer.Option("--strict", help=f"Exit with status {STRICT_EXIT} when any file of the library currently fails (see the errors table)."),
 ]
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="Summary format: text (for people) or json (one object on stdout, keys in the README).")
+]
 DEFAULT_STORE = "genre-batch-store"
+SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "train_decision", "train", "tag")
+"""Keys of the JSON summary (--format json), besides failing_files; a stage that did not run is null."""
 
 
 def absolute(url: str) -> str:
@@ -79,7 +89,8 @@ RetrainOpt = Annotated[
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a GenreBatchError as one line on stderr and exit 1, without a traceback."""
+    """Print a GenreBatchError as one line on stderr, without a traceback, and exit with its status (UsageError 2,
+    NoModel 4, PublishRefused 5, others 1); a storage failure likewise, with status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -89,7 +100,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except GenreBatchError as e:
             err.print(f"error: {e}", markup=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(e.exit_code) from None
         except Exception as e:
             message = storage_error(e)
             if message is None:
@@ -100,6 +111,26 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def version() -> str:
+    """The installed version of genre-batch."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from genre_batch import __version__
+
+    try:
+        return installed("genre-batch")
+    except PackageNotFoundError:
+        return __version__
+
+
+def show_version(value: bool) -> None:
+    """--version: print the version and exit."""
+    if value:
+        out.print(f"genre-batch {version()}", markup=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
@@ -107,6 +138,9 @@ def options(
         str | None,
         typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
     ] = None,
+    _version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Distributed batch genre tagging of music libraries."""
     if endpoint_url:
@@ -162,9 +196,10 @@ def print_extract(summary: dict) -> None:
 
 def print_train(summary: dict) -> None:
     """Print what a training did."""
-    state = "promoted to current" if summary["promoted"] else "NOT promoted (current model kept)"
+    state = "promoted to current" if summary["promoted"] else "REFUSED by the promotion gate, not made current"
+    sample = f" (a sample of {summary['sampled_tracks']})" if summary["sampled_tracks"] < summary["tracks"] else ""
     out.print(
-        f"train: model {summary['version']} on {summary['tracks']} tracks, {len(summary['genres'])} genres "
+        f"train: model {summary['version']} on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
         f"(labels: {summary['label_source']}); cross-validated accuracy (grouped by {summary['grouping']}) {summary['cv_accuracy']:.3f}, "
         f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
         markup=False,
@@ -215,8 +250,33 @@ def print_errors(store_url: str, limit: int = 10) -> int:
     return errors.num_rows
 
 
-def print_record(record: dict, store_url: str, strict: bool = False) -> None:
-    """Print the summary of a run record; with `strict`, exit STRICT_EXIT when library files currently fail."""
+def failing_files(store_url: str) -> int:
+    """How many files of the library currently fail."""
+    from genre_batch.feature_store import current_errors
+    from genre_batch.store import Store
+
+    return current_errors(Store(store_url)).num_rows
+
+
+def json_summary(record: dict, failing: int) -> dict:
+    """The stable JSON summary of a run record: every key of SUMMARY_KEYS (null when absent) and failing_files."""
+    return {**{key: record.get(key) for key in SUMMARY_KEYS}, "failing_files": failing}
+
+
+def print_record(record: dict, store_url: str, strict: bool = False, fmt: str = "text") -> None:
+    """Print the summary of a run record (text or json); with `strict`, exit STRICT_EXIT when library files currently fail."""
+    if fmt == "json":
+        failing = failing_files(store_url)
+        sys.stdout.write(json.dumps(json_summary(record, failing), sort_keys=True) + "\n")
+    else:
+        failing = print_text_record(record, store_url)
+    if strict and failing:
+        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
+        raise typer.Exit(STRICT_EXIT)
+
+
+def print_text_record(record: dict, store_url: str) -> int:
+    """Print the summary of a run record for people; returns how many library files currently fail."""
     if "extract" in record:
         print_extract(record["extract"])
     if record.get("compact"):
@@ -229,9 +289,25 @@ def print_record(record: dict, store_url: str, strict: bool = False) -> None:
         print_tag(record["tag"])
     failing = print_errors(store_url)
     out.print(f"run {record['run_id']} {record.get('status', 'completed')}", markup=False)
-    if strict and failing:
-        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
-        raise typer.Exit(STRICT_EXIT)
+    return failing
+
+
+def check_writer(library: str | None, store: str, fmt: str, labels: str | None = None) -> None:
+    """Checks of a store-writing verb: local ones first (exit 2), then one request each to a remote library and store (exit 1)."""
+    if library is not None:
+        checks.library(library)
+    checks.writable_folder(store, "store")
+    checks.labels(labels)
+    checks.summary_format(fmt)
+    if library is not None:
+        checks.remote_library(library)
+    checks.remote_store(store)
+
+
+def check_reader(store: str) -> None:
+    """A verb that reads the store: a local store must be an existing folder."""
+    if not checks.is_url(store) and not checks.local_path(store).is_dir():
+        raise UsageError(f"store not found or not a folder: {store}")
 
 
 @app.command()
@@ -242,23 +318,180 @@ def extract(
     scheduler: SchedulerOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not.")] = False,
     strict: StrictOpt = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Extract features of new and changed audio files of LIBRARY into the store."""
+    check_writer(library, store, fmt)
     from flows.pipeline import extract_flow
 
     store = absolute(store)
     record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force))
-    print_record(record, store, strict)
+    print_record(record, store, strict, fmt)
 
 
 @app.command()
 @friendly
-def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None) -> None:
+def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt: FormatOpt = "text") -> None:
     """Rewrite the feature store's current rows into large parts, dropping superseded rows and leftover files."""
+    check_reader(store)
+    check_writer(None, store, fmt)
     from flows.pipeline import compact_flow
 
     store = absolute(store)
-    print_record(compact_flow(store, scheduler), store)
+    print_record(compact_flow(store, scheduler), store, fmt=fmt)
+
+
+def print_json(obj: object) -> None:
+    """One JSON document on stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+@friendly
+def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
+    """The store at a glance: current model and its scores, catalog snapshot, last runs, current errors by kind, lease holder."""
+    checks.summary_format(fmt)
+    check_reader(store)
+    from genre_batch.status import status as store_status
+    from genre_batch.store import Store
+
+    facts = store_status(Store.at(store))
+    if fmt == "json":
+        print_json(facts)
+        return
+    model, snapshot = facts["model"], facts["catalog"]
+    out.print(f"store: {facts['store']} ({facts['tracks']} tracks with features)", markup=False)
+    out.print(
+        f"model: {model['version']}{' (pinned)' if model['pinned'] else ''}, CV accuracy {model['cv_accuracy']:.3f}, "
+        f"held-out {model['holdout_accuracy']:.3f}, {model['tracks']} labelled tracks, {model['genres']} genres" if model else "model: none",
+        markup=False,
+    )
+    out.print(
+        f"catalog: snapshot {snapshot['snapshot']}, {snapshot['rows']} rows, model {snapshot['model_version']}, published {snapshot['published_at']}"
+        if snapshot else "catalog: none published",
+        markup=False,
+    )
+    out.print("errors: " + (", ".join(f"{k} {n}" for k, n in facts["errors_by_kind"].items()) or "none"), markup=False)
+    for run in facts["last_runs"]:
+        took = f" in {run['duration_s']:.0f} s" if run["duration_s"] is not None else ""
+        out.print(f"run {run['run_id']} ({run['flow']}): {run['status']}{took}" + (f": {run['error']}" if run["error"] else ""), markup=False)
+    holder = facts["lease"]
+    out.print(f"lease: held by run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) until {holder['expires_at']}" if holder else "lease: free", markup=False)
+
+
+models_app = typer.Typer(help="List, inspect, promote, roll back and pin the store's models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+VersionArg = Annotated[str, typer.Argument(help="A model version (see 'genre-batch models list').")]
+RETAG_NOTE = "the catalog is not re-tagged now: the next 'tag' or 'run' re-tags every track with it"
+
+
+@models_app.command("list")
+@friendly
+def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
+    """Every registered model: version, created, tracks, genres, CV and held-out accuracy, gate, current marker."""
+    checks.summary_format(fmt)
+    check_reader(store)
+    from genre_batch import registry
+    from genre_batch.store import Store
+
+    rows = registry.catalogue(Store.at(store))
+    if fmt == "json":
+        print_json(rows)
+        return
+    view = Table("", "version", "created", "tracks", "genres", "CV acc", "held-out acc", "gate")
+    for r in rows:
+        mark = ("*" if r["current"] else "") + ("P" if r["pinned"] else "")
+        view.add_row(mark, r["version"], r["created_at"][:19], str(r["tracks"]), str(r["genres"]), f"{r['cv_accuracy']:.3f}",
+                     f"{r['holdout_accuracy']:.3f}", "passed" if r["gate_passed"] else "refused")
+    out.print(view, markup=False)
+    out.print("(* current, P pinned)", markup=False)
+
+
+@models_app.command("show")
+@friendly
+def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
+    """A model's card (JSON): genres, metrics, sample, gate, parameters, provenance."""
+    check_reader(store)
+    from genre_batch import registry
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    if version not in registry.versions(s):
+        raise GenreBatchError(f"no model {version} in {s.url}: see 'genre-batch models list'")
+    print_json(registry.metadata(s, version))
+
+
+def switch_model(store: str, change: Callable[[Any], dict]) -> None:
+    """Change the model pointer under the store's run lease and say what is current now."""
+    from genre_batch import lease
+    from genre_batch.stages.runs import new_run_id
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    with lease.held(s, new_run_id()):
+        pointer = change(s)
+    pinned = " (pinned)" if pointer.get("pinned") else ""
+    out.print(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}", markup=False)
+
+
+@models_app.command("promote")
+@friendly
+def models_promote(
+    version: VersionArg,
+    store: StoreOpt = DEFAULT_STORE,
+    force: Annotated[bool, typer.Option("--force", help="Promote a model the promotion gate refused.")] = False,
+) -> None:
+    """Make a registered model current (a gate-refused one only with --force); the catalog is re-tagged by the next tag or run."""
+    check_reader(store)
+    from genre_batch import registry
+
+    switch_model(store, lambda s: registry.promote_checked(s, version, force))
+
+
+@models_app.command("rollback")
+@friendly
+def models_rollback(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Make the previous current model current again (from the pointer's history)."""
+    check_reader(store)
+    from genre_batch import registry
+
+    switch_model(store, registry.rollback)
+
+
+@models_app.command("pin")
+@friendly
+def models_pin(
+    store: StoreOpt = DEFAULT_STORE,
+    unpin: Annotated[bool, typer.Option("--unpin", help="Let automatic retraining replace the current model again.")] = False,
+) -> None:
+    """Pin the current model: 'run --retrain auto' never replaces a pinned model (--unpin lifts it)."""
+    check_reader(store)
+    from genre_batch import registry
+
+    switch_model(store, lambda s: registry.pin(s, not unpin))
+
+
+@app.command()
+@friendly
+def prune(
+    store: StoreOpt = DEFAULT_STORE,
+    keep_models: Annotated[int, typer.Option("--keep-models", min=1, help="Models to keep (the current one and its history always stay).")] = 10,
+    keep_runs: Annotated[int, typer.Option("--keep-runs", min=1, help="Run records to keep.")] = 100,
+    keep_evaluations: Annotated[int, typer.Option("--keep-evaluations", min=1, help="Evaluation reports to keep.")] = 10,
+) -> None:
+    """Delete old models, run records and evaluation reports, keeping the newest of each."""
+    check_reader(store)
+    from genre_batch import lease, registry
+    from genre_batch.stages.runs import new_run_id
+    from genre_batch.status import prune_evaluations, prune_runs
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    with lease.held(s, new_run_id()):
+        models = registry.prune(s, keep_models)
+        records = prune_runs(s, keep_runs)
+        reports = prune_evaluations(s, keep_evaluations)
+    out.print(f"prune: {len(models)} models, {len(records)} run records, {len(reports)} evaluation reports deleted", markup=False)
 
 
 @app.command()
@@ -270,12 +503,15 @@ def train(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
+    fmt: FormatOpt = "text",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
+    check_reader(store)
+    check_writer(None, store, fmt, labels)
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by), store)
+    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by), store, fmt=fmt)
 
 
 @app.command()
@@ -287,6 +523,8 @@ def evaluate(
     group_by: GroupByOpt = "auto",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
+    check_reader(store)
+    checks.labels(labels)
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
     from genre_batch.store import Store
@@ -312,12 +550,16 @@ def tag(
     store: StoreOpt = DEFAULT_STORE,
     scheduler: SchedulerOpt = None,
     full: Annotated[bool, typer.Option("--full", help="Predict every track, even those the published snapshot already holds for the current model.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish even when a new model gives more than 30 % of the tracks another genre.")] = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Tag the store's tracks with the current model (new and changed ones only, when the model is unchanged) and publish a catalog snapshot."""
+    check_reader(store)
+    check_writer(None, store, fmt)
     from flows.pipeline import tag_flow
 
     store = absolute(store)
-    print_record(tag_flow(store, scheduler, full), store)
+    print_record(tag_flow(store, scheduler, full, force), store, fmt=fmt)
 
 
 def labels_spec(labels: str | None) -> str | None:
@@ -336,19 +578,24 @@ def run(
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
     retrain: RetrainOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Publish past the guards: a listing with over 30 % fewer files, a new model changing over 30 % of the genres.")] = False,
     strict: StrictOpt = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain as --retrain says, tag what changed, publish."""
+    check_writer(library, store, fmt, labels)
+    checks.has_model_or_labels(store, labels)
+    checks.retrain_policy(retrain)
     from flows.pipeline import nightly
-    from genre_batch.stages.train import RETRAIN_POLICIES
 
-    if retrain not in RETRAIN_POLICIES:
-        raise typer.BadParameter(f"use one of {', '.join(RETRAIN_POLICIES)}", param_hint="--retrain")
     store = absolute(store)
     record = with_progress(
-        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain)
+        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain, force)
     )
-    print_record(record, store, strict)
+    print_record(record, store, strict, fmt)
+
+
+QUERY_FORMATS = ("table", "csv", "json")
 
 
 def render(table: Any, fmt: str) -> None:
@@ -375,11 +622,12 @@ def query(
     fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: table, csv or json.")] = "table",
 ) -> None:
     """Run DuckDB SQL over the published catalog and the error records."""
+    checks.sql_statement(sql)
+    checks.query_format(fmt, QUERY_FORMATS)
+    check_reader(store)
     from genre_batch import query as q
     from genre_batch.store import Store
 
-    if fmt not in q.FORMATS:
-        raise GenreBatchError(f"unknown format {fmt!r}: use one of {', '.join(q.FORMATS)}")
     render(q.run(Store.at(store), sql), fmt)
 
 
@@ -388,17 +636,23 @@ def query(
 def classify(
     files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
     store: StoreOpt = DEFAULT_STORE,
-    top: Annotated[int, typer.Option("--top", help="How many genres to show per file.")] = 3,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
 ) -> None:
-    """Predict the genres of files with the current model of the store (nothing is stored)."""
+    """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
+    check_reader(store)
     from genre_batch.store import Store
     from genre_batch.tagging import classify_files
 
+    failed = 0
     for uri, result in classify_files(Store.at(store), [absolute(f) for f in files], top):
         if isinstance(result, str):
             out.print(f"{uri}: error: {result}", markup=False)
+            failed += 1
         else:
             out.print(f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
+    if failed:
+        err.print(f"error: {failed} of {len(files)} files could not be classified", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -408,6 +662,7 @@ def demo(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Build a small synthetic library (tagged, untagged and one corrupt file), run the nightly job on it, show the catalog."""
+    checks.writable_folder(str(directory), "demo folder")
     from flows.pipeline import nightly
     from genre_batch import demo as demo_library
     from genre_batch import query as q
@@ -432,19 +687,59 @@ def serve(
     cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule of the nightly run (default: 0 2 * * *).")] = None,
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
 ) -> None:
-    """Register the nightly flow as a scheduled Prefect deployment and serve it (runs until stopped)."""
-    from flows.pipeline import NIGHTLY_CRON, nightly
+    """Register the nightly flow as a scheduled Prefect deployment on a Prefect server and serve it (runs until stopped)."""
+    check_writer(library, store, "text", labels)
+    checks.prefect_server()
+    from prefect import serve as serve_deployments
 
-    nightly.serve(
-        name=name,
-        cron=cron or NIGHTLY_CRON,
-        parameters={"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler},
-    )
+    from flows.pipeline import NIGHTLY_CRON, deployment
+
+    parameters = {"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler}
+    try:
+        scheduled = deployment(name, cron or NIGHTLY_CRON, parameters)
+    except ValueError as e:  # pydantic's ValidationError: a cron Prefect does not accept
+        raise UsageError(f"invalid --cron {cron!r}: {str(e).splitlines()[-1].strip()}") from None
+    serve_deployments(scheduled)
+
+
+def usage_message(e: Exception) -> str:
+    """One line for a command-line parsing error, naming the help to read."""
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {e.format_message()}{where}"  # type: ignore[attr-defined]
+
+
+def run_app(argv: list[str]) -> int:
+    """Run the command line on `argv`; returns the exit status (2 for parsing errors, printed as one line)."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError as ParsingError
+
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(argv, prog_name="genre-batch", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        err.print(e.format_message(), markup=False)
+        return 2
+    except ParsingError as e:
+        err.print(usage_message(e), markup=False)
+        return 2
+    except ClickException as e:
+        err.print(f"error: {e.format_message()}", markup=False)
+        return e.exit_code
+    return status if isinstance(status, int) else 0
 
 
 def main() -> None:
-    """Entry point of the genre-batch command."""
-    app()
+    """Entry point of the genre-batch command: SIGINT/SIGTERM end it with status 130/143 after the run unwinds."""
+    try:
+        with signals.interruptible():
+            status = run_app(sys.argv[1:])
+    except BaseException as e:
+        signum = signals.signal_number(e)
+        if signum is None:
+            raise
+        err.print(f"error: interrupted by {signals.signal_name(signum)}", markup=False)
+        status = signals.exit_status(signum)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
 from genre_batch.features import warm_up
@@ -52,9 +52,30 @@ def warm_up_workers(client: Client) -> None:
         client.gather([client.submit(warm_up, workers=[a], allow_other_workers=False, pure=False) for a in wave])
 
 
+def cancel_all(client: Client) -> None:
+    """Cancel every future of the client: queued shards never start, running ones finish unseen (or die with a local cluster)."""
+    futures = [Future(key, client) for key in list(client.futures)]
+    if futures:
+        client.cancel(futures, force=True)
+
+
+@contextmanager
+def cancelling(client: Client) -> Iterator[Client]:
+    """The client; when the block fails or is interrupted (SIGTERM, SIGINT), its futures are cancelled on the cluster first."""
+    try:
+        yield client
+    except BaseException:
+        cancel_all(client)
+        raise
+
+
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster."""
+    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster.
+
+    On failure or interruption the client's futures are cancelled; then a local cluster's nannies stop their workers,
+    waiting at most 4 s for a running shard (Dask's nanny close timeout, 0.8 x 5 s) before killing them.
+    """
     scheduler = scheduler or dask.config.get("scheduler-address", None)
     if scheduler:
         try:
@@ -67,11 +88,13 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
             except TimeoutError:
                 raise GenreBatchError(f"no Dask worker joined {scheduler} within {WORKER_WAIT_S} s") from None
             warm_up_workers(client)
-            yield client
+            with cancelling(client):
+                yield client
         return
     with local_cluster(n_workers) as cluster, Client(cluster) as client:
         warm_up_workers(client)
-        yield client
+        with cancelling(client):
+            yield client
 
 
 class Session:
@@ -79,14 +102,14 @@ class Session:
 
     def __init__(self, scheduler: str | None = None, n_workers: int | None = None) -> None:
         self.scheduler, self.n_workers = scheduler, n_workers
-        self._stack = ExitStack()
+        self.stack = ExitStack()
         self._client: Client | None = None
 
     @property
     def client(self) -> Client:
         """The client, starting the cluster (or connecting to the scheduler) the first time."""
         if self._client is None:
-            self._client = self._stack.enter_context(dask_client(self.scheduler, self.n_workers))
+            self._client = self.stack.enter_context(dask_client(self.scheduler, self.n_workers))
         return self._client
 
     @property
@@ -101,17 +124,12 @@ class Session:
         client = self.client
         return client.gather([client.submit(*call, pure=False) for call in calls])
 
-    def close(self) -> None:
-        """Close the client and any local cluster."""
-        self._stack.close()
-        self._client = None
 
 
 @contextmanager
 def session(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Session]:
-    """A lazily started Dask session for the block."""
+    """A lazily started Dask session for the block; closed with it (a failure or an interruption of the block reaches
+    the client first, which cancels its futures)."""
     s = Session(scheduler, n_workers)
-    try:
+    with s.stack:
         yield s
-    finally:
-        s.close()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import xgboost as xgb
 
 from genre_batch import GenreBatchError
 from genre_batch.store import Store
@@ -23,6 +23,9 @@ LABELLED_FILE = "labelled.parquet"
 """The labelled set a model was trained on: (uri, fingerprint, genre) of every labelled track, sampled or not."""
 POINTER = "CURRENT.json"
 HISTORY = 20
+
+if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost (README, Cheap start)
+    import xgboost as xgb
 
 
 def new_version() -> str:
@@ -81,6 +84,8 @@ def metadata(store: Store, version: str) -> dict:
 
 def load(store: Store, version: str) -> tuple[xgb.Booster, dict]:
     """Load a registered model and its metadata."""
+    import xgboost as xgb
+
     booster = xgb.Booster()
     with store.fs.open(f"{store.models}/{version}/{MODEL_FILE}", "rb") as f:
         booster.load_model(bytearray(f.read()))

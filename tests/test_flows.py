@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import cli
 
-from flows.pipeline import NIGHTLY_CRON, nightly
+from flows.pipeline import NIGHTLY_CRON, deployment, nightly
 from genre_batch import catalog
 from genre_batch.store import Store
 from genre_batch.synth import STYLES
@@ -62,25 +62,28 @@ def test_cli_run_query_classify(
     assert 0 <= report["cross_validation"]["ece_calibrated"] <= 1
 
     clip = sorted((library / "chiptune").iterdir())[0]
-    code, out, _ = cli("classify", "--store", store, "--top", "2", str(clip), str(library / "broken.mp3"))
-    assert code == 0
+    code, out, err = cli("classify", "--store", store, "--top", "2", str(clip), str(library / "broken.mp3"))
+    assert code == 1 and err == "error: 1 of 2 files could not be classified\n"  # the good file is still printed
     first, second = out.splitlines()
     assert first.startswith(f"{clip}: chiptune ") and first.count(",") == 1
     assert second.startswith(f"{library / 'broken.mp3'}: error: undecodable")
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, status, message",
     [
-        (["extract", "/no/such/library", "--store", "/tmp/x"], "library not found or not a folder: /no/such/library"),
-        (["query", "--store", "/no/store", "SELECT 1"], "no published catalog in /no/store"),
-        (["tag", "--store", "/no/store"], "no current model in /no/store"),
-        (["query", "--store", "/no/store", "--format", "xml", "SELECT 1"], "unknown format 'xml'"),
+        (["extract", "/no/such/library", "--store", "/tmp/x"], 2, "library not found or not a folder: /no/such/library"),
+        (["query", "--store", "/no/store", "SELECT 1"], 2, "store not found or not a folder: /no/store"),
+        (["tag", "--store", "/no/store"], 2, "store not found or not a folder: /no/store"),
+        (["query", "--store", "/no/store", "--format", "xml", "SELECT 1"], 2, "unknown format 'xml'"),
+        (["query", "--store", "{empty}", "SELECT 1"], 1, "no published catalog in {empty}"),
+        (["tag", "--store", "{empty}"], 1, "no current model in {empty}"),
     ],
 )
-def test_cli_errors_are_one_line(args: list[str], message: str, prefect_server: None) -> None:
-    code, out, err = cli(*args)
-    assert code == 1
+def test_cli_errors_are_one_line(args: list[str], status: int, message: str, tmp_path: Path, prefect_server: None) -> None:
+    code, out, err = cli(*[a.format(empty=tmp_path) for a in args])
+    message = message.format(empty=tmp_path)
+    assert code == status
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}")
     assert "Traceback" not in err + out
 
@@ -96,6 +99,9 @@ def test_scheduled_deployment_matches_prefect_yaml() -> None:
     assert [s.schedule.cron for s in deployment.schedules] == [NIGHTLY_CRON]
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [declared] = config["deployments"]
-    assert declared["entrypoint"] == "flows/pipeline.py:nightly"
+    assert declared["entrypoint"] == deployment("nightly", NIGHTLY_CRON, {}).entrypoint == "flows.pipeline.nightly"
     assert [s["cron"] for s in declared["schedules"]] == [NIGHTLY_CRON]
     assert set(declared["parameters"]) <= set(nightly.parameters.properties)
+    assert declared["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert deployment("nightly", NIGHTLY_CRON, {}).concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert config["pull"] == [] and "$PWD" not in (ROOT / "prefect.yaml").read_text()

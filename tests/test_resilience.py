@@ -254,7 +254,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(
 @pytest.mark.parametrize("verb", ["extract", "train", "tag", "run"])
 def test_every_writing_verb_is_refused_while_the_lease_is_held(verb: str, tmp_path: Path, prefect_server: None) -> None:
     store = tmp_path / "store"
-    args = [verb, str(tmp_path)] if verb in ("extract", "run") else [verb]
+    args = {"extract": [verb, str(tmp_path)], "run": [verb, str(tmp_path), "--labels", "folders"]}.get(verb, [verb])
     with lease.held(Store(str(store)), "run-holder") as held:
         code, _, err = cli(*args, "--store", str(store))
         assert (code, err) == (1, f"error: {lease.refusal(Store(str(store)), held)}\n")

@@ -24,7 +24,6 @@ from genre_batch.store import Store
 READ_BATCH_WINDOWS = 60_000
 """Window rows per reading task of the training sample."""
 
-RETRAIN_POLICIES = ("auto", "always", "never")
 RETRAIN_CHANGED_SHARE = 0.05
 RETRAIN_AFTER_DAYS = 30
 """`--retrain auto` (nightly default) retrains when there is no current model, or the current model is not pinned and

@@ -1,0 +1,153 @@
+"""Checks of an invocation before Prefect or Dask start: local ones raise UsageError (exit 2), network ones GenreBatchError (exit 1).
+
+This module imports neither Prefect nor Dask, so that a wrong invocation costs no start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from genre_batch import GenreBatchError, UsageError
+
+LABEL_KINDS = ("folders", "tags")
+LABEL_FILE_SUFFIXES = (".csv", ".parquet")
+SUMMARY_FORMATS = ("text", "json")
+SERVER_COMMAND = "prefect server start --host 127.0.0.1 --port 4200"
+SERVER_API_URL = "http://127.0.0.1:4200/api"
+
+
+def is_url(location: str) -> bool:
+    """True for a URL with a protocol other than file:// (a path on another system)."""
+    return "://" in location and not location.startswith("file://")
+
+
+def local_path(location: str) -> Path:
+    """A local path or file:// URL as an absolute path."""
+    return Path(location.removeprefix("file://")).expanduser().absolute()
+
+
+def library(location: str) -> None:
+    """A local library must be an existing folder."""
+    if not is_url(location) and not local_path(location).is_dir():
+        raise UsageError(f"library not found or not a folder: {location}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """The path itself or its closest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_folder(location: str, what: str) -> None:
+    """A local folder that a run writes to must be a folder, or creatable in a writable parent."""
+    if is_url(location):
+        return
+    path = local_path(location)
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        raise UsageError(f"{what} {location} is not a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {location} is not writable: no write permission on {existing}")
+
+
+def labels(spec: str | None) -> None:
+    """A label spec is 'folders', 'tags', or an existing local CSV/Parquet file with a file and a genre column."""
+    if spec is None or spec in LABEL_KINDS or is_url(spec):
+        return
+    path = local_path(spec)
+    if not path.is_file() or path.suffix.lower() not in LABEL_FILE_SUFFIXES:
+        raise UsageError(f"--labels {spec}: not 'folders', 'tags' or an existing .csv/.parquet file")
+    from genre_batch.labels import read_label_file
+
+    try:
+        read_label_file(str(path))
+    except GenreBatchError as e:
+        raise UsageError(str(e).replace(str(path), spec)) from None
+
+
+RETRAIN_POLICIES = ("auto", "always", "never")
+
+
+def retrain_policy(policy: str) -> None:
+    """--retrain is auto, always or never."""
+    if policy not in RETRAIN_POLICIES:
+        raise UsageError(f"--retrain {policy}: use one of {', '.join(RETRAIN_POLICIES)}")
+
+
+def summary_format(fmt: str) -> None:
+    """The output format of a run summary is text or json."""
+    if fmt not in SUMMARY_FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(SUMMARY_FORMATS)}")
+
+
+def query_format(fmt: str, formats: tuple[str, ...]) -> None:
+    """The output format of a query is one of `formats`."""
+    if fmt not in formats:
+        raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(formats)}")
+
+
+def sql_statement(sql: str) -> None:
+    """A query needs a statement."""
+    if not sql.strip().strip(";").strip():
+        raise UsageError("empty SQL statement: give one, e.g. \"SELECT genre, count(*) FROM catalog GROUP BY 1\"")
+
+
+def remote_library(location: str) -> None:
+    """A library on an object store must exist (one listing request); credentials are checked on the way."""
+    if is_url(location):
+        from genre_batch.discovery import library_root
+
+        library_root(location)
+
+
+def remote_store(location: str) -> None:
+    """The bucket of a store on S3 must exist (one request); credentials are checked on the way."""
+    if not location.startswith(("s3://", "s3a://")):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist (or is not visible with these credentials)")
+
+
+def has_model_or_labels(store: str, spec: str | None) -> None:
+    """`run` without --labels needs a current model to tag with."""
+    if spec is not None:
+        return
+    from genre_batch import registry
+    from genre_batch.store import Store
+
+    if registry.current_version(Store.at(store)) is None:
+        raise UsageError(f"the store {store} has no current model and run got no --labels: add --labels folders|tags|FILE to train one")
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API URL the process would use (environment, profile or settings file), None for the ephemeral API."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def prefect_server() -> str:
+    """`serve` needs a real Prefect server (the ephemeral API schedules nothing); returns its API URL."""
+    url = prefect_api_url()
+    if url is None:
+        raise GenreBatchError(
+            f"serve needs a Prefect server (the ephemeral API runs no scheduler): start one with "
+            f"'{SERVER_COMMAND}' and 'export PREFECT_API_URL={SERVER_API_URL}'"
+        )
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # a server answered (Prefect Cloud may want credentials for /health): the API is there
+    except OSError as e:
+        raise GenreBatchError(f"no Prefect server answers at PREFECT_API_URL={url} ({e}): start one with '{SERVER_COMMAND}'") from None
+    return url
