@@ -1,0 +1,137 @@
+"""Running unattended (#13): models verbs, guards on the catalog, a refused gate, status, errors before a catalog."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import xgboost as xgb
+from conftest import cli
+from test_feature_store import T0, files, set_inventory, write_shard
+
+from genre_batch import PublishRefused, catalog, registry, training
+from genre_batch.cluster import session
+from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.stages import tag as tag_stage
+from genre_batch.store import Store
+
+GENRES = ["jazz", "rock"]
+
+
+def register(store: Store, version: str, passed: bool, flip: bool = False) -> None:
+    """Register a real XGBoost model on synthetic windows: it calls the store's tracks (features near 0) 'rock', or
+    'jazz' when `flip`."""
+    X = np.random.default_rng(0).normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
+    X[100:, 0] += 10.0  # the other genre lies far away
+    y = np.repeat([0, 1] if flip else [1, 0], 100).astype(np.int32)  # GENRES: 0 jazz, 1 rock
+    booster = xgb.train({**training.PARAMS, "num_class": 2}, training.dmatrix(X, y), num_boost_round=5)
+    accuracy = 0.9 if passed else 0.3
+    meta = {
+        "created_at": datetime.now(timezone.utc).isoformat(), "genres": GENRES, "label_source": "tags",
+        "feature_version": FEATURE_VERSION, "tracks": 200, "labelled_tracks": 200, "temperature": 1.0, "abstain_below": 0.0,
+        "cross_validation": {"accuracy": accuracy}, "holdout": {"accuracy": accuracy, "confusion": [[1, 0], [0, 1]]},
+        "gate": {"passed": passed, "reason": f"cross-validated accuracy {accuracy:.3f} vs majority baseline 0.500"},
+    }
+    registry.register(store, version, booster, meta, b"", pa.table({k: pa.array([], pa.string()) for k in ("uri", "fingerprint", "genre")}))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A store of 20 synthetic tracks and three models: m-1 (passed), m-2 (refused by the gate), m-3 (passed, flips every genre)."""
+    s = Store(str(tmp_path / "store"))
+    library = files([f"t{i:02d}" for i in range(20)])
+    write_shard(s, "r1-00000.parquet", library, "r1", T0)
+    set_inventory(s, library)
+    register(s, "m-1", passed=True)
+    register(s, "m-2", passed=False)
+    register(s, "m-3", passed=True, flip=True)
+    registry.promote(s, "m-1")
+    return s
+
+
+def test_models_verbs(store: Store, dask_scheduler: str) -> None:
+    code, out, _ = cli("models", "list", "--store", store.url, "--format", "json")
+    listed = json.loads(out)
+    assert code == 0 and [(m["version"], m["current"], m["gate_passed"]) for m in listed] == [("m-1", True, True), ("m-2", False, False), ("m-3", False, True)]
+    code, out, _ = cli("models", "show", "m-2", "--store", store.url)
+    assert code == 0 and json.loads(out)["gate"]["passed"] is False and json.loads(out)["version"] == "m-2"
+
+    code, _, err = cli("models", "promote", "m-2", "--store", store.url)  # refused by the gate: needs --force
+    assert code == 1 and err.startswith("error: model m-2 failed the promotion gate (cross-validated accuracy 0.300") and "--force" in err
+    assert registry.current_version(store) == "m-1"
+    code, out, _ = cli("models", "promote", "m-2", "--store", store.url, "--force")
+    assert code == 0 and "current model is m-2" in out and "not re-tagged now" in out
+    code, out, _ = cli("models", "rollback", "--store", store.url)
+    assert code == 0 and registry.current_version(store) == "m-1" and registry.pointer(store)["history"] == []
+    assert cli("models", "rollback", "--store", store.url)[0] == 1  # nothing earlier to go back to
+
+    code, out, _ = cli("models", "pin", "--store", store.url)
+    assert code == 0 and "(pinned)" in out and registry.pinned(store)
+    code, out, _ = cli("models", "list", "--store", store.url)
+    assert "*P" in out
+    assert cli("models", "pin", "--store", store.url, "--unpin")[0] == 0 and not registry.pinned(store)
+    assert cli("models", "show", "m-9", "--store", store.url)[0] == 1
+
+
+def test_promote_does_not_retag_until_the_next_tag_which_retags_everything(store: Store, dask_scheduler: str) -> None:
+    with session(dask_scheduler) as cluster:
+        first = tag_stage.tag(store, "run-1", cluster)
+        assert (first.mode, first.model_version, first.genres) == ("full", "m-1", {"rock": 20})
+        registry.promote_checked(store, "m-2", force=True)  # the same predictions: no guard applies
+        assert catalog.pointer(store)["model_version"] == "m-1"  # promoting re-tags nothing by itself
+        second = tag_stage.tag(store, "run-2", cluster)
+    assert (second.mode, second.predicted, second.model_version) == ("full", 20, "m-2")
+    assert set(catalog.read(store)["model_version"].to_pylist()) == {"m-2"}
+
+
+def test_a_model_flipping_most_genres_is_not_published_without_force(store: Store, dask_scheduler: str) -> None:
+    with session(dask_scheduler) as cluster:
+        tag_stage.tag(store, "run-1", cluster)
+        before = catalog.pointer(store)
+        registry.promote_checked(store, "m-3")
+        with pytest.raises(PublishRefused, match=r"model m-3 gives 100% of the catalog's tracks another genre than model m-1 \(over the 30% limit\)"):
+            tag_stage.tag(store, "run-2", cluster)
+        assert catalog.pointer(store) == before and catalog.snapshot_names(store) == [before["snapshot"]]  # nothing left behind
+        forced = tag_stage.tag(store, "run-3", cluster, force=True)
+    assert forced.genres == {"jazz": 20} and catalog.pointer(store)["model_version"] == "m-3"
+
+
+def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -> None:
+    code, out, _ = cli("status", "--store", store.url, "--format", "json")
+    facts = json.loads(out)
+    assert code == 0 and facts["model"]["version"] == "m-1" and facts["catalog"] is None and facts["tracks"] == 20
+    assert facts["lease"] is None and facts["last_runs"] == [] and facts["errors_by_kind"] == {}
+    code, out, _ = cli("status", "--store", store.url)
+    assert code == 0 and "model: m-1, CV accuracy 0.900" in out and "catalog: none published" in out and "lease: free" in out
+
+
+def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
+    library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str, prefect_server: None
+) -> None:
+    library, store = library_factory(per_style=3), str(tmp_path / "store")
+    (library / "broken.mp3").write_bytes(b"\x00" * 100)
+    clips = sorted(p for p in library.rglob("*") if p.is_file() and p.name != "broken.mp3")
+    labels = tmp_path / "labels.csv"  # one clip labelled as another genre: no model can reach accuracy 1.0 on these
+    labels.write_text("file,genre\n" + "".join(f"{p},{'percussion' if i == 0 else p.parent.name}\n" for i, p in enumerate(clips)))
+    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--scheduler", dask_scheduler)
+    assert code == 4, out + err  # the gate refused the only model: extraction kept, a distinct status and the next step
+    assert err.strip().startswith("error: no current model in") and "the promotion gate refused model m-" in err
+    assert "vs majority baseline" in err and "and minimum 1.000" in err and "models promote" in err
+    code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT uri, error_type FROM errors")
+    assert code == 0 and json.loads(out) == [{"uri": str(library / "broken.mp3"), "error_type": "undecodable"}]  # no catalog needed
+    assert cli("query", "--store", store, "SELECT count(*) FROM catalog")[0] == 1
+
+    inventory = (tmp_path / "store" / "features" / "inventory.parquet").read_bytes()
+    for path in clips:
+        if path.suffix != ".ogg":
+            path.unlink()  # 8 of 13 files gone: 62 % fewer
+    code, out, err = cli("extract", str(library), "--store", store, "--scheduler", dask_scheduler)
+    assert code == 5 and "has 5 audio files, the previous one 13: 62% fewer, over the 30% limit" in err
+    assert (tmp_path / "store" / "features" / "inventory.parquet").read_bytes() == inventory  # nothing changed
+    code, out, _ = cli("extract", str(library), "--store", store, "--scheduler", dask_scheduler, "--force")
+    assert code == 0 and "5 audio files" in out
