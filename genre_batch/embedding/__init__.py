@@ -1,0 +1,1 @@
+"""Pretrained music embeddings: converted models run with numpy, no TensorFlow at runtime."""
