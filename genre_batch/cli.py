@@ -82,6 +82,48 @@ def absolute(url: str) -> str:
     return made_absolute(url)
 
 
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (new, changed, moved, removed, unchanged; would it train) and stop: no lease taken, nothing written, no cluster started."),
+]
+
+
+def print_plan(library: str, store: str, force: bool, labels: str | None, retrain: str, fmt: str) -> None:
+    """Print what a run would do, without the lease and without writing (the retrain decision reads the features already extracted)."""
+    from dataclasses import asdict
+
+    from genre_batch.stages.extract import dry_run
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    plan = asdict(dry_run(absolute(library), s, force))
+    if labels is not None and s.exists(s.inventory):
+        from genre_batch.stages.train import retrain_decision
+
+        plan["would_train"], plan["train_reason"] = retrain_decision(s, labels, retrain)
+        if plan["new"] + plan["changed"]:
+            plan["train_reason"] += f"; judged on the features already extracted: {plan['new'] + plan['changed']} new or changed files not counted"
+    elif labels is not None:
+        plan["would_train"], plan["train_reason"] = True, "no features extracted yet"
+    if fmt == "json":
+        print_json(plan)
+        return
+    out.print(
+        f"plan: {plan['discovered']} audio files in {plan['library']}: {plan['new']} new, {plan['changed']} changed, "
+        f"{plan['retried']} to retry, {plan['moved']} moved, {plan['removed']} removed, {plan['unchanged']} unchanged",
+        markup=False,
+    )
+    if "would_train" in plan:
+        out.print(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})", markup=False)
+    if plan["refused"]:
+        out.print(f"refused: {plan['refused']}", markup=False)
+    out.print("dry run: nothing was written", markup=False)
+
+
+def print_json(obj: object) -> None:
+    """One JSON document on stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
 RetrainOpt = Annotated[
     str,
     typer.Option("--retrain", help="When to train a new model: auto (no model; or, unless pinned, more than 5 % of the labelled set changed, or any change after 30 days), always, never."),
@@ -316,12 +358,16 @@ def extract(
     library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
     store: StoreOpt = DEFAULT_STORE,
     scheduler: SchedulerOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not (and accept a listing over 30 % smaller than the last).")] = False,
+    dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
     fmt: FormatOpt = "text",
 ) -> None:
     """Extract features of new and changed audio files of LIBRARY into the store."""
     check_writer(library, store, fmt)
+    if dry_run:
+        print_plan(library, store, force, None, "auto", fmt)
+        return
     from flows.pipeline import extract_flow
 
     store = absolute(store)
@@ -339,11 +385,6 @@ def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt
 
     store = absolute(store)
     print_record(compact_flow(store, scheduler), store, fmt=fmt)
-
-
-def print_json(obj: object) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
 
 
 @app.command()
@@ -579,6 +620,7 @@ def run(
     group_by: GroupByOpt = "auto",
     retrain: RetrainOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Publish past the guards: a listing with over 30 % fewer files, a new model changing over 30 % of the genres.")] = False,
+    dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
     fmt: FormatOpt = "text",
 ) -> None:
@@ -586,6 +628,9 @@ def run(
     check_writer(library, store, fmt, labels)
     checks.has_model_or_labels(store, labels)
     checks.retrain_policy(retrain)
+    if dry_run:
+        print_plan(library, store, force, labels_spec(labels), retrain, fmt)
+        return
     from flows.pipeline import nightly
 
     store = absolute(store)

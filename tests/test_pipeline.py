@@ -319,3 +319,26 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
     many = [f"{u},{Path(u).parent.name}" for u in uris] + ["/elsewhere/x.mp3,rock"]  # ignored: outside the library
     labels_file.write_text("file,genre\n" + "\n".join(many) + "\n")
     assert train_stage.retrain_decision(s, str(labels_file), now=late)[0] is False  # unchanged, however old
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, Path]) -> None:
+    import json
+
+    from conftest import cli
+
+    library, store = trained_store
+    tree = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    changed, gone = sorted(library.rglob("*.wav"))[:2]
+    write_audio(changed, render("percussion", 3.0, seed=91), SAMPLE_RATE)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    gone.unlink()
+    write_audio(library / "ambient" / "new.ogg", render("ambient", 3.0, seed=92), SAMPLE_RATE)
+    code, out, _ = cli("run", str(library), "--store", str(store), "--labels", "folders", "--dry-run", "--format", "json")
+    plan = json.loads(out)
+    assert code == 0 and {k: plan[k] for k in ("discovered", "new", "changed", "retried", "moved", "removed", "unchanged")} == {
+        "discovered": 20, "new": 1, "changed": 1, "retried": 0, "moved": 0, "removed": 1, "unchanged": 18}
+    assert plan["would_train"] is False and plan["train_reason"].endswith("judged on the features already extracted: 2 new or changed files not counted")
+    assert plan["refused"] is None
+    code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run")
+    assert code == 0 and "1 new, 1 changed, 0 to retry, 0 moved, 1 removed, 18 unchanged" in out and "nothing was written" in out
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == tree  # no lease, no record, nothing

@@ -80,6 +80,42 @@ def extract(
     return summary
 
 
+@dataclass
+class DryRun:
+    """What an extraction would do, found without the lease and without writing anything."""
+
+    library: str
+    discovered: int
+    new: int
+    changed: int
+    retried: int
+    moved: int
+    removed: int
+    unchanged: int
+    refused: str | None
+    """Why the listing guard would refuse the run (None: it would go on)."""
+
+
+def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
+    """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files."""
+    inventory = discover(library)
+    previous = read_inventory(store)
+    todo = plan(inventory, read_index(store), force)
+    known = pc.is_in(todo.todo["uri"], value_set=previous["uri"])
+    same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
+    try:
+        check_listing(previous.num_rows, inventory.num_rows, library, force)
+        refused = None
+    except PublishRefused as e:
+        refused = str(e)
+    return DryRun(
+        library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
+        new=todo.todo.num_rows - int(pc.sum(known).as_py() or 0), changed=int(pc.sum(known).as_py() or 0) - same, retried=same,
+        moved=todo.moved.num_rows, removed=int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=inventory["uri"]))).as_py() or 0),
+        unchanged=todo.unchanged, refused=refused,
+    )
+
+
 def library_of(store: Store) -> str:
     """The library the store's inventory was listed from."""
     meta = read_inventory(store).schema.metadata or {}
