@@ -65,9 +65,9 @@ def error_body(status: int) -> bytes:
 class FaultProxy:
     """An HTTP proxy to an S3 server that answers the requests its rule picks with S3 errors itself."""
 
-    def __init__(self, upstream: str, rule: Rule):
+    def __init__(self, upstream: str, rule: Rule, after: Rule | None = None):
         self.upstream = urlsplit(upstream).netloc
-        self.rule = rule
+        self.rule, self.after = rule, after
         self.exchanges: list[Exchange] = []
         self._seen: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
@@ -86,6 +86,11 @@ class FaultProxy:
             earlier = self._seen[(method, target)]
             self._seen[(method, target)] += 1
             return self.rule(method, target, earlier)
+
+    def lost_answer(self, method: str, target: str) -> int | None:
+        """For a forwarded request, the error status to answer instead of the server's answer (the request was applied)."""
+        with self._lock:
+            return self.after(method, target, self._seen[(method, target)] - 1) if self.after else None
 
     def record(self, exchange: Exchange) -> None:
         """Log an answered request."""
@@ -143,6 +148,13 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 payload = answer.read()
             finally:
                 conn.close()
+            lost = proxy.lost_answer(self.command, self.path)
+            if lost is not None:  # applied upstream, but the client hears an error
+                self.send_response(lost)
+                self.send_header("Content-Length", str(len(error_body(lost))))
+                self.end_headers()
+                self.wfile.write(error_body(lost))
+                return lost
             self.send_response(answer.status)
             for name, value in answer.getheaders():
                 if name.lower() not in HOP_BY_HOP:
@@ -173,8 +185,8 @@ def start_proxy(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     """Start a fault proxy with a rule and point the standard AWS variables at it (restored afterwards)."""
     proxies: list[FaultProxy] = []
 
-    def start(rule: Rule) -> FaultProxy:
-        proxy = FaultProxy(moto_url, rule)
+    def start(rule: Rule, after: Rule | None = None) -> FaultProxy:
+        proxy = FaultProxy(moto_url, rule, after)
         proxy.start()
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
@@ -375,3 +387,20 @@ def test_failed_publish_keeps_the_previous_catalog_and_a_rerun_finishes_the_work
     assert "trained on the same labelled data" in out  # the model the failed run trained is kept
     assert [r["uri"] for r in query(store, "SELECT uri FROM catalog ORDER BY uri")] == sorted(uris + added)
     assert [r["status"] for r in run_records(direct, "publish/store")] == ["completed", "failed", "completed"]
+
+
+def test_conditional_write_applied_but_answered_5xx_is_not_a_lost_race(
+    start_proxy: Callable[..., FaultProxy], direct: s3fs.S3FileSystem
+) -> None:
+    """The first PUT of a pointer reaches the server but its answer is lost in a 500; botocore retries it, the server
+    answers 412 (the object now exists), and the write is recognised as ours by reading it back."""
+    from genre_batch.store import ConflictError, swap_bytes
+
+    direct.mkdir("pointers")
+    proxy = start_proxy(lambda method, target, earlier: None, lambda method, target, earlier: 500 if method == "PUT" and earlier == 0 else None)
+    fs = s3fs.S3FileSystem()
+    swap_bytes(fs, "pointers/CURRENT.json", b'{"snapshot": "a"}', None)
+    puts = [e.status for e in proxy.exchanges if e.method == "PUT"]
+    assert puts == [500, 412] and direct.cat_file("pointers/CURRENT.json") == b'{"snapshot": "a"}'
+    with pytest.raises(ConflictError, match="changed by another writer"):  # a real lost race is still one
+        swap_bytes(fs, "pointers/CURRENT.json", b'{"snapshot": "b"}', None)
