@@ -24,7 +24,7 @@ from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache
 app = typer.Typer(
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -71,7 +71,7 @@ FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="Summary format: text (for people) or json (one object on stdout, keys in the README).")
 ]
 DEFAULT_STORE = "genre-batch-store"
-SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "train_decision", "train", "tag")
+SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag")
 """Keys of the JSON summary (--format json), besides failing_files; a stage that did not run is null."""
 
 
