@@ -118,7 +118,7 @@ def test_extract_json_summary_and_query_import_no_training_library(workdir: Path
     code, modules = json.loads(modules_line.removeprefix("MODULES "))
     assert code == 0 and "prefect" in modules and not set(TRAINING) & set(modules), done.stderr
     summary = json.loads(summary_line)
-    assert set(summary) == {"run_id", "flow", "status", "started_at", "finished_at", "extract", "train_decision", "train", "tag", "failing_files"}
+    assert set(summary) == {"run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag", "failing_files"}
     assert (summary["flow"], summary["status"], summary["train"], summary["tag"], summary["failing_files"]) == ("extract", "completed", None, None, 0)
     assert summary["extract"]["discovered"] == 0 and summary["extract"]["library"] == str(workdir / "library")
     code, modules = probe(["query", "--store", "store", "SELECT count(*) FROM errors"], workdir, env)
