@@ -41,6 +41,57 @@ CATALOG_SCHEMA = pa.schema(
 """Catalog schema, version CATALOG_VERSION (documented in the README). Version 2 added `fingerprint`."""
 
 
+CHANGES_SCHEMA = pa.schema(
+    [
+        ("change", pa.string()),
+        ("track_id", pa.string()),
+        ("uri", pa.string()),
+        ("old_uri", pa.string()),
+        ("old_genre", pa.string()),
+        ("new_genre", pa.string()),
+        ("old_confidence", pa.float64()),
+        ("new_confidence", pa.float64()),
+    ]
+).with_metadata({"genre_batch.catalog_version": str(CATALOG_VERSION)})
+"""The change feed of a snapshot against the one published before it: one row per track `added`, `removed`,
+`genre_changed` or `moved` (same genre, new URI; a track whose genre changed and that moved is `genre_changed`
+with its `old_uri`)."""
+DIFF_COLUMNS = ["track_id", "uri", "genre", "confidence"]
+
+
+def diff(before: pa.Table, after: pa.Table) -> pa.Table:
+    """The change feed from one catalog to the next (tables with DIFF_COLUMNS), in track_id order."""
+    old = before.select(DIFF_COLUMNS).rename_columns(["track_id", "old_uri", "old_genre", "old_confidence"])
+    new = after.select(DIFF_COLUMNS).rename_columns(["track_id", "uri", "new_genre", "new_confidence"])
+    both = old.join(new, keys="track_id", join_type="full outer")
+    added, removed = pc.is_null(both["old_genre"]), pc.is_null(both["new_genre"])
+    regenred = pc.fill_null(pc.not_equal(both["old_genre"], both["new_genre"]), False)
+    moved = pc.fill_null(pc.not_equal(both["old_uri"], both["uri"]), False)
+    change = pc.case_when(pc.make_struct(added, removed, regenred, moved), "added", "removed", "genre_changed", "moved")
+    table = both.append_column("change", change).filter(pc.is_valid(change))
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", pc.coalesce(table["uri"], table["old_uri"]))
+    table = table.set_column(table.schema.get_field_index("old_uri"), "old_uri",
+                             pc.if_else(pc.equal(table["change"], "removed"), pa.scalar(None, pa.string()), table["old_uri"]))
+    return table.select(CHANGES_SCHEMA.names).cast(CHANGES_SCHEMA).sort_by("track_id")
+
+
+def changes_file(snapshot: str) -> str:
+    """A snapshot's change feed, relative to the catalog folder."""
+    return f"snapshots/{snapshot}/changes.parquet"
+
+
+def write_changes(store: Store, snapshot: str, changes: pa.Table) -> str:
+    """Write a snapshot's change feed; returns its path relative to the catalog."""
+    store.write_table(f"{store.catalog}/{changes_file(snapshot)}", changes)
+    return changes_file(snapshot)
+
+
+def read_files(store: Store, files: list[str], columns: list[str]) -> pa.Table:
+    """Columns of snapshot files (relative to the catalog) as one table."""
+    tables = [store.read_table(f"{store.catalog}/{f}", columns) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else CATALOG_SCHEMA.empty_table().select(columns)
+
+
 def snapshot_id(run_id: str) -> str:
     """A sortable, unique snapshot name."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{run_id.rsplit('-', 1)[-1]}"
@@ -138,7 +189,9 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep
     for number, (genre, rows) in enumerate(split_by_genre(table).items()):
         files[genre_file(snapshot, number)] = genre
         write_genre(store, genre_file(snapshot, number), rows)
-    return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep)
+    previous = pointer(store)
+    changes = diff(read_files(store, previous["files"], DIFF_COLUMNS) if previous else table.slice(0, 0), table)
+    return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep, changes=write_changes(store, snapshot, changes))
 
 
 def files(store: Store) -> list[str]:

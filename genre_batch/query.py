@@ -1,4 +1,4 @@
-"""Query: DuckDB SQL over the published catalog (table `catalog`) and current errors (table `errors`)."""
+"""Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`) and current errors (`errors`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     else:
         con.register("catalog_files", ds.dataset(files, format="parquet", filesystem=store.fs))
         con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
+    if "changes" in sql.lower():  # the published snapshot's change feed (no rows before the first one that has it)
+        current = catalog.pointer(store) or {}
+        feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else catalog.CHANGES_SCHEMA.empty_table()
+        con.register("changes_arrow", feed)
+        con.execute("CREATE VIEW changes AS SELECT * FROM changes_arrow")
     if "errors" in sql.lower():
         from genre_batch.feature_store import current_errors  # imported here: it loads the feature code (0.7 s per query)
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -254,3 +255,29 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
     catalog.publish(s, rows(LAST[1], LAST[0], "run-last"), "run-last", "m-1", keep=2)
     assert_published(s, *LAST)
     assert len(snapshot_names(tmp_path)) == 2 and new not in snapshot_names(tmp_path)
+
+
+def test_change_feed_matches_a_diff_of_two_snapshots(tmp_path: Path) -> None:
+    from genre_batch import query
+
+    s = Store(str(tmp_path))
+    first = rows(5, "rock", "run-a")
+    catalog.publish(s, first, "run-a", "m-1")
+    assert {r["change"] for r in query.run(s, "SELECT change FROM changes").to_pylist()} == {"added"}  # the first: all added
+    second = rows(6, "rock", "run-b").filter(pc.not_equal(pa.array([f"t{i}" for i in range(6)]), "t0"))  # t0 removed, t5 added
+    genres = ["jazz" if t == "t1" else "rock" for t in second["track_id"].to_pylist()]  # t1 changes genre
+    uris = ["/music/moved/2.mp3" if t == "t2" else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]  # t2 moves
+    second = second.set_column(3, "genre", pa.array(genres)).set_column(1, "uri", pa.array(uris))
+    catalog.publish(s, second, "run-b", "m-1")
+    feed = {r["track_id"]: r for r in query.run(s, "SELECT * FROM changes").to_pylist()}
+    assert {t: r["change"] for t, r in feed.items()} == {"t0": "removed", "t1": "genre_changed", "t2": "moved", "t5": "added"}
+    assert (feed["t1"]["old_genre"], feed["t1"]["new_genre"], feed["t1"]["old_confidence"]) == ("rock", "jazz", 0.9)
+    assert (feed["t2"]["uri"], feed["t2"]["old_uri"]) == ("/music/moved/2.mp3", "/music/2.mp3")
+    assert (feed["t0"]["uri"], feed["t0"]["new_genre"], feed["t5"]["old_genre"]) == ("/music/0.mp3", None, None)
+    before = {r["track_id"]: (r["uri"], r["genre"]) for r in first.to_pylist()}  # the feed applied to the old catalog is the new one
+    for t, r in feed.items():
+        if r["change"] == "removed":
+            del before[t]
+        else:
+            before[t] = (r["uri"], r["new_genre"])
+    assert before == {r["track_id"]: (r["uri"], r["genre"]) for r in catalog.read(s).to_pylist()}

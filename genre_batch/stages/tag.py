@@ -78,12 +78,10 @@ def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table 
     return catalog.read(store, KEYS)
 
 
-def flipped_share(store: Store, files: dict[str, str]) -> float:
-    """Share of the tracks of the published snapshot that the written snapshot `files` gives another genre."""
-    before = catalog.read(store, ["uri", "genre"])
-    after = pa.concat_tables([store.read_table(f"{store.catalog}/{f}", ["uri", "genre"]) for f in files]) if files else before.slice(0, 0)
-    both = before.join(after.rename_columns(["uri", "new_genre"]), keys="uri", join_type="inner")
-    return int(pc.sum(pc.not_equal(both["genre"], both["new_genre"])).as_py() or 0) / both.num_rows if both.num_rows else 0.0
+def flipped_share(changes: pa.Table, previous_rows: int) -> float:
+    """Share of the tracks of the published snapshot that a change feed gives another genre (removed ones aside)."""
+    kept = previous_rows - int(pc.sum(pc.equal(changes["change"], "removed")).as_py() or 0)
+    return int(pc.sum(pc.equal(changes["change"], "genre_changed")).as_py() or 0) / kept if kept else 0.0
 
 
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
@@ -116,8 +114,10 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
+    before = catalog.read_files(store, previous["files"], catalog.DIFF_COLUMNS) if previous else None
+    changes = catalog.diff(before if before is not None else catalog.CATALOG_SCHEMA.empty_table(), catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
     if previous and previous.get("model_version") != version and not force:
-        share = flipped_share(store, files)
+        share = flipped_share(changes, before.num_rows)
         if share > GENRE_FLIP_LIMIT:
             store.fs.rm(f"{store.catalog}/snapshots/{snapshot}", recursive=True)
             raise PublishRefused(
@@ -126,7 +126,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
                 "then publish with --force or go back with 'genre-batch models rollback'"
             )
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION)
+                   feature_version=FEATURE_VERSION, changes=catalog.write_changes(store, snapshot, changes))
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
