@@ -13,6 +13,7 @@ from genre_batch import GenreBatchError, UsageError
 LABEL_KINDS = ("folders", "tags")
 LABEL_FILE_SUFFIXES = (".csv", ".parquet")
 SUMMARY_FORMATS = ("text", "json")
+QUERY_FORMATS = ("table", "csv", "json")
 SERVER_COMMAND = "prefect server start --host 127.0.0.1 --port 4200"
 SERVER_API_URL = "http://127.0.0.1:4200/api"
 
@@ -82,10 +83,10 @@ def summary_format(fmt: str) -> None:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(SUMMARY_FORMATS)}")
 
 
-def query_format(fmt: str, formats: tuple[str, ...]) -> None:
-    """The output format of a query is one of `formats`."""
-    if fmt not in formats:
-        raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(formats)}")
+def query_format(fmt: str) -> None:
+    """The output format of a query is table, csv or json."""
+    if fmt not in QUERY_FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(QUERY_FORMATS)}")
 
 
 def sql_statement(sql: str) -> None:

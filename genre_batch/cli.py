@@ -640,9 +640,6 @@ def run(
     print_record(record, store, strict, fmt)
 
 
-QUERY_FORMATS = ("table", "csv", "json")
-
-
 def render(table: Any, fmt: str) -> None:
     """Print a query result as a table, CSV or JSON."""
     from genre_batch import query as q
@@ -668,7 +665,7 @@ def query(
 ) -> None:
     """Run DuckDB SQL over the published catalog and the error records."""
     checks.sql_statement(sql)
-    checks.query_format(fmt, QUERY_FORMATS)
+    checks.query_format(fmt)
     check_reader(store)
     from genre_batch import query as q
     from genre_batch.store import Store
@@ -756,7 +753,8 @@ def usage_message(e: Exception) -> str:
 
 def run_app(argv: list[str]) -> int:
     """Run the command line on `argv`; returns the exit status (2 for parsing errors, printed as one line)."""
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError as ParsingError
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click: its exceptions live here
+    from typer._click.exceptions import UsageError as ParsingError
 
     command = typer.main.get_command(app)
     try:

