@@ -76,8 +76,8 @@ def test_cli_run_query_classify(
         (["query", "--store", "{empty}/no/store", "SELECT 1"], 2, "store not found or not a folder: {empty}/no/store"),
         (["tag", "--store", "{empty}/no/store"], 2, "store not found or not a folder: {empty}/no/store"),
         (["query", "--store", "{empty}/no/store", "--format", "xml", "SELECT 1"], 2, "unknown format 'xml'"),
-        (["query", "--store", "{empty}", "SELECT 1"], 1, "no published catalog in {empty}"),
-        (["tag", "--store", "{empty}"], 1, "no current model in {empty}"),
+        (["query", "--store", "{empty}", "SELECT count(*) FROM catalog"], 1, "no published catalog in {empty}"),
+        (["tag", "--store", "{empty}"], 4, "no current model in {empty}"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], status: int, message: str, tmp_path: Path, prefect_server: None) -> None:
@@ -88,7 +88,7 @@ def test_cli_errors_are_one_line(args: list[str], status: int, message: str, tmp
     assert "Traceback" not in err + out
 
 
-@pytest.mark.parametrize("verb", ["extract", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve"])
+@pytest.mark.parametrize("verb", ["extract", "compact", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve", "status", "models", "prune"])
 def test_every_verb_has_help(verb: str) -> None:
     code, out, _ = cli(verb, "--help")
     assert code == 0 and "Usage:" in out and "--help" in out

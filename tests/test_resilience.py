@@ -268,7 +268,7 @@ def test_lease_is_released_after_success_and_after_failure(tmp_path: Path, prefe
     assert cli("extract", str(empty), "--store", str(store))[0] == 0
     assert not lease_file(store).exists()
     code, _, err = cli("tag", "--store", str(store))
-    assert code == 1 and "no current model" in err
+    assert code == 4 and "no current model" in err
     assert not lease_file(store).exists()
     assert sorted((r["flow"], r["status"]) for r in run_records(store)) == [("extract", "completed"), ("tag", "failed")]
 
