@@ -190,7 +190,7 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep
         files[genre_file(snapshot, number)] = genre
         write_genre(store, genre_file(snapshot, number), rows)
     previous = pointer(store)
-    changes = diff(read_files(store, previous["files"], DIFF_COLUMNS) if previous else table.slice(0, 0), table)
+    changes = diff(read_files(store, previous["files"] if previous else [], DIFF_COLUMNS), table)
     return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep, changes=write_changes(store, snapshot, changes))
 
 

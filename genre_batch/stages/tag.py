@@ -84,6 +84,18 @@ def flipped_share(changes: pa.Table, previous_rows: int) -> float:
     return int(pc.sum(pc.equal(changes["change"], "genre_changed")).as_py() or 0) / kept if kept else 0.0
 
 
+def check_flips(store: Store, snapshot: str, changes: pa.Table, previous_rows: int, version: str, previous_version: str) -> None:
+    """Refuse (and delete) a written snapshot whose new model flips more than GENRE_FLIP_LIMIT of the genres."""
+    share = flipped_share(changes, previous_rows)
+    if share > GENRE_FLIP_LIMIT:
+        store.fs.rm(f"{store.catalog}/snapshots/{snapshot}", recursive=True)
+        raise PublishRefused(
+            f"model {version} gives {share:.0%} of the catalog's tracks another genre than model {previous_version} "
+            f"(over the {GENRE_FLIP_LIMIT:.0%} limit): the previous catalog stays; check it ('genre-batch models show {version}'), "
+            "then publish with --force or go back with 'genre-batch models rollback'"
+        )
+
+
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
     that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
@@ -114,17 +126,10 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    before = catalog.read_files(store, previous["files"], catalog.DIFF_COLUMNS) if previous else None
-    changes = catalog.diff(before if before is not None else catalog.CATALOG_SCHEMA.empty_table(), catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
+    old = catalog.read_files(store, previous["files"] if previous else [], catalog.DIFF_COLUMNS)
+    changes = catalog.diff(old, catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
     if previous and previous.get("model_version") != version and not force:
-        share = flipped_share(changes, before.num_rows)
-        if share > GENRE_FLIP_LIMIT:
-            store.fs.rm(f"{store.catalog}/snapshots/{snapshot}", recursive=True)
-            raise PublishRefused(
-                f"model {version} gives {share:.0%} of the catalog's tracks another genre than model {previous['model_version']} "
-                f"(over the {GENRE_FLIP_LIMIT:.0%} limit): the previous catalog stays; check it ('genre-batch models show {version}'), "
-                "then publish with --force or go back with 'genre-batch models rollback'"
-            )
+        check_flips(store, snapshot, changes, old.num_rows, version, previous["model_version"])
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
                    feature_version=FEATURE_VERSION, changes=catalog.write_changes(store, snapshot, changes))
     return TagSummary(
