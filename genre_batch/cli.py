@@ -462,8 +462,8 @@ def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
     print_json(registry.metadata(s, version))
 
 
-def switch_model(store: str, change: Callable[[Any], dict]) -> None:
-    """Change the model pointer under the store's run lease and say what is current now."""
+def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
+    """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
     from genre_batch import lease
     from genre_batch.stages.runs import new_run_id
     from genre_batch.store import Store
@@ -471,6 +471,9 @@ def switch_model(store: str, change: Callable[[Any], dict]) -> None:
     s = Store.at(store)
     with lease.held(s, new_run_id()):
         pointer = change(s)
+    if fmt == "json":
+        print_json(pointer)
+        return
     pinned = " (pinned)" if pointer.get("pinned") else ""
     out.print(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}", markup=False)
 
@@ -481,22 +484,25 @@ def models_promote(
     version: VersionArg,
     store: StoreOpt = DEFAULT_STORE,
     force: Annotated[bool, typer.Option("--force", help="Promote a model the promotion gate refused.")] = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Make a registered model current (a gate-refused one only with --force); the catalog is re-tagged by the next tag or run."""
+    checks.summary_format(fmt)
     check_reader(store)
     from genre_batch import registry
 
-    switch_model(store, lambda s: registry.promote_checked(s, version, force))
+    switch_model(store, lambda s: registry.promote_checked(s, version, force), fmt)
 
 
 @models_app.command("rollback")
 @friendly
-def models_rollback(store: StoreOpt = DEFAULT_STORE) -> None:
+def models_rollback(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Make the previous current model current again (from the pointer's history)."""
+    checks.summary_format(fmt)
     check_reader(store)
     from genre_batch import registry
 
-    switch_model(store, registry.rollback)
+    switch_model(store, registry.rollback, fmt)
 
 
 @models_app.command("pin")
@@ -504,12 +510,14 @@ def models_rollback(store: StoreOpt = DEFAULT_STORE) -> None:
 def models_pin(
     store: StoreOpt = DEFAULT_STORE,
     unpin: Annotated[bool, typer.Option("--unpin", help="Let automatic retraining replace the current model again.")] = False,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Pin the current model: 'run --retrain auto' never replaces a pinned model (--unpin lifts it)."""
+    checks.summary_format(fmt)
     check_reader(store)
     from genre_batch import registry
 
-    switch_model(store, lambda s: registry.pin(s, not unpin))
+    switch_model(store, lambda s: registry.pin(s, not unpin), fmt)
 
 
 @app.command()
@@ -519,8 +527,10 @@ def prune(
     keep_models: Annotated[int, typer.Option("--keep-models", min=1, help="Models to keep (the current one and its history always stay).")] = 10,
     keep_runs: Annotated[int, typer.Option("--keep-runs", min=1, help="Run records to keep.")] = 100,
     keep_evaluations: Annotated[int, typer.Option("--keep-evaluations", min=1, help="Evaluation reports to keep.")] = 10,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Delete old models, run records and evaluation reports, keeping the newest of each."""
+    checks.summary_format(fmt)
     check_reader(store)
     from genre_batch import lease, registry
     from genre_batch.stages.runs import new_run_id
@@ -532,6 +542,9 @@ def prune(
         models = registry.prune(s, keep_models)
         records = prune_runs(s, keep_runs)
         reports = prune_evaluations(s, keep_evaluations)
+    if fmt == "json":
+        print_json({"models": models, "run_records": records, "evaluations": reports})
+        return
     out.print(f"prune: {len(models)} models, {len(records)} run records, {len(reports)} evaluation reports deleted", markup=False)
 
 
@@ -562,8 +575,10 @@ def evaluate(
     labels: LabelsOpt = "folders",
     scheduler: SchedulerOpt = None,
     group_by: GroupByOpt = "auto",
+    fmt: FormatOpt = "text",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
+    checks.summary_format(fmt)
     check_reader(store)
     checks.labels(labels)
     from genre_batch.cluster import session
@@ -572,6 +587,9 @@ def evaluate(
 
     with session(scheduler) as cluster:
         report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by)
+    if fmt == "json":
+        print_json(report)
+        return
     cv = report["cross_validation"]
     out.print(
         f"evaluate: {report['tracks']} tracks ({report['windows']} windows), {len(report['genres'])} genres, "
@@ -679,19 +697,22 @@ def classify(
     files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
+    fmt: FormatOpt = "text",
 ) -> None:
     """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
+    checks.summary_format(fmt)
     check_reader(store)
     from genre_batch.store import Store
     from genre_batch.tagging import classify_files
 
-    failed = 0
-    for uri, result in classify_files(Store.at(store), [absolute(f) for f in files], top):
-        if isinstance(result, str):
-            out.print(f"{uri}: error: {result}", markup=False)
-            failed += 1
-        else:
-            out.print(f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
+    results = classify_files(Store.at(store), [absolute(f) for f in files], top)
+    failed = sum(isinstance(result, str) for _, result in results)
+    if fmt == "json":
+        print_json([{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}
+                    for uri, r in results])
+    else:
+        for uri, result in results:
+            out.print(f"{uri}: error: {result}" if isinstance(result, str) else f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
     if failed:
         err.print(f"error: {failed} of {len(files)} files could not be classified", markup=False)
         raise typer.Exit(1)

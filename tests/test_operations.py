@@ -66,8 +66,9 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
     assert registry.current_version(store) == "m-1"
     code, out, _ = cli("models", "promote", "m-2", "--store", store.url, "--force")
     assert code == 0 and "current model is m-2" in out and "not re-tagged now" in out
-    code, out, _ = cli("models", "rollback", "--store", store.url)
-    assert code == 0 and registry.current_version(store) == "m-1" and registry.pointer(store)["history"] == []
+    code, out, _ = cli("models", "rollback", "--store", store.url, "--format", "json")
+    assert code == 0 and json.loads(out)["version"] == "m-1" and registry.current_version(store) == "m-1"
+    assert registry.pointer(store)["history"] == []
     assert cli("models", "rollback", "--store", store.url)[0] == 1  # nothing earlier to go back to
 
     code, out, _ = cli("models", "pin", "--store", store.url)
