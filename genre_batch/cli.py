@@ -557,6 +557,7 @@ def train(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
+    all_tracks: Annotated[bool, typer.Option("--all-tracks", help="Fit the final model on every labelled track with xgboost.dask on the cluster (evaluation stays on the capped sample).")] = False,
     fmt: FormatOpt = "text",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
@@ -565,7 +566,7 @@ def train(
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by), store, fmt=fmt)
+    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks), store, fmt=fmt)
 
 
 @app.command()

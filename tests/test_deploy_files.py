@@ -23,6 +23,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+INSTALL_PROJECT = r"pip install .*--no-cache-dir.* \"?\.(\[[\w,-]+\])?\"?(\s|$)"
+"""The Dockerfile's install of the project itself (with extras, e.g. ".[dask-training]")."""
 COMPOSE = ROOT / "infra" / "compose.yaml"
 K8S = ROOT / "infra" / "k8s"
 INFRA_README = ROOT / "infra" / "README.md"
@@ -239,7 +241,7 @@ def test_dockerfile_runs_as_non_root_and_warms_numba_as_that_user(dockerfile):
     assert uids and user == uids[0], "USER must be the numeric UID created by useradd (Kubernetes runAsNonRoot)"
     runs = [(i, args) for i, (k, args) in enumerate(dockerfile) if k == "RUN"]
     warm = [i for i, args in runs if "from genre_batch.features import warm_up; warm_up()" in args]
-    install = [i for i, args in runs if re.search(r"pip install .*--no-cache-dir.* \.(\s|$)", args)]
+    install = [i for i, args in runs if re.search(INSTALL_PROJECT, args)]
     assert len(warm) == 1 and len(install) == 1
     last_user = max(i for i, k in enumerate(keywords) if k == "USER")
     assert install[0] < last_user < warm[0], "install as root, then warm numba's cache as the runtime user"
@@ -257,7 +259,7 @@ def test_dockerfile_copies_what_the_build_needs(dockerfile, pyproject):
     needed = {"pyproject.toml", "prefect.yaml", pyproject["project"]["readme"], "docker/constraints.txt"}
     needed |= {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert needed <= set(copied), f"not copied: {needed - set(copied)}"
-    install = [args for k, args in dockerfile if k == "RUN" and re.search(r"pip install .* \.(\s|$)", args)]
+    install = [args for k, args in dockerfile if k == "RUN" and re.search(INSTALL_PROJECT, args)]
     assert any(re.search(r"(--constraint|-c)\s+docker/constraints\.txt", a) for a in install)
 
 

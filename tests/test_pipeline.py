@@ -342,3 +342,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, P
     code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run")
     assert code == 0 and "1 new, 1 changed, 0 to retry, 0 moved, 1 removed, 18 unchanged" in out and "nothing was written" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == tree  # no lease, no record, nothing
+
+
+def test_all_tracks_option_fits_on_every_labelled_track_with_xgboost_dask(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
+    _, store = trained_store
+    s = Store(str(store))
+    with session(dask_scheduler) as cluster:
+        summary = train_stage.train(s, "folders", "run-all", cluster, all_tracks=True)
+        assert summary.promoted and summary.tracks == 20
+        card = registry.metadata(s, summary.version)
+        assert card["fit"] == {"tracks": 20, "engine": "xgboost.dask", "on": "every labelled track"} and card["params"]["num_boost_round"] > 0
+        tagged = tag_stage.tag(s, "run-all", cluster)
+    assert tagged.model_version == summary.version and tagged.mode == "full"
+    right = [r["genre"] == Path(r["uri"]).parent.name for r in catalog.read(s).to_pylist()]
+    assert sum(right) >= 18  # the model learned the styles of the tracks it was fitted on

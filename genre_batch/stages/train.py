@@ -100,6 +100,40 @@ def training_data(store: Store, spec: str, session: Session, grouping: str = "au
     return training.training_set(windows, sample, data.genres, grouping, data.fingerprint, data.dropped), data, cap
 
 
+def windows_batch(store: Store, groups: list[pa.Table], genres: dict[str, int], per_genre: dict[str, int], scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, genre and balanced weight of the windows of some parts' labelled index rows (runs on a worker)."""
+    windows = pa.concat_tables([read_windows(store, g, list(FEATURE_NAMES)) for g in groups])
+    tracks = pa.concat_tables(groups)
+    counts = tracks["row_count"].to_numpy().astype(np.int64)
+    genre = np.array([genres[g] for g in tracks["genre"].to_pylist()], np.int32)
+    share = np.array([scale / per_genre[g] for g in tracks["genre"].to_pylist()])
+    return training.matrix(windows), np.repeat(genre, counts), np.repeat(share / counts, counts)
+
+
+def fit_all(store: Store, data: Labelled, session: Session, rounds: int) -> xgb.Booster:
+    """Fit on the windows of every labelled track with xgboost.dask: the workers read their parts, nothing of the
+    feature table comes to this process. Weights as training.balanced_weights (every genre the same total, mean 1)."""
+    import dask
+    import dask.array as da
+
+    try:
+        from xgboost import dask as dxgb
+    except ImportError as e:  # xgboost.dask needs dask.dataframe, which needs pandas
+        raise GenreBatchError(f"--all-tracks needs xgboost.dask ({e}): pip install 'genre-batch[dask-training]'") from None
+
+    genres = {g: i for i, g in enumerate(data.genres)}
+    per_genre = dict(Counter(data.tracks["genre"].to_pylist()))
+    scale = float(pc.sum(data.tracks["row_count"]).as_py()) / len(genres)
+    parts = []
+    for batch in batches(data.tracks, READ_BATCH_WINDOWS):
+        n = int(sum(pc.sum(g["row_count"]).as_py() for g in batch))
+        x, y, w = dask.delayed(windows_batch, nout=3, pure=True)(store, batch, genres, per_genre, scale)
+        parts.append((da.from_delayed(x, (n, len(FEATURE_NAMES)), np.float32), da.from_delayed(y, (n,), np.int32), da.from_delayed(w, (n,), np.float64)))
+    X, y, w = (da.concatenate([p[i] for p in parts]) for i in range(3))
+    dtrain = dxgb.DaskDMatrix(session.client, X, y, weight=w, feature_names=list(FEATURE_NAMES))
+    return dxgb.train(session.client, {**training.PARAMS, "num_class": len(genres)}, dtrain, num_boost_round=rounds)["booster"]
+
+
 def changed_share(before: pa.Table, now: pa.Table) -> float:
     """Share of a labelled set that changed: rows in one set and not the other, over the size of the old set."""
     keys = [*KEYS, "genre"]
@@ -189,8 +223,10 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto") 
     return {**report, "report": folder}
 
 
-def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0, grouping: str = "auto") -> TrainSummary:
-    """Cross-validate and hold out (grouped), fit on the capped sample, calibrate, register; promote if it passes."""
+def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0,
+          grouping: str = "auto", all_tracks: bool = False) -> TrainSummary:
+    """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, on every labelled
+    track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote if it passes."""
     data, labelled_set, cap = training_data(store, spec, session, grouping)
     oof = training.out_of_fold(data)
     cv = cross_validation(data, oof)
@@ -229,7 +265,14 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "python": platform.python_version(),
     }
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
-    model, metadata["params"]["num_boost_round"] = training.fit_tracks(data, np.arange(len(data.y_track)))
+    if all_tracks:
+        rounds = training.boosting_rounds(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres))
+        model = fit_all(store, labelled_set, session, rounds)
+        metadata["params"]["num_boost_round"] = rounds
+        metadata["fit"] = {"tracks": labelled_set.tracks.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
+    else:
+        model, metadata["params"]["num_boost_round"] = training.fit_tracks(data, np.arange(len(data.y_track)))
+        metadata["fit"] = {"tracks": len(data.y_track), "engine": "xgboost", "on": "the capped sample"}
     registry.register(store, version, model, metadata, png, labelled_keys(labelled_set))
     if passes:
         registry.promote(store, version)
