@@ -143,8 +143,8 @@ COMPACT_TARGET_WINDOWS = 60_000
 """Window rows per part written by compaction (about 10,000 tracks, ~150 MB in memory while written)."""
 AUTO_COMPACT_PARTS = 200
 AUTO_COMPACT_SUPERSEDED = 0.25
-"""A run compacts by itself when the store holds more than AUTO_COMPACT_PARTS parts, or when more than this share of
-the index's rows are superseded (changed or removed files, older versions, duplicates)."""
+"""A run compacts by itself when the store holds more than AUTO_COMPACT_PARTS parts (of every family), or when more
+than this share of the index's rows are superseded (changed or removed files, older versions, duplicates)."""
 
 
 def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
@@ -511,7 +511,7 @@ def superseded_share(index_rows: int, current_rows: int) -> float:
 
 def needs_compaction(store: Store, index_rows: int, current_rows: int) -> bool:
     """Whether a run should compact by itself (AUTO_COMPACT_PARTS, AUTO_COMPACT_SUPERSEDED)."""
-    parts = len(store.list(store.feature_parts, ".parquet"))
+    parts = sum(len(store.list(f"{store.features}/{f.folder}", ".parquet")) for f in FAMILIES.values())
     return parts > AUTO_COMPACT_PARTS or (parts > 1 and superseded_share(index_rows, current_rows) > AUTO_COMPACT_SUPERSEDED)
 
 

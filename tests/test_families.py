@@ -124,6 +124,7 @@ def test_compaction_carries_both_families(tmp_path: Path, dask_scheduler: str) -
     assert embeddings.num_rows == 4
     index = fstore.stored_index(store, compact.KEEP_COLUMNS)
     assert compact.current_rows(index, fstore.read_inventory(store)) == index.num_rows == 10
+    assert not compact.needed(store)  # no row is superseded: musicnn rows are current rows too
     with session(dask_scheduler) as cluster:
         summary = compact.compact(store, cluster)
     assert (summary.tracks, summary.parts_after) == (6, 1)
