@@ -57,7 +57,7 @@ class ExtractSummary:
 
 DEFAULT_FEATURES = (LIBROSA.name,)
 """Families extracted when a run names none: librosa, what the default model is trained on. musicnn is opted into with
-`--features librosa,musicnn` (~130 ms more CPU per file) until a measured classifier makes it the default (#14 item 3)."""
+`--features librosa,musicnn` (~105 ms more CPU per file at 3 patches) until a measured classifier makes it the default (#14 item 3)."""
 
 
 def families_of(names: tuple[str, ...] | list[str]) -> list[Family]:
