@@ -12,6 +12,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
 from genre_batch.cluster import Session, session
+from genre_batch.feature_store import BACKFILL_CAP
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
 from genre_batch.stages import compact, extract, runs
 from genre_batch.store import Store
@@ -47,7 +48,10 @@ def report_task(store: Store, record: dict) -> None:
 
 
 @task(name="extract", cache_policy=NO_CACHE)
-def extract_task(library: str, store: Store, run_id: str, cluster: Session, force: bool, allow_shrink: bool = False) -> dict:
+def extract_task(
+    library: str, store: Store, run_id: str, cluster: Session, force: bool, allow_shrink: bool = False,
+    features: tuple[str, ...] = extract.DEFAULT_FEATURES, backfill_cap: int = BACKFILL_CAP,
+) -> dict:
     """Extract features of new and changed files on Dask, with progress in Prefect and the CLI."""
     logger = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"extraction of {library}")
@@ -57,7 +61,7 @@ def extract_task(library: str, store: Store, run_id: str, cluster: Session, forc
         logger.info("extracted %d/%d files, %d errors", done, total, errors)
         progress.report(done, total, errors)
 
-    summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress, allow_shrink))
+    summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress, allow_shrink, features, backfill_cap))
     logger.info("extraction: %s", summary)
     return summary
 
@@ -106,11 +110,14 @@ def tag_task(store: Store, run_id: str, cluster: Session, full: bool, force: boo
 
 
 @flow(name="genre-batch-extract")
-def extract_flow(library: str, store: str, scheduler: str | None = None, force: bool = False) -> dict:
-    """Extract features of a library's new and changed files into the store."""
+def extract_flow(
+    library: str, store: str, scheduler: str | None = None, force: bool = False,
+    features: tuple[str, ...] = extract.DEFAULT_FEATURES, backfill_cap: int = BACKFILL_CAP,
+) -> dict:
+    """Extract features of a library's new and changed files into the store (and backfill families they lack)."""
     s = Store.at(store)
     with runs.run_record(s, "extract") as record, session(scheduler) as cluster:
-        record["extract"] = extract_task(library, s, record["run_id"], cluster, force)
+        record["extract"] = extract_task(library, s, record["run_id"], cluster, force, False, features, backfill_cap)
         record["compact"] = compact_task(s, cluster, True)
     report_task(s, record)
     return record
@@ -157,12 +164,14 @@ def nightly(
     group_by: str = "auto",
     retrain: str = "auto",
     force: bool = False,
+    features: tuple[str, ...] = extract.DEFAULT_FEATURES,
+    backfill_cap: int = BACKFILL_CAP,
 ) -> dict:
     """The nightly job: extract what changed, retrain as the policy says, tag what changed, publish (`force`: past the guards)."""
     check_parameters(library=library, store=store, labels=labels)
     s = Store.at(store)
     with runs.run_record(s, "nightly") as record, session(scheduler) as cluster:
-        record["extract"] = extract_task(library, s, record["run_id"], cluster, False, force)
+        record["extract"] = extract_task(library, s, record["run_id"], cluster, False, force, features, backfill_cap)
         record["compact"] = compact_task(s, cluster, True)
         if labels:
             retrained, record["train_decision"] = decide_training_task(s, labels, retrain)

@@ -70,9 +70,27 @@ StrictOpt = Annotated[
 FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="Summary format: text (for people) or json (one object on stdout, keys in the README).")
 ]
+FeaturesOpt = Annotated[
+    str,
+    typer.Option("--features", help="Feature families to extract, comma-separated: librosa (always) and musicnn. New and changed files get every one; files lacking one are backfilled, --backfill-cap per run."),
+]
+BackfillCapOpt = Annotated[
+    int, typer.Option("--backfill-cap", min=0, help="At most this many files per run extracted only for a family they lack.")
+]
 DEFAULT_STORE = "genre-batch-store"
 SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag")
 """Keys of the JSON summary (--format json), besides failing_files; a stage that did not run is null."""
+
+
+def feature_names(value: str) -> tuple[str, ...]:
+    """The family names of a --features value, checked."""
+    from genre_batch.feature_store import FAMILIES
+
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown or not names:
+        raise UsageError(f"--features {value!r}: unknown family {', '.join(unknown) or '(none given)'}; choose from {', '.join(FAMILIES)}")
+    return names
 
 
 def absolute(url: str) -> str:
@@ -231,6 +249,7 @@ def print_extract(summary: dict) -> None:
         f"extract: {summary['discovered']} audio files in {summary['library']}; "
         f"{summary['extracted']} extracted, {summary['failed']} failed, {summary['unchanged']} unchanged, "
         f"{summary['moved']} moved, {summary['removed']} removed"
+        + (f"; {summary['backfilled']} backfilled for a new family, {summary['backfill_left']} left for later runs" if summary.get("backfilled") or summary.get("backfill_left") else "")
         + (f" ({summary['wall_s']:.1f} s, {summary['cpu_s'] / max(1, summary['extracted'] + summary['failed']):.3f} CPU s/file)" if summary["shards"] else ""),
         markup=False,
     )
@@ -359,19 +378,22 @@ def extract(
     store: StoreOpt = DEFAULT_STORE,
     scheduler: SchedulerOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Re-extract every file, changed or not (and accept a listing over 30 % smaller than the last).")] = False,
+    features: FeaturesOpt = "librosa",
+    backfill_cap: BackfillCapOpt = 50_000,
     dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
     fmt: FormatOpt = "text",
 ) -> None:
     """Extract features of new and changed audio files of LIBRARY into the store."""
     check_writer(library, store, fmt)
+    names = feature_names(features)
     if dry_run:
         print_plan(library, store, force, None, "auto", fmt)
         return
     from flows.pipeline import extract_flow
 
     store = absolute(store)
-    record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force))
+    record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force, names, backfill_cap))
     print_record(record, store, strict, fmt)
 
 
@@ -639,6 +661,8 @@ def run(
     group_by: GroupByOpt = "auto",
     retrain: RetrainOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Publish past the guards: a listing with over 30 % fewer files, a new model changing over 30 % of the genres.")] = False,
+    features: FeaturesOpt = "librosa",
+    backfill_cap: BackfillCapOpt = 50_000,
     dry_run: DryRunOpt = False,
     strict: StrictOpt = False,
     fmt: FormatOpt = "text",
@@ -647,6 +671,7 @@ def run(
     check_writer(library, store, fmt, labels)
     checks.has_model_or_labels(store, labels)
     checks.retrain_policy(retrain)
+    names = feature_names(features)
     if dry_run:
         print_plan(library, store, force, labels_spec(labels), retrain, fmt)
         return
@@ -654,7 +679,7 @@ def run(
 
     store = absolute(store)
     record = with_progress(
-        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain, force)
+        lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain, force, names, backfill_cap)
     )
     print_record(record, store, strict, fmt)
 

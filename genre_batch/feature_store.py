@@ -1,7 +1,8 @@
 """Feature store: immutable Parquet parts of window rows, and the track index that says which rows are current.
 
-Every shard writes one part (`features/parts/<name>.parquet`, one row per analysis window) and then one index file
-(`features/index/<name>.parquet`, one row per file of the shard: where its windows are, or why it failed). Readers
+Every shard writes one part per feature family it computed (librosa: `features/parts/<name>.parquet`, one row per
+analysis window; musicnn: `features/musicnn/<name>.parquet`, one row per track) and then one index file
+(`features/index/<name>.parquet`, one row per file and family of the shard: where its rows are, or why it failed). Readers
 resolve the index, never the window rows: per URI of the library listing, its newest successful extraction of the
 current content and feature version (else its newest failure). A part without an index file (a shard killed
 between the two writes, or a store written before the index existed) is indexed from its own rows by `repair`.
@@ -11,6 +12,7 @@ Compaction rewrites the current rows into large parts with one index file, then 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from genre_batch.discovery import INVENTORY_SCHEMA
+from genre_batch.embedding.musicnn import EMBEDDING_DIM, EMBEDDING_VERSION, TAG_NAMES
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.store import TEMP_MARK, Store
 
@@ -38,6 +41,10 @@ class Family:
 
 LIBROSA = Family("librosa", FEATURE_VERSION, "parts")
 """The librosa family: 603 pooled series per 10 s window (features.FEATURE_NAMES)."""
+MUSICNN = Family("musicnn", EMBEDDING_VERSION, "musicnn")
+"""The musicnn family: one row per track, the MSD model's mean embedding and 50 tag scores (MUSICNN_SCHEMA)."""
+FAMILIES: dict[str, Family] = {f.name: f for f in (LIBROSA, MUSICNN)}
+"""Every feature family, by name; librosa first."""
 
 PROVENANCE_SCHEMA = pa.schema(
     [
@@ -67,6 +74,23 @@ FEATURE_SCHEMA = pa.schema(list(PROVENANCE_SCHEMA) + [(name, pa.float32()) for n
     {"genre_batch.feature_version": str(FEATURE_VERSION)}
 )
 """Schema of a feature part: provenance columns, then one float32 column per feature."""
+
+
+def tag_slug(tag: str) -> str:
+    """Column name of an MSD tag score: `tag_` + the tag lower-cased, runs of non-alphanumerics as `_` (80s -> tag_80s)."""
+    return "tag_" + re.sub(r"[^a-z0-9]+", "_", tag.lower()).strip("_")
+
+
+EMBEDDING_COLUMNS = [f"emb_{i:03d}" for i in range(EMBEDDING_DIM)]
+TAG_COLUMNS = [tag_slug(t) for t in TAG_NAMES]
+MUSICNN_COLUMNS = EMBEDDING_COLUMNS + TAG_COLUMNS
+"""The musicnn family's value columns: embedding, then tag scores in musicnn.TAG_NAMES order."""
+MUSICNN_SCHEMA = pa.schema(
+    [(f.name, f.type) for f in PROVENANCE_SCHEMA if f.name in ("uri", "track_id", "fingerprint", "feature_version", "run_id", "extracted_at")]
+    + [(name, pa.float32()) for name in MUSICNN_COLUMNS]
+    + [("patches", pa.int16())]
+).with_metadata({"genre_batch.feature_version": str(EMBEDDING_VERSION), "genre_batch.family": MUSICNN.name})
+"""Schema of a musicnn part: one row per track, its provenance, 200 embedding and 50 tag columns, the patches averaged."""
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -119,8 +143,8 @@ COMPACT_TARGET_WINDOWS = 60_000
 """Window rows per part written by compaction (about 10,000 tracks, ~150 MB in memory while written)."""
 AUTO_COMPACT_PARTS = 200
 AUTO_COMPACT_SUPERSEDED = 0.25
-"""A run compacts by itself when the store holds more than AUTO_COMPACT_PARTS parts, or when more than this share of
-the index's rows are superseded (changed or removed files, older versions, duplicates)."""
+"""A run compacts by itself when the store holds more than AUTO_COMPACT_PARTS parts (of every family), or when more
+than this share of the index's rows are superseded (changed or removed files, older versions, duplicates)."""
 
 
 def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
@@ -129,6 +153,16 @@ def feature_table(rows: list[dict], matrices: list[np.ndarray]) -> pa.Table:
     columns = [pa.array([r[f.name] for r in rows], f.type) for f in PROVENANCE_SCHEMA]
     columns += [pa.array(matrix[:, i]) for i in range(matrix.shape[1])]
     return pa.Table.from_arrays(columns, schema=FEATURE_SCHEMA)
+
+
+def musicnn_table(rows: list[dict], vectors: list[np.ndarray], patches: list[int]) -> pa.Table:
+    """Assemble per-track provenance rows, their embedding+tag vectors [250] and patch counts into MUSICNN_SCHEMA."""
+    matrix = np.vstack(vectors) if vectors else np.zeros((0, len(MUSICNN_COLUMNS)), np.float32)
+    provenance = [f for f in MUSICNN_SCHEMA if f.name not in MUSICNN_COLUMNS and f.name != "patches"]
+    columns = [pa.array([r[f.name] for r in rows], f.type) for f in provenance]
+    columns += [pa.array(matrix[:, i].astype(np.float32)) for i in range(matrix.shape[1])]
+    columns.append(pa.array(patches, pa.int16()))
+    return pa.Table.from_arrays(columns, schema=MUSICNN_SCHEMA)
 
 
 def index_table(rows: list[dict]) -> pa.Table:
@@ -143,8 +177,14 @@ def part_path(store: Store, name: str, family: Family = LIBROSA) -> str:
 
 def write_shard(store: Store, name: str, windows: pa.Table, index: pa.Table, family: Family = LIBROSA) -> None:
     """Write a shard's part (if it has window rows), then its index file: once the index lists it, it is visible."""
-    if windows.num_rows:
-        store.write_table(part_path(store, name, family), windows)
+    write_parts(store, name, {family: windows}, index)
+
+
+def write_parts(store: Store, name: str, parts: dict[Family, pa.Table], index: pa.Table) -> None:
+    """Write a shard's part of each family (those with rows), then its one index file listing the rows of all of them."""
+    for family, rows in parts.items():
+        if rows.num_rows:
+            store.write_table(part_path(store, name, family), rows)
     store.write_table(f"{store.index}/{name}", index)
 
 
@@ -194,23 +234,24 @@ def index_of_errors(errors: pa.Table, family: Family = LIBROSA) -> pa.Table:
 PROVENANCE_COLUMNS = [f.name for f in PROVENANCE_SCHEMA]
 
 
-def unindexed(store: Store, index: pa.Table, family: Family = LIBROSA) -> list[str]:
-    """Names of parts and old error parts that no index file lists (compaction leftovers excluded)."""
+def unindexed(store: Store, index: pa.Table) -> list[str]:
+    """Names of parts (of any family) and old error parts that no index file lists (compaction leftovers excluded)."""
     indexed = {p.rsplit("/", 1)[-1] for p in store.list(store.index, ".parquet")}
     indexed |= set(pc.unique(index["part"].drop_null()).to_pylist()) if index.num_rows else set()
-    names = {p.rsplit("/", 1)[-1] for p in store.list(f"{store.features}/{family.folder}", ".parquet")}
+    names = {p.rsplit("/", 1)[-1] for f in FAMILIES.values() for p in store.list(f"{store.features}/{f.folder}", ".parquet")}
     names |= {p.rsplit("/", 1)[-1] for p in store.list(store.error_parts, ".parquet")}
     return sorted(n for n in names - indexed if not n.startswith(COMPACT_PREFIX))
 
 
-def index_of_shard(store: Store, name: str, family: Family = LIBROSA) -> pa.Table:
-    """The index rows of one shard, read from its part and its old error part."""
+def index_of_shard(store: Store, name: str) -> pa.Table:
+    """The index rows of one shard, read from its part of each family and its old error part."""
     tables = []
-    if store.exists(part_path(store, name, family)):
-        present = [c for c in PROVENANCE_COLUMNS if c in store.parquet_schema(part_path(store, name, family)).names]
-        tables.append(index_of_part(store.read_table(part_path(store, name, family), present), name, family))
+    for family in FAMILIES.values():
+        if store.exists(part_path(store, name, family)):
+            present = [c for c in PROVENANCE_COLUMNS if c in store.parquet_schema(part_path(store, name, family)).names]
+            tables.append(index_of_part(store.read_table(part_path(store, name, family), present), name, family))
     if store.exists(f"{store.error_parts}/{name}"):
-        tables.append(index_of_errors(store.read_table(f"{store.error_parts}/{name}"), family))
+        tables.append(index_of_errors(store.read_table(f"{store.error_parts}/{name}")))
     return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
 
 
@@ -343,6 +384,51 @@ def plan(inventory: pa.Table, index: pa.Table, force: bool = False, family: Fami
     return Plan(todo, moved, inventory.num_rows - todo.num_rows - moved.num_rows)
 
 
+BACKFILL_CAP = 50_000
+"""Files per run (per added family) extracted only to backfill a family they lack: ~2.3 CPU hours (166 ms each)."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What an extraction of several families must do: files with the families each needs, and moved rows."""
+
+    todo: pa.Table
+    """Listing rows to extract, sorted by URI, with a `families` column: comma-separated names of the families to compute."""
+    moved: pa.Table
+    """Index rows (of every family) re-pointed to files that moved."""
+    unchanged: int
+    """Files with nothing to extract and that did not move."""
+    backfill: int
+    """Files of `todo` extracted only for families they lack (new and changed files get every family)."""
+    backfill_left: int
+    """Files still lacking a family after this run (over the cap)."""
+
+
+def plan_run(inventory: pa.Table, index: pa.Table, families: list[Family], force: bool = False, backfill_cap: int = BACKFILL_CAP) -> RunPlan:
+    """Plan per family: a file needs a family when it has no current row of that family's version. Files librosa
+    needs (new, changed, retried) get every family; files lacking only another family are backfilled, at most
+    `backfill_cap` per family, in URI order."""
+    base = plan(inventory, index, force, LIBROSA)
+    names = [f.name for f in families]
+    needs: dict[str, list[str]] = {uri: list(names) for uri in base.todo["uri"].to_pylist()}
+    moved, backfill, left = [base.moved], set(), 0
+    for family in families:
+        if family == LIBROSA:
+            continue
+        own = plan(inventory, index, force, family)
+        moved.append(own.moved.filter(pc.invert(pc.is_in(own.moved["uri"], value_set=base.todo["uri"]))))
+        extra = [u for u in own.todo["uri"].to_pylist() if u not in needs or family.name not in needs[u]]
+        left += max(0, len(extra) - backfill_cap)
+        for uri in extra[:backfill_cap]:
+            needs.setdefault(uri, []).append(family.name)
+            backfill.add(uri)
+    todo = inventory.filter(pc.is_in(inventory["uri"], value_set=pa.array(list(needs), pa.string()))).sort_by("uri")
+    todo = todo.append_column("families", pa.array([",".join(needs[u]) for u in todo["uri"].to_pylist()], pa.string()))
+    moved_rows = pa.concat_tables(moved)
+    moved_uris = set(moved_rows["uri"].to_pylist())
+    return RunPlan(todo, moved_rows, inventory.num_rows - len(set(needs) | moved_uris), len(backfill), left)
+
+
 def moves(todo: pa.Table, index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
     """Index rows re-pointed to new URIs: a file to extract whose fingerprint (size, version) is that of a file gone
     from the listing keeps that file's features and track_id. Pairs are made in URI order, each departed file once."""
@@ -425,15 +511,16 @@ def superseded_share(index_rows: int, current_rows: int) -> float:
 
 def needs_compaction(store: Store, index_rows: int, current_rows: int) -> bool:
     """Whether a run should compact by itself (AUTO_COMPACT_PARTS, AUTO_COMPACT_SUPERSEDED)."""
-    parts = len(store.list(store.feature_parts, ".parquet"))
+    parts = sum(len(store.list(f"{store.features}/{f.folder}", ".parquet")) for f in FAMILIES.values())
     return parts > AUTO_COMPACT_PARTS or (parts > 1 and superseded_share(index_rows, current_rows) > AUTO_COMPACT_SUPERSEDED)
 
 
-def compact_group(store: Store, groups: list[pa.Table], name: str) -> pa.Table:
-    """Copy the windows of the given index rows into one new part (runs on a worker); returns its index rows."""
-    windows = pa.concat_tables([read_windows(store, g) for g in groups])
+def compact_group(store: Store, groups: list[pa.Table], name: str, family: Family = LIBROSA) -> pa.Table:
+    """Copy the rows of the given index rows of a family into one new part (runs on a worker); returns its index rows."""
+    windows = pa.concat_tables([read_windows(store, g, family=family) for g in groups])
     rows = pa.concat_tables(groups)
-    store.write_table(part_path(store, name), windows.replace_schema_metadata(FEATURE_SCHEMA.metadata))
+    metadata = (FEATURE_SCHEMA if family == LIBROSA else MUSICNN_SCHEMA).metadata
+    store.write_table(part_path(store, name, family), windows.replace_schema_metadata(metadata))
     counts = rows["row_count"].to_numpy().astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rows = rows.set_column(rows.schema.get_field_index("part"), "part", pa.array([name] * rows.num_rows, pa.string()))
@@ -466,9 +553,9 @@ def finish_compactions(store: Store) -> None:
         meta = store.parquet_schema(path).metadata or {}
         store.delete([f"{store.index}/{n}" for n in json.loads(meta.get(b"genre_batch.replaces_index", b"[]"))])
         for n in json.loads(meta.get(b"genre_batch.replaces_parts", b"[]")):
-            store.delete([part_path(store, n), f"{store.error_parts}/{n}"])
+            store.delete([*(part_path(store, n, f) for f in FAMILIES.values()), f"{store.error_parts}/{n}"])
     orphans = [
-        p for p in store.list(store.feature_parts, ".parquet")
+        p for f in FAMILIES.values() for p in store.list(f"{store.features}/{f.folder}", ".parquet")
         if p.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX) and p.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in committed
     ]
     store.delete(orphans)
@@ -476,7 +563,8 @@ def finish_compactions(store: Store) -> None:
 
 def remove_temporary_files(store: Store) -> None:
     """Delete temporary files that killed writes left in the feature store."""
-    for folder in (store.feature_parts, store.error_parts, store.index, store.features):
+    family_folders = [f"{store.features}/{f.folder}" for f in FAMILIES.values()]
+    for folder in (*family_folders, store.error_parts, store.index, store.features):
         store.fs.invalidate_cache(folder)
         try:
             names = store.fs.ls(folder, detail=False)

@@ -1,0 +1,202 @@
+"""Feature families (#14 items 2 and 4): musicnn rows beside the librosa windows, planned, backfilled under a cap,
+compacted, and checked against the model's families when tagging."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import current_features, make_library
+from test_feature_store import T0, files, set_inventory, write_shard
+
+from genre_batch import GenreBatchError, audio, features, registry
+from genre_batch import feature_store as fstore
+from genre_batch.cluster import session
+from genre_batch.embedding.musicnn import EMBEDDING_VERSION, TAG_NAMES
+from genre_batch.extraction import MUSICNN_PATCHES, extract_shard, musicnn_vector
+from genre_batch.stages import compact, runs
+from genre_batch.stages import extract as extract_stage
+from genre_batch.stages import tag as tag_stage
+from genre_batch.stages import train as train_stage
+from genre_batch.store import Store
+from genre_batch.synth import render, write_audio
+
+
+def musicnn_rows(store: Store) -> pa.Table:
+    """The current musicnn rows of the library, sorted by URI."""
+    tracks = fstore.current_tracks(store, family=fstore.MUSICNN)
+    groups = fstore.by_part(tracks)
+    if not groups:
+        return fstore.MUSICNN_SCHEMA.empty_table()
+    return pa.concat_tables([fstore.read_windows(store, g, family=fstore.MUSICNN) for g in groups]).sort_by("uri")
+
+
+def librosa_part_bytes(store: Path) -> dict[str, str]:
+    """SHA-256 of every librosa part file."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (store / "features" / "parts").glob("*.parquet")}
+
+
+def test_musicnn_columns_are_documented_slugs() -> None:
+    assert len(fstore.TAG_COLUMNS) == len(set(fstore.TAG_COLUMNS)) == len(TAG_NAMES) == 50
+    assert fstore.tag_slug("female vocalists") == "tag_female_vocalists" and fstore.tag_slug("Hip-Hop") == "tag_hip_hop"
+    assert fstore.MUSICNN_SCHEMA.names[-1] == "patches" and fstore.MUSICNN_SCHEMA.names[6:8] == ["emb_000", "emb_001"]
+    assert fstore.MUSICNN == fstore.Family("musicnn", EMBEDDING_VERSION, "musicnn")
+
+
+def test_musicnn_features_are_deterministic_for_a_generated_signal(tmp_path: Path) -> None:
+    path = tmp_path / "electronic.flac"
+    write_audio(path, render("electronic", 40.0, 7), audio.SAMPLE_RATE, {"genre": "electronic"})
+    segments, _, _ = audio.load(str(path), features.window_spans)
+    first, patches = musicnn_vector(segments)
+    second, _ = musicnn_vector(segments)
+    assert first.dtype == np.float32 and first.shape == (250,) and np.isfinite(first).all()
+    assert np.array_equal(first, second) and patches == MUSICNN_PATCHES
+    assert ((first[200:] >= 0) & (first[200:] <= 1)).all()  # tag scores are sigmoid outputs
+
+    # the same file extracted by two shards gives identical musicnn rows, one per track, indexed with row_count 1
+    listing = pa.table({"uri": [str(path)], "track_id": ["t"], "fingerprint": ["f"], "size": [1], "version": ["v"],
+                        "families": ["librosa,musicnn"]})
+    rows = []
+    for name in ("a", "b"):
+        store = Store(str(tmp_path / name))
+        extract_shard(store, listing, "run", 0)
+        index = fstore.stored_index(store)
+        assert sorted(zip(index["family"].to_pylist(), index["row_count"].to_pylist())) == [("librosa", 4), ("musicnn", 1)]
+        part = store.read_table(fstore.part_path(store, "run-00000.parquet", fstore.MUSICNN))
+        assert part.schema.equals(fstore.MUSICNN_SCHEMA) and part["patches"].to_pylist() == [MUSICNN_PATCHES]
+        rows.append(part.select(fstore.MUSICNN_COLUMNS))
+    assert rows[0].equals(rows[1])
+    assert np.allclose(np.array([rows[0][c][0].as_py() for c in fstore.MUSICNN_COLUMNS]), first)
+
+
+def musicnn_shard(store: Store, name: str, shard: list[dict], run_id: str) -> None:
+    """Write a shard holding only musicnn rows, as a backfill does."""
+    stamp = {"feature_version": EMBEDDING_VERSION, "run_id": run_id, "extracted_at": T0}
+    rows = [{**f, **stamp} for f in shard]
+    index = [{**f, **stamp, "family": "musicnn", "part": name, "row_start": i, "row_count": 1} for i, f in enumerate(shard)]
+    vectors = [np.full(len(fstore.MUSICNN_COLUMNS), i, np.float32) for i in range(len(shard))]
+    fstore.write_parts(store, name, {fstore.MUSICNN: fstore.musicnn_table(rows, vectors, [4] * len(shard))}, fstore.index_table(index))
+
+
+def test_plan_backfills_only_the_missing_family_under_the_cap(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    library = files([f"t{i}" for i in range(6)])
+    write_shard(store, "run1-00000.parquet", library, "run1", T0)
+    musicnn_shard(store, "run2-00000.parquet", library[:1], "run2")
+    listed = library + files(["new"])
+    inventory = set_inventory(store, listed)
+    index = fstore.read_index(store)
+
+    only_librosa = fstore.plan_run(inventory, index, [fstore.LIBROSA])
+    assert only_librosa.todo["families"].to_pylist() == ["librosa"] and only_librosa.backfill == 0
+
+    capped = fstore.plan_run(inventory, index, [fstore.LIBROSA, fstore.MUSICNN], backfill_cap=2)
+    todo = dict(zip(capped.todo["uri"].to_pylist(), capped.todo["families"].to_pylist()))
+    assert todo == {"/music/new.mp3": "librosa,musicnn", "/music/t1.mp3": "musicnn", "/music/t2.mp3": "musicnn"}
+    assert (capped.backfill, capped.backfill_left, capped.unchanged) == (2, 3, 4)
+
+    uncapped = fstore.plan_run(inventory, index, [fstore.LIBROSA, fstore.MUSICNN])
+    assert (uncapped.backfill, uncapped.backfill_left, uncapped.todo.num_rows) == (5, 0, 6)
+
+    # a file that moved keeps the rows of both families
+    moved = [{**library[0], "uri": "/music/moved.mp3"}] + library[1:]
+    inventory = set_inventory(store, moved)
+    after_move = fstore.plan_run(inventory, index, [fstore.LIBROSA, fstore.MUSICNN], backfill_cap=0)
+    assert sorted(zip(after_move.moved["uri"].to_pylist(), after_move.moved["family"].to_pylist())) == [
+        ("/music/moved.mp3", "librosa"), ("/music/moved.mp3", "musicnn")]
+    assert after_move.todo.num_rows == 0 and after_move.backfill_left == 5
+
+
+def test_compaction_carries_both_families(tmp_path: Path, dask_scheduler: str) -> None:
+    store = Store(str(tmp_path))
+    library = files([f"t{i}" for i in range(6)])
+    write_shard(store, "run1-00000.parquet", library[:3], "run1", T0)
+    write_shard(store, "run1-00001.parquet", library[3:], "run1", T0)
+    musicnn_shard(store, "run2-00000.parquet", library[:2], "run2")
+    musicnn_shard(store, "run2-00001.parquet", library[2:4], "run2")
+    set_inventory(store, library)
+    windows, embeddings = current_features(store), musicnn_rows(store)
+    assert embeddings.num_rows == 4
+    index = fstore.stored_index(store, compact.KEEP_COLUMNS)
+    assert compact.current_rows(index, fstore.read_inventory(store)) == index.num_rows == 10
+    assert not compact.needed(store)  # no row is superseded: musicnn rows are current rows too
+    with session(dask_scheduler) as cluster:
+        summary = compact.compact(store, cluster)
+    assert (summary.tracks, summary.parts_after) == (6, 1)
+    assert current_features(store).equals(windows) and musicnn_rows(store).select(fstore.MUSICNN_COLUMNS).equals(
+        embeddings.select(fstore.MUSICNN_COLUMNS))
+    for folder in ("parts", "musicnn"):
+        assert [p.name.startswith(fstore.COMPACT_PREFIX) for p in (tmp_path / "features" / folder).iterdir()] == [True]
+    assert len(list((tmp_path / "features" / "index").iterdir())) == 1
+
+
+def extract(library: Path, store: Path, scheduler: str, names: tuple[str, ...], cap: int = fstore.BACKFILL_CAP) -> extract_stage.ExtractSummary:
+    """Run the extract stage for some families."""
+    with session(scheduler) as cluster:
+        return extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster, features=names, backfill_cap=cap)
+
+
+def tag(store: Path, scheduler: str, full: bool = False) -> tag_stage.TagSummary:
+    """Run the tag stage."""
+    with session(scheduler) as cluster:
+        return tag_stage.tag(Store(str(store)), runs.new_run_id(), cluster, full=full)
+
+
+def promote_copy(store: Store, version: str, families: dict[str, int]) -> str:
+    """Register the model `version` again under a card naming other feature families (as a later version trains), promoted."""
+    folder = f"{store.models}/{version}"
+    meta = {k: v for k, v in registry.metadata(store, version).items() if k != "version"}
+    copy = registry.new_version()
+    for name in (registry.MODEL_FILE, registry.CONFUSION_FILE, registry.LABELLED_FILE):
+        store.write_bytes(f"{store.models}/{copy}/{name}", store.fs.cat_file(f"{folder}/{name}"))
+    store.write_json(f"{store.models}/{copy}/{registry.METADATA_FILE}", {**meta, "feature_families": families, "version": copy})
+    registry.promote(store, copy)
+    return copy
+
+
+def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
+    library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str
+) -> None:
+    library, path = library_factory(per_style=3), tmp_path / "store"
+    store = Store(str(path))
+    assert extract(library, path, dask_scheduler, ("librosa",)).extracted == 12
+    with session(dask_scheduler) as cluster:
+        trained = train_stage.train(store, "folders", "run-train", cluster)
+    assert trained.promoted and registry.metadata(store, trained.version)["feature_families"] == {"librosa": fstore.LIBROSA.version}
+    assert tag(path, dask_scheduler).rows == 12
+    librosa_before, windows_before = librosa_part_bytes(path), current_features(store)
+
+    # first night with the family: 5 files backfilled, musicnn only; librosa parts untouched; the catalog keeps 12 tracks
+    first = extract(library, path, dask_scheduler, ("librosa", "musicnn"), cap=5)
+    assert (first.extracted, first.backfilled, first.backfill_left, first.unchanged) == (5, 5, 7, 7)
+    assert librosa_part_bytes(path) == librosa_before and current_features(store).equals(windows_before)
+    assert musicnn_rows(store).num_rows == 5
+    assert tag(path, dask_scheduler).rows == 12
+
+    # a model trained on the family is refused while some tracks lack it, naming the family and how to backfill it
+    needing = promote_copy(store, trained.version, {"librosa": fstore.LIBROSA.version, "musicnn": EMBEDDING_VERSION})
+    with pytest.raises(GenreBatchError, match=rf"model {needing} needs feature family musicnn \(version 1\), which 7 of the 12 tracks"):
+        tag(path, dask_scheduler)
+    registry.promote(store, trained.version)
+
+    # a new file gets every family; the next night finishes the backfill, still without touching librosa parts
+    make_library(library, 1, seed=5, styles=("ambient",))
+    second = extract(library, path, dask_scheduler, ("librosa", "musicnn"))
+    assert (second.extracted, second.backfilled, second.backfill_left) == (8, 7, 0)
+    assert set(librosa_before.items()) < set(librosa_part_bytes(path).items())
+    new = fstore.current_tracks(store, family=fstore.MUSICNN)
+    assert new.num_rows == 13 and set(pc.unique(new["row_count"]).to_pylist()) == {1}
+    assert extract(library, path, dask_scheduler, ("librosa", "musicnn")).extracted == 0
+    assert tag(path, dask_scheduler).rows == 13
+
+    # compaction keeps both families; tagging still works on the compacted store
+    embeddings = musicnn_rows(store).select(["uri", *fstore.MUSICNN_COLUMNS])
+    with session(dask_scheduler) as cluster:
+        compact.compact(store, cluster)
+    assert musicnn_rows(store).select(["uri", *fstore.MUSICNN_COLUMNS]).equals(embeddings)
+    assert tag(path, dask_scheduler, full=True).rows == 13
