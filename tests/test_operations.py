@@ -102,6 +102,13 @@ def test_a_model_flipping_most_genres_is_not_published_without_force(store: Stor
     assert forced.genres == {"jazz": 20} and catalog.pointer(store)["model_version"] == "m-3"
 
 
+def test_prune_keeps_the_newest_and_never_the_current_model(store: Store) -> None:
+    registry.promote(store, "m-3")  # history: m-1
+    code, out, _ = cli("prune", "--store", store.url, "--keep-models", "1", "--format", "json")
+    assert code == 0 and json.loads(out) == {"models": ["m-2"], "run_records": [], "evaluations": []}  # m-1 is in the history
+    assert registry.versions(store) == ["m-1", "m-3"]
+
+
 def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -> None:
     code, out, _ = cli("status", "--store", store.url, "--format", "json")
     facts = json.loads(out)
@@ -126,6 +133,13 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
     code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT uri, error_type FROM errors")
     assert code == 0 and json.loads(out) == [{"uri": str(library / "broken.mp3"), "error_type": "undecodable"}]  # no catalog needed
     assert cli("query", "--store", store, "SELECT count(*) FROM catalog")[0] == 1
+
+    refused = err.split("models promote ")[1].split(" --force")[0]
+    assert cli("models", "promote", refused, "--store", store, "--force")[0] == 0
+    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--retrain", "always",
+                         "--scheduler", dask_scheduler)
+    assert code == 0, out + err  # a current model exists: the refused retrain leaves it tagging, and the summary says so
+    assert "REFUSED by the promotion gate, not made current" in out and f"tracks with model {refused}" in out
 
     inventory = (tmp_path / "store" / "features" / "inventory.parquet").read_bytes()
     for path in clips:
