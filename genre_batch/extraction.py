@@ -15,7 +15,7 @@ from distributed import Client, as_completed
 
 from genre_batch import audio, features
 from genre_batch.embedding import musicnn
-from genre_batch.feature_store import FAMILIES, LIBROSA, MUSICNN, Family, feature_table, index_table, musicnn_table, write_parts
+from genre_batch.feature_store import FAMILIES, LIBROSA, MUSICNN, Family, copy_rows, feature_table, index_table, musicnn_table, write_parts
 from genre_batch.store import Store
 
 MAX_SHARD_SIZE = 256
@@ -56,7 +56,7 @@ def shard_size(n_files: int, n_workers: int, max_size: int = MAX_SHARD_SIZE) -> 
 
 def split(todo: pa.Table, size: int) -> list[pa.Table]:
     """Cut the files to extract into shards of `size` rows."""
-    return [todo.slice(i, size) for i in range(0, todo.num_rows, size)]
+    return [copy_rows(todo, i, min(size, todo.num_rows - i)) for i in range(0, todo.num_rows, size)]
 
 
 def now() -> datetime:
