@@ -1,0 +1,73 @@
+"""In-process measurements run as a process of their own (so that the bench samples their peak RSS alone).
+
+python -m bench.probe plan STORE       no-op plan: read_index + plan against the store's unchanged inventory, then the
+                                       nightly flow's automatic-compaction check; prints JSON
+python -m bench.probe discover URL     genre_batch.discovery.discover of a library URL; prints JSON
+python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
+                                       2-worker local cluster into the training matrices (no fit); prints JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
+from genre_batch.cluster import session
+from genre_batch.discovery import discover
+from genre_batch.feature_store import plan, read_index, read_inventory
+from genre_batch.stages import compact, train
+from genre_batch.store import Store
+
+
+def timed_plan(url: str) -> dict:
+    """Seconds of each step of a no-op plan over a store, and what it found."""
+    store = Store.at(url)
+    t0 = time.perf_counter()
+    inventory = read_inventory(store)
+    t1 = time.perf_counter()
+    index = read_index(store)
+    t2 = time.perf_counter()
+    result = plan(inventory, index)
+    t3 = time.perf_counter()
+    needed = compact.needed(store)
+    t4 = time.perf_counter()
+    return {
+        "tracks": inventory.num_rows, "index_rows": index.num_rows, "index_arrow_mb": round(index.nbytes / 1e6, 1),
+        "todo": result.todo.num_rows, "moved": result.moved.num_rows, "unchanged": result.unchanged,
+        "read_inventory_s": round(t1 - t0, 3), "read_index_s": round(t2 - t1, 3), "plan_s": round(t3 - t2, 3),
+        "plan_total_s": round(t3 - t0, 3), "compaction_needed": needed, "compaction_check_s": round(t4 - t3, 3),
+    }
+
+
+def timed_discover(url: str) -> dict:
+    """Seconds of a discovery of a library URL, and the files it found."""
+    t0 = time.perf_counter()
+    listing = discover(url)
+    return {"files": listing.num_rows, "discover_s": round(time.perf_counter() - t0, 3), "arrow_mb": round(listing.nbytes / 1e6, 1)}
+
+
+def timed_sample(url: str) -> dict:
+    """Seconds and size of the capped training sample of a store (labels: embedded tags), as `train` builds it."""
+    t0 = time.perf_counter()
+    with session(n_workers=2) as cluster:
+        data, labelled, cap = train.training_data(Store.at(url), "tags", cluster)
+    return {
+        "labelled_tracks": labelled.tracks.num_rows, "cap_per_genre": cap, "sampled_tracks": len(data.y_track),
+        "sampled_windows": len(data.y), "matrix_mb": round(data.X.nbytes / 1e6, 1), "sample_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run one probe and print its JSON."""
+    probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample}
+    if len(argv) != 2 or argv[0] not in probes:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(json.dumps(probes[argv[0]](argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
