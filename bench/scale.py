@@ -56,6 +56,7 @@ class CliRun:
     cpu_by_role: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[int, tuple[str, float]] = field(default_factory=dict)
     stdout: str = ""
+    aborted: str | None = None
 
     def peak_worker_rss_mb(self) -> list[float]:
         """Peak RSS of each Dask worker process of the run, in MB."""
@@ -67,6 +68,7 @@ class CliRun:
             "command": " ".join(self.args), "wall_s": round(self.wall_s, 2), "cpu_s": round(self.cpu_s, 2),
             "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(self.cpu_by_role.items())},
             "peak_rss_mb_by_process": [{"role": r, "mb": round(mb)} for r, mb in sorted(self.peak_rss_mb.values())],
+            **({"aborted": self.aborted} if self.aborted else {}),
         }
 
 
@@ -103,28 +105,52 @@ def peak_rss(process: psutil.Process) -> int:
     return process.memory_info().rss
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> CliRun:
-    """Run a command to completion, polling its process tree; total CPU from getrusage of reaped children."""
+def run_cli(args: list[str], env: dict[str, str], rss_abort_mb: float | None = None) -> CliRun:
+    """Run a command to completion, polling its process tree; total CPU from getrusage of reaped children.
+
+    With `rss_abort_mb`, a process of the tree past that RSS gets the whole tree killed (the machine is shared) and the
+    run is returned with `aborted` saying which process it was, instead of an error."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
+    aborted = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         root = psutil.Popen(args, stdout=out, stderr=err, env=env)
         seen: dict[int, tuple[str, float, int]] = {}
         while root.poll() is None:
             sample_tree(root, seen)
+            if rss_abort_mb and aborted is None:
+                aborted = over_limit(root, seen, rss_abort_mb)
             time.sleep(POLL_S)
         wall = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if root.returncode != 0:
+    if root.returncode != 0 and aborted is None:
         raise SystemExit(f"{' '.join(args)} exited with {root.returncode}:\n{stdout}{stderr[-3000:]}")
     cpu_by_role: dict[str, float] = {}
     for name, cpu, _ in seen.values():
         cpu_by_role[name] = cpu_by_role.get(name, 0.0) + cpu
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return CliRun(args, wall, cpu, cpu_by_role, {pid: (name, rss / 1e6) for pid, (name, _, rss) in seen.items()}, stdout)
+    peaks = {pid: (name, rss / 1e6) for pid, (name, _, rss) in seen.items()}
+    return CliRun(args, wall, cpu, cpu_by_role, peaks, stdout, aborted)
+
+
+def over_limit(root: psutil.Popen, seen: dict[int, tuple[str, float, int]], limit_mb: float) -> str | None:
+    """If a process of the tree passed `limit_mb`, kill the tree (this run's processes only) and say which one."""
+    worst = max(seen.items(), key=lambda kv: kv[1][2])
+    if worst[1][2] / 1e6 <= limit_mb:
+        return None
+    try:
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return f"killed by the bench: {worst[1][0]} (pid {worst[0]}) passed {limit_mb:g} MB RSS"
 
 
 def sample_tree(root: psutil.Popen, seen: dict[int, tuple[str, float, int]]) -> None:
@@ -301,11 +327,14 @@ DISK_PER_TRACK = 20_000
 DISK_COPIES = 2.3
 """A store's features at most twice on disk (compaction writes the new parts before deleting the old), plus catalogs."""
 RSS_LIMIT_MB = 2000
+RSS_ABORT_MB = 8000
+"""A measured process past this RSS has its run killed: the machine is shared and a 24 GB node has no swap."""
 NIGHTLY_LIMIT_S = 60.0
 PLAN_LIMIT_S = 10.0
 PROJECTION_TRACKS = 10_000_000
 MACHINE_RAM_MB = 24_000
 CLUSTER_NODE_RAM_MB = 64_000
+STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
 CHECKS = ("stores", "listing", "curve", "issue5")
 TRAIN_MODES = ("sample", "cli")
 
@@ -316,9 +345,10 @@ def load() -> float:
 
 
 def measured(args: list[str], env: dict[str, str]) -> tuple[CliRun, dict]:
-    """Run a command with its process tree sampled; its numbers with the load average before and after."""
+    """Run a command with its process tree sampled (killed past RSS_ABORT_MB); its numbers with the load average
+    before and after."""
     before = load()
-    result = run_cli(args, env)
+    result = run_cli(args, env, RSS_ABORT_MB)
     return result, {**result.summary(), "load_1m": [before, load()], "peak_rss_mb": peak_by_role(result)}
 
 
@@ -333,7 +363,7 @@ def peak_by_role(result: CliRun) -> dict[str, float]:
 def probe(kind: str, target: str, env: dict[str, str]) -> dict:
     """Run a bench.probe measurement in its own process: its JSON plus the process's wall, CPU and peak RSS."""
     result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target], env)
-    return {**json.loads(result.stdout), "process": numbers}
+    return {"process": numbers} if result.aborted else {**json.loads(result.stdout), "process": numbers}
 
 
 def stage_record(store: Path, stage: str) -> dict:
@@ -368,31 +398,37 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
     synthetic_store.linked_copy(base, run_dir)
     store = run_dir / "store"
     url, env = str(store), cli_env(work)
+
+    def step(key: str, stage: str, *args: str) -> bool:
+        """Run a CLI step on the store into result[key] with its run record; False when the bench killed it."""
+        run, result[key] = measured(cli_command(*args, "--store", url), env)
+        if run.aborted:
+            (store / "runs" / "LEASE.json").unlink(missing_ok=True)  # its holder is dead: free the store for the next step
+            return False
+        result[key]["record"] = stage_record(store, stage)
+        return True
+
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
-    _, result["tag_full"] = measured(cli_command("tag", "--store", url, "--full"), env)
-    result["tag_full"]["record"] = stage_record(store, "tag")
-    result["catalog_bytes"] = catalog_bytes(store)
+    if step("tag_full", "tag", "tag", "--full"):
+        result["catalog_bytes"] = catalog_bytes(store)
     print(f"[{n}] no-op plan", flush=True)
     result["plan"] = probe("plan", url, env)
     started, before = time.perf_counter(), load()
     changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes)
     result["changes"] = {"tracks": changed, "write_s": round(time.perf_counter() - started, 1), "load_1m": [before, load()]}
-    print(f"[{n}] nightly tag of {changed} changed tracks", flush=True)
-    _, result["tag_nightly"] = measured(cli_command("tag", "--store", url), env)
-    result["tag_nightly"]["record"] = stage_record(store, "tag")
+    if "catalog_bytes" in result:
+        print(f"[{n}] nightly tag of {changed} changed tracks", flush=True)
+        step("tag_nightly", "tag", "tag")
     result["plan_after_changes"] = probe("plan", url, env)
     print(f"[{n}] compaction", flush=True)
-    _, result["compact"] = measured(cli_command("compact", "--store", url), env)
-    result["compact"]["record"] = stage_record(store, "compact")
-    result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
+    if step("compact", "compact", "compact"):
+        result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
     if train == "cli":
         print(f"[{n}] training", flush=True)
-        _, result["train"] = measured(cli_command("train", "--store", url, "--labels", "tags"), env)
-        record = stage_record(store, "train")
-        meta = json.loads((store / "models" / record["version"] / "metadata.json").read_text())
-        result["train"]["record"] = record
-        result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
-        result["train"]["sampled_windows"] = meta["windows"]
+        if step("train", "train", "train", "--labels", "tags"):
+            meta = json.loads((store / "models" / result["train"]["record"]["version"] / "metadata.json").read_text())
+            result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
+            result["train"]["sampled_windows"] = meta["windows"]
     elif train == "sample":
         print(f"[{n}] capped training sample", flush=True)
         result["train_sample"] = probe("sample", url, env)
@@ -489,7 +525,9 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         f"flow process RSS reaches one {CLUSTER_NODE_RAM_MB // 1000} GB node": runs_out(CLUSTER_NODE_RAM_MB, flow_tag),
         f"no-op plan (one process) reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
     }
+    killed = sorted({k for s in done for k in ("tag_full", "compact") if "aborted" in s[k]})
     return {
+        "caveat": f"{', '.join(killed)} killed past {RSS_ABORT_MB} MB: their RSS and CPU are lower bounds" if killed else "",
         "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
         "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
         "runs_out_here": {k: round(v) for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
@@ -504,18 +542,23 @@ def store_targets(stores: list[dict]) -> list[dict]:
         if "skipped" in s:
             continue
         n = f"{s['tracks'] // 1000}k"
-        for key, what in (("tag_full", "full tag + publish"), ("compact", "compaction"), ("train", "capped training")):
+        for key, what in (STEPS[0], STEPS[2], STEPS[3]):
             if key in s:
-                peak = max(v for k, v in s[key]["peak_rss_mb"].items() if k in ("flow process", "dask workers"))
-                rows.append(target(f"{n}: {what}, peak RSS of any process (load {s[key]['load_1m'][0]:g})", peak, RSS_LIMIT_MB, "MB"))
+                rows.append(rss_target(f"{n}: {what}", s[key]))
         if "train_sample" in s:
-            p = s["train_sample"]["process"]
-            peak = max(v for k, v in p["peak_rss_mb"].items() if k in ("flow process", "dask workers"))
-            rows.append(target(f"{n}: capped training sample (no fit), peak RSS of any process (load {p['load_1m'][0]:g})", peak, RSS_LIMIT_MB, "MB"))
-        nightly = s["tag_nightly"]["wall_s"] + s["plan_after_changes"]["plan_total_s"] + s["plan_after_changes"]["compaction_check_s"]
-        rows.append(target(f"{n}: nightly 1% changed, plan + tag CLI (load {s['tag_nightly']['load_1m'][0]:g})", nightly, NIGHTLY_LIMIT_S, "s"))
+            rows.append(rss_target(f"{n}: capped training sample (no fit)", s["train_sample"]["process"]))
+        if "record" in s.get("tag_nightly", {}):
+            after = s["plan_after_changes"]
+            nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
+            rows.append(target(f"{n}: nightly 1% changed, plan + tag CLI (load {s['tag_nightly']['load_1m'][0]:g})", nightly, NIGHTLY_LIMIT_S, "s"))
         rows.append(target(f"{n}: no-op plan in process (load {s['plan']['process']['load_1m'][0]:g})", s["plan"]["plan_total_s"], PLAN_LIMIT_S, "s"))
     return rows
+
+
+def rss_target(name: str, run: dict) -> dict:
+    """The <= RSS_LIMIT_MB target of a run's flow process and workers (an aborted run: its peak when killed)."""
+    peak = max(v for k, v in run["peak_rss_mb"].items() if k in ("flow process", "dask workers"))
+    return target(f"{name}, peak RSS of any process{' (KILLED)' if 'aborted' in run else ''} (load {run['load_1m'][0]:g})", peak, RSS_LIMIT_MB, "MB")
 
 
 def print_stores(stores: list[dict]) -> None:
@@ -527,31 +570,33 @@ def print_stores(stores: list[dict]) -> None:
         b, n = s["build"], s["tracks"]
         print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
               f"index {b['index_bytes'] / 1e6:.1f} MB ({b['index_bytes'] / n:.0f} B/track), build {'cached' if b['cached'] else str(b['build_s']) + ' s'}")
-        rows = [("full tag + publish", s["tag_full"]), ("nightly tag (1% changed)", s["tag_nightly"]), ("compact", s["compact"])]
-        rows += [("train (capped)", s["train"])] if "train" in s else []
+        rows = [(name, s[key]) for key, name in STEPS if key in s]
         rows += [("no-op plan process", s["plan"]["process"])]
         rows += [("capped sample (no fit)", s["train_sample"]["process"])] if "train_sample" in s else []
         print(f"{'step':<26} {'wall s':>8} {'CPU s':>8} {'CPU ms/track':>13} {'flow MB':>8} {'worker MB':>10} {'prefect MB':>11}  load")
         for name, r in rows:
             p = r["peak_rss_mb"]
             print(f"{name:<26} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {1000 * r['cpu_s'] / n:>13.3f} {p.get('flow process', 0):>8.0f} "
-                  f"{p.get('dask workers', 0):>10.0f} {p.get('prefect server', 0):>11.0f}  {r['load_1m'][0]:g}->{r['load_1m'][1]:g}")
+                  f"{p.get('dask workers', 0):>10.0f} {p.get('prefect server', 0):>11.0f}  {r['load_1m'][0]:g}->{r['load_1m'][1]:g}"
+                  + (f"  ABORTED: {r['aborted']}" if "aborted" in r else ""))
         pl = s["plan"]
         print(f"no-op plan: read_inventory {pl['read_inventory_s']} s + read_index {pl['read_index_s']} s + plan {pl['plan_s']} s "
               f"= {pl['plan_total_s']} s ({pl['index_rows']} index rows, {pl['index_arrow_mb']} MB in Arrow); "
               f"compaction check {pl['compaction_check_s']} s (needed: {pl['compaction_needed']})")
-        ch, rec = s["changes"], s["tag_nightly"]["record"]
-        print(f"nightly: {ch['tracks']} changed tracks written in {ch['write_s']} s (simulated extraction, not counted); tag {rec['mode']}: "
-              f"{rec['predicted']} predicted, {rec['carried']} carried, {rec['dropped']} dropped")
-        c = s["compact"]["record"]
-        print(f"compact: {c['parts_before']} parts -> {c['parts_after']}, index rows {c['index_rows_before']} -> {c['index_rows_after']}; "
-              f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
-        print(f"catalog snapshot: {s['catalog_bytes'] / 1e6:.1f} MB ({s['catalog_bytes'] / n:.0f} B/track)")
-        if "train" in s:
+        print(f"nightly: {s['changes']['tracks']} changed tracks written in {s['changes']['write_s']} s (simulated extraction, not counted)"
+              + (f"; tag {r['mode']}: {r['predicted']} predicted, {r['carried']} carried, {r['dropped']} dropped"
+                 if (r := s.get("tag_nightly", {}).get("record")) else "; no incremental tag (no full snapshot)"))
+        if "record" in s["compact"]:
+            c = s["compact"]["record"]
+            print(f"compact: {c['parts_before']} parts -> {c['parts_after']}, index rows {c['index_rows_before']} -> {c['index_rows_after']}; "
+                  f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
+        if "catalog_bytes" in s:
+            print(f"catalog snapshot: {s['catalog_bytes'] / 1e6:.1f} MB ({s['catalog_bytes'] / n:.0f} B/track)")
+        if "record" in s.get("train", {}):
             t = s["train"]
             print(f"train: cap {t['cap_per_genre']} tracks/genre, {t['record']['sampled_tracks']} tracks / {t['sampled_windows']} windows sampled "
                   f"of {t['record']['tracks']} labelled; CV accuracy {t['record']['cv_accuracy']}")
-        if "train_sample" in s:
+        if "cap_per_genre" in s.get("train_sample", {}):
             t = s["train_sample"]
             print(f"training sample: cap {t['cap_per_genre']} tracks/genre, {t['sampled_tracks']} tracks / {t['sampled_windows']} windows "
                   f"of {t['labelled_tracks']} labelled, matrix {t['matrix_mb']} MB, read in {t['sample_s']} s (the fit is not run)")
@@ -585,7 +630,7 @@ def print_projection(p: dict) -> None:
         print(f"\nprojection: {p['note']}")
         return
     print(f"\nprojection to {p['at_tracks']:,} tracks from {p['from_tracks']}: per track {p['per_track']}")
-    print(f"projected: {p['projected']}")
+    print(f"projected: {p['projected']}" + (f" ({p['caveat']})" if p.get("caveat") else ""))
     print("runs out first on this machine (tracks): " + "; ".join(f"{k}: {v:,}" for k, v in p["runs_out_here"].items()))
     print("runs out first on a cluster (tracks): " + "; ".join(f"{k}: {v:,}" for k, v in p["runs_out_cluster"].items()))
 
