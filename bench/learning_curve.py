@@ -23,7 +23,7 @@ from genre_batch import extraction, training
 from genre_batch.audio import AUDIO_EXTENSIONS
 
 REAL_CAPS = (10, 20, 30, 40, 50)
-SYNTHETIC_CAPS = (100, 250, 500, 1000)
+SYNTHETIC_CAPS = (100, 250, 500)
 SYNTHETIC_TEST_PER_GENRE = 300
 FOLDS = 5
 

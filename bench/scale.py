@@ -334,6 +334,10 @@ PLAN_LIMIT_S = 10.0
 PROJECTION_TRACKS = 10_000_000
 MACHINE_RAM_MB = 24_000
 CLUSTER_NODE_RAM_MB = 64_000
+FIXED = (("tag_full_fixed", "full tag stage"), ("compact_fixed", "compact stage"), ("train_sample", "capped sample"),
+         ("train_sample_fixed", "capped sample"))
+"""Probe runs (bench.probe, no Prefect): the stage run again with the suggested by_part fix where the CLI run was
+killed, and the training sample as is and fixed."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
 CHECKS = ("stores", "listing", "curve", "issue5")
 TRAIN_MODES = ("sample", "cli")
@@ -360,9 +364,10 @@ def peak_by_role(result: CliRun) -> dict[str, float]:
     return peaks
 
 
-def probe(kind: str, target: str, env: dict[str, str]) -> dict:
-    """Run a bench.probe measurement in its own process: its JSON plus the process's wall, CPU and peak RSS."""
-    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target], env)
+def probe(kind: str, target: str, env: dict[str, str], fixed: bool = False) -> dict:
+    """Run a bench.probe measurement in its own process (`fixed`: with the by_part fix applied): its JSON plus the
+    process's wall, CPU and peak RSS."""
+    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target, *(["--fixed"] if fixed else [])], env)
     return {"process": numbers} if result.aborted else {**json.loads(result.stdout), "process": numbers}
 
 
@@ -409,7 +414,10 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
         return True
 
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
-    if step("tag_full", "tag", "tag", "--full"):
+    if not step("tag_full", "tag", "tag", "--full"):
+        print(f"[{n}] full tag killed: the tag stage with the by_part fix", flush=True)
+        result["tag_full_fixed"] = probe("tag", url, env, fixed=True)
+    if catalog.pointer(Store.at(url)):
         result["catalog_bytes"] = catalog_bytes(store)
     print(f"[{n}] no-op plan", flush=True)
     result["plan"] = probe("plan", url, env)
@@ -421,7 +429,10 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
         step("tag_nightly", "tag", "tag")
     result["plan_after_changes"] = probe("plan", url, env)
     print(f"[{n}] compaction", flush=True)
-    if step("compact", "compact", "compact"):
+    if not step("compact", "compact", "compact"):
+        print(f"[{n}] compaction killed: the compact stage with the by_part fix", flush=True)
+        result["compact_fixed"] = probe("compact", url, env, fixed=True)
+    if "record" in result["compact"] or "record" in result.get("compact_fixed", {}):
         result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
     if train == "cli":
         print(f"[{n}] training", flush=True)
@@ -430,8 +441,9 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
             result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
             result["train"]["sampled_windows"] = meta["windows"]
     elif train == "sample":
-        print(f"[{n}] capped training sample", flush=True)
+        print(f"[{n}] capped training sample (as is, then with the by_part fix)", flush=True)
         result["train_sample"] = probe("sample", url, env)
+        result["train_sample_fixed"] = probe("sample", url, env, fixed=True)
     shutil.rmtree(run_dir)
     return result
 
@@ -471,24 +483,29 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
     largest = max(done, key=lambda s: s["tracks"])
     n = largest["tracks"]
 
+    def run_of(s: dict, key: str) -> dict:
+        """A step's numbers: the CLI run, or the stage with the by_part fix where the CLI run was killed."""
+        return s[f"{key}_fixed"]["process"] if f"{key}_fixed" in s else s[key]
+
     def fit(get: Callable[[dict], float]) -> tuple[float, float]:
         """Per-track slope and intercept of a measured value."""
         return slope([(s["tracks"], get(s)) for s in done])
 
-    flow_tag = fit(lambda s: s["tag_full"]["peak_rss_mb"]["flow process"])
+    flow_tag = fit(lambda s: run_of(s, "tag_full")["peak_rss_mb"]["flow process"])
     flow_plan = fit(lambda s: s["plan"]["process"]["peak_rss_mb"]["flow process"])
-    flow_compact = fit(lambda s: s["compact"]["peak_rss_mb"]["flow process"])
-    worker_peak = max(max(s[k]["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
+    flow_compact = fit(lambda s: run_of(s, "compact")["peak_rss_mb"]["flow process"])
+    worker_peak = max(max(run_of(s, k)["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
+    with_catalog = max((s for s in done if "catalog_bytes" in s), key=lambda s: s["tracks"])
     per_track = {
         "features_disk_bytes": largest["build"]["store_bytes"] / n,
         "index_disk_bytes": largest["build"]["index_bytes"] / n,
         "index_arrow_bytes": largest["plan"]["index_arrow_mb"] * 1e6 / n,
-        "catalog_bytes": largest["catalog_bytes"] / n,
+        "catalog_bytes": with_catalog["catalog_bytes"] / with_catalog["tracks"],
         "flow_rss_tag_bytes": flow_tag[0] * 1e6,
         "flow_rss_plan_bytes": flow_plan[0] * 1e6,
         "flow_rss_compact_bytes": flow_compact[0] * 1e6,
-        "cpu_tag_ms": 1000 * fit(lambda s: s["tag_full"]["cpu_s"])[0],
-        "cpu_compact_ms": 1000 * fit(lambda s: s["compact"]["cpu_s"])[0],
+        "cpu_tag_ms": 1000 * fit(lambda s: run_of(s, "tag_full")["cpu_s"])[0],
+        "cpu_compact_ms": 1000 * fit(lambda s: run_of(s, "compact")["cpu_s"])[0],
         "cpu_plan_ms": 1000 * fit(lambda s: s["plan"]["process"]["cpu_s"])[0],
         "plan_s_per_million": fit(lambda s: s["plan"]["plan_total_s"])[0] * 1e6,
     }
@@ -525,13 +542,13 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         f"flow process RSS reaches one {CLUSTER_NODE_RAM_MB // 1000} GB node": runs_out(CLUSTER_NODE_RAM_MB, flow_tag),
         f"no-op plan (one process) reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
     }
-    killed = sorted({k for s in done for k in ("tag_full", "compact") if "aborted" in s[k]})
+    fixed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if f"{k}_fixed" in s})
     return {
-        "caveat": f"{', '.join(killed)} killed past {RSS_ABORT_MB} MB: their RSS and CPU are lower bounds" if killed else "",
+        "caveat": f"as-is CLI runs killed past {RSS_ABORT_MB} MB; the stage with the by_part fix (no Prefect) used for: {', '.join(fixed)}" if fixed else "",
         "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
         "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
-        "runs_out_here": {k: round(v) for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
-        "runs_out_cluster": {k: round(v) for k, v in sorted(limits_cluster.items(), key=lambda kv: kv[1])},
+        "runs_out_here": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
+        "runs_out_cluster": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_cluster.items(), key=lambda kv: kv[1])},
     }
 
 
@@ -545,8 +562,9 @@ def store_targets(stores: list[dict]) -> list[dict]:
         for key, what in (STEPS[0], STEPS[2], STEPS[3]):
             if key in s:
                 rows.append(rss_target(f"{n}: {what}", s[key]))
-        if "train_sample" in s:
-            rows.append(rss_target(f"{n}: capped training sample (no fit)", s["train_sample"]["process"]))
+        for key, name in FIXED:
+            if key in s:
+                rows.append(rss_target(f"{n}: {name}{' + FIX' if key.endswith('fixed') else ' (no fit)'}", s[key]["process"]))
         if "record" in s.get("tag_nightly", {}):
             after = s["plan_after_changes"]
             nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
@@ -571,8 +589,8 @@ def print_stores(stores: list[dict]) -> None:
         print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
               f"index {b['index_bytes'] / 1e6:.1f} MB ({b['index_bytes'] / n:.0f} B/track), build {'cached' if b['cached'] else str(b['build_s']) + ' s'}")
         rows = [(name, s[key]) for key, name in STEPS if key in s]
+        rows += [(name + (" + FIX" if key.endswith("fixed") else " (as is)"), s[key]["process"]) for key, name in FIXED if key in s]
         rows += [("no-op plan process", s["plan"]["process"])]
-        rows += [("capped sample (no fit)", s["train_sample"]["process"])] if "train_sample" in s else []
         print(f"{'step':<26} {'wall s':>8} {'CPU s':>8} {'CPU ms/track':>13} {'flow MB':>8} {'worker MB':>10} {'prefect MB':>11}  load")
         for name, r in rows:
             p = r["peak_rss_mb"]
@@ -631,8 +649,8 @@ def print_projection(p: dict) -> None:
         return
     print(f"\nprojection to {p['at_tracks']:,} tracks from {p['from_tracks']}: per track {p['per_track']}")
     print(f"projected: {p['projected']}" + (f" ({p['caveat']})" if p.get("caveat") else ""))
-    print("runs out first on this machine (tracks): " + "; ".join(f"{k}: {v:,}" for k, v in p["runs_out_here"].items()))
-    print("runs out first on a cluster (tracks): " + "; ".join(f"{k}: {v:,}" for k, v in p["runs_out_cluster"].items()))
+    for where, key in (("this machine", "runs_out_here"), ("a cluster", "runs_out_cluster")):
+        print(f"runs out first on {where} (tracks): " + "; ".join(f"{k}: {'no growth measured' if v is None else f'{v:,}'}" for k, v in p[key].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sample: the capped sample read by the workers, no fit (default); cli: the whole genre-batch train "
                              "(5-fold CV + fit on ~37,000 tracks: hours on 2 loaded cores)")
     parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
-    parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS[:3]), help="what to run (default: stores listing curve; issue5 = the #5 checks)")
+    parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
+                        help="what to run (default: stores listing curve; issue5 = the #5 checks; none: print the saved report)")
     parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
     parser.add_argument("--processes", type=int, default=2, help="store builder processes (default 2: never with the cluster running)")
@@ -673,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             by_size[n] = store_checks(work, n, args.train if n in train_sizes else None, args.processes)
             report["stores"] = [by_size[k] for k in sorted(by_size)]
             save()
+    if report.get("stores"):
         report["projection"] = projection(report["stores"], work)
     if "listing" in args.checks:
         report["listing"] = listing_checks(work, tuple(QUICK["listing"]) if args.quick else tuple(args.listing))
