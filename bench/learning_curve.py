@@ -93,7 +93,7 @@ def synthetic_curve(caps: tuple[int, ...] = SYNTHETIC_CAPS, seed: int = 0) -> di
     y = synthetic_store.genre_of(i, seed).astype(np.int32)
     artists = (i // synthetic_store.TRACKS_PER_ARTIST).astype(str).tolist()
     names = [synthetic_store.uri_of(k) for k in i.tolist()]
-    test_artist = (i // synthetic_store.TRACKS_PER_ARTIST) % 2 == 1
+    test_artist = (i // synthetic_store.TRACKS_PER_ARTIST // 2) % 2 == 1  # not the artist's parity: genre_of keeps it
     test = np.concatenate([np.flatnonzero(test_artist & (y == g))[:SYNTHETIC_TEST_PER_GENRE] for g in range(len(synthetic_store.GENRES))])
     genres = list(synthetic_store.GENRES)
     pool = capped(np.flatnonzero(~test_artist), y, artists, names, genres, per_genre)
