@@ -1,4 +1,11 @@
-"""Scale checks without real audio: a no-op run over 10,000 unchanged tiny files, a 1,000,000-row catalog publish and query."""
+"""Scale checks without real audio.
+
+Issue #12 (default): synthetic feature stores of 100k, 300k and 1M tracks with the real schema (bench/synthetic_store.py)
+on a 2-worker local cluster: full tag + publish, no-op plan, nightly incremental tag with 1% changed, compaction, capped
+training, peak RSS of every process; listing of large prefixes on a local S3 server; learning curves of the training cap;
+a 10M projection. Issue #5 (`--checks issue5`): a no-op run over 10,000 unchanged tiny files, a 1,000,000-row catalog
+publish and query.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +28,8 @@ import psutil
 import pyarrow as pa
 import soundfile as sf
 
+from bench import learning_curve, s3_listing, synthetic_store
+from bench.accuracy import DEFAULT_DATA
 from genre_batch import catalog, query
 from genre_batch.discovery import track_id
 from genre_batch.store import Store
@@ -46,6 +56,7 @@ class CliRun:
     cpu_by_role: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: dict[int, tuple[str, float]] = field(default_factory=dict)
     stdout: str = ""
+    aborted: str | None = None
 
     def peak_worker_rss_mb(self) -> list[float]:
         """Peak RSS of each Dask worker process of the run, in MB."""
@@ -57,6 +68,7 @@ class CliRun:
             "command": " ".join(self.args), "wall_s": round(self.wall_s, 2), "cpu_s": round(self.cpu_s, 2),
             "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(self.cpu_by_role.items())},
             "peak_rss_mb_by_process": [{"role": r, "mb": round(mb)} for r, mb in sorted(self.peak_rss_mb.values())],
+            **({"aborted": self.aborted} if self.aborted else {}),
         }
 
 
@@ -93,28 +105,52 @@ def peak_rss(process: psutil.Process) -> int:
     return process.memory_info().rss
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> CliRun:
-    """Run a command to completion, polling its process tree; total CPU from getrusage of reaped children."""
+def run_cli(args: list[str], env: dict[str, str], rss_abort_mb: float | None = None) -> CliRun:
+    """Run a command to completion, polling its process tree; total CPU from getrusage of reaped children.
+
+    With `rss_abort_mb`, a process of the tree past that RSS gets the whole tree killed (the machine is shared) and the
+    run is returned with `aborted` saying which process it was, instead of an error."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
+    aborted = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         root = psutil.Popen(args, stdout=out, stderr=err, env=env)
         seen: dict[int, tuple[str, float, int]] = {}
         while root.poll() is None:
             sample_tree(root, seen)
+            if rss_abort_mb and aborted is None:
+                aborted = over_limit(root, seen, rss_abort_mb)
             time.sleep(POLL_S)
         wall = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if root.returncode != 0:
+    if root.returncode != 0 and aborted is None:
         raise SystemExit(f"{' '.join(args)} exited with {root.returncode}:\n{stdout}{stderr[-3000:]}")
     cpu_by_role: dict[str, float] = {}
     for name, cpu, _ in seen.values():
         cpu_by_role[name] = cpu_by_role.get(name, 0.0) + cpu
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return CliRun(args, wall, cpu, cpu_by_role, {pid: (name, rss / 1e6) for pid, (name, _, rss) in seen.items()}, stdout)
+    peaks = {pid: (name, rss / 1e6) for pid, (name, _, rss) in seen.items()}
+    return CliRun(args, wall, cpu, cpu_by_role, peaks, stdout, aborted)
+
+
+def over_limit(root: psutil.Popen, seen: dict[int, tuple[str, float, int]], limit_mb: float) -> str | None:
+    """If a process of the tree passed `limit_mb`, kill the tree (this run's processes only) and say which one."""
+    worst = max(seen.items(), key=lambda kv: kv[1][2])
+    if worst[1][2] / 1e6 <= limit_mb:
+        return None
+    try:
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return f"killed by the bench: {worst[1][0]} (pid {worst[0]}) passed {limit_mb:g} MB RSS"
 
 
 def sample_tree(root: psutil.Popen, seen: dict[int, tuple[str, float, int]]) -> None:
@@ -282,23 +318,405 @@ def print_scale(scale: dict) -> None:
           f"CLI {cat['query_cli_s']['median']:.3f} s wall, {cat['query_cli_s']['cpu_s_median']:.2f} s CPU")
 
 
+STORE_SIZES = (100_000, 300_000, 1_000_000)
+LISTING_SIZES = (100_000, 300_000)
+QUICK = {"tracks": (20_000,), "listing": (10_000,), "real_caps": (10, 30, 50), "synthetic_caps": (100, 250)}
+CHANGED_SHARE = 0.01
+DISK_PER_TRACK = 20_000
+"""Bytes on disk per track of a synthetic store (measured: ~4.7 MB per part of 250 tracks), for the free-space check."""
+DISK_COPIES = 2.3
+"""A store's features at most twice on disk (compaction writes the new parts before deleting the old), plus catalogs."""
+RSS_LIMIT_MB = 2000
+RSS_ABORT_MB = 8000
+"""A measured process past this RSS has its run killed: the machine is shared and a 24 GB node has no swap."""
+NIGHTLY_LIMIT_S = 60.0
+PLAN_LIMIT_S = 10.0
+PROJECTION_TRACKS = 10_000_000
+MACHINE_RAM_MB = 24_000
+CLUSTER_NODE_RAM_MB = 64_000
+FIXED = (("tag_full_fixed", "full tag stage"), ("compact_fixed", "compact stage"), ("train_sample", "capped sample"),
+         ("train_sample_fixed", "capped sample"))
+"""Probe runs (bench.probe, no Prefect): the stage run again with the suggested by_part fix where the CLI run was
+killed, and the training sample as is and fixed."""
+STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
+CHECKS = ("stores", "listing", "curve", "issue5")
+TRAIN_MODES = ("sample", "cli")
+
+
+def load() -> float:
+    """The 1-minute load average."""
+    return round(os.getloadavg()[0], 2)
+
+
+def measured(args: list[str], env: dict[str, str]) -> tuple[CliRun, dict]:
+    """Run a command with its process tree sampled (killed past RSS_ABORT_MB); its numbers with the load average
+    before and after."""
+    before = load()
+    result = run_cli(args, env, RSS_ABORT_MB)
+    return result, {**result.summary(), "load_1m": [before, load()], "peak_rss_mb": peak_by_role(result)}
+
+
+def peak_by_role(result: CliRun) -> dict[str, float]:
+    """Highest peak RSS per role (flow process, dask worker, prefect server), in MB."""
+    peaks: dict[str, float] = {}
+    for name, mb in result.peak_rss_mb.values():
+        peaks[name] = round(max(mb, peaks.get(name, 0.0)))
+    return peaks
+
+
+def probe(kind: str, target: str, env: dict[str, str], fixed: bool = False) -> dict:
+    """Run a bench.probe measurement in its own process (`fixed`: with the by_part fix applied): its JSON plus the
+    process's wall, CPU and peak RSS."""
+    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target, *(["--fixed"] if fixed else [])], env)
+    return {"process": numbers} if result.aborted else {**json.loads(result.stdout), "process": numbers}
+
+
+def stage_record(store: Path, stage: str) -> dict:
+    """What the newest run of the store recorded for a stage."""
+    return latest_record(store)[stage]
+
+
+def catalog_bytes(store: Path) -> int:
+    """Bytes of the published snapshot's files."""
+    return sum(Path(p).stat().st_size for p in catalog.files(Store.at(str(store))))
+
+
+def disk_check(work: Path, n: int, built: bool) -> str | None:
+    """Why a store of n tracks does not fit the free disk, or None when it does."""
+    free = shutil.disk_usage(work).free
+    need = n * DISK_PER_TRACK * (DISK_COPIES - (1 if built else 0))
+    if free < need:
+        return f"needs ~{need / 1e9:.0f} GB free under {work}, has {free / 1e9:.0f} GB"
+    return None
+
+
+def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
+    """Build (or reuse) a store of n tracks and measure tag, plan, nightly, compaction and training (`train`: "cli" for
+    `genre-batch train`, "sample" for its capped sample read without the fit, None for neither) on a copy."""
+    root = work / f"scale-{n}"
+    base = root / "base"
+    reason = disk_check(work, n, (base / synthetic_store.MARK).exists())
+    if reason:
+        return {"tracks": n, "skipped": reason}
+    result: dict = {"tracks": n, "build": {**synthetic_store.build(base, n, processes=processes), "load_1m": load()}}
+    run_dir = root / "run"
+    synthetic_store.linked_copy(base, run_dir)
+    store = run_dir / "store"
+    url, env = str(store), cli_env(work)
+
+    def step(key: str, stage: str, *args: str) -> bool:
+        """Run a CLI step on the store into result[key] with its run record; False when the bench killed it."""
+        run, result[key] = measured(cli_command(*args, "--store", url), env)
+        if run.aborted:
+            (store / "runs" / "LEASE.json").unlink(missing_ok=True)  # its holder is dead: free the store for the next step
+            return False
+        result[key]["record"] = stage_record(store, stage)
+        return True
+
+    print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
+    if not step("tag_full", "tag", "tag", "--full"):
+        print(f"[{n}] full tag killed: the tag stage with the by_part fix", flush=True)
+        result["tag_full_fixed"] = probe("tag", url, env, fixed=True)
+    if catalog.pointer(Store.at(url)):
+        result["catalog_bytes"] = catalog_bytes(store)
+    print(f"[{n}] no-op plan", flush=True)
+    result["plan"] = probe("plan", url, env)
+    started, before = time.perf_counter(), load()
+    changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes)
+    result["changes"] = {"tracks": changed, "write_s": round(time.perf_counter() - started, 1), "load_1m": [before, load()]}
+    if "catalog_bytes" in result:
+        print(f"[{n}] nightly tag of {changed} changed tracks", flush=True)
+        step("tag_nightly", "tag", "tag")
+    result["plan_after_changes"] = probe("plan", url, env)
+    print(f"[{n}] compaction", flush=True)
+    if not step("compact", "compact", "compact"):
+        print(f"[{n}] compaction killed: the compact stage with the by_part fix", flush=True)
+        result["compact_fixed"] = probe("compact", url, env, fixed=True)
+    if "record" in result["compact"] or "record" in result.get("compact_fixed", {}):
+        result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
+    if train == "cli":
+        print(f"[{n}] training", flush=True)
+        if step("train", "train", "train", "--labels", "tags"):
+            meta = json.loads((store / "models" / result["train"]["record"]["version"] / "metadata.json").read_text())
+            result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
+            result["train"]["sampled_windows"] = meta["windows"]
+    elif train == "sample":
+        print(f"[{n}] capped training sample (as is, then with the by_part fix)", flush=True)
+        result["train_sample"] = probe("sample", url, env)
+        result["train_sample_fixed"] = probe("sample", url, env, fixed=True)
+    shutil.rmtree(run_dir)
+    return result
+
+
+def listing_checks(work: Path, sizes: tuple[int, ...]) -> dict:
+    """PUT (once) and list prefixes of the given object counts on a local S3 server; 1M extrapolated if not measured."""
+    env = {**cli_env(work)}
+    points = []
+    with s3_listing.weed_server(work / "s3") as endpoint:
+        env.update(s3_listing.client_env(endpoint))
+        for n in sizes:
+            print(f"[listing] {n} objects", flush=True)
+            put = s3_listing.populate(endpoint, f"lib-{n}", n)
+            listed = probe("discover", f"s3://{s3_listing.BUCKET}/lib-{n}", env)
+            if listed["files"] != n:
+                raise SystemExit(f"listing of lib-{n} found {listed['files']} files, not {n}")
+            points.append({**put, **listed})
+    result: dict = {"points": points}
+    if points and max(sizes) < 1_000_000:
+        per_object = points[-1]["discover_s"] / points[-1]["objects"]
+        result["extrapolated_1m_s"] = round(per_object * 1_000_000, 1)
+    return result
+
+
+def slope(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (per track, intercept) of values against track counts: fixed costs land in the intercept."""
+    n, v = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    a, b = np.polyfit(n, v, 1)
+    return float(a), float(b)
+
+
+def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) -> dict:
+    """Per-track costs from the measured stores, projected to `tracks`, and where each resource runs out."""
+    done = [s for s in stores if "skipped" not in s]
+    if len(done) < 2:
+        return {"note": "needs two measured store sizes (per-track costs are slopes between sizes)"}
+    largest = max(done, key=lambda s: s["tracks"])
+    n = largest["tracks"]
+
+    def run_of(s: dict, key: str) -> dict:
+        """A step's numbers: the CLI run, or the stage with the by_part fix where the CLI run was killed."""
+        return s[f"{key}_fixed"]["process"] if f"{key}_fixed" in s else s[key]
+
+    def fit(get: Callable[[dict], float]) -> tuple[float, float]:
+        """Per-track slope and intercept of a measured value."""
+        return slope([(s["tracks"], get(s)) for s in done])
+
+    flow_tag = fit(lambda s: s["tag_nightly"]["peak_rss_mb"]["flow process"])  # the same CLI path at every size
+    flow_plan = fit(lambda s: s["plan"]["process"]["peak_rss_mb"]["flow process"])
+    worker_peak = max(max(run_of(s, k)["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
+    with_catalog = max((s for s in done if "catalog_bytes" in s), key=lambda s: s["tracks"])
+    per_track = {
+        "features_disk_bytes": largest["build"]["store_bytes"] / n,
+        "index_disk_bytes": largest["build"]["index_bytes"] / n,
+        "index_arrow_bytes": largest["plan"]["index_arrow_mb"] * 1e6 / n,
+        "catalog_bytes": with_catalog["catalog_bytes"] / with_catalog["tracks"],
+        "flow_rss_nightly_tag_bytes": flow_tag[0] * 1e6,
+        "flow_rss_plan_bytes": flow_plan[0] * 1e6,
+        "cpu_tag_ms": 1000 * run_of(largest, "tag_full")["cpu_s"] / n,  # start-up included: an upper bound
+        "cpu_compact_ms": 1000 * run_of(largest, "compact")["cpu_s"] / n,
+        "cpu_plan_ms": 1000 * fit(lambda s: s["plan"]["process"]["cpu_s"])[0],
+        "plan_s_per_million": fit(lambda s: s["plan"]["plan_total_s"])[0] * 1e6,
+    }
+
+    def at(fitted: tuple[float, float]) -> float:
+        """A fitted value at the projected size."""
+        return fitted[0] * tracks + fitted[1]
+
+    disk_free = shutil.disk_usage(work).free + sum(s["build"]["store_bytes"] for s in done)  # the bench's stores can go
+    projected = {
+        "features_disk_gb": per_track["features_disk_bytes"] * tracks / 1e9,
+        "index_disk_mb": per_track["index_disk_bytes"] * tracks / 1e6,
+        "catalog_gb": per_track["catalog_bytes"] * tracks / 1e9,
+        "flow_rss_nightly_tag_mb": at(flow_tag), "flow_rss_plan_mb": at(flow_plan),
+        "worker_rss_mb": worker_peak,
+        "tag_full_hours_2_cores": per_track["cpu_tag_ms"] * tracks / 1000 / 3600 / 2,
+        "compact_hours_2_cores": per_track["cpu_compact_ms"] * tracks / 1000 / 3600 / 2,
+        "plan_s": per_track["plan_s_per_million"] * tracks / 1e6,
+    }
+
+    def runs_out(budget: float, fitted: tuple[float, float]) -> float:
+        """Tracks at which a fitted value reaches a budget."""
+        return (budget - fitted[1]) / fitted[0] if fitted[0] > 0 else float("inf")
+
+    limits_here = {
+        "disk (features + compaction copy)": disk_free / (per_track["features_disk_bytes"] * DISK_COPIES),
+        f"flow process RSS of nightly tag reaches {RSS_LIMIT_MB} MB target": runs_out(RSS_LIMIT_MB, flow_tag),
+        f"flow process RSS of nightly tag reaches {MACHINE_RAM_MB} MB RAM": runs_out(MACHINE_RAM_MB, flow_tag),
+        f"no-op plan reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
+    }
+    limits_cluster = {
+        f"flow process RSS of nightly tag reaches {RSS_LIMIT_MB} MB target": runs_out(RSS_LIMIT_MB, flow_tag),
+        f"flow process RSS reaches one {CLUSTER_NODE_RAM_MB // 1000} GB node": runs_out(CLUSTER_NODE_RAM_MB, flow_tag),
+        f"no-op plan (one process) reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
+    }
+    fixed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if f"{k}_fixed" in s})
+    return {
+        "caveat": f"as-is CLI runs killed past {RSS_ABORT_MB} MB; the stage with the by_part fix (no Prefect) used for: {', '.join(fixed)}" if fixed else "",
+        "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
+        "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
+        "runs_out_here": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
+        "runs_out_cluster": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_cluster.items(), key=lambda kv: kv[1])},
+    }
+
+
+def store_targets(stores: list[dict]) -> list[dict]:
+    """The scale targets of issue #12 with their measured values (load average at the measurement in the name)."""
+    rows = []
+    for s in stores:
+        if "skipped" in s:
+            continue
+        n = f"{s['tracks'] // 1000}k"
+        for key, what in (STEPS[0], STEPS[2], STEPS[3]):
+            if key in s:
+                rows.append(rss_target(f"{n}: {what}", s[key]))
+        for key, name in FIXED:
+            if key in s:
+                rows.append(rss_target(f"{n}: {name}{' + FIX' if key.endswith('fixed') else ' (no fit)'}", s[key]["process"]))
+        if "record" in s.get("tag_nightly", {}):
+            after = s["plan_after_changes"]
+            nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
+            rows.append(target(f"{n}: nightly 1% changed, plan + tag CLI (load {s['tag_nightly']['load_1m'][0]:g})", nightly, NIGHTLY_LIMIT_S, "s"))
+        rows.append(target(f"{n}: no-op plan in process (load {s['plan']['process']['load_1m'][0]:g})", s["plan"]["plan_total_s"], PLAN_LIMIT_S, "s"))
+    return rows
+
+
+def rss_target(name: str, run: dict) -> dict:
+    """The <= RSS_LIMIT_MB target of a run's flow process and workers (an aborted run: its peak when killed)."""
+    peak = max(v for k, v in run["peak_rss_mb"].items() if k in ("flow process", "dask workers"))
+    return target(f"{name}, peak RSS of any process{' (KILLED)' if 'aborted' in run else ''} (load {run['load_1m'][0]:g})", peak, RSS_LIMIT_MB, "MB")
+
+
+def print_stores(stores: list[dict]) -> None:
+    """Print every measured number of the store checks."""
+    for s in stores:
+        if "skipped" in s:
+            print(f"{s['tracks']} tracks: skipped: {s['skipped']}")
+            continue
+        b, n = s["build"], s["tracks"]
+        print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
+              f"index {b['index_bytes'] / 1e6:.1f} MB ({b['index_bytes'] / n:.0f} B/track), build {'cached' if b['cached'] else str(b['build_s']) + ' s'}")
+        rows = [(name, s[key]) for key, name in STEPS if key in s]
+        rows += [(name + (" + FIX" if key.endswith("fixed") else " (as is)"), s[key]["process"]) for key, name in FIXED if key in s]
+        rows += [("no-op plan process", s["plan"]["process"])]
+        print(f"{'step':<26} {'wall s':>8} {'CPU s':>8} {'CPU ms/track':>13} {'flow MB':>8} {'worker MB':>10} {'prefect MB':>11}  load")
+        for name, r in rows:
+            p = r["peak_rss_mb"]
+            print(f"{name:<26} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {1000 * r['cpu_s'] / n:>13.3f} {p.get('flow process', 0):>8.0f} "
+                  f"{p.get('dask workers', 0):>10.0f} {p.get('prefect server', 0):>11.0f}  {r['load_1m'][0]:g}->{r['load_1m'][1]:g}"
+                  + (f"  ABORTED: {r['aborted']}" if "aborted" in r else ""))
+        pl = s["plan"]
+        print(f"no-op plan: read_inventory {pl['read_inventory_s']} s + read_index {pl['read_index_s']} s + plan {pl['plan_s']} s "
+              f"= {pl['plan_total_s']} s ({pl['index_rows']} index rows, {pl['index_arrow_mb']} MB in Arrow); "
+              f"compaction check {pl['compaction_check_s']} s (needed: {pl['compaction_needed']})")
+        print(f"nightly: {s['changes']['tracks']} changed tracks written in {s['changes']['write_s']} s (simulated extraction, not counted)"
+              + (f"; tag {r['mode']}: {r['predicted']} predicted, {r['carried']} carried, {r['dropped']} dropped"
+                 if (r := s.get("tag_nightly", {}).get("record")) else "; no incremental tag (no full snapshot)"))
+        if "store_bytes_after_compaction" in s:
+            c = s["compact"].get("record") or s["compact_fixed"]["record"]
+            print(f"compact: {c['parts_before']} parts -> {c['parts_after']}, index rows {c['index_rows_before']} -> {c['index_rows_after']}; "
+                  f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
+        if "catalog_bytes" in s:
+            print(f"catalog snapshot: {s['catalog_bytes'] / 1e6:.1f} MB ({s['catalog_bytes'] / n:.0f} B/track)")
+        if "record" in s.get("train", {}):
+            t = s["train"]
+            print(f"train: cap {t['cap_per_genre']} tracks/genre, {t['record']['sampled_tracks']} tracks / {t['sampled_windows']} windows sampled "
+                  f"of {t['record']['tracks']} labelled; CV accuracy {t['record']['cv_accuracy']}")
+        if "cap_per_genre" in s.get("train_sample", {}):
+            t = s["train_sample"]
+            print(f"training sample: cap {t['cap_per_genre']} tracks/genre, {t['sampled_tracks']} tracks / {t['sampled_windows']} windows "
+                  f"of {t['labelled_tracks']} labelled, matrix {t['matrix_mb']} MB, read in {t['sample_s']} s (the fit is not run)")
+
+
+def print_listing(listing: dict) -> None:
+    """Print the S3 listing times."""
+    for p in listing["points"]:
+        put = "PUTs cached" if p.get("put") == "cached" else f"PUT {p['put_s']} s ({p['puts_per_s']}/s)"
+        print(f"S3 listing of {p['objects']} objects: discover {p['discover_s']} s, process wall {p['process']['wall_s']} s, "
+              f"peak RSS {p['process']['peak_rss_mb']['flow process']} MB (load {p['process']['load_1m'][0]}); {put}")
+    if "extrapolated_1m_s" in listing:
+        print(f"S3 listing of 1,000,000 objects: {listing['extrapolated_1m_s']} s (EXTRAPOLATED linearly from the largest prefix measured)")
+
+
+def print_curves(curves: dict) -> None:
+    """Print the learning curves."""
+    real = curves.get("real")
+    if real:
+        print(f"learning curve, {real['task']} ({real['tracks']} tracks, {real['artists']} artists, {real['folds']}-fold CV by artist): "
+              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy_mean']:.3f}±{p['accuracy_std']:.3f}" for p in real["points"]))
+    synthetic = curves.get("synthetic")
+    if synthetic:
+        print(f"learning curve, synthetic ({synthetic['test_tracks']} test tracks of unseen artists): "
+              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" for p in synthetic["points"]))
+
+
+def print_projection(p: dict) -> None:
+    """Print the projection."""
+    if "note" in p:
+        print(f"\nprojection: {p['note']}")
+        return
+    print(f"\nprojection to {p['at_tracks']:,} tracks from {p['from_tracks']}: per track {p['per_track']}")
+    print(f"projected: {p['projected']}" + (f" ({p['caveat']})" if p.get("caveat") else ""))
+    for where, key in (("this machine", "runs_out_here"), ("a cluster", "runs_out_cluster")):
+        print(f"runs out first on {where} (tracks): " + "; ".join(f"{k}: {'no growth measured' if v is None else f'{v:,}'}" for k, v in p[key].items()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.scale [--work DIR] [--tiny-files 10000] [--catalog-rows 1000000] [--out FILE]."""
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for generated libraries and stores (default {DEFAULT_WORK}); reused between runs")
-    parser.add_argument("--tiny-files", type=int, default=TINY_FILES, help=f"files of the no-op library (default {TINY_FILES})")
-    parser.add_argument("--catalog-rows", type=int, default=CATALOG_ROWS, help=f"rows of the generated catalog (default {CATALOG_ROWS})")
-    parser.add_argument("--out", type=Path, help="also write the report as JSON here")
+    """Command line: python -m bench.scale [--tracks N ...] [--quick] [--checks ...] [--work DIR] [--out FILE]."""
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tracks", type=int, nargs="+", default=list(STORE_SIZES), help="store sizes, smallest first (default 100000 300000 1000000)")
+    parser.add_argument("--train-tracks", type=int, nargs="*", help="store sizes that also measure training (default: the largest)")
+    parser.add_argument("--train", choices=TRAIN_MODES, default="sample",
+                        help="sample: the capped sample read by the workers, no fit (default); cli: the whole genre-batch train "
+                             "(5-fold CV + fit on ~37,000 tracks: hours on 2 loaded cores)")
+    parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
+    parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
+                        help="what to run (default: stores listing curve; issue5 = the #5 checks; none: print the saved report)")
+    parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
+    parser.add_argument("--processes", type=int, default=2, help="store builder processes (default 2: never with the cluster running)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for stores, S3 data, caches (default {DEFAULT_WORK}); reused between runs")
+    parser.add_argument("--tiny-files", type=int, default=TINY_FILES, help=f"issue5: files of the no-op library (default {TINY_FILES})")
+    parser.add_argument("--catalog-rows", type=int, default=CATALOG_ROWS, help=f"issue5: rows of the generated catalog (default {CATALOG_ROWS})")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
     work = args.work.resolve()
-    report = run(work, args.tiny_files, args.catalog_rows)
-    report["targets"] = targets(report)
-    print_scale(report)
-    print()
-    print_targets(report["targets"])
-    if args.out:
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = list(QUICK["tracks"]) if args.quick else args.tracks
+    train_sizes = set(args.train_tracks if args.train_tracks is not None else [max(sizes)])
+    report: dict = json.loads(args.out.read_text()) if args.out.exists() else {}  # checks not run now keep their last numbers
+    report.update(machine={"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+                           "disk_free_gb": round(shutil.disk_usage(work).free / 1e9, 1)},
+                  started_at=datetime.now(timezone.utc).isoformat(), targets=[])
+
+    def save() -> None:
+        """Write the report so far."""
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    if "stores" in args.checks:
+        by_size = {s["tracks"]: s for s in report.get("stores", [])}  # other sizes keep their last numbers
+        for n in sizes:
+            by_size[n] = store_checks(work, n, args.train if n in train_sizes else None, args.processes)
+            report["stores"] = [by_size[k] for k in sorted(by_size)]
+            save()
+    if report.get("stores"):
+        report["projection"] = projection(report["stores"], work)
+    if "listing" in args.checks:
+        report["listing"] = listing_checks(work, tuple(QUICK["listing"]) if args.quick else tuple(args.listing))
+        save()
+    if "curve" in args.checks:
+        real_caps = QUICK["real_caps"] if args.quick else learning_curve.REAL_CAPS
+        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else learning_curve.SYNTHETIC_CAPS)}
+        if (args.data / "emotify").is_dir():
+            report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps)
+        save()
+    if "issue5" in args.checks:
+        report["issue5"] = run(work, args.tiny_files, args.catalog_rows)
+    if "issue5" in report:
+        report["targets"] += targets(report["issue5"])
+    report["targets"] = store_targets(report.get("stores", [])) + report["targets"]
+    save()
+    print_stores(report.get("stores", []))
+    if "listing" in report:
+        print_listing(report["listing"])
+    if "curves" in report:
+        print_curves(report["curves"])
+    if "projection" in report:
+        print_projection(report["projection"])
+    if "issue5" in report:
+        print_scale(report["issue5"])
+    print()
+    print_targets(report["targets"])
     return 0
 
 

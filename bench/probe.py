@@ -1,0 +1,106 @@
+"""In-process measurements run as a process of their own (so that the bench samples their peak RSS alone).
+
+python -m bench.probe plan STORE       no-op plan: read_index + plan against the store's unchanged inventory, then the
+                                       nightly flow's automatic-compaction check; prints JSON
+python -m bench.probe discover URL     genre_batch.discovery.discover of a library URL; prints JSON
+python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
+                                       2-worker local cluster into the training matrices (no fit); prints JSON
+python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
+python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
+A last argument `--fixed` first applies the fix this bench suggests for feature_store.by_part (see `copied_groups`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
+from genre_batch import feature_store
+from genre_batch.cluster import session
+from genre_batch.discovery import discover
+from genre_batch.feature_store import plan, read_index, read_inventory
+from genre_batch.stages import compact, runs, tag, train
+from genre_batch.store import Store
+
+
+def timed_plan(url: str) -> dict:
+    """Seconds of each step of a no-op plan over a store, and what it found."""
+    store = Store.at(url)
+    t0 = time.perf_counter()
+    inventory = read_inventory(store)
+    t1 = time.perf_counter()
+    index = read_index(store)
+    t2 = time.perf_counter()
+    result = plan(inventory, index)
+    t3 = time.perf_counter()
+    needed = compact.needed(store)
+    t4 = time.perf_counter()
+    return {
+        "tracks": inventory.num_rows, "index_rows": index.num_rows, "index_arrow_mb": round(index.nbytes / 1e6, 1),
+        "todo": result.todo.num_rows, "moved": result.moved.num_rows, "unchanged": result.unchanged,
+        "read_inventory_s": round(t1 - t0, 3), "read_index_s": round(t2 - t1, 3), "plan_s": round(t3 - t2, 3),
+        "plan_total_s": round(t3 - t0, 3), "compaction_needed": needed, "compaction_check_s": round(t4 - t3, 3),
+    }
+
+
+def timed_discover(url: str) -> dict:
+    """Seconds of a discovery of a library URL, and the files it found."""
+    t0 = time.perf_counter()
+    listing = discover(url)
+    return {"files": listing.num_rows, "discover_s": round(time.perf_counter() - t0, 3), "arrow_mb": round(listing.nbytes / 1e6, 1)}
+
+
+def timed_sample(url: str) -> dict:
+    """Seconds and size of the capped training sample of a store (labels: embedded tags), as `train` builds it."""
+    t0 = time.perf_counter()
+    with session(n_workers=2) as cluster:
+        data, labelled, cap = train.training_data(Store.at(url), "tags", cluster)
+    return {
+        "labelled_tracks": labelled.tracks.num_rows, "cap_per_genre": cap, "sampled_tracks": len(data.y_track),
+        "sampled_windows": len(data.y), "matrix_mb": round(data.X.nbytes / 1e6, 1), "sample_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def timed_stage(url: str, flow: str) -> dict:
+    """Seconds of the tag (full) or compact stage under a run record, and its summary."""
+    store = Store.at(url)
+    t0 = time.perf_counter()
+    with runs.run_record(store, flow) as record, session(n_workers=2) as cluster:
+        summary = tag.tag(store, record["run_id"], cluster, full=True) if flow == "tag" else compact.compact(store, cluster)
+        record[flow] = runs.as_record(summary)
+    return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow]}
+
+
+def copied_groups() -> None:
+    """The suggested fix: `feature_store.by_part` returns slices of one sorted table, and pickling a slice (as Dask does
+    with task arguments) carries the whole table's buffers, once per group; a copy (`take`) carries only its rows."""
+    sliced = feature_store.by_part
+
+    def by_part(tracks: pa.Table) -> list[pa.Table]:
+        """Index rows grouped by part, each group a copy of its rows."""
+        return [g.take(pa.array(np.arange(g.num_rows))) for g in sliced(tracks)]
+
+    feature_store.by_part = by_part
+
+
+def main(argv: list[str]) -> int:
+    """Run one probe and print its JSON."""
+    probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample,
+              "tag": lambda url: timed_stage(url, "tag"), "compact": lambda url: timed_stage(url, "compact")}
+    fixed = argv[2:] == ["--fixed"]
+    if len(argv) - fixed != 2 or argv[0] not in probes:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if fixed:
+        copied_groups()
+    print(json.dumps({**probes[argv[0]](argv[1]), "fixed": fixed}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
