@@ -57,7 +57,7 @@ class TrainingSet:
 
 def matrix(windows: pa.Table) -> np.ndarray:
     """The float32 feature matrix of a feature table, columns in FEATURE_NAMES order."""
-    return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in FEATURE_NAMES]).astype(np.float32)
+    return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in FEATURE_NAMES]).astype(np.float32, copy=False)
 
 
 def training_fingerprint(rows: list[tuple[str, str, str]], source: str) -> str:
@@ -145,16 +145,22 @@ def sample(tracks: pa.Table, cap: int | None, grouping: str) -> pa.Table:
 
 
 def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str, dropped: dict[str, int]) -> TrainingSet:
-    """The training set of labelled tracks (with a `genre` column, sorted by URI) and their window rows."""
-    keep = windows.join(tracks.select(["uri", "genre"]), keys="uri", join_type="inner").sort_by(
-        [("uri", "ascending"), ("window", "ascending")]
-    )
+    """The training set of labelled tracks (with a `genre` column, sorted by URI) and their window rows, in the order
+    the rows come (deterministic: the workers read parts in index order); windows of other tracks are left out. One
+    copy of the features is made (no join or sort of the window table: the sample's memory budget holds)."""
     index = {g: i for i, g in enumerate(genres)}
+    y_track = np.array([index[g] for g in tracks["genre"].to_pylist()], dtype=np.int32)
+    found = pc.index_in(windows["uri"], value_set=tracks["uri"])
+    keep = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    track = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    X = matrix(windows)
+    if not keep.all():
+        X, track = X[keep], track[keep]
     return TrainingSet(
-        X=matrix(keep),
-        y=np.array([index[g] for g in keep["genre"].to_pylist()], dtype=np.int32),
-        track=track_index(keep, tracks),
-        y_track=np.array([index[g] for g in tracks["genre"].to_pylist()], dtype=np.int32),
+        X=X,
+        y=y_track[track],
+        track=track,
+        y_track=y_track,
         groups=codes(group_keys(tracks, grouping)),
         genres=genres,
         uris=tracks["uri"].to_pylist(),
@@ -162,11 +168,6 @@ def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], groupin
         fingerprint=fingerprint,
         dropped=dropped,
     )
-
-
-def track_index(windows: pa.Table, tracks: pa.Table) -> np.ndarray:
-    """The row in `tracks` of each window's track (matched by URI)."""
-    return pc.index_in(windows["uri"], value_set=tracks["uri"]).to_numpy().astype(np.int64)
 
 
 def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
