@@ -114,7 +114,7 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
     return kept, genres, dropped, training_fingerprint(rows, source)
 
 
-TRAINING_BUDGET_BYTES = 512 * 2**20
+TRAINING_BUDGET_BYTES = 384 * 2**20
 """Memory for the float32 window features of a training sample: with the model's working copies, training stays
 under 2 GB per process. The cap per genre follows from it (`cap_per_genre`)."""
 
