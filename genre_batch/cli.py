@@ -486,6 +486,8 @@ def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
 
 def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
     """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
+    checks.summary_format(fmt)
+    check_reader(store)
     from genre_batch import lease
     from genre_batch.stages.runs import new_run_id
     from genre_batch.store import Store
@@ -509,8 +511,6 @@ def models_promote(
     fmt: FormatOpt = "text",
 ) -> None:
     """Make a registered model current (a gate-refused one only with --force); the catalog is re-tagged by the next tag or run."""
-    checks.summary_format(fmt)
-    check_reader(store)
     from genre_batch import registry
 
     switch_model(store, lambda s: registry.promote_checked(s, version, force), fmt)
@@ -520,8 +520,6 @@ def models_promote(
 @friendly
 def models_rollback(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Make the previous current model current again (from the pointer's history)."""
-    checks.summary_format(fmt)
-    check_reader(store)
     from genre_batch import registry
 
     switch_model(store, registry.rollback, fmt)
@@ -535,8 +533,6 @@ def models_pin(
     fmt: FormatOpt = "text",
 ) -> None:
     """Pin the current model: 'run --retrain auto' never replaces a pinned model (--unpin lifts it)."""
-    checks.summary_format(fmt)
-    check_reader(store)
     from genre_batch import registry
 
     switch_model(store, lambda s: registry.pin(s, not unpin), fmt)
