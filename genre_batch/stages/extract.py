@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, PublishRefused
@@ -95,7 +96,7 @@ def extract(
             raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))
         summary.extracted, summary.failed, summary.shards = result.extracted, result.failed, result.shards
         summary.wall_s, summary.cpu_s = round(result.wall_s, 3), round(result.cpu_s, 3)
-    summary.removed = int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=inventory["uri"]))).as_py() or 0)
+    summary.removed = removed_count(previous, inventory)
     write_inventory(store, inventory)
     return summary
 
@@ -121,7 +122,7 @@ def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
     inventory = discover(library)
     previous = read_inventory(store)
     todo = plan(inventory, read_index(store), force)
-    known = pc.is_in(todo.todo["uri"], value_set=previous["uri"])
+    known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
     same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:
         check_listing(previous.num_rows, inventory.num_rows, library, force)
@@ -130,10 +131,15 @@ def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
         refused = str(e)
     return DryRun(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        new=todo.todo.num_rows - int(pc.sum(known).as_py() or 0), changed=int(pc.sum(known).as_py() or 0) - same, retried=same,
-        moved=todo.moved.num_rows, removed=int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=inventory["uri"]))).as_py() or 0),
+        new=todo.todo.num_rows - known, changed=known - same, retried=same,
+        moved=todo.moved.num_rows, removed=removed_count(previous, inventory),
         unchanged=todo.unchanged, refused=refused,
     )
+
+
+def removed_count(previous: pa.Table, listed: pa.Table) -> int:
+    """How many files of the previous listing are not in the new one."""
+    return int(pc.sum(pc.invert(pc.is_in(previous["uri"], value_set=listed["uri"]))).as_py() or 0)
 
 
 def library_of(store: Store) -> str:
