@@ -11,14 +11,12 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
+from genre_batch.checks import NIGHTLY_CRON
 from genre_batch.cluster import Session, session
 from genre_batch.feature_store import BACKFILL_CAP
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
 from genre_batch.stages import compact, extract, runs
 from genre_batch.store import Store
-
-NIGHTLY_CRON = "0 2 * * *"
-"""Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
 
 ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 """The deployment's concurrency: a run due while another runs is cancelled ("Deployment concurrency limit reached.")."""

@@ -16,6 +16,8 @@ SUMMARY_FORMATS = ("text", "json")
 QUERY_FORMATS = ("table", "csv", "json")
 SERVER_COMMAND = "prefect server start --host 127.0.0.1 --port 4200"
 SERVER_API_URL = "http://127.0.0.1:4200/api"
+NIGHTLY_CRON = "0 2 * * *"
+"""Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
 
 
 def is_url(location: str) -> bool:
@@ -132,6 +134,46 @@ def prefect_api_url() -> str | None:
 
     url = get_current_settings().api.url
     return str(url) if url else None
+
+
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+               ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+"""The five fields of a cron expression: name, range, and the names that stand for numbers (from the range's start)."""
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def cron_value(token: str, field: tuple[str, int, int, tuple[str, ...]]) -> None:
+    """One value of a cron field (a number or a month/day name), checked against the field's range."""
+    name, low, high, names = field
+    value = names.index(token.lower()) + low if token.lower() in names else int(token) if token.isdigit() else None
+    if value is None or not low <= value <= high:
+        raise UsageError(f"{name} {token!r} is not in {low}-{high}")
+
+
+def cron_item(item: str, field: tuple[str, int, int, tuple[str, ...]]) -> None:
+    """One comma-separated item of a cron field: *, a value or a range, each optionally /step."""
+    span, _, step = item.partition("/")
+    if _ and not (step.isdigit() and int(step) > 0):
+        raise UsageError(f"{field[0]} step {step!r} is not a positive number")
+    if span != "*":
+        for value in span.split("-", 1):
+            cron_value(value, field)
+
+
+def cron(expression: str) -> None:
+    """A five-field cron expression (or @daily, ...) as Prefect's schedules accept it; UsageError naming the bad field."""
+    fields = expression.split()
+    if len(fields) == 1 and fields[0].lower() in CRON_MACROS:
+        return
+    try:
+        if len(fields) != len(CRON_FIELDS):
+            raise UsageError(f"{len(fields)} fields, a cron expression has 5 (minute hour day-of-month month day-of-week)")
+        for text, field in zip(fields, CRON_FIELDS):
+            for item in text.split(","):
+                cron_item(item, field)
+    except UsageError as e:
+        raise UsageError(f"invalid --cron {expression!r}: {e}") from None
 
 
 def prefect_server() -> str:

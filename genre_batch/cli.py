@@ -769,19 +769,20 @@ def serve(
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = None,
     scheduler: SchedulerOpt = None,
-    cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule of the nightly run (default: 0 2 * * *).")] = None,
+    cron: Annotated[str, typer.Option("--cron", help="Cron schedule of the nightly run (UTC).")] = checks.NIGHTLY_CRON,
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
 ) -> None:
     """Register the nightly flow as a scheduled Prefect deployment on a Prefect server and serve it (runs until stopped)."""
     check_writer(library, store, "text", labels)
+    checks.cron(cron)
     checks.prefect_server()
     from prefect import serve as serve_deployments
 
-    from flows.pipeline import NIGHTLY_CRON, deployment
+    from flows.pipeline import deployment
 
     parameters = {"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler}
     try:
-        scheduled = deployment(name, cron or NIGHTLY_CRON, parameters)
+        scheduled = deployment(name, cron, parameters)
     except ValueError as e:  # pydantic's ValidationError: a cron Prefect does not accept
         raise UsageError(f"invalid --cron {cron!r}: {str(e).splitlines()[-1].strip()}") from None
     serve_deployments(scheduled)
