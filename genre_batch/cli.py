@@ -232,7 +232,8 @@ def with_progress(call: Callable[[], dict]) -> dict:
     task = bar.add_task("extract", total=None, errors=0)
 
     def update(done: int, total: int, errors: int) -> None:
-        bar.start()
+        if err.is_terminal:  # rich draws nothing elsewhere but would leave an empty line behind
+            bar.start()
         bar.update(task, completed=done, total=total, errors=errors)
 
     try:
