@@ -258,9 +258,9 @@ def chosen(rows: pa.Table, choice: Choice) -> pa.Table:
     (missing, with only_missing)."""
     from genre_batch.tagging import UNKNOWN  # here: tagging loads XGBoost
 
-    keep = pc.and_(pc.not_equal(rows["genre"], UNKNOWN), pc.greater_equal(rows["confidence"], choice.min_confidence))
+    keep = pc.and_kleene(pc.not_equal(rows["genre"], UNKNOWN), pc.greater_equal(rows["confidence"], choice.min_confidence))
     missing = pc.is_null(rows["embedded_genre"])
-    keep = pc.and_(keep, missing if choice.only_missing else pc.or_(missing, pc.not_equal(rows["embedded_genre"], rows["genre"])))
+    keep = pc.and_kleene(keep, missing if choice.only_missing else pc.or_kleene(missing, pc.not_equal(rows["embedded_genre"], rows["genre"])))
     return rows.filter(keep)
 
 
