@@ -9,12 +9,14 @@ from pathlib import Path
 
 import mutagen
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+import s3fs
 import soundfile as sf
 from conftest import cli
 from test_feature_store import T0
 from test_operations import register
+from test_s3 import s3, s3_endpoint  # noqa: F401 - fixtures: a real S3 server (SeaweedFS)
 
 from genre_batch import audio, catalog, labels, lease, registry, writeback
 from genre_batch import feature_store as fstore
@@ -183,3 +185,48 @@ def test_usage_errors_and_the_lease(tagged: tuple[Path, Store]) -> None:
     lease.acquire(store, "other-run")
     code, _, err = cli("write-tags", "--store", store.url, "--apply")
     assert code == 1 and "in use by run other-run" in err and not store.exists(writeback.writes_folder(store))
+
+
+def test_s3_objects_are_replaced_with_if_match_and_a_concurrent_change_is_not_overwritten(
+    s3: s3fs.S3FileSystem, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    write_audio(local / "a.mp3", render("chiptune", 2.0, 1), audio.SAMPLE_RATE, {"genre": "Jazz"})
+    write_audio(local / "b.flac", render("chiptune", 2.0, 2), audio.SAMPLE_RATE)
+    s3.mkdir("wbtest")
+    s3.put(str(local), "wbtest/lib", recursive=True)
+    library = "s3://wbtest/lib"
+    store = Store(str(tmp_path / "store"))
+    index_listing(store, discover(library))
+    register(store, "m-1", passed=True)
+    registry.promote(store, "m-1")
+    catalog.publish(store, tag_groups(store, "m-1", fstore.by_part(fstore.current_tracks(store)), "t1", T0), "t1", "m-1")
+
+    concurrent = (local / "other.flac")
+    write_audio(concurrent, render("ambient", 2.0, 3), audio.SAMPLE_RATE, {"genre": "Folk"})
+    tag_copy = writeback.retag
+
+    def another_writer_meanwhile(path: str, values: list[str]) -> list[str]:
+        """b.flac is rewritten by someone else while genre-batch tags its downloaded copy."""
+        if path.endswith(".flac"):
+            s3.pipe_file("wbtest/lib/b.flac", concurrent.read_bytes())
+        return tag_copy(path, values)
+
+    monkeypatch.setattr(writeback, "retag", another_writer_meanwhile)
+    code, out, err = cli("write-tags", "--store", store.url, "--apply", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert code == 0 and (result["written"], result["failed"]) == (1, 1), err
+    failed = [f for f in result["files"] if f["outcome"] == "failed"]
+    assert [(Path(f["uri"]).name, f["error_type"]) for f in failed] == [("b.flac", "changed_since_tagging")]
+    s3.invalidate_cache()
+    assert s3.cat_file("wbtest/lib/b.flac") == concurrent.read_bytes()  # the other writer's version stands
+
+    s3.get("wbtest/lib/a.mp3", str(tmp_path / "after.mp3"))
+    assert raw_genre(tmp_path / "after.mp3") == ["rock"]
+    assert np.array_equal(decoded(tmp_path / "after.mp3"), decoded(local / "a.mp3"))
+    listing = discover(library)
+    written = writeback.written(store)
+    assert written.to_pylist() == [{"uri": "s3://wbtest/lib/a.mp3", "fingerprint": listing.filter(pc.equal(listing["uri"], "s3://wbtest/lib/a.mp3"))["fingerprint"][0].as_py()}]
+    assert fstore.plan(listing, fstore.read_index(store)).todo["uri"].to_pylist() == ["s3://wbtest/lib/b.flac"]
