@@ -299,6 +299,8 @@ def attempt(run_id: str, row: dict, action: str, values: list[str], outcome: str
         return record(run_id, row, action, values, outcome="failed", error_type=e.kind, message=str(e), **facts), None
     except OSError as e:
         return record(run_id, row, action, values, outcome="failed", error_type="io_error", message=str(e.strerror or e), **facts), None
+    except mutagen.MutagenError as e:  # a tag block mutagen parsed but cannot save
+        return record(run_id, row, action, values, outcome="failed", error_type="tag_error", message=str(e), **facts), None
     return record(run_id, row, action, values, old_tag=old, outcome=outcome, new_fingerprint=new_fp, **facts), (new_fp, size, version)
 
 
