@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mutagen
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import s3fs
