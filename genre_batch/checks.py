@@ -97,6 +97,27 @@ def sql_statement(sql: str) -> None:
         raise UsageError("empty SQL statement: give one, e.g. \"SELECT genre, count(*) FROM catalog GROUP BY 1\"")
 
 
+def write_tags_options(undo: str | None, apply: bool, only_missing: bool, min_confidence: float | None) -> None:
+    """`write-tags --undo RUN` restores by itself: it takes no --apply, --only-missing or --min-confidence."""
+    given = [name for name, on in (("--apply", apply), ("--only-missing", only_missing), ("--min-confidence", min_confidence is not None)) if on]
+    if undo is not None and given:
+        raise UsageError(f"--undo restores a write-back run's old tags by itself: drop {', '.join(given)}")
+
+
+def write_back_run(store: str, run_id: str) -> None:
+    """`--undo RUN` names a write-back run recorded in the store (its files writes/RUN-<n>.parquet); one listing request on S3."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(store if is_url(store) else str(local_path(store)))
+    try:
+        names = fs.ls(f"{root.rstrip('/')}/writes", detail=False)
+    except FileNotFoundError:
+        names = []
+    runs = {n.rsplit("/", 1)[-1].rsplit("-", 1)[0] for n in names if n.endswith(".parquet")}
+    if run_id not in runs:
+        raise UsageError(f"no write-back run {run_id} in the store {store}: see genre-batch query \"SELECT DISTINCT run_id FROM writes\"")
+
+
 def remote_library(location: str) -> None:
     """A library on an object store must exist (one listing request); credentials are checked on the way."""
     if is_url(location):

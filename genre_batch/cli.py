@@ -741,6 +741,73 @@ def classify(
         raise typer.Exit(1)
 
 
+WRITE_FAILURES_SHOWN = 10
+
+
+def write_back(store: str, choice: Any, undo: str | None) -> dict:
+    """Write the chosen catalog genres into the files (or undo a write-back run) under the lease; the run's summary."""
+    from genre_batch import writeback
+    from genre_batch.stages.runs import run_record
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    with run_record(s, "write-tags") as record:
+        rows = writeback.undo(s, record["run_id"], undo) if undo else writeback.write(s, record["run_id"], writeback.candidates(s, choice))
+        files = [{k: r[k] for k in ("uri", "old_tag", "new_tag", "confidence", "outcome", "error_type", "message")} for r in rows.to_pylist()]
+        done = sum(f["outcome"] != "failed" for f in files)
+        record.update(undoes=undo, written=done, failed=len(files) - done)
+    return {"run_id": record["run_id"], "applied": True, "undoes": undo, "written": done, "failed": len(files) - done, "files": files}
+
+
+def print_write_back(summary: dict) -> None:
+    """Print what a write-back did (or, without --apply, would do)."""
+    if not summary["applied"]:
+        for f in summary["files"]:
+            out.print(f"  {f['uri']}: {'; '.join(f['old_tag']) or '(no genre tag)'} -> {f['new_tag'][0]} ({f['confidence']:.2f})", markup=False)
+        out.print(f"write-tags: {len(summary['files'])} files would be written; nothing was written (add --apply to write them)", markup=False)
+        return
+    verb = f"restored the tags run {summary['undoes']} wrote in" if summary["undoes"] else "wrote the genre tag of"
+    out.print(f"write-tags: run {summary['run_id']} {verb} {summary['written']} files, {summary['failed']} failed", markup=False)
+    failures = [f for f in summary["files"] if f["outcome"] == "failed"]
+    for f in failures[:WRITE_FAILURES_SHOWN]:
+        out.print(f"  {f['uri']}: {f['error_type']}: {f['message']}", markup=False)
+    if failures:
+        out.print(f"  (all of them: genre-batch query \"SELECT * FROM writes WHERE run_id = '{summary['run_id']}' AND outcome = 'failed'\")", markup=False)
+
+
+@app.command("write-tags")
+@friendly
+def write_tags(
+    store: StoreOpt = DEFAULT_STORE,
+    min_confidence: Annotated[
+        float | None, typer.Option("--min-confidence", min=0.0, max=1.0, help="Write only genres predicted with at least this calibrated confidence (default 0).")
+    ] = None,
+    only_missing: Annotated[bool, typer.Option("--only-missing", help="Write only into files without a genre tag (or with one genre-batch wrote).")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Write the tags; without it, print what would be written and change nothing.")] = False,
+    undo: Annotated[str | None, typer.Option("--undo", metavar="RUN", help="Restore the genre tags a write-back run replaced, in files not changed since.")] = None,
+    fmt: FormatOpt = "text",
+) -> None:
+    """Write the catalog's predicted genres into the files' genre tags (only with --apply), or undo a write-back run."""
+    checks.summary_format(fmt)
+    check_reader(store)
+    checks.write_tags_options(undo, apply, only_missing, min_confidence)
+    if undo is not None:
+        checks.write_back_run(store, undo)
+    from genre_batch import writeback
+    from genre_batch.store import Store
+
+    choice = writeback.Choice(min_confidence or 0.0, only_missing)
+    if apply or undo is not None:
+        summary = write_back(store, choice, undo)
+    else:
+        rows = writeback.preview(writeback.candidates(Store.at(store), choice))
+        summary = {"run_id": None, "applied": False, "undoes": None, "written": 0, "failed": 0, "files": rows}
+    if fmt == "json":
+        print_json(summary)
+    else:
+        print_write_back(summary)
+
+
 @app.command()
 @friendly
 def demo(

@@ -1,4 +1,5 @@
-"""Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`) and current errors (`errors`)."""
+"""Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`), current errors (`errors`)
+and the write-back record (`writes`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
 
         con.register("errors_arrow", current_errors(store))
         con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
+    if "writes" in sql.lower():  # the write-back record (no rows before the first write-tags --apply)
+        from genre_batch.writeback import read_writes
+
+        con.register("writes_arrow", read_writes(store))
+        con.execute("CREATE VIEW writes AS SELECT * FROM writes_arrow")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

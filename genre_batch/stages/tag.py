@@ -18,8 +18,10 @@ from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, regis
 from genre_batch.cluster import Session
 from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
+from genre_batch.labels import without_written
 from genre_batch.store import Store
 from genre_batch.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
+from genre_batch.writeback import written
 
 
 @dataclass
@@ -131,7 +133,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
     version, meta = current_model(store)
     inventory = read_inventory(store)
-    tracks = current_tracks(store, inventory)
+    tracks = without_written(current_tracks(store, inventory), written(store))  # tags genre-batch wrote: no disagreement
     check_families(store, version, meta, tracks, inventory)
     previous = catalog.pointer(store)
     before = None if full else carried_keys(previous, version, store)

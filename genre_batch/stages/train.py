@@ -20,6 +20,7 @@ from genre_batch.feature_store import KEYS, batches, current_tracks, read_invent
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.stages.extract import library_of
 from genre_batch.store import Store
+from genre_batch.writeback import written
 
 READ_BATCH_WINDOWS = 60_000
 """Window rows per reading task of the training sample."""
@@ -65,7 +66,7 @@ def labelled(store: Store, spec: str) -> Labelled:
     """The labelled tracks of the store's current index for a label spec (no window rows are read)."""
     tracks = current_tracks(store, read_inventory(store))
     source = labels.label_source(spec)
-    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store)), source)
+    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store), written(store)), source)
     return Labelled(kept, genres, dropped, fingerprint, source)
 
 
