@@ -1,0 +1,347 @@
+"""Similar tracks: a faiss IVFFlat index of a snapshot's embeddings and each track's top SIMILAR_K neighbour list.
+
+Every snapshot's `similar/` folder holds `index.faiss` (inner product = cosine on the L2-normalised embeddings;
+nlist = 4 sqrt(n), searched with nprobe NPROBE: bench/ann.py measured recall@10 0.99 at 1M x 200), `vectors.parquet`
+(vid, track_id, bucket, embedding: the index's vectors by bucket of their id) and one piece `part-<bucket>.parquet`
+of the `similar` table per bucket. The index is trained and filled in one worker task (1M x 128 float32 = 512 MB of
+vectors held there); the lists are queried on the workers, one task per bucket, each memory-mapping the index.
+
+With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
+index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
+takes the new tracks that beat its members (exact search of its track against the added vectors) or, when it lost a
+member, is queried again. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from genre_batch import GenreBatchError, catalog
+from genre_batch.catalog import VECTOR_DIM
+from genre_batch.store import Store, is_local
+
+SIMILAR_K = 20
+"""Neighbours stored per track (rank 1..SIMILAR_K); `genre-batch similar --top` past it searches the index."""
+NPROBE = 32
+BUCKET_TRACKS = 25_000
+"""Tracks per query task (bucket) when an index is built; an incremental update keeps the previous bucket count."""
+INCREMENTAL_MAX_SHARE = 0.1
+"""Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
+ROW_GROUP = 10_000
+
+SIMILAR_SCHEMA = pa.schema(
+    [("track_id", pa.string()), ("neighbour_id", pa.string()), ("rank", pa.int16()), ("score", pa.float32())]
+).with_metadata({"genre_batch.similar_k": str(SIMILAR_K)})
+"""The `similar` table: per track its SIMILAR_K nearest catalog tracks by cosine (`score`), rank 1 nearest."""
+VECTORS_SCHEMA = pa.schema(
+    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
+)
+
+
+class UnknownTrack(GenreBatchError):
+    """A track named on the command line is neither in the published catalog nor a readable audio file."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """How a snapshot's index follows the previous one: the tracks (track_id) to add and to remove."""
+
+    previous: str
+    """The previous snapshot's `similar` folder, relative to the catalog."""
+    added: list[str]
+    removed: list[str]
+    buckets: int
+
+
+def folder(snapshot: str) -> str:
+    """A snapshot's similar folder, relative to the catalog."""
+    return f"snapshots/{snapshot}/similar"
+
+
+def piece(similar_folder: str, bucket: int) -> str:
+    """The similar table's piece of one bucket."""
+    return f"{similar_folder}/part-{bucket:05d}.parquet"
+
+
+def vector_ids(track_ids: list[str]) -> np.ndarray:
+    """Stable int64 index ids of track ids (8 bytes of their BLAKE2b hash)."""
+    raw = b"".join(hashlib.blake2b(t.encode(), digest_size=8).digest() for t in track_ids)
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64) if raw else np.zeros(0, np.int64)
+
+
+def buckets_of(vids: np.ndarray, buckets: int) -> np.ndarray:
+    """The bucket (query task) of each index id."""
+    return (vids.view(np.uint64) % np.uint64(buckets)).astype(np.int32)
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists for n vectors: 4 sqrt(n) (bench/ann.py), at least 1, at most n."""
+    return max(1, min(n, round(4 * math.sqrt(n))))
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list embedding column as a float32 matrix [n, VECTOR_DIM]."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, VECTOR_DIM)
+
+
+def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+    ids, blocks = [], []
+    for f in files:
+        table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
+        if only is not None:
+            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(sorted(only), pa.string())))
+        ids += table["track_id"].to_pylist()
+        blocks.append(as_matrix(table["embedding"]))
+    return ids, np.vstack(blocks) if blocks else np.zeros((0, VECTOR_DIM), np.float32)
+
+
+def local_file(store: Store, relative: str) -> str:
+    """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
+    path = f"{store.catalog}/{relative}"
+    if is_local(store.fs):
+        return path
+    cache = os.path.join(tempfile.gettempdir(), "genre-batch-similar", hashlib.sha1(store.fs.unstrip_protocol(path).encode()).hexdigest() + ".faiss")
+    if not os.path.exists(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        store.fs.get_file(path, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return cache
+
+
+def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
+    """A snapshot's index, memory-mapped (read-only) unless `mapped` is False, searching NPROBE lists."""
+    index = faiss.read_index(local_file(store, relative), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+    index.nprobe = NPROBE
+    return index
+
+
+def save_index(store: Store, index: faiss.Index, relative: str) -> None:
+    """Write an index file into an (unpublished) snapshot folder."""
+    path = f"{store.catalog}/{relative}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, local)
+        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.put_file(local, path)
+
+
+def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
+    """An IVFFlat inner-product index trained on and holding the vectors (faiss' k-means is seeded: deterministic)."""
+    quantizer = faiss.IndexFlatIP(VECTOR_DIM)
+    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()  # the index owns (and frees) its quantizer
+    index.train(matrix)
+    index.add_with_ids(matrix, vids)
+    return index
+
+
+def vectors_table(track_ids: list[str], matrix: np.ndarray, buckets: int) -> pa.Table:
+    """The index's vectors with their ids and buckets, in (bucket, vid) order."""
+    vids = vector_ids(track_ids)
+    table = pa.table(
+        {"vid": vids, "track_id": pa.array(track_ids, pa.string()), "bucket": buckets_of(vids, buckets),
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
+        schema=VECTORS_SCHEMA,
+    )
+    return table.sort_by([("bucket", "ascending"), ("vid", "ascending")])
+
+
+def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
+    """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
+    update's tracks removed and added; returns {tracks, buckets, nlist}."""
+    out = folder(snapshot)
+    if update is None:
+        ids, matrix = read_embeddings(store, files)
+        buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
+        index = new_index(matrix, vector_ids(ids)) if ids else None
+        table = vectors_table(ids, matrix, buckets)
+    else:
+        buckets = update.buckets
+        index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
+        index.remove_ids(vector_ids(update.removed))
+        ids, matrix = read_embeddings(store, files, set(update.added))
+        index.add_with_ids(matrix, vector_ids(ids))
+        added = vectors_table(ids, matrix, buckets)
+        store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
+        previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
+        kept = previous.filter(pc.invert(pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string()))))
+        table = pa.concat_tables([kept, added]).sort_by([("bucket", "ascending"), ("vid", "ascending")])
+    if index is not None:
+        save_index(store, index, f"{out}/index.faiss")
+    store.write_table(f"{store.catalog}/{out}/vectors.parquet", table, ROW_GROUP)
+    return {"tracks": table.num_rows, "buckets": buckets, "nlist": index.nlist if index is not None else 0}
+
+
+def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
+    """The rows of one bucket of a vectors file (its row groups are in bucket order: the others are skipped)."""
+    with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
+        parquet = pq.ParquetFile(f)
+        column = parquet.schema_arrow.get_field_index("bucket")
+        groups = []
+        for g in range(parquet.num_row_groups):
+            stats = parquet.metadata.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.min <= bucket <= stats.max:
+                groups.append(g)
+        table = parquet.read_row_groups(groups) if groups else VECTORS_SCHEMA.empty_table()
+    return table.filter(pc.equal(table["bucket"], bucket))
+
+
+def id_map(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted vids, their track_ids) for mapping search results back to tracks."""
+    vids = table["vid"].to_numpy()
+    order = np.argsort(vids, kind="stable")
+    return vids[order], np.array(table["track_id"].to_pylist(), dtype=object)[order]
+
+
+def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """track_ids of index ids (all of which are in `ids`)."""
+    return ids[1][np.searchsorted(ids[0], vids)]
+
+
+def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k (vid [n, k], score [n, k]) of each query, its own id left out; -1 pads short results."""
+    scores, found = index.search(np.ascontiguousarray(queries, np.float32), k + 1)
+    keep = (found != own[:, None]) & (found != -1)
+    out_ids, out_scores = np.full((len(queries), k), -1, np.int64), np.zeros((len(queries), k), np.float32)
+    for i in range(len(queries)):
+        row_ids, row_scores = found[i][keep[i]][:k], scores[i][keep[i]][:k]
+        out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
+    return out_ids, out_scores
+
+
+def merged(old_ids: np.ndarray, old_scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of a list and candidates (score descending, then id), -1 padded."""
+    ids, scores = np.concatenate([old_ids, new_ids]), np.concatenate([old_scores, new_scores])
+    valid = ids != -1
+    ids, scores = ids[valid], scores[valid]
+    order = np.lexsort((ids, -scores))[:k]
+    out_ids, out_scores = np.full(k, -1, np.int64), np.zeros(k, np.float32)
+    out_ids[: len(order)], out_scores[: len(order)] = ids[order], scores[order]
+    return out_ids, out_scores
+
+
+def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+    """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order."""
+    n, k = neighbour_ids.shape
+    valid = neighbour_ids.reshape(-1) != -1
+    flat = neighbour_ids.reshape(-1)[valid]
+    table = pa.table(
+        {"track_id": pa.array(np.repeat(track_ids, k)[valid].tolist(), pa.string()),
+         "neighbour_id": pa.array(track_ids_of(flat, ids).tolist(), pa.string()),
+         "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n)[valid]),
+         "score": pa.array(scores.reshape(-1)[valid])},
+        schema=SIMILAR_SCHEMA,
+    )
+    return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
+
+
+def previous_lists(store: Store, update: Update, bucket: int, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The previous snapshot's lists of one bucket: track_id -> (neighbour vids, scores)."""
+    table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
+    lists: dict[str, tuple[list, list]] = {}
+    for track, neighbour, score in zip(table["track_id"].to_pylist(), table["neighbour_id"].to_pylist(), table["score"].to_pylist()):
+        entry = lists.setdefault(track, ([], []))
+        entry[0].append(neighbour)
+        entry[1].append(score)
+    return {t: (vector_ids(n), np.array(s, np.float32)) for t, (n, s) in lists.items()}
+
+
+def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
+    """Write the similar piece of one bucket (runs on a worker, the index memory-mapped); returns its rows."""
+    out = folder(snapshot)
+    ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
+    mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
+    track_ids = np.array(mine["track_id"].to_pylist(), dtype=object)
+    vids, queries = mine["vid"].to_numpy(), as_matrix(mine["embedding"])
+    found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
+    if len(vids):
+        index = open_index(store, f"{out}/index.faiss")
+        redo = np.ones(len(vids), bool)
+        if update is not None:
+            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores)
+        if redo.any():
+            found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
+    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids))
+    return int((found != -1).sum())
+
+
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: np.ndarray, queries: np.ndarray,
+            found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Fill the lists of a bucket's existing tracks from their previous lists and the added tracks (in place); returns
+    which tracks need a full query: new ones, and those whose list lost a member."""
+    old = previous_lists(store, update, bucket, k)
+    added = store.read_table(f"{store.catalog}/{out}/_added.parquet") if update.added else None
+    flat = faiss.IndexFlatIP(VECTOR_DIM)
+    if added is not None and added.num_rows:
+        flat.add(as_matrix(added["embedding"]))
+        added_vids = added["vid"].to_numpy()
+    removed = set(vector_ids(update.removed).tolist())
+    fresh = set(update.added)
+    redo = np.zeros(len(track_ids), bool)
+    for i, track in enumerate(track_ids):
+        if track in fresh or track not in old or removed.intersection(old[track][0].tolist()):
+            redo[i] = True
+            continue
+        if flat.ntotal:
+            cand_scores, cand_rows = flat.search(queries[i : i + 1], min(k, flat.ntotal))
+            cand_ids = added_vids[cand_rows[0]]
+            found[i], scores[i] = merged(old[track][0], old[track][1], cand_ids, cand_scores[0], k)
+        else:
+            found[i], scores[i] = merged(old[track][0], old[track][1], np.zeros(0, np.int64), np.zeros(0, np.float32), k)
+    return redo
+
+
+KEYS = ["track_id", "fingerprint"]
+"""A track whose (track_id, fingerprint) is in both snapshots kept its embedding (same content, same space)."""
+
+
+def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.Table) -> Update | None:
+    """How the new snapshot's index follows the previous one (`after`: the new snapshot's KEYS); None: rebuild it (no
+    previous index, another vector space or K, or more than INCREMENTAL_MAX_SHARE of the tracks changed)."""
+    similar = (previous or {}).get("similar")
+    if not similar or not similar.get("index") or (previous.get("vector_space") or {}).get("name") != space_name or similar.get("k") != SIMILAR_K:
+        return None
+    before = catalog.read_files(store, previous["files"], KEYS)
+    added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
+    removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
+    if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
+        return None
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"])
+
+
+Runner = Callable[[list[tuple]], list]
+
+
+def build(store: Store, snapshot: str, files: list[str], update: Update | None, run: Runner) -> dict:
+    """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process); returns what
+    the pointer records under `similar`."""
+    out = folder(snapshot)
+    info = run([(build_index, store, snapshot, files, update)])[0]
+    rows = run([(query_bucket, store, snapshot, b, update) for b in range(info["buckets"])]) if info["tracks"] else []
+    store.delete([f"{store.catalog}/{out}/_added.parquet"])
+    return {
+        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None,
+        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(info["buckets"]) if info["tracks"]],
+        "rows": sum(rows), "tracks": info["tracks"], "buckets": info["buckets"], "nlist": info["nlist"], "nprobe": NPROBE,
+        "mode": "full" if update is None else "incremental",
+        "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
+    }
+
+
+def in_process(calls: list[tuple]) -> list:
+    """Run calls `(function, *args)` here, in order (catalog.publish of a table held in this process)."""
+    return [function(*args) for function, *args in calls]
