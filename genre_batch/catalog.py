@@ -63,6 +63,14 @@ CHANGES_SCHEMA = pa.schema(
 with its `old_uri`)."""
 DIFF_COLUMNS = ["track_id", "uri", "genre", "confidence"]
 
+SIMILAR_K = 20
+"""Neighbours stored per track (rank 1..SIMILAR_K); `genre-batch similar --top` past it searches the index."""
+SIMILAR_SCHEMA = pa.schema(
+    [("track_id", pa.string()), ("neighbour_id", pa.string()), ("rank", pa.int16()), ("score", pa.float32())]
+).with_metadata({"genre_batch.similar_k": str(SIMILAR_K)})
+"""The `similar` table of a snapshot (genre_batch.similar): per track its SIMILAR_K nearest other catalog tracks by
+cosine of their embeddings (`score`), rank 1 the nearest."""
+
 
 def diff(before: pa.Table, after: pa.Table) -> pa.Table:
     """The change feed from one catalog to the next (tables with DIFF_COLUMNS), in track_id order."""

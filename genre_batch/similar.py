@@ -28,11 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genre_batch import GenreBatchError, catalog
-from genre_batch.catalog import VECTOR_DIM
+from genre_batch.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
 from genre_batch.store import Store, is_local
 
-SIMILAR_K = 20
-"""Neighbours stored per track (rank 1..SIMILAR_K); `genre-batch similar --top` past it searches the index."""
 NPROBE = 32
 BUCKET_TRACKS = 25_000
 """Tracks per query task (bucket) when an index is built; an incremental update keeps the previous bucket count."""
@@ -40,10 +38,6 @@ INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
 
-SIMILAR_SCHEMA = pa.schema(
-    [("track_id", pa.string()), ("neighbour_id", pa.string()), ("rank", pa.int16()), ("score", pa.float32())]
-).with_metadata({"genre_batch.similar_k": str(SIMILAR_K)})
-"""The `similar` table: per track its SIMILAR_K nearest catalog tracks by cosine (`score`), rank 1 nearest."""
 VECTORS_SCHEMA = pa.schema(
     [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
 )
@@ -218,7 +212,9 @@ def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> 
     keep = (found != own[:, None]) & (found != -1)
     out_ids, out_scores = np.full((len(queries), k), -1, np.int64), np.zeros((len(queries), k), np.float32)
     for i in range(len(queries)):
-        row_ids, row_scores = found[i][keep[i]][:k], scores[i][keep[i]][:k]
+        row_ids, row_scores = found[i][keep[i]], scores[i][keep[i]]
+        order = np.lexsort((row_ids, -row_scores))[:k]  # ties by id, as `merged` orders them
+        row_ids, row_scores = row_ids[order], row_scores[order]
         out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
     return out_ids, out_scores
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,3 +170,30 @@ def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: Vect
     else:
         inputs = pooled(store, tracks, LIBROSA)
     return project(space, inputs), tags
+
+
+def family_for(tracks: pa.Table, musicnn: pa.Table) -> Family:
+    """musicnn when every current track has it (index rows of both families), else librosa."""
+    complete = tracks.num_rows > 0 and tracks.select(KEYS).join(musicnn.select(KEYS), keys=KEYS, join_type="left anti").num_rows == 0
+    return MUSICNN if complete else LIBROSA
+
+
+def space_for(store: Store, previous: dict | None, tracks: pa.Table, musicnn: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
+    """The vector space of a new snapshot: the previous snapshot's while its family (and version) is still the one
+    to use, else one fitted now on a sample pooled on the workers (`run`) and saved."""
+    family = family_for(tracks, musicnn)
+    described = (previous or {}).get("vector_space") or {}
+    if (described.get("family"), described.get("family_version")) == (family.name, family.version) and store.exists(f"{store.catalog}/{described['file']}"):
+        return load(store, described)
+    groups = sample_groups(musicnn if family == MUSICNN else tracks)
+    blocks = run([(pooled_sample, store, [g], family) for g in groups])
+    space = fit(family, np.vstack(blocks) if blocks else np.zeros((0, len(input_columns(family.name))), np.float32))
+    save(store, space)
+    return space
+
+
+def musicnn_rows(musicnn: pa.Table, groups: list[pa.Table]) -> pa.Table:
+    """The musicnn index rows of the tracks of a batch of groups (what its tagging task reads for tags and vectors)."""
+    if not groups or musicnn.num_rows == 0:
+        return musicnn.slice(0, 0)
+    return musicnn.join(pa.concat_tables(groups).select(KEYS), keys=KEYS, join_type="left semi")

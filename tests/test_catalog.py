@@ -25,14 +25,14 @@ SPACE = {"name": "test-space", "dim": catalog.VECTOR_DIM}
 """The vector space tables of rows() are in (a description for CURRENT.json)."""
 
 
-def unit_vector(seed: int) -> list[float]:
-    """A random L2-normalised float32 vector of the catalog's dimension, a pure function of seed."""
-    v = np.random.default_rng(seed).standard_normal(catalog.VECTOR_DIM).astype(np.float32)
-    return (v / np.linalg.norm(v)).tolist()
+def unit_vectors(n: int) -> np.ndarray:
+    """n random L2-normalised float32 vectors of the catalog's dimension (row i the same for every n)."""
+    v = np.random.default_rng(0).standard_normal((n, catalog.VECTOR_DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def rows(n: int, genre: str, run: str) -> pa.Table:
-    """A catalog table of n tracks all tagged `genre` (track t<i> has embedding unit_vector(i))."""
+    """A catalog table of n tracks all tagged `genre` (track t<i> has embedding unit_vectors(n)[i])."""
     return pa.table(
         {
             "track_id": [f"t{i}" for i in range(n)],
@@ -48,7 +48,7 @@ def rows(n: int, genre: str, run: str) -> pa.Table:
             "feature_version": [1] * n,
             "run_id": [run] * n,
             "tagged_at": [datetime.now(timezone.utc)] * n,
-            "embedding": [unit_vector(i) for i in range(n)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit_vectors(n).reshape(-1)), catalog.VECTOR_DIM),
             "tags": [["rock", "guitar"]] * n,
         },
         schema=catalog.CATALOG_SCHEMA,
@@ -70,8 +70,9 @@ def test_publish_switches_readers_to_the_new_snapshot(tmp_path: Path) -> None:
     assert table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
-def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path) -> None:
+def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each genre's rows are one file, most confident first, in row groups: a query on one genre reads one file."""
+    monkeypatch.setattr(catalog, "ROW_GROUP_ROWS", 1_000)  # row groups of 1,000 rows: the layout at 2,005 rows
     s = Store(str(tmp_path))
     n = 2 * catalog.ROW_GROUP_ROWS + 5
     genres = ["rock", "jazz", "pop", "blues", "metal"]
