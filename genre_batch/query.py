@@ -36,7 +36,7 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     if is_local(store.fs) and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
     parquet_view(con, store, "catalog", files, catalog.CATALOG_SCHEMA)
-    if "similar" in sql.lower():  # the published snapshot's neighbour lists (no rows before a snapshot has them)
+    if "similar" in sql.lower():  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
         parquet_view(con, store, "similar", pieces, catalog.SIMILAR_SCHEMA)
     if "changes" in sql.lower():  # the published snapshot's change feed (no rows before the first one that has it)
         feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else catalog.CHANGES_SCHEMA.empty_table()
@@ -56,12 +56,12 @@ def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files:
     """A view `name` of Parquet files of the store (of no rows with `schema` when there are none)."""
     if not files:
         con.register(f"{name}_files", schema.empty_table())
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_files")
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
     elif is_local(store.fs):
         con.read_parquet(files).create_view(name)
     else:
         con.register(f"{name}_files", ds.dataset(files, format="parquet", filesystem=store.fs))
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_files")
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -341,3 +341,115 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
 def in_process(calls: list[tuple]) -> list:
     """Run calls `(function, *args)` here, in order (catalog.publish of a table held in this process)."""
     return [function(*args) for function, *args in calls]
+
+
+# `genre-batch similar`: answers for catalog tracks (from the table or the index) and for files outside the catalog
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The neighbours of one track named on the command line."""
+
+    track: str
+    """As named (track_id, uri or file)."""
+    source: str
+    """`table` (the stored lists), `index` (searched) or `file` (extracted now, searched)."""
+    track_id: str | None
+    uri: str
+    genre: str | None
+    neighbours: list[dict]
+    """{rank, track_id, uri, genre, score}, nearest first."""
+
+
+def catalog_rows(store: Store, pointer: dict, column: str, values: list[str]) -> pa.Table:
+    """(track_id, uri, genre) of the published catalog's rows whose `column` is one of `values`."""
+    import pyarrow.dataset as ds
+
+    files = [f"{store.catalog}/{f}" for f in pointer["files"]]
+    if not files or not values:
+        return pa.table({"track_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()), "genre": pa.array([], pa.string())})
+    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    return dataset.to_table(columns=["track_id", "uri", "genre"], filter=ds.field(column).isin(values))
+
+
+def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tuple[str, float]]:
+    """The first `top` entries of a track's stored list: (neighbour_id, score)."""
+    info = pointer["similar"]
+    bucket = int(buckets_of(vector_ids([track_id]), info["buckets"])[0])
+    table = store.read_table(f"{store.catalog}/{piece(info['folder'], bucket)}")
+    table = table.filter(pc.equal(table["track_id"], track_id)).sort_by("rank")
+    return list(zip(table["neighbour_id"].to_pylist(), table["score"].to_pylist()))[:top]
+
+
+def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
+    """A catalog track's embedding, from the vectors file of its bucket."""
+    info = pointer["similar"]
+    vid = vector_ids([track_id])
+    rows = read_bucket(store, info["vectors"], int(buckets_of(vid, info["buckets"])[0]))
+    return as_matrix(rows.filter(pc.equal(rows["vid"], int(vid[0])))["embedding"])[0]
+
+
+def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: set[str] | None) -> list[tuple[str, float]]:
+    """The `top` nearest tracks (track_id, score) to a vector in the memory-mapped index, `own` id left out; with
+    `allowed`, only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
+    info = pointer["similar"]
+    index = open_index(store, info["index"])
+    ids = id_map(store.read_table(f"{store.catalog}/{info['vectors']}", ["vid", "track_id"]))
+    k = top if allowed is None else 4 * top
+    while True:
+        found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
+        valid = found[0] != -1
+        hits = list(zip(track_ids_of(found[0][valid], ids).tolist(), scores[0][valid].tolist()))
+        hits = [h for h in hits if allowed is None or h[0] in allowed]
+        if len(hits) >= top or k >= index.ntotal:
+            return hits[:top]
+        k *= 4
+
+
+def genre_tracks(store: Store, pointer: dict, genre: str) -> set[str]:
+    """track_ids of one genre of the published catalog (its file only)."""
+    files = [f for f, g in pointer["genres"].items() if g == genre]
+    if not files:
+        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
+    return {t for f in files for t in store.read_table(f"{store.catalog}/{f}", ["track_id"])["track_id"].to_pylist()}
+
+
+def described(store: Store, pointer: dict, hits: list[tuple[str, float]]) -> list[dict]:
+    """Neighbour entries with their uri and genre."""
+    rows = {r["track_id"]: r for r in catalog_rows(store, pointer, "track_id", [t for t, _ in hits]).to_pylist()}
+    return [{"rank": i + 1, "track_id": t, "uri": rows[t]["uri"], "genre": rows[t]["genre"], "score": round(float(s), 6)}
+            for i, (t, s) in enumerate(hits)]
+
+
+def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer]:
+    """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
+    lists (top <= SIMILAR_K, no genre) or the index; audio files outside the catalog extracted now (nothing stored).
+    Raises UnknownTrack for a name that is neither."""
+    from genre_batch import audio, vectors
+
+    pointer = catalog.pointer(store)
+    if pointer is None:
+        raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
+    if not (pointer.get("similar") or {}).get("index"):
+        raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.get('catalog_version')}): "
+                              "run 'genre-batch tag' to publish one that has")
+    allowed = genre_tracks(store, pointer, genre) if genre is not None else None
+    known = catalog_rows(store, pointer, "track_id", [n for n, _ in names])
+    known = pa.concat_tables([known, catalog_rows(store, pointer, "uri", [u for _, u in names])])
+    by_name = {**{r["uri"]: r for r in known.to_pylist()}, **{r["track_id"]: r for r in known.to_pylist()}}
+    answers = []
+    for name, uri in names:
+        row = by_name.get(name) or by_name.get(uri)
+        if row is not None and allowed is None and top <= pointer["similar"]["k"]:
+            hits, source = stored_list(store, pointer, row["track_id"], top), "table"
+        elif row is not None:
+            own = int(vector_ids([row["track_id"]])[0])
+            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), own, top, allowed), "index"
+        else:
+            try:
+                vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
+            except audio.AudioError as e:
+                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
+            hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
+        answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], described(store, pointer, hits)))
+    return answers

@@ -197,3 +197,17 @@ def musicnn_rows(musicnn: pa.Table, groups: list[pa.Table]) -> pa.Table:
     if not groups or musicnn.num_rows == 0:
         return musicnn.slice(0, 0)
     return musicnn.join(pa.concat_tables(groups).select(KEYS), keys=KEYS, join_type="left semi")
+
+
+def file_vector(space: VectorSpace, uri: str) -> tuple[np.ndarray, list[str] | None]:
+    """Embedding [VECTOR_DIM] of an audio file outside the catalog, extracted now (nothing stored), and its tags when
+    the space is musicnn's (raises audio.AudioError)."""
+    from genre_batch import audio, features
+    from genre_batch.extraction import librosa_windows, musicnn_vector
+
+    segments, _, _ = audio.load(uri, features.window_spans)
+    if space.family == MUSICNN.name:
+        values, _ = musicnn_vector(segments)
+        return project(space, values[None, : len(EMBEDDING_COLUMNS)])[0], top_tags(values[len(EMBEDDING_COLUMNS):])
+    _, windows = librosa_windows(segments)
+    return project(space, windows.mean(axis=0, keepdims=True))[0], None

@@ -181,7 +181,7 @@ def test_near_duplicate_is_the_nearest_neighbour_and_query_sees_the_table(tagged
     assert got[ids["copy-of-01.wav"]][0][0] == ids["chiptune-0-01.flac"]
     assert got[ids["chiptune-0-01.flac"]][0][0] == ids["copy-of-01.wav"]
     assert all(len(v) == 12 for v in got.values())  # every other track: 13 tracks < K
-    sql = ("SELECT c.uri, n.uri AS neighbour, s.score FROM similar s JOIN catalog c USING (track_id) "
+    sql = ('SELECT c.uri, n.uri AS neighbour, s.score FROM "similar" s JOIN catalog c USING (track_id) '
            "JOIN catalog n ON n.track_id = s.neighbour_id WHERE s.rank = 1 AND c.uri LIKE '%copy-of-01.wav'")
     [row] = query.run(s, sql).to_pylist()
     assert row["neighbour"].endswith("chiptune-0-01.flac") and row["score"] > 0.9
@@ -228,9 +228,42 @@ def test_a_version_2_store_keeps_working_and_the_first_run_fills_the_new_columns
     s = Store(str(store))
     strip_to_version_2(s)
     assert query.run(s, "SELECT count(*) AS n FROM catalog").to_pylist() == [{"n": 13}]
-    assert query.run(s, "SELECT count(*) AS n FROM similar").to_pylist() == [{"n": 0}]
+    assert query.run(s, "SELECT count(*) AS n FROM \"similar\"").to_pylist() == [{"n": 0}]
     summary = run_tag(store, dask_scheduler, "run-tag-v3")
     assert (summary.mode, summary.predicted, summary.carried) == ("full", 13, 0)  # v2 rows lack the columns: re-tagged
     table = catalog.read(s)
     assert table["embedding"].null_count == 0 and catalog.pointer(s)["catalog_version"] == 3
-    assert query.run(s, "SELECT count(*) AS n FROM similar").to_pylist() == [{"n": 13 * 12}]
+    assert query.run(s, "SELECT count(*) AS n FROM \"similar\"").to_pylist() == [{"n": 13 * 12}]
+
+
+def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    library, store = tagged
+    ids = uri_ids(Store(str(store)))
+    copy = str(library / "chiptune" / "copy-of-01.wav")
+    code, out, err = cli("similar", "--store", str(store), copy, ids["ambient-0-00.wav"], "--top", "3", "--format", "json")
+    assert code == 0, err
+    first, second = json.loads(out)
+    assert (first["source"], first["track_id"], first["genre"]) == ("table", ids["copy-of-01.wav"], "chiptune")
+    assert [n["rank"] for n in first["neighbours"]] == [1, 2, 3] and first["neighbours"][0]["uri"].endswith("chiptune-0-01.flac")
+    assert second["uri"].endswith("ambient-0-00.wav") and len(second["neighbours"]) == 3
+
+    code, out, err = cli("similar", "--store", str(store), copy, "--top", "3", "--genre", "percussion", "--format", "json")
+    [only] = json.loads(out)
+    assert code == 0 and only["source"] == "index" and [n["genre"] for n in only["neighbours"]] == ["percussion"] * 3
+    code, out, _ = cli("similar", "--store", str(store), copy, "--top", "12", "--format", "json")
+    deep = json.loads(out)[0]["neighbours"]  # all 12 others, past nothing: the table holds them all
+    assert len(deep) == 12 and deep[:3] == first["neighbours"]
+
+    outside = near_duplicate("chiptune", 101, tmp_path / "elsewhere.wav")  # not in the library: extracted now
+    before = sorted(p for p in store.rglob("*"))
+    code, out, err = cli("similar", "--store", str(store), str(outside), "--top", "2")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith(f"{outside} (not in the catalog, from the file)") and "chiptune-0-01.flac" in out.splitlines()[1]
+    assert sorted(p for p in store.rglob("*")) == before  # nothing stored
+
+    code, out, err = cli("similar", "--store", str(store), "no-such-track")
+    assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file")
+    code, _, err = cli("similar", "--store", str(store), copy, "--genre", "polka")
+    assert code == 1 and err.startswith("error: --genre polka: no such genre in the published catalog; it has ambient, chiptune")
