@@ -745,7 +745,7 @@ def classify(
 def similar(
     tracks: Annotated[list[str], typer.Argument(help="Catalog tracks (track_id or uri) or audio files outside the catalog (extracted now, nothing stored).")],
     store: StoreOpt = DEFAULT_STORE,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, max=checks.SIMILAR_MAX_TOP, help="How many similar tracks per track.")] = 10,
+    top: Annotated[int, typer.Option("--top", min=1, max=checks.SIMILAR_MAX_TOP, help="How many similar tracks per track.")] = 10,
     genre: Annotated[str | None, typer.Option("--genre", help="Only neighbours of this genre (searches deeper until --top are found).")] = None,
     fmt: FormatOpt = "text",
 ) -> None:

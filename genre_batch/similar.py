@@ -425,8 +425,6 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
     lists (top <= SIMILAR_K, no genre) or the index; audio files outside the catalog extracted now (nothing stored).
     Raises UnknownTrack for a name that is neither."""
-    from genre_batch import audio, vectors
-
     pointer = catalog.pointer(store)
     if pointer is None:
         raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
@@ -446,6 +444,8 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
             own = int(vector_ids([row["track_id"]])[0])
             hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), own, top, allowed), "index"
         else:
+            from genre_batch import audio, vectors  # the feature code (librosa, onnxruntime): only for files outside the catalog
+
             try:
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
             except audio.AudioError as e:

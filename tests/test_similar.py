@@ -256,11 +256,13 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
     deep = json.loads(out)[0]["neighbours"]  # all 12 others, past nothing: the table holds them all
     assert len(deep) == 12 and deep[:3] == first["neighbours"]
 
-    outside = near_duplicate("chiptune", 101, tmp_path / "elsewhere.wav")  # not in the library: extracted now
+    outside = near_duplicate("chiptune", 101, tmp_path / "elsewhere.wav")  # copy-of-01.wav's audio, not in the catalog
     before = sorted(p for p in store.rglob("*"))
     code, out, err = cli("similar", "--store", str(store), str(outside), "--top", "2")
     assert code == 0, err
-    assert out.splitlines()[0].startswith(f"{outside} (not in the catalog, from the file)") and "chiptune-0-01.flac" in out.splitlines()[1]
+    header, first_line, second_line = out.splitlines()
+    assert header == f"{outside} (not in the catalog, from the file):"
+    assert "1.000" in first_line and first_line.endswith("copy-of-01.wav  (chiptune)") and "chiptune-0-01.flac" in second_line
     assert sorted(p for p in store.rglob("*")) == before  # nothing stored
 
     code, out, err = cli("similar", "--store", str(store), "no-such-track")
