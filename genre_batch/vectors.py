@@ -180,12 +180,16 @@ def family_for(tracks: pa.Table, musicnn: pa.Table) -> Family:
 
 def space_for(store: Store, previous: dict | None, tracks: pa.Table, musicnn: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
     """The vector space of a new snapshot: the previous snapshot's while its family (and version) is still the one
-    to use, else one fitted now on a sample pooled on the workers (`run`) and saved."""
+    to use and its sample is at least half what the store offers now (a space fitted on a small first library is
+    refitted as the library grows, until SAMPLE_TRACKS), else one fitted now on a sample pooled on the workers
+    (`run`) and saved."""
     family = family_for(tracks, musicnn)
+    source = musicnn if family == MUSICNN else tracks
     described = (previous or {}).get("vector_space") or {}
-    if (described.get("family"), described.get("family_version")) == (family.name, family.version) and store.exists(f"{store.catalog}/{described['file']}"):
+    same = (described.get("family"), described.get("family_version")) == (family.name, family.version)
+    if same and 2 * described.get("sample_tracks", 0) >= min(SAMPLE_TRACKS, source.num_rows) and store.exists(f"{store.catalog}/{described['file']}"):
         return load(store, described)
-    groups = sample_groups(musicnn if family == MUSICNN else tracks)
+    groups = sample_groups(source)
     blocks = run([(pooled_sample, store, [g], family) for g in groups])
     space = fit(family, np.vstack(blocks) if blocks else np.zeros((0, len(input_columns(family.name))), np.float32))
     save(store, space)

@@ -269,3 +269,29 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
     assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file")
     code, _, err = cli("similar", "--store", str(store), copy, "--genre", "polka")
     assert code == 1 and err.startswith("error: --genre polka: no such genre in the published catalog; it has ambient, chiptune")
+
+
+def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path, dask_scheduler: str) -> None:
+    from genre_batch.embedding.musicnn import TAG_NAMES
+    from genre_batch.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
+
+    library, store = tmp_path / "library", tmp_path / "store"
+    make_library(library, 2, styles=STYLES)
+    s = Store(str(store))
+    with session(dask_scheduler) as cluster:
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
+        assert train_stage.train(s, "folders", "run-train", cluster).promoted
+    run_tag(store, dask_scheduler, "run-librosa")
+    assert catalog.pointer(s)["vector_space"]["family"] == "librosa" and catalog.read(s)["tags"].null_count == 8
+    with session(dask_scheduler) as cluster:  # backfill the musicnn family: now every track has it
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa", "musicnn"))
+    summary = run_tag(store, dask_scheduler, "run-musicnn")
+    pointer = catalog.pointer(s)
+    assert (summary.mode, summary.predicted) == ("full", 8)  # a new vector space re-tags every track ...
+    assert pointer["vector_space"]["family"] == "musicnn" and pointer["vector_space"]["name"].startswith("musicnn-v1-zpca128-")
+    assert pointer["similar"]["mode"] == "full"  # ... and rebuilds the index
+    table = catalog.read(s, ["uri", "tags", "embedding"])
+    rows = pa.concat_tables([read_windows(s, g, ["uri", *TAG_COLUMNS], vectors.MUSICNN) for g in by_part(current_tracks(s, family=vectors.MUSICNN))])
+    expected = {r["uri"]: [TAG_NAMES[i].lower() for i in np.argsort([-r[c] for c in TAG_COLUMNS], kind="stable")[:5]] for r in rows.to_pylist()}
+    assert {r["uri"]: r["tags"] for r in table.to_pylist()} == expected
+    assert np.allclose(np.linalg.norm(similar.as_matrix(table["embedding"]), axis=1), 1, atol=1e-5)
