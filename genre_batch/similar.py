@@ -220,14 +220,12 @@ def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> 
 
 
 def merged(old_ids: np.ndarray, old_scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best k of a list and candidates (score descending, then id), -1 padded."""
-    ids, scores = np.concatenate([old_ids, new_ids]), np.concatenate([old_scores, new_scores])
-    valid = ids != -1
-    ids, scores = ids[valid], scores[valid]
-    order = np.lexsort((ids, -scores))[:k]
-    out_ids, out_scores = np.full(k, -1, np.int64), np.zeros(k, np.float32)
-    out_ids[: len(order)], out_scores[: len(order)] = ids[order], scores[order]
-    return out_ids, out_scores
+    """Row by row, the best k of lists and candidates [n, *] (score descending, then id), -1 padded."""
+    ids, scores = np.concatenate([old_ids, new_ids], axis=1), np.concatenate([old_scores, new_scores], axis=1)
+    scores = np.where(ids == -1, -np.inf, scores)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    return ids, np.where(ids == -1, 0, scores).astype(np.float32)
 
 
 def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> pa.Table:
@@ -245,15 +243,18 @@ def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.nda
     return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
-def previous_lists(store: Store, update: Update, bucket: int, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The previous snapshot's lists of one bucket: track_id -> (neighbour vids, scores)."""
+def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
+    to the bucket has an empty list)."""
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
-    lists: dict[str, tuple[list, list]] = {}
-    for track, neighbour, score in zip(table["track_id"].to_pylist(), table["neighbour_id"].to_pylist(), table["score"].to_pylist()):
-        entry = lists.setdefault(track, ([], []))
-        entry[0].append(neighbour)
-        entry[1].append(score)
-    return {t: (vector_ids(n), np.array(s, np.float32)) for t, (n, s) in lists.items()}
+    found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
+    known = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)
+    rank = table["rank"].to_numpy().astype(np.int64) - 1
+    ids, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
+    ids[row[known], rank[known]] = vector_ids(pc.filter(table["neighbour_id"], pa.array(known)).to_pylist())
+    scores[row[known], rank[known]] = table["score"].to_numpy()[known]
+    return ids, scores
 
 
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
@@ -277,27 +278,21 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
 
 def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: np.ndarray, queries: np.ndarray,
             found: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Fill the lists of a bucket's existing tracks from their previous lists and the added tracks (in place); returns
-    which tracks need a full query: new ones, and those whose list lost a member."""
-    old = previous_lists(store, update, bucket, k)
-    added = store.read_table(f"{store.catalog}/{out}/_added.parquet") if update.added else None
-    flat = faiss.IndexFlatIP(VECTOR_DIM)
-    if added is not None and added.num_rows:
+    """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
+    tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
+    old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
+    lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
+    redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
+    keep = ~redo
+    if update.added and keep.any():
+        added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
+        flat = faiss.IndexFlatIP(VECTOR_DIM)
         flat.add(as_matrix(added["embedding"]))
-        added_vids = added["vid"].to_numpy()
-    removed = set(vector_ids(update.removed).tolist())
-    fresh = set(update.added)
-    redo = np.zeros(len(track_ids), bool)
-    for i, track in enumerate(track_ids):
-        if track in fresh or track not in old or removed.intersection(old[track][0].tolist()):
-            redo[i] = True
-            continue
-        if flat.ntotal:
-            cand_scores, cand_rows = flat.search(queries[i : i + 1], min(k, flat.ntotal))
-            cand_ids = added_vids[cand_rows[0]]
-            found[i], scores[i] = merged(old[track][0], old[track][1], cand_ids, cand_scores[0], k)
-        else:
-            found[i], scores[i] = merged(old[track][0], old[track][1], np.zeros(0, np.int64), np.zeros(0, np.float32), k)
+        cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
+        cand_ids = added["vid"].to_numpy()[cand_rows]
+        found[keep], scores[keep] = merged(old_ids[keep], old_scores[keep], cand_ids, cand_scores, k)
+    else:
+        found[keep], scores[keep] = old_ids[keep], old_scores[keep]
     return redo
 
 
