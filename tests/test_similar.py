@@ -276,18 +276,18 @@ def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path,
     from genre_batch.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
 
     library, store = tmp_path / "library", tmp_path / "store"
-    make_library(library, 2, styles=STYLES)
+    make_library(library, 3, styles=STYLES)
     s = Store(str(store))
     with session(dask_scheduler) as cluster:
         extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
         assert train_stage.train(s, "folders", "run-train", cluster).promoted
     run_tag(store, dask_scheduler, "run-librosa")
-    assert catalog.pointer(s)["vector_space"]["family"] == "librosa" and catalog.read(s)["tags"].null_count == 8
+    assert catalog.pointer(s)["vector_space"]["family"] == "librosa" and catalog.read(s)["tags"].null_count == 12
     with session(dask_scheduler) as cluster:  # backfill the musicnn family: now every track has it
         extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa", "musicnn"))
     summary = run_tag(store, dask_scheduler, "run-musicnn")
     pointer = catalog.pointer(s)
-    assert (summary.mode, summary.predicted) == ("full", 8)  # a new vector space re-tags every track ...
+    assert (summary.mode, summary.predicted) == ("full", 12)  # a new vector space re-tags every track ...
     assert pointer["vector_space"]["family"] == "musicnn" and pointer["vector_space"]["name"].startswith("musicnn-v1-zpca128-")
     assert pointer["similar"]["mode"] == "full"  # ... and rebuilds the index
     table = catalog.read(s, ["uri", "tags", "embedding"])
