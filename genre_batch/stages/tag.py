@@ -3,6 +3,10 @@
 With the model of the published snapshot unchanged, only new and changed tracks are predicted: the rows of unchanged
 tracks are carried over from the previous snapshot, those of removed and changed tracks dropped. The result equals a
 full re-tag (same tracks, genres and probabilities); a new model re-tags everything.
+
+Each row carries its embedding in the snapshot's vector space and its musicnn tags (genre_batch.vectors); a new vector
+space re-tags everything too. Before the switch the snapshot gets its faiss index and `similar` table
+(genre_batch.similar): updated from the previous snapshot's when the space is the same, else built afresh.
 """
 
 from __future__ import annotations
