@@ -91,6 +91,16 @@ def query_format(fmt: str) -> None:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(QUERY_FORMATS)}")
 
 
+SIMILAR_MAX_TOP = 1000
+"""Most neighbours `similar --top` returns per track."""
+
+
+def genre_name(genre: str | None) -> None:
+    """`similar --genre` names a genre (not an empty string)."""
+    if genre is not None and not genre.strip():
+        raise UsageError("--genre needs a genre name, e.g. --genre rock")
+
+
 def sql_statement(sql: str) -> None:
     """A query needs a statement."""
     if not sql.strip().strip(";").strip():

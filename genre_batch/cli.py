@@ -1,4 +1,4 @@
-"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | demo | serve.
+"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | similar | demo | serve.
 
 Arguments, label specs, formats and local paths are checked before Prefect or Dask are imported (genre_batch.checks):
 a usage error costs no start-up, exits 2 and prints one line.
@@ -806,6 +806,34 @@ def write_tags(
         print_json(summary)
     else:
         print_write_back(summary)
+
+
+@app.command()
+@friendly
+def similar(
+    tracks: Annotated[list[str], typer.Argument(help="Catalog tracks (track_id or uri) or audio files outside the catalog (extracted now, nothing stored).")],
+    store: StoreOpt = DEFAULT_STORE,
+    top: Annotated[int, typer.Option("--top", min=1, max=checks.SIMILAR_MAX_TOP, help="How many similar tracks per track.")] = 10,
+    genre: Annotated[str | None, typer.Option("--genre", help="Only neighbours of this genre (searches deeper until --top are found).")] = None,
+    fmt: FormatOpt = "text",
+) -> None:
+    """The most similar catalog tracks (cosine of the snapshot's embeddings) of catalog tracks or audio files."""
+    checks.summary_format(fmt)
+    checks.genre_name(genre)
+    check_reader(store)
+    from dataclasses import asdict
+
+    from genre_batch import similar as neighbours
+    from genre_batch.store import Store
+
+    answers = neighbours.answer(Store.at(store), [(t, absolute(t)) for t in tracks], top, genre)
+    if fmt == "json":
+        print_json([asdict(a) for a in answers])
+        return
+    for a in answers:
+        out.print(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):", markup=False)
+        for n in a.neighbours:
+            out.print(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})", markup=False)
 
 
 @app.command()

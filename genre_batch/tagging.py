@@ -11,7 +11,7 @@ import xgboost as xgb
 
 from genre_batch import catalog, registry
 from genre_batch.audio import AudioError
-from genre_batch.catalog import CATALOG_SCHEMA
+from genre_batch.catalog import CATALOG_SCHEMA, VECTOR_DIM
 from genre_batch.evaluation import calibrate
 from genre_batch.extraction import extract_file
 from genre_batch.feature_store import keys_of, read_windows
@@ -19,6 +19,7 @@ from genre_batch.features import FEATURE_NAMES
 from genre_batch.labels import normalise
 from genre_batch.store import Store
 from genre_batch.training import matrix, per_track, predict_proba
+from genre_batch.vectors import VectorSpace, track_vectors
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""
@@ -50,9 +51,11 @@ def genres_of(meta: dict) -> list[str]:
 
 
 def catalog_rows(
-    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime
+    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime,
+    embeddings: np.ndarray, tags: list[list[str] | None],
 ) -> pa.Table:
-    """Catalog rows of tracks (index rows) and their probabilities; under the abstain threshold the genre is `unknown`."""
+    """Catalog rows of tracks (index rows), their probabilities, embeddings [n, VECTOR_DIM] and musicnn tags (None
+    without the family); under the abstain threshold the genre is `unknown`."""
     genres, n = meta["genres"], tracks.num_rows
     confidence = probabilities.max(axis=1) if n else np.zeros(0)
     top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
@@ -75,6 +78,8 @@ def catalog_rows(
             "feature_version": tracks["feature_version"],
             "run_id": pa.array([run_id] * n, pa.string()),
             "tagged_at": pa.array([tagged_at] * n, CATALOG_SCHEMA.field("tagged_at").type),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), VECTOR_DIM),
+            "tags": pa.array(tags, CATALOG_SCHEMA.field("tags").type),
         },
         schema=CATALOG_SCHEMA,
     )
@@ -87,16 +92,20 @@ def predict_part(store: Store, tracks: pa.Table, booster: xgb.Booster, meta: dic
     return calibrated(booster, matrix(windows), track, tracks.num_rows, meta)
 
 
-def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime) -> pa.Table:
-    """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process."""
+def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, space: VectorSpace,
+               musicnn: pa.Table) -> pa.Table:
+    """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process;
+    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags."""
     booster, meta = worker_model(store, version)
-    tables = [catalog_rows(g, predict_part(store, g, booster, meta), meta, version, run_id, tagged_at) for g in groups]
+    tables = [catalog_rows(g, predict_part(store, g, booster, meta), meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space))
+              for g in groups]
     return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
 
 
-def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, snapshot: str, task: int) -> dict[str, int]:
+def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, snapshot: str, task: int,
+              space: VectorSpace, musicnn: pa.Table) -> dict[str, int]:
     """Tag a batch of parts (runs on a worker) and leave its rows as one piece per genre; returns rows per genre."""
-    table = tag_groups(store, version, groups, run_id, tagged_at)
+    table = tag_groups(store, version, groups, run_id, tagged_at, space, musicnn)
     genres = genres_of(worker_model(store, version)[1])
     counts = {}
     for genre, rows in catalog.split_by_genre(table).items():

@@ -33,7 +33,7 @@ from genre_batch.audio import SAMPLE_RATE
 from genre_batch.synth import STYLES, render, write_audio
 
 from conftest import current_features, cli, make_library
-from test_catalog import rows
+from test_catalog import SPACE, rows
 from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
 
 PER_STYLE = 24
@@ -459,7 +459,7 @@ NO_FILES = 'error: query failed: Permission Error: Cannot access file "{}" - fil
 )
 def test_query_cannot_write_or_open_store_files(tmp_path: Path, sql: str, message: str) -> None:
     store = tmp_path / "store"
-    catalog.publish(Store(str(store)), rows(3, "rock", "run-a"), "run-a", "m-1")
+    catalog.publish(Store(str(store)), rows(3, "rock", "run-a"), "run-a", "m-1", SPACE)
     before = store_tree(store)
     code, out, err = cli("query", "--store", str(store), sql.format(store=store))
     assert (code, out, err) == (1, "", message.format(store=store) + "\n")

@@ -115,7 +115,7 @@ def test_abstain_threshold_gives_unknown_rows_that_keep_their_probabilities() ->
     )
     probabilities = np.array([[0.4, 0.3, 0.2, 0.1], [0.05, 0.9, 0.03, 0.02]])
     meta = {"genres": GENRES, "abstain_below": 0.5}
-    rows = catalog_rows(first, probabilities, meta, "m-1", "run-1", datetime.now(timezone.utc)).to_pylist()
+    rows = catalog_rows(first, probabilities, meta, "m-1", "run-1", datetime.now(timezone.utc), np.zeros((2, 128)), [None, None]).to_pylist()
     assert [r["genre"] for r in rows] == [UNKNOWN, "chiptune"]
     assert dict(rows[0]["probabilities"]) == pytest.approx(dict(zip(GENRES, probabilities[0])))
     assert rows[0]["confidence"] == pytest.approx(0.4)

@@ -3,6 +3,10 @@
 With the model of the published snapshot unchanged, only new and changed tracks are predicted: the rows of unchanged
 tracks are carried over from the previous snapshot, those of removed and changed tracks dropped. The result equals a
 full re-tag (same tracks, genres and probabilities); a new model re-tags everything.
+
+Each row carries its embedding in the snapshot's vector space and its musicnn tags (genre_batch.vectors); a new vector
+space re-tags everything too. Before the switch the snapshot gets its faiss index and `similar` table
+(genre_batch.similar): updated from the previous snapshot's when the space is the same, else built afresh.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry
+from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, vectors
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, MUSICNN, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.labels import without_written
 from genre_batch.store import Store
@@ -102,10 +106,12 @@ def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inv
         )
 
 
-def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table | None:
-    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, same catalog
-    version), else None: then everything is predicted."""
+def carried_keys(previous: dict | None, version: str, store: Store, space: str) -> pa.Table | None:
+    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, catalog version
+    and vector space), else None: then everything is predicted (a version 2 snapshot's rows lack embeddings and tags)."""
     if not previous or previous.get("model_version") != version or previous.get("catalog_version") != catalog.CATALOG_VERSION:
+        return None
+    if (previous.get("vector_space") or {}).get("name") != space:
         return None
     return catalog.read(store, KEYS)
 
@@ -136,7 +142,9 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     tracks = without_written(current_tracks(store, inventory), written(store))  # tags genre-batch wrote: no disagreement
     check_families(store, version, meta, tracks, inventory)
     previous = catalog.pointer(store)
-    before = None if full else carried_keys(previous, version, store)
+    musicnn = current_tracks(store, inventory, MUSICNN)
+    space = vectors.space_for(store, previous, tracks, musicnn, session.run)
+    before = None if full else carried_keys(previous, version, store, space.name)
     if before is None:
         todo, dropped = tracks, None
     else:
@@ -149,7 +157,9 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     genres = genres_of(meta)
     work = batches(todo, BATCH_WINDOWS)
     predicted: Counter[str] = Counter()
-    for counts in session.run([(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i) for i, groups in enumerate(work)]):
+    calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
+             for i, groups in enumerate(work)]
+    for counts in session.run(calls):
         predicted.update(counts)
     carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
     numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
@@ -164,8 +174,11 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     changes = catalog.diff(old, catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, old.num_rows, version, previous["model_version"])
+    feed = catalog.write_changes(store, snapshot, changes)
+    update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
+    neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=catalog.write_changes(store, snapshot, changes))
+                   feature_version=FEATURE_VERSION, changes=feed, vector_space=space.describe(), similar=neighbours)
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
