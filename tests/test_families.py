@@ -14,7 +14,7 @@ import pytest
 from conftest import current_features, make_library
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import GenreBatchError, audio, catalog, features, registry, training
+from genre_batch import GenreBatchError, audio, catalog, features, registry, tagging, training
 from genre_batch import feature_store as fstore
 from genre_batch.cluster import session
 from genre_batch.embedding.musicnn import EMBEDDING_VERSION, TAG_NAMES
@@ -72,6 +72,13 @@ def test_musicnn_features_are_deterministic_for_a_generated_signal(tmp_path: Pat
         rows.append(part.select(fstore.MUSICNN_COLUMNS))
     assert rows[0].equals(rows[1])
     assert np.allclose(np.array([rows[0][c][0].as_py() for c in fstore.MUSICNN_COLUMNS]), first)
+
+    # classify decodes a file into the same joined rows as tagging reads from the store, for every family set
+    inventory = pa.table({k: listing[k] for k in ("uri", "track_id", "fingerprint", "size", "version")})
+    located = training.located(store, fstore.current_tracks(store, inventory), inventory, ["librosa", "musicnn"])
+    for families in (["librosa", "musicnn"], ["musicnn"], ["librosa"]):
+        stored = training.matrix(training.family_rows(store, located, families), training.columns_of(families))
+        assert np.array_equal(tagging.file_rows(str(path), families), stored)
 
 
 def musicnn_shard(store: Store, name: str, shard: list[dict], run_id: str) -> None:
