@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from genre_batch import registry
+from genre_batch import checks, registry
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.model import KINDS, LinearModel, XGBoostModel, model_class
 from genre_batch.store import Store
@@ -87,6 +87,7 @@ def test_a_card_without_classifier_loads_as_xgboost(tmp_path: Path) -> None:
     assert model.predict_proba(np.zeros((2, len(FEATURE_NAMES)), np.float32)).shape == (2, 3)
 
 
-def test_unknown_kind_is_a_clear_error() -> None:
+def test_unknown_kind_is_a_clear_error_and_the_cli_lists_every_kind() -> None:
+    assert checks.CLASSIFIERS == tuple(KINDS)  # checked before any training library loads, so listed twice
     with pytest.raises(Exception, match="unknown classifier 'svm': this genre-batch knows xgboost, linear"):
         model_class("svm")
