@@ -26,17 +26,18 @@ from genre_batch import audio, extraction, features, training
 from genre_batch.embedding.musicnn import EMBEDDING_VERSION
 from genre_batch.evaluation import majority_baseline, scores
 from genre_batch.features import FEATURE_VERSION
-from genre_batch.model import DEFAULT_KIND
+from genre_batch.model import default_kind
 
 SEED = 0
+"""Default seed of the folds (and of the bootstrap); `--seed` picks another split."""
 BOOTSTRAP = 2000
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "genre-batch-accuracy"
 FAMILY_SETS: tuple[tuple[str, ...], ...] = (("librosa",), ("musicnn",), ("librosa", "musicnn"))
 CLASSIFIERS: tuple[str, ...] = ("xgboost", "linear")
-DEFAULT = (tuple(training.DEFAULT_FAMILIES), DEFAULT_KIND)
-"""The configuration every other one is compared with (paired, over tracks)."""
+DEFAULT = (tuple(training.DEFAULT_FAMILIES), default_kind(training.DEFAULT_FAMILIES))
+"""The configuration every other one is compared with (paired, over tracks) unless --reference names another."""
 CAVEAT = (
     "Splits keep each artist (embedded artist tag) whole where files carry one, as genre-batch evaluate does; "
     "gtzan-mini files carry no tags, so its splits are by track and its clips of one artist (blues, classical, "
@@ -200,9 +201,10 @@ def name_of(families: tuple[str, ...], kind: str) -> str:
     return f"{'+'.join(families)} / {kind}"
 
 
-def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarray, n_folds: int, recipe: bool) -> dict[str, dict]:
-    """Every family set x classifier (and the recipe) on the same stratified, grouped folds, paired against DEFAULT."""
-    splits = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=SEED).split(y, y, groups))
+def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarray, n_folds: int, recipe: bool, seed: int = SEED,
+             reference: str = name_of(*DEFAULT)) -> dict[str, dict]:
+    """Every family set x classifier (and the recipe) on the same stratified, grouped folds, paired against `reference`."""
+    splits = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(y, y, groups))
     predictions: dict[str, np.ndarray] = {}
     out: dict[str, dict] = {}
     for families in FAMILY_SETS:
@@ -217,13 +219,13 @@ def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarra
     if recipe:
         predictions["seed recipe"] = recipe_predictions([e["recipe"] for e in extracted], y, splits)
         out["seed recipe"] = {**summary(y, predictions["seed recipe"], splits, task.genres), "n_features": int(extracted[0]["recipe"].shape[0])}
-    reference = predictions[name_of(*DEFAULT)] == y
+    correct = predictions[reference] == y
     for name, result in out.items():
-        result["vs_default"] = paired_interval(predictions[name] == y, reference)
+        result["vs_default"] = paired_interval(predictions[name] == y, correct, seed=seed)
     return out
 
 
-def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool) -> dict:
+def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seed: int = SEED, reference: str = name_of(*DEFAULT)) -> dict:
     """Extract (or read the cache), cross-validate and collect every number of the report."""
     wall = time.perf_counter()
     tasks = discover(data)
@@ -232,8 +234,8 @@ def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool) -> di
     warm_up()
     extracted = extract_all(tasks, workers, cache, recipe)
     extraction_s = time.perf_counter() - wall
-    report: dict = {"data": str(data), "folds": n_folds, "seed": SEED, "workers": workers, "caveat": CAVEAT,
-                    "default": name_of(*DEFAULT), "bootstrap": BOOTSTRAP, "musicnn_patches": extraction.MUSICNN_PATCHES, "tasks": {}}
+    report: dict = {"data": str(data), "folds": n_folds, "seed": seed, "workers": workers, "caveat": CAVEAT,
+                    "default": reference, "bootstrap": BOOTSTRAP, "musicnn_patches": extraction.MUSICNN_PATCHES, "tasks": {}}
     for task in tasks:
         errors = {str(task.files[i]): str(extracted[(task.name, i)]["error"]) for i in range(len(task.files)) if "error" in extracted[(task.name, i)]}
         keep = [i for i in range(len(task.files)) if "error" not in extracted[(task.name, i)]]
@@ -249,7 +251,7 @@ def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool) -> di
             "artists": {"tagged_files": sum(a is not None for a in artists), "distinct": len({a for a in artists if a})},
             "cpu_ms_median": {"decode": 1000 * float(np.median(cpu[:, 0])), "librosa": 1000 * float(np.median(cpu[:, 1])),
                               "musicnn": 1000 * float(np.median(cpu[:, 2]))},
-            "errors": errors, "methods": evaluate(task, files, y, groups, n_folds, recipe),
+            "errors": errors, "methods": evaluate(task, files, y, groups, n_folds, recipe, seed, reference),
         }
     report["extraction_wall_s"] = extraction_s
     report["wall_s"] = time.perf_counter() - wall
@@ -288,20 +290,23 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--recipe]."""
+    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--seed 0] [--recipe]."""
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of tasks (default {DEFAULT_DATA})")
     parser.add_argument("--folds", type=int, default=5, help="stratified k-fold splits (default 5)")
     parser.add_argument("--json", type=Path, help="also write the full report (with per-fold scores) here")
     parser.add_argument("--workers", type=int, default=2, help="extraction processes (default 2)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"extracted features, reused by later runs (default {DEFAULT_CACHE}; never inside the repository)")
+    parser.add_argument("--reference", default=name_of(*DEFAULT), choices=[name_of(f, k) for f in FAMILY_SETS for k in CLASSIFIERS],
+                        help=f"the configuration the paired intervals compare with (default: genre-batch's default, {name_of(*DEFAULT)})")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the folds and the bootstrap (default {SEED})")
     parser.add_argument("--recipe", action="store_true", help="also evaluate the seed-article recipe (decodes every file again)")
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     if args.cache.resolve().is_relative_to(REPO):
         parser.error(f"--cache {args.cache} is inside the repository: features of the shared data must not be committed")
-    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe)
+    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe, args.seed, args.reference)
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

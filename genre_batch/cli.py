@@ -76,11 +76,11 @@ FeaturesOpt = Annotated[
 ]
 TrainFeaturesOpt = Annotated[
     str | None,
-    typer.Option("--features", help="Feature families the model is trained on, comma-separated: librosa, musicnn or both (default: the current model's, else librosa). Recorded in the model card; tagging feeds the model the same families."),
+    typer.Option("--features", help="Feature families the model is trained on, comma-separated: librosa, musicnn or both (default: the current model's, else librosa,musicnn when every track has musicnn features, else librosa). Recorded in the model card; tagging feeds the model the same families."),
 ]
 ClassifierOpt = Annotated[
     str | None,
-    typer.Option("--classifier", help="xgboost (gradient-boosted trees) or linear (standardised L2 logistic regression); default: the current model's, else xgboost. Recorded in the model card."),
+    typer.Option("--classifier", help="xgboost (gradient-boosted trees) or linear (standardised L2 logistic regression); default: the current model's when training on its families, else linear with musicnn and xgboost on librosa alone. Recorded in the model card."),
 ]
 BackfillCapOpt = Annotated[
     int, typer.Option("--backfill-cap", min=0, help="At most this many files per run extracted only for a family they lack.")

@@ -190,7 +190,7 @@ class LinearModel(GenreModel):
         from sklearn.linear_model import LogisticRegression
 
         mean, scale = cls.standardiser(X)
-        Z = ((X - mean) / scale).astype(np.float64)
+        Z = (X - mean.astype(np.float32)) / scale.astype(np.float32)  # float32: one copy the size of the sample
         fitted = LogisticRegression(C=C, max_iter=MAX_ITER).fit(Z, y, sample_weight=weight)
         coef = np.zeros((n_classes, X.shape[1]))
         intercept = np.full(n_classes, ABSENT_CLASS_LOGIT)
@@ -249,9 +249,12 @@ class LinearModel(GenreModel):
 
 KINDS: dict[str, type[GenreModel]] = {k.kind: k for k in (XGBoostModel, LinearModel)}
 """Every model kind, by the name the card's `classifier` and `train --classifier` use."""
-DEFAULT_KIND = "xgboost"
-"""The classifier of `train` when neither --classifier nor a current model says; it changes only when the paired
-comparison of bench/accuracy shows a clear win (README, Accuracy)."""
+
+
+def default_kind(families: list[str] | tuple[str, ...]) -> str:
+    """The classifier of `train` when neither --classifier nor the current model says: linear when the families include
+    musicnn (it won the paired comparison of #14 there), else xgboost (linear showed no clear win on librosa alone)."""
+    return LinearModel.kind if "musicnn" in families else XGBoostModel.kind
 
 
 def model_class(kind: str) -> type[GenreModel]:

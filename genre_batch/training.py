@@ -24,9 +24,12 @@ GROUPINGS = ("auto", "track", "artist", "album", "folder")
 """Ways to group tracks in splits; any other value names a column of the feature store."""
 
 
-DEFAULT_FAMILIES: tuple[str, ...] = ("librosa",)
-"""The feature families of `train` when neither --features nor a current model says: librosa alone until the
-comparison of #14 shows a clear win of another choice (bench/accuracy; README, Accuracy)."""
+DEFAULT_FAMILIES: tuple[str, ...] = ("librosa", "musicnn")
+"""The feature families of `train` when neither --features nor a current model says, provided every current track of
+the store has them: librosa + musicnn with the linear classifier won the paired comparison of #14 on both tasks
+(bench/accuracy; README, Accuracy)."""
+FALLBACK_FAMILIES: tuple[str, ...] = ("librosa",)
+"""The default families when some current track lacks musicnn (extraction's own default is librosa alone)."""
 
 
 @dataclass(frozen=True)

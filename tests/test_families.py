@@ -111,6 +111,14 @@ def test_training_and_tagging_join_the_families_per_track(tmp_path: Path) -> Non
     librosa = training.family_rows(store, located, ["librosa"])
     assert rows.select(["uri", *features.FEATURE_NAMES]).equals(librosa)
 
+    # defaults without a current model: librosa + musicnn with linear once every current track has musicnn, else librosa
+    assert train_stage.choices(store, None, None) == (["librosa"], "xgboost")
+    assert train_stage.choices(store, ["musicnn", "librosa"], None) == (["librosa", "musicnn"], "linear")
+    musicnn_shard(store, "run3-00000.parquet", [library[0], library[4]], "run3")
+    assert train_stage.choices(store, None, None) == (["librosa", "musicnn"], "linear")
+    assert train_stage.choices(store, ["librosa"], None) == (["librosa"], "xgboost")
+    assert train_stage.choices(store, None, "xgboost") == (["librosa", "musicnn"], "xgboost")
+
     alone = training.family_rows(store, located, ["musicnn"])
     assert alone.num_rows == 3 and alone["tag_rock"].to_pylist() == [2.0, 1.0, 0.0]
     assert training.columns_of(["musicnn", "librosa"]) == [*features.FEATURE_NAMES, *fstore.MUSICNN_COLUMNS]

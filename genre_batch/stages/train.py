@@ -19,7 +19,7 @@ from genre_batch import GenreBatchError, evaluation, labels, registry, training
 from genre_batch.cluster import Session
 from genre_batch.feature_store import KEYS, LIBROSA, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
-from genre_batch.model import DEFAULT_KIND, XGBoostModel, model_class
+from genre_batch.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.extract import library_of
 from genre_batch.store import Store
 
@@ -60,22 +60,29 @@ class TrainSummary:
     holdout_accuracy: float
     holdout_macro_f1: float
     grouping: str
+    classifier: str
+    features: list[str]
     dropped_genres: dict[str, int] = field(default_factory=dict)
-    classifier: str = DEFAULT_KIND
-    features: list[str] = field(default_factory=lambda: list(training.DEFAULT_FAMILIES))
+
+
+def default_families(store: Store) -> list[str]:
+    """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
+    inventory = read_inventory(store)
+    missing = training.lacking(store, current_tracks(store, inventory), inventory, training.DEFAULT_FAMILIES)
+    return list(training.FALLBACK_FAMILIES if missing else training.DEFAULT_FAMILIES)
 
 
 def choices(store: Store, families: list[str] | None, classifier: str | None) -> tuple[list[str], str]:
-    """The feature families and classifier to train with: as given, else the current model's, else the defaults
-    (training.DEFAULT_FAMILIES, model.DEFAULT_KIND); a nightly retrain keeps what the current model uses."""
+    """The feature families and classifier to train with: as given, else the current model's (a nightly retrain keeps
+    them), else the defaults (`default_families`; `model.default_kind` of the families)."""
     version = registry.current_version(store)
     meta = registry.metadata(store, version) if version else None
-    if families is None:
-        families = list(registry.model_families(meta)) if meta else list(training.DEFAULT_FAMILIES)
+    own = training.ordered_families(list(registry.model_families(meta))) if meta else None
+    families = training.ordered_families(families) if families is not None else own or default_families(store)
     if classifier is None:
-        classifier = registry.model_kind(meta) if meta else DEFAULT_KIND
+        classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
     model_class(classifier)
-    return training.ordered_families(families), classifier
+    return families, classifier
 
 
 def labelled(store: Store, spec: str) -> Labelled:
@@ -109,7 +116,7 @@ def training_data(store: Store, spec: str, session: Session, grouping: str = "au
                   families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
     """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
     that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap."""
-    families = training.ordered_families(families or list(training.DEFAULT_FAMILIES))
+    families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
     data = labelled(store, spec)
     tracks = training.located(store, data.tracks, read_inventory(store), families)
     if tracks.num_rows == 0:
@@ -333,7 +340,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         holdout_accuracy=round(held["accuracy"], 4),
         holdout_macro_f1=round(held["macro_f1"], 4),
         grouping=data.grouping,
-        dropped_genres=data.dropped,
         classifier=classifier,
         features=families,
+        dropped_genres=data.dropped,
     )
