@@ -29,7 +29,7 @@ from genre_batch.features import FEATURE_VERSION
 from genre_batch.model import default_kind
 
 SEED = 0
-"""Default seed of the folds (and of the bootstrap); `--seed` picks another split."""
+"""Default seed of the folds (and of the bootstrap); `--seeds` picks other splits."""
 BOOTSTRAP = 2000
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -202,8 +202,9 @@ def name_of(families: tuple[str, ...], kind: str) -> str:
 
 
 def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarray, n_folds: int, recipe: bool, seed: int = SEED,
-             reference: str = name_of(*DEFAULT)) -> dict[str, dict]:
-    """Every family set x classifier (and the recipe) on the same stratified, grouped folds, paired against `reference`."""
+             reference: str = name_of(*DEFAULT)) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Every family set x classifier (and the recipe) on the same stratified, grouped folds, paired against `reference`;
+    with each configuration's per-track correctness."""
     splits = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(y, y, groups))
     predictions: dict[str, np.ndarray] = {}
     out: dict[str, dict] = {}
@@ -219,13 +220,20 @@ def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarra
     if recipe:
         predictions["seed recipe"] = recipe_predictions([e["recipe"] for e in extracted], y, splits)
         out["seed recipe"] = {**summary(y, predictions["seed recipe"], splits, task.genres), "n_features": int(extracted[0]["recipe"].shape[0])}
-    correct = predictions[reference] == y
+    correct = {name: p == y for name, p in predictions.items()}
     for name, result in out.items():
-        result["vs_default"] = paired_interval(predictions[name] == y, correct, seed=seed)
-    return out
+        result["vs_default"] = paired_interval(correct[name], correct[reference], seed=seed)
+    return out, correct
 
 
-def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seed: int = SEED, reference: str = name_of(*DEFAULT)) -> dict:
+def pooled(correct: list[dict[str, np.ndarray]], reference: str) -> dict[str, dict]:
+    """Paired intervals over tracks of each configuration vs `reference`, a track's correctness averaged over the
+    splits of several seeds (so the split's own variance is in it)."""
+    mean = {name: np.mean([c[name] for c in correct], axis=0) for name in correct[0]}
+    return {name: paired_interval(m, mean[reference]) for name, m in mean.items()}
+
+
+def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seeds: tuple[int, ...] = (SEED,), reference: str = name_of(*DEFAULT)) -> dict:
     """Extract (or read the cache), cross-validate and collect every number of the report."""
     wall = time.perf_counter()
     tasks = discover(data)
@@ -234,7 +242,7 @@ def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seed:
     warm_up()
     extracted = extract_all(tasks, workers, cache, recipe)
     extraction_s = time.perf_counter() - wall
-    report: dict = {"data": str(data), "folds": n_folds, "seed": seed, "workers": workers, "caveat": CAVEAT,
+    report: dict = {"data": str(data), "folds": n_folds, "seeds": list(seeds), "workers": workers, "caveat": CAVEAT,
                     "default": reference, "bootstrap": BOOTSTRAP, "musicnn_patches": extraction.MUSICNN_PATCHES, "tasks": {}}
     for task in tasks:
         errors = {str(task.files[i]): str(extracted[(task.name, i)]["error"]) for i in range(len(task.files)) if "error" in extracted[(task.name, i)]}
@@ -251,38 +259,53 @@ def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seed:
             "artists": {"tagged_files": sum(a is not None for a in artists), "distinct": len({a for a in artists if a})},
             "cpu_ms_median": {"decode": 1000 * float(np.median(cpu[:, 0])), "librosa": 1000 * float(np.median(cpu[:, 1])),
                               "musicnn": 1000 * float(np.median(cpu[:, 2]))},
-            "errors": errors, "methods": evaluate(task, files, y, groups, n_folds, recipe, seed, reference),
+            "errors": errors, "runs": {},
         }
+        correct = []
+        for seed in seeds:
+            methods, right = evaluate(task, files, y, groups, n_folds, recipe, seed, reference)
+            report["tasks"][task.name]["runs"][str(seed)] = methods
+            correct.append(right)
+        report["tasks"][task.name]["pooled"] = pooled(correct, reference) if len(seeds) > 1 else None
     report["extraction_wall_s"] = extraction_s
     report["wall_s"] = time.perf_counter() - wall
     return report
 
 
+def interval(d: dict) -> str:
+    """A paired difference and its interval as printed."""
+    return f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + ("  clear win" if d["clear_win"] else "")
+
+
 def print_table(report: dict) -> None:
-    """Print the results table, per-genre F1, errors and caveats."""
-    print(f"{'task':<11} {'features / classifier':<26} {'files':>5} {'accuracy':>8} {'fold mean ± std':>16} {'macro-F1':>8}"
+    """Print the results table of each seed, per-genre F1, the intervals pooled over seeds, errors and caveats."""
+    print(f"{'task':<11} {'seed':>4} {'features / classifier':<26} {'files':>5} {'accuracy':>8} {'fold mean ± std':>16} {'macro-F1':>8}"
           f" {'feat':>5}   vs {report['default']} (paired 95 % CI)")
     for name, t in report["tasks"].items():
-        for m, r in t["methods"].items():
-            d = r["vs_default"]
-            print(
-                f"{name:<11} {m:<26} {t['n_files']:>5} {r['accuracy']:>8.3f} {r['accuracy_mean']:>8.3f} ± {r['accuracy_std']:.3f}"
-                f" {r['macro_f1_mean']:>8.3f} {r['n_features']:>5}   {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-                + ("  clear win" if d["clear_win"] else "")
-            )
+        for seed, methods in t["runs"].items():
+            for m, r in methods.items():
+                print(
+                    f"{name:<11} {seed:>4} {m:<26} {t['n_files']:>5} {r['accuracy']:>8.3f} {r['accuracy_mean']:>8.3f} ± {r['accuracy_std']:.3f}"
+                    f" {r['macro_f1_mean']:>8.3f} {r['n_features']:>5}   {interval(r['vs_default'])}"
+                )
         a, c = t["artists"], t["cpu_ms_median"]
-        print(f"{name:<11} {'majority':<26} {t['n_files']:>5} {t['majority_baseline']:>8.3f}"
+        print(f"{name:<11} {'':>4} {'majority':<26} {t['n_files']:>5} {t['majority_baseline']:>8.3f}"
               f"   artists (tags): {a['distinct']} distinct in {a['tagged_files']} tagged files;"
               f" CPU per file (median ms): decode {c['decode']:.0f}, librosa {c['librosa']:.0f}, musicnn {c['musicnn']:.0f}")
-        print(f"{name:<11} per-genre F1 ({', '.join(t['genres'])}):")
-        for m, r in t["methods"].items():
-            print(f"{'':<11}   {m:<26} " + " ".join(f"{r['per_genre_f1'][g]:.2f}" for g in t["genres"]))
+        for seed, methods in t["runs"].items():
+            print(f"{name:<11} {seed:>4} per-genre F1 ({', '.join(t['genres'])}):")
+            for m, r in methods.items():
+                print(f"{'':<16} {m:<26} " + " ".join(f"{r['per_genre_f1'][g]:.2f}" for g in t["genres"]))
+        if t["pooled"]:
+            print(f"{name:<11} pooled over seeds {', '.join(t['runs'])} (a track's correctness averaged over the splits), vs {report['default']}:")
+            for m, d in t["pooled"].items():
+                print(f"{'':<16} {m:<26} {interval(d)}")
         for where, why in t["errors"].items():
             print(f"  left out: {where}: {why}")
     print(
-        f"\n{report['folds']}-fold stratified group CV (shuffle, seed {report['seed']}), the same folds for every row; accuracy "
-        "over all out-of-fold tracks, then mean ± std over folds (ddof 0); the interval is a paired bootstrap over tracks "
-        f"({report['bootstrap']} resamples) of the accuracy difference with the default; musicnn: "
+        f"\n{report['folds']}-fold stratified group CV (shuffle, seeds {', '.join(map(str, report['seeds']))}), the same folds for every "
+        "row of a seed; accuracy over all out-of-fold tracks, then mean ± std over folds (ddof 0); the interval is a paired "
+        f"bootstrap over tracks ({report['bootstrap']} resamples) of the accuracy difference with the reference; musicnn: "
         f"{report['musicnn_patches']} patches per track, as extracted."
     )
     print(f"Note: {report['caveat']}")
@@ -290,7 +313,7 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--seed 0] [--recipe]."""
+    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--seeds 0 1] [--reference NAME] [--recipe]."""
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of tasks (default {DEFAULT_DATA})")
     parser.add_argument("--folds", type=int, default=5, help="stratified k-fold splits (default 5)")
@@ -299,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"extracted features, reused by later runs (default {DEFAULT_CACHE}; never inside the repository)")
     parser.add_argument("--reference", default=name_of(*DEFAULT), choices=[name_of(f, k) for f in FAMILY_SETS for k in CLASSIFIERS],
                         help=f"the configuration the paired intervals compare with (default: genre-batch's default, {name_of(*DEFAULT)})")
-    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the folds and the bootstrap (default {SEED})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED], help=f"seeds of the folds, one split each (default {SEED}); with several, intervals pooled over them too")
     parser.add_argument("--recipe", action="store_true", help="also evaluate the seed-article recipe (decodes every file again)")
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     if args.cache.resolve().is_relative_to(REPO):
         parser.error(f"--cache {args.cache} is inside the repository: features of the shared data must not be committed")
-    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe, args.seed, args.reference)
+    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe, tuple(args.seeds), args.reference)
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
