@@ -11,7 +11,6 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
-from genre_batch.checks import NIGHTLY_CRON
 from genre_batch.cluster import Session, session
 from genre_batch.feature_store import BACKFILL_CAP
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
@@ -84,11 +83,11 @@ def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_accuracy: float, abstain_below: float, group_by: str,
-               all_tracks: bool = False) -> dict:
+               all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> dict:
     """Train, evaluate and register a model; promote it if it passes the gate."""
     from genre_batch.stages import train
 
-    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks))
+    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier))
     get_run_logger().info("training: %s", summary)
     return summary
 
@@ -132,11 +131,11 @@ def compact_flow(store: str, scheduler: str | None = None) -> dict:
 
 @flow(name="genre-batch-train")
 def train_flow(store: str, labels: str, scheduler: str | None = None, min_accuracy: float = 0.0, abstain_below: float = 0.0,
-               group_by: str = "auto", all_tracks: bool = False) -> dict:
+               group_by: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> dict:
     """Train a model on the store's labelled tracks."""
     s = Store.at(store)
     with runs.run_record(s, "train") as record, session(scheduler) as cluster:
-        record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by, all_tracks)
+        record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier)
     report_task(s, record)
     return record
 

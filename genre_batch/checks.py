@@ -70,6 +70,18 @@ def labels(spec: str | None) -> None:
         raise UsageError(str(e).replace(str(path), spec)) from None
 
 
+CLASSIFIERS = ("xgboost", "linear")
+"""Model kinds of `train --classifier` (genre_batch.model.KINDS; listed here so that a usage error loads no xgboost)."""
+
+
+def classifier(kind: str | None, all_tracks: bool = False) -> None:
+    """--classifier is one of CLASSIFIERS; --all-tracks fits with xgboost.dask, so not with another one."""
+    if kind is not None and kind not in CLASSIFIERS:
+        raise UsageError(f"--classifier {kind}: use one of {', '.join(CLASSIFIERS)}")
+    if all_tracks and kind not in (None, "xgboost"):
+        raise UsageError(f"--all-tracks fits with xgboost.dask: it cannot be used with --classifier {kind}")
+
+
 RETRAIN_POLICIES = ("auto", "always", "never")
 
 

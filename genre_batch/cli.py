@@ -74,6 +74,14 @@ FeaturesOpt = Annotated[
     str,
     typer.Option("--features", help="Feature families to extract, comma-separated: librosa (always) and musicnn. New and changed files get every one; files lacking one are backfilled, --backfill-cap per run."),
 ]
+TrainFeaturesOpt = Annotated[
+    str | None,
+    typer.Option("--features", help="Feature families the model is trained on, comma-separated: librosa, musicnn or both (default: the current model's, else librosa,musicnn when every track has musicnn features, else librosa). Recorded in the model card; tagging feeds the model the same families."),
+]
+ClassifierOpt = Annotated[
+    str | None,
+    typer.Option("--classifier", help="xgboost (gradient-boosted trees) or linear (standardised L2 logistic regression); default: the current model's when training on its families, else linear with musicnn and xgboost on librosa alone. Recorded in the model card."),
+]
 BackfillCapOpt = Annotated[
     int, typer.Option("--backfill-cap", min=0, help="At most this many files per run extracted only for a family they lack.")
 ]
@@ -261,7 +269,8 @@ def print_train(summary: dict) -> None:
     state = "promoted to current" if summary["promoted"] else "REFUSED by the promotion gate, not made current"
     sample = f" (a sample of {summary['sampled_tracks']})" if summary["sampled_tracks"] < summary["tracks"] else ""
     out.print(
-        f"train: model {summary['version']} on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
+        f"train: model {summary['version']} ({summary.get('classifier', 'xgboost')} on {','.join(summary.get('features', ['librosa']))}) "
+        f"on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
         f"(labels: {summary['label_source']}); cross-validated accuracy (grouped by {summary['grouping']}) {summary['cv_accuracy']:.3f}, "
         f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
         markup=False,
@@ -576,16 +585,20 @@ def train(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
-    all_tracks: Annotated[bool, typer.Option("--all-tracks", help="Fit the final model on every labelled track with xgboost.dask on the cluster (evaluation stays on the capped sample).")] = False,
+    all_tracks: Annotated[bool, typer.Option("--all-tracks", help="Fit the final model on every labelled track with xgboost.dask on the cluster (evaluation stays on the capped sample; xgboost only).")] = False,
+    features: TrainFeaturesOpt = None,
+    classifier: ClassifierOpt = None,
     fmt: FormatOpt = "text",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
     check_reader(store)
+    families = None if features is None else list(feature_names(features))
+    checks.classifier(classifier, all_tracks)
     check_writer(None, store, fmt, labels)
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks), store, fmt=fmt)
+    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier), store, fmt=fmt)
 
 
 @app.command()
@@ -595,24 +608,29 @@ def evaluate(
     labels: LabelsOpt = "folders",
     scheduler: SchedulerOpt = None,
     group_by: GroupByOpt = "auto",
+    features: TrainFeaturesOpt = None,
+    classifier: ClassifierOpt = None,
     fmt: FormatOpt = "text",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
     checks.summary_format(fmt)
     check_reader(store)
     checks.labels(labels)
+    families = None if features is None else list(feature_names(features))
+    checks.classifier(classifier)
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
     from genre_batch.store import Store
 
     with session(scheduler) as cluster:
-        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by)
+        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier)
     if fmt == "json":
         print_json(report)
         return
     cv = report["cross_validation"]
     out.print(
-        f"evaluate: {report['tracks']} tracks ({report['windows']} windows), {len(report['genres'])} genres, "
+        f"evaluate: {report['tracks']} tracks ({report['windows']} rows), {len(report['genres'])} genres, "
+        f"{report['classifier']} on {', '.join(report['feature_families'])}, "
         f"{cv['folds']}-fold CV grouped by {cv['grouping']} ({cv['groups']} groups): accuracy {cv['accuracy']:.3f}, "
         f"macro-F1 {cv['macro_f1']:.3f} (majority baseline {report['majority_baseline']:.3f}); calibration error "
         f"{cv['ece']:.3f} -> {cv['ece_calibrated']:.3f} at temperature {cv['temperature']:.2f}",

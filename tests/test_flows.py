@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import cli
 
-from flows.pipeline import NIGHTLY_CRON, deployment, nightly
+from flows.pipeline import deployment, nightly
+from genre_batch.checks import NIGHTLY_CRON
 from genre_batch import catalog
 from genre_batch.store import Store
 from genre_batch.synth import STYLES

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, vectors
+from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, training, vectors
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, MUSICNN, batches, current_tracks, read_inventory
+from genre_batch.feature_store import FAMILIES, KEYS, MUSICNN, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.labels import without_written
 from genre_batch.store import Store
@@ -76,15 +76,11 @@ def current_model(store: Store) -> tuple[str, dict]:
     return version, meta
 
 
-def model_families(meta: dict) -> dict[str, int]:
-    """The feature families and versions a model was trained on (librosa alone for cards that do not say)."""
-    return meta.get("feature_families") or {LIBROSA.name: meta["feature_version"]}
-
-
 def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inventory: pa.Table) -> None:
-    """Refuse a model trained on a family (or family version) that some current track of the store lacks, naming it;
-    tagging feeds librosa windows only, so a model needing another family is refused even when the store has it."""
-    for name, family_version in model_families(meta).items():
+    """Refuse a model trained on a family (or family version) that this genre-batch does not extract, or that some
+    current track of the store lacks, naming it: the model is fed exactly the families it was trained on."""
+    families = registry.model_families(meta)
+    for name, family_version in families.items():
         family = FAMILIES.get(name)
         if family is None or family.version != family_version:
             have = f"version {family.version}" if family else "no such family"
@@ -92,17 +88,13 @@ def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inv
                 f"current model {version} was trained on feature family {name} version {family_version}, this genre-batch "
                 f"extracts {have}: retrain with 'genre-batch train' or promote another model ('genre-batch models rollback')"
             )
-        lacking = tracks.join(current_tracks(store, inventory, family).select(KEYS), keys=KEYS, join_type="left anti").num_rows
-        if lacking:
-            raise GenreBatchError(
-                f"current model {version} needs feature family {name} (version {family_version}), which {lacking} of the "
-                f"{tracks.num_rows} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
-                f"librosa,{name}' (--backfill-cap files per run) until none is left, or promote a model trained without it"
-            )
-    if set(model_families(meta)) != {LIBROSA.name}:
+    missing = training.lacking(store, tracks, inventory, list(families))
+    if missing:
+        name, lacking = next(iter(missing.items()))
         raise GenreBatchError(
-            f"current model {version} was trained on feature families {', '.join(model_families(meta))}: tagging feeds "
-            f"only the {LIBROSA.name} family so far; promote a model trained on {LIBROSA.name} alone"
+            f"current model {version} needs feature family {name} (version {families[name]}), which {lacking} of the "
+            f"{tracks.num_rows} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
+            f"librosa,{name}' (--backfill-cap files per run) until none is left, or promote a model trained without it"
         )
 
 
@@ -141,6 +133,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     inventory = read_inventory(store)
     tracks = without_written(current_tracks(store, inventory), written(store))  # tags genre-batch wrote: no disagreement
     check_families(store, version, meta, tracks, inventory)
+    tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
     previous = catalog.pointer(store)
     musicnn = current_tracks(store, inventory, MUSICNN)
     space = vectors.space_for(store, previous, tracks, musicnn, session.run)
