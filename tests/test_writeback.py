@@ -19,7 +19,7 @@ from test_feature_store import T0
 from test_operations import register
 from test_s3 import s3, s3_endpoint  # noqa: F401 - fixtures: a real S3 server (SeaweedFS)
 
-from genre_batch import GenreBatchError, audio, catalog, labels, lease, registry, writeback
+from genre_batch import GenreBatchError, audio, catalog, labels, lease, registry, similar, vectors, writeback
 from genre_batch import feature_store as fstore
 from genre_batch.cluster import session
 from genre_batch.discovery import discover
@@ -79,6 +79,15 @@ def digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+def tag_in_process(store: Store) -> pa.Table:
+    """Tag the store's current tracks with model m-1 in this process and publish the rows (vector space fitted here)."""
+    tracks, musicnn = fstore.current_tracks(store), fstore.current_tracks(store, family=fstore.MUSICNN)
+    space = vectors.space_for(store, None, tracks, musicnn, similar.in_process)
+    rows = tag_groups(store, "m-1", fstore.by_part(tracks), "t1", T0, space, musicnn)
+    catalog.publish(store, rows, "t1", "m-1", space.describe())
+    return rows
+
+
 @pytest.fixture
 def tagged(tmp_path: Path) -> tuple[Path, Store]:
     """A library of generated files, indexed, with a catalog calling every file rock (tagged in this process)."""
@@ -88,8 +97,7 @@ def tagged(tmp_path: Path) -> tuple[Path, Store]:
     index_listing(store, discover(str(library)))
     register(store, "m-1", passed=True)
     registry.promote(store, "m-1")
-    rows = tag_groups(store, "m-1", fstore.by_part(fstore.current_tracks(store)), "t1", T0)
-    catalog.publish(store, rows, "t1", "m-1")
+    rows = tag_in_process(store)
     assert rows["genre"].to_pylist() == ["rock"] * 8 and sum(rows["disagrees_with_tag"].fill_null(False).to_pylist()) == 3  # the Jazz tags
     return library, store
 
@@ -203,7 +211,7 @@ def test_s3_objects_are_replaced_with_if_match_and_a_concurrent_change_is_not_ov
     index_listing(store, discover(library))
     register(store, "m-1", passed=True)
     registry.promote(store, "m-1")
-    catalog.publish(store, tag_groups(store, "m-1", fstore.by_part(fstore.current_tracks(store)), "t1", T0), "t1", "m-1")
+    tag_in_process(store)
 
     concurrent = (local / "other.flac")
     write_audio(concurrent, render("ambient", 2.0, 3), audio.SAMPLE_RATE, {"genre": "Folk"})
