@@ -7,7 +7,6 @@ python -m bench.probe sample STORE     the capped training sample of `genre-batc
                                        2-worker local cluster into the training matrices (no fit); prints JSON
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
 python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
-A last argument `--fixed` first applies the fix this bench suggests for feature_store.by_part (see `copied_groups`).
 """
 
 from __future__ import annotations
@@ -16,11 +15,7 @@ import json
 import sys
 import time
 
-import numpy as np
-import pyarrow as pa
-
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
-from genre_batch import feature_store
 from genre_batch.cluster import session
 from genre_batch.discovery import discover
 from genre_batch.feature_store import plan, read_index, read_inventory
@@ -76,29 +71,14 @@ def timed_stage(url: str, flow: str) -> dict:
     return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow]}
 
 
-def copied_groups() -> None:
-    """The suggested fix: `feature_store.by_part` returns slices of one sorted table, and pickling a slice (as Dask does
-    with task arguments) carries the whole table's buffers, once per group; a copy (`take`) carries only its rows."""
-    sliced = feature_store.by_part
-
-    def by_part(tracks: pa.Table) -> list[pa.Table]:
-        """Index rows grouped by part, each group a copy of its rows."""
-        return [g.take(pa.array(np.arange(g.num_rows))) for g in sliced(tracks)]
-
-    feature_store.by_part = by_part
-
-
 def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
     probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample,
               "tag": lambda url: timed_stage(url, "tag"), "compact": lambda url: timed_stage(url, "compact")}
-    fixed = argv[2:] == ["--fixed"]
-    if len(argv) - fixed != 2 or argv[0] not in probes:
+    if len(argv) != 2 or argv[0] not in probes:
         print(__doc__, file=sys.stderr)
         return 2
-    if fixed:
-        copied_groups()
-    print(json.dumps({**probes[argv[0]](argv[1]), "fixed": fixed}))
+    print(json.dumps(probes[argv[0]](argv[1])))
     return 0
 
 

@@ -334,10 +334,8 @@ PLAN_LIMIT_S = 10.0
 PROJECTION_TRACKS = 10_000_000
 MACHINE_RAM_MB = 24_000
 CLUSTER_NODE_RAM_MB = 64_000
-FIXED = (("tag_full_fixed", "full tag stage"), ("compact_fixed", "compact stage"), ("train_sample", "capped sample"),
-         ("train_sample_fixed", "capped sample"))
-"""Probe runs (bench.probe, no Prefect): the stage run again with the suggested by_part fix where the CLI run was
-killed, and the training sample as is and fixed."""
+PROBES = (("train_sample", "capped sample (no fit)"),)
+"""Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
 CHECKS = ("stores", "listing", "curve", "issue5")
 TRAIN_MODES = ("sample", "cli")
@@ -364,10 +362,9 @@ def peak_by_role(result: CliRun) -> dict[str, float]:
     return peaks
 
 
-def probe(kind: str, target: str, env: dict[str, str], fixed: bool = False) -> dict:
-    """Run a bench.probe measurement in its own process (`fixed`: with the by_part fix applied): its JSON plus the
-    process's wall, CPU and peak RSS."""
-    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target, *(["--fixed"] if fixed else [])], env)
+def probe(kind: str, target: str, env: dict[str, str]) -> dict:
+    """Run a bench.probe measurement in its own process: its JSON plus the process's wall, CPU and peak RSS."""
+    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target], env)
     return {"process": numbers} if result.aborted else {**json.loads(result.stdout), "process": numbers}
 
 
@@ -415,8 +412,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
 
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
     if not step("tag_full", "tag", "tag", "--full"):
-        print(f"[{n}] full tag killed: the tag stage with the by_part fix", flush=True)
-        result["tag_full_fixed"] = probe("tag", url, env, fixed=True)
+        print(f"[{n}] full tag killed", flush=True)
     if catalog.pointer(Store.at(url)):
         result["catalog_bytes"] = catalog_bytes(store)
     print(f"[{n}] no-op plan", flush=True)
@@ -430,9 +426,8 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
     result["plan_after_changes"] = probe("plan", url, env)
     print(f"[{n}] compaction", flush=True)
     if not step("compact", "compact", "compact"):
-        print(f"[{n}] compaction killed: the compact stage with the by_part fix", flush=True)
-        result["compact_fixed"] = probe("compact", url, env, fixed=True)
-    if "record" in result["compact"] or "record" in result.get("compact_fixed", {}):
+        print(f"[{n}] compaction killed", flush=True)
+    if "record" in result["compact"]:
         result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
     if train == "cli":
         print(f"[{n}] training", flush=True)
@@ -441,9 +436,8 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
             result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
             result["train"]["sampled_windows"] = meta["windows"]
     elif train == "sample":
-        print(f"[{n}] capped training sample (as is, then with the by_part fix)", flush=True)
+        print(f"[{n}] capped training sample", flush=True)
         result["train_sample"] = probe("sample", url, env)
-        result["train_sample_fixed"] = probe("sample", url, env, fixed=True)
     shutil.rmtree(run_dir)
     return result
 
@@ -483,17 +477,13 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
     largest = max(done, key=lambda s: s["tracks"])
     n = largest["tracks"]
 
-    def run_of(s: dict, key: str) -> dict:
-        """A step's numbers: the CLI run, or the stage with the by_part fix where the CLI run was killed."""
-        return s[f"{key}_fixed"]["process"] if f"{key}_fixed" in s else s[key]
-
     def fit(get: Callable[[dict], float]) -> tuple[float, float]:
         """Per-track slope and intercept of a measured value."""
         return slope([(s["tracks"], get(s)) for s in done])
 
     flow_tag = fit(lambda s: s["tag_nightly"]["peak_rss_mb"]["flow process"])  # the same CLI path at every size
     flow_plan = fit(lambda s: s["plan"]["process"]["peak_rss_mb"]["flow process"])
-    worker_peak = max(max(run_of(s, k)["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
+    worker_peak = max(max(s[k]["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
     with_catalog = max((s for s in done if "catalog_bytes" in s), key=lambda s: s["tracks"])
     per_track = {
         "features_disk_bytes": largest["build"]["store_bytes"] / n,
@@ -502,8 +492,8 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         "catalog_bytes": with_catalog["catalog_bytes"] / with_catalog["tracks"],
         "flow_rss_nightly_tag_bytes": flow_tag[0] * 1e6,
         "flow_rss_plan_bytes": flow_plan[0] * 1e6,
-        "cpu_tag_ms": 1000 * run_of(largest, "tag_full")["cpu_s"] / n,  # start-up included: an upper bound
-        "cpu_compact_ms": 1000 * run_of(largest, "compact")["cpu_s"] / n,
+        "cpu_tag_ms": 1000 * largest["tag_full"]["cpu_s"] / n,  # start-up included: an upper bound
+        "cpu_compact_ms": 1000 * largest["compact"]["cpu_s"] / n,
         "cpu_plan_ms": 1000 * fit(lambda s: s["plan"]["process"]["cpu_s"])[0],
         "plan_s_per_million": fit(lambda s: s["plan"]["plan_total_s"])[0] * 1e6,
     }
@@ -539,9 +529,9 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         f"flow process RSS reaches one {CLUSTER_NODE_RAM_MB // 1000} GB node": runs_out(CLUSTER_NODE_RAM_MB, flow_tag),
         f"no-op plan (one process) reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
     }
-    fixed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if f"{k}_fixed" in s})
+    killed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if "aborted" in s[k]})
     return {
-        "caveat": f"as-is CLI runs killed past {RSS_ABORT_MB} MB; the stage with the by_part fix (no Prefect) used for: {', '.join(fixed)}" if fixed else "",
+        "caveat": f"CLI runs killed past {RSS_ABORT_MB} MB (their numbers are those at the kill): {', '.join(killed)}" if killed else "",
         "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
         "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
         "runs_out_here": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
@@ -559,9 +549,9 @@ def store_targets(stores: list[dict]) -> list[dict]:
         for key, what in (STEPS[0], STEPS[2], STEPS[3]):
             if key in s:
                 rows.append(rss_target(f"{n}: {what}", s[key]))
-        for key, name in FIXED:
+        for key, name in PROBES:
             if key in s:
-                rows.append(rss_target(f"{n}: {name}{' + FIX' if key.endswith('fixed') else ' (no fit)'}", s[key]["process"]))
+                rows.append(rss_target(f"{n}: {name}", s[key]["process"]))
         if "record" in s.get("tag_nightly", {}):
             after = s["plan_after_changes"]
             nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
@@ -586,7 +576,7 @@ def print_stores(stores: list[dict]) -> None:
         print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
               f"index {b['index_bytes'] / 1e6:.1f} MB ({b['index_bytes'] / n:.0f} B/track), build {'cached' if b['cached'] else str(b['build_s']) + ' s'}")
         rows = [(name, s[key]) for key, name in STEPS if key in s]
-        rows += [(name + (" + FIX" if key.endswith("fixed") else " (as is)"), s[key]["process"]) for key, name in FIXED if key in s]
+        rows += [(name, s[key]["process"]) for key, name in PROBES if key in s]
         rows += [("no-op plan process", s["plan"]["process"])]
         print(f"{'step':<26} {'wall s':>8} {'CPU s':>8} {'CPU ms/track':>13} {'flow MB':>8} {'worker MB':>10} {'prefect MB':>11}  load")
         for name, r in rows:
@@ -602,7 +592,7 @@ def print_stores(stores: list[dict]) -> None:
               + (f"; tag {r['mode']}: {r['predicted']} predicted, {r['carried']} carried, {r['dropped']} dropped"
                  if (r := s.get("tag_nightly", {}).get("record")) else "; no incremental tag (no full snapshot)"))
         if "store_bytes_after_compaction" in s:
-            c = s["compact"].get("record") or s["compact_fixed"]["record"]
+            c = s["compact"]["record"]
             print(f"compact: {c['parts_before']} parts -> {c['parts_after']}, index rows {c['index_rows_before']} -> {c['index_rows_after']}; "
                   f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
         if "catalog_bytes" in s:
