@@ -6,6 +6,7 @@ python -m bench.probe discover URL     genre_batch.discovery.discover of a libra
 python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
                                        2-worker local cluster into the training matrices (no fit); prints JSON
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
+python -m bench.probe nightly STORE    the tag stage as a nightly run does it (incremental when the model is unchanged)
 python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
 """
 
@@ -61,20 +62,28 @@ def timed_sample(url: str) -> dict:
     }
 
 
-def timed_stage(url: str, flow: str) -> dict:
-    """Seconds of the tag (full) or compact stage under a run record, and its summary."""
+def timed_stage(url: str, flow: str, full: bool = True) -> dict:
+    """Seconds of the tag (full or as a nightly run does it) or compact stage under a run record, its summary, and the
+    peak RSS of this process (the flow process of the stage) in MB."""
     store = Store.at(url)
     t0 = time.perf_counter()
     with runs.run_record(store, flow) as record, session(n_workers=2) as cluster:
-        summary = tag.tag(store, record["run_id"], cluster, full=True) if flow == "tag" else compact.compact(store, cluster)
+        summary = tag.tag(store, record["run_id"], cluster, full=full) if flow == "tag" else compact.compact(store, cluster)
         record[flow] = runs.as_record(summary)
-    return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow]}
+    return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow], "peak_rss_mb": round(peak_rss_mb())}
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process (VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1e3 for line in status if line.startswith("VmHWM:"))
 
 
 def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
     probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample,
-              "tag": lambda url: timed_stage(url, "tag"), "compact": lambda url: timed_stage(url, "compact")}
+              "tag": lambda url: timed_stage(url, "tag"),
+              "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact")}
     if len(argv) != 2 or argv[0] not in probes:
         print(__doc__, file=sys.stderr)
         return 2

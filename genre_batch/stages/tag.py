@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, TRACK_COLUMNS, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.store import Store
 from genre_batch.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
@@ -86,6 +86,8 @@ def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inv
                 f"current model {version} was trained on feature family {name} version {family_version}, this genre-batch "
                 f"extracts {have}: retrain with 'genre-batch train' or promote another model ('genre-batch models rollback')"
             )
+        if family == LIBROSA:
+            continue  # `tracks` are the current librosa tracks
         lacking = tracks.join(current_tracks(store, inventory, family).select(KEYS), keys=KEYS, join_type="left anti").num_rows
         if lacking:
             raise GenreBatchError(
@@ -108,13 +110,14 @@ def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table 
     return catalog.read(store, KEYS)
 
 
-def flipped_share(changes: pa.Table, previous_rows: int) -> float:
-    """Share of the tracks of the published snapshot that a change feed gives another genre (removed ones aside)."""
-    kept = previous_rows - int(pc.sum(pc.equal(changes["change"], "removed")).as_py() or 0)
-    return int(pc.sum(pc.equal(changes["change"], "genre_changed")).as_py() or 0) / kept if kept else 0.0
+def flipped_share(changes: dict[str, int], previous_rows: int) -> float:
+    """Share of the tracks of the published snapshot that a change feed (rows per kind) gives another genre (removed
+    ones aside)."""
+    kept = previous_rows - changes.get("removed", 0)
+    return changes.get("genre_changed", 0) / kept if kept else 0.0
 
 
-def check_flips(store: Store, snapshot: str, changes: pa.Table, previous_rows: int, version: str, previous_version: str) -> None:
+def check_flips(store: Store, snapshot: str, changes: dict[str, int], previous_rows: int, version: str, previous_version: str) -> None:
     """Refuse (and delete) a written snapshot whose new model flips more than GENRE_FLIP_LIMIT of the genres."""
     share = flipped_share(changes, previous_rows)
     if share > GENRE_FLIP_LIMIT:
@@ -126,12 +129,32 @@ def check_flips(store: Store, snapshot: str, changes: pa.Table, previous_rows: i
         )
 
 
+def change_groups(previous: dict | None, files: dict[str, str]) -> list[tuple[list[str], list[str]]]:
+    """The previous and the new snapshot's files of each genre, to diff genre by genre (a previous pointer that does not
+    name its genres is one group)."""
+    old: dict[str, list[str]] = {}
+    if previous:
+        for name, genre in (previous.get("genres") or {f: "" for f in previous["files"]}).items():
+            old.setdefault(genre, []).append(name)
+    new: dict[str, list[str]] = {}
+    for name, genre in files.items():
+        new.setdefault(genre, []).append(name)
+    return [(sorted(old.get(g, [])), sorted(new.get(g, []))) for g in sorted(set(old) | set(new))]
+
+
+def change_feed(store: Store, session: Session, snapshot: str, previous: dict | None, files: dict[str, str]) -> dict[str, int]:
+    """Write the snapshot's change feed on the workers (one diff per genre, then one task pairs the pieces); returns
+    its rows per kind of change."""
+    session.run([(catalog.diff_genre, store, snapshot, n, before, after) for n, (before, after) in enumerate(change_groups(previous, files))])
+    return session.run([(catalog.gather_changes, store, snapshot)])[0]
+
+
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
     that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
     version, meta = current_model(store)
-    inventory = read_inventory(store)
-    tracks = current_tracks(store, inventory)
+    inventory = read_inventory(store, KEYS)
+    tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
     check_families(store, version, meta, tracks, inventory)
     previous = catalog.pointer(store)
     before = None if full else carried_keys(previous, version, store)
@@ -158,12 +181,11 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    old = catalog.read_files(store, previous["files"] if previous else [], catalog.DIFF_COLUMNS)
-    changes = catalog.diff(old, catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
+    changes = change_feed(store, session, snapshot, previous, files)
     if previous and previous.get("model_version") != version and not force:
-        check_flips(store, snapshot, changes, old.num_rows, version, previous["model_version"])
+        check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=catalog.write_changes(store, snapshot, changes))
+                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot))
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
