@@ -2,6 +2,8 @@
 
 python -m bench.probe plan STORE       no-op plan: read_index + plan against the store's unchanged inventory, then the
                                        nightly flow's automatic-compaction check; prints JSON
+python -m bench.probe tables STORE     the per-track tables a nightly tag flow process reads (inventory keys, current
+                                       tracks, the errors table), one after the other: Arrow bytes and peak RSS of each
 python -m bench.probe discover URL     genre_batch.discovery.discover of a library URL; prints JSON
 python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
                                        2-worker local cluster into the training matrices (no fit); prints JSON
@@ -15,11 +17,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+
+import pyarrow as pa
 
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
 from genre_batch.cluster import session
 from genre_batch.discovery import discover
-from genre_batch.feature_store import plan, read_index, read_inventory
+from genre_batch.feature_store import KEYS, TRACK_COLUMNS, current_errors, current_tracks, plan, read_index, read_inventory
 from genre_batch.stages import compact, runs, tag, train
 from genre_batch.store import Store
 
@@ -42,6 +47,28 @@ def timed_plan(url: str) -> dict:
         "read_inventory_s": round(t1 - t0, 3), "read_index_s": round(t2 - t1, 3), "plan_s": round(t3 - t2, 3),
         "plan_total_s": round(t3 - t0, 3), "compaction_needed": needed, "compaction_check_s": round(t4 - t3, 3),
     }
+
+
+def flow_tables(url: str) -> dict:
+    """What the nightly tag flow's per-track tables cost in this process: each table's Arrow bytes, the Arrow pool's
+    peak and the process's peak RSS after each step (the previous step's table dropped first, as the flow does)."""
+    store = Store.at(url)
+    pool = pa.default_memory_pool()
+    steps: dict[str, dict] = {"start": {"rss_peak_mb": round(peak_rss_mb())}}
+
+    def measure(name: str, make: Callable[[], pa.Table]) -> pa.Table:
+        """Build a table, recording its rows, Arrow bytes, seconds, the pool's peak and this process's peak RSS."""
+        t0 = time.perf_counter()
+        table = make()
+        steps[name] = {"rows": table.num_rows, "arrow_mb": round(table.nbytes / 1e6, 1), "s": round(time.perf_counter() - t0, 3),
+                       "arrow_peak_mb": round(pool.max_memory() / 1e6), "rss_peak_mb": round(peak_rss_mb())}
+        return table
+
+    inventory = measure("inventory keys", lambda: read_inventory(store, KEYS))
+    tracks = measure("current tracks (TRACK_COLUMNS)", lambda: current_tracks(store, inventory, columns=TRACK_COLUMNS))
+    measure("errors table", lambda: current_errors(store))
+    per_track = {k: round(v["arrow_mb"] * 1e6 / max(1, inventory.num_rows)) for k, v in steps.items() if "arrow_mb" in v}
+    return {"tracks": inventory.num_rows, "current": tracks.num_rows, "steps": steps, "arrow_bytes_per_track": per_track}
 
 
 def timed_discover(url: str) -> dict:
@@ -81,7 +108,7 @@ def peak_rss_mb() -> float:
 
 def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
-    probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample,
+    probes = {"plan": timed_plan, "tables": flow_tables, "discover": timed_discover, "sample": timed_sample,
               "tag": lambda url: timed_stage(url, "tag"),
               "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact")}
     if len(argv) != 2 or argv[0] not in probes:

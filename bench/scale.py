@@ -78,8 +78,9 @@ def cli_command(*args: str) -> list[str]:
 
 
 def cli_env(work: Path) -> dict[str, str]:
-    """Environment of CLI runs: this process's (single-threaded BLAS, shared numba cache) plus a Prefect home in `work`."""
-    return {**os.environ, "PREFECT_HOME": str(work / "prefect-home")}
+    """Environment of CLI runs: this process's (single-threaded BLAS, shared numba cache) plus a Prefect home in `work`
+    and a patient start of Prefect's ephemeral server (at a load average of 20 it missed the CLI's 120 s)."""
+    return {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
 
 
 def role(process: psutil.Process, root: int) -> str:
@@ -255,6 +256,14 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     pointer = catalog.publish(store, table, "bench-run", "bench-model")
     publish_s = time.perf_counter() - started
     size_mb = sum(p.stat().st_size for p in store_dir.rglob("*.parquet")) / 1e6
+    return {"rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
+            **query_times(work, store_dir)}
+
+
+def query_times(work: Path, store_dir: Path) -> dict:
+    """The rock top-100 query on a store's published catalog: in process and through `genre-batch query` (QUERY_REPEATS
+    times each: first and median)."""
+    store = Store(str(store_dir))
     in_process = []
     for _ in range(QUERY_REPEATS):
         started = time.perf_counter()
@@ -265,8 +274,7 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     env = cli_env(work)
     cli = [run_cli(cli_command("query", "--store", str(store_dir), QUERY, "--format", "json"), env) for _ in range(QUERY_REPEATS)]
     return {
-        "rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
-        "query": QUERY,
+        "query": QUERY, "load_1m": load(),
         "query_in_process_s": {"first": round(in_process[0], 3), "median": round(statistics.median(in_process), 3)},
         "query_cli_s": {"first": round(cli[0].wall_s, 3), "median": round(statistics.median(c.wall_s for c in cli), 3),
                         "cpu_s_median": round(statistics.median(c.cpu_s for c in cli), 3)},
@@ -330,6 +338,8 @@ RSS_LIMIT_MB = 2000
 RSS_ABORT_MB = 8000
 """A measured process past this RSS has its run killed: the machine is shared and a 24 GB node has no swap."""
 NIGHTLY_LIMIT_S = 60.0
+QUERY_PROCESS_LIMIT_S = 0.5
+QUERY_CLI_LIMIT_S = 1.0
 PLAN_LIMIT_S = 10.0
 PROJECTION_TRACKS = 10_000_000
 MACHINE_RAM_MB = 24_000
@@ -338,7 +348,7 @@ PROBES = (("train_sample", "capped sample (no fit)"),)
 """Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
 CHECKS = ("stores", "listing", "curve", "issue5")
-TRAIN_MODES = ("sample", "cli")
+TRAIN_MODES = ("sample", "cli", "both")
 
 
 def load() -> float:
@@ -387,15 +397,17 @@ def disk_check(work: Path, n: int, built: bool) -> str | None:
     return None
 
 
-def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
-    """Build (or reuse) a store of n tracks and measure tag, plan, nightly, compaction and training (`train`: "cli" for
-    `genre-batch train`, "sample" for its capped sample read without the fit, None for neither) on a copy."""
+def store_checks(work: Path, n: int, train: str | None, processes: int, save: Callable[[dict], None]) -> dict:
+    """Build (or reuse) a store of n tracks and measure tag, the catalog query, plan, nightly, compaction and training
+    (`train`: "cli" for `genre-batch train`, "sample" for its capped sample read without the fit, "both", or None) on a
+    copy; `save` gets the numbers so far after every step."""
     root = work / f"scale-{n}"
     base = root / "base"
     reason = disk_check(work, n, (base / synthetic_store.MARK).exists())
     if reason:
         return {"tracks": n, "skipped": reason}
     result: dict = {"tracks": n, "build": {**synthetic_store.build(base, n, processes=processes), "load_1m": load()}}
+    save(result)
     run_dir = root / "run"
     synthetic_store.linked_copy(base, run_dir)
     store = run_dir / "store"
@@ -406,8 +418,10 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
         run, result[key] = measured(cli_command(*args, "--store", url), env)
         if run.aborted:
             (store / "runs" / "LEASE.json").unlink(missing_ok=True)  # its holder is dead: free the store for the next step
+            save(result)
             return False
         result[key]["record"] = stage_record(store, stage)
+        save(result)
         return True
 
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
@@ -415,29 +429,37 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
         print(f"[{n}] full tag killed", flush=True)
     if catalog.pointer(Store.at(url)):
         result["catalog_bytes"] = catalog_bytes(store)
+        print(f"[{n}] catalog query", flush=True)
+        result["query"] = query_times(work, store)
+        save(result)
     print(f"[{n}] no-op plan", flush=True)
     result["plan"] = probe("plan", url, env)
+    save(result)
     started, before = time.perf_counter(), load()
     changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes)
     result["changes"] = {"tracks": changed, "write_s": round(time.perf_counter() - started, 1), "load_1m": [before, load()]}
+    save(result)
     if "catalog_bytes" in result:
         print(f"[{n}] nightly tag of {changed} changed tracks", flush=True)
         step("tag_nightly", "tag", "tag")
     result["plan_after_changes"] = probe("plan", url, env)
+    save(result)
     print(f"[{n}] compaction", flush=True)
     if not step("compact", "compact", "compact"):
         print(f"[{n}] compaction killed", flush=True)
     if "record" in result["compact"]:
         result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
-    if train == "cli":
+    if train in ("sample", "both"):
+        print(f"[{n}] capped training sample", flush=True)
+        result["train_sample"] = probe("sample", url, env)
+        save(result)
+    if train in ("cli", "both"):
         print(f"[{n}] training", flush=True)
         if step("train", "train", "train", "--labels", "tags"):
             meta = json.loads((store / "models" / result["train"]["record"]["version"] / "metadata.json").read_text())
             result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
             result["train"]["sampled_windows"] = meta["windows"]
-    elif train == "sample":
-        print(f"[{n}] capped training sample", flush=True)
-        result["train_sample"] = probe("sample", url, env)
+            save(result)
     shutil.rmtree(run_dir)
     return result
 
@@ -471,7 +493,7 @@ def slope(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) -> dict:
     """Per-track costs from the measured stores, projected to `tracks`, and where each resource runs out."""
-    done = [s for s in stores if "skipped" not in s]
+    done = [s for s in stores if "skipped" not in s and "compact" in s and "tag_nightly" in s]
     if len(done) < 2:
         return {"note": "needs two measured store sizes (per-track costs are slopes between sizes)"}
     largest = max(done, key=lambda s: s["tracks"])
@@ -543,7 +565,7 @@ def store_targets(stores: list[dict]) -> list[dict]:
     """The scale targets of issue #12 with their measured values (load average at the measurement in the name)."""
     rows = []
     for s in stores:
-        if "skipped" in s:
+        if "skipped" in s or "plan" not in s:
             continue
         n = f"{s['tracks'] // 1000}k"
         for key, what in (STEPS[0], STEPS[2], STEPS[3]):
@@ -557,6 +579,10 @@ def store_targets(stores: list[dict]) -> list[dict]:
             nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
             rows.append(target(f"{n}: nightly 1% changed, plan + tag CLI (load {s['tag_nightly']['load_1m'][0]:g})", nightly, NIGHTLY_LIMIT_S, "s"))
         rows.append(target(f"{n}: no-op plan in process (load {s['plan']['process']['load_1m'][0]:g})", s["plan"]["plan_total_s"], PLAN_LIMIT_S, "s"))
+        if "query" in s:
+            q = s["query"]
+            rows.append(target(f"{n}: top-100 query in process (median, load {q['load_1m']:g})", q["query_in_process_s"]["median"], QUERY_PROCESS_LIMIT_S, "s"))
+            rows.append(target(f"{n}: top-100 query, genre-batch query CLI (median wall)", q["query_cli_s"]["median"], QUERY_CLI_LIMIT_S, "s"))
     return rows
 
 
@@ -571,6 +597,9 @@ def print_stores(stores: list[dict]) -> None:
     for s in stores:
         if "skipped" in s:
             print(f"{s['tracks']} tracks: skipped: {s['skipped']}")
+            continue
+        if "compact" not in s:
+            print(f"{s['tracks']} tracks: not finished (steps measured: {', '.join(k for k in s if k not in ('tracks', 'build'))}): see the JSON report")
             continue
         b, n = s["build"], s["tracks"]
         print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
@@ -597,6 +626,10 @@ def print_stores(stores: list[dict]) -> None:
                   f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
         if "catalog_bytes" in s:
             print(f"catalog snapshot: {s['catalog_bytes'] / 1e6:.1f} MB ({s['catalog_bytes'] / n:.0f} B/track)")
+        if "query" in s:
+            q = s["query"]
+            print(f"top-100 query of a genre: in process {q['query_in_process_s']['median']:.3f} s (first {q['query_in_process_s']['first']:.3f} s), "
+                  f"CLI {q['query_cli_s']['median']:.3f} s wall (first {q['query_cli_s']['first']:.3f} s)")
         if "record" in s.get("train", {}):
             t = s["train"]
             print(f"train: cap {t['cap_per_genre']} tracks/genre, {t['record']['sampled_tracks']} tracks / {t['sampled_windows']} windows sampled "
@@ -647,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-tracks", type=int, nargs="*", help="store sizes that also measure training (default: the largest)")
     parser.add_argument("--train", choices=TRAIN_MODES, default="sample",
                         help="sample: the capped sample read by the workers, no fit (default); cli: the whole genre-batch train "
-                             "(5-fold CV + fit on ~37,000 tracks: hours on 2 loaded cores)")
+                             "(5-fold CV + fit on the capped sample); both: the sample, then the whole train")
     parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
     parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
                         help="what to run (default: stores listing curve; issue5 = the #5 checks; none: print the saved report)")
@@ -675,10 +708,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if "stores" in args.checks:
         by_size = {s["tracks"]: s for s in report.get("stores", [])}  # other sizes keep their last numbers
-        for n in sizes:
-            by_size[n] = store_checks(work, n, args.train if n in train_sizes else None, args.processes)
+        def save_size(numbers: dict) -> None:
+            """Keep one size's numbers so far in the report and write it."""
+            by_size[numbers["tracks"]] = numbers
             report["stores"] = [by_size[k] for k in sorted(by_size)]
             save()
+
+        for n in sizes:
+            save_size(store_checks(work, n, args.train if n in train_sizes else None, args.processes, save_size))
     if report.get("stores"):
         report["projection"] = projection(report["stores"], work)
     if "listing" in args.checks:

@@ -323,26 +323,37 @@ def choice_keys(index: pa.Table, rows: pa.Array | None = None) -> pa.Table:
     })
 
 
-def newest_rows(keys: pa.Table) -> pa.Array:
-    """Row numbers (`_row` of choice_keys) of one row per URI, in URI order: its newest success, else newest failure."""
+def chosen(keys: pa.Table) -> pa.Table:
+    """Per URI of choice keys, in URI order, the row number (`_row`) and outcome (`_failed`) of its newest successful
+    extraction, else its newest failure."""
     if keys.num_rows == 0:
-        return pa.array([], pa.int64())
+        return pa.table({"_row": pa.array([], pa.int64()), "_failed": pa.array([], pa.bool_())})
     order = pc.sort_indices(keys, sort_keys=NEWEST_ORDER)
     starts, _ = spans(keys["uri"].take(order).combine_chunks())
-    return keys["_row"].take(order.take(pa.array(starts))).combine_chunks()
+    picked = order.take(pa.array(starts))
+    return pa.table({"_row": keys["_row"].take(picked), "_failed": keys["_failed"].take(picked)})
 
 
 def newest(index: pa.Table) -> pa.Table:
     """One row per URI: its newest successful extraction, else its newest failure."""
-    return index.take(newest_rows(choice_keys(index))) if index.num_rows else index
+    return index.take(chosen(choice_keys(index))["_row"]) if index.num_rows else index
+
+
+def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """`chosen` of the index rows of a family that stand for the listing's files (only key columns are copied)."""
+    keys = choice_keys(index).filter(of_family(index, family))
+    return chosen(keys.join(inventory.select(KEYS), keys=KEYS, join_type="left semi"))
 
 
 def resolved(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
-    """Per file of the listing, the index row that stands for its current content (success, else failure); only key
-    columns are copied until the chosen rows are taken."""
-    keys = choice_keys(index).filter(of_family(index, family))
-    keys = keys.join(inventory.select(KEYS), keys=KEYS, join_type="left semi")
-    return index.take(newest_rows(keys))
+    """Per file of the listing, the index row that stands for its current content (success, else failure)."""
+    return index.take(resolved_keys(index, inventory, family)["_row"])
+
+
+def resolved_outcome(index: pa.Table, inventory: pa.Table, family: Family, failures: bool) -> pa.Table:
+    """The rows of `resolved` that failed (`failures`) or succeeded, taken alone."""
+    picked = resolved_keys(index, inventory, family)
+    return index.take(picked["_row"].filter(picked["_failed"] if failures else pc.invert(picked["_failed"])))
 
 
 def succeeded(rows: pa.Table) -> pa.Table:
@@ -365,12 +376,17 @@ def current_tracks(store: Store, inventory: pa.Table | None = None, family: Fami
     """Index rows (only `columns`, default all) of every file of the library with features of its current content,
     sorted by URI."""
     inventory = read_inventory(store, KEYS) if inventory is None else inventory
-    return succeeded(resolved(read_index(store, columns), inventory, family))
+    return resolved_outcome(read_index(store, columns), inventory, family, failures=False)
+
+
+ERROR_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", "error_type", "error_stage", "error_message",
+                 "run_id", "extracted_at"]
+"""Index columns that the errors table is made of (and that choose a file's current row)."""
 
 
 def current_errors(store: Store, family: Family = LIBROSA) -> pa.Table:
     """One row per file of the library that failed on its current content and has no features (the errors table)."""
-    rows = failed(resolved(read_index(store), read_inventory(store), family))
+    rows = resolved_outcome(read_index(store, ERROR_COLUMNS), read_inventory(store, KEYS), family, failures=True)
     return pa.table(
         {
             "uri": rows["uri"], "track_id": rows["track_id"], "fingerprint": rows["fingerprint"],
