@@ -255,20 +255,22 @@ def index_of_shard(store: Store, name: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
 
 
-def stored_index(store: Store, columns: list[str] | None = None, files: list[str] | None = None) -> pa.Table:
-    """The rows of the given index files (default: every index file)."""
+def stored_index(store: Store, columns: list[str] | None = None, files: list[str] | None = None,
+                 where: ds.Expression | None = None) -> pa.Table:
+    """The rows of the given index files (default: every index file), only those `where` holds if given."""
     files = store.list(store.index, ".parquet") if files is None else files
     if not files:
         return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
-    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns)
+    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns, filter=where)
 
 
-def read_index(store: Store, columns: list[str] | None = None) -> pa.Table:
-    """The whole track index (only `columns`, read as such): its files, plus (computed, not written) the rows of parts
-    no index file lists yet."""
-    table = stored_index(store, columns)
-    listed = stored_index(store, ["part"]) if columns is not None and "part" not in columns else table
+def read_index(store: Store, columns: list[str] | None = None, where: ds.Expression | None = None) -> pa.Table:
+    """The whole track index (only `columns` and the rows `where` holds, read as such): its files, plus (computed, not
+    written) the rows of parts no index file lists yet."""
+    table = stored_index(store, columns, where=where)
+    listed = table if where is None and (columns is None or "part" in columns) else stored_index(store, ["part"])
     missing = [index_of_shard(store, name) for name in unindexed(store, listed)]
+    missing = [m if where is None else m.filter(where) for m in missing]
     if columns is not None:
         missing = [m.select(columns) for m in missing]
     return pa.concat_tables([table, *missing]) if missing else table
@@ -341,7 +343,8 @@ def newest(index: pa.Table) -> pa.Table:
 
 def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
     """`chosen` of the index rows of a family that stand for the listing's files (only key columns are copied)."""
-    keys = choice_keys(index).filter(of_family(index, family))
+    mine = of_family(index, family)
+    keys = choice_keys(index) if pc.sum(mine).as_py() == index.num_rows else choice_keys(index).filter(mine)  # no copy when all are
     return chosen(keys.join(inventory.select(KEYS), keys=KEYS, join_type="left semi"))
 
 
@@ -384,9 +387,19 @@ ERROR_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", 
 """Index columns that the errors table is made of (and that choose a file's current row)."""
 
 
+def error_candidates(store: Store) -> pa.Table:
+    """The index rows (ERROR_COLUMNS) of every failure and of the successes of files that have a failure: all that
+    decides the errors table, without reading every file's row when few failed."""
+    failures = read_index(store, ERROR_COLUMNS, pc.field("error_type").is_valid())
+    if failures.num_rows == 0:
+        return failures
+    uris = pc.unique(failures["uri"].combine_chunks())
+    return pa.concat_tables([failures, read_index(store, ERROR_COLUMNS, pc.field("error_type").is_null() & pc.field("uri").isin(uris))])
+
+
 def current_errors(store: Store, family: Family = LIBROSA) -> pa.Table:
     """One row per file of the library that failed on its current content and has no features (the errors table)."""
-    rows = resolved_outcome(read_index(store, ERROR_COLUMNS), read_inventory(store, KEYS), family, failures=True)
+    rows = resolved_outcome(error_candidates(store), read_inventory(store, KEYS), family, failures=True)
     return pa.table(
         {
             "uri": rows["uri"], "track_id": rows["track_id"], "fingerprint": rows["fingerprint"],
