@@ -228,6 +228,7 @@ def catalog_table(rows: int, seed: int = 0) -> pa.Table:
     columns = {
         "track_id": pa.array([track_id(u) for u in uris]),
         "uri": pa.array(uris),
+        "fingerprint": pa.array([f"{i:016x}" for i in rng.integers(0, 2**63, rows)]),
         "genre": names.take(pa.array(top)),
         "confidence": pa.array(probabilities.max(axis=1)),
         "probabilities": pa.MapArray.from_arrays(
