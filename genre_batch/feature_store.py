@@ -317,11 +317,11 @@ NEWEST_ORDER = [("uri", "ascending"), ("_failed", "ascending"), ("extracted_at",
 """Order of index rows in which each URI's first row stands for it: success before failure, newest first."""
 
 
-def choice_keys(index: pa.Table, rows: pa.Array | None = None) -> pa.Table:
-    """The columns that choose between a URI's index rows (and the row numbers `rows`, default every row)."""
+def choice_keys(index: pa.Table) -> pa.Table:
+    """The columns that choose between a URI's index rows, and each row's number (`_row`)."""
     return pa.table({
         "uri": index["uri"], "fingerprint": index["fingerprint"], "_failed": pc.is_valid(index["error_type"]),
-        "extracted_at": index["extracted_at"], "_row": pa.array(np.arange(index.num_rows)) if rows is None else rows,
+        "extracted_at": index["extracted_at"], "_row": pa.array(np.arange(index.num_rows)),
     })
 
 
