@@ -426,7 +426,7 @@ def plan(inventory: pa.Table, index: pa.Table, force: bool = False, family: Fami
     empty = INDEX_SCHEMA.empty_table()
     if force:
         return Plan(inventory, empty, 0)
-    rows = resolved(index, inventory, family)
+    rows = index.select([*KEYS, "error_type"]).take(resolved_keys(index, inventory, family)["_row"])  # not every column
     done = rows.filter(pc.invert(pc.is_in(rows["error_type"].fill_null(""), value_set=pa.array(RETRIED_ERRORS))))
     todo = inventory.join(done.select(KEYS), keys=KEYS, join_type="left anti").sort_by("uri")
     moved = moves(todo, index, inventory, family)
