@@ -65,10 +65,10 @@ def fit_score(X: list[np.ndarray], y: np.ndarray, groups: np.ndarray, train: np.
     """Track accuracy on `test` of a model fitted on `train` as genre-batch fits."""
     X_train = np.vstack([X[t] for t in train])
     track = np.repeat(np.arange(len(train)), [len(X[t]) for t in train])
-    model, _ = training.fit(X_train, y[train][track], n_classes, track, groups[train])
+    model = training.fit(X_train, y[train][track], n_classes, track, groups[train])
     X_test = np.vstack([X[t] for t in test])
     test_track = np.repeat(np.arange(len(test)), [len(X[t]) for t in test])
-    predicted = training.per_track(training.predict_proba(model, X_test), test_track, len(test)).argmax(axis=1)
+    predicted = training.per_track(model.predict_proba(X_test), test_track, len(test)).argmax(axis=1)
     return float((predicted == y[test]).mean())
 
 

@@ -214,8 +214,19 @@ def noop_run(work: Path, n_files: int = TINY_FILES) -> dict:
     return result
 
 
+RANDOM_SPACE = {"name": "bench-random", "dim": catalog.VECTOR_DIM}
+"""The vector space of catalog_table's embeddings, as CURRENT.json records it."""
+
+
+def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random L2-normalised float32 vectors of the catalog's dimension."""
+    v = rng.standard_normal((n, catalog.VECTOR_DIM), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def catalog_table(rows: int, seed: int = 0) -> pa.Table:
-    """A random catalog of CATALOG_SCHEMA: probabilities over GENRES, top genre and confidence, some embedded tags."""
+    """A random catalog of CATALOG_SCHEMA: probabilities over GENRES, top genre and confidence, some embedded tags,
+    random unit embeddings (in the space RANDOM_SPACE) and no descriptive tags."""
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.full(len(GENRES), 0.3), size=rows)
     top = probabilities.argmax(axis=1)
@@ -241,6 +252,8 @@ def catalog_table(rows: int, seed: int = 0) -> pa.Table:
         "feature_version": pa.array(np.full(rows, 3, np.int32)),
         "run_id": pa.array(["bench-run"] * rows),
         "tagged_at": pa.array(np.full(rows, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "ms"))),
+        "embedding": pa.FixedSizeListArray.from_arrays(unit_vectors(rng, rows).ravel(), catalog.VECTOR_DIM),
+        "tags": pa.nulls(rows, pa.list_(pa.string())),
     }
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in catalog.CATALOG_SCHEMA], schema=catalog.CATALOG_SCHEMA)
 
@@ -254,7 +267,7 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     built = time.perf_counter() - started
     store = Store(str(store_dir))
     started = time.perf_counter()
-    pointer = catalog.publish(store, table, "bench-run", "bench-model")
+    pointer = catalog.publish(store, table, "bench-run", "bench-model", RANDOM_SPACE)  # with its similar table
     publish_s = time.perf_counter() - started
     size_mb = sum(p.stat().st_size for p in store_dir.rglob("*.parquet")) / 1e6
     return {"rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),

@@ -27,6 +27,7 @@ from genre_batch import evaluation, registry, training
 from genre_batch.discovery import INVENTORY_SCHEMA, fingerprint, track_id
 from genre_batch.feature_store import LIBROSA, feature_table, index_table, write_inventory, write_shard
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.model import PARAMS, XGBoostModel
 from genre_batch.store import Store
 
 GENRES: tuple[str, ...] = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
@@ -176,9 +177,9 @@ def model_sample(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def register_model(store: Store, n: int, seed: int) -> str:
     """Train a small real XGBoost model on a synthetic sample with the real FEATURE_NAMES, register and promote it."""
     X, y, track = model_sample(seed)
-    params = {**training.PARAMS, "num_class": len(GENRES)}
-    booster = xgb.train(params, training.dmatrix(X, y, training.balanced_weights(y, track)), num_boost_round=MODEL_ROUNDS)
-    predicted = training.per_track(training.predict_proba(booster, X), track, track.max() + 1).argmax(axis=1)
+    params = {**PARAMS, "num_class": len(GENRES)}
+    model = XGBoostModel(xgb.train(params, XGBoostModel.dmatrix(X, FEATURE_NAMES, y, training.balanced_weights(y, track)), num_boost_round=MODEL_ROUNDS), MODEL_ROUNDS)
+    predicted = training.per_track(model.predict_proba(X), track, track.max() + 1).argmax(axis=1)
     y_track = y[::WINDOWS]
     scores = evaluation.scores(y_track, predicted, list(GENRES))
     version = registry.new_version()
@@ -194,7 +195,7 @@ def register_model(store: Store, n: int, seed: int) -> str:
         "xgboost_version": xgb.__version__, "synthetic": True,
     }
     png = evaluation.confusion_png(scores["confusion"], list(GENRES), f"{version} (synthetic, training set)")
-    registry.register(store, version, booster, metadata, png, labelled)
+    registry.register(store, version, model, metadata, png, labelled)
     registry.promote(store, version)
     return version
 

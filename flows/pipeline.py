@@ -17,9 +17,6 @@ from genre_batch.reports import artifact_key, check_parameters, confusion_markdo
 from genre_batch.stages import compact, extract, runs
 from genre_batch.store import Store
 
-NIGHTLY_CRON = "0 2 * * *"
-"""Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
-
 ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 """The deployment's concurrency: a run due while another runs is cancelled ("Deployment concurrency limit reached.")."""
 
@@ -86,11 +83,11 @@ def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_accuracy: float, abstain_below: float, group_by: str,
-               all_tracks: bool = False) -> dict:
+               all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> dict:
     """Train, evaluate and register a model; promote it if it passes the gate."""
     from genre_batch.stages import train
 
-    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks))
+    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier))
     get_run_logger().info("training: %s", summary)
     return summary
 
@@ -134,11 +131,11 @@ def compact_flow(store: str, scheduler: str | None = None) -> dict:
 
 @flow(name="genre-batch-train")
 def train_flow(store: str, labels: str, scheduler: str | None = None, min_accuracy: float = 0.0, abstain_below: float = 0.0,
-               group_by: str = "auto", all_tracks: bool = False) -> dict:
+               group_by: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> dict:
     """Train a model on the store's labelled tracks."""
     s = Store.at(store)
     with runs.run_record(s, "train") as record, session(scheduler) as cluster:
-        record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by, all_tracks)
+        record["train"] = train_task(s, labels, record["run_id"], cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier)
     report_task(s, record)
     return record
 

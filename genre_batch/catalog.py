@@ -11,7 +11,9 @@ import pyarrow.compute as pc
 from genre_batch import GenreBatchError
 from genre_batch.store import Store
 
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3
+VECTOR_DIM = 128
+"""Dimension of the `embedding` of every vector space (genre_batch.vectors): one fixed-size list type for all."""
 KEEP_SNAPSHOTS = 5
 POINTER = "CURRENT.json"
 
@@ -36,9 +38,12 @@ CATALOG_SCHEMA = pa.schema(
         ("feature_version", pa.int32()),
         ("run_id", pa.string()),
         ("tagged_at", pa.timestamp("ms", tz="UTC")),
+        ("embedding", pa.list_(pa.float32(), VECTOR_DIM)),
+        ("tags", pa.list_(pa.string())),
     ]
 ).with_metadata({"genre_batch.catalog_version": str(CATALOG_VERSION)})
-"""Catalog schema, version CATALOG_VERSION (documented in the README). Version 2 added `fingerprint`."""
+"""Catalog schema, version CATALOG_VERSION (documented in the README). Version 2 added `fingerprint`, version 3
+`embedding` (the snapshot's vector space, CURRENT.json `vector_space`) and `tags` (top musicnn MSD tags, or null)."""
 
 
 CHANGES_SCHEMA = pa.schema(
@@ -57,6 +62,14 @@ CHANGES_SCHEMA = pa.schema(
 `genre_changed` or `moved` (same genre, new URI; a track whose genre changed and that moved is `genre_changed`
 with its `old_uri`)."""
 DIFF_COLUMNS = ["track_id", "uri", "genre", "confidence"]
+
+SIMILAR_K = 20
+"""Neighbours stored per track (rank 1..SIMILAR_K); `genre-batch similar --top` past it searches the index."""
+SIMILAR_SCHEMA = pa.schema(
+    [("track_id", pa.string()), ("neighbour_id", pa.string()), ("rank", pa.int16()), ("score", pa.float32())]
+).with_metadata({"genre_batch.similar_k": str(SIMILAR_K)})
+"""The `similar` table of a snapshot (genre_batch.similar): per track its SIMILAR_K nearest other catalog tracks by
+cosine of their embeddings (`score`), rank 1 the nearest."""
 
 
 def diff(before: pa.Table, after: pa.Table) -> pa.Table:
@@ -222,16 +235,22 @@ def split_by_genre(table: pa.Table) -> dict[str, pa.Table]:
     return {g: table.filter(pc.equal(table["genre"], g)) for g in sorted(pc.unique(table["genre"]).to_pylist())}
 
 
-def publish(store: Store, table: pa.Table, run_id: str, model_version: str, keep: int = KEEP_SNAPSHOTS) -> dict:
-    """Write a catalog table held in this process as a new snapshot and publish it; returns the pointer."""
+def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vector_space: dict, keep: int = KEEP_SNAPSHOTS) -> dict:
+    """Write a catalog table held in this process (embeddings in the space `vector_space` describes) as a new
+    snapshot with its similar table, and publish it; returns the pointer."""
+    from genre_batch import similar
+
     snapshot = snapshot_id(run_id)
     files = {}
     for number, (genre, rows) in enumerate(split_by_genre(table).items()):
         files[genre_file(snapshot, number)] = genre
         write_genre(store, genre_file(snapshot, number), rows)
     previous = pointer(store)
-    changes = diff(read_files(store, previous["files"] if previous else [], DIFF_COLUMNS), table)
-    return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep, changes=write_changes(store, snapshot, changes))
+    changes = write_changes(store, snapshot, diff(read_files(store, previous["files"] if previous else [], DIFF_COLUMNS), table))
+    update = similar.plan_update(store, previous, vector_space["name"], table.select(similar.KEYS))
+    neighbours = similar.build(store, snapshot, sorted(files), update, similar.in_process)
+    return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep, changes=changes,
+                  vector_space=vector_space, similar=neighbours)
 
 
 def files(store: Store) -> list[str]:

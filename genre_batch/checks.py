@@ -16,6 +16,8 @@ SUMMARY_FORMATS = ("text", "json")
 QUERY_FORMATS = ("table", "csv", "json")
 SERVER_COMMAND = "prefect server start --host 127.0.0.1 --port 4200"
 SERVER_API_URL = "http://127.0.0.1:4200/api"
+NIGHTLY_CRON = "0 2 * * *"
+"""Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
 
 
 def is_url(location: str) -> bool:
@@ -68,6 +70,18 @@ def labels(spec: str | None) -> None:
         raise UsageError(str(e).replace(str(path), spec)) from None
 
 
+CLASSIFIERS = ("xgboost", "linear")
+"""Model kinds of `train --classifier` (genre_batch.model.KINDS; listed here so that a usage error loads no xgboost)."""
+
+
+def classifier(kind: str | None, all_tracks: bool = False) -> None:
+    """--classifier is one of CLASSIFIERS; --all-tracks fits with xgboost.dask, so not with another one."""
+    if kind is not None and kind not in CLASSIFIERS:
+        raise UsageError(f"--classifier {kind}: use one of {', '.join(CLASSIFIERS)}")
+    if all_tracks and kind not in (None, "xgboost"):
+        raise UsageError(f"--all-tracks fits with xgboost.dask: it cannot be used with --classifier {kind}")
+
+
 RETRAIN_POLICIES = ("auto", "always", "never")
 
 
@@ -89,10 +103,41 @@ def query_format(fmt: str) -> None:
         raise UsageError(f"unknown format {fmt!r}: use one of {', '.join(QUERY_FORMATS)}")
 
 
+SIMILAR_MAX_TOP = 1000
+"""Most neighbours `similar --top` returns per track."""
+
+
+def genre_name(genre: str | None) -> None:
+    """`similar --genre` names a genre (not an empty string)."""
+    if genre is not None and not genre.strip():
+        raise UsageError("--genre needs a genre name, e.g. --genre rock")
+
+
 def sql_statement(sql: str) -> None:
     """A query needs a statement."""
     if not sql.strip().strip(";").strip():
         raise UsageError("empty SQL statement: give one, e.g. \"SELECT genre, count(*) FROM catalog GROUP BY 1\"")
+
+
+def write_tags_options(undo: str | None, apply: bool, only_missing: bool, min_confidence: float | None) -> None:
+    """`write-tags --undo RUN` restores by itself: it takes no --apply, --only-missing or --min-confidence."""
+    given = [name for name, on in (("--apply", apply), ("--only-missing", only_missing), ("--min-confidence", min_confidence is not None)) if on]
+    if undo is not None and given:
+        raise UsageError(f"--undo restores a write-back run's old tags by itself: drop {', '.join(given)}")
+
+
+def write_back_run(store: str, run_id: str) -> None:
+    """`--undo RUN` names a write-back run recorded in the store (its files writes/RUN-<n>.parquet); one listing request on S3."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(store if is_url(store) else str(local_path(store)))
+    try:
+        names = fs.ls(f"{root.rstrip('/')}/writes", detail=False)
+    except FileNotFoundError:
+        names = []
+    runs = {n.rsplit("/", 1)[-1].rsplit("-", 1)[0] for n in names if n.endswith(".parquet")}
+    if run_id not in runs:
+        raise UsageError(f"no write-back run {run_id} in the store {store}: see genre-batch query \"SELECT DISTINCT run_id FROM writes\"")
 
 
 def remote_library(location: str) -> None:
@@ -132,6 +177,46 @@ def prefect_api_url() -> str | None:
 
     url = get_current_settings().api.url
     return str(url) if url else None
+
+
+CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+               ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+               ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))
+"""The five fields of a cron expression: name, range, and the names that stand for numbers (from the range's start)."""
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def cron_value(token: str, field: tuple[str, int, int, tuple[str, ...]]) -> None:
+    """One value of a cron field (a number or a month/day name), checked against the field's range."""
+    name, low, high, names = field
+    value = names.index(token.lower()) + low if token.lower() in names else int(token) if token.isdigit() else None
+    if value is None or not low <= value <= high:
+        raise UsageError(f"{name} {token!r} is not in {low}-{high}")
+
+
+def cron_item(item: str, field: tuple[str, int, int, tuple[str, ...]]) -> None:
+    """One comma-separated item of a cron field: *, a value or a range, each optionally /step."""
+    span, _, step = item.partition("/")
+    if _ and not (step.isdigit() and int(step) > 0):
+        raise UsageError(f"{field[0]} step {step!r} is not a positive number")
+    if span != "*":
+        for value in span.split("-", 1):
+            cron_value(value, field)
+
+
+def cron(expression: str) -> None:
+    """A five-field cron expression (or @daily, ...) as Prefect's schedules accept it; UsageError naming the bad field."""
+    fields = expression.split()
+    if len(fields) == 1 and fields[0].lower() in CRON_MACROS:
+        return
+    try:
+        if len(fields) != len(CRON_FIELDS):
+            raise UsageError(f"{len(fields)} fields, a cron expression has 5 (minute hour day-of-month month day-of-week)")
+        for text, field in zip(fields, CRON_FIELDS):
+            for item in text.split(","):
+                cron_item(item, field)
+    except UsageError as e:
+        raise UsageError(f"invalid --cron {expression!r}: {e}") from None
 
 
 def prefect_server() -> str:

@@ -1,4 +1,4 @@
-"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | demo | serve.
+"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | similar | demo | serve.
 
 Arguments, label specs, formats and local paths are checked before Prefect or Dask are imported (genre_batch.checks):
 a usage error costs no start-up, exits 2 and prints one line.
@@ -73,6 +73,14 @@ FormatOpt = Annotated[
 FeaturesOpt = Annotated[
     str,
     typer.Option("--features", help="Feature families to extract, comma-separated: librosa (always) and musicnn. New and changed files get every one; files lacking one are backfilled, --backfill-cap per run."),
+]
+TrainFeaturesOpt = Annotated[
+    str | None,
+    typer.Option("--features", help="Feature families the model is trained on, comma-separated: librosa, musicnn or both (default: the current model's, else librosa,musicnn when every track has musicnn features, else librosa). Recorded in the model card; tagging feeds the model the same families."),
+]
+ClassifierOpt = Annotated[
+    str | None,
+    typer.Option("--classifier", help="xgboost (gradient-boosted trees) or linear (standardised L2 logistic regression); default: the current model's when training on its families, else linear with musicnn and xgboost on librosa alone. Recorded in the model card."),
 ]
 BackfillCapOpt = Annotated[
     int, typer.Option("--backfill-cap", min=0, help="At most this many files per run extracted only for a family they lack.")
@@ -232,7 +240,8 @@ def with_progress(call: Callable[[], dict]) -> dict:
     task = bar.add_task("extract", total=None, errors=0)
 
     def update(done: int, total: int, errors: int) -> None:
-        bar.start()
+        if err.is_terminal:  # rich draws nothing elsewhere but would leave an empty line behind
+            bar.start()
         bar.update(task, completed=done, total=total, errors=errors)
 
     try:
@@ -260,7 +269,8 @@ def print_train(summary: dict) -> None:
     state = "promoted to current" if summary["promoted"] else "REFUSED by the promotion gate, not made current"
     sample = f" (a sample of {summary['sampled_tracks']})" if summary["sampled_tracks"] < summary["tracks"] else ""
     out.print(
-        f"train: model {summary['version']} on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
+        f"train: model {summary['version']} ({summary.get('classifier', 'xgboost')} on {','.join(summary.get('features', ['librosa']))}) "
+        f"on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
         f"(labels: {summary['label_source']}); cross-validated accuracy (grouped by {summary['grouping']}) {summary['cv_accuracy']:.3f}, "
         f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
         markup=False,
@@ -575,16 +585,20 @@ def train(
     min_accuracy: MinAccuracyOpt = 0.0,
     abstain_below: AbstainOpt = 0.0,
     group_by: GroupByOpt = "auto",
-    all_tracks: Annotated[bool, typer.Option("--all-tracks", help="Fit the final model on every labelled track with xgboost.dask on the cluster (evaluation stays on the capped sample).")] = False,
+    all_tracks: Annotated[bool, typer.Option("--all-tracks", help="Fit the final model on every labelled track with xgboost.dask on the cluster (evaluation stays on the capped sample; xgboost only).")] = False,
+    features: TrainFeaturesOpt = None,
+    classifier: ClassifierOpt = None,
     fmt: FormatOpt = "text",
 ) -> None:
     """Train, evaluate and register a model on the labelled tracks of the store; make it current if it passes."""
     check_reader(store)
+    families = None if features is None else list(feature_names(features))
+    checks.classifier(classifier, all_tracks)
     check_writer(None, store, fmt, labels)
     from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks), store, fmt=fmt)
+    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier), store, fmt=fmt)
 
 
 @app.command()
@@ -594,24 +608,29 @@ def evaluate(
     labels: LabelsOpt = "folders",
     scheduler: SchedulerOpt = None,
     group_by: GroupByOpt = "auto",
+    features: TrainFeaturesOpt = None,
+    classifier: ClassifierOpt = None,
     fmt: FormatOpt = "text",
 ) -> None:
     """Grouped, stratified cross-validation of the labelled tracks; writes a report (nothing is registered)."""
     checks.summary_format(fmt)
     check_reader(store)
     checks.labels(labels)
+    families = None if features is None else list(feature_names(features))
+    checks.classifier(classifier)
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
     from genre_batch.store import Store
 
     with session(scheduler) as cluster:
-        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by)
+        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier)
     if fmt == "json":
         print_json(report)
         return
     cv = report["cross_validation"]
     out.print(
-        f"evaluate: {report['tracks']} tracks ({report['windows']} windows), {len(report['genres'])} genres, "
+        f"evaluate: {report['tracks']} tracks ({report['windows']} rows), {len(report['genres'])} genres, "
+        f"{report['classifier']} on {', '.join(report['feature_families'])}, "
         f"{cv['folds']}-fold CV grouped by {cv['grouping']} ({cv['groups']} groups): accuracy {cv['accuracy']:.3f}, "
         f"macro-F1 {cv['macro_f1']:.3f} (majority baseline {report['majority_baseline']:.3f}); calibration error "
         f"{cv['ece']:.3f} -> {cv['ece_calibrated']:.3f} at temperature {cv['temperature']:.2f}",
@@ -740,6 +759,101 @@ def classify(
         raise typer.Exit(1)
 
 
+WRITE_FAILURES_SHOWN = 10
+
+
+def write_back(store: str, choice: Any, undo: str | None) -> dict:
+    """Write the chosen catalog genres into the files (or undo a write-back run) under the lease; the run's summary."""
+    from genre_batch import writeback
+    from genre_batch.stages.runs import run_record
+    from genre_batch.store import Store
+
+    s = Store.at(store)
+    with run_record(s, "write-tags") as record:
+        rows = writeback.undo(s, record["run_id"], undo) if undo else writeback.write(s, record["run_id"], writeback.candidates(s, choice))
+        files = [{k: r[k] for k in ("uri", "old_tag", "new_tag", "confidence", "outcome", "error_type", "message")} for r in rows.to_pylist()]
+        done = sum(f["outcome"] != "failed" for f in files)
+        record.update(undoes=undo, written=done, failed=len(files) - done)
+    return {"run_id": record["run_id"], "applied": True, "undoes": undo, "written": done, "failed": len(files) - done, "files": files}
+
+
+def print_write_back(summary: dict) -> None:
+    """Print what a write-back did (or, without --apply, would do)."""
+    if not summary["applied"]:
+        for f in summary["files"]:
+            out.print(f"  {f['uri']}: {'; '.join(f['old_tag']) or '(no genre tag)'} -> {f['new_tag'][0]} ({f['confidence']:.2f})", markup=False)
+        out.print(f"write-tags: {len(summary['files'])} files would be written; nothing was written (add --apply to write them)", markup=False)
+        return
+    verb = f"restored the tags run {summary['undoes']} wrote in" if summary["undoes"] else "wrote the genre tag of"
+    out.print(f"write-tags: run {summary['run_id']} {verb} {summary['written']} files, {summary['failed']} failed", markup=False)
+    failures = [f for f in summary["files"] if f["outcome"] == "failed"]
+    for f in failures[:WRITE_FAILURES_SHOWN]:
+        out.print(f"  {f['uri']}: {f['error_type']}: {f['message']}", markup=False)
+    if failures:
+        out.print(f"  (all of them: genre-batch query \"SELECT * FROM writes WHERE run_id = '{summary['run_id']}' AND outcome = 'failed'\")", markup=False)
+
+
+@app.command("write-tags")
+@friendly
+def write_tags(
+    store: StoreOpt = DEFAULT_STORE,
+    min_confidence: Annotated[
+        float | None, typer.Option("--min-confidence", min=0.0, max=1.0, help="Write only genres predicted with at least this calibrated confidence (default 0).")
+    ] = None,
+    only_missing: Annotated[bool, typer.Option("--only-missing", help="Write only into files without a genre tag (or with one genre-batch wrote).")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Write the tags; without it, print what would be written and change nothing.")] = False,
+    undo: Annotated[str | None, typer.Option("--undo", metavar="RUN", help="Restore the genre tags a write-back run replaced, in files not changed since.")] = None,
+    fmt: FormatOpt = "text",
+) -> None:
+    """Write the catalog's predicted genres into the files' genre tags (only with --apply), or undo a write-back run."""
+    checks.summary_format(fmt)
+    check_reader(store)
+    checks.write_tags_options(undo, apply, only_missing, min_confidence)
+    if undo is not None:
+        checks.write_back_run(store, undo)
+    from genre_batch import writeback
+    from genre_batch.store import Store
+
+    choice = writeback.Choice(min_confidence or 0.0, only_missing)
+    if apply or undo is not None:
+        summary = write_back(store, choice, undo)
+    else:
+        rows = writeback.preview(writeback.candidates(Store.at(store), choice))
+        summary = {"run_id": None, "applied": False, "undoes": None, "written": 0, "failed": 0, "files": rows}
+    if fmt == "json":
+        print_json(summary)
+    else:
+        print_write_back(summary)
+
+
+@app.command()
+@friendly
+def similar(
+    tracks: Annotated[list[str], typer.Argument(help="Catalog tracks (track_id or uri) or audio files outside the catalog (extracted now, nothing stored).")],
+    store: StoreOpt = DEFAULT_STORE,
+    top: Annotated[int, typer.Option("--top", min=1, max=checks.SIMILAR_MAX_TOP, help="How many similar tracks per track.")] = 10,
+    genre: Annotated[str | None, typer.Option("--genre", help="Only neighbours of this genre (searches deeper until --top are found).")] = None,
+    fmt: FormatOpt = "text",
+) -> None:
+    """The most similar catalog tracks (cosine of the snapshot's embeddings) of catalog tracks or audio files."""
+    checks.summary_format(fmt)
+    checks.genre_name(genre)
+    check_reader(store)
+    from dataclasses import asdict
+
+    from genre_batch import similar as neighbours
+    from genre_batch.store import Store
+
+    answers = neighbours.answer(Store.at(store), [(t, absolute(t)) for t in tracks], top, genre)
+    if fmt == "json":
+        print_json([asdict(a) for a in answers])
+        return
+    for a in answers:
+        out.print(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):", markup=False)
+        for n in a.neighbours:
+            out.print(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})", markup=False)
+
+
 @app.command()
 @friendly
 def demo(
@@ -769,19 +883,20 @@ def serve(
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = None,
     scheduler: SchedulerOpt = None,
-    cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule of the nightly run (default: 0 2 * * *).")] = None,
+    cron: Annotated[str, typer.Option("--cron", help="Cron schedule of the nightly run (UTC).")] = checks.NIGHTLY_CRON,
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "nightly",
 ) -> None:
     """Register the nightly flow as a scheduled Prefect deployment on a Prefect server and serve it (runs until stopped)."""
     check_writer(library, store, "text", labels)
+    checks.cron(cron)
     checks.prefect_server()
     from prefect import serve as serve_deployments
 
-    from flows.pipeline import NIGHTLY_CRON, deployment
+    from flows.pipeline import deployment
 
     parameters = {"library": absolute(library), "store": absolute(store), "labels": labels_spec(labels), "scheduler": scheduler}
     try:
-        scheduled = deployment(name, cron or NIGHTLY_CRON, parameters)
+        scheduled = deployment(name, cron, parameters)
     except ValueError as e:  # pydantic's ValidationError: a cron Prefect does not accept
         raise UsageError(f"invalid --cron {cron!r}: {str(e).splitlines()[-1].strip()}") from None
     serve_deployments(scheduled)

@@ -501,6 +501,19 @@ def moves(todo: pa.Table, index: pa.Table, inventory: pa.Table, family: Family =
     return index_table(rows) if rows else INDEX_SCHEMA.empty_table()
 
 
+def rekeyed(rows: pa.Table, files: pa.Table) -> pa.Table:
+    """Index rows of files whose tags alone changed (genre-batch wrote them), re-keyed like moves are re-pointed: `files`
+    has uri, old_fingerprint, fingerprint, size, version and tag_genre; each file's rows of its old fingerprint (every
+    family) get the new fingerprint, size, version and tag. Their features stand for the new content: no re-extraction."""
+    old = files.select(["uri", "old_fingerprint"]).rename_columns(["uri", "fingerprint"])
+    rows = rows.join(old, keys=KEYS, join_type="left semi").sort_by("uri")
+    new = {r["uri"]: r for r in files.to_pylist()}
+    uris = rows["uri"].to_pylist()
+    for name in ("fingerprint", "size", "version", "tag_genre"):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array([new[u][name] for u in uris], INDEX_SCHEMA.field(name).type))
+    return rows.cast(INDEX_SCHEMA)
+
+
 def window_indices(tracks: pa.Table) -> np.ndarray:
     """Row numbers in a part of the windows of the given index rows."""
     starts = tracks["row_start"].to_numpy()

@@ -40,6 +40,17 @@ def from_folders(tracks: pa.Table, library: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
 
 
+def without_written(tracks: pa.Table, written: pa.Table | None) -> pa.Table:
+    """Tracks (index rows) with the genre tag cleared where genre-batch wrote it: `written` holds the (uri, fingerprint)
+    of those file contents (the writes table). A prediction written back is neither a label nor a disagreement."""
+    if written is None or written.num_rows == 0 or tracks.num_rows == 0:
+        return tracks
+    ours = pc.is_in(pc.binary_join_element_wise(tracks["uri"], tracks["fingerprint"], "\x00"),
+                    value_set=pc.binary_join_element_wise(written["uri"], written["fingerprint"], "\x00").combine_chunks())
+    cleared = pc.if_else(ours, pa.scalar(None, pa.string()), tracks["tag_genre"])
+    return tracks.set_column(tracks.schema.get_field_index("tag_genre"), "tag_genre", cleared)
+
+
 def from_tags(tracks: pa.Table) -> pa.Table:
     """Genre = the genre tag embedded in the file."""
     genres = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
@@ -76,10 +87,11 @@ def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
     return pa.table({"uri": list(genres), "genre": list(genres.values())}, schema=LABELS_SCHEMA)
 
 
-def resolve(spec: str, tracks: pa.Table, library: str) -> pa.Table:
-    """Labels (uri, genre) for the tracks of the store, from a spec: folders, tags, or a file path."""
+def resolve(spec: str, tracks: pa.Table, library: str, written: pa.Table | None = None) -> pa.Table:
+    """Labels (uri, genre) for the tracks of the store, from a spec: folders, tags (never those genre-batch wrote:
+    `written`, see without_written), or a file path."""
     if spec == "folders":
         return from_folders(tracks, library)
     if spec == "tags":
-        return from_tags(tracks)
+        return from_tags(without_written(tracks, written))
     return from_file(tracks, spec, library)

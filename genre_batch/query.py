@@ -1,4 +1,5 @@
-"""Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`) and current errors (`errors`)."""
+"""Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`), its neighbour lists
+(`similar`), current errors (`errors`) and the write-back record (`writes`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ READ_ONLY = ("SELECT", "EXPLAIN")
 
 
 def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `catalog` and (when `sql` names it) `errors`, and no file access
-    beyond the published snapshot's own files.
+    """An in-memory DuckDB connection with views `catalog` and (when `sql` names them) `changes`, `similar` and
+    `errors`, and no file access beyond the published snapshot's own files.
 
     On disk DuckDB reads the snapshot's Parquet files itself (its fastest path), allowed by `allowed_paths`; on
     object stores they are read through a pyarrow dataset on the store's filesystem. External access is then
@@ -30,17 +31,14 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     # SQL naming the catalog needs one published (files() says so); the errors table is queryable before
     files = catalog.files(store) if "catalog" in sql.lower() or catalog.pointer(store) else []
-    if not files:  # an empty (or not yet published) catalog: a view of no rows with the catalog's columns
-        con.register("catalog_files", catalog.CATALOG_SCHEMA.empty_table())
-        con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
-    elif is_local(store.fs):
-        con.execute("SET allowed_paths = $files", {"files": files})
-        con.read_parquet(files).create_view("catalog")
-    else:
-        con.register("catalog_files", ds.dataset(files, format="parquet", filesystem=store.fs))
-        con.execute("CREATE VIEW catalog AS SELECT * FROM catalog_files")
+    current = catalog.pointer(store) or {}
+    pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in sql.lower() else []
+    if is_local(store.fs) and files + pieces:
+        con.execute("SET allowed_paths = $files", {"files": files + pieces})
+    parquet_view(con, store, "catalog", files, catalog.CATALOG_SCHEMA)
+    if "similar" in sql.lower():  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
+        parquet_view(con, store, "similar", pieces, catalog.SIMILAR_SCHEMA)
     if "changes" in sql.lower():  # the published snapshot's change feed (no rows before the first one that has it)
-        current = catalog.pointer(store) or {}
         feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else catalog.CHANGES_SCHEMA.empty_table()
         con.register("changes_arrow", feed)
         con.execute("CREATE VIEW changes AS SELECT * FROM changes_arrow")
@@ -49,9 +47,26 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
 
         con.register("errors_arrow", current_errors(store))
         con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
+    if "writes" in sql.lower():  # the write-back record (no rows before the first write-tags --apply)
+        from genre_batch.writeback import read_writes
+
+        con.register("writes_arrow", read_writes(store))
+        con.execute("CREATE VIEW writes AS SELECT * FROM writes_arrow")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files: list[str], schema: pa.Schema) -> None:
+    """A view `name` of Parquet files of the store (of no rows with `schema` when there are none)."""
+    if not files:
+        con.register(f"{name}_files", schema.empty_table())
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
+    elif is_local(store.fs):
+        con.read_parquet(files).create_view(name)
+    else:
+        con.register(f"{name}_files", ds.dataset(files, format="parquet", filesystem=store.fs))
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -1,4 +1,5 @@
-"""Model registry: versioned XGBoost models (own UBJSON format, never pickle) and a CURRENT pointer with history.
+"""Model registry: versioned models of any kind (genre_batch.model: XGBoost in its UBJSON format, linear as plain
+arrays in .npz; never pickle) with their cards, and a CURRENT pointer with history.
 
 The pointer `models/CURRENT.json` is {"version", "pinned", "history"}: switched by a conditional write (like the
 catalog's), `history` the versions that were current before, newest last; a pinned model is never replaced by an
@@ -16,7 +17,6 @@ import pyarrow as pa
 from genre_batch import GenreBatchError
 from genre_batch.store import Store
 
-MODEL_FILE = "model.ubj"
 METADATA_FILE = "metadata.json"
 CONFUSION_FILE = "confusion_matrix.png"
 LABELLED_FILE = "labelled.parquet"
@@ -24,8 +24,8 @@ LABELLED_FILE = "labelled.parquet"
 POINTER = "CURRENT.json"
 HISTORY = 20
 
-if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost (README, Cheap start)
-    import xgboost as xgb
+if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost or scikit-learn (README, Cheap start)
+    from genre_batch.model import GenreModel
 
 
 def new_version() -> str:
@@ -33,13 +33,15 @@ def new_version() -> str:
     return f"m-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def register(store: Store, version: str, booster: xgb.Booster, metadata: dict, confusion_png: bytes, labelled: pa.Table) -> str:
-    """Store a model with its labelled set, metadata and confusion matrix; the metadata is written last."""
+def register(store: Store, version: str, model: GenreModel, metadata: dict, confusion_png: bytes, labelled: pa.Table) -> str:
+    """Store a model's files with its labelled set, metadata and confusion matrix; the card (with the model's kind as
+    `classifier`) is written last."""
     folder = f"{store.models}/{version}"
-    store.write_bytes(f"{folder}/{MODEL_FILE}", bytes(booster.save_raw("ubj")))
+    for name, data in model.to_files().items():
+        store.write_bytes(f"{folder}/{name}", data)
     store.write_bytes(f"{folder}/{CONFUSION_FILE}", confusion_png)
     store.write_table(f"{folder}/{LABELLED_FILE}", labelled)
-    store.write_json(f"{folder}/{METADATA_FILE}", {**metadata, "version": version})
+    store.write_json(f"{folder}/{METADATA_FILE}", {**metadata, "classifier": model.kind, "version": version})
     return folder
 
 
@@ -82,23 +84,36 @@ def metadata(store: Store, version: str) -> dict:
     return store.read_json(f"{store.models}/{version}/{METADATA_FILE}")
 
 
-def load(store: Store, version: str) -> tuple[xgb.Booster, dict]:
-    """Load a registered model and its metadata."""
-    import xgboost as xgb
-
-    booster = xgb.Booster()
-    with store.fs.open(f"{store.models}/{version}/{MODEL_FILE}", "rb") as f:
-        booster.load_model(bytearray(f.read()))
-    return booster, metadata(store, version)
+LEGACY_CLASSIFIER = "xgboost"
+"""The classifier of a model whose card does not say (stores before model kinds): they were all XGBoost."""
 
 
-def load_current(store: Store) -> tuple[str, xgb.Booster, dict]:
+def model_kind(meta: dict) -> str:
+    """The classifier kind a model card records (`classifier`; xgboost for cards written before kinds)."""
+    return meta.get("classifier", LEGACY_CLASSIFIER)
+
+
+def model_families(meta: dict) -> dict[str, int]:
+    """The feature families and versions a model was trained on (librosa alone for cards that do not say)."""
+    return meta.get("feature_families") or {"librosa": meta["feature_version"]}
+
+
+def load(store: Store, version: str) -> tuple[GenreModel, dict]:
+    """Load a registered model (of the kind its card names; xgboost for cards before kinds) and its metadata."""
+    from genre_batch.model import model_class
+
+    meta = metadata(store, version)
+    kind = model_class(model_kind(meta))
+    return kind.from_files({name: store.fs.cat_file(f"{store.models}/{version}/{name}") for name in kind.files}), meta
+
+
+def load_current(store: Store) -> tuple[str, GenreModel, dict]:
     """The current model, or a clear error when there is none."""
     version = current_version(store)
     if version is None:
         raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
-    booster, meta = load(store, version)
-    return version, booster, meta
+    model, meta = load(store, version)
+    return version, model, meta
 
 
 def versions(store: Store) -> list[str]:
@@ -114,6 +129,8 @@ def summary(meta: dict, current: dict | None) -> dict:
         "created_at": meta["created_at"],
         "tracks": meta.get("labelled_tracks", meta["tracks"]),
         "genres": len(meta["genres"]),
+        "classifier": model_kind(meta),
+        "features": ",".join(model_families(meta)),
         "cv_accuracy": round(meta["cross_validation"]["accuracy"], 4),
         "holdout_accuracy": round(meta["holdout"]["accuracy"], 4),
         "gate_passed": meta["gate"]["passed"],

@@ -7,18 +7,18 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xgboost as xgb
 
-from genre_batch import catalog, registry
+from genre_batch import audio, catalog, features, registry
 from genre_batch.audio import AudioError
-from genre_batch.catalog import CATALOG_SCHEMA
+from genre_batch.catalog import CATALOG_SCHEMA, VECTOR_DIM
 from genre_batch.evaluation import calibrate
-from genre_batch.extraction import extract_file
-from genre_batch.feature_store import keys_of, read_windows
-from genre_batch.features import FEATURE_NAMES
+from genre_batch.extraction import librosa_windows, musicnn_vector
+from genre_batch.feature_store import LIBROSA, MUSICNN, keys_of
 from genre_batch.labels import normalise
+from genre_batch.model import GenreModel
 from genre_batch.store import Store
-from genre_batch.training import matrix, per_track, predict_proba
+from genre_batch.training import columns_of, family_rows, matrix, ordered_families, per_track
+from genre_batch.vectors import VectorSpace, track_vectors
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""
@@ -26,11 +26,11 @@ UNKNOWN = "unknown"
 BATCH_WINDOWS = 120_000
 """Window rows per tagging task (parts are never split): about 300 MB of features in a worker at a time."""
 
-_models: dict[tuple[str, str], tuple[xgb.Booster, dict]] = {}
+_models: dict[tuple[str, str], tuple[GenreModel, dict]] = {}
 """Models loaded in this process, by (store URL, version): each worker loads a model once."""
 
 
-def worker_model(store: Store, version: str) -> tuple[xgb.Booster, dict]:
+def worker_model(store: Store, version: str) -> tuple[GenreModel, dict]:
     """A registered model, loaded once per process."""
     key = (store.url, version)
     if key not in _models:
@@ -39,9 +39,14 @@ def worker_model(store: Store, version: str) -> tuple[xgb.Booster, dict]:
     return _models[key]
 
 
-def calibrated(booster: xgb.Booster, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
-    """Track probabilities from window features: predictions averaged per track, the model's temperature applied."""
-    return calibrate(per_track(predict_proba(booster, X), track, n_tracks), meta.get("temperature", 1.0))
+def calibrated(model: GenreModel, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
+    """Track probabilities from feature rows: predictions averaged per track, the model's temperature applied."""
+    return calibrate(per_track(model.predict_proba(X), track, n_tracks), meta.get("temperature", 1.0))
+
+
+def families_of(meta: dict) -> list[str]:
+    """The feature families a model is fed, in FAMILIES order (its card's `feature_families`)."""
+    return ordered_families(list(registry.model_families(meta)))
 
 
 def genres_of(meta: dict) -> list[str]:
@@ -50,9 +55,11 @@ def genres_of(meta: dict) -> list[str]:
 
 
 def catalog_rows(
-    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime
+    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime,
+    embeddings: np.ndarray, tags: list[list[str] | None],
 ) -> pa.Table:
-    """Catalog rows of tracks (index rows) and their probabilities; under the abstain threshold the genre is `unknown`."""
+    """Catalog rows of tracks (index rows), their probabilities, embeddings [n, VECTOR_DIM] and musicnn tags (None
+    without the family); under the abstain threshold the genre is `unknown`."""
     genres, n = meta["genres"], tracks.num_rows
     confidence = probabilities.max(axis=1) if n else np.zeros(0)
     top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
@@ -75,28 +82,36 @@ def catalog_rows(
             "feature_version": tracks["feature_version"],
             "run_id": pa.array([run_id] * n, pa.string()),
             "tagged_at": pa.array([tagged_at] * n, CATALOG_SCHEMA.field("tagged_at").type),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), VECTOR_DIM),
+            "tags": pa.array(tags, CATALOG_SCHEMA.field("tags").type),
         },
         schema=CATALOG_SCHEMA,
     )
 
 
-def predict_part(store: Store, tracks: pa.Table, booster: xgb.Booster, meta: dict) -> np.ndarray:
-    """Calibrated probabilities of the given index rows of one part."""
-    windows = read_windows(store, tracks, list(FEATURE_NAMES))
-    track = np.repeat(np.arange(tracks.num_rows), tracks["row_count"].to_numpy().astype(np.int64))
-    return calibrated(booster, matrix(windows), track, tracks.num_rows, meta)
+def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> np.ndarray:
+    """Calibrated probabilities of the given index rows of one part (with the locations of the model's other
+    families, training.located), fed the families the model was trained on."""
+    families = families_of(meta)
+    rows = family_rows(store, tracks, families)
+    track = pc.index_in(rows["uri"], value_set=tracks["uri"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    return calibrated(model, matrix(rows, columns_of(families)), track, tracks.num_rows, meta)
 
 
-def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime) -> pa.Table:
-    """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process."""
-    booster, meta = worker_model(store, version)
-    tables = [catalog_rows(g, predict_part(store, g, booster, meta), meta, version, run_id, tagged_at) for g in groups]
+def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, space: VectorSpace,
+               musicnn: pa.Table) -> pa.Table:
+    """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process;
+    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags."""
+    model, meta = worker_model(store, version)
+    tables = [catalog_rows(g, predict_part(store, g, model, meta), meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space))
+              for g in groups]
     return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
 
 
-def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, snapshot: str, task: int) -> dict[str, int]:
+def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, snapshot: str, task: int,
+              space: VectorSpace, musicnn: pa.Table) -> dict[str, int]:
     """Tag a batch of parts (runs on a worker) and leave its rows as one piece per genre; returns rows per genre."""
-    table = tag_groups(store, version, groups, run_id, tagged_at)
+    table = tag_groups(store, version, groups, run_id, tagged_at, space, musicnn)
     genres = genres_of(worker_model(store, version)[1])
     counts = {}
     for genre, rows in catalog.split_by_genre(table).items():
@@ -119,17 +134,29 @@ def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, d
     return rows, int(pc.sum(table["disagrees_with_tag"].fill_null(False)).as_py() or 0)
 
 
+def file_rows(uri: str, families: list[str]) -> np.ndarray:
+    """The feature rows of one file for the given families, as the store would hold them joined (one decode):
+    librosa windows with the musicnn vector beside each, or the musicnn vector alone (raises audio.AudioError)."""
+    segments, _, _ = audio.load(uri, features.window_spans)
+    parts = [librosa_windows(segments)[1]] if LIBROSA.name in families else []
+    if MUSICNN.name in families:
+        vector = musicnn_vector(segments)[0][None, :]
+        parts.append(np.repeat(vector, len(parts[0]) if parts else 1, axis=0))
+    return np.hstack(parts).astype(np.float32)
+
+
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
     """The `top` genres and probabilities of each file with the current model, or the reason it failed."""
-    _, booster, meta = registry.load_current(store)
+    _, model, meta = registry.load_current(store)
+    families = families_of(meta)
     results: list[tuple[str, list[tuple[str, float]] | str]] = []
     for uri in uris:
         try:
-            _, windows = extract_file(uri)
+            rows = file_rows(uri, families)
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
             continue
-        probabilities = calibrated(booster, windows, np.zeros(len(windows), np.int64), 1, meta)[0]  # one track
+        probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
         order = np.argsort(probabilities)[::-1][:top]
         results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
     return results

@@ -1,47 +1,41 @@
-"""Training: XGBoost on the analysis windows of labelled tracks, evaluated on whole tracks in grouped splits."""
+"""Training: a model (genre_batch.model: any kind) on the feature rows of labelled tracks, joined across feature
+families per track, evaluated on whole tracks in grouped splits."""
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xgboost as xgb
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
+from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, MUSICNN_COLUMNS, by_part, current_tracks, read_windows
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.model import MAX_FOLDS, GenreModel, groups_per_genre, model_class
+from genre_batch.store import Store
 
-PARAMS: dict = {
-    "objective": "multi:softprob",
-    "tree_method": "hist",
-    "eta": 0.1,
-    "max_depth": 4,
-    "subsample": 0.8,
-    "colsample_bytree": 0.5,
-    "eval_metric": "mlogloss",
-    "nthread": 1,
-    "seed": 0,
-}
-"""XGBoost parameters; one thread stays stable on shared machines."""
-
-MAX_ROUNDS = 1000
-EARLY_STOPPING = 30
-DEFAULT_ROUNDS = 200
-"""Rounds when a training set is too small for a validation fold (fewer than 2 groups in some genre)."""
-MAX_FOLDS = 5
 MIN_PER_GENRE = 2
 GROUPINGS = ("auto", "track", "artist", "album", "folder")
 """Ways to group tracks in splits; any other value names a column of the feature store."""
 
 
+DEFAULT_FAMILIES: tuple[str, ...] = ("librosa", "musicnn")
+"""The feature families of `train` when neither --features nor a current model says, provided every current track of
+the store has them: librosa + musicnn with the linear classifier won the paired comparison of #14 on both tasks
+(bench/accuracy; README, Accuracy)."""
+FALLBACK_FAMILIES: tuple[str, ...] = ("librosa",)
+"""The default families when some current track lacks musicnn (extraction's own default is librosa alone)."""
+
+
 @dataclass(frozen=True)
 class TrainingSet:
-    """Window feature matrix with labels, the track of each window, and the split group of each track."""
+    """Feature rows with labels, the track of each row, and the split group of each track; `columns` names the
+    matrix's columns (the chosen families' value columns, in FAMILIES order)."""
 
     X: np.ndarray
     y: np.ndarray
@@ -53,11 +47,83 @@ class TrainingSet:
     grouping: str
     fingerprint: str
     dropped: dict[str, int]
+    columns: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
 
 
-def matrix(windows: pa.Table) -> np.ndarray:
-    """The float32 feature matrix of a feature table, columns in FEATURE_NAMES order."""
-    return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in FEATURE_NAMES]).astype(np.float32, copy=False)
+def ordered_families(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Family names in FAMILIES order (librosa first), each once; an unknown name is a clear error."""
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown or not names:
+        raise GenreBatchError(f"unknown feature family {', '.join(unknown) or '(none given)'}: choose from {', '.join(FAMILIES)}")
+    return [n for n in FAMILIES if n in names]
+
+
+def family_columns(name: str) -> list[str]:
+    """The value columns of a feature family."""
+    return list(FEATURE_NAMES) if name == LIBROSA.name else list(MUSICNN_COLUMNS)
+
+
+def columns_of(families: list[str] | tuple[str, ...]) -> list[str]:
+    """The feature columns of a model trained on these families, in FAMILIES order."""
+    return [c for name in ordered_families(families) for c in family_columns(name)]
+
+
+def versions_of(families: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """{family: version} of the families as this genre-batch extracts them (what a model card records)."""
+    return {name: FAMILIES[name].version for name in ordered_families(families)}
+
+
+LOCATION = ("part", "row_start", "row_count")
+"""Index columns that say where a track's rows of a family are; another family's are carried as `<family>.<column>`."""
+
+
+def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...]) -> pa.Table:
+    """Librosa index rows (sorted by URI) with the location of each other chosen family's current rows of the same
+    (uri, fingerprint) as `<family>.part`, ...; tracks lacking one of those families are left out."""
+    others = [name for name in ordered_families(families) if name != LIBROSA.name]
+    for name in others:
+        rows = current_tracks(store, inventory, FAMILIES[name]).select([*KEYS, *LOCATION])
+        rows = rows.rename_columns([*KEYS, *(f"{name}.{c}" for c in LOCATION)])
+        tracks = tracks.join(rows, keys=KEYS, join_type="inner")
+    return tracks.sort_by("uri") if others else tracks
+
+
+def lacking(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """How many of the given (librosa) tracks lack each family that is not librosa (families none lacks left out)."""
+    counts = {}
+    for name in ordered_families(families):
+        if name != LIBROSA.name:
+            have = current_tracks(store, inventory, FAMILIES[name]).select(KEYS)
+            counts[name] = tracks.join(have, keys=KEYS, join_type="left anti").num_rows
+    return {name: n for name, n in counts.items() if n}
+
+
+def family_rows(store: Store, tracks: pa.Table, families: list[str] | tuple[str, ...]) -> pa.Table:
+    """`uri` and the chosen families' value columns of some index rows of one librosa part (as `located` gives them;
+    runs on a worker): one row per librosa window with the track's rows of the other families repeated beside it, or
+    one row per track when librosa is not among the families."""
+    names = ordered_families(families)
+    if LIBROSA.name in names:
+        table = read_windows(store, tracks, ["uri", *FEATURE_NAMES])
+        repeat = np.repeat(np.arange(tracks.num_rows), tracks["row_count"].to_numpy().astype(np.int64))
+    else:
+        table, repeat = pa.table({"uri": tracks["uri"]}), np.arange(tracks.num_rows)
+    for name in names:
+        if name == LIBROSA.name:
+            continue
+        where = tracks.select([*KEYS, *(f"{name}.{c}" for c in LOCATION)]).rename_columns([*KEYS, *LOCATION])
+        rows = pa.concat_tables([read_windows(store, g, ["uri", *family_columns(name)], FAMILIES[name]) for g in by_part(where)])
+        order = pc.index_in(tracks["uri"], value_set=rows["uri"]).to_numpy(zero_copy_only=False)
+        own = rows.take(pa.array(order[repeat]))
+        for column in family_columns(name):
+            table = table.append_column(column, own[column])
+    return table
+
+
+def matrix(windows: pa.Table, columns: list[str] | None = None) -> np.ndarray:
+    """The float32 feature matrix of a feature table, in the order of `columns` (default FEATURE_NAMES)."""
+    names = FEATURE_NAMES if columns is None else columns
+    return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in names]).astype(np.float32, copy=False)
 
 
 def training_fingerprint(rows: list[tuple[str, str, str]], source: str) -> str:
@@ -119,9 +185,9 @@ TRAINING_BUDGET_BYTES = 384 * 2**20
 under 2 GB per process. The cap per genre follows from it (`cap_per_genre`)."""
 
 
-def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES) -> int:
-    """Labelled tracks per genre that fit the memory budget."""
-    per_track = max(1.0, windows_per_track) * len(FEATURE_NAMES) * 4
+def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES, n_columns: int = len(FEATURE_NAMES)) -> int:
+    """Labelled tracks per genre that fit the memory budget (rows per track x feature columns x 4 bytes each)."""
+    per_track = max(1.0, windows_per_track) * n_columns * 4
     return max(MIN_PER_GENRE, int(budget // (max(1, n_genres) * per_track)))
 
 
@@ -144,7 +210,8 @@ def sample(tracks: pa.Table, cap: int | None, grouping: str) -> pa.Table:
     return ordered.filter(pa.array(rank < cap)).drop_columns("_order").sort_by("uri")
 
 
-def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str, dropped: dict[str, int]) -> TrainingSet:
+def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str, dropped: dict[str, int],
+                 columns: list[str] | None = None) -> TrainingSet:
     """The training set of labelled tracks (with a `genre` column, sorted by URI) and their window rows, in the order
     the rows come (deterministic: the workers read parts in index order); windows of other tracks are left out. One
     copy of the features is made (no join or sort of the window table: the sample's memory budget holds)."""
@@ -153,7 +220,8 @@ def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], groupin
     found = pc.index_in(windows["uri"], value_set=tracks["uri"])
     keep = pc.is_valid(found).to_numpy(zero_copy_only=False)
     track = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    X = matrix(windows)
+    columns = list(FEATURE_NAMES) if columns is None else columns
+    X = matrix(windows, columns)
     if not keep.all():
         X, track = X[keep], track[keep]
     return TrainingSet(
@@ -167,12 +235,8 @@ def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], groupin
         grouping=grouping,
         fingerprint=fingerprint,
         dropped=dropped,
+        columns=columns,
     )
-
-
-def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
-    """How many distinct groups the genre with the fewest has."""
-    return min(len(np.unique(groups[y == c])) for c in np.unique(y))
 
 
 def balanced_weights(y: np.ndarray, track: np.ndarray) -> np.ndarray:
@@ -186,49 +250,8 @@ def balanced_weights(y: np.ndarray, track: np.ndarray) -> np.ndarray:
     return weights * len(weights) / weights.sum()
 
 
-def dmatrix(X: np.ndarray, y: np.ndarray | None = None, weight: np.ndarray | None = None) -> xgb.DMatrix:
-    """An XGBoost matrix with the feature names."""
-    return xgb.DMatrix(X, label=y, weight=weight, feature_names=list(FEATURE_NAMES))
-
-
-def boosting_rounds(X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int) -> int:
-    """Rounds chosen by early stopping on a grouped, stratified validation fold of the training windows."""
-    smallest = groups_per_genre(y, groups)
-    if smallest < 2:
-        return DEFAULT_ROUNDS
-    splitter = StratifiedGroupKFold(n_splits=min(MAX_FOLDS, smallest), shuffle=True, random_state=PARAMS["seed"])
-    fit_rows, check_rows = next(splitter.split(X, y, groups))
-    booster = xgb.train(
-        {**PARAMS, "num_class": n_classes},
-        dmatrix(X[fit_rows], y[fit_rows], weight[fit_rows]),
-        num_boost_round=MAX_ROUNDS,
-        evals=[(dmatrix(X[check_rows], y[check_rows], weight[check_rows]), "validation")],
-        early_stopping_rounds=EARLY_STOPPING,
-        verbose_eval=False,
-    )
-    return booster.best_iteration + 1
-
-
-def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray) -> tuple[xgb.Booster, int]:
-    """Train on windows (genre- and track-balanced weights) for early-stopped rounds; returns the model and its rounds."""
-    weight = balanced_weights(y, track)
-    rounds = boosting_rounds(X, y, weight, groups[track], n_classes)
-    return xgb.train({**PARAMS, "num_class": n_classes}, dmatrix(X, y, weight), num_boost_round=rounds), rounds
-
-
-def fit_tracks(data: TrainingSet, tracks: np.ndarray) -> tuple[xgb.Booster, int]:
-    """Train on the windows of the given tracks of a training set."""
-    rows = windows_of(data, tracks)
-    return fit(data.X[rows], data.y[rows], len(data.genres), data.track[rows], data.groups)
-
-
-def predict_proba(booster: xgb.Booster, X: np.ndarray) -> np.ndarray:
-    """Class probabilities, one row per window."""
-    return booster.predict(dmatrix(X))
-
-
 def per_track(probabilities: np.ndarray, track: np.ndarray, n_tracks: int) -> np.ndarray:
-    """Average window probabilities into track probabilities (rows sum to 1)."""
+    """Average row probabilities into track probabilities (rows sum to 1)."""
     sums = np.zeros((n_tracks, probabilities.shape[1]))
     np.add.at(sums, track, probabilities)
     return sums / np.maximum(np.bincount(track, minlength=n_tracks), 1)[:, None]
@@ -255,15 +278,27 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(data.track, tracks))
 
 
-def predict_tracks(booster: xgb.Booster, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
-    """Probabilities of the given tracks of a training set: their windows' predictions averaged."""
+def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray, kind: str = "xgboost",
+        columns: list[str] | None = None) -> GenreModel:
+    """Fit a model of a kind on feature rows with genre- and track-balanced weights (`groups`: per track)."""
+    return model_class(kind).fit(X, y, balanced_weights(y, track), groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns)
+
+
+def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost") -> GenreModel:
+    """Fit a model of a kind on the rows of the given tracks of a training set."""
     rows = windows_of(data, tracks)
-    return per_track(predict_proba(booster, data.X[rows]), data.track[rows], len(data.y_track))[tracks]
+    return fit(data.X[rows], data.y[rows], len(data.genres), data.track[rows], data.groups, kind, data.columns)
 
 
-def out_of_fold(data: TrainingSet, seed: int = 0) -> np.ndarray:
-    """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation."""
+def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
+    """Probabilities of the given tracks of a training set: their rows' predictions averaged."""
+    rows = windows_of(data, tracks)
+    return per_track(model.predict_proba(data.X[rows]), data.track[rows], len(data.y_track))[tracks]
+
+
+def out_of_fold(data: TrainingSet, kind: str = "xgboost", seed: int = 0) -> np.ndarray:
+    """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation of a model kind."""
     result = np.zeros((len(data.y_track), len(data.genres)))
     for train, test in splits(data, folds(data), seed):
-        result[test] = predict_tracks(fit_tracks(data, train)[0], data, test)
+        result[test] = predict_tracks(fit_tracks(data, train, kind), data, test)
     return result

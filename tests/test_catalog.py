@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,8 +21,18 @@ from genre_batch import GenreBatchError, catalog, store as store_mod
 from genre_batch.store import Store
 
 
+SPACE = {"name": "test-space", "dim": catalog.VECTOR_DIM}
+"""The vector space tables of rows() are in (a description for CURRENT.json)."""
+
+
+def unit_vectors(n: int) -> np.ndarray:
+    """n random L2-normalised float32 vectors of the catalog's dimension (row i the same for every n)."""
+    v = np.random.default_rng(0).standard_normal((n, catalog.VECTOR_DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def rows(n: int, genre: str, run: str) -> pa.Table:
-    """A catalog table of n tracks all tagged `genre`."""
+    """A catalog table of n tracks all tagged `genre` (track t<i> has embedding unit_vectors(n)[i])."""
     return pa.table(
         {
             "track_id": [f"t{i}" for i in range(n)],
@@ -37,6 +48,8 @@ def rows(n: int, genre: str, run: str) -> pa.Table:
             "feature_version": [1] * n,
             "run_id": [run] * n,
             "tagged_at": [datetime.now(timezone.utc)] * n,
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(unit_vectors(n).reshape(-1)), catalog.VECTOR_DIM),
+            "tags": [["rock", "guitar"]] * n,
         },
         schema=catalog.CATALOG_SCHEMA,
     )
@@ -49,23 +62,24 @@ def test_read_before_first_publish_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_publish_switches_readers_to_the_new_snapshot(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
-    catalog.publish(s, rows(3, "rock", "run-a"), "run-a", "m-1")
-    pointer = catalog.publish(s, rows(5, "jazz", "run-b"), "run-b", "m-1")
+    catalog.publish(s, rows(3, "rock", "run-a"), "run-a", "m-1", SPACE)
+    pointer = catalog.publish(s, rows(5, "jazz", "run-b"), "run-b", "m-1", SPACE)
     table = catalog.read(s)
     assert table.num_rows == 5 and set(table["genre"].to_pylist()) == {"jazz"}
     assert pointer["rows"] == 5 and pointer["catalog_version"] == catalog.CATALOG_VERSION
     assert table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
-def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path) -> None:
+def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each genre's rows are one file, most confident first, in row groups: a query on one genre reads one file."""
+    monkeypatch.setattr(catalog, "ROW_GROUP_ROWS", 1_000)  # row groups of 1,000 rows: the layout at 2,005 rows
     s = Store(str(tmp_path))
     n = 2 * catalog.ROW_GROUP_ROWS + 5
     genres = ["rock", "jazz", "pop", "blues", "metal"]
     shuffled = rows(n, "x", "run-a")
     shuffled = shuffled.set_column(3, "genre", pa.array([genres[(i * 7) % 5] for i in range(n)]))
     shuffled = shuffled.set_column(4, "confidence", pa.array([((i * 7919) % n) / n for i in range(n)]))
-    pointer = catalog.publish(s, shuffled, "run-a", "m-1")
+    pointer = catalog.publish(s, shuffled, "run-a", "m-1", SPACE)
     table = catalog.read(s)
     assert table.num_rows == n and sorted(table["confidence"].to_pylist()) == sorted(shuffled["confidence"].to_pylist())
     assert sorted(pointer["genres"].values()) == sorted(genres) and len(catalog.files(s)) == 5
@@ -79,7 +93,7 @@ def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path) 
 
 def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(str(tmp_path))
-    catalog.publish(s, rows(4, "rock", "run-a"), "run-a", "m-1")
+    catalog.publish(s, rows(4, "rock", "run-a"), "run-a", "m-1", SPACE)
     before = catalog.pointer(s)
 
     def crash(*args: object) -> None:
@@ -87,18 +101,18 @@ def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: 
 
     monkeypatch.setattr(catalog, "promote", crash)
     with pytest.raises(KeyboardInterrupt):
-        catalog.publish(s, rows(9, "jazz", "run-b"), "run-b", "m-1")
+        catalog.publish(s, rows(9, "jazz", "run-b"), "run-b", "m-1", SPACE)
     assert catalog.pointer(s) == before
     table = catalog.read(s)
     assert table.num_rows == 4 and set(table["genre"].to_pylist()) == {"rock"}
     monkeypatch.undo()
-    catalog.publish(s, rows(9, "jazz", "run-c"), "run-c", "m-1")  # the next run publishes
+    catalog.publish(s, rows(9, "jazz", "run-c"), "run-c", "m-1", SPACE)  # the next run publishes
     assert catalog.read(s).num_rows == 9
 
 
 def test_crash_while_writing_the_pointer_leaves_the_old_pointer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(str(tmp_path))
-    catalog.publish(s, rows(2, "rock", "run-a"), "run-a", "m-1")
+    catalog.publish(s, rows(2, "rock", "run-a"), "run-a", "m-1", SPACE)
     real_replace = os.replace
 
     def die(src: str, dst: str) -> None:
@@ -106,7 +120,7 @@ def test_crash_while_writing_the_pointer_leaves_the_old_pointer(tmp_path: Path, 
 
     monkeypatch.setattr(store_mod.os, "replace", die)
     with pytest.raises(OSError):
-        catalog.publish(s, rows(7, "jazz", "run-b"), "run-b", "m-1")
+        catalog.publish(s, rows(7, "jazz", "run-b"), "run-b", "m-1", SPACE)
     monkeypatch.setattr(store_mod.os, "replace", real_replace)
     assert catalog.read(s).num_rows == 2
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]  # no temp files left behind
@@ -115,7 +129,7 @@ def test_crash_while_writing_the_pointer_leaves_the_old_pointer(tmp_path: Path, 
 def test_old_snapshots_are_pruned_keeping_the_last_n(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     for i in range(7):
-        catalog.publish(s, rows(1, "rock", f"run-{i}"), f"run-{i}", "m-1", keep=3)
+        catalog.publish(s, rows(1, "rock", f"run-{i}"), f"run-{i}", "m-1", SPACE, keep=3)
     kept = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
     assert len(kept) == 3
     assert catalog.pointer(s)["snapshot"] == kept[-1]
@@ -177,7 +191,7 @@ def die_after_first_rm() -> Callable[..., None]:
 CRASHES: dict[str, Callable[[], None]] = {
     "snapshot-half-written": lambda: setattr(os, "fsync", die_at_fsync(1)),
     "before-switch": lambda: setattr(catalog, "promote", kill_self),
-    "pointer-half-written": lambda: setattr(os, "fsync", die_at_fsync(3)),  # 1: the genre file, 2: the change feed, 3: the pointer
+    "pointer-half-written": lambda: setattr(os, "fsync", die_at_fsync(5)),  # 1: the genre file, 2: the change feed, 3: similar vectors, 4: its piece, 5: the pointer
     "pointer-before-rename": lambda: setattr(os, "replace", die_at_pointer_rename()),
     "before-prune": lambda: setattr(catalog, "prune", kill_self),
     "during-prune": lambda: setattr(LocalFileSystem, "rm", die_after_first_rm()),
@@ -188,7 +202,7 @@ CRASHES: dict[str, Callable[[], None]] = {
 def crash_publish(store: str, step: str) -> None:
     """(In a child process.) Publish the NEW catalog with keep=2 and get killed at `step`."""
     CRASHES[step]()
-    catalog.publish(Store(store), rows(NEW[1], NEW[0], "run-new"), "run-new", "m-1", keep=2)
+    catalog.publish(Store(store), rows(NEW[1], NEW[0], "run-new"), "run-new", "m-1", SPACE, keep=2)
 
 
 def snapshot_names(store: Path) -> list[str]:
@@ -217,7 +231,7 @@ def assert_published(s: Store, genre: str, n: int) -> None:
 def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool, old_left: int, snapshot_written: bool) -> None:
     s = Store(str(tmp_path))
     for i, (genre, n) in enumerate(OLD):
-        catalog.publish(s, rows(n, genre, f"run-old-{i}"), f"run-old-{i}", "m-1", keep=10)
+        catalog.publish(s, rows(n, genre, f"run-old-{i}"), f"run-old-{i}", "m-1", SPACE, keep=10)
     old = snapshot_names(tmp_path)
     previous = catalog.pointer(s)
 
@@ -248,11 +262,11 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
 
     # The next run publishes; its prune keeps the two newest published snapshots (keep=2) and removes everything else,
     # a snapshot the crash left unpublished included: it never counts among the kept ones.
-    catalog.publish(s, rows(NEXT[1], NEXT[0], "run-next"), "run-next", "m-1", keep=2)
+    catalog.publish(s, rows(NEXT[1], NEXT[0], "run-next"), "run-next", "m-1", SPACE, keep=2)
     assert_published(s, *NEXT)
     [next_name] = [n for n in snapshot_names(tmp_path) if n not in old and n != new]
     assert snapshot_names(tmp_path) == ([new] if switched else [old[-1]]) + [next_name]
-    catalog.publish(s, rows(LAST[1], LAST[0], "run-last"), "run-last", "m-1", keep=2)
+    catalog.publish(s, rows(LAST[1], LAST[0], "run-last"), "run-last", "m-1", SPACE, keep=2)
     assert_published(s, *LAST)
     assert len(snapshot_names(tmp_path)) == 2 and new not in snapshot_names(tmp_path)
 
@@ -262,13 +276,13 @@ def test_change_feed_matches_a_diff_of_two_snapshots(tmp_path: Path) -> None:
 
     s = Store(str(tmp_path))
     first = rows(5, "rock", "run-a")
-    catalog.publish(s, first, "run-a", "m-1")
+    catalog.publish(s, first, "run-a", "m-1", SPACE)
     assert {r["change"] for r in query.run(s, "SELECT change FROM changes").to_pylist()} == {"added"}  # the first: all added
     second = rows(6, "rock", "run-b").filter(pc.not_equal(pa.array([f"t{i}" for i in range(6)]), "t0"))  # t0 removed, t5 added
     genres = ["jazz" if t == "t1" else "rock" for t in second["track_id"].to_pylist()]  # t1 changes genre
     uris = ["/music/moved/2.mp3" if t == "t2" else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]  # t2 moves
     second = second.set_column(3, "genre", pa.array(genres)).set_column(1, "uri", pa.array(uris))
-    catalog.publish(s, second, "run-b", "m-1")
+    catalog.publish(s, second, "run-b", "m-1", SPACE)
     feed = {r["track_id"]: r for r in query.run(s, "SELECT * FROM changes").to_pylist()}
     assert {t: r["change"] for t, r in feed.items()} == {"t0": "removed", "t1": "genre_changed", "t2": "moved", "t5": "added"}
     assert (feed["t1"]["old_genre"], feed["t1"]["new_genre"], feed["t1"]["old_confidence"]) == ("rock", "jazz", 0.9)

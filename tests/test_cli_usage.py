@@ -164,3 +164,36 @@ def test_missing_buckets_and_prefixes_exit_1_before_anything_starts(
     code, modules = probe(argv, workdir, env)
     assert code == 1 and not set(START_UP + TRAINING) & set(modules)
     assert list((workdir / "store").iterdir()) == []
+
+
+@pytest.mark.parametrize("expression", ["0 2 * * *", "*/15 1-5 * jan-mar mon,wed,fri", "0 0 1 */2 7", "0 22-2 * * *", "@daily", "5 4 * * sun"])
+def test_cron_expressions_prefect_accepts_pass_the_local_check(expression: str) -> None:
+    from prefect._internal.schemas.validators import validate_cron_string
+
+    from genre_batch import checks
+
+    checks.cron(expression)
+    assert validate_cron_string(expression) == expression  # Prefect agrees
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("0 2 * *", "4 fields, a cron expression has 5 (minute hour day-of-month month day-of-week)"),
+        ("60 2 * * *", "minute '60' is not in 0-59"),
+        ("0 2 0 * *", "day of month '0' is not in 1-31"),
+        ("0 2 * foo *", "month 'foo' is not in 1-12"),
+        ("*/0 2 * * *", "minute step '0' is not a positive number"),
+        ("0 1-24 * * *", "hour '24' is not in 0-23"),
+    ],
+)
+def test_bad_cron_expressions_are_usage_errors_naming_the_field(expression: str, reason: str) -> None:
+    from prefect._internal.schemas.validators import validate_cron_string
+
+    from genre_batch import UsageError, checks
+
+    with pytest.raises(UsageError) as raised:
+        checks.cron(expression)
+    assert str(raised.value) == f"invalid --cron {expression!r}: {reason}"
+    with pytest.raises(ValueError):
+        validate_cron_string(expression)  # Prefect refuses it too

@@ -14,7 +14,7 @@ import pytest
 from conftest import current_features, make_library
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import GenreBatchError, audio, features, registry
+from genre_batch import GenreBatchError, audio, catalog, features, registry, tagging, training
 from genre_batch import feature_store as fstore
 from genre_batch.cluster import session
 from genre_batch.embedding.musicnn import EMBEDDING_VERSION, TAG_NAMES
@@ -73,6 +73,13 @@ def test_musicnn_features_are_deterministic_for_a_generated_signal(tmp_path: Pat
     assert rows[0].equals(rows[1])
     assert np.allclose(np.array([rows[0][c][0].as_py() for c in fstore.MUSICNN_COLUMNS]), first)
 
+    # classify decodes a file into the same joined rows as tagging reads from the store, for every family set
+    inventory = pa.table({k: listing[k] for k in ("uri", "track_id", "fingerprint", "size", "version")})
+    located = training.located(store, fstore.current_tracks(store, inventory), inventory, ["librosa", "musicnn"])
+    for families in (["librosa", "musicnn"], ["musicnn"], ["librosa"]):
+        stored = training.matrix(training.family_rows(store, located, families), training.columns_of(families))
+        assert np.array_equal(tagging.file_rows(str(path), families), stored)
+
 
 def musicnn_shard(store: Store, name: str, shard: list[dict], run_id: str) -> None:
     """Write a shard holding only musicnn rows, as a backfill does."""
@@ -81,6 +88,40 @@ def musicnn_shard(store: Store, name: str, shard: list[dict], run_id: str) -> No
     index = [{**f, **stamp, "family": "musicnn", "part": name, "row_start": i, "row_count": 1} for i, f in enumerate(shard)]
     vectors = [np.full(len(fstore.MUSICNN_COLUMNS), i, np.float32) for i in range(len(shard))]
     fstore.write_parts(store, name, {fstore.MUSICNN: fstore.musicnn_table(rows, vectors, [4] * len(shard))}, fstore.index_table(index))
+
+
+def test_training_and_tagging_join_the_families_per_track(tmp_path: Path) -> None:
+    """Librosa windows and musicnn rows of the same (uri, fingerprint), in other parts and orders, joined per track."""
+    store = Store(str(tmp_path))
+    library = files([f"t{i}" for i in range(5)])
+    write_shard(store, "run1-00000.parquet", library, "run1", T0)
+    musicnn_shard(store, "run2-00000.parquet", library[3:0:-1], "run2")  # t3, t2, t1: vectors 0, 1, 2
+    inventory = set_inventory(store, library)
+    tracks = fstore.current_tracks(store, inventory)
+    assert training.lacking(store, tracks, inventory, ["librosa", "musicnn"]) == {"musicnn": 2}
+    assert training.lacking(store, tracks, inventory, ["librosa"]) == {}
+
+    located = training.located(store, tracks, inventory, ["musicnn", "librosa"])
+    assert located["uri"].to_pylist() == ["/music/t1.mp3", "/music/t2.mp3", "/music/t3.mp3"]
+    rows = training.family_rows(store, located, ["librosa", "musicnn"])
+    assert rows.column_names == ["uri", *training.columns_of(["librosa", "musicnn"])] and rows.num_rows == 9  # 3 windows each
+    expected = {"/music/t1.mp3": 2.0, "/music/t2.mp3": 1.0, "/music/t3.mp3": 0.0}
+    assert [v for v in rows["emb_000"].to_pylist()] == [expected[u] for u in rows["uri"].to_pylist()]
+    assert rows["uri"].to_pylist() == [u for u in located["uri"].to_pylist() for _ in range(3)]
+    librosa = training.family_rows(store, located, ["librosa"])
+    assert rows.select(["uri", *features.FEATURE_NAMES]).equals(librosa)
+
+    # defaults without a current model: librosa + musicnn with linear once every current track has musicnn, else librosa
+    assert train_stage.choices(store, None, None) == (["librosa"], "xgboost")
+    assert train_stage.choices(store, ["musicnn", "librosa"], None) == (["librosa", "musicnn"], "linear")
+    musicnn_shard(store, "run3-00000.parquet", [library[0], library[4]], "run3")
+    assert train_stage.choices(store, None, None) == (["librosa", "musicnn"], "linear")
+    assert train_stage.choices(store, ["librosa"], None) == (["librosa"], "xgboost")
+    assert train_stage.choices(store, None, "xgboost") == (["librosa", "musicnn"], "xgboost")
+
+    alone = training.family_rows(store, located, ["musicnn"])
+    assert alone.num_rows == 3 and alone["tag_rock"].to_pylist() == [2.0, 1.0, 0.0]
+    assert training.columns_of(["musicnn", "librosa"]) == [*features.FEATURE_NAMES, *fstore.MUSICNN_COLUMNS]
 
 
 def test_plan_backfills_only_the_missing_family_under_the_cap(tmp_path: Path) -> None:
@@ -152,8 +193,10 @@ def promote_copy(store: Store, version: str, families: dict[str, int]) -> str:
     folder = f"{store.models}/{version}"
     meta = {k: v for k, v in registry.metadata(store, version).items() if k != "version"}
     copy = registry.new_version()
-    for name in (registry.MODEL_FILE, registry.CONFUSION_FILE, registry.LABELLED_FILE):
-        store.write_bytes(f"{store.models}/{copy}/{name}", store.fs.cat_file(f"{folder}/{name}"))
+    for path in store.fs.ls(folder, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if name != registry.METADATA_FILE:
+            store.write_bytes(f"{store.models}/{copy}/{name}", store.fs.cat_file(path))
     store.write_json(f"{store.models}/{copy}/{registry.METADATA_FILE}", {**meta, "feature_families": families, "version": copy})
     registry.promote(store, copy)
     return copy
@@ -178,6 +221,12 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     assert musicnn_rows(store).num_rows == 5
     assert tag(path, dask_scheduler).rows == 12
 
+    # training on the family meanwhile registers a model the gate refuses: the librosa model stays current and tags
+    with session(dask_scheduler) as cluster:
+        early = train_stage.train(store, "folders", "run-train", cluster, families=["librosa", "musicnn"])
+    assert not early.promoted and "feature families incomplete (7 tracks lack musicnn)" in early.reason
+    assert early.sampled_tracks == 5 and registry.current_version(store) == trained.version
+
     # a model trained on the family is refused while some tracks lack it, naming the family and how to backfill it
     needing = promote_copy(store, trained.version, {"librosa": fstore.LIBROSA.version, "musicnn": EMBEDDING_VERSION})
     with pytest.raises(GenreBatchError, match=rf"model {needing} needs feature family musicnn \(version 1\), which 7 of the 12 tracks"):
@@ -200,3 +249,20 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
         compact.compact(store, cluster)
     assert musicnn_rows(store).select(["uri", *fstore.MUSICNN_COLUMNS]).equals(embeddings)
     assert tag(path, dask_scheduler, full=True).rows == 13
+
+    # complete: a linear model on both families and one on musicnn alone are promoted and tag every track with them
+    for families, kind in ((["librosa", "musicnn"], "linear"), (["musicnn"], "xgboost")):
+        with session(dask_scheduler) as cluster:
+            both = train_stage.train(store, "folders", "run-train", cluster, families=families, classifier=kind)
+        card = registry.metadata(store, both.version)
+        assert both.promoted and both.sampled_tracks == 13, both.reason
+        assert card["classifier"] == kind and card["feature_families"] == {f: fstore.FAMILIES[f].version for f in families}
+        tagged = tag(path, dask_scheduler)
+        assert (tagged.rows, tagged.model_version, tagged.mode) == (13, both.version, "full")
+        rows = catalog.read(store, ["model_version", "probabilities"])
+        assert set(rows["model_version"].to_pylist()) == {both.version}
+        assert np.allclose([sum(p for _, p in row) for row in rows["probabilities"].to_pylist()], 1.0)
+    # the next retrain keeps the current model's families and classifier
+    with session(dask_scheduler) as cluster:
+        again = train_stage.train(store, "folders", "run-train", cluster)
+    assert (again.features, again.classifier) == (["musicnn"], "xgboost")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import cli
 
-from flows.pipeline import NIGHTLY_CRON, deployment, nightly
+from flows.pipeline import deployment, nightly
+from genre_batch.checks import NIGHTLY_CRON
 from genre_batch import catalog
 from genre_batch.store import Store
 from genre_batch.synth import STYLES
@@ -53,10 +54,10 @@ def test_cli_run_query_classify(
 
     code, out, err = cli("run", str(library), "--store", store, "--scheduler", dask_scheduler, "--strict")
     assert code == 3 and "0 extracted" in out and "run " in out  # completed, summary printed, status says: files fail
-    assert err.strip() == "error: --strict: 1 files of the library could not be processed"
+    assert err == "error: --strict: 1 files of the library could not be processed\n"
 
     code, out, _ = cli("evaluate", "--store", store, "--labels", "folders")
-    assert code == 0 and "12 tracks (12 windows), 4 genres, 3-fold CV grouped by track (12 groups)" in out
+    assert code == 0 and "12 tracks (12 rows), 4 genres, xgboost on librosa, 3-fold CV grouped by track (12 groups)" in out
     report = json.loads(Path(out.split("report: ")[1].split("/report.json")[0], "report.json").read_text())
     assert report["cross_validation"]["accuracy"] > report["majority_baseline"] and report["tracks"] == 12
     assert 0 <= report["cross_validation"]["ece_calibrated"] <= 1

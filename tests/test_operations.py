@@ -14,9 +14,10 @@ import xgboost as xgb
 from conftest import cli
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import PublishRefused, catalog, registry, training
+from genre_batch import PublishRefused, catalog, registry
 from genre_batch.cluster import session
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.model import PARAMS, XGBoostModel
 from genre_batch.stages import tag as tag_stage
 from genre_batch.store import Store
 
@@ -29,7 +30,7 @@ def register(store: Store, version: str, passed: bool, flip: bool = False) -> No
     X = np.random.default_rng(0).normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
     X[100:, 0] += 10.0  # the other genre lies far away
     y = np.repeat([0, 1] if flip else [1, 0], 100).astype(np.int32)  # GENRES: 0 jazz, 1 rock
-    booster = xgb.train({**training.PARAMS, "num_class": 2}, training.dmatrix(X, y), num_boost_round=5)
+    booster = xgb.train({**PARAMS, "num_class": 2}, XGBoostModel.dmatrix(X, FEATURE_NAMES, y), num_boost_round=5)
     accuracy = 0.9 if passed else 0.3
     meta = {
         "created_at": datetime.now(timezone.utc).isoformat(), "genres": GENRES, "label_source": "tags",
@@ -37,7 +38,7 @@ def register(store: Store, version: str, passed: bool, flip: bool = False) -> No
         "cross_validation": {"accuracy": accuracy}, "holdout": {"accuracy": accuracy, "confusion": [[1, 0], [0, 1]]},
         "gate": {"passed": passed, "reason": f"cross-validated accuracy {accuracy:.3f} vs majority baseline 0.500"},
     }
-    registry.register(store, version, booster, meta, b"", pa.table({k: pa.array([], pa.string()) for k in ("uri", "fingerprint", "genre")}))
+    registry.register(store, version, XGBoostModel(booster, 5), meta, b"", pa.table({k: pa.array([], pa.string()) for k in ("uri", "fingerprint", "genre")}))
 
 
 @pytest.fixture

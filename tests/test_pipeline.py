@@ -212,16 +212,20 @@ def catalog_by_uri(store: Path) -> dict[str, tuple]:
 def test_distributed_tagging_equals_the_single_process_result(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
     from datetime import datetime, timezone
 
-    from genre_batch.feature_store import by_part, current_tracks
+    from genre_batch import vectors
+    from genre_batch.feature_store import MUSICNN, by_part, current_tracks
     from genre_batch.tagging import tag_groups
 
     _, store = trained_store
     summary = tag(store, "run-d", dask_scheduler)
     assert summary.mode == "full" and summary.predicted == summary.rows == 20
     s = Store(str(store))
-    local = tag_groups(s, summary.model_version, by_part(current_tracks(s)), "run-d", datetime.now(timezone.utc))
+    space = vectors.load(s, catalog.pointer(s)["vector_space"])
+    local = tag_groups(s, summary.model_version, by_part(current_tracks(s)), "run-d", datetime.now(timezone.utc), space, current_tracks(s, family=MUSICNN))
     expected = {r["uri"]: (r["track_id"], r["genre"], dict(r["probabilities"])) for r in local.to_pylist()}
     assert catalog_by_uri(store) == expected  # row for row: same tracks, genres, probabilities
+    embeddings = {r["uri"]: r["embedding"] for r in catalog.read(s, ["uri", "embedding"]).to_pylist()}
+    assert embeddings == {r["uri"]: r["embedding"] for r in local.to_pylist()}  # and the same embeddings
 
 
 def test_incremental_tagging_equals_a_full_retag(trained_store: tuple[Path, Path], dask_scheduler: str, tmp_path: Path) -> None:

@@ -29,14 +29,18 @@ from genre_batch import GenreBatchError, catalog, lease
 from genre_batch.extraction import shard_size
 from genre_batch.store import ConflictError, Store
 
+from genre_batch.audio import SAMPLE_RATE
+from genre_batch.synth import STYLES, render, write_audio
+
 from conftest import current_features, cli, make_library
-from test_catalog import rows
+from test_catalog import SPACE, rows
 from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
 
 PER_STYLE = 24
 FILES = 4 * PER_STYLE  # 3 s clips: one window each
 SHARDS = 8  # on 2 workers: 2 x extraction.SHARDS_PER_WORKER shards of 12 files
-LOCAL_SHARD = shard_size(FILES, os.cpu_count() or 1)  # files per shard on the CLI's local cluster (one worker per core)
+UNEVEN_FILES = 32
+UNEVEN_SHARD = shard_size(UNEVEN_FILES, os.cpu_count() or 1)  # files per shard on the CLI's local cluster (a worker per core)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,6 +53,20 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
     """A library of FILES short clips, shared by the tests of this module (they only read it), and its URIs."""
     root = (tmp_path_factory.mktemp("resilience") / "library").resolve()
     return root, {str(p) for p in make_library(root, PER_STYLE)}
+
+
+@pytest.fixture(scope="module")
+def uneven_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    """UNEVEN_FILES clips: the first two local shards 3 s clips, every later shard 30 s clips, so that a run is slow
+    to finish its third shard after writing its first two parts (the kill test's window), and its URIs."""
+    root = (tmp_path_factory.mktemp("uneven") / "library").resolve()
+    paths = []
+    for i in range(UNEVEN_FILES):
+        seconds, folder = (3.0, "a-quick") if i < 2 * UNEVEN_SHARD else (30.0, "b-slow")
+        path = root / folder / f"clip-{i:02d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.append(write_audio(path, render(STYLES[i % len(STYLES)], seconds, i), SAMPLE_RATE))
+    return root, {str(p) for p in paths}
 
 
 @pytest.fixture
@@ -99,9 +117,9 @@ def store_tree(store: Path) -> dict[str, bytes]:
 
 
 def assert_every_file_once(store: Path, uris: set[str]) -> None:
-    """Current features: every library file exactly once (3 s clips have one window), with its features."""
+    """Current features: every window of every library file exactly once, with its features."""
     current = current_features(Store(str(store)))
-    assert current.num_rows == unique_keys(current) == len(uris)
+    assert current.num_rows == unique_keys(current)
     assert set(current["uri"].to_pylist()) == uris
     assert current["mfcc_01_mean"].null_count == 0
 
@@ -173,15 +191,19 @@ def test_worker_killed_mid_extraction_every_file_once(
 
 
 def test_killed_extraction_resumes_without_redoing_finished_shards(
-    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str]
+    uneven_library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str]
 ) -> None:
     """The next run extracts only the files of unfinished shards; finished parts stay as they were; no duplicates."""
-    root, uris = library
-    store = tmp_path / "store"
+    root, uris = uneven_library
+    store, files = tmp_path / "store", len(uris)
     cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store)]  # local cluster: its workers are in the CLI's group
     log = tmp_path / "killed.log"
+    parts = store / "features" / "parts"
     with server(cmd, cli_env, log, tmp_path) as run:
-        wait_until(lambda: len(part_files(store)) >= 2, 240, "two shard parts", [(run, log)])
+        wait_until(lambda: parts.is_dir(), 240, "the feature store", [(run, log)])
+        deadline = time.monotonic() + 240
+        while len(list(parts.glob("*.parquet"))) < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the quick shards' parts: kill before a slow shard can finish
         tree = descendants(run.pid)
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(30)
@@ -190,14 +212,14 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
 
     before = part_files(store)
     done = set(raw_rows(store)["uri"].to_pylist())
-    assert 2 <= len(before) and len(done) == LOCAL_SHARD * len(before) < FILES, (before, len(done))
+    assert 2 <= len(before) and len(done) == UNEVEN_SHARD * len(before) < files, (before, len(done), tail(log))
     assert run_records(store) == [] and not (store / "features" / "inventory.parquet").exists()  # killed before both
     assert json.loads(lease_file(store).read_text())["pid"] == run.pid  # its lease is left behind, its holder dead
 
     code, out, err = run_command(cmd, cli_env, tmp_path, timeout=300)
     assert code == 0, out + err
-    remaining = FILES - len(done)
-    assert f"{FILES} audio files in {root}; {remaining} extracted, 0 failed, {len(done)} unchanged, 0 moved, 0 removed" in out, out
+    remaining = files - len(done)
+    assert f"{files} audio files in {root}; {remaining} extracted, 0 failed, {len(done)} unchanged, 0 moved, 0 removed" in out, out
     [record] = run_records(store)
     assert record["status"] == "completed" and record["extract"]["extracted"] == remaining
 
@@ -206,8 +228,8 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     assert all(name.startswith(record["run_id"]) for name in set(after) - set(before))
     raw = raw_rows(store)
     resumed = raw.filter(pc.equal(raw["run_id"], record["run_id"]))
-    assert set(resumed["uri"].to_pylist()) == uris - done and resumed.num_rows == remaining
-    assert raw.num_rows == unique_keys(raw) == FILES  # no duplicate rows, even superseded ones
+    assert set(resumed["uri"].to_pylist()) == uris - done
+    assert raw.num_rows == unique_keys(raw)  # no duplicate rows, even superseded ones
     assert_every_file_once(store, uris)
     assert not lease_file(store).exists()  # the dead holder's lease was taken over, then released
 
@@ -437,7 +459,7 @@ NO_FILES = 'error: query failed: Permission Error: Cannot access file "{}" - fil
 )
 def test_query_cannot_write_or_open_store_files(tmp_path: Path, sql: str, message: str) -> None:
     store = tmp_path / "store"
-    catalog.publish(Store(str(store)), rows(3, "rock", "run-a"), "run-a", "m-1")
+    catalog.publish(Store(str(store)), rows(3, "rock", "run-a"), "run-a", "m-1", SPACE)
     before = store_tree(store)
     code, out, err = cli("query", "--store", str(store), sql.format(store=store))
     assert (code, out, err) == (1, "", message.format(store=store) + "\n")

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from genre_batch import lease
+from genre_batch.signals import signal_name, signal_number
 from genre_batch.store import Store
 
 
@@ -28,12 +29,18 @@ def run_record(store: Store, flow: str) -> Iterator[dict]:
         try:
             yield record
         except BaseException as e:
-            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            record.update(status="failed", error=failure(e))
             with suppress(OSError):  # the store may be what failed: the run's own error is the one to report
                 write_record(store, record)
             raise
         record["status"] = "completed"
         write_record(store, record)
+
+
+def failure(e: BaseException) -> str:
+    """What a run record says of the exception that ended the run: the signal that interrupted it, or the error."""
+    signum = signal_number(e)
+    return f"interrupted by {signal_name(signum)}" if signum is not None else f"{type(e).__name__}: {e}"
 
 
 def write_record(store: Store, record: dict) -> None:

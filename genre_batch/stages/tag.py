@@ -3,6 +3,10 @@
 With the model of the published snapshot unchanged, only new and changed tracks are predicted: the rows of unchanged
 tracks are carried over from the previous snapshot, those of removed and changed tracks dropped. The result equals a
 full re-tag (same tracks, genres and probabilities); a new model re-tags everything.
+
+Each row carries its embedding in the snapshot's vector space and its musicnn tags (genre_batch.vectors); a new vector
+space re-tags everything too. Before the switch the snapshot gets its faiss index and `similar` table
+(genre_batch.similar): updated from the previous snapshot's when the space is the same, else built afresh.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry
+from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, training, vectors
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, TRACK_COLUMNS, batches, current_tracks, read_inventory
+from genre_batch.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
+from genre_batch.labels import without_written
 from genre_batch.store import Store
 from genre_batch.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
+from genre_batch.writeback import written
 
 
 @dataclass
@@ -70,15 +75,11 @@ def current_model(store: Store) -> tuple[str, dict]:
     return version, meta
 
 
-def model_families(meta: dict) -> dict[str, int]:
-    """The feature families and versions a model was trained on (librosa alone for cards that do not say)."""
-    return meta.get("feature_families") or {LIBROSA.name: meta["feature_version"]}
-
-
 def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inventory: pa.Table) -> None:
-    """Refuse a model trained on a family (or family version) that some current track of the store lacks, naming it;
-    tagging feeds librosa windows only, so a model needing another family is refused even when the store has it."""
-    for name, family_version in model_families(meta).items():
+    """Refuse a model trained on a family (or family version) that this genre-batch does not extract, or that some
+    current track of the store lacks, naming it: the model is fed exactly the families it was trained on."""
+    families = registry.model_families(meta)
+    for name, family_version in families.items():
         family = FAMILIES.get(name)
         if family is None or family.version != family_version:
             have = f"version {family.version}" if family else "no such family"
@@ -86,26 +87,22 @@ def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inv
                 f"current model {version} was trained on feature family {name} version {family_version}, this genre-batch "
                 f"extracts {have}: retrain with 'genre-batch train' or promote another model ('genre-batch models rollback')"
             )
-        if family == LIBROSA:
-            continue  # `tracks` are the current librosa tracks
-        lacking = tracks.join(current_tracks(store, inventory, family).select(KEYS), keys=KEYS, join_type="left anti").num_rows
-        if lacking:
-            raise GenreBatchError(
-                f"current model {version} needs feature family {name} (version {family_version}), which {lacking} of the "
-                f"{tracks.num_rows} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
-                f"librosa,{name}' (--backfill-cap files per run) until none is left, or promote a model trained without it"
-            )
-    if set(model_families(meta)) != {LIBROSA.name}:
+    missing = training.lacking(store, tracks, inventory, list(families))
+    if missing:
+        name, lacking = next(iter(missing.items()))
         raise GenreBatchError(
-            f"current model {version} was trained on feature families {', '.join(model_families(meta))}: tagging feeds "
-            f"only the {LIBROSA.name} family so far; promote a model trained on {LIBROSA.name} alone"
+            f"current model {version} needs feature family {name} (version {families[name]}), which {lacking} of the "
+            f"{tracks.num_rows} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
+            f"librosa,{name}' (--backfill-cap files per run) until none is left, or promote a model trained without it"
         )
 
 
-def carried_keys(previous: dict | None, version: str, store: Store) -> pa.Table | None:
-    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, same catalog
-    version), else None: then everything is predicted."""
+def carried_keys(previous: dict | None, version: str, store: Store, space: str) -> pa.Table | None:
+    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, catalog version
+    and vector space), else None: then everything is predicted (a version 2 snapshot's rows lack embeddings and tags)."""
     if not previous or previous.get("model_version") != version or previous.get("catalog_version") != catalog.CATALOG_VERSION:
+        return None
+    if (previous.get("vector_space") or {}).get("name") != space:
         return None
     return catalog.read(store, KEYS)
 
@@ -155,9 +152,13 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     version, meta = current_model(store)
     inventory = read_inventory(store, KEYS)
     tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
+    tracks = without_written(tracks, written(store))  # tags genre-batch wrote: no disagreement
     check_families(store, version, meta, tracks, inventory)
+    tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
     previous = catalog.pointer(store)
-    before = None if full else carried_keys(previous, version, store)
+    musicnn = current_tracks(store, inventory, MUSICNN, columns=TRACK_COLUMNS)
+    space = vectors.space_for(store, previous, tracks, musicnn, session.run)
+    before = None if full else carried_keys(previous, version, store, space.name)
     if before is None:
         todo, dropped = tracks, None
     else:
@@ -170,7 +171,9 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     genres = genres_of(meta)
     work = batches(todo, BATCH_WINDOWS)
     predicted: Counter[str] = Counter()
-    for counts in session.run([(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i) for i, groups in enumerate(work)]):
+    calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
+             for i, groups in enumerate(work)]
+    for counts in session.run(calls):
         predicted.update(counts)
     carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
     numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
@@ -184,8 +187,11 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     changes = change_feed(store, session, snapshot, previous, files)
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
+    update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
+    neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot))
+                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
+                   similar=neighbours)
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,

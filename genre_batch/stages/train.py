@@ -12,14 +12,17 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import sklearn
 import xgboost as xgb
 
 from genre_batch import GenreBatchError, evaluation, labels, registry, training
 from genre_batch.cluster import Session
-from genre_batch.feature_store import KEYS, batches, current_tracks, read_inventory, read_windows
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.feature_store import KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.features import FEATURE_VERSION
+from genre_batch.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.extract import library_of
 from genre_batch.store import Store
+from genre_batch.writeback import written
 
 READ_BATCH_WINDOWS = 60_000
 """Window rows per reading task of the training sample."""
@@ -58,14 +61,36 @@ class TrainSummary:
     holdout_accuracy: float
     holdout_macro_f1: float
     grouping: str
+    classifier: str
+    features: list[str]
     dropped_genres: dict[str, int] = field(default_factory=dict)
+
+
+def default_families(store: Store) -> list[str]:
+    """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
+    inventory = read_inventory(store)
+    missing = training.lacking(store, current_tracks(store, inventory), inventory, training.DEFAULT_FAMILIES)
+    return list(training.FALLBACK_FAMILIES if missing else training.DEFAULT_FAMILIES)
+
+
+def choices(store: Store, families: list[str] | None, classifier: str | None) -> tuple[list[str], str]:
+    """The feature families and classifier to train with: as given, else the current model's (a nightly retrain keeps
+    them), else the defaults (`default_families`; `model.default_kind` of the families)."""
+    version = registry.current_version(store)
+    meta = registry.metadata(store, version) if version else None
+    own = training.ordered_families(list(registry.model_families(meta))) if meta else None
+    families = training.ordered_families(families) if families is not None else own or default_families(store)
+    if classifier is None:
+        classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
+    model_class(classifier)
+    return families, classifier
 
 
 def labelled(store: Store, spec: str) -> Labelled:
     """The labelled tracks of the store's current index for a label spec (no window rows are read)."""
     tracks = current_tracks(store, read_inventory(store))
     source = labels.label_source(spec)
-    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store)), source)
+    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store), written(store)), source)
     return Labelled(kept, genres, dropped, fingerprint, source)
 
 
@@ -74,64 +99,69 @@ def labelled_keys(data: Labelled) -> pa.Table:
     return data.tracks.select([*KEYS, "genre"])
 
 
-def read_sample(store: Store, sample: pa.Table, session: Session) -> pa.Table:
-    """The window rows (URI, window, features) of sampled tracks, read part by part on the workers."""
+def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str]) -> pa.Table:
+    """The feature rows (URI and the families' columns, joined per track) of sampled tracks, read part by part on the
+    workers."""
     groups = batches(sample, READ_BATCH_WINDOWS)
     if not groups:
-        return pa.table({"uri": pa.array([], pa.string()), "window": pa.array([], pa.int16())})
-    columns = ["uri", "window", *FEATURE_NAMES]
-    return pa.concat_tables(session.run([(read_batch, store, batch, columns) for batch in groups]))
+        return pa.table({"uri": pa.array([], pa.string()), **{c: pa.array([], pa.float32()) for c in training.columns_of(families)}})
+    return pa.concat_tables(session.run([(read_batch, store, batch, families) for batch in groups]))
 
 
-def read_batch(store: Store, groups: list[pa.Table], columns: list[str]) -> pa.Table:
-    """The window rows of some parts' index rows (runs on a worker)."""
-    return pa.concat_tables([read_windows(store, g, columns) for g in groups])
+def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> pa.Table:
+    """The feature rows of some parts' index rows, the families joined per track (runs on a worker)."""
+    return pa.concat_tables([training.family_rows(store, g, families) for g in groups])
 
 
-def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True) -> tuple[training.TrainingSet, Labelled, int | None]:
-    """The training set of the store for a label spec: a deterministic sample capped per genre (unless not `capped`),
-    with the cap."""
+def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
+                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
+    """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
+    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap."""
+    families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
     data = labelled(store, spec)
-    grouping = training.resolve_grouping(data.tracks, grouping)
-    windows_per_track = float(pc.mean(data.tracks["row_count"]).as_py() or 1.0)
-    cap = training.cap_per_genre(len(data.genres), windows_per_track) if capped else None
-    sample = training.sample(data.tracks, cap, grouping)
-    windows = read_sample(store, sample, session)
-    return training.training_set(windows, sample, data.genres, grouping, data.fingerprint, data.dropped), data, cap
+    tracks = training.located(store, data.tracks, read_inventory(store), families)
+    if tracks.num_rows == 0:
+        raise GenreBatchError(f"no labelled track of {store.url} has every feature family {', '.join(families)}: extract them "
+                              f"with 'genre-batch extract LIBRARY --features librosa,musicnn' first")
+    grouping = training.resolve_grouping(tracks, grouping)
+    rows_per_track = float(pc.mean(tracks["row_count"]).as_py() or 1.0) if LIBROSA.name in families else 1.0
+    columns = training.columns_of(families)
+    cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(columns)) if capped else None
+    sample = training.sample(tracks, cap, grouping)
+    windows = read_sample(store, sample, session, families)
+    return training.training_set(windows, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
 
 
-def windows_batch(store: Store, groups: list[pa.Table], genres: dict[str, int], per_genre: dict[str, int], scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, genre and balanced weight of the windows of some parts' labelled index rows (runs on a worker)."""
-    windows = pa.concat_tables([read_windows(store, g, list(FEATURE_NAMES)) for g in groups])
+def windows_batch(store: Store, groups: list[pa.Table], genres: dict[str, int], per_genre: dict[str, int], scale: float,
+                  families: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, genre and balanced weight of the rows of some parts' labelled index rows (runs on a worker)."""
     tracks = pa.concat_tables(groups)
-    counts = tracks["row_count"].to_numpy().astype(np.int64)
+    rows = pa.concat_tables([training.family_rows(store, g, families) for g in groups])
+    counts = tracks["row_count"].to_numpy().astype(np.int64) if LIBROSA.name in families else np.ones(tracks.num_rows, np.int64)
     genre = np.array([genres[g] for g in tracks["genre"].to_pylist()], np.int32)
     share = np.array([scale / per_genre[g] for g in tracks["genre"].to_pylist()])
-    return training.matrix(windows), np.repeat(genre, counts), np.repeat(share / counts, counts)
+    return training.matrix(rows, training.columns_of(families)), np.repeat(genre, counts), np.repeat(share / counts, counts)
 
 
-def fit_all(store: Store, data: Labelled, session: Session, rounds: int) -> xgb.Booster:
-    """Fit on the windows of every labelled track with xgboost.dask: the workers read their parts, nothing of the
-    feature table comes to this process. Weights as training.balanced_weights (every genre the same total, mean 1)."""
+def fit_all(store: Store, tracks: pa.Table, genre_names: list[str], session: Session, rounds: int, families: list[str]) -> XGBoostModel:
+    """Fit XGBoost on the rows of every labelled track (`tracks`, located) with xgboost.dask: the workers read their
+    parts, nothing of the feature table comes to this process. Weights as training.balanced_weights (every genre the
+    same total, mean 1)."""
     import dask
     import dask.array as da
 
-    try:
-        from xgboost import dask as dxgb
-    except ImportError as e:  # xgboost.dask needs dask.dataframe, which needs pandas
-        raise GenreBatchError(f"--all-tracks needs xgboost.dask ({e}): pip install 'genre-batch[dask-training]'") from None
-
-    genres = {g: i for i, g in enumerate(data.genres)}
-    per_genre = dict(Counter(data.tracks["genre"].to_pylist()))
-    scale = float(pc.sum(data.tracks["row_count"]).as_py()) / len(genres)
+    genres = {g: i for i, g in enumerate(genre_names)}
+    per_genre = dict(Counter(tracks["genre"].to_pylist()))
+    columns = training.columns_of(families)
+    total = float(pc.sum(tracks["row_count"]).as_py()) if LIBROSA.name in families else float(tracks.num_rows)
+    scale = total / len(genres)
     parts = []
-    for batch in batches(data.tracks, READ_BATCH_WINDOWS):
-        n = int(sum(pc.sum(g["row_count"]).as_py() for g in batch))
-        x, y, w = dask.delayed(windows_batch, nout=3, pure=True)(store, batch, genres, per_genre, scale)
-        parts.append((da.from_delayed(x, (n, len(FEATURE_NAMES)), np.float32), da.from_delayed(y, (n,), np.int32), da.from_delayed(w, (n,), np.float64)))
+    for batch in batches(tracks, READ_BATCH_WINDOWS):
+        n = int(sum(pc.sum(g["row_count"]).as_py() for g in batch)) if LIBROSA.name in families else sum(g.num_rows for g in batch)
+        x, y, w = dask.delayed(windows_batch, nout=3, pure=True)(store, batch, genres, per_genre, scale, families)
+        parts.append((da.from_delayed(x, (n, len(columns)), np.float32), da.from_delayed(y, (n,), np.int32), da.from_delayed(w, (n,), np.float64)))
     X, y, w = (da.concatenate([p[i] for p in parts]) for i in range(3))
-    dtrain = dxgb.DaskDMatrix(session.client, X, y, weight=w, feature_names=list(FEATURE_NAMES))
-    return dxgb.train(session.client, {**training.PARAMS, "num_class": len(genres)}, dtrain, num_boost_round=rounds)["booster"]
+    return XGBoostModel.fit_dask(session.client, X, y, w, len(genres), columns, rounds)
 
 
 def changed_share(before: pa.Table, now: pa.Table) -> float:
@@ -201,20 +231,25 @@ def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> 
     }
 
 
-def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto") -> dict:
-    """Grouped cross-validation report of the store's labelled tracks, written to evaluations/ with its picture."""
-    data, labelled_set, cap = training_data(store, spec, session, grouping)
+def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", families: list[str] | None = None,
+             classifier: str | None = None) -> dict:
+    """Grouped cross-validation report of the store's labelled tracks for feature families and a classifier (default:
+    the current model's, else the defaults), written to evaluations/ with its picture."""
+    families, classifier = choices(store, families, classifier)
+    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
     report = {
         "evaluated_at": datetime.now(timezone.utc).isoformat(),
         "label_source": labelled_set.source,
         "feature_version": FEATURE_VERSION,
+        "feature_families": training.versions_of(families),
+        "classifier": classifier,
         "tracks": len(data.y_track),
         "labelled_tracks": labelled_set.tracks.num_rows,
         "cap_per_genre": cap,
         "windows": len(data.y),
         "genres": data.genres,
         "majority_baseline": evaluation.majority_baseline(data.y_track),
-        "cross_validation": cross_validation(data, training.out_of_fold(data)),
+        "cross_validation": cross_validation(data, training.out_of_fold(data, classifier)),
     }
     folder = f"{store.evaluations}/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     cv = report["cross_validation"]
@@ -223,20 +258,35 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto") 
     return {**report, "report": folder}
 
 
+def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float, families: list[str]) -> tuple[bool, str]:
+    """The promotion gate: cross-validated accuracy above the majority baseline and at least `min_accuracy`, and every
+    current track of the store has the model's families (else tagging would refuse it: the previous model stays)."""
+    passes = cv_accuracy > baseline and cv_accuracy >= min_accuracy
+    reason = f"cross-validated accuracy {cv_accuracy:.3f} vs majority baseline {baseline:.3f}" + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
+    if families == [LIBROSA.name]:  # every current track has librosa features
+        return passes, reason
+    inventory = read_inventory(store)
+    missing = training.lacking(store, current_tracks(store, inventory), inventory, families)
+    if missing:
+        lacking = ", ".join(f"{n} tracks lack {name}" for name, n in missing.items())
+        return False, f"{reason}; feature families incomplete ({lacking}): the current model keeps tagging until the backfill completes"
+    return passes, reason
+
+
 def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0,
-          grouping: str = "auto", all_tracks: bool = False) -> TrainSummary:
-    """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, on every labelled
-    track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote if it passes."""
-    data, labelled_set, cap = training_data(store, spec, session, grouping)
-    oof = training.out_of_fold(data)
+          grouping: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> TrainSummary:
+    """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, XGBoost on every
+    labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
+    if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`)."""
+    families, classifier = choices(store, families, classifier)
+    if all_tracks and classifier != XGBoostModel.kind:
+        raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
+    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
+    oof = training.out_of_fold(data, classifier)
     cv = cross_validation(data, oof)
     held = holdout(data, oof, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
-    passes = cv["accuracy"] > baseline and cv["accuracy"] >= min_accuracy
-    reason = (
-        f"cross-validated accuracy {cv['accuracy']:.3f} vs majority baseline {baseline:.3f}"
-        + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
-    )
+    passes, reason = gate(store, cv["accuracy"], baseline, min_accuracy, families)
     version = registry.new_version()
     metadata = {
         "created_at": datetime.now(timezone.utc).isoformat(),
@@ -244,7 +294,8 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "genres": data.genres,
         "label_source": labelled_set.source,
         "feature_version": FEATURE_VERSION,
-        "feature_families": {"librosa": FEATURE_VERSION},
+        "feature_families": training.versions_of(families),
+        "feature_columns": len(data.columns),
         "training_fingerprint": data.fingerprint,
         "labelled_tracks": labelled_set.tracks.num_rows,
         "tracks": len(data.y_track),
@@ -253,7 +304,6 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
                    "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
-        "params": {**training.PARAMS, "max_rounds": training.MAX_ROUNDS, "early_stopping_rounds": training.EARLY_STOPPING},
         "weights": "balanced: every genre the same total weight, every track of a genre the same share",
         "temperature": cv["temperature"],
         "abstain_below": abstain_below,
@@ -262,17 +312,19 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "majority_baseline": baseline,
         "gate": {"passed": passes, "reason": reason, "min_accuracy": min_accuracy},
         "xgboost_version": xgb.__version__,
+        "sklearn_version": sklearn.__version__,
         "python": platform.python_version(),
     }
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
     if all_tracks:
-        rounds = training.boosting_rounds(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres))
-        model = fit_all(store, labelled_set, session, rounds)
-        metadata["params"]["num_boost_round"] = rounds
-        metadata["fit"] = {"tracks": labelled_set.tracks.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
+        rounds = XGBoostModel.rounds_for(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres), data.columns)
+        located = training.located(store, labelled_set.tracks, read_inventory(store), families)
+        model = fit_all(store, located, data.genres, session, rounds, families)
+        metadata["fit"] = {"tracks": located.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
     else:
-        model, metadata["params"]["num_boost_round"] = training.fit_tracks(data, np.arange(len(data.y_track)))
-        metadata["fit"] = {"tracks": len(data.y_track), "engine": "xgboost", "on": "the capped sample"}
+        model = training.fit_tracks(data, np.arange(len(data.y_track)), classifier)
+        metadata["fit"] = {"tracks": len(data.y_track), "engine": classifier, "on": "the capped sample"}
+    metadata["params"] = model.params()
     registry.register(store, version, model, metadata, png, labelled_keys(labelled_set))
     if passes:
         registry.promote(store, version)
@@ -289,5 +341,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         holdout_accuracy=round(held["accuracy"], 4),
         holdout_macro_f1=round(held["macro_f1"], 4),
         grouping=data.grouping,
+        classifier=classifier,
+        features=families,
         dropped_genres=data.dropped,
     )

@@ -1,0 +1,450 @@
+"""Similar tracks: a faiss IVFFlat index of a snapshot's embeddings and each track's top SIMILAR_K neighbour list.
+
+Every snapshot's `similar/` folder holds `index.faiss` (inner product = cosine on the L2-normalised embeddings;
+nlist = 4 sqrt(n), searched with nprobe NPROBE: bench/ann.py measured recall@10 0.99 at 1M x 200), `vectors.parquet`
+(vid, track_id, bucket, embedding: the index's vectors by bucket of their id) and one piece `part-<bucket>.parquet`
+of the `similar` table per bucket. The index is trained and filled in one worker task (1M x 128 float32 = 512 MB of
+vectors held there); the lists are queried on the workers, one task per bucket, each memory-mapping the index.
+
+With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
+index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
+takes the new tracks that beat its members (exact search of its track against the added vectors) or, when it lost a
+member, is queried again. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from genre_batch import GenreBatchError, catalog
+from genre_batch.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
+from genre_batch.store import Store, is_local
+
+NPROBE = 32
+BUCKET_TRACKS = 25_000
+"""Tracks per query task (bucket) when an index is built; an incremental update keeps the previous bucket count."""
+INCREMENTAL_MAX_SHARE = 0.1
+"""Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
+ROW_GROUP = 10_000
+
+VECTORS_SCHEMA = pa.schema(
+    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
+)
+
+
+class UnknownTrack(GenreBatchError):
+    """A track named on the command line is neither in the published catalog nor a readable audio file."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """How a snapshot's index follows the previous one: the tracks (track_id) to add and to remove."""
+
+    previous: str
+    """The previous snapshot's `similar` folder, relative to the catalog."""
+    added: list[str]
+    removed: list[str]
+    buckets: int
+
+
+def folder(snapshot: str) -> str:
+    """A snapshot's similar folder, relative to the catalog."""
+    return f"snapshots/{snapshot}/similar"
+
+
+def piece(similar_folder: str, bucket: int) -> str:
+    """The similar table's piece of one bucket."""
+    return f"{similar_folder}/part-{bucket:05d}.parquet"
+
+
+def vector_ids(track_ids: list[str]) -> np.ndarray:
+    """Stable int64 index ids of track ids (8 bytes of their BLAKE2b hash)."""
+    raw = b"".join(hashlib.blake2b(t.encode(), digest_size=8).digest() for t in track_ids)
+    return np.frombuffer(raw, dtype="<i8").astype(np.int64) if raw else np.zeros(0, np.int64)
+
+
+def buckets_of(vids: np.ndarray, buckets: int) -> np.ndarray:
+    """The bucket (query task) of each index id."""
+    return (vids.view(np.uint64) % np.uint64(buckets)).astype(np.int32)
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists for n vectors: 4 sqrt(n) (bench/ann.py), at least 1, at most n."""
+    return max(1, min(n, round(4 * math.sqrt(n))))
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list embedding column as a float32 matrix [n, VECTOR_DIM]."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, VECTOR_DIM)
+
+
+def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+    ids, blocks = [], []
+    for f in files:
+        table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
+        if only is not None:
+            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(sorted(only), pa.string())))
+        ids += table["track_id"].to_pylist()
+        blocks.append(as_matrix(table["embedding"]))
+    return ids, np.vstack(blocks) if blocks else np.zeros((0, VECTOR_DIM), np.float32)
+
+
+def local_file(store: Store, relative: str) -> str:
+    """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
+    path = f"{store.catalog}/{relative}"
+    if is_local(store.fs):
+        return path
+    cache = os.path.join(tempfile.gettempdir(), "genre-batch-similar", hashlib.sha1(store.fs.unstrip_protocol(path).encode()).hexdigest() + ".faiss")
+    if not os.path.exists(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        store.fs.get_file(path, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return cache
+
+
+def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
+    """A snapshot's index, memory-mapped (read-only) unless `mapped` is False, searching NPROBE lists."""
+    index = faiss.read_index(local_file(store, relative), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+    index.nprobe = NPROBE
+    return index
+
+
+def save_index(store: Store, index: faiss.Index, relative: str) -> None:
+    """Write an index file into an (unpublished) snapshot folder."""
+    path = f"{store.catalog}/{relative}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, local)
+        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.put_file(local, path)
+
+
+def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
+    """An IVFFlat inner-product index trained on and holding the vectors (faiss' k-means is seeded: deterministic)."""
+    quantizer = faiss.IndexFlatIP(VECTOR_DIM)
+    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()  # the index owns (and frees) its quantizer
+    index.train(matrix)
+    index.add_with_ids(matrix, vids)
+    return index
+
+
+def vectors_table(track_ids: list[str], matrix: np.ndarray, buckets: int) -> pa.Table:
+    """The index's vectors with their ids and buckets, in (bucket, vid) order."""
+    vids = vector_ids(track_ids)
+    table = pa.table(
+        {"vid": vids, "track_id": pa.array(track_ids, pa.string()), "bucket": buckets_of(vids, buckets),
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
+        schema=VECTORS_SCHEMA,
+    )
+    return table.sort_by([("bucket", "ascending"), ("vid", "ascending")])
+
+
+def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
+    """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
+    update's tracks removed and added; returns {tracks, buckets, nlist}."""
+    out = folder(snapshot)
+    if update is None:
+        ids, matrix = read_embeddings(store, files)
+        buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
+        index = new_index(matrix, vector_ids(ids)) if ids else None
+        table = vectors_table(ids, matrix, buckets)
+    else:
+        buckets = update.buckets
+        index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
+        index.remove_ids(vector_ids(update.removed))
+        ids, matrix = read_embeddings(store, files, set(update.added))
+        index.add_with_ids(matrix, vector_ids(ids))
+        added = vectors_table(ids, matrix, buckets)
+        store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
+        previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
+        kept = previous.filter(pc.invert(pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string()))))
+        table = pa.concat_tables([kept, added]).sort_by([("bucket", "ascending"), ("vid", "ascending")])
+    if index is not None:
+        save_index(store, index, f"{out}/index.faiss")
+    store.write_table(f"{store.catalog}/{out}/vectors.parquet", table, ROW_GROUP)
+    return {"tracks": table.num_rows, "buckets": buckets, "nlist": index.nlist if index is not None else 0}
+
+
+def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
+    """The rows of one bucket of a vectors file (its row groups are in bucket order: the others are skipped)."""
+    with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
+        parquet = pq.ParquetFile(f)
+        column = parquet.schema_arrow.get_field_index("bucket")
+        groups = []
+        for g in range(parquet.num_row_groups):
+            stats = parquet.metadata.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.min <= bucket <= stats.max:
+                groups.append(g)
+        table = parquet.read_row_groups(groups) if groups else VECTORS_SCHEMA.empty_table()
+    return table.filter(pc.equal(table["bucket"], bucket))
+
+
+def id_map(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted vids, their track_ids) for mapping search results back to tracks."""
+    vids = table["vid"].to_numpy()
+    order = np.argsort(vids, kind="stable")
+    return vids[order], np.array(table["track_id"].to_pylist(), dtype=object)[order]
+
+
+def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """track_ids of index ids (all of which are in `ids`)."""
+    return ids[1][np.searchsorted(ids[0], vids)]
+
+
+def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k (vid [n, k], score [n, k]) of each query, its own id left out; -1 pads short results."""
+    scores, found = index.search(np.ascontiguousarray(queries, np.float32), k + 1)
+    keep = (found != own[:, None]) & (found != -1)
+    out_ids, out_scores = np.full((len(queries), k), -1, np.int64), np.zeros((len(queries), k), np.float32)
+    for i in range(len(queries)):
+        row_ids, row_scores = found[i][keep[i]], scores[i][keep[i]]
+        order = np.lexsort((row_ids, -row_scores))[:k]  # ties by id, as `merged` orders them
+        row_ids, row_scores = row_ids[order], row_scores[order]
+        out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
+    return out_ids, out_scores
+
+
+def merged(old_ids: np.ndarray, old_scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row, the best k of lists and candidates [n, *] (score descending, then id), -1 padded."""
+    ids, scores = np.concatenate([old_ids, new_ids], axis=1), np.concatenate([old_scores, new_scores], axis=1)
+    scores = np.where(ids == -1, -np.inf, scores)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    return ids, np.where(ids == -1, 0, scores).astype(np.float32)
+
+
+def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+    """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order."""
+    n, k = neighbour_ids.shape
+    valid = neighbour_ids.reshape(-1) != -1
+    flat = neighbour_ids.reshape(-1)[valid]
+    table = pa.table(
+        {"track_id": pa.array(np.repeat(track_ids, k)[valid].tolist(), pa.string()),
+         "neighbour_id": pa.array(track_ids_of(flat, ids).tolist(), pa.string()),
+         "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n)[valid]),
+         "score": pa.array(scores.reshape(-1)[valid])},
+        schema=SIMILAR_SCHEMA,
+    )
+    return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
+
+
+def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
+    to the bucket has an empty list)."""
+    table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
+    found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
+    known = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)
+    rank = table["rank"].to_numpy().astype(np.int64) - 1
+    ids, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
+    ids[row[known], rank[known]] = vector_ids(pc.filter(table["neighbour_id"], pa.array(known)).to_pylist())
+    scores[row[known], rank[known]] = table["score"].to_numpy()[known]
+    return ids, scores
+
+
+def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
+    """Write the similar piece of one bucket (runs on a worker, the index memory-mapped); returns its rows."""
+    out = folder(snapshot)
+    ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
+    mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
+    track_ids = np.array(mine["track_id"].to_pylist(), dtype=object)
+    vids, queries = mine["vid"].to_numpy(), as_matrix(mine["embedding"])
+    found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
+    if len(vids):
+        index = open_index(store, f"{out}/index.faiss")
+        redo = np.ones(len(vids), bool)
+        if update is not None:
+            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores)
+        if redo.any():
+            found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
+    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids))
+    return int((found != -1).sum())
+
+
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: np.ndarray, queries: np.ndarray,
+            found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
+    tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
+    old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
+    lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
+    redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
+    keep = ~redo
+    if update.added and keep.any():
+        added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
+        flat = faiss.IndexFlatIP(VECTOR_DIM)
+        flat.add(as_matrix(added["embedding"]))
+        cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
+        cand_ids = added["vid"].to_numpy()[cand_rows]
+        found[keep], scores[keep] = merged(old_ids[keep], old_scores[keep], cand_ids, cand_scores, k)
+    else:
+        found[keep], scores[keep] = old_ids[keep], old_scores[keep]
+    return redo
+
+
+KEYS = ["track_id", "fingerprint"]
+"""A track whose (track_id, fingerprint) is in both snapshots kept its embedding (same content, same space)."""
+
+
+def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.Table) -> Update | None:
+    """How the new snapshot's index follows the previous one (`after`: the new snapshot's KEYS); None: rebuild it (no
+    previous index, another vector space or K, or more than INCREMENTAL_MAX_SHARE of the tracks changed)."""
+    similar = (previous or {}).get("similar")
+    if not similar or not similar.get("index") or (previous.get("vector_space") or {}).get("name") != space_name or similar.get("k") != SIMILAR_K:
+        return None
+    before = catalog.read_files(store, previous["files"], KEYS)
+    added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
+    removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
+    if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
+        return None
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"])
+
+
+Runner = Callable[[list[tuple]], list]
+
+
+def build(store: Store, snapshot: str, files: list[str], update: Update | None, run: Runner) -> dict:
+    """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process); returns what
+    the pointer records under `similar`."""
+    out = folder(snapshot)
+    info = run([(build_index, store, snapshot, files, update)])[0]
+    rows = run([(query_bucket, store, snapshot, b, update) for b in range(info["buckets"])]) if info["tracks"] else []
+    store.delete([f"{store.catalog}/{out}/_added.parquet"])
+    return {
+        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None,
+        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(info["buckets"]) if info["tracks"]],
+        "rows": sum(rows), "tracks": info["tracks"], "buckets": info["buckets"], "nlist": info["nlist"], "nprobe": NPROBE,
+        "mode": "full" if update is None else "incremental",
+        "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
+    }
+
+
+def in_process(calls: list[tuple]) -> list:
+    """Run calls `(function, *args)` here, in order (catalog.publish of a table held in this process)."""
+    return [function(*args) for function, *args in calls]
+
+
+# `genre-batch similar`: answers for catalog tracks (from the table or the index) and for files outside the catalog
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The neighbours of one track named on the command line."""
+
+    track: str
+    """As named (track_id, uri or file)."""
+    source: str
+    """`table` (the stored lists), `index` (searched) or `file` (extracted now, searched)."""
+    track_id: str | None
+    uri: str
+    genre: str | None
+    neighbours: list[dict]
+    """{rank, track_id, uri, genre, score}, nearest first."""
+
+
+def catalog_rows(store: Store, pointer: dict, column: str, values: list[str]) -> pa.Table:
+    """(track_id, uri, genre) of the published catalog's rows whose `column` is one of `values`."""
+    import pyarrow.dataset as ds
+
+    files = [f"{store.catalog}/{f}" for f in pointer["files"]]
+    if not files or not values:
+        return pa.table({"track_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()), "genre": pa.array([], pa.string())})
+    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
+    return dataset.to_table(columns=["track_id", "uri", "genre"], filter=ds.field(column).isin(values))
+
+
+def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tuple[str, float]]:
+    """The first `top` entries of a track's stored list: (neighbour_id, score)."""
+    info = pointer["similar"]
+    bucket = int(buckets_of(vector_ids([track_id]), info["buckets"])[0])
+    table = store.read_table(f"{store.catalog}/{piece(info['folder'], bucket)}")
+    table = table.filter(pc.equal(table["track_id"], track_id)).sort_by("rank")
+    return list(zip(table["neighbour_id"].to_pylist(), table["score"].to_pylist()))[:top]
+
+
+def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
+    """A catalog track's embedding, from the vectors file of its bucket."""
+    info = pointer["similar"]
+    vid = vector_ids([track_id])
+    rows = read_bucket(store, info["vectors"], int(buckets_of(vid, info["buckets"])[0]))
+    return as_matrix(rows.filter(pc.equal(rows["vid"], int(vid[0])))["embedding"])[0]
+
+
+def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: set[str] | None) -> list[tuple[str, float]]:
+    """The `top` nearest tracks (track_id, score) to a vector in the memory-mapped index, `own` id left out; with
+    `allowed`, only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
+    info = pointer["similar"]
+    index = open_index(store, info["index"])
+    ids = id_map(store.read_table(f"{store.catalog}/{info['vectors']}", ["vid", "track_id"]))
+    k = top if allowed is None else 4 * top
+    while True:
+        found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
+        valid = found[0] != -1
+        hits = list(zip(track_ids_of(found[0][valid], ids).tolist(), scores[0][valid].tolist()))
+        hits = [h for h in hits if allowed is None or h[0] in allowed]
+        if len(hits) >= top or k >= index.ntotal:
+            return hits[:top]
+        k *= 4
+
+
+def genre_tracks(store: Store, pointer: dict, genre: str) -> set[str]:
+    """track_ids of one genre of the published catalog (its file only)."""
+    files = [f for f, g in pointer["genres"].items() if g == genre]
+    if not files:
+        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
+    return {t for f in files for t in store.read_table(f"{store.catalog}/{f}", ["track_id"])["track_id"].to_pylist()}
+
+
+def described(store: Store, pointer: dict, hits: list[tuple[str, float]]) -> list[dict]:
+    """Neighbour entries with their uri and genre."""
+    rows = {r["track_id"]: r for r in catalog_rows(store, pointer, "track_id", [t for t, _ in hits]).to_pylist()}
+    return [{"rank": i + 1, "track_id": t, "uri": rows[t]["uri"], "genre": rows[t]["genre"], "score": round(float(s), 6)}
+            for i, (t, s) in enumerate(hits)]
+
+
+def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer]:
+    """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
+    lists (top <= SIMILAR_K, no genre) or the index; audio files outside the catalog extracted now (nothing stored).
+    Raises UnknownTrack for a name that is neither."""
+    pointer = catalog.pointer(store)
+    if pointer is None:
+        raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
+    if not (pointer.get("similar") or {}).get("index"):
+        raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.get('catalog_version')}): "
+                              "run 'genre-batch tag' to publish one that has")
+    allowed = genre_tracks(store, pointer, genre) if genre is not None else None
+    known = catalog_rows(store, pointer, "track_id", [n for n, _ in names])
+    known = pa.concat_tables([known, catalog_rows(store, pointer, "uri", [u for _, u in names])])
+    by_name = {**{r["uri"]: r for r in known.to_pylist()}, **{r["track_id"]: r for r in known.to_pylist()}}
+    answers = []
+    for name, uri in names:
+        row = by_name.get(name) or by_name.get(uri)
+        if row is not None and allowed is None and top <= pointer["similar"]["k"]:
+            hits, source = stored_list(store, pointer, row["track_id"], top), "table"
+        elif row is not None:
+            own = int(vector_ids([row["track_id"]])[0])
+            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), own, top, allowed), "index"
+        else:
+            from genre_batch import audio, vectors  # the feature code (librosa, onnxruntime): only for files outside the catalog
+
+            try:
+                vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
+            except audio.AudioError as e:
+                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
+            hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
+        answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], described(store, pointer, hits)))
+    return answers

@@ -1,0 +1,93 @@
+"""The model interface (#14 item 3): every kind fits, predicts, round-trips through the registry without pickle;
+cards written before kinds load as XGBoost."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from genre_batch import checks, registry
+from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.model import KINDS, LinearModel, XGBoostModel, model_class
+from genre_batch.store import Store
+
+COLUMNS = [f"c{i}" for i in range(6)]
+
+
+def blobs(n: int = 120, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of `classes` separable clusters on wildly different column scales, their labels and 30 groups."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    X = rng.normal(size=(n, len(COLUMNS)))
+    X[:, 0] += 3.0 * y
+    X *= np.array([1.0, 1e3, 1e-3, 10.0, 1.0, 100.0])  # standardisation must undo this
+    return X.astype(np.float32), y.astype(np.int32), np.arange(n) % 30
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_learns_and_round_trips_through_the_registry(kind: str, tmp_path: Path) -> None:
+    X, y, groups = blobs()
+    model = model_class(kind).fit(X[:90], y[:90], np.ones(90), groups[:90], 3, COLUMNS)
+    p = model.predict_proba(X[90:])
+    assert p.shape == (30, 3) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert (p.argmax(axis=1) == y[90:]).mean() >= 0.9
+
+    store = Store(str(tmp_path))
+    labelled = pa.table({k: pa.array([], pa.string()) for k in ("uri", "fingerprint", "genre")})
+    registry.register(store, "m-1", model, {"feature_version": FEATURE_VERSION, "genres": ["a", "b", "c"]}, b"", labelled)
+    loaded, meta = registry.load(store, "m-1")
+    assert meta["classifier"] == kind and type(loaded) is type(model)
+    assert np.allclose(loaded.predict_proba(X[90:]), p, atol=1e-6)
+    assert loaded.params() == model.params()
+    assert sorted(p.name for p in (tmp_path / "models" / "m-1").iterdir()) == sorted([*model.files, "confusion_matrix.png", "labelled.parquet", "metadata.json"])
+
+
+def test_linear_model_is_plain_arrays_loaded_without_pickle(tmp_path: Path) -> None:
+    X, y, groups = blobs()
+    model = LinearModel.fit(X, y, np.ones(len(y)), groups, 3, COLUMNS)
+    data = model.to_files()["model.npz"]
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        assert sorted(arrays.files) == ["C", "coef", "intercept", "mean", "scale"]
+        assert arrays["coef"].shape == (3, len(COLUMNS)) and arrays["coef"].dtype == np.float64
+        assert all(arrays[k].dtype != object for k in arrays.files)
+    assert model.C in (0.001, 0.01, 0.1, 1.0)
+    # the saved arrays are the whole model: softmax of standardised rows reproduces its probabilities
+    z = (X.astype(np.float64) - model.mean) / model.scale @ model.coef.T + model.intercept
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    assert np.allclose(model.predict_proba(X), expected / expected.sum(axis=1, keepdims=True), atol=1e-4)
+
+
+def test_linear_model_matches_scikit_learn_for_two_genres_and_a_genre_absent_from_training() -> None:
+    X, y, _ = blobs(classes=2)
+    model = LinearModel.fit_C(X, y, np.ones(len(y)), 2, 0.1)
+    Z = (X - model.mean) / model.scale
+    reference = LogisticRegression(C=0.1, max_iter=2000).fit(Z, y).predict_proba(Z)
+    assert np.allclose(model.predict_proba(X), reference, atol=1e-4)
+
+    three = LinearModel.fit_C(X, y, np.ones(len(y)), 3, 0.1)  # genre 2 has no training rows (a fold can lack one)
+    p = three.predict_proba(X)
+    assert p.shape == (len(y), 3) and p[:, 2].max() < 1e-9 and np.allclose(p[:, :2], reference, atol=1e-4)
+
+
+def test_a_card_without_classifier_loads_as_xgboost(tmp_path: Path) -> None:
+    """Stores written before model kinds: model.ubj and a card without `classifier` or `feature_families`."""
+    X, y, groups = blobs()
+    booster = XGBoostModel.fit(np.pad(X, ((0, 0), (0, len(FEATURE_NAMES) - X.shape[1]))), y, np.ones(len(y)), groups, 3, list(FEATURE_NAMES)).booster
+    store = Store(str(tmp_path))
+    store.write_bytes(f"{store.models}/m-old/model.ubj", bytes(booster.save_raw("ubj")))
+    store.write_json(f"{store.models}/m-old/metadata.json", {"version": "m-old", "feature_version": FEATURE_VERSION, "genres": ["a", "b", "c"]})
+    model, meta = registry.load(store, "m-old")
+    assert isinstance(model, XGBoostModel) and registry.model_kind(meta) == "xgboost"
+    assert registry.model_families(meta) == {"librosa": FEATURE_VERSION}
+    assert model.predict_proba(np.zeros((2, len(FEATURE_NAMES)), np.float32)).shape == (2, 3)
+
+
+def test_unknown_kind_is_a_clear_error_and_the_cli_lists_every_kind() -> None:
+    assert checks.CLASSIFIERS == tuple(KINDS)  # checked before any training library loads, so listed twice
+    with pytest.raises(Exception, match="unknown classifier 'svm': this genre-batch knows xgboost, linear"):
+        model_class("svm")

@@ -1,0 +1,297 @@
+"""Vectors, tags and similar tracks of the catalog: embeddings per snapshot, the faiss index, neighbour lists (full and
+incremental), a version 2 store upgraded, and the `similar` verb."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import cli, make_library
+from test_catalog import SPACE, rows
+
+from genre_batch import catalog, query, similar, vectors
+from genre_batch.audio import SAMPLE_RATE
+from genre_batch.cluster import session
+from genre_batch.stages import extract as extract_stage, runs, tag as tag_stage, train as train_stage
+from genre_batch.store import Store
+from genre_batch.synth import render, write_audio
+
+
+def lists(s: Store, pointer: dict | None = None) -> dict[str, list[tuple[str, float]]]:
+    """The published (or `pointer`'s) similar table as track_id -> [(neighbour_id, score)] by rank."""
+    pointer = pointer or catalog.pointer(s)
+    table = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in pointer["similar"]["files"]]).sort_by([("track_id", "ascending"), ("rank", "ascending")])
+    out: dict[str, list[tuple[str, float]]] = {}
+    for row in table.to_pylist():
+        out.setdefault(row["track_id"], []).append((row["neighbour_id"], row["score"]))
+    return out
+
+
+def same_lists(a: dict, b: dict) -> None:
+    """Equal neighbour lists: same neighbours in the same order, scores equal to float32 rounding."""
+    assert a.keys() == b.keys()
+    for track in a:
+        assert [n for n, _ in a[track]] == [n for n, _ in b[track]], track
+        assert [s for _, s in a[track]] == pytest.approx([s for _, s in b[track]], abs=1e-5)
+
+
+def exact_lists(table: pa.Table, k: int) -> dict[str, list[str]]:
+    """Brute-force top-k neighbours (cosine) of a catalog table's tracks, self excluded."""
+    ids = table["track_id"].to_pylist()
+    x = similar.as_matrix(table["embedding"])
+    scores = x @ x.T
+    np.fill_diagonal(scores, -np.inf)
+    return {t: [ids[j] for j in np.argsort(-scores[i], kind="stable")[:k]] for i, t in enumerate(ids)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In process: catalog.publish of tables with given embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    table = rows(60, "rock", "run-a")  # nlist 31 <= nprobe 32: the IVF search is exhaustive
+    pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)
+    assert pointer["similar"]["k"] == catalog.SIMILAR_K and pointer["similar"]["nlist"] == 31 and pointer["similar"]["mode"] == "full"
+    got = lists(s)
+    assert {t: [n for n, _ in v] for t, v in got.items()} == exact_lists(table, catalog.SIMILAR_K)
+    assert all(len(v) == catalog.SIMILAR_K for v in got.values())
+    assert all(a >= b for v in got.values() for (_, a), (_, b) in zip(v, v[1:]))  # rank 1 nearest
+    assert pointer["vector_space"] == SPACE
+
+
+def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "nightly"))
+    catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
+    # the next night: t0 removed, t60 and t61 added, t10 changed (new content: near t50's vector, a new fingerprint)
+    second = rows(62, "rock", "run-b")
+    second = second.filter(pc.not_equal(second["track_id"], "t0"))
+    ids = second["track_id"].to_pylist()
+    embedding = second["embedding"].combine_chunks()
+    near_50 = np.array(embedding[ids.index("t50")].as_py()) + 0.01 * np.array(embedding[ids.index("t10")].as_py())
+    changed = [(near_50 / np.linalg.norm(near_50)).tolist() if t == "t10" else embedding[i].as_py() for i, t in enumerate(ids)]
+    second = second.set_column(second.schema.get_field_index("embedding"), "embedding", pa.array(changed, embedding.type))
+    second = second.set_column(2, "fingerprint", pa.array(["new" if t == "t10" else f for t, f in zip(ids, second["fingerprint"].to_pylist())]))
+    pointer = catalog.publish(s, second, "run-b", "m-1", SPACE)
+    assert (pointer["similar"]["mode"], pointer["similar"]["added"], pointer["similar"]["removed"]) == ("incremental", 3, 2)
+    rebuilt = Store(str(tmp_path / "rebuilt"))
+    assert catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)["similar"]["mode"] == "full"
+    same_lists(lists(s), lists(rebuilt))
+    assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(second, catalog.SIMILAR_K)
+    assert lists(s)["t10"][0][0] == "t50" and lists(s)["t10"][0][1] > 0.99  # a changed track finds the track it now sounds like
+    assert all(n != "t0" for v in lists(s).values() for n, _ in v)  # the departed track is in no list
+
+
+def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    catalog.publish(s, rows(50, "rock", "run-a"), "run-a", "m-1", SPACE)
+    pointer = catalog.publish(s, rows(51, "rock", "run-b"), "run-b", "m-1", {**SPACE, "name": "another-space"})
+    assert pointer["similar"]["mode"] == "full" and pointer["vector_space"]["name"] == "another-space"
+
+
+def test_space_fit_is_deterministic_and_normalises() -> None:
+    from genre_batch.feature_store import LIBROSA
+
+    pooled = np.random.default_rng(1).normal(size=(300, 603)) * np.linspace(0.01, 1000, 603)
+    a, b = vectors.fit(LIBROSA, pooled), vectors.fit(LIBROSA, pooled.copy())
+    assert a.name == b.name and a.name.startswith("librosa-v") and a.components.shape == (603, catalog.VECTOR_DIM)
+    y = vectors.project(a, pooled[:10].astype(np.float32))
+    assert y.dtype == np.float32 and np.allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
+    small = vectors.fit(LIBROSA, pooled[:5])  # fewer tracks than dimensions: zero axes past the rank
+    assert np.count_nonzero(np.abs(small.components).sum(axis=0)) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tag stage on a real 2-process Dask cluster
+# ---------------------------------------------------------------------------------------------------------------
+
+STYLES = ("ambient", "chiptune", "electronic", "percussion")
+
+
+def near_duplicate(source_style: str, seed: int, path: Path) -> Path:
+    """A clip of `source_style` rendered from `seed` (as make_library does), 2 dB quieter with faint noise."""
+    y = render(source_style, 3.0, seed) * 0.8 + np.random.default_rng(seed).normal(0, 1e-3, int(3.0 * SAMPLE_RATE)).astype(np.float32)
+    return write_audio(path, y, SAMPLE_RATE, {"genre": source_style})
+
+
+def run_tag(store: Path, scheduler: str, run_id: str, full: bool = False) -> tag_stage.TagSummary:
+    """The tag stage."""
+    with session(scheduler) as cluster:
+        return tag_stage.tag(Store(str(store)), run_id, cluster, full=full)
+
+
+@pytest.fixture(scope="module")
+def tagged_once(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str) -> tuple[Path, Path]:
+    """A library of 3 clips per style plus a near-duplicate of chiptune-0-01, extracted, trained and tagged once per
+    module; a pristine copy of both sits next to them."""
+    root = tmp_path_factory.mktemp("similar")
+    library, store = root / "library", root / "store"
+    make_library(library, 3, styles=STYLES)
+    near_duplicate("chiptune", 100 + 1, library / "chiptune" / "copy-of-01.wav")  # make_library's seed of chiptune-0-01
+    with session(dask_scheduler) as cluster:
+        extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster)
+        assert train_stage.train(Store(str(store)), "folders", "run-train", cluster).promoted
+    run_tag(store, dask_scheduler, "run-tag-1")
+    for folder in (library, store):
+        shutil.copytree(folder, root / f"pristine-{folder.name}", symlinks=True)
+    return library, store
+
+
+@pytest.fixture
+def tagged(tagged_once: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
+    """The tagged library and store, restored afterwards."""
+    yield tagged_once
+    for folder in tagged_once:
+        shutil.rmtree(folder)
+        shutil.copytree(folder.parent / f"pristine-{folder.name}", folder, symlinks=True)
+
+
+def uri_ids(s: Store) -> dict[str, str]:
+    """File name -> track_id of the published catalog."""
+    return {Path(r["uri"]).name: r["track_id"] for r in catalog.read(s, ["uri", "track_id"]).to_pylist()}
+
+
+def test_catalog_carries_embeddings_tags_and_its_vector_space(tagged: tuple[Path, Path]) -> None:
+    _, store = tagged
+    s = Store(str(store))
+    table = catalog.read(s)
+    assert table.num_rows == 13 and table.schema.field("embedding").type == pa.list_(pa.float32(), catalog.VECTOR_DIM)
+    x = similar.as_matrix(table["embedding"])
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert table["tags"].null_count == 13  # no musicnn family in this store: no tags
+    pointer = catalog.pointer(s)
+    space = pointer["vector_space"]
+    assert pointer["catalog_version"] == 3 and space["family"] == "librosa" and space["dim"] == catalog.VECTOR_DIM
+    assert space["name"].startswith("librosa-v3-zpca128-") and "mean" in space["pooling"] and "z-score" in space["scaler"]
+    assert vectors.load(s, space).name == space["name"]  # the stored arrays are the space (np.load without pickle)
+    assert table.schema.metadata[b"genre_batch.catalog_version"] == b"3"
+
+
+def test_near_duplicate_is_the_nearest_neighbour_and_query_sees_the_table(tagged: tuple[Path, Path]) -> None:
+    _, store = tagged
+    s = Store(str(store))
+    ids = uri_ids(s)
+    got = lists(s)
+    assert got[ids["copy-of-01.wav"]][0][0] == ids["chiptune-0-01.flac"]
+    assert got[ids["chiptune-0-01.flac"]][0][0] == ids["copy-of-01.wav"]
+    assert all(len(v) == 12 for v in got.values())  # every other track: 13 tracks < K
+    sql = ('SELECT c.uri, n.uri AS neighbour, s.score FROM "similar" s JOIN catalog c USING (track_id) '
+           "JOIN catalog n ON n.track_id = s.neighbour_id WHERE s.rank = 1 AND c.uri LIKE '%copy-of-01.wav'")
+    [row] = query.run(s, sql).to_pylist()
+    assert row["neighbour"].endswith("chiptune-0-01.flac") and row["score"] > 0.9
+
+
+def test_lists_are_stable_from_run_to_run(tagged: tuple[Path, Path], dask_scheduler: str) -> None:
+    _, store = tagged
+    s = Store(str(store))
+    before = lists(s)
+    assert run_tag(store, dask_scheduler, "run-tag-full", full=True).mode == "full"
+    same_lists(lists(s), before)
+
+
+def test_nightly_with_a_new_track_updates_lists_like_a_rebuild(tagged: tuple[Path, Path], dask_scheduler: str) -> None:
+    library, store = tagged
+    s = Store(str(store))
+    near_duplicate("ambient", 0 * 100 + 2, library / "ambient" / "copy-of-ambient-02.wav")  # ambient-0-02's seed
+    with session(dask_scheduler) as cluster:
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
+    summary = run_tag(store, dask_scheduler, "run-tag-2")
+    pointer = catalog.pointer(s)
+    assert (summary.mode, summary.predicted) == ("incremental", 1)
+    assert (pointer["similar"]["mode"], pointer["similar"]["added"], pointer["similar"]["removed"]) == ("incremental", 1, 0)
+    ids = uri_ids(s)
+    got = lists(s)
+    assert got[ids["ambient-0-02.ogg"]][0][0] == ids["copy-of-ambient-02.wav"]  # the new track entered an existing list
+    rebuilt = similar.build(s, "rebuild-check", sorted(pointer["files"]), None, similar.in_process)
+    same_lists(got, lists(s, {"similar": rebuilt}))
+
+
+def strip_to_version_2(s: Store) -> None:
+    """Make the published snapshot look written by catalog version 2: no embedding, tags, vector space or similar."""
+    pointer = catalog.pointer(s)
+    for f in pointer["files"]:
+        table = s.read_table(f"{s.catalog}/{f}").drop_columns(["embedding", "tags"])
+        s.write_table(f"{s.catalog}/{f}", table.replace_schema_metadata({"genre_batch.catalog_version": "2"}))
+    s.fs.rm(f"{s.catalog}/{pointer['similar']['folder']}", recursive=True)
+    old = {k: v for k, v in pointer.items() if k not in ("vector_space", "similar")}
+    catalog.promote(s, {**old, "catalog_version": 2}, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
+
+
+def test_a_version_2_store_keeps_working_and_the_first_run_fills_the_new_columns(tagged: tuple[Path, Path], dask_scheduler: str) -> None:
+    _, store = tagged
+    s = Store(str(store))
+    strip_to_version_2(s)
+    assert query.run(s, "SELECT count(*) AS n FROM catalog").to_pylist() == [{"n": 13}]
+    assert query.run(s, "SELECT count(*) AS n FROM \"similar\"").to_pylist() == [{"n": 0}]
+    summary = run_tag(store, dask_scheduler, "run-tag-v3")
+    assert (summary.mode, summary.predicted, summary.carried) == ("full", 13, 0)  # v2 rows lack the columns: re-tagged
+    table = catalog.read(s)
+    assert table["embedding"].null_count == 0 and catalog.pointer(s)["catalog_version"] == 3
+    assert query.run(s, "SELECT count(*) AS n FROM \"similar\"").to_pylist() == [{"n": 13 * 12}]
+
+
+def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    library, store = tagged
+    ids = uri_ids(Store(str(store)))
+    copy = str(library / "chiptune" / "copy-of-01.wav")
+    code, out, err = cli("similar", "--store", str(store), copy, ids["ambient-0-00.wav"], "--top", "3", "--format", "json")
+    assert code == 0, err
+    first, second = json.loads(out)
+    assert (first["source"], first["track_id"], first["genre"]) == ("table", ids["copy-of-01.wav"], "chiptune")
+    assert [n["rank"] for n in first["neighbours"]] == [1, 2, 3] and first["neighbours"][0]["uri"].endswith("chiptune-0-01.flac")
+    assert second["uri"].endswith("ambient-0-00.wav") and len(second["neighbours"]) == 3
+
+    code, out, err = cli("similar", "--store", str(store), copy, "--top", "3", "--genre", "percussion", "--format", "json")
+    [only] = json.loads(out)
+    assert code == 0 and only["source"] == "index" and [n["genre"] for n in only["neighbours"]] == ["percussion"] * 3
+    code, out, _ = cli("similar", "--store", str(store), copy, "--top", "12", "--format", "json")
+    deep = json.loads(out)[0]["neighbours"]  # all 12 others, past nothing: the table holds them all
+    assert len(deep) == 12 and deep[:3] == first["neighbours"]
+
+    outside = near_duplicate("chiptune", 101, tmp_path / "elsewhere.wav")  # copy-of-01.wav's audio, not in the catalog
+    before = sorted(p for p in store.rglob("*"))
+    code, out, err = cli("similar", "--store", str(store), str(outside), "--top", "2")
+    assert code == 0, err
+    header, first_line, second_line = out.splitlines()
+    assert header == f"{outside} (not in the catalog, from the file):"
+    assert "1.000" in first_line and first_line.endswith("copy-of-01.wav  (chiptune)") and "chiptune-0-01.flac" in second_line
+    assert sorted(p for p in store.rglob("*")) == before  # nothing stored
+
+    code, out, err = cli("similar", "--store", str(store), "no-such-track")
+    assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file")
+    code, _, err = cli("similar", "--store", str(store), copy, "--genre", "polka")
+    assert code == 1 and err.startswith("error: --genre polka: no such genre in the published catalog; it has ambient, chiptune")
+
+
+def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path, dask_scheduler: str) -> None:
+    from genre_batch.embedding.musicnn import TAG_NAMES
+    from genre_batch.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
+
+    library, store = tmp_path / "library", tmp_path / "store"
+    make_library(library, 3, styles=STYLES)
+    s = Store(str(store))
+    with session(dask_scheduler) as cluster:
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
+        assert train_stage.train(s, "folders", "run-train", cluster).promoted
+    run_tag(store, dask_scheduler, "run-librosa")
+    assert catalog.pointer(s)["vector_space"]["family"] == "librosa" and catalog.read(s)["tags"].null_count == 12
+    with session(dask_scheduler) as cluster:  # backfill the musicnn family: now every track has it
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa", "musicnn"))
+    summary = run_tag(store, dask_scheduler, "run-musicnn")
+    pointer = catalog.pointer(s)
+    assert (summary.mode, summary.predicted) == ("full", 12)  # a new vector space re-tags every track ...
+    assert pointer["vector_space"]["family"] == "musicnn" and pointer["vector_space"]["name"].startswith("musicnn-v1-zpca128-")
+    assert pointer["similar"]["mode"] == "full"  # ... and rebuilds the index
+    table = catalog.read(s, ["uri", "tags", "embedding"])
+    rows = pa.concat_tables([read_windows(s, g, ["uri", *TAG_COLUMNS], vectors.MUSICNN) for g in by_part(current_tracks(s, family=vectors.MUSICNN))])
+    expected = {r["uri"]: [TAG_NAMES[i].lower() for i in np.argsort([-r[c] for c in TAG_COLUMNS], kind="stable")[:5]] for r in rows.to_pylist()}
+    assert {r["uri"]: r["tags"] for r in table.to_pylist()} == expected
+    assert np.allclose(np.linalg.norm(similar.as_matrix(table["embedding"]), axis=1), 1, atol=1e-5)
