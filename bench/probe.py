@@ -2,12 +2,14 @@
 
 python -m bench.probe plan STORE       no-op plan: read_index + plan against the store's unchanged inventory, then the
                                        nightly flow's automatic-compaction check; prints JSON
+python -m bench.probe tables STORE     the per-track tables a nightly tag flow process reads (inventory keys, current
+                                       tracks, the errors table), one after the other: Arrow bytes and peak RSS of each
 python -m bench.probe discover URL     genre_batch.discovery.discover of a library URL; prints JSON
 python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
                                        2-worker local cluster into the training matrices (no fit); prints JSON
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
+python -m bench.probe nightly STORE    the tag stage as a nightly run does it (incremental when the model is unchanged)
 python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
-A last argument `--fixed` first applies the fix this bench suggests for feature_store.by_part (see `copied_groups`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 
-import numpy as np
 import pyarrow as pa
 
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
-from genre_batch import feature_store
 from genre_batch.cluster import session
 from genre_batch.discovery import discover
-from genre_batch.feature_store import plan, read_index, read_inventory
+from genre_batch.feature_store import KEYS, TRACK_COLUMNS, current_errors, current_tracks, plan, read_index, read_inventory
 from genre_batch.stages import compact, runs, tag, train
 from genre_batch.store import Store
 
@@ -48,6 +49,28 @@ def timed_plan(url: str) -> dict:
     }
 
 
+def flow_tables(url: str) -> dict:
+    """What the nightly tag flow's per-track tables cost in this process: each table's Arrow bytes, the Arrow pool's
+    peak and the process's peak RSS after each step (the previous step's table dropped first, as the flow does)."""
+    store = Store.at(url)
+    pool = pa.default_memory_pool()
+    steps: dict[str, dict] = {"start": {"rss_peak_mb": round(peak_rss_mb())}}
+
+    def measure(name: str, make: Callable[[], pa.Table]) -> pa.Table:
+        """Build a table, recording its rows, Arrow bytes, seconds, the pool's peak and this process's peak RSS."""
+        t0 = time.perf_counter()
+        table = make()
+        steps[name] = {"rows": table.num_rows, "arrow_mb": round(table.nbytes / 1e6, 1), "s": round(time.perf_counter() - t0, 3),
+                       "arrow_peak_mb": round(pool.max_memory() / 1e6), "rss_peak_mb": round(peak_rss_mb())}
+        return table
+
+    inventory = measure("inventory keys", lambda: read_inventory(store, KEYS))
+    tracks = measure("current tracks (TRACK_COLUMNS)", lambda: current_tracks(store, inventory, columns=TRACK_COLUMNS))
+    measure("errors table", lambda: current_errors(store))
+    per_track = {k: round(v["arrow_mb"] * 1e6 / max(1, inventory.num_rows)) for k, v in steps.items() if "arrow_mb" in v}
+    return {"tracks": inventory.num_rows, "current": tracks.num_rows, "steps": steps, "arrow_bytes_per_track": per_track}
+
+
 def timed_discover(url: str) -> dict:
     """Seconds of a discovery of a library URL, and the files it found."""
     t0 = time.perf_counter()
@@ -66,39 +89,32 @@ def timed_sample(url: str) -> dict:
     }
 
 
-def timed_stage(url: str, flow: str) -> dict:
-    """Seconds of the tag (full) or compact stage under a run record, and its summary."""
+def timed_stage(url: str, flow: str, full: bool = True) -> dict:
+    """Seconds of the tag (full or as a nightly run does it) or compact stage under a run record, its summary, and the
+    peak RSS of this process (the flow process of the stage) in MB."""
     store = Store.at(url)
     t0 = time.perf_counter()
     with runs.run_record(store, flow) as record, session(n_workers=2) as cluster:
-        summary = tag.tag(store, record["run_id"], cluster, full=True) if flow == "tag" else compact.compact(store, cluster)
+        summary = tag.tag(store, record["run_id"], cluster, full=full) if flow == "tag" else compact.compact(store, cluster)
         record[flow] = runs.as_record(summary)
-    return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow]}
+    return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow], "peak_rss_mb": round(peak_rss_mb())}
 
 
-def copied_groups() -> None:
-    """The suggested fix: `feature_store.by_part` returns slices of one sorted table, and pickling a slice (as Dask does
-    with task arguments) carries the whole table's buffers, once per group; a copy (`take`) carries only its rows."""
-    sliced = feature_store.by_part
-
-    def by_part(tracks: pa.Table) -> list[pa.Table]:
-        """Index rows grouped by part, each group a copy of its rows."""
-        return [g.take(pa.array(np.arange(g.num_rows))) for g in sliced(tracks)]
-
-    feature_store.by_part = by_part
+def peak_rss_mb() -> float:
+    """High-water RSS of this process (VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1e3 for line in status if line.startswith("VmHWM:"))
 
 
 def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
-    probes = {"plan": timed_plan, "discover": timed_discover, "sample": timed_sample,
-              "tag": lambda url: timed_stage(url, "tag"), "compact": lambda url: timed_stage(url, "compact")}
-    fixed = argv[2:] == ["--fixed"]
-    if len(argv) - fixed != 2 or argv[0] not in probes:
+    probes = {"plan": timed_plan, "tables": flow_tables, "discover": timed_discover, "sample": timed_sample,
+              "tag": lambda url: timed_stage(url, "tag"),
+              "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact")}
+    if len(argv) != 2 or argv[0] not in probes:
         print(__doc__, file=sys.stderr)
         return 2
-    if fixed:
-        copied_groups()
-    print(json.dumps({**probes[argv[0]](argv[1]), "fixed": fixed}))
+    print(json.dumps(probes[argv[0]](argv[1])))
     return 0
 
 

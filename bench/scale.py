@@ -78,8 +78,9 @@ def cli_command(*args: str) -> list[str]:
 
 
 def cli_env(work: Path) -> dict[str, str]:
-    """Environment of CLI runs: this process's (single-threaded BLAS, shared numba cache) plus a Prefect home in `work`."""
-    return {**os.environ, "PREFECT_HOME": str(work / "prefect-home")}
+    """Environment of CLI runs: this process's (single-threaded BLAS, shared numba cache) plus a Prefect home in `work`
+    and a patient start of Prefect's ephemeral server (at a load average of 20 it missed the CLI's 120 s)."""
+    return {**os.environ, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
 
 
 def role(process: psutil.Process, root: int) -> str:
@@ -213,8 +214,19 @@ def noop_run(work: Path, n_files: int = TINY_FILES) -> dict:
     return result
 
 
+RANDOM_SPACE = {"name": "bench-random", "dim": catalog.VECTOR_DIM}
+"""The vector space of catalog_table's embeddings, as CURRENT.json records it."""
+
+
+def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random L2-normalised float32 vectors of the catalog's dimension."""
+    v = rng.standard_normal((n, catalog.VECTOR_DIM), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def catalog_table(rows: int, seed: int = 0) -> pa.Table:
-    """A random catalog of CATALOG_SCHEMA: probabilities over GENRES, top genre and confidence, some embedded tags."""
+    """A random catalog of CATALOG_SCHEMA: probabilities over GENRES, top genre and confidence, some embedded tags,
+    random unit embeddings (in the space RANDOM_SPACE) and no descriptive tags."""
     rng = np.random.default_rng(seed)
     probabilities = rng.dirichlet(np.full(len(GENRES), 0.3), size=rows)
     top = probabilities.argmax(axis=1)
@@ -227,6 +239,7 @@ def catalog_table(rows: int, seed: int = 0) -> pa.Table:
     columns = {
         "track_id": pa.array([track_id(u) for u in uris]),
         "uri": pa.array(uris),
+        "fingerprint": pa.array([f"{i:016x}" for i in rng.integers(0, 2**63, rows)]),
         "genre": names.take(pa.array(top)),
         "confidence": pa.array(probabilities.max(axis=1)),
         "probabilities": pa.MapArray.from_arrays(
@@ -239,6 +252,8 @@ def catalog_table(rows: int, seed: int = 0) -> pa.Table:
         "feature_version": pa.array(np.full(rows, 3, np.int32)),
         "run_id": pa.array(["bench-run"] * rows),
         "tagged_at": pa.array(np.full(rows, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "ms"))),
+        "embedding": pa.FixedSizeListArray.from_arrays(unit_vectors(rng, rows).ravel(), catalog.VECTOR_DIM),
+        "tags": pa.nulls(rows, pa.list_(pa.string())),
     }
     return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in catalog.CATALOG_SCHEMA], schema=catalog.CATALOG_SCHEMA)
 
@@ -252,9 +267,17 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     built = time.perf_counter() - started
     store = Store(str(store_dir))
     started = time.perf_counter()
-    pointer = catalog.publish(store, table, "bench-run", "bench-model")
+    pointer = catalog.publish(store, table, "bench-run", "bench-model", RANDOM_SPACE)  # with its similar table
     publish_s = time.perf_counter() - started
     size_mb = sum(p.stat().st_size for p in store_dir.rglob("*.parquet")) / 1e6
+    return {"rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
+            **query_times(work, store_dir)}
+
+
+def query_times(work: Path, store_dir: Path) -> dict:
+    """The rock top-100 query on a store's published catalog: in process and through `genre-batch query` (QUERY_REPEATS
+    times each: first and median)."""
+    store = Store(str(store_dir))
     in_process = []
     for _ in range(QUERY_REPEATS):
         started = time.perf_counter()
@@ -265,8 +288,7 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     env = cli_env(work)
     cli = [run_cli(cli_command("query", "--store", str(store_dir), QUERY, "--format", "json"), env) for _ in range(QUERY_REPEATS)]
     return {
-        "rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
-        "query": QUERY,
+        "query": QUERY, "load_1m": load(),
         "query_in_process_s": {"first": round(in_process[0], 3), "median": round(statistics.median(in_process), 3)},
         "query_cli_s": {"first": round(cli[0].wall_s, 3), "median": round(statistics.median(c.wall_s for c in cli), 3),
                         "cpu_s_median": round(statistics.median(c.cpu_s for c in cli), 3)},
@@ -330,17 +352,17 @@ RSS_LIMIT_MB = 2000
 RSS_ABORT_MB = 8000
 """A measured process past this RSS has its run killed: the machine is shared and a 24 GB node has no swap."""
 NIGHTLY_LIMIT_S = 60.0
+QUERY_PROCESS_LIMIT_S = 0.5
+QUERY_CLI_LIMIT_S = 1.0
 PLAN_LIMIT_S = 10.0
 PROJECTION_TRACKS = 10_000_000
 MACHINE_RAM_MB = 24_000
 CLUSTER_NODE_RAM_MB = 64_000
-FIXED = (("tag_full_fixed", "full tag stage"), ("compact_fixed", "compact stage"), ("train_sample", "capped sample"),
-         ("train_sample_fixed", "capped sample"))
-"""Probe runs (bench.probe, no Prefect): the stage run again with the suggested by_part fix where the CLI run was
-killed, and the training sample as is and fixed."""
+PROBES = (("train_sample", "capped sample (no fit)"),)
+"""Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
 CHECKS = ("stores", "listing", "curve", "issue5")
-TRAIN_MODES = ("sample", "cli")
+TRAIN_MODES = ("sample", "cli", "both")
 
 
 def load() -> float:
@@ -364,10 +386,9 @@ def peak_by_role(result: CliRun) -> dict[str, float]:
     return peaks
 
 
-def probe(kind: str, target: str, env: dict[str, str], fixed: bool = False) -> dict:
-    """Run a bench.probe measurement in its own process (`fixed`: with the by_part fix applied): its JSON plus the
-    process's wall, CPU and peak RSS."""
-    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target, *(["--fixed"] if fixed else [])], env)
+def probe(kind: str, target: str, env: dict[str, str]) -> dict:
+    """Run a bench.probe measurement in its own process: its JSON plus the process's wall, CPU and peak RSS."""
+    result, numbers = measured([sys.executable, "-m", "bench.probe", kind, target], env)
     return {"process": numbers} if result.aborted else {**json.loads(result.stdout), "process": numbers}
 
 
@@ -390,15 +411,17 @@ def disk_check(work: Path, n: int, built: bool) -> str | None:
     return None
 
 
-def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
-    """Build (or reuse) a store of n tracks and measure tag, plan, nightly, compaction and training (`train`: "cli" for
-    `genre-batch train`, "sample" for its capped sample read without the fit, None for neither) on a copy."""
+def store_checks(work: Path, n: int, train: str | None, processes: int, save: Callable[[dict], None]) -> dict:
+    """Build (or reuse) a store of n tracks and measure tag, the catalog query, plan, nightly, compaction and training
+    (`train`: "cli" for `genre-batch train`, "sample" for its capped sample read without the fit, "both", or None) on a
+    copy; `save` gets the numbers so far after every step."""
     root = work / f"scale-{n}"
     base = root / "base"
     reason = disk_check(work, n, (base / synthetic_store.MARK).exists())
     if reason:
         return {"tracks": n, "skipped": reason}
     result: dict = {"tracks": n, "build": {**synthetic_store.build(base, n, processes=processes), "load_1m": load()}}
+    save(result)
     run_dir = root / "run"
     synthetic_store.linked_copy(base, run_dir)
     store = run_dir / "store"
@@ -409,41 +432,48 @@ def store_checks(work: Path, n: int, train: str | None, processes: int) -> dict:
         run, result[key] = measured(cli_command(*args, "--store", url), env)
         if run.aborted:
             (store / "runs" / "LEASE.json").unlink(missing_ok=True)  # its holder is dead: free the store for the next step
+            save(result)
             return False
         result[key]["record"] = stage_record(store, stage)
+        save(result)
         return True
 
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
     if not step("tag_full", "tag", "tag", "--full"):
-        print(f"[{n}] full tag killed: the tag stage with the by_part fix", flush=True)
-        result["tag_full_fixed"] = probe("tag", url, env, fixed=True)
+        print(f"[{n}] full tag killed", flush=True)
     if catalog.pointer(Store.at(url)):
         result["catalog_bytes"] = catalog_bytes(store)
+        print(f"[{n}] catalog query", flush=True)
+        result["query"] = query_times(work, store)
+        save(result)
     print(f"[{n}] no-op plan", flush=True)
     result["plan"] = probe("plan", url, env)
+    save(result)
     started, before = time.perf_counter(), load()
     changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes)
     result["changes"] = {"tracks": changed, "write_s": round(time.perf_counter() - started, 1), "load_1m": [before, load()]}
+    save(result)
     if "catalog_bytes" in result:
         print(f"[{n}] nightly tag of {changed} changed tracks", flush=True)
         step("tag_nightly", "tag", "tag")
     result["plan_after_changes"] = probe("plan", url, env)
+    save(result)
     print(f"[{n}] compaction", flush=True)
     if not step("compact", "compact", "compact"):
-        print(f"[{n}] compaction killed: the compact stage with the by_part fix", flush=True)
-        result["compact_fixed"] = probe("compact", url, env, fixed=True)
-    if "record" in result["compact"] or "record" in result.get("compact_fixed", {}):
+        print(f"[{n}] compaction killed", flush=True)
+    if "record" in result["compact"]:
         result["store_bytes_after_compaction"] = synthetic_store.disk_usage(store)
-    if train == "cli":
+    if train in ("sample", "both"):
+        print(f"[{n}] capped training sample", flush=True)
+        result["train_sample"] = probe("sample", url, env)
+        save(result)
+    if train in ("cli", "both"):
         print(f"[{n}] training", flush=True)
         if step("train", "train", "train", "--labels", "tags"):
             meta = json.loads((store / "models" / result["train"]["record"]["version"] / "metadata.json").read_text())
             result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
             result["train"]["sampled_windows"] = meta["windows"]
-    elif train == "sample":
-        print(f"[{n}] capped training sample (as is, then with the by_part fix)", flush=True)
-        result["train_sample"] = probe("sample", url, env)
-        result["train_sample_fixed"] = probe("sample", url, env, fixed=True)
+            save(result)
     shutil.rmtree(run_dir)
     return result
 
@@ -477,15 +507,11 @@ def slope(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) -> dict:
     """Per-track costs from the measured stores, projected to `tracks`, and where each resource runs out."""
-    done = [s for s in stores if "skipped" not in s]
+    done = [s for s in stores if "skipped" not in s and "compact" in s and "tag_nightly" in s]
     if len(done) < 2:
         return {"note": "needs two measured store sizes (per-track costs are slopes between sizes)"}
     largest = max(done, key=lambda s: s["tracks"])
     n = largest["tracks"]
-
-    def run_of(s: dict, key: str) -> dict:
-        """A step's numbers: the CLI run, or the stage with the by_part fix where the CLI run was killed."""
-        return s[f"{key}_fixed"]["process"] if f"{key}_fixed" in s else s[key]
 
     def fit(get: Callable[[dict], float]) -> tuple[float, float]:
         """Per-track slope and intercept of a measured value."""
@@ -493,7 +519,7 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
 
     flow_tag = fit(lambda s: s["tag_nightly"]["peak_rss_mb"]["flow process"])  # the same CLI path at every size
     flow_plan = fit(lambda s: s["plan"]["process"]["peak_rss_mb"]["flow process"])
-    worker_peak = max(max(run_of(s, k)["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
+    worker_peak = max(max(s[k]["peak_rss_mb"].get("dask workers", 0) for k in ("tag_full", "compact")) for s in done)
     with_catalog = max((s for s in done if "catalog_bytes" in s), key=lambda s: s["tracks"])
     per_track = {
         "features_disk_bytes": largest["build"]["store_bytes"] / n,
@@ -502,8 +528,8 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         "catalog_bytes": with_catalog["catalog_bytes"] / with_catalog["tracks"],
         "flow_rss_nightly_tag_bytes": flow_tag[0] * 1e6,
         "flow_rss_plan_bytes": flow_plan[0] * 1e6,
-        "cpu_tag_ms": 1000 * run_of(largest, "tag_full")["cpu_s"] / n,  # start-up included: an upper bound
-        "cpu_compact_ms": 1000 * run_of(largest, "compact")["cpu_s"] / n,
+        "cpu_tag_ms": 1000 * largest["tag_full"]["cpu_s"] / n,  # start-up included: an upper bound
+        "cpu_compact_ms": 1000 * largest["compact"]["cpu_s"] / n,
         "cpu_plan_ms": 1000 * fit(lambda s: s["plan"]["process"]["cpu_s"])[0],
         "plan_s_per_million": fit(lambda s: s["plan"]["plan_total_s"])[0] * 1e6,
     }
@@ -539,9 +565,9 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
         f"flow process RSS reaches one {CLUSTER_NODE_RAM_MB // 1000} GB node": runs_out(CLUSTER_NODE_RAM_MB, flow_tag),
         f"no-op plan (one process) reaches {PLAN_LIMIT_S:g} s": PLAN_LIMIT_S / per_track["plan_s_per_million"] * 1e6,
     }
-    fixed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if f"{k}_fixed" in s})
+    killed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if "aborted" in s[k]})
     return {
-        "caveat": f"as-is CLI runs killed past {RSS_ABORT_MB} MB; the stage with the by_part fix (no Prefect) used for: {', '.join(fixed)}" if fixed else "",
+        "caveat": f"CLI runs killed past {RSS_ABORT_MB} MB (their numbers are those at the kill): {', '.join(killed)}" if killed else "",
         "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
         "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
         "runs_out_here": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
@@ -553,20 +579,24 @@ def store_targets(stores: list[dict]) -> list[dict]:
     """The scale targets of issue #12 with their measured values (load average at the measurement in the name)."""
     rows = []
     for s in stores:
-        if "skipped" in s:
+        if "skipped" in s or "plan" not in s:
             continue
         n = f"{s['tracks'] // 1000}k"
         for key, what in (STEPS[0], STEPS[2], STEPS[3]):
             if key in s:
                 rows.append(rss_target(f"{n}: {what}", s[key]))
-        for key, name in FIXED:
+        for key, name in PROBES:
             if key in s:
-                rows.append(rss_target(f"{n}: {name}{' + FIX' if key.endswith('fixed') else ' (no fit)'}", s[key]["process"]))
+                rows.append(rss_target(f"{n}: {name}", s[key]["process"]))
         if "record" in s.get("tag_nightly", {}):
             after = s["plan_after_changes"]
             nightly = s["tag_nightly"]["wall_s"] + after["plan_total_s"] + after["compaction_check_s"]
             rows.append(target(f"{n}: nightly 1% changed, plan + tag CLI (load {s['tag_nightly']['load_1m'][0]:g})", nightly, NIGHTLY_LIMIT_S, "s"))
         rows.append(target(f"{n}: no-op plan in process (load {s['plan']['process']['load_1m'][0]:g})", s["plan"]["plan_total_s"], PLAN_LIMIT_S, "s"))
+        if "query" in s:
+            q = s["query"]
+            rows.append(target(f"{n}: top-100 query in process (median, load {q['load_1m']:g})", q["query_in_process_s"]["median"], QUERY_PROCESS_LIMIT_S, "s"))
+            rows.append(target(f"{n}: top-100 query, genre-batch query CLI (median wall)", q["query_cli_s"]["median"], QUERY_CLI_LIMIT_S, "s"))
     return rows
 
 
@@ -582,11 +612,14 @@ def print_stores(stores: list[dict]) -> None:
         if "skipped" in s:
             print(f"{s['tracks']} tracks: skipped: {s['skipped']}")
             continue
+        if "compact" not in s:
+            print(f"{s['tracks']} tracks: not finished (steps measured: {', '.join(k for k in s if k not in ('tracks', 'build'))}): see the JSON report")
+            continue
         b, n = s["build"], s["tracks"]
         print(f"\n== {n} tracks: {b['parts']} parts, {b['store_bytes'] / 1e9:.2f} GB on disk ({b['store_bytes'] / n / 1e3:.1f} KB/track), "
               f"index {b['index_bytes'] / 1e6:.1f} MB ({b['index_bytes'] / n:.0f} B/track), build {'cached' if b['cached'] else str(b['build_s']) + ' s'}")
         rows = [(name, s[key]) for key, name in STEPS if key in s]
-        rows += [(name + (" + FIX" if key.endswith("fixed") else " (as is)"), s[key]["process"]) for key, name in FIXED if key in s]
+        rows += [(name, s[key]["process"]) for key, name in PROBES if key in s]
         rows += [("no-op plan process", s["plan"]["process"])]
         print(f"{'step':<26} {'wall s':>8} {'CPU s':>8} {'CPU ms/track':>13} {'flow MB':>8} {'worker MB':>10} {'prefect MB':>11}  load")
         for name, r in rows:
@@ -602,11 +635,15 @@ def print_stores(stores: list[dict]) -> None:
               + (f"; tag {r['mode']}: {r['predicted']} predicted, {r['carried']} carried, {r['dropped']} dropped"
                  if (r := s.get("tag_nightly", {}).get("record")) else "; no incremental tag (no full snapshot)"))
         if "store_bytes_after_compaction" in s:
-            c = s["compact"].get("record") or s["compact_fixed"]["record"]
+            c = s["compact"]["record"]
             print(f"compact: {c['parts_before']} parts -> {c['parts_after']}, index rows {c['index_rows_before']} -> {c['index_rows_after']}; "
                   f"store {s['store_bytes_after_compaction'] / 1e9:.2f} GB after")
         if "catalog_bytes" in s:
             print(f"catalog snapshot: {s['catalog_bytes'] / 1e6:.1f} MB ({s['catalog_bytes'] / n:.0f} B/track)")
+        if "query" in s:
+            q = s["query"]
+            print(f"top-100 query of a genre: in process {q['query_in_process_s']['median']:.3f} s (first {q['query_in_process_s']['first']:.3f} s), "
+                  f"CLI {q['query_cli_s']['median']:.3f} s wall (first {q['query_cli_s']['first']:.3f} s)")
         if "record" in s.get("train", {}):
             t = s["train"]
             print(f"train: cap {t['cap_per_genre']} tracks/genre, {t['record']['sampled_tracks']} tracks / {t['sampled_windows']} windows sampled "
@@ -657,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-tracks", type=int, nargs="*", help="store sizes that also measure training (default: the largest)")
     parser.add_argument("--train", choices=TRAIN_MODES, default="sample",
                         help="sample: the capped sample read by the workers, no fit (default); cli: the whole genre-batch train "
-                             "(5-fold CV + fit on ~37,000 tracks: hours on 2 loaded cores)")
+                             "(5-fold CV + fit on the capped sample); both: the sample, then the whole train")
     parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
     parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
                         help="what to run (default: stores listing curve; issue5 = the #5 checks; none: print the saved report)")
@@ -685,10 +722,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if "stores" in args.checks:
         by_size = {s["tracks"]: s for s in report.get("stores", [])}  # other sizes keep their last numbers
-        for n in sizes:
-            by_size[n] = store_checks(work, n, args.train if n in train_sizes else None, args.processes)
+        def save_size(numbers: dict) -> None:
+            """Keep one size's numbers so far in the report and write it."""
+            by_size[numbers["tracks"]] = numbers
             report["stores"] = [by_size[k] for k in sorted(by_size)]
             save()
+
+        for n in sizes:
+            save_size(store_checks(work, n, args.train if n in train_sizes else None, args.processes, save_size))
     if report.get("stores"):
         report["projection"] = projection(report["stores"], work)
     if "listing" in args.checks:

@@ -101,26 +101,34 @@ def window_values(i: np.ndarray, seed: int, changed: bool) -> np.ndarray:
     return (location + scale * values).astype(np.float32)
 
 
-def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool) -> tuple[pa.Table, pa.Table]:
-    """The part (window rows) and index rows of one shard of tracks, as extraction builds them."""
+def track_rows(i: np.ndarray, seed: int, run_id: str, changed: bool) -> list[dict]:
+    """Per-track provenance of tracks (listing facts, duration, tags, extraction), as extraction records it."""
     listing = listing_rows(i, np.full(len(i), changed))
     genres = genre_of(i, seed)
     duration = 120.0 + (i * 37) % 300
     extracted_at = datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(days=int(changed))
-    rows: list[dict] = []
-    index: list[dict] = []
-    for k in range(len(i)):
-        file = {f: listing[f][k] for f in INVENTORY_SCHEMA.names}
-        offset = float(duration[k] - 60.0) / 2
-        meta = {
-            "duration_s": float(duration[k]), "sample_rate": 44100, "channels": 2, "offset_s": offset, "analysed_s": 60.0,
-            "tag_genre": GENRES[genres[k]], "tag_artist": f"artist {int(i[k]) // TRACKS_PER_ARTIST}",
+    return [
+        {
+            **{f: listing[f][k] for f in INVENTORY_SCHEMA.names},
+            "duration_s": float(duration[k]), "sample_rate": 44100, "channels": 2, "offset_s": float(duration[k] - 60.0) / 2,
+            "analysed_s": 60.0, "tag_genre": GENRES[genres[k]], "tag_artist": f"artist {int(i[k]) // TRACKS_PER_ARTIST}",
             "tag_album": f"album {int(i[k]) // TRACKS_PER_ALBUM}",
             "feature_version": LIBROSA.version, "run_id": run_id, "extracted_at": extracted_at,
         }
-        index.append({**file, **meta, "family": LIBROSA.name, "part": name, "row_start": len(rows), "row_count": WINDOWS})
-        rows += [{**file, **meta, "window": w, "window_offset_s": offset + 10.0 * w} for w in range(WINDOWS)]
-    return feature_table(rows, [window_values(i, seed, changed)]), index_table(index)
+        for k in range(len(i))
+    ]
+
+
+def index_rows(tracks: list[dict], name: str) -> pa.Table:
+    """The index rows of a shard's tracks whose windows are WINDOWS consecutive rows each of part `name`."""
+    return index_table([{**t, "family": LIBROSA.name, "part": name, "row_start": WINDOWS * k, "row_count": WINDOWS} for k, t in enumerate(tracks)])
+
+
+def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool) -> tuple[pa.Table, pa.Table]:
+    """The part (window rows) and index rows of one shard of tracks, as extraction builds them."""
+    tracks = track_rows(i, seed, run_id, changed)
+    rows = [{**t, "window": w, "window_offset_s": t["offset_s"] + 10.0 * w} for t in tracks for w in range(WINDOWS)]
+    return feature_table(rows, [window_values(i, seed, changed)]), index_rows(tracks, name)
 
 
 def write_part(job: tuple[str, list[int], int, str, int, bool]) -> int:
@@ -132,16 +140,23 @@ def write_part(job: tuple[str, list[int], int, str, int, bool]) -> int:
     return Path(f"{store.feature_parts}/{name}").stat().st_size
 
 
-def write_parts(store: Store, shards: list[list[int]], seed: int, run_id: str, changed: bool, processes: int) -> int:
-    """Write shards of tracks in `processes` builder processes (one part in memory each); returns bytes written."""
-    jobs = [(store.url, s, seed, run_id, n, changed) for n, s in enumerate(shards)]
+def write_parts(store: Store, shards: dict[int, list[int]], seed: int, run_id: str, changed: bool, processes: int) -> int:
+    """Write shards of tracks (by shard number) in `processes` builder processes (one part in memory each); returns
+    bytes written."""
+    jobs = [(store.url, s, seed, run_id, n, changed) for n, s in shards.items()]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         return sum(pool.map(write_part, jobs, chunksize=4))
 
 
-def chunks(tracks: np.ndarray, size: int = SHARD_TRACKS) -> list[list[int]]:
-    """Tracks cut into shards of `size`."""
-    return [tracks[k:k + size].tolist() for k in range(0, len(tracks), size)]
+def chunks(tracks: np.ndarray, size: int = SHARD_TRACKS) -> dict[int, list[int]]:
+    """Tracks cut into shards of `size`, by shard number."""
+    return {n: tracks[k:k + size].tolist() for n, k in enumerate(range(0, len(tracks), size))}
+
+
+def unwritten(store: Store, shards: dict[int, list[int]], run_id: str) -> dict[int, list[int]]:
+    """The shards whose index file (written after the part) is not in the store yet."""
+    written = {p.rsplit("/", 1)[-1] for p in store.list(store.index, ".parquet")}
+    return {n: s for n, s in shards.items() if f"{run_id}-{n:05d}.parquet" not in written}
 
 
 def inventory(n: int, changed: np.ndarray | None = None) -> pa.Table:
@@ -191,22 +206,49 @@ def build_params(n: int, seed: int) -> dict:
 
 
 MARK = "built.json"
+PENDING = "building.json"
+"""Written when a build starts: a build killed midway resumes with the shards it had not written."""
 
 
 def build(base: Path, n: int, seed: int = 0, processes: int = 2) -> dict:
     """Build (or reuse) the store of n tracks at `base/store`: parts, index files, inventory, current model."""
-    marker = base / MARK
+    marker, pending = base / MARK, base / PENDING
     if marker.exists() and json.loads(marker.read_text()).get("params") == build_params(n, seed):
         return {**json.loads(marker.read_text()), "cached": True}
-    shutil.rmtree(base, ignore_errors=True)
+    if not (pending.exists() and json.loads(pending.read_text()) == build_params(n, seed)):  # else resume a killed build
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        pending.write_text(json.dumps(build_params(n, seed)))
     store = Store.at(str(base / "store"))
     started = datetime.now(timezone.utc)
-    part_bytes = write_parts(store, chunks(np.arange(n)), seed, BUILD_RUN, False, processes)
+    write_parts(store, unwritten(store, chunks(np.arange(n)), BUILD_RUN), seed, BUILD_RUN, False, processes)
+    part_bytes = disk_usage(Path(store.feature_parts))
     write_inventory(store, inventory(n))
     version = register_model(store, n, seed)
     info = {"params": build_params(n, seed), "parts": -(-n // SHARD_TRACKS), "part_bytes": part_bytes,
             "store_bytes": disk_usage(base / "store"), "index_bytes": disk_usage(Path(store.index)),
             "model": version, "build_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
+    marker.write_text(json.dumps(info, indent=2))
+    pending.unlink()
+    return {**info, "cached": False}
+
+
+def build_index_only(base: Path, n: int, seed: int = 0) -> dict:
+    """A store of n tracks with the index files and inventory of a built store but no parts or model (cheap: what the
+    plan and the flow process's per-track tables read, without features); rebuilt unless already there."""
+    marker = base / MARK
+    params = {**build_params(n, seed), "index_only": True}
+    if marker.exists() and json.loads(marker.read_text()).get("params") == params:
+        return {**json.loads(marker.read_text()), "cached": True}
+    shutil.rmtree(base, ignore_errors=True)
+    store = Store.at(str(base / "store"))
+    started = datetime.now(timezone.utc)
+    for number, tracks in chunks(np.arange(n)).items():
+        name = f"{BUILD_RUN}-{number:05d}.parquet"
+        store.write_table(f"{store.index}/{name}", index_rows(track_rows(np.array(tracks, np.int64), seed, BUILD_RUN, False), name))
+    write_inventory(store, inventory(n))
+    info = {"params": params, "index_files": len(chunks(np.arange(n))), "index_bytes": disk_usage(Path(store.index)),
+            "build_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
     marker.write_text(json.dumps(info, indent=2))
     return {**info, "cached": False}
 

@@ -88,6 +88,46 @@ def diff(before: pa.Table, after: pa.Table) -> pa.Table:
     return table.select(CHANGES_SCHEMA.names).cast(CHANGES_SCHEMA).sort_by("track_id")
 
 
+def changes_folder(store: Store, snapshot: str) -> str:
+    """Where the per-genre diff tasks leave their pieces of a snapshot's change feed before they are gathered."""
+    return f"{store.catalog}/snapshots/{snapshot}/_changes"
+
+
+def diff_genre(store: Store, snapshot: str, number: int, before: list[str], after: list[str]) -> int:
+    """Diff one genre's files of the previous snapshot against the new one (runs on a worker) and leave the changes as
+    a piece; a track that changed genre is `removed` in one piece and `added` in another until `gather_changes`
+    pairs them. Returns the piece's rows."""
+    changes = diff(read_files(store, before, DIFF_COLUMNS), read_files(store, after, DIFF_COLUMNS))
+    store.write_table(f"{changes_folder(store, snapshot)}/{number:03d}.parquet", changes)
+    return changes.num_rows
+
+
+def pair_pieces(pieces: pa.Table) -> pa.Table:
+    """The change feed from per-genre pieces: each track `removed` from one piece and `added` to another becomes one
+    `genre_changed` row (diffing the two sides again), as `diff` of the whole catalogs gives it; in track_id order."""
+    kinds = pieces["change"]
+    removed = pieces.filter(pc.equal(kinds, "removed"))
+    added = pieces.filter(pc.equal(kinds, "added"))
+    old = pa.table({"track_id": removed["track_id"], "uri": removed["uri"], "genre": removed["old_genre"], "confidence": removed["old_confidence"]})
+    new = pa.table({"track_id": added["track_id"], "uri": added["uri"], "genre": added["new_genre"], "confidence": added["new_confidence"]})
+    kept = pieces.filter(pc.invert(pc.is_in(kinds, value_set=pa.array(["removed", "added"]))))
+    return pa.concat_tables([kept.cast(CHANGES_SCHEMA), diff(old, new)]).sort_by("track_id")
+
+
+def gather_changes(store: Store, snapshot: str) -> dict[str, int]:
+    """Pair a snapshot's change pieces into its change feed file and delete the pieces (runs on a worker); returns the
+    rows per kind of change."""
+    folder = changes_folder(store, snapshot)
+    paths = store.list(folder, ".parquet")
+    pieces = pa.concat_tables([store.read_table(p).cast(CHANGES_SCHEMA) for p in paths]) if paths else CHANGES_SCHEMA.empty_table()
+    changes = pair_pieces(pieces)
+    write_changes(store, snapshot, changes)
+    if paths:
+        store.fs.rm(folder, recursive=True)
+    counts = changes["change"].value_counts().to_pylist()
+    return {c["values"]: c["counts"] for c in counts}
+
+
 def changes_file(snapshot: str) -> str:
     """A snapshot's change feed, relative to the catalog folder."""
     return f"snapshots/{snapshot}/changes.parquet"

@@ -255,20 +255,25 @@ def index_of_shard(store: Store, name: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
 
 
-def stored_index(store: Store, columns: list[str] | None = None, files: list[str] | None = None) -> pa.Table:
-    """The rows of the given index files (default: every index file)."""
+def stored_index(store: Store, columns: list[str] | None = None, files: list[str] | None = None,
+                 where: ds.Expression | None = None) -> pa.Table:
+    """The rows of the given index files (default: every index file), only those `where` holds if given."""
     files = store.list(store.index, ".parquet") if files is None else files
     if not files:
         return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
-    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns)
+    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns, filter=where)
 
 
-def read_index(store: Store, columns: list[str] | None = None) -> pa.Table:
-    """The whole track index: its files, plus (computed, not written) the rows of parts no index file lists yet."""
-    table = stored_index(store)
-    missing = [index_of_shard(store, name) for name in unindexed(store, table)]
-    table = pa.concat_tables([table, *missing]) if missing else table
-    return table if columns is None else table.select(columns)
+def read_index(store: Store, columns: list[str] | None = None, where: ds.Expression | None = None) -> pa.Table:
+    """The whole track index (only `columns` and the rows `where` holds, read as such): its files, plus (computed, not
+    written) the rows of parts no index file lists yet."""
+    table = stored_index(store, columns, where=where)
+    listed = table if where is None and (columns is None or "part" in columns) else stored_index(store, ["part"])
+    missing = [index_of_shard(store, name) for name in unindexed(store, listed)]
+    missing = [m if where is None else m.filter(where) for m in missing]
+    if columns is not None:
+        missing = [m.select(columns) for m in missing]
+    return pa.concat_tables([table, *missing]) if missing else table
 
 
 def repair(store: Store) -> list[str]:
@@ -282,11 +287,11 @@ def repair(store: Store) -> list[str]:
     return names
 
 
-def read_inventory(store: Store) -> pa.Table:
-    """The library listing of the last completed extraction (empty if none)."""
+def read_inventory(store: Store, columns: list[str] | None = None) -> pa.Table:
+    """The library listing of the last completed extraction (empty if none); only `columns` if given."""
     if not store.exists(store.inventory):
-        return INVENTORY_SCHEMA.empty_table()
-    return store.read_table(store.inventory)
+        return INVENTORY_SCHEMA.empty_table() if columns is None else INVENTORY_SCHEMA.empty_table().select(columns)
+    return store.read_table(store.inventory, columns)
 
 
 def write_inventory(store: Store, inventory: pa.Table) -> bool:
@@ -303,31 +308,55 @@ def keys_of(table: pa.Table) -> pa.ChunkedArray:
     return pc.binary_join_element_wise(table["uri"], table["fingerprint"], "\x00")
 
 
-def of_family(index: pa.Table, family: Family = LIBROSA) -> pa.Table:
-    """The index rows of a family's current version."""
-    return index.filter(pc.and_(pc.equal(index["family"], family.name), pc.equal(index["feature_version"], family.version)))
+def of_family(index: pa.Table, family: Family = LIBROSA) -> pa.ChunkedArray:
+    """Which index rows are of a family's current version (a mask)."""
+    return pc.and_(pc.equal(index["family"], family.name), pc.equal(index["feature_version"], family.version))
 
 
-def live(index: pa.Table, inventory: pa.Table) -> pa.Table:
-    """Index rows whose (uri, fingerprint) is in the library listing."""
-    return index.join(inventory.select(KEYS), keys=KEYS, join_type="left semi")
+NEWEST_ORDER = [("uri", "ascending"), ("_failed", "ascending"), ("extracted_at", "descending"), ("_row", "ascending")]
+"""Order of index rows in which each URI's first row stands for it: success before failure, newest first."""
+
+
+def choice_keys(index: pa.Table) -> pa.Table:
+    """The columns that choose between a URI's index rows, and each row's number (`_row`)."""
+    return pa.table({
+        "uri": index["uri"], "fingerprint": index["fingerprint"], "_failed": pc.is_valid(index["error_type"]),
+        "extracted_at": index["extracted_at"], "_row": pa.array(np.arange(index.num_rows)),
+    })
+
+
+def chosen(keys: pa.Table) -> pa.Table:
+    """Per URI of choice keys, in URI order, the row number (`_row`) and outcome (`_failed`) of its newest successful
+    extraction, else its newest failure."""
+    if keys.num_rows == 0:
+        return pa.table({"_row": pa.array([], pa.int64()), "_failed": pa.array([], pa.bool_())})
+    order = pc.sort_indices(keys, sort_keys=NEWEST_ORDER)
+    starts, _ = spans(keys["uri"].take(order).combine_chunks())
+    picked = order.take(pa.array(starts))
+    return pa.table({"_row": keys["_row"].take(picked), "_failed": keys["_failed"].take(picked)})
 
 
 def newest(index: pa.Table) -> pa.Table:
     """One row per URI: its newest successful extraction, else its newest failure."""
-    if index.num_rows == 0:
-        return index
-    failed = pc.is_valid(index["error_type"])
-    ordered = index.append_column("_failed", failed).sort_by(
-        [("uri", "ascending"), ("_failed", "ascending"), ("extracted_at", "descending")]
-    )
-    starts, _ = spans(ordered["uri"].combine_chunks())
-    return ordered.take(pa.array(starts)).drop_columns("_failed")
+    return index.take(chosen(choice_keys(index))["_row"]) if index.num_rows else index
+
+
+def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+    """`chosen` of the index rows of a family that stand for the listing's files (only key columns are copied)."""
+    mine = of_family(index, family)
+    keys = choice_keys(index) if pc.sum(mine).as_py() == index.num_rows else choice_keys(index).filter(mine)  # no copy when all are
+    return chosen(keys.join(inventory.select(KEYS), keys=KEYS, join_type="left semi"))
 
 
 def resolved(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
     """Per file of the listing, the index row that stands for its current content (success, else failure)."""
-    return newest(live(of_family(index, family), inventory))
+    return index.take(resolved_keys(index, inventory, family)["_row"])
+
+
+def resolved_outcome(index: pa.Table, inventory: pa.Table, family: Family, failures: bool) -> pa.Table:
+    """The rows of `resolved` that failed (`failures`) or succeeded, taken alone."""
+    picked = resolved_keys(index, inventory, family)
+    return index.take(picked["_row"].filter(picked["_failed"] if failures else pc.invert(picked["_failed"])))
 
 
 def succeeded(rows: pa.Table) -> pa.Table:
@@ -340,15 +369,37 @@ def failed(rows: pa.Table) -> pa.Table:
     return rows.filter(pc.is_valid(rows["error_type"]))
 
 
-def current_tracks(store: Store, inventory: pa.Table | None = None, family: Family = LIBROSA) -> pa.Table:
-    """Index rows of every file of the library with features of its current content, sorted by URI."""
-    inventory = read_inventory(store) if inventory is None else inventory
-    return succeeded(resolved(read_index(store), inventory, family))
+TRACK_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", "part", "row_start", "row_count",
+                 "duration_s", "tag_genre", "error_type", "extracted_at"]
+"""Index columns that choose a track's current rows, say where they are and what its catalog row carries: what
+tagging reads of the index (the rest stays on disk)."""
+
+
+def current_tracks(store: Store, inventory: pa.Table | None = None, family: Family = LIBROSA, columns: list[str] | None = None) -> pa.Table:
+    """Index rows (only `columns`, default all) of every file of the library with features of its current content,
+    sorted by URI."""
+    inventory = read_inventory(store, KEYS) if inventory is None else inventory
+    return resolved_outcome(read_index(store, columns), inventory, family, failures=False)
+
+
+ERROR_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", "error_type", "error_stage", "error_message",
+                 "run_id", "extracted_at"]
+"""Index columns that the errors table is made of (and that choose a file's current row)."""
+
+
+def error_candidates(store: Store) -> pa.Table:
+    """The index rows (ERROR_COLUMNS) of every failure and of the successes of files that have a failure: all that
+    decides the errors table, without reading every file's row when few failed."""
+    failures = read_index(store, ERROR_COLUMNS, pc.field("error_type").is_valid())
+    if failures.num_rows == 0:
+        return failures
+    uris = pc.unique(failures["uri"].combine_chunks())
+    return pa.concat_tables([failures, read_index(store, ERROR_COLUMNS, pc.field("error_type").is_null() & pc.field("uri").isin(uris))])
 
 
 def current_errors(store: Store, family: Family = LIBROSA) -> pa.Table:
     """One row per file of the library that failed on its current content and has no features (the errors table)."""
-    rows = failed(resolved(read_index(store), read_inventory(store), family))
+    rows = resolved_outcome(error_candidates(store), read_inventory(store, KEYS), family, failures=True)
     return pa.table(
         {
             "uri": rows["uri"], "track_id": rows["track_id"], "fingerprint": rows["fingerprint"],
@@ -375,7 +426,7 @@ def plan(inventory: pa.Table, index: pa.Table, force: bool = False, family: Fami
     empty = INDEX_SCHEMA.empty_table()
     if force:
         return Plan(inventory, empty, 0)
-    rows = resolved(index, inventory, family)
+    rows = index.select([*KEYS, "error_type"]).take(resolved_keys(index, inventory, family)["_row"])  # not every column
     done = rows.filter(pc.invert(pc.is_in(rows["error_type"].fill_null(""), value_set=pa.array(RETRIED_ERRORS))))
     todo = inventory.join(done.select(KEYS), keys=KEYS, join_type="left anti").sort_by("uri")
     moved = moves(todo, index, inventory, family)
@@ -432,9 +483,11 @@ def plan_run(inventory: pa.Table, index: pa.Table, families: list[Family], force
 def moves(todo: pa.Table, index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
     """Index rows re-pointed to new URIs: a file to extract whose fingerprint (size, version) is that of a file gone
     from the listing keeps that file's features and track_id. Pairs are made in URI order, each departed file once."""
-    gone = succeeded(of_family(index, family))
-    gone = newest(gone.filter(pc.invert(pc.is_in(gone["uri"], value_set=inventory["uri"]))))
-    if gone.num_rows == 0 or todo.num_rows == 0:
+    if todo.num_rows == 0:
+        return INDEX_SCHEMA.empty_table()
+    departed = pc.invert(pc.is_in(index["uri"], value_set=inventory["uri"]))
+    gone = newest(index.filter(pc.and_(pc.and_(of_family(index, family), pc.is_null(index["error_type"])), departed)))
+    if gone.num_rows == 0:
         return INDEX_SCHEMA.empty_table()
     gone = gone.filter(pc.is_in(gone["fingerprint"], value_set=todo["fingerprint"]))
     by_fingerprint: dict[str, list[dict]] = {}
@@ -494,9 +547,9 @@ def by_part(tracks: pa.Table) -> list[pa.Table]:
     """Index rows grouped by the part holding them, each group in row order."""
     if tracks.num_rows == 0:
         return []
-    ordered = tracks.sort_by([("part", "ascending"), ("row_start", "ascending")])
-    starts, counts = spans(ordered["part"].combine_chunks())
-    return [copy_rows(ordered, int(s), int(c)) for s, c in zip(starts, counts)]
+    order = pc.sort_indices(tracks, sort_keys=[("part", "ascending"), ("row_start", "ascending")])
+    starts, counts = spans(tracks["part"].take(order).combine_chunks())
+    return [tracks.take(order.slice(int(s), int(c))) for s, c in zip(starts, counts)]
 
 
 def batches(tracks: pa.Table, max_windows: int) -> list[list[pa.Table]]:

@@ -295,3 +295,32 @@ def test_change_feed_matches_a_diff_of_two_snapshots(tmp_path: Path) -> None:
         else:
             before[t] = (r["uri"], r["new_genre"])
     assert before == {r["track_id"]: (r["uri"], r["genre"]) for r in catalog.read(s).to_pylist()}
+
+
+def test_change_feed_gathered_from_per_genre_pieces_equals_the_whole_diff(tmp_path: Path) -> None:
+    from genre_batch.stages.tag import change_groups
+
+    s = Store(str(tmp_path))
+    first = rows(8, "rock", "run-a")
+    first = first.set_column(3, "genre", pa.array(["rock", "jazz", "rock", "jazz", "pop", "rock", "jazz", "pop"]))
+    before = catalog.publish(s, first, "run-a", "m-1")
+    second = rows(9, "rock", "run-b").filter(pc.not_equal(pa.array([f"t{i}" for i in range(9)]), "t0"))  # t0 removed, t8 added
+    genres = ["jazz", "blues", "jazz", "rock", "rock", "jazz", "pop", "rock"]  # t2 rock -> blues, t4 pop -> rock
+    uris = [f"/music/moved/{t}.mp3" if t in ("t3", "t4") else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]
+    second = second.set_column(3, "genre", pa.array(genres)).set_column(1, "uri", pa.array(uris))  # t3 moves, t4 moves and changes genre
+    after = catalog.publish(s, second, "run-b", "m-1")
+    whole = s.read_table(f"{s.catalog}/{after['changes']}")
+    groups = change_groups(before, after["genres"])
+    assert [len(b) + len(a) for b, a in groups] == [1, 2, 2, 2]  # blues (new), jazz, pop, rock
+    for n, (old, new) in enumerate(groups):
+        catalog.diff_genre(s, "again", n, old, new)
+    kinds = catalog.gather_changes(s, "again")
+    gathered = s.read_table(f"{s.catalog}/{catalog.changes_file('again')}")
+    assert gathered.equals(whole) and gathered.schema == catalog.CHANGES_SCHEMA
+    assert kinds == {"removed": 1, "added": 1, "genre_changed": 2, "moved": 1}
+    assert not s.exists(catalog.changes_folder(s, "again"))
+    unnamed = {k: v for k, v in before.items() if k != "genres"}  # a pointer that does not name its genres: one group
+    for n, (old, new) in enumerate(change_groups(unnamed, after["genres"])):
+        catalog.diff_genre(s, "unnamed", n, old, new)
+    catalog.gather_changes(s, "unnamed")
+    assert s.read_table(f"{s.catalog}/{catalog.changes_file('unnamed')}").equals(whole)

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, training, vectors
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, MUSICNN, batches, current_tracks, read_inventory
+from genre_batch.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
 from genre_batch.features import FEATURE_VERSION
 from genre_batch.labels import without_written
 from genre_batch.store import Store
@@ -108,13 +107,14 @@ def carried_keys(previous: dict | None, version: str, store: Store, space: str) 
     return catalog.read(store, KEYS)
 
 
-def flipped_share(changes: pa.Table, previous_rows: int) -> float:
-    """Share of the tracks of the published snapshot that a change feed gives another genre (removed ones aside)."""
-    kept = previous_rows - int(pc.sum(pc.equal(changes["change"], "removed")).as_py() or 0)
-    return int(pc.sum(pc.equal(changes["change"], "genre_changed")).as_py() or 0) / kept if kept else 0.0
+def flipped_share(changes: dict[str, int], previous_rows: int) -> float:
+    """Share of the tracks of the published snapshot that a change feed (rows per kind) gives another genre (removed
+    ones aside)."""
+    kept = previous_rows - changes.get("removed", 0)
+    return changes.get("genre_changed", 0) / kept if kept else 0.0
 
 
-def check_flips(store: Store, snapshot: str, changes: pa.Table, previous_rows: int, version: str, previous_version: str) -> None:
+def check_flips(store: Store, snapshot: str, changes: dict[str, int], previous_rows: int, version: str, previous_version: str) -> None:
     """Refuse (and delete) a written snapshot whose new model flips more than GENRE_FLIP_LIMIT of the genres."""
     share = flipped_share(changes, previous_rows)
     if share > GENRE_FLIP_LIMIT:
@@ -126,16 +126,37 @@ def check_flips(store: Store, snapshot: str, changes: pa.Table, previous_rows: i
         )
 
 
+def change_groups(previous: dict | None, files: dict[str, str]) -> list[tuple[list[str], list[str]]]:
+    """The previous and the new snapshot's files of each genre, to diff genre by genre (a previous pointer that does not
+    name its genres is one group)."""
+    old: dict[str, list[str]] = {}
+    if previous:
+        for name, genre in (previous.get("genres") or {f: "" for f in previous["files"]}).items():
+            old.setdefault(genre, []).append(name)
+    new: dict[str, list[str]] = {}
+    for name, genre in files.items():
+        new.setdefault(genre, []).append(name)
+    return [(sorted(old.get(g, [])), sorted(new.get(g, []))) for g in sorted(set(old) | set(new))]
+
+
+def change_feed(store: Store, session: Session, snapshot: str, previous: dict | None, files: dict[str, str]) -> dict[str, int]:
+    """Write the snapshot's change feed on the workers (one diff per genre, then one task pairs the pieces); returns
+    its rows per kind of change."""
+    session.run([(catalog.diff_genre, store, snapshot, n, before, after) for n, (before, after) in enumerate(change_groups(previous, files))])
+    return session.run([(catalog.gather_changes, store, snapshot)])[0]
+
+
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
     that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
     version, meta = current_model(store)
-    inventory = read_inventory(store)
-    tracks = without_written(current_tracks(store, inventory), written(store))  # tags genre-batch wrote: no disagreement
+    inventory = read_inventory(store, KEYS)
+    tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
+    tracks = without_written(tracks, written(store))  # tags genre-batch wrote: no disagreement
     check_families(store, version, meta, tracks, inventory)
     tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
     previous = catalog.pointer(store)
-    musicnn = current_tracks(store, inventory, MUSICNN)
+    musicnn = current_tracks(store, inventory, MUSICNN, columns=TRACK_COLUMNS)
     space = vectors.space_for(store, previous, tracks, musicnn, session.run)
     before = None if full else carried_keys(previous, version, store, space.name)
     if before is None:
@@ -163,15 +184,14 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    old = catalog.read_files(store, previous["files"] if previous else [], catalog.DIFF_COLUMNS)
-    changes = catalog.diff(old, catalog.read_files(store, list(files), catalog.DIFF_COLUMNS))
+    changes = change_feed(store, session, snapshot, previous, files)
     if previous and previous.get("model_version") != version and not force:
-        check_flips(store, snapshot, changes, old.num_rows, version, previous["model_version"])
-    feed = catalog.write_changes(store, snapshot, changes)
+        check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
     update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
     neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
     catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=feed, vector_space=space.describe(), similar=neighbours)
+                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
+                   similar=neighbours)
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
