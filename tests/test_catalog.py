@@ -303,12 +303,12 @@ def test_change_feed_gathered_from_per_genre_pieces_equals_the_whole_diff(tmp_pa
     s = Store(str(tmp_path))
     first = rows(8, "rock", "run-a")
     first = first.set_column(3, "genre", pa.array(["rock", "jazz", "rock", "jazz", "pop", "rock", "jazz", "pop"]))
-    before = catalog.publish(s, first, "run-a", "m-1")
+    before = catalog.publish(s, first, "run-a", "m-1", SPACE)
     second = rows(9, "rock", "run-b").filter(pc.not_equal(pa.array([f"t{i}" for i in range(9)]), "t0"))  # t0 removed, t8 added
     genres = ["jazz", "blues", "jazz", "rock", "rock", "jazz", "pop", "rock"]  # t2 rock -> blues, t4 pop -> rock
     uris = [f"/music/moved/{t}.mp3" if t in ("t3", "t4") else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]
     second = second.set_column(3, "genre", pa.array(genres)).set_column(1, "uri", pa.array(uris))  # t3 moves, t4 moves and changes genre
-    after = catalog.publish(s, second, "run-b", "m-1")
+    after = catalog.publish(s, second, "run-b", "m-1", SPACE)
     whole = s.read_table(f"{s.catalog}/{after['changes']}")
     groups = change_groups(before, after["genres"])
     assert [len(b) + len(a) for b, a in groups] == [1, 2, 2, 2]  # blues (new), jazz, pop, rock
