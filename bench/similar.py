@@ -1,7 +1,9 @@
-"""Similar-track lists at scale (issue #15): index build + list queries on a 2-worker Dask cluster, recall@10 against
-exact search, a 1 % nightly update, and `genre-batch similar` latency.
+"""Similar-track lists (issue #15). At scale: index build + list queries on a 2-worker Dask cluster, recall@10 against
+exact search, a 1 % nightly update, and `genre-batch similar` latency. Quality (`--quality`): genre precision@K of the
+catalog's vector spaces on the real music of ../shared/data (features from bench.accuracy's cache).
 
     python -m bench.similar [--tracks 100000 1000000] [--workers 2] [--work DIR] [--out bench/results/similar.json]
+    python -m bench.similar --quality [--data DIR] [--cache DIR] [--out bench/results/similar_quality.json]
 
 Vectors: bench.ann.generate (genre > style > artist > track hierarchy, 1 % near-duplicates, distinct, L2-normalised,
 128-dim centred like the PCA reduction of genre_batch.vectors), written as a catalog snapshot (one file per genre) by
@@ -26,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k
-from genre_batch import catalog, similar
+from genre_batch import audio, catalog, similar, vectors
+from genre_batch.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.store import Store
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-bench" / "similar"
@@ -36,6 +40,12 @@ SAMPLE = 2_000
 """Tracks whose lists are checked against exact search."""
 NIGHTLY_SHARE = 0.01
 LATENCY_QUERIES = 200
+QUALITY_K = {"emotify": 10, "gtzan-mini": 4}
+"""K of genre precision@K per task of ../shared/data (issue #15)."""
+QUALITY_DEFAULT_K = 10
+DEFAULT_QUALITY_OUT = Path(__file__).parent / "results" / "similar_quality.json"
+SPACES = ("librosa zpca128", "musicnn zpca128", "librosa z-scored means (raw)", "musicnn 200-dim (raw)")
+"""The spaces measured: the catalog's two (genre_batch.vectors.fit/project) and the unreduced references."""
 
 
 def catalog_table(vectors: np.ndarray, first: int, genres: int = 10) -> pa.Table:
@@ -188,15 +198,155 @@ def measure(n: int, work: Path, workers: int, seed: int) -> dict:
     return report
 
 
+def pooled_inputs(extracted: list[dict]) -> dict[str, np.ndarray]:
+    """Per track, what each family's space reads: the mean of the librosa windows (603) and the musicnn embedding (200)."""
+    return {LIBROSA.name: np.stack([e["librosa"].mean(axis=0) for e in extracted]).astype(np.float32),
+            MUSICNN.name: np.stack([e["musicnn"][: len(EMBEDDING_COLUMNS)] for e in extracted]).astype(np.float32)}
+
+
+def zscored(fitted_on: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x z-scored with the mean and std of `fitted_on`, then L2-normalised (cosine of z-scored means)."""
+    std = fitted_on.std(axis=0)
+    z = (x - fitted_on.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def embed(space: str, fitted_on: dict[str, np.ndarray], x: dict[str, np.ndarray]) -> np.ndarray:
+    """Unit vectors of tracks `x` in one of SPACES, its scaler/PCA fitted on the tracks `fitted_on`."""
+    family = LIBROSA if space.startswith("librosa") else MUSICNN
+    if space.endswith("zpca128"):
+        return vectors.project(vectors.fit(family, fitted_on[family.name]), x[family.name])
+    if space.startswith("librosa"):
+        return zscored(fitted_on[LIBROSA.name], x[LIBROSA.name])
+    raw = x[MUSICNN.name].astype(np.float64)
+    return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+
+
+def precision_at_k(unit: np.ndarray, genre: np.ndarray, k: int, artist: np.ndarray | None = None) -> float:
+    """Mean over tracks of the share of its k nearest neighbours (cosine, itself excluded; with `artist`, tracks of its
+    own artist excluded too) that have its genre."""
+    return float(track_precision(unit, genre, k, artist).mean())
+
+
+def track_precision(unit: np.ndarray, genre: np.ndarray, k: int, artist: np.ndarray | None = None) -> np.ndarray:
+    """Each track's share of its k nearest neighbours with its genre (as precision_at_k)."""
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    if artist is not None:
+        similarity[(artist[:, None] == artist[None, :]) & (artist[:, None] != "")] = -np.inf
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return (genre[top] == genre[:, None]).mean(axis=1)
+
+
+def halves(genre: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split into two halves stratified by genre (random within each genre)."""
+    rng = np.random.default_rng(seed)
+    first = np.concatenate([rng.permutation(np.flatnonzero(genre == g))[: (genre == g).sum() // 2] for g in np.unique(genre)])
+    mask = np.zeros(len(genre), bool)
+    mask[first] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def subset(x: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The given tracks' pooled inputs."""
+    return {name: values[rows] for name, values in x.items()}
+
+
+def task_quality(x: dict[str, np.ndarray], other: dict[str, np.ndarray], genre: np.ndarray, artist: np.ndarray, k: int, seed: int) -> dict:
+    """Precision@k of every space and fit: fitted on the set itself (what the catalog does with its own library),
+    on the other dataset, and on one stratified half with precision among the other half only (both ways, averaged);
+    the same-set space also with neighbours of the track's own artist excluded."""
+    first, second = halves(genre, seed)
+    out = {}
+    for space in SPACES:
+        same = embed(space, x, x)
+        out[space] = {
+            "same set": precision_at_k(same, genre, k),
+            "same set, other artists": precision_at_k(same, genre, k, artist),
+            "other dataset": precision_at_k(embed(space, other, x), genre, k),
+            "held-out half": float(np.mean([precision_at_k(embed(space, subset(x, a), subset(x, b)), genre[b], k) for a, b in ((first, second), (second, first))])),
+            "per_genre_same_set": [float(v) for v in np.bincount(genre, track_precision(same, genre, k)) / np.bincount(genre)],
+        }
+    return out
+
+
+def chance(genre: np.ndarray) -> float:
+    """Expected precision of random neighbours: the mean share of a track's own genre among the other tracks."""
+    counts = np.bincount(genre)
+    return float(((counts[genre] - 1) / (len(genre) - 1)).mean())
+
+
+def ceiling(genre: np.ndarray, k: int) -> float:
+    """Best possible precision@k: a track with fewer than k others of its genre cannot fill its list with them."""
+    counts = np.bincount(genre)
+    return float((np.minimum(counts[genre] - 1, k) / k).mean())
+
+
+def quality(data: Path, cache: Path, seed: int) -> dict:
+    """Genre precision@K of each space on each task of `data` (features read from bench.accuracy's cache, or
+    extracted in this process into it)."""
+    tasks = accuracy.discover(data)
+    if len(tasks) < 2:
+        raise SystemExit(f"--quality needs two tasks (the other one fits the cross-dataset space) in {data}")
+    cache.mkdir(parents=True, exist_ok=True)
+    extracted = {(t.name, i): accuracy.extract_one((str(f), str(cache), False)) for t in tasks for i, f in enumerate(t.files)}
+    kept = {t.name: [i for i in range(len(t.files)) if "error" not in extracted[(t.name, i)]] for t in tasks}
+    inputs = {t.name: pooled_inputs([extracted[(t.name, i)] for i in kept[t.name]]) for t in tasks}
+    report: dict = {"data": str(data), "seed": seed, "spaces": list(SPACES), "tasks": {}}
+    for t in tasks:
+        others = [u.name for u in tasks if u.name != t.name]
+        other = {name: np.vstack([inputs[o][name] for o in others]) for name in inputs[t.name]}
+        genre = t.y[kept[t.name]]
+        artist = np.array([audio.read_tags(str(t.files[i])).artist or "" for i in kept[t.name]])
+        k = QUALITY_K.get(t.name, QUALITY_DEFAULT_K)
+        report["tasks"][t.name] = {"k": k, "tracks": len(genre), "genres": t.genres, "chance": chance(genre),
+                                   "chance_half": float(np.mean([chance(genre[h]) for h in halves(genre, seed)])),
+                                   "ceiling_half": float(np.mean([ceiling(genre[h], k) for h in halves(genre, seed)])), "other_dataset": others,
+                                   "other_dataset_tracks": int(len(other[LIBROSA.name])), "artists_tagged": int((artist != "").sum()),
+                                   "errors": len(t.files) - len(genre), "precision": task_quality(inputs[t.name], other, genre, artist, k, seed)}
+    return report
+
+
+def print_quality(report: dict) -> None:
+    """The precision@K table, one row per task and space, one column per fit."""
+    columns = ("same set", "same set, other artists", "other dataset", "held-out half")
+    print(f"{'task':<11} {'K':>2} {'space':<30} " + " ".join(f"{c:>23}" for c in columns))
+    for name, t in report["tasks"].items():
+        for space, values in t["precision"].items():
+            print(f"{name:<11} {t['k']:>2} {space:<30} " + " ".join(f"{values[c]:>23.3f}" for c in columns))
+        print(f"{name:<11} {t['k']:>2} {'chance (random neighbours)':<30} {t['chance']:>23.3f} {'':>23} {t['chance']:>23.3f} {t['chance_half']:>23.3f}")
+        print(f"{name:<11} {t['k']:>2} {'best possible':<30} {1:>23.3f} {'':>23} {1:>23.3f} {t['ceiling_half']:>23.3f}")
+    print("same set: space fitted on the task's own tracks (as the catalog fits its library); other artists: same space, "
+          "neighbours by the track's own artist tag excluded; other dataset: space fitted on the other task's tracks; "
+          "held-out half: fitted on one genre-stratified half, precision among the other half only (both ways, mean).")
+    for name, t in report["tasks"].items():
+        for space, values in t["precision"].items():
+            print(f"{name} per genre, {space}, same set: " + ", ".join(f"{g} {v:.2f}" for g, v in zip(t["genres"], values["per_genre_same_set"])))
+    for name, t in report["tasks"].items():
+        print(f"{name}: {t['tracks']} tracks ({t['errors']} errors), artist tags on {t['artists_tagged']}, "
+              f"other dataset {'+'.join(t['other_dataset'])} ({t['other_dataset_tracks']} tracks)")
+
+
 def main() -> None:
-    """Measure each size, print and save the report."""
+    """Measure each size (or, with --quality, precision@K on real music), print and save the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracks", type=int, nargs="+", default=[100_000])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--quality", action="store_true", help="genre precision@K on --data instead of the scale run")
+    parser.add_argument("--data", type=Path, default=accuracy.DEFAULT_DATA)
+    parser.add_argument("--cache", type=Path, default=accuracy.DEFAULT_CACHE)
     args = parser.parse_args()
+    if args.quality:
+        report = quality(args.data.resolve(), args.cache.resolve(), args.seed)
+        out = args.out or DEFAULT_QUALITY_OUT
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print_quality(report)
+        return
+    args.out = args.out or DEFAULT_OUT
     report = {"sizes": []}
     for n in args.tracks:
         report["sizes"].append(measure(n, args.work, args.workers, args.seed))
