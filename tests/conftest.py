@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,21 @@ def make_library(root: Path, per_style: int, seed: int = 0, styles: tuple[str, .
             write_audio(path, render(style, CLIP_SECONDS, seed * 1000 + s * 100 + i), SAMPLE_RATE, {"genre": style})
             paths.append(path)
     return paths
+
+
+def keep_pristine(folders: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Copy each folder to `pristine-<name>` beside it (for `restored` to bring back); returns the folders."""
+    for folder in folders:
+        shutil.copytree(folder, folder.parent / f"pristine-{folder.name}", symlinks=True)
+    return folders
+
+
+def restored(folders: tuple[Path, ...]) -> Iterator[tuple[Path, ...]]:
+    """Yield the folders, then put back their pristine copies (a fixture's body: tests may change them)."""
+    yield folders
+    for folder in folders:
+        shutil.rmtree(folder)
+        shutil.copytree(folder.parent / f"pristine-{folder.name}", folder, symlinks=True)
 
 
 def cli(*args: str) -> tuple[int, str, str]:

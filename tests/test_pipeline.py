@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import current_features, make_library
+from conftest import current_features, keep_pristine, make_library, restored
 
 from genre_batch import GenreBatchError, catalog, query, registry
 from genre_batch.audio import SAMPLE_RATE
@@ -86,18 +85,13 @@ def trained_once(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str) 
     extract(library, store, dask_scheduler)
     summary = train(store, "folders", "run-train", dask_scheduler)
     assert summary.promoted and summary.genres == sorted(STYLES)
-    for folder in (library, store):
-        shutil.copytree(folder, root / f"pristine-{folder.name}", symlinks=True)
-    return library, store
+    return keep_pristine((library, store))
 
 
 @pytest.fixture
 def trained_store(trained_once: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
     """The trained library and store, restored to their pristine state after the test."""
-    yield trained_once
-    for folder in trained_once:
-        shutil.rmtree(folder)
-        shutil.copytree(folder.parent / f"pristine-{folder.name}", folder, symlinks=True)
+    yield from restored(trained_once)
 
 
 def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ incremental), a version 2 store upgraded, and the `similar` verb."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import cli, make_library
+from conftest import cli, keep_pristine, make_library, restored
 from test_catalog import SPACE, rows
 
 from genre_batch import catalog, query, similar, vectors
@@ -138,18 +137,13 @@ def tagged_once(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str) -
         extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster)
         assert train_stage.train(Store(str(store)), "folders", "run-train", cluster).promoted
     run_tag(store, dask_scheduler, "run-tag-1")
-    for folder in (library, store):
-        shutil.copytree(folder, root / f"pristine-{folder.name}", symlinks=True)
-    return library, store
+    return keep_pristine((library, store))
 
 
 @pytest.fixture
 def tagged(tagged_once: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
     """The tagged library and store, restored afterwards."""
-    yield tagged_once
-    for folder in tagged_once:
-        shutil.rmtree(folder)
-        shutil.copytree(folder.parent / f"pristine-{folder.name}", folder, symlinks=True)
+    yield from restored(tagged_once)
 
 
 def uri_ids(s: Store) -> dict[str, str]:
