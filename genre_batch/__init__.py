@@ -9,6 +9,14 @@ class GenreBatchError(Exception):
     exit_code = 1
 
 
+class FileError(Exception):
+    """One file a run cannot handle; `kind` is the short machine-readable reason its error record carries."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class NoModel(GenreBatchError):
     """A run kept its extraction but has no model to tag with (none was ever promoted, or the gate refused the new one)."""
 

@@ -15,6 +15,8 @@ import soundfile as sf
 import soxr
 from mutagen.id3 import ID3
 
+from genre_batch import FileError
+
 SAMPLE_RATE = 22050
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
@@ -31,12 +33,8 @@ SpanPlan = Callable[[float], list[Span]]
 """Chooses the sorted, non-overlapping spans to decode from a file's duration in seconds."""
 
 
-class AudioError(Exception):
-    """A file that cannot be analysed; `kind` is a short machine-readable reason."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+class AudioError(FileError):
+    """A file that cannot be analysed."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from mutagen.asf import ASFTags
 from mutagen.id3 import ID3, TCON, Encoding
 from mutagen.mp4 import MP4Tags
 
-from genre_batch import catalog
+from genre_batch import FileError, catalog
 from genre_batch.discovery import fingerprint
 from genre_batch.feature_store import FAMILIES, read_index, read_inventory, rekeyed, resolved
 from genre_batch.store import TEMP_MARK, Store, is_local, is_s3, s3_error_code
@@ -62,12 +62,8 @@ FLUSH_ROWS = 256
 VORBIS_KEY, MP4_KEY, ASF_KEY = "genre", "\xa9gen", "WM/Genre"
 
 
-class WriteError(Exception):
-    """A file that cannot be written; `kind` is a short machine-readable reason."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+class WriteError(FileError):
+    """A file whose tags cannot be written."""
 
 
 @dataclass(frozen=True)
