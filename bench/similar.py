@@ -194,6 +194,7 @@ def measure(n: int, work: Path, workers: int, seed: int) -> dict:
         report[f"in_process_{label}"] = percentiles(seconds)
     report["cli_s"] = {"table": round(cli_seconds(root, names[0], "--top", "10"), 2),
                        "index_genre": round(cli_seconds(root, names[1], "--top", "10", "--genre", "g3"), 2)}
+    report["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the generated vectors, exact search
     print(json.dumps({"n": n, "latency": {k: v for k, v in report.items() if k.startswith(("in_process", "cli"))}}), flush=True)
     return report
 
