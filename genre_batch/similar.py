@@ -18,22 +18,25 @@ member, is queried again. Each list then equals a rebuild's up to the index's re
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genre_batch import GenreBatchError, catalog
 from genre_batch.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
 from genre_batch.store import Store, is_local
+
+if TYPE_CHECKING:
+    import faiss
 
 NPROBE = 32
 BUCKET_TRACKS = 25_000
@@ -95,14 +98,24 @@ def nlist_for(n: int) -> int:
     return max(1, min(n, round(4 * math.sqrt(n))))
 
 
-def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list embedding column as a float32 matrix [n, VECTOR_DIM]."""
+def buffer_view(column: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
+    """A primitive Arrow column without nulls as a read-only numpy view of its buffer (Arrow's to_numpy imports
+    pandas: 0.3-1 s of a CLI start)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, VECTOR_DIM)
+    if len(array) == 0:
+        return np.zeros(0, dtype)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * np.dtype(dtype).itemsize)
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list embedding column as a read-only float32 matrix [n, VECTOR_DIM]."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
 
 
 def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
     """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+    import pyarrow.compute as pc
     ids, blocks = [], []
     for f in files:
         table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
@@ -128,6 +141,7 @@ def local_file(store: Store, relative: str) -> str:
 
 def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
     """A snapshot's index, memory-mapped (read-only) unless `mapped` is False, searching NPROBE lists."""
+    import faiss  # imported here, like pyarrow.compute: `similar` answering from the stored lists needs neither (0.15 s CPU)
     index = faiss.read_index(local_file(store, relative), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     index.nprobe = NPROBE
     return index
@@ -135,6 +149,7 @@ def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
 
 def save_index(store: Store, index: faiss.Index, relative: str) -> None:
     """Write an index file into an (unpublished) snapshot folder."""
+    import faiss
     path = f"{store.catalog}/{relative}"
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "index.faiss")
@@ -155,6 +170,7 @@ def put_table(store: Store, relative: str, table: pa.Table, row_group_size: int)
 
 def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     """An IVFFlat inner-product index trained on and holding the vectors (faiss' k-means is seeded: deterministic)."""
+    import faiss
     quantizer = faiss.IndexFlatIP(VECTOR_DIM)
     index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
@@ -195,6 +211,7 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
 def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
     """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
     update's tracks removed and added; returns {tracks, buckets, nlist}."""
+    import pyarrow.compute as pc
     out = folder(snapshot)
     if update is None:  # peak: the vectors twice (the matrix, then the index or the sorted table), never three times
         ids, matrix = read_embeddings(store, files)
@@ -236,17 +253,19 @@ def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> li
 
 
 def rows_where(store: Store, relative: str, column: str, values: list, columns: list[str] | None = None) -> pa.Table:
-    """The rows of a catalog file whose `column` is one of `values`, read from the row groups that may hold them
-    (`columns`, which must include `column`: all by default)."""
+    """The rows of a catalog file sorted by `column` whose `column` is one of `values`, read from the row groups that
+    may hold them (`columns`, which must include `column`: all by default). The rows are found by bisection, not
+    with pyarrow.compute: its first call with a Python value imports pandas (0.3-1 s of a CLI start)."""
     with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
         parquet = pq.ParquetFile(f)
-        groups = row_groups_holding(parquet, column, values)
-        table = parquet.read_row_groups(groups, columns) if groups else parquet.schema_arrow.empty_table().select(columns or parquet.schema_arrow.names)
-    return table.filter(pc.is_in(table[column], value_set=pa.array(values, table.schema.field(column).type)))
+        table = parquet.read_row_groups(row_groups_holding(parquet, column, values), columns)
+    keys = table[column].to_pylist()
+    runs = [(bisect.bisect_left(keys, v), bisect.bisect_right(keys, v)) for v in sorted(set(values))]
+    return pa.concat_tables([table.slice(lo, hi - lo) for lo, hi in runs]) if runs else table.slice(0, 0)
 
 
 def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
-    """The rows of one bucket of a vectors file (its row groups are in bucket order: the others are skipped)."""
+    """The rows of one bucket of a vectors file, in vid order (its row groups are in bucket order: the others are skipped)."""
     return rows_where(store, relative, "bucket", [bucket])
 
 
@@ -302,6 +321,7 @@ def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.nda
 def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
     to the bucket has an empty list)."""
+    import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
     found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
     known = pc.is_valid(found).to_numpy(zero_copy_only=False)
@@ -336,6 +356,7 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_i
             found: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
     tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
+    import faiss
     old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
     lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
     redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
@@ -418,9 +439,11 @@ def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
     published before lookup files existed."""
     if not values:
         return LOOKUP_SCHEMA.empty_table()
-    files = (pointer["similar"].get("lookup") or {})
+    files = pointer["similar"].get("lookup") or {}
     if column in files:
         return rows_where(store, files[column], column, values)
+    import pyarrow.compute as pc
+
     table = tracks_table(store, pointer["files"])
     return table.filter(pc.is_in(table[column], value_set=pa.array(values, LOOKUP_SCHEMA.field(column).type)))
 
@@ -429,7 +452,7 @@ def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tu
     """The first `top` entries of a track's stored list: (neighbour vid, score)."""
     info = pointer["similar"]
     bucket = int(buckets_of(vector_ids([track_id]), info["buckets"])[0])
-    table = rows_where(store, piece(info["folder"], bucket), "track_id", [track_id]).sort_by("rank").slice(0, top)
+    table = rows_where(store, piece(info["folder"], bucket), "track_id", [track_id]).slice(0, top)  # in rank order
     return list(zip(vector_ids(table["neighbour_id"].to_pylist()).tolist(), table["score"].to_pylist()))
 
 
@@ -438,7 +461,7 @@ def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
     info = pointer["similar"]
     vid = vector_ids([track_id])
     rows = read_bucket(store, info["vectors"], int(buckets_of(vid, info["buckets"])[0]))
-    return as_matrix(rows.filter(pc.equal(rows["vid"], int(vid[0])))["embedding"])[0]
+    return as_matrix(rows["embedding"])[int(np.searchsorted(buffer_view(rows["vid"], np.int64), vid[0]))]
 
 
 def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, genre: str | None) -> list[tuple[dict, float]]:
