@@ -215,6 +215,7 @@ def build_index(store: Store, snapshot: str, files: list[str], update: Update | 
     out = folder(snapshot)
     if update is None:  # peak: the vectors twice (the matrix, then the index or the sorted table), never three times
         ids, matrix = read_embeddings(store, files)
+        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool (512 MB at 1M)
         buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
         nlist = nlist_for(len(ids)) if ids else 0
         if ids:
