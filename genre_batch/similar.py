@@ -458,33 +458,49 @@ def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tu
 
 
 def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
-    """A catalog track's embedding, from the vectors file of its bucket."""
+    """A catalog track's embedding, from the row group of the vectors file whose bucket and vid statistics hold it."""
     info = pointer["similar"]
     vid = vector_ids([track_id])
-    rows = read_bucket(store, info["vectors"], int(buckets_of(vid, info["buckets"])[0]))
-    return as_matrix(rows["embedding"])[int(np.searchsorted(buffer_view(rows["vid"], np.int64), vid[0]))]
+    bucket = int(buckets_of(vid, info["buckets"])[0])
+    with store.fs.open(f"{store.catalog}/{info['vectors']}", "rb") as f:
+        parquet = pq.ParquetFile(f)
+        groups = sorted(set(row_groups_holding(parquet, "bucket", [bucket])) & set(row_groups_holding(parquet, "vid", [int(vid[0])])))
+        rows = parquet.read_row_groups(groups, ["vid", "embedding"])
+    return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid[0])[0])]
 
 
-def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, genre: str | None) -> list[tuple[dict, float]]:
+def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: np.ndarray | None) -> list[tuple[dict, float]]:
     """The `top` nearest tracks (lookup row, score) to a vector in the memory-mapped index, `own` id left out; with
-    `genre`, only tracks of that genre, searching ever deeper (x4) until `top` are found or the index is exhausted."""
+    `allowed` (vids), only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
     index = open_index(store, pointer["similar"]["index"])
-    k = top if genre is None else 4 * top
+    k = top if allowed is None else 4 * top
     while True:
         found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
-        valid = found[0] != -1
-        hits = [h for h in described(store, pointer, list(zip(found[0][valid].tolist(), scores[0][valid].tolist())))
-                if genre is None or h[0]["genre"] == genre]
-        if len(hits) >= top or k >= index.ntotal:
-            return hits[:top]
+        keep = (found[0] != -1) & (True if allowed is None else np.isin(found[0], allowed))
+        if keep.sum() >= top or k >= index.ntotal:
+            return described(store, pointer, list(zip(found[0][keep][:top].tolist(), scores[0][keep][:top].tolist())))
         k *= 4
 
 
-def check_genre(pointer: dict, genre: str) -> None:
-    """Refuse a --genre the published catalog does not have."""
-    genres = set(pointer["genres"].values())
-    if genre not in genres:
-        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(genres))}")
+def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
+    """The vids of one genre's tracks of the published catalog: from the vid lookup file's genre column read
+    dictionary-encoded (compared as codes: neither a Python string per track nor pyarrow.compute, which imports pandas),
+    or, for a snapshot without lookup files, by hashing the track_ids of the genre's catalog file."""
+    files = [f for f, g in pointer["genres"].items() if g == genre]
+    if not files:
+        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
+    by_vid = (pointer["similar"].get("lookup") or {}).get("vid")
+    if by_vid is None:
+        return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
+    with store.fs.open(f"{store.catalog}/{by_vid}", "rb") as f:
+        table = pq.ParquetFile(f, read_dictionary=["genre"]).read(["vid", "genre"])
+    vids, start, found = buffer_view(table["vid"], np.int64), 0, []
+    for codes in table["genre"].chunks:
+        names = codes.dictionary.to_pylist()
+        if genre in names:
+            found.append(vids[start:start + len(codes)][buffer_view(codes.indices, np.int32) == names.index(genre)])
+        start += len(codes)
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def described(store: Store, pointer: dict, hits: list[tuple[int, float]]) -> list[tuple[dict, float]]:
@@ -509,8 +525,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     if not (pointer.get("similar") or {}).get("index"):
         raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.get('catalog_version')}): "
                               "run 'genre-batch tag' to publish one that has")
-    if genre is not None:
-        check_genre(pointer, genre)
+    allowed = genre_vids(store, pointer, genre) if genre is not None else None
     known = pa.concat_tables([lookup(store, pointer, "vid", vector_ids([n for n, _ in names]).tolist()),
                               lookup(store, pointer, "uri", [u for _, u in names])])
     by_name = {**{r["uri"]: r for r in known.to_pylist()}, **{r["track_id"]: r for r in known.to_pylist()}}
@@ -520,7 +535,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
         if row is not None and genre is None and top <= pointer["similar"]["k"]:
             hits, source = described(store, pointer, stored_list(store, pointer, row["track_id"], top)), "table"
         elif row is not None:
-            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), row["vid"], top, genre), "index"
+            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), row["vid"], top, allowed), "index"
         else:
             from genre_batch import audio, vectors  # the feature code (librosa, onnxruntime): only for files outside the catalog
 
@@ -528,6 +543,6 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
             except audio.AudioError as e:
                 raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
-            hits, source = nearest(store, pointer, vector, -1, top, genre), "file"
+            hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
         answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], entries(hits)))
     return answers
