@@ -4,6 +4,7 @@ catalog's vector spaces on the real music of ../shared/data (features from bench
 
     python -m bench.similar [--tracks 100000 1000000] [--workers 2] [--work DIR] [--out bench/results/similar.json]
     python -m bench.similar --quality [--data DIR] [--cache DIR] [--out bench/results/similar_quality.json]
+    python -m bench.similar --cli STORE [--runs 5]     (wall and CPU of genre-batch --help / query / similar on a store)
 
 Vectors: bench.ann.generate (genre > style > artist > track hierarchy, 1 % near-duplicates, distinct, L2-normalised,
 128-dim centred like the PCA reduction of genre_batch.vectors), written as a catalog snapshot (one file per genre) by
@@ -40,6 +41,8 @@ SAMPLE = 2_000
 """Tracks whose lists are checked against exact search."""
 NIGHTLY_SHARE = 0.01
 LATENCY_QUERIES = 200
+CLI_RUNS = 5
+"""genre-batch processes timed per command (median and max printed)."""
 QUALITY_K = {"emotify": 10, "gtzan-mini": 4}
 """K of genre precision@K per task of ../shared/data (issue #15)."""
 QUALITY_DEFAULT_K = 10
@@ -119,14 +122,44 @@ def recall(store: Store, info: dict, vectors: np.ndarray, ids: list[str], seed: 
     return recall_at_k(vectors, sample, found, kth)
 
 
-def cli_seconds(store: Path, *args: str) -> float:
-    """Wall time of one `genre-batch similar` process."""
+def cli_sample(*args: str) -> tuple[float, float]:
+    """(wall s, CPU s) of one genre-batch process (its CPU from the children's rusage)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / "genre-batch"), "similar", "--store", str(store), *args],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run([str(Path(sys.executable).parent / "genre-batch"), *args], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
-        raise SystemExit(f"genre-batch similar failed: {done.stderr}")
-    return time.perf_counter() - started
+        raise SystemExit(f"genre-batch {' '.join(args)} failed: {done.stderr}")
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def cli_latency(args: list[str], runs: int) -> dict:
+    """Wall and CPU seconds of `runs` genre-batch processes (median, max), with the 1-minute load before them."""
+    load = os.getloadavg()[0]
+    walls, cpus = zip(*(cli_sample(*args) for _ in range(runs)))
+    return {"wall_s_median": round(float(np.median(walls)), 2), "wall_s_max": round(max(walls), 2),
+            "cpu_s_median": round(float(np.median(cpus)), 2), "cpu_s_max": round(max(cpus), 2), "load_1min": round(load, 1), "runs": runs}
+
+
+def cli_report(root: Path, runs: int) -> dict:
+    """End-to-end latency of the read verbs on an existing store: `--help`, the top 100 of one genre through
+    `genre-batch query` (the query of bench/scale), and, when the snapshot has similar tracks, `genre-batch similar`
+    for one catalog track from the stored lists (by track_id and by uri) and from the index (--genre)."""
+    store = Store(str(root))
+    pointer = catalog.pointer(store)
+    if pointer is None:
+        raise SystemExit(f"no published catalog in {root}")
+    genres = sorted(set(pointer["genres"].values()))
+    sql = f"SELECT uri, confidence, probabilities['{genres[-1]}'] AS p FROM catalog WHERE genre = '{genres[-1]}' ORDER BY confidence DESC LIMIT 100"
+    report = {"store": str(root), "rows": pointer["rows"], "help": cli_latency(["--help"], runs),
+              "query_top100": cli_latency(["query", "--store", str(root), sql, "--format", "json"], runs)}
+    if (pointer.get("similar") or {}).get("index"):
+        first = catalog.read_files(store, pointer["files"][:1], ["track_id", "uri"]).slice(0, 1).to_pylist()[0]
+        report["similar_table_by_track_id"] = cli_latency(["similar", "--store", str(root), first["track_id"], "--top", "10"], runs)
+        report["similar_table_by_uri"] = cli_latency(["similar", "--store", str(root), first["uri"], "--top", "10"], runs)
+        report["similar_index_genre"] = cli_latency(["similar", "--store", str(root), first["track_id"], "--top", "10", "--genre", genres[0]], runs)
+    return report
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -192,8 +225,8 @@ def measure(n: int, work: Path, workers: int, seed: int) -> dict:
             similar.answer(store, [(name, name)], top, genre)
             seconds.append(time.perf_counter() - started)
         report[f"in_process_{label}"] = percentiles(seconds)
-    report["cli_s"] = {"table": round(cli_seconds(root, names[0], "--top", "10"), 2),
-                       "index_genre": round(cli_seconds(root, names[1], "--top", "10", "--genre", "g3"), 2)}
+    report["cli"] = cli_report(root, CLI_RUNS)
+    report["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the generated vectors, exact search
     print(json.dumps({"n": n, "latency": {k: v for k, v in report.items() if k.startswith(("in_process", "cli"))}}), flush=True)
     return report
 
@@ -338,7 +371,12 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="genre precision@K on --data instead of the scale run")
     parser.add_argument("--data", type=Path, default=accuracy.DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=accuracy.DEFAULT_CACHE)
+    parser.add_argument("--cli", type=Path, default=None, help="time the read verbs through the command line on this store instead")
+    parser.add_argument("--runs", type=int, default=CLI_RUNS)
     args = parser.parse_args()
+    if args.cli is not None:
+        print(json.dumps(cli_report(args.cli.resolve(), args.runs), indent=2))
+        return
     if args.quality:
         report = quality(args.data.resolve(), args.cache.resolve(), args.seed)
         out = args.out or DEFAULT_QUALITY_OUT

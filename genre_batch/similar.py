@@ -3,8 +3,12 @@
 Every snapshot's `similar/` folder holds `index.faiss` (inner product = cosine on the L2-normalised embeddings;
 nlist = 4 sqrt(n), searched with nprobe NPROBE: bench/ann.py measured recall@10 0.99 at 1M x 200), `vectors.parquet`
 (vid, track_id, bucket, embedding: the index's vectors by bucket of their id) and one piece `part-<bucket>.parquet`
-of the `similar` table per bucket. The index is trained and filled in one worker task (1M x 128 float32 = 512 MB of
-vectors held there); the lists are queried on the workers, one task per bucket, each memory-mapping the index.
+of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_id order: one track's list is read
+without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
+`by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
+describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
+index is trained and filled in one worker task (1M x 128 float32 = 512 MB of vectors held there); the lists are
+queried on the workers, one task per bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
 index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
@@ -14,22 +18,25 @@ member, is queried again. Each list then equals a rebuild's up to the index's re
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from genre_batch import GenreBatchError, catalog
 from genre_batch.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
 from genre_batch.store import Store, is_local
+
+if TYPE_CHECKING:
+    import faiss
 
 NPROBE = 32
 BUCKET_TRACKS = 25_000
@@ -37,10 +44,17 @@ BUCKET_TRACKS = 25_000
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
+PIECE_ROW_GROUP = 20_000
+"""Rows per row group of a similar piece (1,000 tracks' lists)."""
+LOOKUP_ROW_GROUP = 4_096
+"""Rows per row group of the lookup files: a named track or a neighbour costs one such group."""
 
 VECTORS_SCHEMA = pa.schema(
     [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
 )
+LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
+"""The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
+LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
 
 
 class UnknownTrack(GenreBatchError):
@@ -84,14 +98,24 @@ def nlist_for(n: int) -> int:
     return max(1, min(n, round(4 * math.sqrt(n))))
 
 
-def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list embedding column as a float32 matrix [n, VECTOR_DIM]."""
+def buffer_view(column: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
+    """A primitive Arrow column without nulls as a read-only numpy view of its buffer (Arrow's to_numpy imports
+    pandas: 0.3-1 s of a CLI start)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, VECTOR_DIM)
+    if len(array) == 0:
+        return np.zeros(0, dtype)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * np.dtype(dtype).itemsize)
+
+
+def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list embedding column as a read-only float32 matrix [n, VECTOR_DIM]."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
 
 
 def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
     """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+    import pyarrow.compute as pc
     ids, blocks = [], []
     for f in files:
         table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
@@ -117,6 +141,7 @@ def local_file(store: Store, relative: str) -> str:
 
 def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
     """A snapshot's index, memory-mapped (read-only) unless `mapped` is False, searching NPROBE lists."""
+    import faiss  # imported here, like pyarrow.compute: `similar` answering from the stored lists needs neither (0.15 s CPU)
     index = faiss.read_index(local_file(store, relative), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     index.nprobe = NPROBE
     return index
@@ -124,6 +149,7 @@ def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
 
 def save_index(store: Store, index: faiss.Index, relative: str) -> None:
     """Write an index file into an (unpublished) snapshot folder."""
+    import faiss
     path = f"{store.catalog}/{relative}"
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "index.faiss")
@@ -132,8 +158,19 @@ def save_index(store: Store, index: faiss.Index, relative: str) -> None:
         store.fs.put_file(local, path)
 
 
+def put_table(store: Store, relative: str, table: pa.Table, row_group_size: int) -> None:
+    """Write a large table into an (unpublished) snapshot folder through a local file: no second copy in memory."""
+    path = f"{store.catalog}/{relative}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "table.parquet")
+        pq.write_table(table, local, compression="zstd", row_group_size=row_group_size)
+        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.put_file(local, path)
+
+
 def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     """An IVFFlat inner-product index trained on and holding the vectors (faiss' k-means is seeded: deterministic)."""
+    import faiss
     quantizer = faiss.IndexFlatIP(VECTOR_DIM)
     index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
@@ -144,54 +181,93 @@ def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
 
 
 def vectors_table(track_ids: list[str], matrix: np.ndarray, buckets: int) -> pa.Table:
-    """The index's vectors with their ids and buckets, in (bucket, vid) order."""
+    """The index's vectors with their ids and buckets, in (bucket, vid) order (one copy of the matrix)."""
     vids = vector_ids(track_ids)
-    table = pa.table(
-        {"vid": vids, "track_id": pa.array(track_ids, pa.string()), "bucket": buckets_of(vids, buckets),
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
+    bucket = buckets_of(vids, buckets)
+    order = np.lexsort((vids, bucket))
+    return pa.table(
+        {"vid": vids[order], "track_id": pa.array(track_ids, pa.string()).take(pa.array(order)), "bucket": bucket[order],
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix[order].reshape(-1)), VECTOR_DIM)},
         schema=VECTORS_SCHEMA,
     )
-    return table.sort_by([("bucket", "ascending"), ("vid", "ascending")])
+
+
+def tracks_table(store: Store, files: list[str]) -> pa.Table:
+    """(vid, track_id, uri, genre) of every track of snapshot files (relative to the catalog)."""
+    table = catalog.read_files(store, files, ["track_id", "uri", "genre"])
+    return pa.table({"vid": vector_ids(table["track_id"].to_pylist()), **{c: table[c] for c in ("track_id", "uri", "genre")}}, schema=LOOKUP_SCHEMA)
+
+
+def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
+    """Write a snapshot's lookup files (every track in vid order, and in uri order); returns column -> file."""
+    table = tracks_table(store, files)
+    written = {}
+    for column, name in LOOKUP_FILES.items():
+        written[column] = f"{out}/{name}"
+        store.write_table(f"{store.catalog}/{written[column]}", table.sort_by(column), LOOKUP_ROW_GROUP)
+    return written
 
 
 def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
     """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
     update's tracks removed and added; returns {tracks, buckets, nlist}."""
+    import pyarrow.compute as pc
     out = folder(snapshot)
-    if update is None:
+    if update is None:  # peak: the vectors twice (the matrix, then the index or the sorted table), never three times
         ids, matrix = read_embeddings(store, files)
+        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool (512 MB at 1M)
         buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
-        index = new_index(matrix, vector_ids(ids)) if ids else None
+        nlist = nlist_for(len(ids)) if ids else 0
+        if ids:
+            save_index(store, new_index(matrix, vector_ids(ids)), f"{out}/index.faiss")
         table = vectors_table(ids, matrix, buckets)
+        del matrix
     else:
         buckets = update.buckets
         index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
         index.remove_ids(vector_ids(update.removed))
         ids, matrix = read_embeddings(store, files, set(update.added))
         index.add_with_ids(matrix, vector_ids(ids))
+        nlist = index.nlist
+        save_index(store, index, f"{out}/index.faiss")
+        del index
         added = vectors_table(ids, matrix, buckets)
         store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
         previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
         kept = previous.filter(pc.invert(pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string()))))
+        del previous
         table = pa.concat_tables([kept, added]).sort_by([("bucket", "ascending"), ("vid", "ascending")])
-    if index is not None:
-        save_index(store, index, f"{out}/index.faiss")
-    store.write_table(f"{store.catalog}/{out}/vectors.parquet", table, ROW_GROUP)
-    return {"tracks": table.num_rows, "buckets": buckets, "nlist": index.nlist if index is not None else 0}
+    put_table(store, f"{out}/vectors.parquet", table, ROW_GROUP)
+    return {"tracks": table.num_rows, "buckets": buckets, "nlist": nlist, "lookup": write_lookups(store, out, files)}
+
+
+def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
+    """Row groups of a Parquet file whose min/max statistics of `column` may hold one of `values` (every group
+    without statistics)."""
+    index = parquet.schema_arrow.get_field_index(column)
+    groups = []
+    for g in range(parquet.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(index).statistics
+        if stats is None or not stats.has_min_max or any(stats.min <= v <= stats.max for v in values):
+            groups.append(g)
+    return groups
+
+
+def rows_where(store: Store, relative: str, column: str, values: list, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a catalog file sorted by `column` whose `column` is one of `values`, read from the row groups that
+    may hold them (`columns`, which must include `column`: all by default). The rows are found by bisection, not
+    with pyarrow.compute: its first call with a Python value imports pandas (0.3-1 s of a CLI start)."""
+    with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
+        parquet = pq.ParquetFile(f)
+        table = parquet.read_row_groups(row_groups_holding(parquet, column, values), columns)
+    keys = table[column].to_pylist()
+    runs = [(bisect.bisect_left(keys, v), bisect.bisect_right(keys, v)) for v in sorted(set(values))]
+    return pa.concat_tables([table.slice(lo, hi - lo) for lo, hi in runs]) if runs else table.slice(0, 0)
 
 
 def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
-    """The rows of one bucket of a vectors file (its row groups are in bucket order: the others are skipped)."""
-    with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
-        parquet = pq.ParquetFile(f)
-        column = parquet.schema_arrow.get_field_index("bucket")
-        groups = []
-        for g in range(parquet.num_row_groups):
-            stats = parquet.metadata.row_group(g).column(column).statistics
-            if stats is None or not stats.has_min_max or stats.min <= bucket <= stats.max:
-                groups.append(g)
-        table = parquet.read_row_groups(groups) if groups else VECTORS_SCHEMA.empty_table()
-    return table.filter(pc.equal(table["bucket"], bucket))
+    """The rows of one bucket of a vectors file, in vid order (its row groups are in bucket order: the others are skipped)."""
+    return rows_where(store, relative, "bucket", [bucket])
 
 
 def id_map(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -246,6 +322,7 @@ def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.nda
 def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
     to the bucket has an empty list)."""
+    import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
     found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
     known = pc.is_valid(found).to_numpy(zero_copy_only=False)
@@ -272,7 +349,7 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
             redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores)
         if redo.any():
             found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
-    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids))
+    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
     return int((found != -1).sum())
 
 
@@ -280,6 +357,7 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_i
             found: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
     tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
+    import faiss
     old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
     lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
     redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
@@ -325,7 +403,7 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(info["buckets"])]) if info["tracks"] else []
     store.delete([f"{store.catalog}/{out}/_added.parquet"])
     return {
-        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None,
+        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None, "lookup": info["lookup"],
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(info["buckets"]) if info["tracks"]],
         "rows": sum(rows), "tracks": info["tracks"], "buckets": info["buckets"], "nlist": info["nlist"], "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
@@ -356,64 +434,85 @@ class Answer:
     """{rank, track_id, uri, genre, score}, nearest first."""
 
 
-def catalog_rows(store: Store, pointer: dict, column: str, values: list[str]) -> pa.Table:
-    """(track_id, uri, genre) of the published catalog's rows whose `column` is one of `values`."""
-    import pyarrow.dataset as ds
+def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
+    """(vid, track_id, uri, genre) of the published catalog's tracks whose `column` (vid or uri) is one of `values`:
+    from the snapshot's lookup file in that order (a few row groups), or by a scan of the catalog for snapshots
+    published before lookup files existed."""
+    if not values:
+        return LOOKUP_SCHEMA.empty_table()
+    files = pointer["similar"].get("lookup") or {}
+    if column in files:
+        return rows_where(store, files[column], column, values)
+    import pyarrow.compute as pc
 
-    files = [f"{store.catalog}/{f}" for f in pointer["files"]]
-    if not files or not values:
-        return pa.table({"track_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()), "genre": pa.array([], pa.string())})
-    dataset = ds.dataset(files, format="parquet", filesystem=store.fs)
-    return dataset.to_table(columns=["track_id", "uri", "genre"], filter=ds.field(column).isin(values))
+    table = tracks_table(store, pointer["files"])
+    return table.filter(pc.is_in(table[column], value_set=pa.array(values, LOOKUP_SCHEMA.field(column).type)))
 
 
-def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tuple[str, float]]:
-    """The first `top` entries of a track's stored list: (neighbour_id, score)."""
+def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tuple[int, float]]:
+    """The first `top` entries of a track's stored list: (neighbour vid, score)."""
     info = pointer["similar"]
     bucket = int(buckets_of(vector_ids([track_id]), info["buckets"])[0])
-    table = store.read_table(f"{store.catalog}/{piece(info['folder'], bucket)}")
-    table = table.filter(pc.equal(table["track_id"], track_id)).sort_by("rank")
-    return list(zip(table["neighbour_id"].to_pylist(), table["score"].to_pylist()))[:top]
+    table = rows_where(store, piece(info["folder"], bucket), "track_id", [track_id]).slice(0, top)  # in rank order
+    return list(zip(vector_ids(table["neighbour_id"].to_pylist()).tolist(), table["score"].to_pylist()))
 
 
 def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
-    """A catalog track's embedding, from the vectors file of its bucket."""
+    """A catalog track's embedding, from the row group of the vectors file whose bucket and vid statistics hold it."""
     info = pointer["similar"]
     vid = vector_ids([track_id])
-    rows = read_bucket(store, info["vectors"], int(buckets_of(vid, info["buckets"])[0]))
-    return as_matrix(rows.filter(pc.equal(rows["vid"], int(vid[0])))["embedding"])[0]
+    bucket = int(buckets_of(vid, info["buckets"])[0])
+    with store.fs.open(f"{store.catalog}/{info['vectors']}", "rb") as f:
+        parquet = pq.ParquetFile(f)
+        groups = sorted(set(row_groups_holding(parquet, "bucket", [bucket])) & set(row_groups_holding(parquet, "vid", [int(vid[0])])))
+        rows = parquet.read_row_groups(groups, ["vid", "embedding"])
+    return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid[0])[0])]
 
 
-def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: set[str] | None) -> list[tuple[str, float]]:
-    """The `top` nearest tracks (track_id, score) to a vector in the memory-mapped index, `own` id left out; with
-    `allowed`, only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
-    info = pointer["similar"]
-    index = open_index(store, info["index"])
-    ids = id_map(store.read_table(f"{store.catalog}/{info['vectors']}", ["vid", "track_id"]))
+def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: np.ndarray | None) -> list[tuple[dict, float]]:
+    """The `top` nearest tracks (lookup row, score) to a vector in the memory-mapped index, `own` id left out; with
+    `allowed` (vids), only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
+    index = open_index(store, pointer["similar"]["index"])
     k = top if allowed is None else 4 * top
     while True:
         found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
-        valid = found[0] != -1
-        hits = list(zip(track_ids_of(found[0][valid], ids).tolist(), scores[0][valid].tolist()))
-        hits = [h for h in hits if allowed is None or h[0] in allowed]
-        if len(hits) >= top or k >= index.ntotal:
-            return hits[:top]
+        keep = (found[0] != -1) & (True if allowed is None else np.isin(found[0], allowed))
+        if keep.sum() >= top or k >= index.ntotal:
+            return described(store, pointer, list(zip(found[0][keep][:top].tolist(), scores[0][keep][:top].tolist())))
         k *= 4
 
 
-def genre_tracks(store: Store, pointer: dict, genre: str) -> set[str]:
-    """track_ids of one genre of the published catalog (its file only)."""
+def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
+    """The vids of one genre's tracks of the published catalog: from the vid lookup file's genre column read
+    dictionary-encoded (compared as codes: neither a Python string per track nor pyarrow.compute, which imports pandas),
+    or, for a snapshot without lookup files, by hashing the track_ids of the genre's catalog file."""
     files = [f for f, g in pointer["genres"].items() if g == genre]
     if not files:
         raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
-    return {t for f in files for t in store.read_table(f"{store.catalog}/{f}", ["track_id"])["track_id"].to_pylist()}
+    by_vid = (pointer["similar"].get("lookup") or {}).get("vid")
+    if by_vid is None:
+        return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
+    with store.fs.open(f"{store.catalog}/{by_vid}", "rb") as f:
+        table = pq.ParquetFile(f, read_dictionary=["genre"]).read(["vid", "genre"])
+    vids, start, found = buffer_view(table["vid"], np.int64), 0, []
+    for codes in table["genre"].chunks:
+        names = codes.dictionary.to_pylist()
+        if genre in names:
+            found.append(vids[start:start + len(codes)][buffer_view(codes.indices, np.int32) == names.index(genre)])
+        start += len(codes)
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def described(store: Store, pointer: dict, hits: list[tuple[str, float]]) -> list[dict]:
-    """Neighbour entries with their uri and genre."""
-    rows = {r["track_id"]: r for r in catalog_rows(store, pointer, "track_id", [t for t, _ in hits]).to_pylist()}
-    return [{"rank": i + 1, "track_id": t, "uri": rows[t]["uri"], "genre": rows[t]["genre"], "score": round(float(s), 6)}
-            for i, (t, s) in enumerate(hits)]
+def described(store: Store, pointer: dict, hits: list[tuple[int, float]]) -> list[tuple[dict, float]]:
+    """Hits (vid, score) with their lookup rows (track_id, uri, genre)."""
+    rows = {r["vid"]: r for r in lookup(store, pointer, "vid", [v for v, _ in hits]).to_pylist()}
+    return [(rows[v], s) for v, s in hits]
+
+
+def entries(hits: list[tuple[dict, float]]) -> list[dict]:
+    """Neighbour entries {rank, track_id, uri, genre, score}, nearest first."""
+    return [{"rank": i + 1, "track_id": r["track_id"], "uri": r["uri"], "genre": r["genre"], "score": round(float(s), 6)}
+            for i, (r, s) in enumerate(hits)]
 
 
 def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer]:
@@ -426,18 +525,17 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     if not (pointer.get("similar") or {}).get("index"):
         raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.get('catalog_version')}): "
                               "run 'genre-batch tag' to publish one that has")
-    allowed = genre_tracks(store, pointer, genre) if genre is not None else None
-    known = catalog_rows(store, pointer, "track_id", [n for n, _ in names])
-    known = pa.concat_tables([known, catalog_rows(store, pointer, "uri", [u for _, u in names])])
+    allowed = genre_vids(store, pointer, genre) if genre is not None else None
+    known = pa.concat_tables([lookup(store, pointer, "vid", vector_ids([n for n, _ in names]).tolist()),
+                              lookup(store, pointer, "uri", [u for _, u in names])])
     by_name = {**{r["uri"]: r for r in known.to_pylist()}, **{r["track_id"]: r for r in known.to_pylist()}}
     answers = []
     for name, uri in names:
         row = by_name.get(name) or by_name.get(uri)
-        if row is not None and allowed is None and top <= pointer["similar"]["k"]:
-            hits, source = stored_list(store, pointer, row["track_id"], top), "table"
+        if row is not None and genre is None and top <= pointer["similar"]["k"]:
+            hits, source = described(store, pointer, stored_list(store, pointer, row["track_id"], top)), "table"
         elif row is not None:
-            own = int(vector_ids([row["track_id"]])[0])
-            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), own, top, allowed), "index"
+            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), row["vid"], top, allowed), "index"
         else:
             from genre_batch import audio, vectors  # the feature code (librosa, onnxruntime): only for files outside the catalog
 
@@ -446,5 +544,5 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
             except audio.AudioError as e:
                 raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
             hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
-        answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], described(store, pointer, hits)))
+        answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], entries(hits)))
     return answers

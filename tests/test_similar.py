@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from conftest import cli, keep_pristine, make_library, restored
 from test_catalog import SPACE, rows
@@ -92,6 +93,34 @@ def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:
     catalog.publish(s, rows(50, "rock", "run-a"), "run-a", "m-1", SPACE)
     pointer = catalog.publish(s, rows(51, "rock", "run-b"), "run-b", "m-1", {**SPACE, "name": "another-space"})
     assert pointer["similar"]["mode"] == "full" and pointer["vector_space"]["name"] == "another-space"
+
+
+def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])  # t40..t59 jazz; nlist 31: exhaustive
+    pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)
+    small = {"row_group": similar.LOOKUP_ROW_GROUP, "piece": similar.PIECE_ROW_GROUP}
+    similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP = 16, 40  # several row groups: the lookups must pick the right ones
+    try:
+        pointer = catalog.publish(s, table, "run-b", "m-1", {**SPACE, "name": "rebuilt-with-small-row-groups"})
+    finally:
+        similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP = small["row_group"], small["piece"]
+    by_vid = pq.ParquetFile(f"{s.catalog}/{pointer['similar']['lookup']['vid']}")
+    assert by_vid.metadata.num_row_groups == 4 and by_vid.metadata.num_rows == 60
+    exact = exact_lists(table, 59)
+    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
+    with_lookup = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz")
+    assert [a.source for a in with_lookup] == ["table", "table", "index", "index"]
+    assert [n["track_id"] for n in with_lookup[0].neighbours] == exact["t7"][:5]
+    assert [n["track_id"] for n in with_lookup[1].neighbours] == exact["t45"][:5] and with_lookup[1].genre == "jazz"
+    assert [n["track_id"] for n in with_lookup[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
+    assert all(n["genre"] == "jazz" and n["uri"] == f"/music/{n['track_id'][1:]}.mp3" for n in with_lookup[2].neighbours)
+    # a snapshot published before the lookup files existed: the same answers, by a scan of the catalog
+    for f in pointer["similar"]["lookup"].values():
+        s.fs.rm_file(f"{s.catalog}/{f}")
+    old = {**pointer, "similar": {k: v for k, v in pointer["similar"].items() if k != "lookup"}}
+    catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
+    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") == with_lookup
 
 
 def test_space_fit_is_deterministic_and_normalises() -> None:
