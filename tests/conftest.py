@@ -1,10 +1,12 @@
-"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, a real Prefect server."""
+"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, real Prefect servers (in-process, and
+a `prefect server start` process for the tests that need its scheduler service)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,6 +102,41 @@ def dask_scheduler() -> Iterator[str]:
         yield cluster.scheduler_address
 
 
+@pytest.fixture
+def session_workers(dask_scheduler: str) -> Iterator[Callable[[dict[str, str | None]], None]]:
+    """Set environment variables on every worker of the session's cluster (as an operator gives external workers the
+    AWS variables); each worker's earlier values come back after the test."""
+    from distributed import Client
+
+    def set_environ(changes: dict[str, str | None]) -> dict[str, str | None]:
+        """On a worker (sent by value): set, or for None unset, variables and drop the cached S3 filesystems, so that
+        the next S3 client reads them; returns the values replaced."""
+        import s3fs
+
+        before = {name: os.environ.get(name) for name in changes}
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        s3fs.S3FileSystem.clear_instance_cache()
+        return before
+
+    replaced: list[dict[str, dict[str, str | None]]] = []
+
+    def configure(changes: dict[str, str | None]) -> None:
+        with Client(dask_scheduler, timeout="20s") as client:
+            replaced.append(client.run(set_environ, changes))
+
+    try:
+        yield configure
+    finally:
+        with Client(dask_scheduler, timeout="20s") as client:
+            for per_worker in reversed(replaced):
+                for worker, values in per_worker.items():
+                    client.run(set_environ, values, workers=[worker])
+
+
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
     """A moto S3 server in this process on 127.0.0.1 (any key is accepted; it honours If-None-Match and If-Match);
@@ -127,3 +164,43 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class PrefectServer:
+    """A running `prefect server start`; `api_url()` waits until its API answers."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, url: str) -> None:
+        self.proc, self.log, self.url, self.healthy = proc, log, url, False
+
+    def api_url(self, timeout: float = 120) -> str:
+        """The API's URL, once its health check answers."""
+        import urllib.request
+
+        from test_servers import wait_until
+
+        if not self.healthy:
+            health = f"{self.url}/health"
+            check = lambda: urllib.request.urlopen(health, timeout=5).status == 200  # noqa: E731
+            wait_until(check, timeout, "the Prefect server's /api/health", [(self.proc, self.log)])
+            self.healthy = True
+        return self.url
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME) for the session; stopped at its end.
+
+    One for the session (test_scheduling.py and test_servers.py: each test reads only its own deployment's runs), as
+    a start costs 15-20 s. Not waited for here: tests call `api_url()` when they need the API, so the server's start
+    overlaps with other start-ups. Its scheduler service loops every 2 s instead of 60 s, so the runs of a new cron
+    schedule appear within seconds. (Not `prefect_server`, which is in-process.)
+    """
+    from test_servers import HOST, PREFECT, base_env, free_port, server
+
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
+    log = home / "server.log"
+    cmd = [PREFECT, "server", "start", "--host", HOST, "--port", str(port), "--no-ui", "--analytics-off"]
+    with server(cmd, env, log, home) as proc:
+        yield PrefectServer(proc, log, f"http://{HOST}:{port}/api")

@@ -2,7 +2,8 @@
 
 - An external Dask cluster (`dask scheduler` + two `dask worker` processes) that `genre-batch run --scheduler`
   extracts on.
-- A `prefect server start` instance: `genre-batch serve` registers the nightly deployment on it, the test checks
+- A `prefect server start` instance (conftest's `prefect_server_process`, shared with test_scheduling.py):
+  `genre-batch serve` registers the nightly deployment on it, the test checks
   the cron schedule (as stored and as the server's scheduler expands it), triggers a run and sees it complete.
 
 Every process is started in its own session (so its own process group) and stopped in a `finally`: SIGTERM
@@ -18,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import PrefectServer
 from genre_batch import catalog
 from genre_batch.store import Store
 
@@ -158,38 +159,6 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, watched: 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class PrefectServer:
-    """A running `prefect server start`; `api_url()` waits until its API answers."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path, url: str) -> None:
-        self.proc, self.log, self.url, self.healthy = proc, log, url, False
-
-    def api_url(self, timeout: float = 120) -> str:
-        if not self.healthy:
-            health = f"{self.url}/health"
-            check = lambda: urllib.request.urlopen(health, timeout=5).status == 200  # noqa: E731
-            wait_until(check, timeout, "the Prefect server's /api/health", [(self.proc, self.log)])
-            self.healthy = True
-        return self.url
-
-
-@pytest.fixture(scope="session")
-def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME) for the session; stopped at its end.
-
-    Not waited for here: tests call `api_url()` when they need the API, so the server's start (10-30 s)
-    overlaps with the Dask cluster's start and the numba warm-up. Its scheduler service loops every 2 s instead of 60 s, so the runs of a
-    new cron schedule appear within seconds. (Not conftest's `prefect_server`, which is in-process.)
-    """
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
-    log = home / "server.log"
-    cmd = [PREFECT, "server", "start", "--host", HOST, "--port", str(port), "--no-ui", "--analytics-off"]
-    with server(cmd, env, log, home) as proc:
-        yield PrefectServer(proc, log, f"http://{HOST}:{port}/api")
 
 
 class Warmer:
