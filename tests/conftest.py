@@ -137,6 +137,13 @@ def session_workers(dask_scheduler: str) -> Iterator[Callable[[dict[str, str | N
                     client.run(set_environ, values, workers=[worker])
 
 
+@pytest.fixture
+def warm_numba(dask_scheduler: str) -> None:
+    """The session's numba cache filled (the session cluster warmed it): the workers of CLI runs and of external
+    clusters load librosa's compiled code instead of compiling it. Speed only: the CLI warms its workers anyway
+    (one per host first, numba#10128)."""
+
+
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
     """A moto S3 server in this process on 127.0.0.1 (any key is accepted; it honours If-None-Match and If-Match);

@@ -70,11 +70,6 @@ def uneven_library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[
 
 
 @pytest.fixture
-def warm_numba(dask_scheduler: str) -> None:
-    """The session's numba cache filled (conftest's cluster warmed it): CLI workers load librosa's code, not compile it."""
-
-
-@pytest.fixture
 def cli_env(tmp_path: Path, prefect_server: None) -> dict[str, str]:
     """Environment of a CLI subprocess: the session's Prefect server, its own Prefect home, the session's numba cache."""
     from prefect.settings import PREFECT_API_URL

@@ -161,35 +161,6 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, watched: 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class Warmer:
-    """A process compiling librosa's numba code into the session's NUMBA_CACHE_DIR; `wait()` until it is done."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    def wait(self, timeout: float = 180) -> None:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"numba warm-up did not finish within {timeout} s:\n{tail(self.log)}")
-        assert code == 0, f"numba warm-up failed ({code}):\n{tail(self.log)}"
-
-
-@pytest.fixture(scope="session")
-def numba_warm_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warmer]:
-    """Fill the session's numba cache in a side process while the servers start (a cold compile takes 10-50 s).
-
-    Speed only: the CLI warms its workers anyway (one per host first, numba#10128); with the cache filled they
-    load instead of compile. Tests wait() before starting anything that runs librosa, so that nothing else
-    compiles into the cache at the same time.
-    """
-    folder = tmp_path_factory.mktemp("numba-warm-up")
-    log = folder / "warm-up.log"
-    cmd = [sys.executable, "-c", "from genre_batch.features import warm_up; warm_up()"]
-    with server(cmd, base_env(), log, folder) as proc:
-        yield Warmer(proc, log)
-
-
 @pytest.fixture
 def dask_cluster(tmp_path: Path) -> Iterator[str]:
     """`dask scheduler` and two single-threaded `dask worker` processes on 127.0.0.1; yields the scheduler address."""
@@ -227,14 +198,13 @@ def test_run_on_external_dask_cluster(
     library_factory: Callable[..., Path],
     tmp_path: Path,
     prefect_server_process: PrefectServer,
-    numba_warm_up: Warmer,
+    warm_numba: None,
     dask_cluster: str,
 ) -> None:
     """`genre-batch run --scheduler` extracts on both external workers and publishes a 12-track catalog."""
     from distributed import Client
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    numba_warm_up.wait()
     cmd = [GENRE_BATCH, "run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster]
     env = base_env(PREFECT_API_URL=prefect_server_process.api_url(), PREFECT_HOME=str(tmp_path / "prefect-home"))
     code, stdout, stderr = run_command(cmd, env, tmp_path, timeout=300)
@@ -263,7 +233,7 @@ def test_run_on_external_dask_cluster(
 
 
 def test_serve_registers_nightly_deployment_and_runs_it(
-    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, numba_warm_up: Warmer
+    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, warm_numba: None
 ) -> None:
     """`genre-batch serve` registers the cron deployment on a real Prefect server; a triggered run completes."""
     from prefect.client.orchestration import get_client
@@ -271,7 +241,6 @@ def test_serve_registers_nightly_deployment_and_runs_it(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    numba_warm_up.wait()
     api = prefect_server_process.api_url()
     cmd = [GENRE_BATCH, "serve", str(library), "--store", str(store), "--labels", "folders", "--cron", CRON, "--name", DEPLOYMENT_NAME]
     # The runner polls for due runs every 2 s instead of 10 s.

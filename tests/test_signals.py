@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from genre_batch import signals
-from test_resilience import (  # noqa: F401 - library, warm_numba, cli_env: fixtures
+from test_resilience import (  # noqa: F401 - library, cli_env: fixtures
     FILES,
     GENRE_BATCH,
     assert_every_file_once,
@@ -26,7 +26,6 @@ from test_resilience import (  # noqa: F401 - library, warm_numba, cli_env: fixt
     server,
     tail,
     wait_until,
-    warm_numba,
 )
 
 STOP_BOUND_S = 60
