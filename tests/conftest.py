@@ -211,3 +211,11 @@ def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     cmd = [PREFECT, "server", "start", "--host", HOST, "--port", str(port), "--no-ui", "--analytics-off"]
     with server(cmd, env, log, home) as proc:
         yield PrefectServer(proc, log, f"http://{HOST}:{port}/api")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_prefect_server_process(request: pytest.FixtureRequest) -> None:
+    """When some collected test needs `prefect_server_process`, start it with the session's first test, so that its
+    start (15-20 s) overlaps with the tests before."""
+    if any("prefect_server_process" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("prefect_server_process")
