@@ -1,7 +1,7 @@
 """Integration tests against real servers started as subprocesses on 127.0.0.1.
 
 - An external Dask cluster (`dask scheduler` + two `dask worker` processes) that `genre-batch run --scheduler`
-  extracts on.
+  (run in this process) extracts on.
 - A `prefect server start` instance (conftest's `prefect_server_process`, shared with test_scheduling.py):
   `genre-batch serve` registers the nightly deployment on it, the test checks
   the cron schedule (as stored and as the server's scheduler expands it), triggers a run and sees it complete.
@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PrefectServer
+from conftest import PrefectServer, cli
 from genre_batch import catalog
 from genre_batch.store import Store
 
@@ -195,19 +195,16 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
 
 
 def test_run_on_external_dask_cluster(
-    library_factory: Callable[..., Path],
-    tmp_path: Path,
-    prefect_server_process: PrefectServer,
-    warm_numba: None,
-    dask_cluster: str,
+    library_factory: Callable[..., Path], tmp_path: Path, prefect_server: None, warm_numba: None, dask_cluster: str
 ) -> None:
-    """`genre-batch run --scheduler` extracts on both external workers and publishes a 12-track catalog."""
+    """`genre-batch run --scheduler` extracts on both external workers and publishes a 12-track catalog.
+
+    The CLI runs in this process (on the session's in-process Prefect server): what is tested is the external cluster,
+    and a CLI subprocess would only add its start-up (the console script is test_cli_usage.py's)."""
     from distributed import Client
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    cmd = [GENRE_BATCH, "run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster]
-    env = base_env(PREFECT_API_URL=prefect_server_process.api_url(), PREFECT_HOME=str(tmp_path / "prefect-home"))
-    code, stdout, stderr = run_command(cmd, env, tmp_path, timeout=300)
+    code, stdout, stderr = cli("run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster)
     assert code == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert f"{TRACKS} extracted, 0 failed" in stdout, stdout
     [run_line] = [line for line in stdout.splitlines() if line.startswith("run ")]
