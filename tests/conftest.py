@@ -90,15 +90,23 @@ def library_factory(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def dask_scheduler() -> Iterator[str]:
-    """Address of a real local cluster: 2 worker processes, one thread each; closed after the session."""
+def dask_scheduler(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Address of a real local cluster: 2 worker processes, one thread each; closed after the session.
+
+    While its workers warm up (a cold numba compile, the session's longest start), the in-process Prefect server
+    starts, if a collected test needs it: the two start-ups overlap instead of adding up."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from distributed import Client
 
     from genre_batch.cluster import local_cluster, warm_up_workers
 
     with local_cluster(n_workers=2) as cluster:
-        with Client(cluster) as client:
-            warm_up_workers(client)
+        with Client(cluster) as client, ThreadPoolExecutor(1) as pool:
+            warming = pool.submit(warm_up_workers, client)
+            if any("prefect_server" in item.fixturenames for item in request.session.items):
+                request.getfixturevalue("prefect_server")
+            warming.result()
         yield cluster.scheduler_address
 
 
