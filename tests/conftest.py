@@ -110,39 +110,43 @@ def dask_scheduler(request: pytest.FixtureRequest) -> Iterator[str]:
         yield cluster.scheduler_address
 
 
+def aws_environ() -> dict[str, str]:
+    """This process's AWS_* variables (credentials, region, endpoints, retries)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+
 @pytest.fixture
-def session_workers(dask_scheduler: str) -> Iterator[Callable[[dict[str, str | None]], None]]:
-    """Set environment variables on every worker of the session's cluster (as an operator gives external workers the
-    AWS variables); each worker's earlier values come back after the test."""
+def session_workers(dask_scheduler: str) -> Iterator[Callable[[], None]]:
+    """Give every worker of the session's cluster this process's AWS_* variables, no more and no less (as an operator
+    gives external workers the AWS variables; the workers may have inherited others when they were spawned); each
+    worker's earlier AWS_* variables come back after the test."""
     from distributed import Client
 
-    def set_environ(changes: dict[str, str | None]) -> dict[str, str | None]:
-        """On a worker (sent by value): set, or for None unset, variables and drop the cached S3 filesystems, so that
-        the next S3 client reads them; returns the values replaced."""
+    def use_aws_environ(environ: dict[str, str]) -> dict[str, str]:
+        """On a worker (sent by value): make `environ` its AWS_* variables and drop the cached S3 filesystems, so that
+        the next S3 client reads them; returns the AWS_* variables it had."""
         import s3fs
 
-        before = {name: os.environ.get(name) for name in changes}
-        for name, value in changes.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        before = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+        for name in before:
+            os.environ.pop(name)
+        os.environ.update(environ)
         s3fs.S3FileSystem.clear_instance_cache()
         return before
 
-    replaced: list[dict[str, dict[str, str | None]]] = []
+    replaced: list[dict[str, dict[str, str]]] = []
 
-    def configure(changes: dict[str, str | None]) -> None:
+    def configure() -> None:
         with Client(dask_scheduler, timeout="20s") as client:
-            replaced.append(client.run(set_environ, changes))
+            replaced.append(client.run(use_aws_environ, aws_environ()))
 
     try:
         yield configure
     finally:
         with Client(dask_scheduler, timeout="20s") as client:
             for per_worker in reversed(replaced):
-                for worker, values in per_worker.items():
-                    client.run(set_environ, values, workers=[worker])
+                for worker, environ in per_worker.items():
+                    client.run(use_aws_environ, environ, workers=[worker])
 
 
 @pytest.fixture

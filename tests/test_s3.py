@@ -96,10 +96,10 @@ def test_run_with_library_and_store_on_s3(
     library_factory: Callable[..., Path],
     prefect_server: None,
     dask_scheduler: str,
-    session_workers: Callable[[dict[str, str | None]], None],
+    session_workers: Callable[[], None],
 ) -> None:
     """On the session's Dask cluster, its workers given the AWS variables (test_s3_faults.py runs S3 on a local cluster)."""
-    session_workers({name: os.environ[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")})
+    session_workers()
     local = library_factory(per_style=3)
     (local / "broken.mp3").write_bytes(b"\x00" * 64)
     s3.mkdir("music")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -254,15 +253,14 @@ def bucket(
     """
 
     def make(name: str, per_style: int, rule: Rule, max_attempts: int | None = None, session_cluster: bool = False) -> Bucket:
+        scheduler = request.getfixturevalue("dask_scheduler") if session_cluster else None  # started before the env changes
         uris = upload_library(direct, library_factory(per_style=per_style), name)
         if max_attempts is not None:
             monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(max_attempts))
         proxy = start_proxy(rule)
-        if not session_cluster:
-            return Bucket(name, uris, proxy, None)
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS")
-        request.getfixturevalue("session_workers")({name: os.environ.get(name) for name in names})
-        return Bucket(name, uris, proxy, request.getfixturevalue("dask_scheduler"))
+        if session_cluster:
+            request.getfixturevalue("session_workers")()  # the workers get this process's AWS_* variables
+        return Bucket(name, uris, proxy, scheduler)
 
     return make
 
