@@ -1,10 +1,12 @@
-"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, a real Prefect server."""
+"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, real Prefect servers (in-process, and
+a `prefect server start` process for the tests that need its scheduler service)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,16 +90,70 @@ def library_factory(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def dask_scheduler() -> Iterator[str]:
-    """Address of a real local cluster: 2 worker processes, one thread each; closed after the session."""
+def dask_scheduler(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Address of a real local cluster: 2 worker processes, one thread each; closed after the session.
+
+    While its workers warm up (a cold numba compile, the session's longest start), the in-process Prefect server
+    starts, if a collected test needs it: the two start-ups overlap instead of adding up."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from distributed import Client
 
     from genre_batch.cluster import local_cluster, warm_up_workers
 
     with local_cluster(n_workers=2) as cluster:
-        with Client(cluster) as client:
-            warm_up_workers(client)
+        with Client(cluster) as client, ThreadPoolExecutor(1) as pool:
+            warming = pool.submit(warm_up_workers, client)
+            if any("prefect_server" in item.fixturenames for item in request.session.items):
+                request.getfixturevalue("prefect_server")
+            warming.result()
         yield cluster.scheduler_address
+
+
+def aws_environ() -> dict[str, str]:
+    """This process's AWS_* variables (credentials, region, endpoints, retries)."""
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
+
+@pytest.fixture
+def session_workers(dask_scheduler: str) -> Iterator[Callable[[], None]]:
+    """Give every worker of the session's cluster this process's AWS_* variables, no more and no less (as an operator
+    gives external workers the AWS variables; the workers may have inherited others when they were spawned); each
+    worker's earlier AWS_* variables come back after the test."""
+    from distributed import Client
+
+    def use_aws_environ(environ: dict[str, str]) -> dict[str, str]:
+        """On a worker (sent by value): make `environ` its AWS_* variables and drop the cached S3 filesystems, so that
+        the next S3 client reads them; returns the AWS_* variables it had."""
+        import s3fs
+
+        before = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+        for name in before:
+            os.environ.pop(name)
+        os.environ.update(environ)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return before
+
+    replaced: list[dict[str, dict[str, str]]] = []
+
+    def configure() -> None:
+        with Client(dask_scheduler, timeout="20s") as client:
+            replaced.append(client.run(use_aws_environ, aws_environ()))
+
+    try:
+        yield configure
+    finally:
+        with Client(dask_scheduler, timeout="20s") as client:
+            for per_worker in reversed(replaced):
+                for worker, environ in per_worker.items():
+                    client.run(use_aws_environ, environ, workers=[worker])
+
+
+@pytest.fixture
+def warm_numba(dask_scheduler: str) -> None:
+    """The session's numba cache filled (the session cluster warmed it): the workers of CLI runs and of external
+    clusters load librosa's compiled code instead of compiling it. Speed only: the CLI warms its workers anyway
+    (one per host first, numba#10128)."""
 
 
 @pytest.fixture(scope="module")
@@ -125,5 +181,53 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # 120 s ran out on a machine loaded 15x
         yield
+
+
+class PrefectServer:
+    """A running `prefect server start`; `api_url()` waits until its API answers."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, url: str) -> None:
+        self.proc, self.log, self.url, self.healthy = proc, log, url, False
+
+    def api_url(self, timeout: float = 120) -> str:
+        """The API's URL, once its health check answers."""
+        import urllib.request
+
+        from test_servers import wait_until
+
+        if not self.healthy:
+            health = f"{self.url}/health"
+            check = lambda: urllib.request.urlopen(health, timeout=5).status == 200  # noqa: E731
+            wait_until(check, timeout, "the Prefect server's /api/health", [(self.proc, self.log)])
+            self.healthy = True
+        return self.url
+
+
+@pytest.fixture(scope="session")
+def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME) for the session; stopped at its end.
+
+    One for the session (test_scheduling.py and test_servers.py: each test reads only its own deployment's runs), as
+    a start costs 15-20 s. Not waited for here: tests call `api_url()` when they need the API, so the server's start
+    overlaps with other start-ups. Its scheduler service loops every 2 s instead of 60 s, so the runs of a new cron
+    schedule appear within seconds. (Not `prefect_server`, which is in-process.)
+    """
+    from test_servers import HOST, PREFECT, base_env, free_port, server
+
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
+    log = home / "server.log"
+    cmd = [PREFECT, "server", "start", "--host", HOST, "--port", str(port), "--no-ui", "--analytics-off"]
+    with server(cmd, env, log, home) as proc:
+        yield PrefectServer(proc, log, f"http://{HOST}:{port}/api")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_prefect_server_process(request: pytest.FixtureRequest) -> None:
+    """When some collected test needs `prefect_server_process`, start it with the session's first test, so that its
+    start (15-20 s) overlaps with the tests before."""
+    if any("prefect_server_process" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("prefect_server_process")

@@ -92,15 +92,21 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> s3fs.S3FileSystem:
 
 
 def test_run_with_library_and_store_on_s3(
-    s3: s3fs.S3FileSystem, library_factory: Callable[..., Path], prefect_server: None
+    s3: s3fs.S3FileSystem,
+    library_factory: Callable[..., Path],
+    prefect_server: None,
+    dask_scheduler: str,
+    session_workers: Callable[[], None],
 ) -> None:
+    """On the session's Dask cluster, its workers given the AWS variables (test_s3_faults.py runs S3 on a local cluster)."""
+    session_workers()
     local = library_factory(per_style=3)
     (local / "broken.mp3").write_bytes(b"\x00" * 64)
     s3.mkdir("music")
     s3.put(str(local), "music/library", recursive=True)
     library, store = "s3://music/library", "s3://music/genre-batch"
 
-    code, out, err = cli("run", library, "--store", store, "--labels", "folders")
+    code, out, err = cli("run", library, "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
     assert code == 0, out + err
     assert KEY not in out + err and SECRET not in out + err
     assert "13 audio files in s3://music/library" in out and "12 extracted, 1 failed" in out
@@ -115,7 +121,7 @@ def test_run_with_library_and_store_on_s3(
 
     s3.invalidate_cache()
     before = sorted(s3.find("music/genre-batch/features"))
-    code, out, _ = cli("run", library, "--store", store, "--labels", "folders")
+    code, out, _ = cli("run", library, "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
     assert code == 0 and "0 extracted, 0 failed, 13 unchanged" in out and "trained on the same labelled data" in out
     s3.invalidate_cache()
     assert sorted(s3.find("music/genre-batch/features")) == before

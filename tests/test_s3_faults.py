@@ -1,7 +1,9 @@
 """S3 faults: throttling and 5xx answers are retried with backoff; what still fails is recorded per file.
 
 A moto S3 server and a fault-injecting HTTP proxy in front of it run on 127.0.0.1 inside the test process;
-the pipeline (its flow process and its local Dask workers) talks to the proxy only.
+the pipeline (its flow process and its Dask workers) talks to the proxy only. The transient-fault run starts the
+CLI's own local cluster (its workers inherit `--endpoint-url`); the other runs use the session's cluster, whose
+workers are given the AWS variables as an operator gives them to external workers (a cluster start saved per run).
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ class Bucket:
     name: str
     uris: list[str]
     proxy: FaultProxy
+    scheduler: str | None
 
     @property
     def library(self) -> str:
@@ -228,8 +231,10 @@ class Bucket:
         return f"s3://{self.name}/store"
 
     def run(self) -> tuple[int, str, str]:
-        """`genre-batch run` of the library into the store, with folder labels, through the proxy."""
-        return cli("--endpoint-url", self.proxy.url, "run", self.library, "--store", self.store, "--labels", "folders")
+        """`genre-batch run` of the library into the store, with folder labels, through the proxy (on the bucket's
+        scheduler, else on a local cluster)."""
+        on = ["--scheduler", self.scheduler] if self.scheduler else []
+        return cli("--endpoint-url", self.proxy.url, "run", self.library, "--store", self.store, "--labels", "folders", *on)
 
 
 @pytest.fixture
@@ -239,17 +244,23 @@ def bucket(
     library_factory: Callable[..., Path],
     prefect_server: None,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> Callable[..., Bucket]:
     """Upload a library of `per_style` clips per genre to a bucket and start a proxy with `rule` in front of the server.
 
     `max_attempts` sets AWS_MAX_ATTEMPTS, the variable operators set (restored afterwards): fewer attempts keep a test short.
+    With `session_cluster` the runs use the session's Dask cluster, its workers given the same AWS variables.
     """
 
-    def make(name: str, per_style: int, rule: Rule, max_attempts: int | None = None) -> Bucket:
+    def make(name: str, per_style: int, rule: Rule, max_attempts: int | None = None, session_cluster: bool = False) -> Bucket:
+        scheduler = request.getfixturevalue("dask_scheduler") if session_cluster else None  # started before the env changes
         uris = upload_library(direct, library_factory(per_style=per_style), name)
         if max_attempts is not None:
             monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(max_attempts))
-        return Bucket(name, uris, start_proxy(rule))
+        proxy = start_proxy(rule)
+        if session_cluster:
+            request.getfixturevalue("session_workers")()  # the workers get this process's AWS_* variables
+        return Bucket(name, uris, proxy, scheduler)
 
     return make
 
@@ -329,7 +340,7 @@ def test_persistent_faults_on_objects_are_recorded_per_file(bucket: Callable[...
         "library/chiptune/chiptune-0-01.flac": (500, {"HEAD", "GET"}),  # server error on every request
         "library/electronic/electronic-0-02.ogg": (429, {"GET"}),  # TooManyRequests on every read
     }
-    faulty = bucket("persistent", per_style=4, rule=persistent(broken), max_attempts=2)  # 3 tracks per genre remain to train on
+    faulty = bucket("persistent", per_style=4, rule=persistent(broken), max_attempts=2, session_cluster=True)  # 3 tracks per genre remain to train on
     uris, proxy, store = faulty.uris, faulty.proxy, faulty.store
 
     code, out, err = faulty.run()
@@ -357,7 +368,7 @@ def test_persistent_faults_on_objects_are_recorded_per_file(bucket: Callable[...
 def test_failed_publish_keeps_the_previous_catalog_and_a_rerun_finishes_the_work(
     bucket: Callable[..., Bucket], direct: s3fs.S3FileSystem, library_factory: Callable[..., Path]
 ) -> None:
-    publish = bucket("publish", per_style=3, rule=no_faults, max_attempts=2)
+    publish = bucket("publish", per_style=3, rule=no_faults, max_attempts=2, session_cluster=True)
     uris, proxy, store = publish.uris, publish.proxy, publish.store
     code, out, err = publish.run()
     assert code == 0 and "12 extracted, 0 failed" in out, out + err

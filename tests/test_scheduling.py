@@ -10,18 +10,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import PrefectServer
 from flows.pipeline import artifact_key, check_parameters, nightly
 from genre_batch import GenreBatchError
 
 BIN = Path(sys.executable).parent
 SERVER_START_S = 120
 RUN_WAIT_S = 150
+DEPLOYMENT = "nightly-every-minute"
 
 
 def free_port() -> int:
@@ -54,44 +56,24 @@ def wait_for(condition: Callable[[], object], seconds: float, what: str) -> obje
 
 
 @pytest.fixture
-def prefect_api(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real `prefect server start` on a free port with its own PREFECT_HOME; stopped at the end, also on failure."""
-    port = free_port()
+def prefect_api(prefect_server_process: PrefectServer, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """The session's `prefect server start` (conftest: its scheduler service loops every 2 s) and the environment of
+    a `serve` process using it: its own PREFECT_HOME, the runner polling every 2 s."""
+    url = prefect_server_process.api_url(SERVER_START_S)
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PREFECT_API_URL": url,
     }
-    env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for(lambda: healthy(url) or server.poll() is not None, SERVER_START_S, "Prefect server start")
-        assert server.poll() is None, (tmp_path / "server.log").read_text()
-        yield url, {**env, "PREFECT_API_URL": url}
-    finally:
-        stop(server)
-        log.close()
+    return url, env
 
 
-def healthy(url: str) -> bool:
-    """True when the Prefect API answers its health check."""
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def flow_runs(url: str) -> list[dict]:
-    """Every flow run the server knows."""
-    return httpx.post(f"{url}/flow_runs/filter", json={}, timeout=10).json()
+def flow_runs(url: str, deployment: str) -> list[dict]:
+    """Every flow run of a deployment (by name) the server knows."""
+    return httpx.post(f"{url}/flow_runs/filter", json={"deployments": {"name": {"any_": [deployment]}}}, timeout=10).json()
 
 
 def run_logs(url: str, run_id: str) -> str:
@@ -108,11 +90,11 @@ def test_serve_cron_fires_a_run_that_completes_and_a_colliding_run_is_cancelled(
     log = (tmp_path / "serve.log").open("w")
     served = subprocess.Popen(
         [str(BIN / "genre-batch"), "serve", str(library), "--store", str(store), "--labels", "folders",
-         "--scheduler", dask_scheduler, "--cron", "* * * * *"],
+         "--scheduler", dask_scheduler, "--cron", "* * * * *", "--name", DEPLOYMENT],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        first = wait_for(lambda: next((r for r in flow_runs(url) if r["state_type"] == "RUNNING"), None), RUN_WAIT_S, "a scheduled run starting")
+        first = wait_for(lambda: next((r for r in flow_runs(url, DEPLOYMENT) if r["state_type"] == "RUNNING"), None), RUN_WAIT_S, "a scheduled run starting")
         assert first["auto_scheduled"] is True  # created by the server's scheduler from the cron, not by hand
         deployment = httpx.get(f"{url}/deployments/{first['deployment_id']}", timeout=10).json()
         assert deployment["global_concurrency_limit"]["limit"] == 1, deployment

@@ -1,8 +1,9 @@
 """Integration tests against real servers started as subprocesses on 127.0.0.1.
 
 - An external Dask cluster (`dask scheduler` + two `dask worker` processes) that `genre-batch run --scheduler`
-  extracts on.
-- A `prefect server start` instance: `genre-batch serve` registers the nightly deployment on it, the test checks
+  (run in this process) extracts on.
+- A `prefect server start` instance (conftest's `prefect_server_process`, shared with test_scheduling.py):
+  `genre-batch serve` registers the nightly deployment on it, the test checks
   the cron schedule (as stored and as the server's scheduler expands it), triggers a run and sees it complete.
 
 Every process is started in its own session (so its own process group) and stopped in a `finally`: SIGTERM
@@ -18,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import PrefectServer, cli
 from genre_batch import catalog
 from genre_batch.store import Store
 
@@ -160,67 +161,6 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, watched: 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class PrefectServer:
-    """A running `prefect server start`; `api_url()` waits until its API answers."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path, url: str) -> None:
-        self.proc, self.log, self.url, self.healthy = proc, log, url, False
-
-    def api_url(self, timeout: float = 120) -> str:
-        if not self.healthy:
-            health = f"{self.url}/health"
-            check = lambda: urllib.request.urlopen(health, timeout=5).status == 200  # noqa: E731
-            wait_until(check, timeout, "the Prefect server's /api/health", [(self.proc, self.log)])
-            self.healthy = True
-        return self.url
-
-
-@pytest.fixture(scope="session")
-def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME) for the session; stopped at its end.
-
-    Not waited for here: tests call `api_url()` when they need the API, so the server's start (10-30 s)
-    overlaps with the Dask cluster's start and the numba warm-up. Its scheduler service loops every 2 s instead of 60 s, so the runs of a
-    new cron schedule appear within seconds. (Not conftest's `prefect_server`, which is in-process.)
-    """
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    env = base_env(PREFECT_HOME=str(home), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
-    log = home / "server.log"
-    cmd = [PREFECT, "server", "start", "--host", HOST, "--port", str(port), "--no-ui", "--analytics-off"]
-    with server(cmd, env, log, home) as proc:
-        yield PrefectServer(proc, log, f"http://{HOST}:{port}/api")
-
-
-class Warmer:
-    """A process compiling librosa's numba code into the session's NUMBA_CACHE_DIR; `wait()` until it is done."""
-
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    def wait(self, timeout: float = 180) -> None:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"numba warm-up did not finish within {timeout} s:\n{tail(self.log)}")
-        assert code == 0, f"numba warm-up failed ({code}):\n{tail(self.log)}"
-
-
-@pytest.fixture(scope="session")
-def numba_warm_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warmer]:
-    """Fill the session's numba cache in a side process while the servers start (a cold compile takes 10-50 s).
-
-    Speed only: the CLI warms its workers anyway (one per host first, numba#10128); with the cache filled they
-    load instead of compile. Tests wait() before starting anything that runs librosa, so that nothing else
-    compiles into the cache at the same time.
-    """
-    folder = tmp_path_factory.mktemp("numba-warm-up")
-    log = folder / "warm-up.log"
-    cmd = [sys.executable, "-c", "from genre_batch.features import warm_up; warm_up()"]
-    with server(cmd, base_env(), log, folder) as proc:
-        yield Warmer(proc, log)
-
-
 @pytest.fixture
 def dask_cluster(tmp_path: Path) -> Iterator[str]:
     """`dask scheduler` and two single-threaded `dask worker` processes on 127.0.0.1; yields the scheduler address."""
@@ -255,20 +195,16 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
 
 
 def test_run_on_external_dask_cluster(
-    library_factory: Callable[..., Path],
-    tmp_path: Path,
-    prefect_server_process: PrefectServer,
-    numba_warm_up: Warmer,
-    dask_cluster: str,
+    library_factory: Callable[..., Path], tmp_path: Path, prefect_server: None, warm_numba: None, dask_cluster: str
 ) -> None:
-    """`genre-batch run --scheduler` extracts on both external workers and publishes a 12-track catalog."""
+    """`genre-batch run --scheduler` extracts on both external workers and publishes a 12-track catalog.
+
+    The CLI runs in this process (on the session's in-process Prefect server): what is tested is the external cluster,
+    and a CLI subprocess would only add its start-up (the console script is test_cli_usage.py's)."""
     from distributed import Client
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    numba_warm_up.wait()
-    cmd = [GENRE_BATCH, "run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster]
-    env = base_env(PREFECT_API_URL=prefect_server_process.api_url(), PREFECT_HOME=str(tmp_path / "prefect-home"))
-    code, stdout, stderr = run_command(cmd, env, tmp_path, timeout=300)
+    code, stdout, stderr = cli("run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster)
     assert code == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert f"{TRACKS} extracted, 0 failed" in stdout, stdout
     [run_line] = [line for line in stdout.splitlines() if line.startswith("run ")]
@@ -294,7 +230,7 @@ def test_run_on_external_dask_cluster(
 
 
 def test_serve_registers_nightly_deployment_and_runs_it(
-    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, numba_warm_up: Warmer
+    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, warm_numba: None
 ) -> None:
     """`genre-batch serve` registers the cron deployment on a real Prefect server; a triggered run completes."""
     from prefect.client.orchestration import get_client
@@ -302,7 +238,6 @@ def test_serve_registers_nightly_deployment_and_runs_it(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    numba_warm_up.wait()
     api = prefect_server_process.api_url()
     cmd = [GENRE_BATCH, "serve", str(library), "--store", str(store), "--labels", "folders", "--cron", CRON, "--name", DEPLOYMENT_NAME]
     # The runner polls for due runs every 2 s instead of 10 s.

@@ -1,5 +1,6 @@
 """Stopping cleanly: SIGTERM to a real `genre-batch extract` (local Dask cluster) mid-extraction ends it promptly with
-status 143, stops its workers, releases the store's lease and leaves the store as a crash would; the next run completes."""
+status 143, stops its workers, releases the store's lease and leaves the store as a crash would; the next run (on the
+session's Dask cluster: no second local cluster to start) completes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from genre_batch import signals
-from test_resilience import (  # noqa: F401 - library, warm_numba, cli_env: fixtures
+from test_resilience import (  # noqa: F401 - library, cli_env: fixtures
     FILES,
     GENRE_BATCH,
     assert_every_file_once,
@@ -25,7 +26,6 @@ from test_resilience import (  # noqa: F401 - library, warm_numba, cli_env: fixt
     server,
     tail,
     wait_until,
-    warm_numba,
 )
 
 STOP_BOUND_S = 60
@@ -39,7 +39,7 @@ def test_exit_status_is_the_shells() -> None:
 
 
 def test_sigterm_mid_extraction_stops_workers_releases_the_lease_and_the_next_run_completes(
-    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str]
+    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str], dask_scheduler: str
 ) -> None:
     root, uris = library
     store = tmp_path / "store"
@@ -65,7 +65,7 @@ def test_sigterm_mid_extraction_stops_workers_releases_the_lease_and_the_next_ru
     finished = part_files(store)
     assert 1 <= len(finished)
 
-    code, out, err = run_command([*cmd, "--format", "json"], cli_env, tmp_path, timeout=300)
+    code, out, err = run_command([*cmd, "--scheduler", dask_scheduler, "--format", "json"], cli_env, tmp_path, timeout=300)
     assert code == 0, out + err
     summary = json.loads(out)
     assert summary["status"] == "completed" and summary["extract"]["discovered"] == FILES
