@@ -81,18 +81,19 @@ def recipe_features(y: np.ndarray, sr: int) -> np.ndarray:
     return np.concatenate([np.concatenate([s.mean(axis=1), s.std(axis=1)]) for s in series]).astype(np.float32)
 
 
-def cache_path(cache: Path, path: str, recipe: bool) -> Path:
+def cache_path(cache: Path, path: str, recipe: bool, patches: int | None) -> Path:
     """Where one file's features are cached: keyed by path, size, mtime, feature and embedding versions, patches."""
     stat = os.stat(path)
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{FEATURE_VERSION}|{EMBEDDING_VERSION}|{extraction.MUSICNN_PATCHES}|{recipe}"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{FEATURE_VERSION}|{EMBEDDING_VERSION}|{patches}|{recipe}"
     return cache / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
 
 
-def extract_one(job: tuple[str, str, bool]) -> dict:
-    """One file's features, as the pipeline stores them (one decode: librosa windows and the musicnn vector), with
-    the CPU seconds of each step; cached under the cache folder. A bad file gives its error."""
-    path, cache, recipe = job
-    target = cache_path(Path(cache), path, recipe)
+def extract_one(job: tuple[str, str, bool, int | None]) -> dict:
+    """One file's features, as the pipeline stores them (one decode: librosa windows and the musicnn vector over at
+    most `patches` patches, None: all), with the CPU seconds of each step; cached under the cache folder. A bad file
+    gives its error."""
+    path, cache, recipe, patches = job
+    target = cache_path(Path(cache), path, recipe, patches)
     if target.exists():
         with np.load(target, allow_pickle=False) as saved:
             return {k: saved[k] for k in saved.files}
@@ -102,7 +103,7 @@ def extract_one(job: tuple[str, str, bool]) -> dict:
         decoded = time.process_time()
         _, windows = extraction.librosa_windows(segments)
         librosa_done = time.process_time()
-        vector, _ = extraction.musicnn_vector(segments)
+        vector, _ = extraction.musicnn_vector(segments, patches)
         result = {"librosa": windows, "musicnn": vector,
                   "cpu": np.array([decoded - start, librosa_done - decoded, time.process_time() - librosa_done])}
         if recipe:
@@ -121,12 +122,12 @@ def warm_up() -> None:
     recipe_features(np.random.default_rng(0).uniform(-0.1, 0.1, 22050).astype(np.float32), 22050)
 
 
-def extract_all(tasks: list[Task], workers: int, cache: Path, recipe: bool) -> dict[tuple[str, int], dict]:
+def extract_all(tasks: list[Task], workers: int, cache: Path, recipe: bool, patches: int | None) -> dict[tuple[str, int], dict]:
     """Features of every file of every task, in a pool; keyed by (task, file index)."""
     cache.mkdir(parents=True, exist_ok=True)
     keys = [(t.name, i) for t in tasks for i in range(len(t.files))]
     paths = {t.name: t.files for t in tasks}
-    jobs = [(str(paths[name][i]), str(cache), recipe) for name, i in keys]
+    jobs = [(str(paths[name][i]), str(cache), recipe, patches) for name, i in keys]
     context = multiprocessing.get_context("spawn")  # children load the numba code the parent just cached
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=warm_up) as pool:
         return dict(zip(keys, pool.map(extract_one, jobs, chunksize=2)))
@@ -202,15 +203,17 @@ def name_of(families: tuple[str, ...], kind: str) -> str:
 
 
 def evaluate(task: Task, extracted: list[dict], y: np.ndarray, groups: np.ndarray, n_folds: int, recipe: bool, seed: int = SEED,
-             reference: str = name_of(*DEFAULT)) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """Every family set x classifier (and the recipe) on the same stratified, grouped folds, paired against `reference`;
-    with each configuration's per-track correctness."""
+             reference: str = name_of(*DEFAULT), only: frozenset[str] | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Every family set x classifier (those named in `only`, if given, and the reference) and the recipe on the same
+    stratified, grouped folds, paired against `reference`; with each configuration's per-track correctness."""
     splits = list(StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(y, y, groups))
     predictions: dict[str, np.ndarray] = {}
     out: dict[str, dict] = {}
     for families in FAMILY_SETS:
         X = rows(extracted, families)
         for kind in CLASSIFIERS:
+            if only is not None and name_of(families, kind) not in only | {reference}:
+                continue
             start = time.process_time()
             oof = out_of_fold(X, y, groups, splits, len(task.genres), kind, training.columns_of(families))
             name = name_of(families, kind)
@@ -233,17 +236,18 @@ def pooled(correct: list[dict[str, np.ndarray]], reference: str) -> dict[str, di
     return {name: paired_interval(m, mean[reference]) for name, m in mean.items()}
 
 
-def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seeds: tuple[int, ...] = (SEED,), reference: str = name_of(*DEFAULT)) -> dict:
+def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seeds: tuple[int, ...] = (SEED,), reference: str = name_of(*DEFAULT),
+        patches: int | None = extraction.MUSICNN_PATCHES, only: frozenset[str] | None = None) -> dict:
     """Extract (or read the cache), cross-validate and collect every number of the report."""
     wall = time.perf_counter()
     tasks = discover(data)
     if not tasks:
         raise SystemExit(f"no tasks (subfolders with genre folders of audio files) in {data}")
     warm_up()
-    extracted = extract_all(tasks, workers, cache, recipe)
+    extracted = extract_all(tasks, workers, cache, recipe, patches)
     extraction_s = time.perf_counter() - wall
     report: dict = {"data": str(data), "folds": n_folds, "seeds": list(seeds), "workers": workers, "caveat": CAVEAT,
-                    "default": reference, "bootstrap": BOOTSTRAP, "musicnn_patches": extraction.MUSICNN_PATCHES, "tasks": {}}
+                    "default": reference, "bootstrap": BOOTSTRAP, "musicnn_patches": patches or "all", "tasks": {}}
     for task in tasks:
         errors = {str(task.files[i]): str(extracted[(task.name, i)]["error"]) for i in range(len(task.files)) if "error" in extracted[(task.name, i)]}
         keep = [i for i in range(len(task.files)) if "error" not in extracted[(task.name, i)]]
@@ -263,7 +267,7 @@ def run(data: Path, n_folds: int, workers: int, cache: Path, recipe: bool, seeds
         }
         correct = []
         for seed in seeds:
-            methods, right = evaluate(task, files, y, groups, n_folds, recipe, seed, reference)
+            methods, right = evaluate(task, files, y, groups, n_folds, recipe, seed, reference, only)
             report["tasks"][task.name]["runs"][str(seed)] = methods
             correct.append(right)
         report["tasks"][task.name]["pooled"] = pooled(correct, reference) if len(seeds) > 1 else None
@@ -312,8 +316,18 @@ def print_table(report: dict) -> None:
     print(f"Wall time: {report['wall_s']:.0f} s (extraction or cache {report['extraction_wall_s']:.0f} s with {report['workers']} workers)")
 
 
+def patch_count(text: str) -> int | None:
+    """--patches: a positive number, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--seeds 0 1] [--reference NAME] [--recipe]."""
+    """Command line: python -m bench.accuracy [--data DIR] [--folds 5] [--json out.json] [--workers 2] [--cache DIR] [--seeds 0 1]
+    [--reference NAME] [--patches N|all] [--only NAME ...] [--recipe]."""
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of tasks (default {DEFAULT_DATA})")
     parser.add_argument("--folds", type=int, default=5, help="stratified k-fold splits (default 5)")
@@ -323,13 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=name_of(*DEFAULT), choices=[name_of(f, k) for f in FAMILY_SETS for k in CLASSIFIERS],
                         help=f"the configuration the paired intervals compare with (default: genre-batch's default, {name_of(*DEFAULT)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED], help=f"seeds of the folds, one split each (default {SEED}); with several, intervals pooled over them too")
+    parser.add_argument("--patches", type=patch_count, default=extraction.MUSICNN_PATCHES,
+                        help=f"musicnn patches per track, a number or 'all' (default extraction.MUSICNN_PATCHES = {extraction.MUSICNN_PATCHES})")
+    parser.add_argument("--only", nargs="+", choices=[name_of(f, k) for f in FAMILY_SETS for k in CLASSIFIERS],
+                        help="evaluate only these configurations (and the reference); default: all")
     parser.add_argument("--recipe", action="store_true", help="also evaluate the seed-article recipe (decodes every file again)")
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
     if args.cache.resolve().is_relative_to(REPO):
         parser.error(f"--cache {args.cache} is inside the repository: features of the shared data must not be committed")
-    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe, tuple(args.seeds), args.reference)
+    report = run(args.data.resolve(), args.folds, args.workers, args.cache.resolve(), args.recipe, tuple(args.seeds), args.reference,
+                 args.patches, frozenset(args.only) if args.only else None)
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k
-from genre_batch import audio, catalog, similar, vectors
+from genre_batch import audio, catalog, extraction, similar, vectors
 from genre_batch.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.store import Store
 
@@ -322,7 +322,7 @@ def quality(data: Path, cache: Path, seed: int) -> dict:
     if len(tasks) < 2:
         raise SystemExit(f"--quality needs two tasks (the other one fits the cross-dataset space) in {data}")
     cache.mkdir(parents=True, exist_ok=True)
-    extracted = {(t.name, i): accuracy.extract_one((str(f), str(cache), False)) for t in tasks for i, f in enumerate(t.files)}
+    extracted = {(t.name, i): accuracy.extract_one((str(f), str(cache), False, extraction.MUSICNN_PATCHES)) for t in tasks for i, f in enumerate(t.files)}
     kept = {t.name: [i for i in range(len(t.files)) if "error" not in extracted[(t.name, i)]] for t in tasks}
     inputs = {t.name: pooled_inputs([extracted[(t.name, i)] for i in kept[t.name]]) for t in tasks}
     report: dict = {"data": str(data), "seed": seed, "spaces": list(SPACES), "tasks": {}}

@@ -91,9 +91,9 @@ def librosa_windows(segments: list[audio.Segment]) -> tuple[list[float], np.ndar
     return offsets, np.vstack([features.extract(s.samples, sr) for s in segments])
 
 
-def musicnn_vector(segments: list[audio.Segment], max_patches: int = MUSICNN_PATCHES) -> tuple[np.ndarray, int]:
+def musicnn_vector(segments: list[audio.Segment], max_patches: int | None = MUSICNN_PATCHES) -> tuple[np.ndarray, int]:
     """musicnn's mean embedding and tag scores [250] of the decoded spans (resampled to 16 kHz and joined end to end,
-    not the whole file), and the number of patches averaged."""
+    not the whole file), and the number of patches averaged (max_patches None: every patch)."""
     y = np.concatenate([soxr.resample(s.samples, audio.SAMPLE_RATE, musicnn.SAMPLE_RATE) for s in segments]).astype(np.float32)
     embedding, tags, patches = musicnn.track_embedding(y, max_patches)
     return np.concatenate([embedding, tags]), patches

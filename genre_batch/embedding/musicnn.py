@@ -3,6 +3,9 @@
 The network runs in onnxruntime from musicnn_msd.onnx, converted from musicnn 0.1.0's checkpoint by
 scripts/convert_musicnn.py (licence and attribution: LICENSE-musicnn.md). On one thread it measured
 ~31 ms of CPU per 3 s patch against ~47 ms for the same network in numpy (OpenBLAS), at any batch size.
+Measured and not used (bench/embedding_speed.py --alternatives, README): lower graph optimisation levels (~15 %
+slower: ORT_ENABLE_ALL's blocked layout pays), int8 models (dynamic ~4x slower; static QDQ ~25 % slower and
+embedding cosine ~0.6 with the float model) on this AVX2 CPU without VNNI, AVX-512 or AMX.
 """
 
 from __future__ import annotations
