@@ -238,7 +238,8 @@ def compaction_of(name: str) -> tuple[str, bool]:
     """The compaction (`compact-<id>`) a compaction file name belongs to, and whether it is that compaction's commit file
     (`compact-<id>.parquet`; its parts and index pieces are `compact-<id>-NNNNN.parquet`)."""
     stem = name.removesuffix(".parquet")
-    return (stem, True) if stem.count("-") == 2 else (stem.rsplit("-", 1)[0], False)
+    piece = re.fullmatch(r"(.+)-\d{5}", stem)
+    return (piece.group(1), False) if piece else (stem, True)
 
 
 def visible(names: list[str]) -> list[bool]:

@@ -105,7 +105,7 @@ def needed(store: Store) -> bool:
     """Whether the store is past the automatic compaction threshold (feature_store.AUTO_COMPACT_*); the index is read
     only when the part count alone does not decide."""
     parts = part_count(store)
-    if parts > AUTO_COMPACT_PARTS:
-        return True
+    if parts <= 1 or parts > AUTO_COMPACT_PARTS:
+        return parts > 1
     index = stored_index(store, KEEP_COLUMNS)
     return needs_compaction(parts, index.num_rows, current_rows(index, read_inventory(store, KEYS)))
