@@ -666,14 +666,13 @@ def index_sources(store: Store, files: list[str], columns: list[str]) -> pa.Tabl
     that file (`_line`): enough for a worker to read the whole row again."""
     if not files:
         return INDEX_SCHEMA.empty_table().select(columns).append_column("_file", pa.array([], pa.int32())).append_column("_line", pa.array([], pa.int64()))
-    table = ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=[*columns, "__filename"])
-    names = table["__filename"].combine_chunks()
-    table = table.drop_columns(["__filename"])
-    found = pc.index_in(names, value_set=pa.array(files, pa.string()))
-    del names
+    dataset = ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA)
+    table = dataset.to_table(columns=[*columns, "__fragment_index"])  # a number per row, not its file's path
+    found = pc.index_in(pa.array(dataset.files, pa.string()), value_set=pa.array(files, pa.string()))
     if found.null_count:
         raise RuntimeError("pyarrow named an index file by another path than the one it was given")
-    source = found.to_numpy()
+    source = found.to_numpy()[table["__fragment_index"].to_numpy()]
+    table = table.drop_columns(["__fragment_index"])
     starts, counts = spans(pa.array(source))
     if len(set(source[starts].tolist())) != len(starts):
         raise RuntimeError("an index file's rows came back in more than one run")  # pyarrow's to_table keeps file order

@@ -188,7 +188,7 @@ def test_compaction_killed_at_each_step_loses_and_doubles_nothing(tmp_path: Path
     )
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    pieces = [n for n in os.listdir(store.index) if n.startswith("compact-")]
+    pieces = [n for n in os.listdir(store.index) if n.startswith("compact-") and ".tmp-" not in n]
     assert len(pieces) == {"some-pieces-written": 2, "before-commit": 4, "index-half-written": 4}.get(step, 5)  # + the commit file
     assert window_keys(store) == seen  # readers see every current row exactly once, right after the crash
     fstore.repair(store)  # what the next run does first
@@ -217,3 +217,32 @@ def test_a_compaction_committed_before_index_pieces_is_read_and_replaced(tmp_pat
     with session(dask_scheduler) as cluster:
         compact.compact(store, cluster, target_windows=60)
     assert window_keys(store) == seen and len(os.listdir(store.feature_parts)) == 3 and len(os.listdir(store.index)) == 5
+
+
+def test_current_rows_are_chosen_as_the_rule_says_on_a_random_index() -> None:
+    """resolved_keys (hash lookup + numeric sort) against the rule written out: per listed file, among its rows of the
+    listed fingerprint and the family's version, the newest success, else the newest failure; files in URI order."""
+    rng = np.random.default_rng(7)
+    uris = [f"/music/{i:03d}.mp3" for i in rng.permutation(60)]
+    listed = {u: f"fp{rng.integers(3)}" for u in uris[:50]}  # 10 URIs only in the index: removed files
+    rows = [
+        {"uri": uris[rng.integers(60)], "fingerprint": f"fp{rng.integers(3)}", "family": ["librosa", "musicnn"][rng.integers(2)],
+         "feature_version": int(FEATURE_VERSION - rng.integers(2)), "error_type": [None, None, "io_error"][rng.integers(3)],
+         "extracted_at": T0 + timedelta(hours=int(rng.integers(5)))}
+        for _ in range(400)
+    ]
+    index = pa.Table.from_pylist(rows, schema=pa.schema([fstore.INDEX_SCHEMA.field(c) for c in fstore.PLAN_COLUMNS]))
+    inventory = pa.table({"uri": list(listed), "fingerprint": list(listed.values())})  # not in URI order
+    expected = []
+    for uri in sorted(listed):
+        mine = [(r["error_type"] is not None, -r["extracted_at"].timestamp(), i) for i, r in enumerate(rows)
+                if r["uri"] == uri and r["fingerprint"] == listed[uri] and r["family"] == "librosa" and r["feature_version"] == FEATURE_VERSION]
+        if mine:
+            failed, _, row = min(mine)
+            expected.append((row, failed, list(listed).index(uri)))
+    got = fstore.resolved_keys(index, inventory)
+    assert list(zip(got["_row"].to_pylist(), got["_failed"].to_pylist(), got["_at"].to_pylist())) == expected
+    plan = fstore.plan(inventory, index)
+    done = {list(listed)[at] for row, failed, at in expected if rows[row]["error_type"] is None}
+    assert plan.todo["uri"].to_pylist() == sorted(plan.todo["uri"].to_pylist()) and plan.unchanged == len(done)
+    assert sorted(plan.todo["uri"].to_pylist() + plan.moved["uri"].to_pylist()) == sorted(set(listed) - done)  # same fingerprints: moves
