@@ -6,7 +6,8 @@ analysis window; musicnn: `features/musicnn/<name>.parquet`, one row per track) 
 resolve the index, never the window rows: per URI of the library listing, its newest successful extraction of the
 current content and feature version (else its newest failure). A part without an index file (a shard killed
 between the two writes, or a store written before the index existed) is indexed from its own rows by `repair`.
-Compaction rewrites the current rows into large parts with one index file, then deletes what it replaced.
+Compaction's workers rewrite the current rows into large parts, each with its index piece (read once the compaction's
+commit file exists), then the replaced index files and parts are deleted.
 """
 
 from __future__ import annotations
