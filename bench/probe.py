@@ -10,6 +10,8 @@ python -m bench.probe sample STORE     the capped training sample of `genre-batc
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
 python -m bench.probe nightly STORE    the tag stage as a nightly run does it (incremental when the model is unchanged)
 python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
+python -m bench.probe compact-groups STORE  the compaction's flow-process side alone (key columns, current rows,
+                                       the workers' groups), nothing written; works on an index-only store
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ import pyarrow as pa
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
 from genre_batch.cluster import session
 from genre_batch.discovery import discover
-from genre_batch.feature_store import KEYS, TRACK_COLUMNS, current_errors, current_tracks, plan, read_index, read_inventory
+from genre_batch.feature_store import COMPACT_TARGET_WINDOWS, KEYS, PLAN_COLUMNS, SOURCE_COLUMNS, TRACK_COLUMNS, current_errors, current_tracks, index_files, index_sources, plan, read_index, read_inventory
 from genre_batch.stages import compact, runs, tag, train
 from genre_batch.store import Store
 
 
 def timed_plan(url: str) -> dict:
-    """Seconds of each step of a no-op plan over a store, and what it found."""
+    """Seconds of each step of a no-op plan over a store (the index columns extraction reads), and what it found."""
     store = Store.at(url)
     t0 = time.perf_counter()
     inventory = read_inventory(store)
     t1 = time.perf_counter()
-    index = read_index(store)
+    index = read_index(store, PLAN_COLUMNS)
     t2 = time.perf_counter()
     result = plan(inventory, index)
     t3 = time.perf_counter()
@@ -100,6 +102,21 @@ def timed_stage(url: str, flow: str, full: bool = True) -> dict:
     return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow], "peak_rss_mb": round(peak_rss_mb())}
 
 
+def compaction_groups(url: str) -> dict:
+    """The compaction's flow-process side alone (key columns of every index file, current rows, the workers' groups),
+    nothing written: seconds and CPU of each step and this process's peak RSS (works on an index-only store)."""
+    store = Store.at(url)
+    t0, c0 = time.perf_counter(), time.process_time()
+    files = index_files(store)
+    keys = index_sources(store, files, SOURCE_COLUMNS)
+    t1, c1 = time.perf_counter(), time.process_time()
+    work = compact.groups(keys, read_inventory(store, KEYS), files, "probe", COMPACT_TARGET_WINDOWS)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"index_files": len(files), "index_rows": keys.num_rows, "keys_arrow_mb": round(keys.nbytes / 1e6, 1), "groups": len(work),
+            "read_keys_s": round(t1 - t0, 2), "read_keys_cpu_s": round(c1 - c0, 2), "groups_s": round(t2 - t1, 2),
+            "groups_cpu_s": round(c2 - c1, 2), "peak_rss_mb": round(peak_rss_mb())}
+
+
 def peak_rss_mb() -> float:
     """High-water RSS of this process (VmHWM), in MB."""
     with open("/proc/self/status") as status:
@@ -110,7 +127,8 @@ def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
     probes = {"plan": timed_plan, "tables": flow_tables, "discover": timed_discover, "sample": timed_sample,
               "tag": lambda url: timed_stage(url, "tag"),
-              "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact")}
+              "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact"),
+              "compact-groups": compaction_groups}
     if len(argv) != 2 or argv[0] not in probes:
         print(__doc__, file=sys.stderr)
         return 2

@@ -361,7 +361,7 @@ CLUSTER_NODE_RAM_MB = 64_000
 PROBES = (("train_sample", "capped sample (no fit)"),)
 """Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
-CHECKS = ("stores", "listing", "curve", "issue5")
+CHECKS = ("stores", "listing", "curve", "issue5", "compact")
 TRAIN_MODES = ("sample", "cli", "both")
 
 
@@ -476,6 +476,49 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
             save(result)
     shutil.rmtree(run_dir)
     return result
+
+
+def compaction_checks(work: Path, n: int) -> dict:
+    """On a hard-linked copy of an already built store of n tracks (never built here): the no-op plan on its shard
+    index files, `genre-batch compact` (Prefect and Dask included; peak RSS per process), then the no-op plan on the
+    compacted index; the copy is deleted after."""
+    base = work / f"scale-{n}" / "base"
+    if not (base / synthetic_store.MARK).exists():
+        return {"tracks": n, "skipped": f"no built store at {base} (build it with --checks stores)"}
+    run_dir = work / f"scale-{n}" / "compact-run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    synthetic_store.linked_copy(base, run_dir)
+    url, env = str(run_dir / "store"), cli_env(work)
+    result: dict = {"tracks": n}
+    try:
+        print(f"[{n}] no-op plan on the shard index files", flush=True)
+        result["plan_before"] = probe("plan", url, env)
+        print(f"[{n}] compaction", flush=True)
+        run, result["compact"] = measured(cli_command("compact", "--store", url), env)
+        if not run.aborted:
+            result["compact"]["record"] = stage_record(run_dir / "store", "compact")
+            print(f"[{n}] no-op plan on the compacted index", flush=True)
+            result["plan_after"] = probe("plan", url, env)
+    finally:
+        shutil.rmtree(run_dir)
+    return result
+
+
+def print_compaction(results: list[dict]) -> None:
+    """The compaction checks as lines."""
+    for r in results:
+        if "skipped" in r:
+            print(f"compaction {r['tracks']}: skipped ({r['skipped']})")
+            continue
+        c = r["compact"]
+        print(f"compaction {r['tracks']} tracks: {c['wall_s']} s wall, {c['cpu_s']} s CPU, peak RSS {c['peak_rss_mb']} MB, load {c['load_1m']}"
+              + (f", {c['record']['parts_before']} parts -> {c['record']['parts_after']}" if "record" in c else f" ({c.get('aborted')})"))
+        for key in ("plan_before", "plan_after"):
+            if key in r and "plan_total_s" in r[key]:
+                p = r[key]
+                print(f"  no-op plan ({key}): {p['plan_total_s']} s (index {p['read_index_s']} s, plan {p['plan_s']} s), process "
+                      f"{p['process']['wall_s']} s wall, {p['process']['cpu_s']} s CPU, {p['process']['peak_rss_mb']} MB, load {p['process']['load_1m']}")
 
 
 def listing_checks(work: Path, sizes: tuple[int, ...]) -> dict:
@@ -697,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(5-fold CV + fit on the capped sample); both: the sample, then the whole train")
     parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
     parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
-                        help="what to run (default: stores listing curve; issue5 = the #5 checks; none: print the saved report)")
+                        help="what to run (default: stores listing curve; issue5 = the #5 checks; compact = plan and compaction on built stores only; "
+                             "none: print the saved report)")
     parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
     parser.add_argument("--processes", type=int, default=2, help="store builder processes (default 2: never with the cluster running)")
@@ -741,6 +785,12 @@ def main(argv: list[str] | None = None) -> int:
         if (args.data / "emotify").is_dir():
             report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps)
         save()
+    if "compact" in args.checks:
+        done = {r["tracks"]: r for r in report.get("compaction", [])}
+        for n in sizes:
+            done[n] = compaction_checks(work, n)
+            report["compaction"] = [done[k] for k in sorted(done)]
+            save()
     if "issue5" in args.checks:
         report["issue5"] = run(work, args.tiny_files, args.catalog_rows)
     if "issue5" in report:
@@ -752,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         print_listing(report["listing"])
     if "curves" in report:
         print_curves(report["curves"])
+    if "compaction" in report:
+        print_compaction(report["compaction"])
     if "projection" in report:
         print_projection(report["projection"])
     if "issue5" in report:

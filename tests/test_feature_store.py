@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,8 +148,10 @@ def test_compaction_keeps_current_rows_once_and_drops_the_rest(tmp_path: Path, d
     assert window_keys(store) == seen
     parts = sorted(os.listdir(store.feature_parts))
     assert len(parts) == 3 and all(p.startswith("compact-") for p in parts)  # parts of at most 60 windows, never split
-    [index] = os.listdir(store.index)
-    assert index.startswith("compact-") and fstore.stored_index(store).num_rows == 39  # 38 tracks and the failure
+    index = sorted(os.listdir(store.index))  # one piece per part, one of failures, then the commit file (no rows)
+    assert [fstore.compaction_of(n)[1] for n in index] == [False, False, False, False, True]
+    assert index[:3] == parts and fstore.stored_index(store).num_rows == 39  # 38 tracks and the failure
+    assert pa.parquet.read_metadata(f"{store.index}/{index[-1]}").num_rows == 0
     assert fstore.current_errors(store)["uri"].to_pylist() == ["/music/t007.mp3"]
     total = sum(pa.parquet.read_metadata(f"{store.feature_parts}/{p}").num_rows for p in parts)
     assert total == 38 * WINDOWS  # superseded, removed and duplicated rows are gone
@@ -159,6 +162,9 @@ CRASHES = {
     "index-half-written": "import os; real = os.fsync\n"
                           "def fsync(fd):\n    os.ftruncate(fd, os.fstat(fd).st_size // 2); die()\n"
                           "os.fsync = fsync",
+    "some-pieces-written": "from genre_batch.cluster import Session; real = Session.run\n"
+                           "def run(self, calls):\n    real(self, calls[:2]); die()\n"
+                           "Session.run = run",
     "after-commit": "import genre_batch.stages.compact as c; c.finish_compactions = die",
     "deleting-index": "from genre_batch.store import Store; real = Store.delete\n"
                       "def delete(self, paths):\n    real(self, paths[:1]); die() if '/index/' in ''.join(paths) else None; real(self, paths)\n"
@@ -182,13 +188,61 @@ def test_compaction_killed_at_each_step_loses_and_doubles_nothing(tmp_path: Path
     )
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == -signal.SIGKILL, done.stderr
+    pieces = [n for n in os.listdir(store.index) if n.startswith("compact-") and ".tmp-" not in n]
+    assert len(pieces) == {"some-pieces-written": 2, "before-commit": 4, "index-half-written": 4}.get(step, 5)  # + the commit file
     assert window_keys(store) == seen  # readers see every current row exactly once, right after the crash
     fstore.repair(store)  # what the next run does first
     assert window_keys(store) == seen
     parts = os.listdir(store.feature_parts)
-    committed = step not in ("before-commit", "index-half-written")
+    committed = step not in ("some-pieces-written", "before-commit", "index-half-written")
     assert all(p.startswith("compact-") for p in parts) == committed and len(parts) == (3 if committed else 10)
     assert not [n for n in os.listdir(store.index) + parts if ".tmp-" in n]
+    assert len([n for n in os.listdir(store.index) if n.startswith("compact-")]) == (5 if committed else 0)  # no orphan piece
     with session(dask_scheduler) as cluster:  # and the next compaction finishes the work
         compact.compact(store, cluster, target_windows=60)
     assert window_keys(store) == seen and len(os.listdir(store.feature_parts)) == 3
+
+
+def test_a_compaction_committed_before_index_pieces_is_read_and_replaced(tmp_path: Path, dask_scheduler: str) -> None:
+    """Index version 1 compactions wrote their rows into the commit file itself: such a store reads and compacts again."""
+    store, seen = busy_store(tmp_path)
+    files = fstore.index_files(store)
+    rows = fstore.current_tracks(store)
+    rows = pa.concat_tables([rows, fstore.resolved_outcome(fstore.read_index(store), fstore.read_inventory(store), fstore.LIBROSA, True)])
+    meta = {**fstore.INDEX_SCHEMA.metadata, b"genre_batch.replaces_index": json.dumps([p.rsplit("/", 1)[-1] for p in files]).encode(),
+            b"genre_batch.replaces_parts": b"[]"}
+    store.write_table(fstore.compacted_index_path(store, "20250101T000000000000Z-abcdef"), rows.replace_schema_metadata(meta))
+    fstore.repair(store)
+    assert os.listdir(store.index) == ["compact-20250101T000000000000Z-abcdef.parquet"] and window_keys(store) == seen
+    with session(dask_scheduler) as cluster:
+        compact.compact(store, cluster, target_windows=60)
+    assert window_keys(store) == seen and len(os.listdir(store.feature_parts)) == 3 and len(os.listdir(store.index)) == 5
+
+
+def test_current_rows_are_chosen_as_the_rule_says_on_a_random_index() -> None:
+    """resolved_keys (hash lookup + numeric sort) against the rule written out: per listed file, among its rows of the
+    listed fingerprint and the family's version, the newest success, else the newest failure; files in URI order."""
+    rng = np.random.default_rng(7)
+    uris = [f"/music/{i:03d}.mp3" for i in rng.permutation(60)]
+    listed = {u: f"fp{rng.integers(3)}" for u in uris[:50]}  # 10 URIs only in the index: removed files
+    rows = [
+        {"uri": uris[rng.integers(60)], "fingerprint": f"fp{rng.integers(3)}", "family": ["librosa", "musicnn"][rng.integers(2)],
+         "feature_version": int(FEATURE_VERSION - rng.integers(2)), "error_type": [None, None, "io_error"][rng.integers(3)],
+         "extracted_at": T0 + timedelta(hours=int(rng.integers(5)))}
+        for _ in range(400)
+    ]
+    index = pa.Table.from_pylist(rows, schema=pa.schema([fstore.INDEX_SCHEMA.field(c) for c in fstore.PLAN_COLUMNS]))
+    inventory = pa.table({"uri": list(listed), "fingerprint": list(listed.values())})  # not in URI order
+    expected = []
+    for uri in sorted(listed):
+        mine = [(r["error_type"] is not None, -r["extracted_at"].timestamp(), i) for i, r in enumerate(rows)
+                if r["uri"] == uri and r["fingerprint"] == listed[uri] and r["family"] == "librosa" and r["feature_version"] == FEATURE_VERSION]
+        if mine:
+            failed, _, row = min(mine)
+            expected.append((row, failed, list(listed).index(uri)))
+    got = fstore.resolved_keys(index, inventory)
+    assert list(zip(got["_row"].to_pylist(), got["_failed"].to_pylist(), got["_at"].to_pylist())) == expected
+    plan = fstore.plan(inventory, index)
+    done = {list(listed)[at] for row, failed, at in expected if rows[row]["error_type"] is None}
+    assert plan.todo["uri"].to_pylist() == sorted(plan.todo["uri"].to_pylist()) and plan.unchanged == len(done)
+    assert sorted(plan.todo["uri"].to_pylist() + plan.moved["uri"].to_pylist()) == sorted(set(listed) - done)  # same fingerprints: moves

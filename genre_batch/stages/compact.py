@@ -1,24 +1,29 @@
 """The compact stage: rewrite the current window rows into large parts on Dask, then delete what they replace.
 
-Every family's current rows are carried (its own parts, `features/<family folder>/compact-<id>-NNNNN.parquet`, one
-index file for all). Steps, each safe to die at: (1) finish or undo an earlier compaction (`repair`); (2) workers copy the current rows
-into new parts `compact-<id>-NNNNN.parquet` (a crash here leaves orphan parts that the next repair deletes);
-(3) one index file `index/compact-<id>.parquet` is written, naming the index files and parts it replaces: from then
-on readers use the new parts; (4) the replaced index files are deleted, then the replaced parts (a crash here is
-finished by the next repair). Readers see every current row exactly once at every step.
+Every family's current rows are carried (its own parts, `features/<family folder>/compact-<id>-NNNNN.parquet`). The
+flow process reads only the index's key columns (SOURCE_COLUMNS) to choose the current rows and deal them into groups;
+each group's worker reads the whole rows, writes its part and then its piece of the new index (`index/compact-<id>-NNNNN.parquet`,
+the part's name; failures get pieces without a part). Steps, each safe to die at: (1) finish or undo an earlier compaction
+(`repair`); (2) workers write parts and index pieces, which readers ignore while the compaction has no commit file (a
+crash here leaves orphans that the next repair deletes); (3) the commit file `index/compact-<id>.parquet` (no rows) is
+written, naming the index files and parts it replaces: from then on readers use the pieces (a row both in a piece and
+in a replaced file is the same extraction, chosen once); (4) the replaced index files are deleted, then the replaced
+parts (a crash here is finished by the next repair). Readers see every current row exactly once at every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch.cluster import Session
 from genre_batch.feature_store import (
-    COMPACT_PREFIX, COMPACT_TARGET_WINDOWS, FAMILIES, INDEX_SCHEMA, KEYS, LIBROSA, Family, batches, commit_compaction, compact_group,
-    compaction_id, failed, finish_compactions, needs_compaction, read_inventory, repair, resolved, resolved_keys, stored_index, succeeded,
+    AUTO_COMPACT_PARTS, COMPACT_PREFIX, COMPACT_TARGET_WINDOWS, ERROR_PIECE_ROWS, FAMILIES, KEYS, LIBROSA, SOURCE_COLUMNS, Family,
+    commit_compaction, compact_group, compaction_id, finish_compactions, index_files, index_sources, needs_compaction, part_batches,
+    read_inventory, repair, resolved_keys, sources_of, stored_index,
 )
 from genre_batch.store import Store
 
@@ -38,39 +43,52 @@ class CompactSummary:
 
 
 @dataclass
-class Selection:
-    """What a compaction replaces and carries: the current rows of every family, read from the listed index files."""
+class Group:
+    """One task of a compaction: the index rows (as files and row numbers) a worker copies into one part and its piece."""
 
-    current: dict[Family, pa.Table]
-    replaced_parts: list[str]
-    index_rows: int
+    name: str
+    family: Family | None
+    """None: failure rows, an index piece without a part."""
+    sources: list[tuple[str, np.ndarray]]
 
 
-def select(store: Store, files: list[str]) -> Selection:
-    """The current rows of the library as last listed, from the given index files (the whole index is dropped once
-    they are taken)."""
-    index = stored_index(store, files=files)  # a shard finishing late writes its part, then its index: both stay
-    replaced_parts = sorted(set(pc.unique(index["part"].drop_null()).to_pylist()) | {p.rsplit("/", 1)[-1] for p in files})
-    inventory = read_inventory(store, KEYS)
-    return Selection({f: resolved(index, inventory, f) for f in FAMILIES.values()}, replaced_parts, index.num_rows)
+def groups(keys: pa.Table, inventory: pa.Table, files: list[str], cid: str, target_windows: int) -> list[Group]:
+    """The compaction's tasks: per family, its current successful rows dealt into parts of about `target_windows`
+    windows (a part never split), then every family's current failures in pieces of ERROR_PIECE_ROWS."""
+    out: list[Group] = []
+    failures = []
+    for family in FAMILIES.values():
+        picked = resolved_keys(keys, inventory, family)
+        failures.append(keys.select(["_file", "_line"]).take(picked["_row"].filter(picked["_failed"])))
+        rows = keys.select(["part", "row_count", "_file", "_line"]).take(picked["_row"].filter(pc.invert(picked["_failed"])))
+        if rows.num_rows == 0:
+            continue
+        batch = part_batches(rows["part"], rows["row_count"], target_windows)
+        order = np.argsort(batch, kind="stable")
+        starts = np.flatnonzero(np.r_[True, batch[order][1:] != batch[order][:-1]])
+        for chunk in np.split(order, starts[1:]):
+            out.append(Group(f"{COMPACT_PREFIX}{cid}-{len(out):05d}.parquet", family, sources_of(rows.take(pa.array(chunk)), files)))
+    failed = pa.concat_tables(failures)
+    for start in range(0, failed.num_rows, ERROR_PIECE_ROWS):
+        out.append(Group(f"{COMPACT_PREFIX}{cid}-{len(out):05d}.parquet", None, sources_of(failed.slice(start, ERROR_PIECE_ROWS), files)))
+    return out
 
 
 def compact(store: Store, session: Session, target_windows: int = COMPACT_TARGET_WINDOWS) -> CompactSummary:
     """Rewrite the current rows of the library as last listed into parts of about `target_windows` windows."""
     repair(store)
-    files = store.list(store.index, ".parquet")
-    chosen = select(store, files)
+    files = index_files(store)
+    keys = index_sources(store, files, SOURCE_COLUMNS)  # a shard finishing late writes its part, then its index: both stay
+    replaced_parts = sorted(set(pc.unique(keys["part"].drop_null()).to_pylist()) | {p.rsplit("/", 1)[-1] for p in files})
+    index_rows = keys.num_rows
     cid = compaction_id()
-    work = [(f, batch) for f, rows in chosen.current.items() for batch in batches(succeeded(rows), target_windows)]
-    tracks = succeeded(chosen.current[LIBROSA]).num_rows
-    errors = [failed(rows) for rows in chosen.current.values()]
-    chosen.current.clear()  # the workers' batches carry the rows from here on
-    new_rows = session.run([(compact_group, store, batch, f"{COMPACT_PREFIX}{cid}-{i:05d}.parquet", f) for i, (f, batch) in enumerate(work)])
-    new_index = pa.concat_tables([*new_rows, *errors]).cast(INDEX_SCHEMA)
-    commit_compaction(store, cid, new_index, [p.rsplit("/", 1)[-1] for p in files], chosen.replaced_parts)
+    work = groups(keys, read_inventory(store, KEYS), files, cid, target_windows)
+    del keys  # the groups name the rows from here on
+    written = session.run([(compact_group, store, g.name, g.family, g.sources) for g in work])
+    commit_compaction(store, cid, [p.rsplit("/", 1)[-1] for p in files], replaced_parts)
     finish_compactions(store)
-    parts_after = sum(1 for f, _ in work if f == LIBROSA)
-    return CompactSummary(len(chosen.replaced_parts), parts_after, chosen.index_rows, new_index.num_rows, tracks)
+    tracks = sum(n for g, n in zip(work, written) if g.family == LIBROSA)
+    return CompactSummary(len(replaced_parts), sum(1 for g in work if g.family == LIBROSA), index_rows, sum(written), tracks)
 
 
 def current_rows(index: pa.Table, inventory: pa.Table) -> int:
@@ -78,7 +96,16 @@ def current_rows(index: pa.Table, inventory: pa.Table) -> int:
     return sum(resolved_keys(index, inventory, f).num_rows for f in FAMILIES.values())
 
 
+def part_count(store: Store) -> int:
+    """Parts of every family in the store."""
+    return sum(len(store.list(f"{store.features}/{f.folder}", ".parquet")) for f in FAMILIES.values())
+
+
 def needed(store: Store) -> bool:
-    """Whether the store is past the automatic compaction threshold (feature_store.AUTO_COMPACT_*)."""
+    """Whether the store is past the automatic compaction threshold (feature_store.AUTO_COMPACT_*); the index is read
+    only when the part count alone does not decide."""
+    parts = part_count(store)
+    if parts <= 1 or parts > AUTO_COMPACT_PARTS:
+        return parts > 1
     index = stored_index(store, KEEP_COLUMNS)
-    return needs_compaction(store, index.num_rows, current_rows(index, read_inventory(store, KEYS)))
+    return needs_compaction(parts, index.num_rows, current_rows(index, read_inventory(store, KEYS)))

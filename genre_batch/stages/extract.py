@@ -11,7 +11,9 @@ from genre_batch import GenreBatchError, PublishRefused
 from genre_batch.cluster import Session
 from genre_batch.discovery import discover
 from genre_batch.extraction import Progress, run_shards
-from genre_batch.feature_store import BACKFILL_CAP, FAMILIES, LIBROSA, Family, plan, plan_run, read_index, read_inventory, repair, write_inventory
+from genre_batch.feature_store import (
+    BACKFILL_CAP, FAMILIES, LIBROSA, PLAN_COLUMNS, Family, needs_rows, plan, plan_run, read_index, read_inventory, repair, write_inventory,
+)
 from genre_batch.store import Store
 
 
@@ -82,7 +84,11 @@ def extract(
     inventory = discover(library)
     previous = read_inventory(store)
     check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
-    todo = plan_run(inventory, read_index(store), families, force, backfill_cap)
+    index = read_index(store, PLAN_COLUMNS)
+    todo = plan_run(inventory, index, families, force, backfill_cap)
+    if needs_rows(todo, index):  # files moved (rare): plan again on whole rows, which the moves file carries
+        del index
+        todo = plan_run(inventory, read_index(store), families, force, backfill_cap)
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
         unchanged=todo.unchanged, moved=len(set(todo.moved["uri"].to_pylist())), repaired_parts=len(repaired),
@@ -121,7 +127,7 @@ def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
     """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files."""
     inventory = discover(library)
     previous = read_inventory(store)
-    todo = plan(inventory, read_index(store), force)
+    todo = plan(inventory, read_index(store, PLAN_COLUMNS), force)
     known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
     same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:
