@@ -41,7 +41,10 @@ def training_set(windows: pa.Table, labels: pa.Table, grouping: str = "auto") ->
     """The training set of a window table and its labels, as the train stage builds it (no cap)."""
     tracks = windows.filter(pc.equal(windows["window"], 0))
     kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels, "folders")
-    return training.training_set(windows, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
+    found = pc.index_in(windows["uri"], value_set=kept["uri"])
+    ours = windows.filter(pc.is_valid(found))
+    track = found.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+    return training.training_set(training.matrix(ours), track, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
 
 
 @pytest.mark.parametrize("grouping", ["track", "artist"])
