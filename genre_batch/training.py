@@ -210,8 +210,11 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
 
 
 TRAINING_BUDGET_BYTES = 384 * 2**20
-"""Memory for the float32 window features of a training sample: with the model's working copies, training stays
-under 2 GB per process. The cap per genre follows from it (`cap_per_genre`)."""
+"""Memory for the float32 feature matrix of a training sample (rows x columns x 4 bytes; columns: 603 librosa, + 250
+musicnn). The cap per genre follows from it (`cap_per_genre`). The flow process's budget of 2 GB at 1M labelled tracks
+(README, Training sample): ~350 MB interpreter and libraries, the labelled index first (peak 1.4 GB measured at 1M,
+freed but its keys before the features are read), then this matrix plus the fit's working set (one float32 copy of a
+fold's rows for `linear`; XGBoost's one-byte quantised rows for `xgboost`)."""
 
 
 def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES, n_columns: int = len(FEATURE_NAMES)) -> int:

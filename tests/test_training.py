@@ -151,7 +151,7 @@ def test_early_stopping_and_the_choice_of_C_need_two_groups_per_genre_else_defau
     assert LinearModel.fit(X, y, np.ones(4), groups, 2, list(FEATURE_NAMES)).C == DEFAULT_C
 
 
-def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dask_scheduler: str) -> None:
     """Several reading tasks (a batch per part, parts out of URI order) fill one matrix: each track's rows are its
     windows as stored, the same on every run; labels by file, genres with fewer than 2 tracks left out."""
     store = Store(str(tmp_path / "store"))
@@ -163,7 +163,7 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
     labels = tmp_path / "labels.csv"
     labels.write_text("file,genre\n" + "".join(f"{f['uri']},{g}\n" for f, g in zip(library, genres)))
     monkeypatch.setattr(train_stage, "READ_BATCH_WINDOWS", 6)  # two tracks per task: parts split over several tasks
-    with session(n_workers=1) as cluster:
+    with session(dask_scheduler) as cluster:
         data, labelled, cap = train_stage.training_data(store, str(labels), cluster, grouping="track")
         again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
     assert data.genres == ["a", "b", "c"] and data.dropped == {"lonely": 1} and labelled.tracks.num_rows == 12

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -136,10 +136,13 @@ def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> tup
 def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
                   families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
     """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
-    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap."""
+    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. The labelled
+    set comes back as its keys only (`labelled_keys`), and the index tables are freed before the features are read:
+    at 1M tracks they are the flow process's largest tables after the sample."""
     families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
     data = labelled(store, spec, grouping)
     tracks = training.located(store, data.tracks, read_inventory(store, KEYS), families)
+    data = replace(data, tracks=labelled_keys(data))
     if tracks.num_rows == 0:
         raise GenreBatchError(f"no labelled track of {store.url} has every feature family {', '.join(families)}: extract them "
                               f"with 'genre-batch extract LIBRARY --features librosa,musicnn' first")
@@ -148,6 +151,8 @@ def training_data(store: Store, spec: str, session: Session, grouping: str = "au
     columns = training.columns_of(families)
     cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(columns)) if capped else None
     sample = training.sample(tracks, cap, grouping)
+    del tracks
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages; numpy and the fit allocate elsewhere
     X, track = read_sample(store, sample, session, families)
     return training.training_set(X, track, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
 
@@ -320,7 +325,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "labelled_tracks": labelled_set.tracks.num_rows,
         "tracks": len(data.y_track),
         "windows": len(data.y),
-        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES,
+        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": int(data.X.nbytes),
                    "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
@@ -338,7 +343,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
     if all_tracks:
         rounds = XGBoostModel.rounds_for(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres), data.columns)
-        located = training.located(store, labelled_set.tracks, read_inventory(store, KEYS), families)
+        located = training.located(store, labelled(store, spec, grouping).tracks, read_inventory(store, KEYS), families)
         model = fit_all(store, located, data.genres, session, rounds, families)
         metadata["fit"] = {"tracks": located.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
     else:
