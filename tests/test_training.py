@@ -168,7 +168,8 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
         again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
     assert data.genres == ["a", "b", "c"] and data.dropped == {"lonely": 1} and labelled.tracks.num_rows == 12
     assert cap == training.cap_per_genre(3, 3.0) and data.X.dtype == np.float32 and data.X.shape == (36, len(FEATURE_NAMES))
-    windows = pa.concat_tables([fstore.read_windows(store, g, ["uri", *FEATURE_NAMES]) for g in fstore.by_part(labelled.tracks)])
+    assert labelled.tracks.column_names == ["uri", "fingerprint", "genre"]  # the flow process keeps the labelled set's keys only
+    windows = pa.concat_tables([fstore.read_windows(store, g, ["uri", *FEATURE_NAMES]) for g in fstore.by_part(fstore.current_tracks(store))])
     uris = labelled.tracks["uri"].to_pylist()  # the sample is every labelled track, in URI order
     for t, uri in enumerate(uris):
         mine = windows.filter(pc.equal(windows["uri"], uri))
