@@ -209,12 +209,18 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
     return kept, genres, dropped, training_fingerprint(kept, source)
 
 
-TRAINING_BUDGET_BYTES = 384 * 2**20
+PROCESS_LIMIT_BYTES = 2 * 10**9
+"""Peak RSS allowed to any process of a training run (issue #12: 1M labelled tracks on a 24 GB, 2-core machine)."""
+FLOW_BASE_BYTES = 10**9
+"""The flow process before the sample is read, at 1M labelled tracks: interpreter and libraries (~350 MB) and what the
+labelled index leaves behind once freed (measured 881 MB at 1M, load ~30; rounded up for Prefect and margin)."""
+FIT_WORKING_SET = 2.25
+"""The fit's peak above the sample matrix, in matrix sizes: measured for one CV fold on a 403 MB sample, xgboost
++898 MB (2.23), linear +367 MB (0.91); the larger one sets the budget, so both kinds stay within it."""
+TRAINING_BUDGET_BYTES = int((PROCESS_LIMIT_BYTES - FLOW_BASE_BYTES) / (1 + FIT_WORKING_SET))
 """Memory for the float32 feature matrix of a training sample (rows x columns x 4 bytes; columns: 603 librosa, + 250
-musicnn). The cap per genre follows from it (`cap_per_genre`). The flow process's budget of 2 GB at 1M labelled tracks
-(README, Training sample): ~350 MB interpreter and libraries, the labelled index first (peak 1.4 GB measured at 1M,
-freed but its keys before the features are read), then this matrix plus the fit's working set (one float32 copy of a
-fold's rows for `linear`; XGBoost's one-byte quantised rows for `xgboost`)."""
+musicnn): what is left of the process limit after the flow's base, over the matrix and the fit's working set
+(~308 MB). The cap per genre follows from it (`cap_per_genre`)."""
 
 
 def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES, n_columns: int = len(FEATURE_NAMES)) -> int:
