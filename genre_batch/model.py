@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -43,10 +44,21 @@ C_GRID = (0.001, 0.01, 0.1, 1.0)
 DEFAULT_C = 0.01
 """The linear model's C when a training set is too small for a validation fold."""
 MAX_ITER = 2000
-PREDICT_CHUNK = 50_000
-"""Rows standardised and scored at a time by the linear model (bounds the float32 copy)."""
+PREDICT_CHUNK = 8_192
+"""Rows copied at a time when a model reads some rows of a matrix (scoring, standardising, XGBoost's quantised
+matrix): fits and predictions never copy all the chosen rows of a training set at once."""
 ABSENT_CLASS_LOGIT = -30.0
 """Intercept of a genre the linear model's training rows lacked (a fold can miss one): probability ~0."""
+
+
+def everything(rows: np.ndarray | None, n: int) -> np.ndarray:
+    """The given row numbers, or all n rows."""
+    return np.arange(n) if rows is None else rows
+
+
+def chunks(rows: np.ndarray, size: int = PREDICT_CHUNK) -> list[np.ndarray]:
+    """Consecutive pieces of an array of row numbers, at most `size` long each."""
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
 def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
@@ -79,12 +91,20 @@ class GenreModel(ABC):
 
     @classmethod
     @abstractmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str]) -> GenreModel:
-        """Fit on rows X (labels y, weights, the split group of each row), its hyper-parameters chosen on a grouped fold."""
+    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
+            rows: np.ndarray | None = None) -> GenreModel:
+        """Fit on the rows `rows` of X (default all; y, weights and split groups are given for every row of X), its
+        hyper-parameters chosen on a grouped fold of those rows. The chosen rows are read PREDICT_CHUNK at a time."""
 
     @abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, one row per feature row (rows sum to 1)."""
+
+    def predict_rows(self, X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities of some rows of X, PREDICT_CHUNK rows copied at a time."""
+        if len(rows) == 0:
+            return self.predict_proba(X[:0])
+        return np.vstack([self.predict_proba(X[piece]) for piece in chunks(rows)])
 
     @abstractmethod
     def to_files(self) -> dict[str, bytes]:
@@ -98,6 +118,28 @@ class GenreModel(ABC):
     @abstractmethod
     def params(self) -> dict:
         """What the model card records of its settings."""
+
+
+class RowBatches(xgb.DataIter):
+    """Some rows of a matrix with their labels and weights, handed to XGBoost PREDICT_CHUNK rows at a time: a
+    QuantileDMatrix is built from them (one byte per value) without a copy of them all."""
+
+    def __init__(self, X: np.ndarray, rows: np.ndarray, y: np.ndarray, weight: np.ndarray, columns: list[str]) -> None:
+        super().__init__(release_data=True)
+        self.X, self.pieces, self.y, self.weight, self.columns, self.at = X, chunks(rows), y, weight, list(columns), 0
+
+    def next(self, input_data: Callable) -> bool:
+        """Hand the next piece to XGBoost; False after the last."""
+        if self.at == len(self.pieces):
+            return False
+        piece = self.pieces[self.at]
+        input_data(data=self.X[piece], label=self.y[piece], weight=self.weight[piece], feature_names=self.columns)
+        self.at += 1
+        return True
+
+    def reset(self) -> None:
+        """Start again from the first piece."""
+        self.at = 0
 
 
 class XGBoostModel(GenreModel):
@@ -114,28 +156,38 @@ class XGBoostModel(GenreModel):
         """An XGBoost matrix with the feature names."""
         return xgb.DMatrix(X, label=y, weight=weight, feature_names=list(columns))
 
+    @staticmethod
+    def quantised(X: np.ndarray, rows: np.ndarray, y: np.ndarray, weight: np.ndarray, columns: list[str],
+                  ref: xgb.QuantileDMatrix | None = None) -> xgb.QuantileDMatrix:
+        """XGBoost's quantised matrix of some rows of X (bins of `ref` when given), built a chunk at a time."""
+        return xgb.QuantileDMatrix(RowBatches(X, rows, y, weight, columns), ref=ref, nthread=PARAMS["nthread"])
+
     @classmethod
-    def rounds_for(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str]) -> int:
-        """Rounds chosen by early stopping on a grouped, stratified validation fold (DEFAULT_ROUNDS without one)."""
-        split = validation_split(y, groups)
+    def rounds_for(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
+                   rows: np.ndarray | None = None) -> int:
+        """Rounds chosen by early stopping on a grouped, stratified validation fold of `rows` (DEFAULT_ROUNDS without one)."""
+        rows = everything(rows, len(y))
+        split = validation_split(y[rows], groups[rows])
         if split is None:
             return DEFAULT_ROUNDS
-        fit_rows, check_rows = split
+        fitting = cls.quantised(X, rows[split[0]], y, weight, columns)
         booster = xgb.train(
             {**PARAMS, "num_class": n_classes},
-            cls.dmatrix(X[fit_rows], columns, y[fit_rows], weight[fit_rows]),
+            fitting,
             num_boost_round=MAX_ROUNDS,
-            evals=[(cls.dmatrix(X[check_rows], columns, y[check_rows], weight[check_rows]), "validation")],
+            evals=[(cls.quantised(X, rows[split[1]], y, weight, columns, ref=fitting), "validation")],
             early_stopping_rounds=EARLY_STOPPING,
             verbose_eval=False,
         )
         return booster.best_iteration + 1
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str]) -> XGBoostModel:
-        """Early-stopped rounds on a validation fold, then all rows for that many rounds."""
-        rounds = cls.rounds_for(X, y, weight, groups, n_classes, columns)
-        return cls(xgb.train({**PARAMS, "num_class": n_classes}, cls.dmatrix(X, columns, y, weight), num_boost_round=rounds), rounds)
+    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
+            rows: np.ndarray | None = None) -> XGBoostModel:
+        """Early-stopped rounds on a validation fold, then all the rows for that many rounds."""
+        rounds = cls.rounds_for(X, y, weight, groups, n_classes, columns, rows)
+        matrix = cls.quantised(X, everything(rows, len(y)), y, weight, columns)
+        return cls(xgb.train({**PARAMS, "num_class": n_classes}, matrix, num_boost_round=rounds), rounds)
 
     @classmethod
     def fit_dask(cls, client: object, X: object, y: object, weight: object, n_classes: int, columns: list[str], rounds: int) -> XGBoostModel:
@@ -148,8 +200,10 @@ class XGBoostModel(GenreModel):
         return cls(dxgb.train(client, {**PARAMS, "num_class": n_classes}, dtrain, num_boost_round=rounds)["booster"], rounds)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities of the booster (column names as it was trained with)."""
-        return self.booster.predict(self.dmatrix(X, self.booster.feature_names or []))
+        """Class probabilities of the booster, PREDICT_CHUNK rows at a time, straight from the array (no DMatrix copy)."""
+        if len(X) == 0:
+            return self.booster.predict(self.dmatrix(X, self.booster.feature_names or []))
+        return np.vstack([self.booster.inplace_predict(X[start : start + PREDICT_CHUNK]) for start in range(0, len(X), PREDICT_CHUNK)])
 
     def to_files(self) -> dict[str, bytes]:
         """The booster in XGBoost's UBJSON format."""
@@ -178,20 +232,34 @@ class LinearModel(GenreModel):
         self.coef, self.intercept, self.mean, self.scale, self.C = coef, intercept, mean, scale, C
 
     @staticmethod
-    def standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of each column (1 where a column is constant)."""
-        mean = X.mean(axis=0, dtype=np.float64)
-        scale = X.std(axis=0, dtype=np.float64)
+    def standardiser(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of each column over some rows (1 where a column is constant), in float64
+        a chunk at a time (two passes: no float64 copy of the rows)."""
+        mean = sum(X[piece].sum(axis=0, dtype=np.float64) for piece in chunks(rows)) / len(rows)
+        square = sum(np.square(X[piece] - mean).sum(axis=0) for piece in chunks(rows)) / len(rows)
+        scale = np.sqrt(square)
         return mean, np.where(scale > 0, scale, 1.0)
 
+    @staticmethod
+    def standardised(X: np.ndarray, rows: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The z-scores of some rows of X as float32: the one copy of the rows a fit makes, filled a chunk at a time."""
+        Z = np.empty((len(rows), X.shape[1]), np.float32)
+        mean32, scale32 = mean.astype(np.float32), scale.astype(np.float32)
+        for start in range(0, len(rows), PREDICT_CHUNK):
+            piece = rows[start : start + PREDICT_CHUNK]
+            Z[start : start + len(piece)] = (X[piece] - mean32) / scale32
+        return Z
+
     @classmethod
-    def fit_C(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, n_classes: int, C: float) -> LinearModel:
-        """Fit for one C; genres absent from y get zero weights and a very low intercept."""
+    def fit_C(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, n_classes: int, C: float, rows: np.ndarray | None = None) -> LinearModel:
+        """Fit for one C on some rows (default all); genres absent from them get zero weights and a very low intercept."""
         from sklearn.linear_model import LogisticRegression
 
-        mean, scale = cls.standardiser(X)
-        Z = (X - mean.astype(np.float32)) / scale.astype(np.float32)  # float32: one copy the size of the sample
-        fitted = LogisticRegression(C=C, max_iter=MAX_ITER).fit(Z, y, sample_weight=weight)
+        rows = everything(rows, len(y))
+        mean, scale = cls.standardiser(X, rows)
+        Z = cls.standardised(X, rows, mean, scale)
+        fitted = LogisticRegression(C=C, max_iter=MAX_ITER).fit(Z, y[rows], sample_weight=weight[rows])
+        del Z
         coef = np.zeros((n_classes, X.shape[1]))
         intercept = np.full(n_classes, ABSENT_CLASS_LOGIT)
         present = fitted.classes_.astype(np.int64)
@@ -203,19 +271,21 @@ class LinearModel(GenreModel):
         return cls(coef, intercept, mean, scale, C)
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str]) -> LinearModel:
-        """C with the least weighted log-loss on a validation fold (DEFAULT_C without one), then all rows."""
-        split = validation_split(y, groups)
+    def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
+            rows: np.ndarray | None = None) -> LinearModel:
+        """C with the least weighted log-loss on a validation fold (DEFAULT_C without one), then all the rows."""
+        rows = everything(rows, len(y))
+        split = validation_split(y[rows], groups[rows])
         C = DEFAULT_C
         if split is not None:
-            fit_rows, check_rows = split
+            fit_rows, check_rows = rows[split[0]], rows[split[1]]
             losses = []
             for c in C_GRID:
-                p = cls.fit_C(X[fit_rows], y[fit_rows], weight[fit_rows], n_classes, c).predict_proba(X[check_rows])
+                p = cls.fit_C(X, y, weight, n_classes, c, fit_rows).predict_rows(X, check_rows)
                 truth = np.clip(p[np.arange(len(check_rows)), y[check_rows]], 1e-12, 1.0)
                 losses.append(float(-np.average(np.log(truth), weights=weight[check_rows])))
             C = C_GRID[int(np.argmin(losses))]
-        return cls.fit_C(X, y, weight, n_classes, C)
+        return cls.fit_C(X, y, weight, n_classes, C, rows)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """softmax of the standardised rows' logits, in chunks of PREDICT_CHUNK rows."""

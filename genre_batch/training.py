@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
-from genre_batch.feature_store import FAMILIES, KEYS, LIBROSA, MUSICNN_COLUMNS, by_part, current_tracks, read_windows
+from genre_batch.feature_store import FAMILIES, INDEX_SCHEMA, KEYS, LIBROSA, MUSICNN_COLUMNS, by_part, current_tracks, read_windows
 from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.model import MAX_FOLDS, GenreModel, groups_per_genre, model_class
+from genre_batch.model import MAX_FOLDS, GenreModel, everything, groups_per_genre, model_class
 from genre_batch.store import Store
 
 MIN_PER_GENRE = 2
@@ -43,7 +43,6 @@ class TrainingSet:
     y_track: np.ndarray
     groups: np.ndarray
     genres: list[str]
-    uris: list[str]
     grouping: str
     fingerprint: str
     dropped: dict[str, int]
@@ -75,6 +74,17 @@ def versions_of(families: list[str] | tuple[str, ...]) -> dict[str, int]:
 
 LOCATION = ("part", "row_start", "row_count")
 """Index columns that say where a track's rows of a family are; another family's are carried as `<family>.<column>`."""
+CHOICE_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
+"""Index columns that choose each file's current row (feature_store.current_tracks)."""
+LABELLED_COLUMNS = [*CHOICE_COLUMNS, *LOCATION, "tag_genre", "tag_artist", "tag_album"]
+"""What training reads of the track index: the choice, the location, the label and grouping tags (the rest, e.g.
+error messages, stays on disk: at 1M tracks the whole index would cost the flow process several hundred MB)."""
+
+
+def index_columns(grouping: str) -> list[str]:
+    """The index columns training reads, with the column a custom grouping names (when the index has it)."""
+    extra = grouping not in GROUPINGS and grouping in INDEX_SCHEMA.names and grouping not in LABELLED_COLUMNS
+    return [*LABELLED_COLUMNS, grouping] if extra else list(LABELLED_COLUMNS)
 
 
 def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...]) -> pa.Table:
@@ -82,7 +92,7 @@ def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[
     (uri, fingerprint) as `<family>.part`, ...; tracks lacking one of those families are left out."""
     others = [name for name in ordered_families(families) if name != LIBROSA.name]
     for name in others:
-        rows = current_tracks(store, inventory, FAMILIES[name]).select([*KEYS, *LOCATION])
+        rows = current_tracks(store, inventory, FAMILIES[name], [*CHOICE_COLUMNS, *LOCATION]).select([*KEYS, *LOCATION])
         rows = rows.rename_columns([*KEYS, *(f"{name}.{c}" for c in LOCATION)])
         tracks = tracks.join(rows, keys=KEYS, join_type="inner")
     return tracks.sort_by("uri") if others else tracks
@@ -93,7 +103,7 @@ def lacking(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[
     counts = {}
     for name in ordered_families(families):
         if name != LIBROSA.name:
-            have = current_tracks(store, inventory, FAMILIES[name]).select(KEYS)
+            have = current_tracks(store, inventory, FAMILIES[name], CHOICE_COLUMNS).select(KEYS)
             counts[name] = tracks.join(have, keys=KEYS, join_type="left anti").num_rows
     return {name: n for name, n in counts.items() if n}
 
@@ -126,12 +136,28 @@ def matrix(windows: pa.Table, columns: list[str] | None = None) -> np.ndarray:
     return np.column_stack([windows[name].to_numpy(zero_copy_only=False) for name in names]).astype(np.float32, copy=False)
 
 
-def training_fingerprint(rows: list[tuple[str, str, str]], source: str) -> str:
-    """Hash of (uri, content fingerprint, genre) rows, label source and feature version."""
+CHUNK_ROWS = 100_000
+"""Rows of a per-track table turned into Python values at a time (hashing): memory stays bounded at any library size."""
+
+
+def training_fingerprint(rows: pa.Table, source: str) -> str:
+    """Hash of the (uri, fingerprint, genre) rows in sorted order, label source and feature version (Arrow's byte
+    order of UTF-8 strings is Python's order of str), read CHUNK_ROWS at a time."""
     digest = hashlib.sha1(f"{source}|{FEATURE_VERSION}".encode())
-    for row in sorted(rows):
-        digest.update("\x00".join(row).encode())
+    names = ["uri", "fingerprint", "genre"]
+    ordered = rows.select(names).sort_by([(name, "ascending") for name in names])
+    for batch in ordered.to_batches(max_chunksize=CHUNK_ROWS):
+        for row in zip(*(batch.column(name).to_pylist() for name in names)):
+            digest.update("\x00".join(row).encode())
     return digest.hexdigest()[:16]
+
+
+def mapped(values: pa.Array | pa.ChunkedArray, function: Callable[[str], str]) -> pa.ChunkedArray:
+    """A Python function of strings applied to an Arrow string column, CHUNK_ROWS values at a time."""
+    values = pa.chunked_array([values]) if isinstance(values, pa.Array) else values
+    pieces = [pa.array([function(v) for v in values.slice(start, CHUNK_ROWS).to_pylist()], pa.string())
+              for start in range(0, len(values), CHUNK_ROWS)]
+    return pa.chunked_array(pieces, pa.string())
 
 
 def resolve_grouping(tracks: pa.Table, grouping: str) -> str:
@@ -144,30 +170,34 @@ def resolve_grouping(tracks: pa.Table, grouping: str) -> str:
     return "track"
 
 
-def group_keys(tracks: pa.Table, grouping: str) -> list[str]:
-    """The split group of each track; a track without a value is a group of its own."""
-    uris = tracks["uri"].to_pylist()
+def group_keys(tracks: pa.Table, grouping: str) -> pa.ChunkedArray:
+    """The split group of each track (`<column>=<value>`, the folder or the URI); a track without a value is a group
+    of its own. Computed column-wise: no Python string per track."""
+    uris = tracks["uri"]
     if grouping == "track":
         return uris
     if grouping == "folder":
-        return [posixpath.dirname(u) for u in uris]
+        return mapped(uris, posixpath.dirname)
     column = {"artist": "tag_artist", "album": "tag_album"}.get(grouping, grouping)
     if column not in tracks.column_names:
         raise GenreBatchError(f"cannot group by {grouping!r}: use one of {', '.join(GROUPINGS)} or a feature-store column")
-    values = tracks[column].to_pylist()
-    return [f"{column}={v}" if v not in (None, "") else u for v, u in zip(values, uris)]
+    values = tracks[column].cast(pa.string())
+    present = pc.fill_null(pc.not_equal(values, ""), False)
+    return pc.if_else(present, pc.binary_join_element_wise(f"{column}=", values, ""), uris)
 
 
-def codes(values: list[str]) -> np.ndarray:
+def codes(values: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Integer codes of values, in order of first appearance."""
-    index: dict[str, int] = {}
-    return np.array([index.setdefault(v, len(index)) for v in values], dtype=np.int64)
+    array = pa.array(values, pa.string()) if isinstance(values, list) else values
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    return pc.dictionary_encode(array).indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa.Table, list[str], dict[str, int], str]:
     """Tracks kept for training (genres with MIN_PER_GENRE+ tracks) with their genre, the genres, the dropped ones, and their fingerprint."""
     joined = tracks.join(labels, keys="uri", join_type="inner").sort_by("uri")
-    counts = Counter(joined["genre"].to_pylist())
+    tally = pc.value_counts(joined["genre"])
+    counts = dict(zip(tally.field("values").to_pylist(), tally.field("counts").to_pylist()))
     dropped = {g: n for g, n in counts.items() if n < MIN_PER_GENRE}
     genres = sorted(g for g in counts if g not in dropped)
     if len(genres) < 2:
@@ -176,13 +206,21 @@ def labelled_tracks(tracks: pa.Table, labels: pa.Table, source: str) -> tuple[pa
             f"found {dict(counts) or 'no labelled tracks'} (label source: {source})"
         )
     kept = joined.filter(pc.is_in(joined["genre"], value_set=pa.array(genres)))
-    rows = list(zip(kept["uri"].to_pylist(), kept["fingerprint"].to_pylist(), kept["genre"].to_pylist()))
-    return kept, genres, dropped, training_fingerprint(rows, source)
+    return kept, genres, dropped, training_fingerprint(kept, source)
 
 
-TRAINING_BUDGET_BYTES = 384 * 2**20
-"""Memory for the float32 window features of a training sample: with the model's working copies, training stays
-under 2 GB per process. The cap per genre follows from it (`cap_per_genre`)."""
+PROCESS_LIMIT_BYTES = 2 * 10**9
+"""Peak RSS allowed to any process of a training run (issue #12: 1M labelled tracks on a 24 GB, 2-core machine)."""
+FLOW_BASE_BYTES = 10**9
+"""The flow process before the sample is read, at 1M labelled tracks: interpreter and libraries (~350 MB) and what the
+labelled index leaves behind once freed (measured 881 MB at 1M, load ~30; rounded up for Prefect and margin)."""
+FIT_WORKING_SET = 2.25
+"""The fit's peak above the sample matrix, in matrix sizes: measured for one CV fold on a 403 MB sample, xgboost
++898 MB (2.23), linear +367 MB (0.91); the larger one sets the budget, so both kinds stay within it."""
+TRAINING_BUDGET_BYTES = int((PROCESS_LIMIT_BYTES - FLOW_BASE_BYTES) / (1 + FIT_WORKING_SET))
+"""Memory for the float32 feature matrix of a training sample (rows x columns x 4 bytes; columns: 603 librosa, + 250
+musicnn): what is left of the process limit after the flow's base, over the matrix and the fit's working set
+(~308 MB). The cap per genre follows from it (`cap_per_genre`)."""
 
 
 def cap_per_genre(n_genres: int, windows_per_track: float, budget: int = TRAINING_BUDGET_BYTES, n_columns: int = len(FEATURE_NAMES)) -> int:
@@ -196,34 +234,44 @@ def digest(value: str) -> str:
     return hashlib.sha1(value.encode()).hexdigest()[:12]
 
 
+def order_keys(groups: pa.ChunkedArray, uris: pa.ChunkedArray) -> pa.ChunkedArray:
+    """digest(group) + digest(uri) of each track, CHUNK_ROWS tracks at a time."""
+    pieces = []
+    for start in range(0, len(uris), CHUNK_ROWS):
+        pairs = zip(groups.slice(start, CHUNK_ROWS).to_pylist(), uris.slice(start, CHUNK_ROWS).to_pylist())
+        pieces.append(pa.array([digest(g) + digest(u) for g, u in pairs], pa.string()))
+    return pa.chunked_array(pieces, pa.string())
+
+
+def ranks(runs: np.ndarray) -> np.ndarray:
+    """The position of each value within its run of equal consecutive values (0, 1, 2, ... then 0 again)."""
+    if len(runs) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+    return np.arange(len(runs)) - np.repeat(starts, np.diff(np.r_[starts, len(runs)]))
+
+
 def sample(tracks: pa.Table, cap: int | None, grouping: str) -> pa.Table:
     """At most `cap` tracks per genre, chosen deterministically: tracks ordered by a hash of their split group, then of
     their URI, so that whole groups (artists, albums) are kept together; all tracks when `cap` is None."""
     if cap is None:
         return tracks
-    keys = [digest(g) + digest(u) for g, u in zip(group_keys(tracks, grouping), tracks["uri"].to_pylist())]
-    ordered = tracks.append_column("_order", pa.array(keys)).sort_by([("genre", "ascending"), ("_order", "ascending")])
-    genre = ordered["genre"].to_pylist()
-    rank = np.zeros(len(genre), np.int64)
-    for i in range(1, len(genre)):
-        rank[i] = rank[i - 1] + 1 if genre[i] == genre[i - 1] else 0
-    return ordered.filter(pa.array(rank < cap)).drop_columns("_order").sort_by("uri")
+    keys = order_keys(group_keys(tracks, grouping), tracks["uri"])
+    ordered = tracks.append_column("_order", keys).sort_by([("genre", "ascending"), ("_order", "ascending")])
+    return ordered.filter(pa.array(ranks(codes(ordered["genre"])) < cap)).drop_columns("_order").sort_by("uri")
 
 
-def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str, dropped: dict[str, int],
-                 columns: list[str] | None = None) -> TrainingSet:
-    """The training set of labelled tracks (with a `genre` column, sorted by URI) and their window rows, in the order
-    the rows come (deterministic: the workers read parts in index order); windows of other tracks are left out. One
-    copy of the features is made (no join or sort of the window table: the sample's memory budget holds)."""
+def windows_in(tracks: pa.Table, families: list[str] | tuple[str, ...]) -> int:
+    """How many feature rows `family_rows` gives for some index rows (librosa windows, else one per track)."""
+    return int(pc.sum(tracks["row_count"]).as_py() or 0) if LIBROSA.name in families else tracks.num_rows
+
+
+def training_set(X: np.ndarray, track: np.ndarray, tracks: pa.Table, genres: list[str], grouping: str, fingerprint: str,
+                 dropped: dict[str, int], columns: list[str] | None = None) -> TrainingSet:
+    """The training set of labelled tracks (with a `genre` column, sorted by URI) from their feature rows `X` and the
+    position in `tracks` of each row's track (the matrix is kept as given: no copy)."""
     index = {g: i for i, g in enumerate(genres)}
     y_track = np.array([index[g] for g in tracks["genre"].to_pylist()], dtype=np.int32)
-    found = pc.index_in(windows["uri"], value_set=tracks["uri"])
-    keep = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    track = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    columns = list(FEATURE_NAMES) if columns is None else columns
-    X = matrix(windows, columns)
-    if not keep.all():
-        X, track = X[keep], track[keep]
     return TrainingSet(
         X=X,
         y=y_track[track],
@@ -231,11 +279,10 @@ def training_set(windows: pa.Table, tracks: pa.Table, genres: list[str], groupin
         y_track=y_track,
         groups=codes(group_keys(tracks, grouping)),
         genres=genres,
-        uris=tracks["uri"].to_pylist(),
         grouping=grouping,
         fingerprint=fingerprint,
         dropped=dropped,
-        columns=columns,
+        columns=list(FEATURE_NAMES) if columns is None else columns,
     )
 
 
@@ -279,21 +326,24 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
 
 
 def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray, kind: str = "xgboost",
-        columns: list[str] | None = None) -> GenreModel:
-    """Fit a model of a kind on feature rows with genre- and track-balanced weights (`groups`: per track)."""
-    return model_class(kind).fit(X, y, balanced_weights(y, track), groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns)
+        columns: list[str] | None = None, rows: np.ndarray | None = None) -> GenreModel:
+    """Fit a model of a kind on feature rows (`rows` of X, default all: never copied as a whole) with genre- and
+    track-balanced weights (`groups`: per track)."""
+    rows = everything(rows, len(y))
+    weight = np.zeros(len(y))
+    weight[rows] = balanced_weights(y[rows], track[rows])
+    return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows)
 
 
 def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost") -> GenreModel:
     """Fit a model of a kind on the rows of the given tracks of a training set."""
-    rows = windows_of(data, tracks)
-    return fit(data.X[rows], data.y[rows], len(data.genres), data.track[rows], data.groups, kind, data.columns)
+    return fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, windows_of(data, tracks))
 
 
 def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
     """Probabilities of the given tracks of a training set: their rows' predictions averaged."""
     rows = windows_of(data, tracks)
-    return per_track(model.predict_proba(data.X[rows]), data.track[rows], len(data.y_track))[tracks]
+    return per_track(model.predict_rows(data.X, rows), data.track[rows], len(data.y_track))[tracks]
 
 
 def out_of_fold(data: TrainingSet, kind: str = "xgboost", seed: int = 0) -> np.ndarray:

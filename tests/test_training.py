@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from test_feature_store import T0, files, set_inventory, write_shard
 
 from genre_batch import evaluation, training
+from genre_batch import feature_store as fstore
+from genre_batch.cluster import session
 from genre_batch.features import FEATURE_NAMES
-from genre_batch.model import DEFAULT_C, DEFAULT_ROUNDS, LinearModel, XGBoostModel
+from genre_batch.model import DEFAULT_C, DEFAULT_ROUNDS, PREDICT_CHUNK, LinearModel, XGBoostModel
+from genre_batch.stages import train as train_stage
+from genre_batch.store import Store
 from genre_batch.tagging import UNKNOWN, catalog_rows
 
 GENRES = ["ambient", "chiptune", "electronic", "percussion"]
@@ -41,7 +47,10 @@ def training_set(windows: pa.Table, labels: pa.Table, grouping: str = "auto") ->
     """The training set of a window table and its labels, as the train stage builds it (no cap)."""
     tracks = windows.filter(pc.equal(windows["window"], 0))
     kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels, "folders")
-    return training.training_set(windows, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
+    found = pc.index_in(windows["uri"], value_set=kept["uri"])
+    ours = windows.filter(pc.is_valid(found))
+    track = found.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+    return training.training_set(training.matrix(ours), track, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
 
 
 @pytest.mark.parametrize("grouping", ["track", "artist"])
@@ -140,3 +149,63 @@ def test_early_stopping_and_the_choice_of_C_need_two_groups_per_genre_else_defau
     y, groups = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])  # one group per genre: nothing to validate on
     assert XGBoostModel.rounds_for(X, y, np.ones(4), groups, 2, list(FEATURE_NAMES)) == DEFAULT_ROUNDS
     assert LinearModel.fit(X, y, np.ones(4), groups, 2, list(FEATURE_NAMES)).C == DEFAULT_C
+
+
+def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dask_scheduler: str) -> None:
+    """Several reading tasks (a batch per part, parts out of URI order) fill one matrix: each track's rows are its
+    windows as stored, the same on every run; labels by file, genres with fewer than 2 tracks left out."""
+    store = Store(str(tmp_path / "store"))
+    library = files([f"t{i:02d}" for i in range(13)])
+    write_shard(store, "run1-00000.parquet", library[6:], "run1", T0)
+    write_shard(store, "run1-00001.parquet", library[:6], "run1", T0)
+    set_inventory(store, library)
+    genres = ["a", "b", "c"] * 4 + ["lonely"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,genre\n" + "".join(f"{f['uri']},{g}\n" for f, g in zip(library, genres)))
+    monkeypatch.setattr(train_stage, "READ_BATCH_WINDOWS", 6)  # two tracks per task: parts split over several tasks
+    with session(dask_scheduler) as cluster:
+        data, labelled, cap = train_stage.training_data(store, str(labels), cluster, grouping="track")
+        again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
+    assert data.genres == ["a", "b", "c"] and data.dropped == {"lonely": 1} and labelled.tracks.num_rows == 12
+    assert cap == training.cap_per_genre(3, 3.0) and data.X.dtype == np.float32 and data.X.shape == (36, len(FEATURE_NAMES))
+    assert labelled.tracks.column_names == ["uri", "fingerprint", "genre"]  # the flow process keeps the labelled set's keys only
+    windows = pa.concat_tables([fstore.read_windows(store, g, ["uri", *FEATURE_NAMES]) for g in fstore.by_part(fstore.current_tracks(store))])
+    uris = labelled.tracks["uri"].to_pylist()  # the sample is every labelled track, in URI order
+    for t, uri in enumerate(uris):
+        mine = windows.filter(pc.equal(windows["uri"], uri))
+        assert np.array_equal(data.X[data.track == t], training.matrix(mine)) and data.y_track[t] == "abc".index(genres[t])
+    assert np.array_equal(data.X, again.X) and np.array_equal(data.track, again.track) and data.fingerprint == again.fingerprint
+
+
+def test_fits_on_row_numbers_equal_fits_on_copied_rows() -> None:
+    """Models fitted on some rows of a matrix (read a chunk at a time) equal models fitted on a copy of those rows."""
+    rng = np.random.default_rng(1)
+    n = PREDICT_CHUNK + 500  # more than one chunk
+    y = rng.integers(0, 3, n).astype(np.int32)
+    X = rng.normal(size=(n, 8)).astype(np.float32)
+    X[:, 0] += y
+    groups, weight, columns = np.arange(n) % 40, rng.uniform(0.5, 2.0, n), [f"c{i}" for i in range(8)]
+    rows = np.flatnonzero(np.arange(n) % 3 != 0)
+    for kind in (LinearModel, XGBoostModel):
+        on_rows = kind.fit(X, y, weight, groups, 3, columns, rows)
+        copied = kind.fit(X[rows], y[rows], weight[rows], groups[rows], 3, columns)
+        assert np.allclose(on_rows.predict_rows(X, rows[:700]), copied.predict_proba(X[rows[:700]]), atol=1e-5)
+        assert on_rows.params() == copied.params()
+
+
+def test_the_fingerprint_and_the_sample_do_not_depend_on_row_order_or_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing and sampling CHUNK_ROWS tracks at a time gives what one chunk gives, whatever the rows' order."""
+    rng = np.random.default_rng(2)
+    uris = [f"/lib/f{i % 7}/t{i:04d}.mp3" for i in range(300)]
+    tracks = pa.table({"uri": uris, "fingerprint": [f"x{i}" for i in range(300)], "genre": [f"g{i % 4}" for i in range(300)],
+                       "tag_artist": [None if i % 5 == 0 else f"ar{i % 30}" for i in range(300)]})
+    shuffled = tracks.take(pa.array(rng.permutation(300)))
+    whole = (training.training_fingerprint(tracks, "tags"), training.sample(tracks, 20, "artist"), training.sample(tracks, 9, "folder"))
+    monkeypatch.setattr(training, "CHUNK_ROWS", 7)
+    assert training.training_fingerprint(shuffled, "tags") == whole[0]
+    assert training.sample(shuffled, 20, "artist").equals(whole[1]) and training.sample(shuffled, 9, "folder").equals(whole[2])
+    picked = whole[1]
+    assert sorted(pc.value_counts(picked["genre"]).field("counts").to_pylist()) == [20] * 4
+    keys = training.group_keys(tracks, "artist").to_pylist()
+    assert keys[0] == uris[0] and keys[1] == "tag_artist=ar1"  # no artist: a group of its own
+    assert training.codes(["b", "a", "b", "c"]).tolist() == [0, 1, 0, 2]

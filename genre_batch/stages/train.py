@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -24,8 +24,9 @@ from genre_batch.stages.extract import library_of
 from genre_batch.store import Store
 from genre_batch.writeback import written
 
-READ_BATCH_WINDOWS = 60_000
-"""Window rows per reading task of the training sample."""
+READ_BATCH_WINDOWS = 20_000
+"""Window rows per reading task of the training sample (~48 MB of librosa features: what the flow process receives
+at a time while it fills the sample's matrix)."""
 
 RETRAIN_CHANGED_SHARE = 0.05
 RETRAIN_AFTER_DAYS = 30
@@ -68,8 +69,8 @@ class TrainSummary:
 
 def default_families(store: Store) -> list[str]:
     """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
-    inventory = read_inventory(store)
-    missing = training.lacking(store, current_tracks(store, inventory), inventory, training.DEFAULT_FAMILIES)
+    inventory = read_inventory(store, KEYS)
+    missing = training.lacking(store, current_tracks(store, inventory, columns=training.CHOICE_COLUMNS), inventory, training.DEFAULT_FAMILIES)
     return list(training.FALLBACK_FAMILIES if missing else training.DEFAULT_FAMILIES)
 
 
@@ -86,9 +87,10 @@ def choices(store: Store, families: list[str] | None, classifier: str | None) ->
     return families, classifier
 
 
-def labelled(store: Store, spec: str) -> Labelled:
-    """The labelled tracks of the store's current index for a label spec (no window rows are read)."""
-    tracks = current_tracks(store, read_inventory(store))
+def labelled(store: Store, spec: str, grouping: str = "auto") -> Labelled:
+    """The labelled tracks of the store's current index for a label spec (no window rows are read; only the index
+    columns training needs: `training.index_columns`)."""
+    tracks = current_tracks(store, read_inventory(store, KEYS), columns=training.index_columns(grouping))
     source = labels.label_source(spec)
     kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store), written(store)), source)
     return Labelled(kept, genres, dropped, fingerprint, source)
@@ -99,27 +101,48 @@ def labelled_keys(data: Labelled) -> pa.Table:
     return data.tracks.select([*KEYS, "genre"])
 
 
-def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str]) -> pa.Table:
-    """The feature rows (URI and the families' columns, joined per track) of sampled tracks, read part by part on the
-    workers."""
-    groups = batches(sample, READ_BATCH_WINDOWS)
+def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The feature matrix of sampled tracks (sorted by URI; the families' columns joined per track) and the position in
+    `sample` of each row's track. The workers read the parts and send float32 matrices of READ_BATCH_WINDOWS rows;
+    this process fills one preallocated matrix as they arrive (each batch has its place: the order is deterministic)
+    and never holds a feature table."""
+    from distributed import as_completed
+
+    located = sample.append_column("_track", pa.array(np.arange(sample.num_rows)))
+    groups = batches(located, READ_BATCH_WINDOWS)
+    ends = np.cumsum([sum(training.windows_in(g, families) for g in batch) for batch in groups], dtype=np.int64)
+    X = np.empty((int(ends[-1]) if len(ends) else 0, len(training.columns_of(families))), np.float32)
+    track = np.empty(len(X), np.int64)
     if not groups:
-        return pa.table({"uri": pa.array([], pa.string()), **{c: pa.array([], pa.float32()) for c in training.columns_of(families)}})
-    return pa.concat_tables(session.run([(read_batch, store, batch, families) for batch in groups]))
+        return X, track
+    client = session.client
+    futures = {client.submit(read_batch, store, batch, families, pure=False): i for i, batch in enumerate(groups)}
+    for future, (rows, owners) in as_completed(list(futures), with_results=True):
+        end = int(ends[futures.pop(future)])
+        X[end - len(rows) : end], track[end - len(rows) : end] = rows, owners
+        future.release()
+    return X, track
 
 
-def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> pa.Table:
-    """The feature rows of some parts' index rows, the families joined per track (runs on a worker)."""
-    return pa.concat_tables([training.family_rows(store, g, families) for g in groups])
+def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 feature matrix of some parts' index rows (the families joined per track) and the `_track` of each
+    row's track (runs on a worker)."""
+    columns = training.columns_of(families)
+    parts = [training.matrix(training.family_rows(store, g, families), columns) for g in groups]
+    counts = [g["row_count"].to_numpy().astype(np.int64) if LIBROSA.name in families else np.ones(g.num_rows, np.int64) for g in groups]
+    return np.vstack(parts), np.concatenate([np.repeat(g["_track"].to_numpy(), n) for g, n in zip(groups, counts)])
 
 
 def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
                   families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
     """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
-    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap."""
+    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. The labelled
+    set comes back as its keys only (`labelled_keys`), and the index tables are freed before the features are read:
+    at 1M tracks they are the flow process's largest tables after the sample."""
     families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
-    data = labelled(store, spec)
-    tracks = training.located(store, data.tracks, read_inventory(store), families)
+    data = labelled(store, spec, grouping)
+    tracks = training.located(store, data.tracks, read_inventory(store, KEYS), families)
+    data = replace(data, tracks=labelled_keys(data))
     if tracks.num_rows == 0:
         raise GenreBatchError(f"no labelled track of {store.url} has every feature family {', '.join(families)}: extract them "
                               f"with 'genre-batch extract LIBRARY --features librosa,musicnn' first")
@@ -128,8 +151,10 @@ def training_data(store: Store, spec: str, session: Session, grouping: str = "au
     columns = training.columns_of(families)
     cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(columns)) if capped else None
     sample = training.sample(tracks, cap, grouping)
-    windows = read_sample(store, sample, session, families)
-    return training.training_set(windows, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
+    del tracks
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages; numpy and the fit allocate elsewhere
+    X, track = read_sample(store, sample, session, families)
+    return training.training_set(X, track, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
 
 
 def windows_batch(store: Store, groups: list[pa.Table], genres: dict[str, int], per_genre: dict[str, int], scale: float,
@@ -265,8 +290,8 @@ def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float,
     reason = f"cross-validated accuracy {cv_accuracy:.3f} vs majority baseline {baseline:.3f}" + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
     if families == [LIBROSA.name]:  # every current track has librosa features
         return passes, reason
-    inventory = read_inventory(store)
-    missing = training.lacking(store, current_tracks(store, inventory), inventory, families)
+    inventory = read_inventory(store, KEYS)
+    missing = training.lacking(store, current_tracks(store, inventory, columns=training.CHOICE_COLUMNS), inventory, families)
     if missing:
         lacking = ", ".join(f"{n} tracks lack {name}" for name, n in missing.items())
         return False, f"{reason}; feature families incomplete ({lacking}): the current model keeps tagging until the backfill completes"
@@ -300,7 +325,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "labelled_tracks": labelled_set.tracks.num_rows,
         "tracks": len(data.y_track),
         "windows": len(data.y),
-        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES,
+        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": int(data.X.nbytes),
                    "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
@@ -318,7 +343,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
     if all_tracks:
         rounds = XGBoostModel.rounds_for(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres), data.columns)
-        located = training.located(store, labelled_set.tracks, read_inventory(store), families)
+        located = training.located(store, labelled(store, spec, grouping).tracks, read_inventory(store, KEYS), families)
         model = fit_all(store, located, data.genres, session, rounds, families)
         metadata["fit"] = {"tracks": located.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
     else:
