@@ -22,11 +22,12 @@ import xgboost as xgb
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from genre_batch import audio, extraction, features, training
-from genre_batch.embedding.musicnn import EMBEDDING_VERSION
-from genre_batch.evaluation import majority_baseline, scores
-from genre_batch.features import FEATURE_VERSION
-from genre_batch.model import default_kind
+from genre_batch.analysis import audio, extraction, features
+from genre_batch.analysis.features import FEATURE_VERSION
+from genre_batch.analysis.musicnn import EMBEDDING_VERSION
+from genre_batch.modelling import training
+from genre_batch.modelling.evaluation import majority_baseline, scores
+from genre_batch.modelling.model import default_kind
 
 SEED = 0
 """Default seed of the folds (and of the bootstrap); `--seeds` picks other splits."""

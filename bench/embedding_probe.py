@@ -27,8 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.accuracy import DEFAULT_DATA, SEED, discover
-from genre_batch import audio
-from genre_batch.embedding import musicnn
+from genre_batch.analysis import audio, musicnn
 
 CHOICES: dict[str, Callable[[int], list[int]]] = {
     "spread 4 (track_embedding)": lambda n: musicnn.spread_patches(n, 4),

@@ -31,8 +31,8 @@ import psutil  # noqa: E402
 import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 
-from genre_batch.embedding import musicnn  # noqa: E402
-from genre_batch.synth import render  # noqa: E402
+from genre_batch.analysis import musicnn  # noqa: E402
+from genre_batch.library.synth import render  # noqa: E402
 
 BATCH_SIZES = (1, 4, 8, 16)
 PATCH_CAPS = (4, 8, None)
@@ -81,7 +81,14 @@ def float_session(path: str, level: ort.GraphOptimizationLevel) -> ort.Inference
 def quantised_models(folder: str, calibration: np.ndarray) -> dict[str, str]:
     """int8 versions of the shipped model written under folder: dynamic, and static QDQ (U8 activations, S8 weights
     per channel, MinMax ranges of the calibration patches); name -> path."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     class Patches(CalibrationDataReader):
         """Calibration patches one at a time."""

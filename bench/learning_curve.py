@@ -19,8 +19,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from bench import synthetic_store
 from bench.accuracy import warm_up
-from genre_batch import extraction, training
-from genre_batch.audio import AUDIO_EXTENSIONS
+from genre_batch.analysis import extraction
+from genre_batch.analysis.audio import AUDIO_EXTENSIONS
+from genre_batch.modelling import training
 
 REAL_CAPS = (10, 20, 30, 40, 50)
 SYNTHETIC_CAPS = (100, 250, 500)

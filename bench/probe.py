@@ -4,7 +4,7 @@ python -m bench.probe plan STORE       no-op plan: read_index + plan against the
                                        nightly flow's automatic-compaction check; prints JSON
 python -m bench.probe tables STORE     the per-track tables a nightly tag flow process reads (inventory keys, current
                                        tracks, the errors table), one after the other: Arrow bytes and peak RSS of each
-python -m bench.probe discover URL     genre_batch.discovery.discover of a library URL; prints JSON
+python -m bench.probe discover URL     genre_batch.library.discovery.discover of a library URL; prints JSON
 python -m bench.probe sample STORE     the capped training sample of `genre-batch train --labels tags`, read by a
                                        2-worker local cluster into the training matrices (no fit); prints JSON
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
@@ -25,10 +25,23 @@ import pyarrow as pa
 
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
 from genre_batch.cluster import session
-from genre_batch.discovery import discover
-from genre_batch.feature_store import COMPACT_TARGET_WINDOWS, KEYS, PLAN_COLUMNS, SOURCE_COLUMNS, TRACK_COLUMNS, current_errors, current_tracks, index_files, index_sources, plan, read_index, read_inventory
+from genre_batch.library.discovery import discover
 from genre_batch.stages import compact, runs, tag, train
-from genre_batch.store import Store
+from genre_batch.storage.feature_store import (
+    COMPACT_TARGET_WINDOWS,
+    KEYS,
+    PLAN_COLUMNS,
+    SOURCE_COLUMNS,
+    TRACK_COLUMNS,
+    current_errors,
+    current_tracks,
+    index_files,
+    index_sources,
+    plan,
+    read_index,
+    read_inventory,
+)
+from genre_batch.storage.store import Store
 
 
 def timed_plan(url: str) -> dict:

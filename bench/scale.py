@@ -30,9 +30,9 @@ import soundfile as sf
 
 from bench import learning_curve, s3_listing, synthetic_store
 from bench.accuracy import DEFAULT_DATA
-from genre_batch import catalog, query
-from genre_batch.discovery import track_id
-from genre_batch.store import Store
+from genre_batch.library.discovery import track_id
+from genre_batch.publishing import catalog, query
+from genre_batch.storage.store import Store
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-bench"
 POLL_S = 0.2

@@ -7,8 +7,8 @@ catalog's vector spaces on the real music of ../shared/data (features from bench
     python -m bench.similar --cli STORE [--runs 5]     (wall and CPU of genre-batch --help / query / similar on a store)
 
 Vectors: bench.ann.generate (genre > style > artist > track hierarchy, 1 % near-duplicates, distinct, L2-normalised,
-128-dim centred like the PCA reduction of genre_batch.vectors), written as a catalog snapshot (one file per genre) by
-catalog.write_genre; then genre_batch.similar.build as the tag stage runs it (session.run on the cluster).
+128-dim centred like the PCA reduction of genre_batch.publishing.vectors), written as a catalog snapshot (one file per genre) by
+catalog.write_genre; then genre_batch.publishing.similar.build as the tag stage runs it (session.run on the cluster).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 
 from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k
-from genre_batch import audio, catalog, extraction, similar, vectors
-from genre_batch.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
-from genre_batch.store import Store
+from genre_batch.analysis import audio, extraction
+from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.storage.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
+from genre_batch.storage.store import Store
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-bench" / "similar"
 DEFAULT_OUT = Path(__file__).parent / "results" / "similar.json"
@@ -48,7 +49,7 @@ QUALITY_K = {"emotify": 10, "gtzan-mini": 4}
 QUALITY_DEFAULT_K = 10
 DEFAULT_QUALITY_OUT = Path(__file__).parent / "results" / "similar_quality.json"
 SPACES = ("librosa zpca128", "musicnn zpca128", "librosa z-scored means (raw)", "musicnn 200-dim (raw)")
-"""The spaces measured: the catalog's two (genre_batch.vectors.fit/project) and the unreduced references."""
+"""The spaces measured: the catalog's two (genre_batch.publishing.vectors.fit/project) and the unreduced references."""
 
 
 def catalog_table(vectors: np.ndarray, first: int, genres: int = 10) -> pa.Table:

@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 
-from genre_batch import evaluation, registry, training
-from genre_batch.discovery import INVENTORY_SCHEMA, fingerprint, track_id
-from genre_batch.feature_store import LIBROSA, feature_table, index_table, write_inventory, write_shard
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.model import PARAMS, XGBoostModel
-from genre_batch.store import Store
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.library.discovery import INVENTORY_SCHEMA, fingerprint, track_id
+from genre_batch.modelling import evaluation, registry, training
+from genre_batch.modelling.model import PARAMS, XGBoostModel
+from genre_batch.storage.feature_store import LIBROSA, feature_table, index_table, write_inventory, write_shard
+from genre_batch.storage.store import Store
 
 GENRES: tuple[str, ...] = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 LIBRARY = "/music/library"

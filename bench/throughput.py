@@ -39,9 +39,9 @@ from bench.scale import (
     run_cli,
     target,
 )
-from genre_batch.audio import AUDIO_EXTENSIONS
+from genre_batch.analysis.audio import AUDIO_EXTENSIONS
+from genre_batch.analysis.extraction import extract_file
 from genre_batch.cluster import local_cluster, warm_up_workers
-from genre_batch.extraction import extract_file
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_OUT = Path("bench/results/throughput.json")

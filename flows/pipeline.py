@@ -12,10 +12,10 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
 from genre_batch.cluster import Session, session
-from genre_batch.feature_store import BACKFILL_CAP
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
 from genre_batch.stages import compact, extract, runs
-from genre_batch.store import Store
+from genre_batch.storage.feature_store import BACKFILL_CAP
+from genre_batch.storage.store import Store
 
 ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 """The deployment's concurrency: a run due while another runs is cancelled ("Deployment concurrency limit reached.")."""
@@ -24,7 +24,7 @@ ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=Concurren
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(store: Store, record: dict) -> None:
     """Keyed artifacts of a finished run: summary, errors by kind, and the confusion matrix of a trained model."""
-    from genre_batch.feature_store import current_errors
+    from genre_batch.storage.feature_store import current_errors
 
     create_table_artifact([summary_row(record)], key=artifact_key("summary", store.url), description=f"run {record['run_id']} on {store.url}")
     kinds = Counter(current_errors(store)["error_type"].to_pylist())
@@ -34,7 +34,7 @@ def report_task(store: Store, record: dict) -> None:
         description=f"files of the library that currently fail, by kind (run {record['run_id']})",
     )
     if "train" in record:
-        from genre_batch import registry
+        from genre_batch.modelling import registry
 
         version = record["train"]["version"]
         create_markdown_artifact(

@@ -62,7 +62,7 @@ def labels(spec: str | None) -> None:
     path = local_path(spec)
     if not path.is_file() or path.suffix.lower() not in LABEL_FILE_SUFFIXES:
         raise UsageError(f"--labels {spec}: not 'folders', 'tags' or an existing .csv/.parquet file")
-    from genre_batch.labels import read_label_file
+    from genre_batch.library.labels import read_label_file
 
     try:
         read_label_file(str(path))
@@ -71,7 +71,7 @@ def labels(spec: str | None) -> None:
 
 
 CLASSIFIERS = ("xgboost", "linear")
-"""Model kinds of `train --classifier` (genre_batch.model.KINDS; listed here so that a usage error loads no xgboost)."""
+"""Model kinds of `train --classifier` (genre_batch.modelling.model.KINDS; listed here so that a usage error loads no xgboost)."""
 
 
 def classifier(kind: str | None, all_tracks: bool = False) -> None:
@@ -143,7 +143,7 @@ def write_back_run(store: str, run_id: str) -> None:
 def remote_library(location: str) -> None:
     """A library on an object store must exist (one listing request); credentials are checked on the way."""
     if is_url(location):
-        from genre_batch.discovery import library_root
+        from genre_batch.library.discovery import library_root
 
         library_root(location)
 
@@ -164,8 +164,8 @@ def has_model_or_labels(store: str, spec: str | None) -> None:
     """`run` without --labels needs a current model to tag with."""
     if spec is not None:
         return
-    from genre_batch import registry
-    from genre_batch.store import Store
+    from genre_batch.modelling import registry
+    from genre_batch.storage.store import Store
 
     if registry.current_version(Store.at(store)) is None:
         raise UsageError(f"the store {store} has no current model and run got no --labels: add --labels folders|tags|FILE to train one")

@@ -92,7 +92,7 @@ SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extrac
 
 def feature_names(value: str) -> tuple[str, ...]:
     """The family names of a --features value, checked."""
-    from genre_batch.feature_store import FAMILIES
+    from genre_batch.storage.feature_store import FAMILIES
 
     names = tuple(n.strip() for n in value.split(",") if n.strip())
     unknown = sorted(set(names) - set(FAMILIES))
@@ -103,7 +103,7 @@ def feature_names(value: str) -> tuple[str, ...]:
 
 def absolute(url: str) -> str:
     """A local path made absolute (workers may run elsewhere); URLs unchanged."""
-    from genre_batch.store import absolute as made_absolute
+    from genre_batch.storage.store import absolute as made_absolute
 
     return made_absolute(url)
 
@@ -118,7 +118,7 @@ def print_plan(library: str, store: str, force: bool, labels: str | None, retrai
     from dataclasses import asdict
 
     from genre_batch.stages.extract import dry_run
-    from genre_batch.store import Store
+    from genre_batch.storage.store import Store
 
     s = Store.at(store)
     plan = asdict(dry_run(absolute(library), s, force))
@@ -162,7 +162,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from genre_batch.store import storage_error
+        from genre_batch.storage.store import storage_error
 
         try:
             return command(*args, **kwargs)
@@ -307,8 +307,8 @@ def print_compact(summary: dict) -> None:
 
 def print_errors(store_url: str, limit: int = 10) -> int:
     """Print the files that currently fail, with their reasons; returns how many there are."""
-    from genre_batch.feature_store import current_errors
-    from genre_batch.store import Store
+    from genre_batch.storage.feature_store import current_errors
+    from genre_batch.storage.store import Store
 
     errors = current_errors(Store.at(store_url))
     if errors.num_rows == 0:
@@ -323,8 +323,8 @@ def print_errors(store_url: str, limit: int = 10) -> int:
 
 def failing_files(store_url: str) -> int:
     """How many files of the library currently fail."""
-    from genre_batch.feature_store import current_errors
-    from genre_batch.store import Store
+    from genre_batch.storage.feature_store import current_errors
+    from genre_batch.storage.store import Store
 
     return current_errors(Store(store_url)).num_rows
 
@@ -426,7 +426,7 @@ def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     checks.summary_format(fmt)
     check_reader(store)
     from genre_batch.status import status as store_status
-    from genre_batch.store import Store
+    from genre_batch.storage.store import Store
 
     facts = store_status(Store.at(store))
     if fmt == "json":
@@ -464,8 +464,8 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> Non
     """Every registered model: version, created, tracks, genres, CV and held-out accuracy, gate, current marker."""
     checks.summary_format(fmt)
     check_reader(store)
-    from genre_batch import registry
-    from genre_batch.store import Store
+    from genre_batch.modelling import registry
+    from genre_batch.storage.store import Store
 
     rows = registry.catalogue(Store.at(store))
     if fmt == "json":
@@ -485,8 +485,8 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> Non
 def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """A model's card (JSON): genres, metrics, sample, gate, parameters, provenance."""
     check_reader(store)
-    from genre_batch import registry
-    from genre_batch.store import Store
+    from genre_batch.modelling import registry
+    from genre_batch.storage.store import Store
 
     s = Store.at(store)
     if version not in registry.versions(s):
@@ -498,9 +498,9 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
     """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
     checks.summary_format(fmt)
     check_reader(store)
-    from genre_batch import lease
     from genre_batch.stages.runs import new_run_id
-    from genre_batch.store import Store
+    from genre_batch.storage import lease
+    from genre_batch.storage.store import Store
 
     s = Store.at(store)
     with lease.held(s, new_run_id()):
@@ -521,7 +521,7 @@ def models_promote(
     fmt: FormatOpt = "text",
 ) -> None:
     """Make a registered model current (a gate-refused one only with --force); the catalog is re-tagged by the next tag or run."""
-    from genre_batch import registry
+    from genre_batch.modelling import registry
 
     switch_model(store, lambda s: registry.promote_checked(s, version, force), fmt)
 
@@ -530,7 +530,7 @@ def models_promote(
 @friendly
 def models_rollback(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Make the previous current model current again (from the pointer's history)."""
-    from genre_batch import registry
+    from genre_batch.modelling import registry
 
     switch_model(store, registry.rollback, fmt)
 
@@ -543,7 +543,7 @@ def models_pin(
     fmt: FormatOpt = "text",
 ) -> None:
     """Pin the current model: 'run --retrain auto' never replaces a pinned model (--unpin lifts it)."""
-    from genre_batch import registry
+    from genre_batch.modelling import registry
 
     switch_model(store, lambda s: registry.pin(s, not unpin), fmt)
 
@@ -560,10 +560,11 @@ def prune(
     """Delete old models, run records and evaluation reports, keeping the newest of each."""
     checks.summary_format(fmt)
     check_reader(store)
-    from genre_batch import lease, registry
+    from genre_batch.modelling import registry
     from genre_batch.stages.runs import new_run_id
     from genre_batch.status import prune_evaluations, prune_runs
-    from genre_batch.store import Store
+    from genre_batch.storage import lease
+    from genre_batch.storage.store import Store
 
     s = Store.at(store)
     with lease.held(s, new_run_id()):
@@ -620,7 +621,7 @@ def evaluate(
     checks.classifier(classifier)
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
-    from genre_batch.store import Store
+    from genre_batch.storage.store import Store
 
     with session(scheduler) as cluster:
         report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier)
@@ -701,7 +702,7 @@ def run(
 
 def render(table: Any, fmt: str) -> None:
     """Print a query result as a table, CSV or JSON."""
-    from genre_batch import query as q
+    from genre_batch.publishing import query as q
 
     if fmt == "json":
         sys.stdout.write(q.to_json(table) + "\n")
@@ -726,8 +727,8 @@ def query(
     checks.sql_statement(sql)
     checks.query_format(fmt)
     check_reader(store)
-    from genre_batch import query as q
-    from genre_batch.store import Store
+    from genre_batch.publishing import query as q
+    from genre_batch.storage.store import Store
 
     render(q.run(Store.at(store), sql), fmt)
 
@@ -743,8 +744,8 @@ def classify(
     """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
     checks.summary_format(fmt)
     check_reader(store)
-    from genre_batch.store import Store
-    from genre_batch.tagging import classify_files
+    from genre_batch.publishing.tagging import classify_files
+    from genre_batch.storage.store import Store
 
     results = classify_files(Store.at(store), [absolute(f) for f in files], top)
     failed = sum(isinstance(result, str) for _, result in results)
@@ -764,9 +765,9 @@ WRITE_FAILURES_SHOWN = 10
 
 def write_back(store: str, choice: Any, undo: str | None) -> dict:
     """Write the chosen catalog genres into the files (or undo a write-back run) under the lease; the run's summary."""
-    from genre_batch import writeback
+    from genre_batch.library import writeback
     from genre_batch.stages.runs import run_record
-    from genre_batch.store import Store
+    from genre_batch.storage.store import Store
 
     s = Store.at(store)
     with run_record(s, "write-tags") as record:
@@ -811,8 +812,8 @@ def write_tags(
     checks.write_tags_options(undo, apply, only_missing, min_confidence)
     if undo is not None:
         checks.write_back_run(store, undo)
-    from genre_batch import writeback
-    from genre_batch.store import Store
+    from genre_batch.library import writeback
+    from genre_batch.storage.store import Store
 
     choice = writeback.Choice(min_confidence or 0.0, only_missing)
     if apply or undo is not None:
@@ -841,8 +842,8 @@ def similar(
     check_reader(store)
     from dataclasses import asdict
 
-    from genre_batch import similar as neighbours
-    from genre_batch.store import Store
+    from genre_batch.publishing import similar as neighbours
+    from genre_batch.storage.store import Store
 
     answers = neighbours.answer(Store.at(store), [(t, absolute(t)) for t in tracks], top, genre)
     if fmt == "json":
@@ -864,8 +865,8 @@ def demo(
     checks.writable_folder(str(directory), "demo folder")
     from flows.pipeline import nightly
     from genre_batch import demo as demo_library
-    from genre_batch import query as q
-    from genre_batch.store import Store
+    from genre_batch.publishing import query as q
+    from genre_batch.storage.store import Store
 
     library, store = demo_library.build(directory.resolve())
     out.print(f"demo library: {library} ({demo_library.describe()})", markup=False)

@@ -11,7 +11,7 @@ import dask
 from distributed import Client, Future, LocalCluster
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
-from genre_batch.features import warm_up
+from genre_batch.analysis.features import warm_up
 
 WORKER_WAIT_S = 60
 

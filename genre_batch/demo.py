@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from genre_batch.audio import SAMPLE_RATE
-from genre_batch.synth import STYLES, render, write_audio
+from genre_batch.analysis.audio import SAMPLE_RATE
+from genre_batch.library.synth import STYLES, render, write_audio
 
 TAGGED_PER_STYLE = 10
 UNTAGGED_PER_STYLE = 3

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime
 
-from genre_batch import catalog, lease, registry
-from genre_batch.feature_store import current_errors, current_tracks
-from genre_batch.store import Store
+from genre_batch.modelling import registry
+from genre_batch.publishing import catalog
+from genre_batch.storage import lease
+from genre_batch.storage.feature_store import current_errors, current_tracks
+from genre_batch.storage.store import Store
 
 LAST_RUNS = 5
 

@@ -1,11 +1,11 @@
-"""Convert musicnn's MSD_musicnn TensorFlow-1 checkpoint into genre_batch/embedding/musicnn_msd.onnx.
+"""Convert musicnn's MSD_musicnn TensorFlow-1 checkpoint into genre_batch/analysis/musicnn_msd.onnx.
 
 Reads the checkpoint without TensorFlow: a tensor bundle is an SSTable (LevelDB table format) whose
 keys are variable names and whose values are BundleEntryProto messages pointing at raw little-endian
 data in the .data shard (each tensor's CRC-32C is checked). Batch norms (inference mode, epsilon 1e-3
 as tf.compat.v1.layers uses) are folded into per-channel scale and shift, and the network of musicnn's
 models.build_musicnn is written as an ONNX graph with float32 weights, run by onnxruntime at runtime
-(measured faster than a numpy forward pass on one thread; see genre_batch/embedding/musicnn.py).
+(measured faster than a numpy forward pass on one thread; see genre_batch/analysis/musicnn.py).
 
 Usage (musicnn 0.1.0 is on PyPI; its declared requirements are obsolete, so no dependencies):
     pip install -e '.[convert]'   # the onnx package, needed by this script only

@@ -18,9 +18,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # as the CLI
 
-from genre_batch.audio import SAMPLE_RATE  # noqa: E402
-from genre_batch.store import Store  # noqa: E402
-from genre_batch.synth import STYLES, render, write_audio  # noqa: E402
+from genre_batch.analysis.audio import SAMPLE_RATE  # noqa: E402
+from genre_batch.library.synth import STYLES, render, write_audio  # noqa: E402
+from genre_batch.storage.store import Store  # noqa: E402
 
 CLIP_SECONDS = 3.0
 FORMATS_CYCLE = ("wav", "flac", "ogg", "mp3")
@@ -69,7 +69,7 @@ def current_features(store: Store) -> "pa.Table":
     """Every window row of the library's current tracks, in URI and window order (for small test stores)."""
     import pyarrow as pa
 
-    from genre_batch.feature_store import by_part, current_tracks, read_windows
+    from genre_batch.storage.feature_store import by_part, current_tracks, read_windows
 
     groups = by_part(current_tracks(store))
     if not groups:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genre_batch.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Span, Tags, decode, read_tags
-from genre_batch.features import window_spans
-from genre_batch.synth import FORMATS, STYLES, render, write_audio
+from genre_batch.analysis.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Span, Tags, decode, read_tags
+from genre_batch.analysis.features import window_spans
+from genre_batch.library.synth import FORMATS, STYLES, render, write_audio
 
 NATIVE_RATE = 44100
 

@@ -21,16 +21,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import soundfile as sf
+from conftest import cli, current_features, make_library
 from distributed import Client
 
-from conftest import cli, current_features, make_library
-from genre_batch import audio, catalog, features
-from genre_batch.discovery import discover
-from genre_batch.extraction import run_shards
-from genre_batch.feature_store import current_errors, current_tracks, failed, plan, read_index, write_inventory
+from genre_batch.analysis import audio, features
+from genre_batch.analysis.extraction import run_shards
+from genre_batch.library.discovery import discover
+from genre_batch.library.synth import render, write_audio
+from genre_batch.publishing import catalog
 from genre_batch.stages.extract import no_progress
-from genre_batch.store import Store
-from genre_batch.synth import render, write_audio
+from genre_batch.storage.feature_store import current_errors, current_tracks, failed, plan, read_index, write_inventory
+from genre_batch.storage.store import Store
 
 SR = audio.SAMPLE_RATE
 TONE_HZ = 440.0
@@ -282,10 +283,10 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 
 EXTRACT_LIBRARY = """
 import sys
-from genre_batch.discovery import discover
-from genre_batch.extraction import extract_shard
-from genre_batch.feature_store import write_inventory
-from genre_batch.store import Store
+from genre_batch.library.discovery import discover
+from genre_batch.analysis.extraction import extract_shard
+from genre_batch.storage.feature_store import write_inventory
+from genre_batch.storage.store import Store
 inventory = discover(sys.argv[1])
 extract_shard(Store(sys.argv[2]), inventory, "run-locked", 0)
 write_inventory(Store(sys.argv[2]), inventory)

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from genre_batch import GenreBatchError, catalog, store as store_mod
-from genre_batch.store import Store
-
+from genre_batch import GenreBatchError
+from genre_batch.publishing import catalog
+from genre_batch.storage import store as store_mod
+from genre_batch.storage.store import Store
 
 SPACE = {"name": "test-space", "dim": catalog.VECTOR_DIM}
 """The vector space tables of rows() are in (a description for CURRENT.json)."""
@@ -272,7 +273,7 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
 
 
 def test_change_feed_matches_a_diff_of_two_snapshots(tmp_path: Path) -> None:
-    from genre_batch import query
+    from genre_batch.publishing import query
 
     s = Store(str(tmp_path))
     first = rows(5, "rock", "run-a")

@@ -127,7 +127,7 @@ def test_extract_json_summary_and_query_import_no_training_library(workdir: Path
 
 
 def test_extract_only_modules_import_no_training_library() -> None:
-    code = "import sys, flows.pipeline, genre_batch.stages.extract, genre_batch.stages.compact, genre_batch.status, genre_batch.extraction, genre_batch.cluster; print(sorted(sys.modules))"
+    code = "import sys, flows.pipeline, genre_batch.stages.extract, genre_batch.stages.compact, genre_batch.status, genre_batch.analysis.extraction, genre_batch.cluster; print(sorted(sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     modules = {m.split(".")[0] for m in eval(done.stdout)}  # noqa: S307 - our own repr of a list of names
     assert {"prefect", "distributed", "librosa"} <= modules and not set(TRAINING) & modules

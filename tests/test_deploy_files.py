@@ -240,7 +240,7 @@ def test_dockerfile_runs_as_non_root_and_warms_numba_as_that_user(dockerfile):
     uids = re.findall(r"useradd\b.*?--uid\s+(\d+)", " ".join(a for k, a in dockerfile if k == "RUN"))
     assert uids and user == uids[0], "USER must be the numeric UID created by useradd (Kubernetes runAsNonRoot)"
     runs = [(i, args) for i, (k, args) in enumerate(dockerfile) if k == "RUN"]
-    warm = [i for i, args in runs if "from genre_batch.features import warm_up; warm_up()" in args]
+    warm = [i for i, args in runs if "from genre_batch.analysis.features import warm_up; warm_up()" in args]
     install = [i for i, args in runs if re.search(INSTALL_PROJECT, args)]
     assert len(warm) == 1 and len(install) == 1
     last_user = max(i for i, k in enumerate(keywords) if k == "USER")

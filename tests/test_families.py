@@ -14,17 +14,20 @@ import pytest
 from conftest import current_features, make_library
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import GenreBatchError, audio, catalog, features, registry, tagging, training
-from genre_batch import feature_store as fstore
+from genre_batch import GenreBatchError
+from genre_batch.analysis import audio, features
+from genre_batch.analysis.extraction import MUSICNN_PATCHES, extract_shard, musicnn_vector
+from genre_batch.analysis.musicnn import EMBEDDING_VERSION, TAG_NAMES
 from genre_batch.cluster import session
-from genre_batch.embedding.musicnn import EMBEDDING_VERSION, TAG_NAMES
-from genre_batch.extraction import MUSICNN_PATCHES, extract_shard, musicnn_vector
+from genre_batch.library.synth import render, write_audio
+from genre_batch.modelling import registry, training
+from genre_batch.publishing import catalog, tagging
 from genre_batch.stages import compact, runs
 from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import tag as tag_stage
 from genre_batch.stages import train as train_stage
-from genre_batch.store import Store
-from genre_batch.synth import render, write_audio
+from genre_batch.storage import feature_store as fstore
+from genre_batch.storage.store import Store
 
 
 def musicnn_rows(store: Store) -> pa.Table:

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pytest
 from conftest import current_features
 
-from genre_batch import feature_store as fstore
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
-from genre_batch.discovery import INVENTORY_SCHEMA, fingerprint, track_id
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.library.discovery import INVENTORY_SCHEMA, fingerprint, track_id
 from genre_batch.stages import compact
-from genre_batch.store import Store
+from genre_batch.storage import feature_store as fstore
+from genre_batch.storage.store import Store
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 WINDOWS = 3
@@ -166,10 +166,10 @@ CRASHES = {
                            "def run(self, calls):\n    real(self, calls[:2]); die()\n"
                            "Session.run = run",
     "after-commit": "import genre_batch.stages.compact as c; c.finish_compactions = die",
-    "deleting-index": "from genre_batch.store import Store; real = Store.delete\n"
+    "deleting-index": "from genre_batch.storage.store import Store; real = Store.delete\n"
                       "def delete(self, paths):\n    real(self, paths[:1]); die() if '/index/' in ''.join(paths) else None; real(self, paths)\n"
                       "Store.delete = delete",
-    "deleting-parts": "from genre_batch.store import Store; real = Store.delete\n"
+    "deleting-parts": "from genre_batch.storage.store import Store; real = Store.delete\n"
                       "def delete(self, paths):\n    real(self, paths[:1]); die() if '/parts/' in ''.join(paths) else None; real(self, paths)\n"
                       "Store.delete = delete",
 }
@@ -183,7 +183,7 @@ def test_compaction_killed_at_each_step_loses_and_doubles_nothing(tmp_path: Path
         "import os, signal\n"
         "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n"
         f"{CRASHES[step]}\n"
-        "from genre_batch.cluster import session\nfrom genre_batch.stages import compact\nfrom genre_batch.store import Store\n"
+        "from genre_batch.cluster import session\nfrom genre_batch.stages import compact\nfrom genre_batch.storage.store import Store\n"
         f"with session({dask_scheduler!r}) as cluster:\n    compact.compact(Store({str(tmp_path)!r}), cluster, target_windows=60)\n"
     )
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=180, check=False)

@@ -6,9 +6,9 @@ import librosa
 import numpy as np
 import pytest
 
-from genre_batch import features
-from genre_batch.audio import SAMPLE_RATE
-from genre_batch.synth import STYLES, render
+from genre_batch.analysis import features
+from genre_batch.analysis.audio import SAMPLE_RATE
+from genre_batch.library.synth import STYLES, render
 
 SR = SAMPLE_RATE
 

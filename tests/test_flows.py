@@ -12,9 +12,9 @@ from conftest import cli
 
 from flows.pipeline import deployment, nightly
 from genre_batch.checks import NIGHTLY_CRON
-from genre_batch import catalog
-from genre_batch.store import Store
-from genre_batch.synth import STYLES
+from genre_batch.library.synth import STYLES
+from genre_batch.publishing import catalog
+from genre_batch.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from genre_batch import GenreBatchError, labels
+from genre_batch import GenreBatchError
+from genre_batch.library import labels
 
 LIBRARY = "/music/lib"
 

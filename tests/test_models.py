@@ -11,10 +11,11 @@ import pyarrow as pa
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from genre_batch import checks, registry
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.model import KINDS, LinearModel, XGBoostModel, model_class
-from genre_batch.store import Store
+from genre_batch import checks
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.modelling import registry
+from genre_batch.modelling.model import KINDS, LinearModel, XGBoostModel, model_class
+from genre_batch.storage.store import Store
 
 COLUMNS = [f"c{i}" for i in range(6)]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from musicnn_signals import tones_and_noise
 
-from genre_batch.embedding import musicnn
-from genre_batch.synth import render
+from genre_batch.analysis import musicnn
+from genre_batch.library.synth import render
 
 REFERENCE = Path(__file__).with_name("data") / "musicnn_reference.npz"  # made by scripts/musicnn_reference.py
 TOLERANCE = 1e-4

@@ -14,12 +14,14 @@ import xgboost as xgb
 from conftest import cli
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import PublishRefused, catalog, registry
+from genre_batch import PublishRefused
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.model import PARAMS, XGBoostModel
+from genre_batch.modelling import registry
+from genre_batch.modelling.model import PARAMS, XGBoostModel
+from genre_batch.publishing import catalog
 from genre_batch.stages import tag as tag_stage
-from genre_batch.store import Store
+from genre_batch.storage.store import Store
 
 GENRES = ["jazz", "rock"]
 

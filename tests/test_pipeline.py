@@ -11,15 +11,20 @@ import pyarrow as pa
 import pytest
 from conftest import current_features, keep_pristine, make_library, restored
 
-from genre_batch import GenreBatchError, catalog, query, registry
-from genre_batch.audio import SAMPLE_RATE
+from genre_batch import GenreBatchError
+from genre_batch.analysis.audio import SAMPLE_RATE
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
-from genre_batch.feature_store import current_errors
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.stages import extract as extract_stage, runs, tag as tag_stage, train as train_stage
-from genre_batch.store import Store
-from genre_batch.synth import STYLES, render, write_audio
-from genre_batch.tagging import classify_files
+from genre_batch.library.synth import STYLES, render, write_audio
+from genre_batch.modelling import registry
+from genre_batch.publishing import catalog, query
+from genre_batch.publishing.tagging import classify_files
+from genre_batch.stages import extract as extract_stage
+from genre_batch.stages import runs
+from genre_batch.stages import tag as tag_stage
+from genre_batch.stages import train as train_stage
+from genre_batch.storage.feature_store import current_errors
+from genre_batch.storage.store import Store
 
 
 def part_files(store: Path) -> dict[str, float]:
@@ -206,9 +211,9 @@ def catalog_by_uri(store: Path) -> dict[str, tuple]:
 def test_distributed_tagging_equals_the_single_process_result(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:
     from datetime import datetime, timezone
 
-    from genre_batch import vectors
-    from genre_batch.feature_store import MUSICNN, by_part, current_tracks
-    from genre_batch.tagging import tag_groups
+    from genre_batch.publishing import vectors
+    from genre_batch.publishing.tagging import tag_groups
+    from genre_batch.storage.feature_store import MUSICNN, by_part, current_tracks
 
     _, store = trained_store
     summary = tag(store, "run-d", dask_scheduler)
@@ -262,7 +267,7 @@ def test_moved_file_keeps_its_track_id_and_is_not_extracted_again(trained_store:
 
 
 def test_training_sample_is_capped_deterministic_and_keeps_groups_whole() -> None:
-    from genre_batch import training
+    from genre_batch.modelling import training
 
     uris = [f"/m/{g}/{a}-{i}.mp3" for g in ("rock", "jazz") for a in range(10) for i in range(3)]
     tracks = pa.table({

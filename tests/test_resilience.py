@@ -24,17 +24,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-
-from genre_batch import GenreBatchError, catalog, lease
-from genre_batch.extraction import shard_size
-from genre_batch.store import ConflictError, Store
-
-from genre_batch.audio import SAMPLE_RATE
-from genre_batch.synth import STYLES, render, write_audio
-
-from conftest import current_features, cli, make_library
+from conftest import cli, current_features, make_library
 from test_catalog import SPACE, rows
-from test_servers import DASK, GENRE_BATCH, HOST, base_env, free_port, dask_cluster, descendants, run_command, server, tail, wait_until  # noqa: F401 - dask_cluster: fixture
+from test_servers import (  # noqa: F401 - dask_cluster: fixture
+    DASK,
+    GENRE_BATCH,
+    HOST,
+    base_env,
+    dask_cluster,
+    descendants,
+    free_port,
+    run_command,
+    server,
+    tail,
+    wait_until,
+)
+
+from genre_batch import GenreBatchError
+from genre_batch.analysis.audio import SAMPLE_RATE
+from genre_batch.analysis.extraction import shard_size
+from genre_batch.library.synth import STYLES, render, write_audio
+from genre_batch.publishing import catalog
+from genre_batch.storage import lease
+from genre_batch.storage.store import ConflictError, Store
 
 PER_STYLE = 24
 FILES = 4 * PER_STYLE  # 3 s clips: one window each
@@ -335,8 +347,9 @@ def test_takeover_only_of_an_expired_lease_or_a_dead_holder(tmp_path: Path, case
 
 RACER = """
 import os, sys, time
-from genre_batch import GenreBatchError, lease
-from genre_batch.store import Store
+from genre_batch import GenreBatchError
+from genre_batch.storage import lease
+from genre_batch.storage.store import Store
 store, run_id, go = sys.argv[1:]
 open(f"{go}.{run_id}", "w").close()
 while not os.path.exists(go):

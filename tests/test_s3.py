@@ -18,9 +18,10 @@ import pytest
 import s3fs
 from conftest import cli
 
-from genre_batch import GenreBatchError, catalog
-from genre_batch.store import Store, swap_bytes, version_token
-from genre_batch.synth import STYLES
+from genre_batch import GenreBatchError
+from genre_batch.library.synth import STYLES
+from genre_batch.publishing import catalog
+from genre_batch.storage.store import Store, swap_bytes, version_token
 
 KEY, SECRET = "genre-batch-test-key", "genre-batch-test-secret-0123456789"
 GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on the S3 port + 10000

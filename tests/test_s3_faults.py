@@ -405,7 +405,7 @@ def test_conditional_write_applied_but_answered_5xx_is_not_a_lost_race(
 ) -> None:
     """The first PUT of a pointer reaches the server but its answer is lost in a 500; botocore retries it, the server
     answers 412 (the object now exists), and the write is recognised as ours by reading it back."""
-    from genre_batch.store import ConflictError, swap_bytes
+    from genre_batch.storage.store import ConflictError, swap_bytes
 
     direct.mkdir("pointers")
     proxy = start_proxy(lambda method, target, earlier: None, lambda method, target, earlier: 500 if method == "PUT" and earlier == 0 else None)

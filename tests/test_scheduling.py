@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import PrefectServer
+
 from flows.pipeline import artifact_key, check_parameters, nightly
 from genre_batch import GenreBatchError
 

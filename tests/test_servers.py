@@ -26,10 +26,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import PrefectServer, cli
-from genre_batch import catalog
-from genre_batch.store import Store
+
+from genre_batch.publishing import catalog
+from genre_batch.storage.store import Store
 
 BIN = Path(sys.executable).parent
 DASK, PREFECT, GENRE_BATCH = str(BIN / "dask"), str(BIN / "prefect"), str(BIN / "genre-batch")

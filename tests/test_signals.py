@@ -11,8 +11,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from genre_batch import signals
 from test_resilience import (  # noqa: F401 - library, cli_env: fixtures
     FILES,
     GENRE_BATCH,
@@ -27,6 +25,8 @@ from test_resilience import (  # noqa: F401 - library, cli_env: fixtures
     tail,
     wait_until,
 )
+
+from genre_batch import signals
 
 STOP_BOUND_S = 60
 """How long the interrupted CLI may take to unwind: Prefect's crash report, the cancel, Dask's 4 s nanny wait, the lease."""

@@ -14,12 +14,15 @@ import pytest
 from conftest import cli, keep_pristine, make_library, restored
 from test_catalog import SPACE, rows
 
-from genre_batch import catalog, query, similar, vectors
-from genre_batch.audio import SAMPLE_RATE
+from genre_batch.analysis.audio import SAMPLE_RATE
 from genre_batch.cluster import session
-from genre_batch.stages import extract as extract_stage, runs, tag as tag_stage, train as train_stage
-from genre_batch.store import Store
-from genre_batch.synth import render, write_audio
+from genre_batch.library.synth import render, write_audio
+from genre_batch.publishing import catalog, query, similar, vectors
+from genre_batch.stages import extract as extract_stage
+from genre_batch.stages import runs
+from genre_batch.stages import tag as tag_stage
+from genre_batch.stages import train as train_stage
+from genre_batch.storage.store import Store
 
 
 def lists(s: Store, pointer: dict | None = None) -> dict[str, list[tuple[str, float]]]:
@@ -124,7 +127,7 @@ def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) 
 
 
 def test_space_fit_is_deterministic_and_normalises() -> None:
-    from genre_batch.feature_store import LIBROSA
+    from genre_batch.storage.feature_store import LIBROSA
 
     pooled = np.random.default_rng(1).normal(size=(300, 603)) * np.linspace(0.01, 1000, 603)
     a, b = vectors.fit(LIBROSA, pooled), vectors.fit(LIBROSA, pooled.copy())
@@ -295,8 +298,8 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
 
 
 def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path, dask_scheduler: str) -> None:
-    from genre_batch.embedding.musicnn import TAG_NAMES
-    from genre_batch.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
+    from genre_batch.analysis.musicnn import TAG_NAMES
+    from genre_batch.storage.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
 
     library, store = tmp_path / "library", tmp_path / "store"
     make_library(library, 3, styles=STYLES)

@@ -11,14 +11,14 @@ import pyarrow.compute as pc
 import pytest
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import evaluation, training
-from genre_batch import feature_store as fstore
+from genre_batch.analysis.features import FEATURE_NAMES
 from genre_batch.cluster import session
-from genre_batch.features import FEATURE_NAMES
-from genre_batch.model import DEFAULT_C, DEFAULT_ROUNDS, PREDICT_CHUNK, LinearModel, XGBoostModel
+from genre_batch.modelling import evaluation, training
+from genre_batch.modelling.model import DEFAULT_C, DEFAULT_ROUNDS, PREDICT_CHUNK, LinearModel, XGBoostModel
+from genre_batch.publishing.tagging import UNKNOWN, catalog_rows
 from genre_batch.stages import train as train_stage
-from genre_batch.store import Store
-from genre_batch.tagging import UNKNOWN, catalog_rows
+from genre_batch.storage import feature_store as fstore
+from genre_batch.storage.store import Store
 
 GENRES = ["ambient", "chiptune", "electronic", "percussion"]
 

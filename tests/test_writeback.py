@@ -19,16 +19,21 @@ from test_feature_store import T0
 from test_operations import register
 from test_s3 import s3, s3_endpoint  # noqa: F401 - fixtures: a real S3 server (SeaweedFS)
 
-from genre_batch import GenreBatchError, audio, catalog, labels, lease, registry, similar, vectors, writeback
-from genre_batch import feature_store as fstore
+from genre_batch import GenreBatchError
+from genre_batch.analysis import audio
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
-from genre_batch.discovery import discover
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.library import labels, writeback
+from genre_batch.library.discovery import discover
+from genre_batch.library.synth import render, write_audio
+from genre_batch.modelling import registry
+from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.publishing.tagging import tag_groups
 from genre_batch.stages import tag as tag_stage
 from genre_batch.stages import train as train_stage
-from genre_batch.store import Store
-from genre_batch.synth import render, write_audio
-from genre_batch.tagging import tag_groups
+from genre_batch.storage import feature_store as fstore
+from genre_batch.storage import lease
+from genre_batch.storage.store import Store
 
 TAGGED = {"a.mp3": "Jazz", "b.flac": "Jazz", "c.ogg": None, "d.m4a": None, "e.wav": None, "f.opus": "Jazz", "g.mp3": None}
 """Generated files and the genre tag each starts with; the model calls every one 'rock'."""

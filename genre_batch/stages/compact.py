@@ -20,12 +20,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch.cluster import Session
-from genre_batch.feature_store import (
-    AUTO_COMPACT_PARTS, COMPACT_PREFIX, COMPACT_TARGET_WINDOWS, ERROR_PIECE_ROWS, FAMILIES, KEYS, LIBROSA, SOURCE_COLUMNS, Family,
-    commit_compaction, compact_group, compaction_id, finish_compactions, index_files, index_sources, needs_compaction, part_batches,
-    read_inventory, repair, resolved_keys, sources_of, stored_index,
+from genre_batch.storage.feature_store import (
+    AUTO_COMPACT_PARTS,
+    COMPACT_PREFIX,
+    COMPACT_TARGET_WINDOWS,
+    ERROR_PIECE_ROWS,
+    FAMILIES,
+    KEYS,
+    LIBROSA,
+    SOURCE_COLUMNS,
+    Family,
+    commit_compaction,
+    compact_group,
+    compaction_id,
+    finish_compactions,
+    index_files,
+    index_sources,
+    needs_compaction,
+    part_batches,
+    read_inventory,
+    repair,
+    resolved_keys,
+    sources_of,
+    stored_index,
 )
-from genre_batch.store import Store
+from genre_batch.storage.store import Store
 
 KEEP_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
 """Index columns that decide which rows are current."""

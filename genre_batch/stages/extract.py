@@ -8,14 +8,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, PublishRefused
+from genre_batch.analysis.extraction import Progress, run_shards
 from genre_batch.cluster import Session
-from genre_batch.discovery import discover
-from genre_batch.extraction import Progress, run_shards
-from genre_batch.feature_store import (
-    BACKFILL_CAP, FAMILIES, LIBROSA, PLAN_COLUMNS, Family, needs_rows, plan, plan_run, read_index, read_inventory, repair, write_inventory,
+from genre_batch.library.discovery import discover
+from genre_batch.storage.feature_store import (
+    BACKFILL_CAP,
+    FAMILIES,
+    LIBROSA,
+    PLAN_COLUMNS,
+    Family,
+    needs_rows,
+    plan,
+    plan_run,
+    read_index,
+    read_inventory,
+    repair,
+    write_inventory,
 )
-from genre_batch.store import Store
-
+from genre_batch.storage.store import Store
 
 LISTING_SHRINK_LIMIT = 0.3
 """A listing with more than this share fewer files than the previous one is refused (an empty or unmounted library,

@@ -8,9 +8,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-from genre_batch import lease
 from genre_batch.signals import signal_name, signal_number
-from genre_batch.store import Store
+from genre_batch.storage import lease
+from genre_batch.storage.store import Store
 
 
 def new_run_id() -> str:

@@ -4,9 +4,9 @@ With the model of the published snapshot unchanged, only new and changed tracks 
 tracks are carried over from the previous snapshot, those of removed and changed tracks dropped. The result equals a
 full re-tag (same tracks, genres and probabilities); a new model re-tags everything.
 
-Each row carries its embedding in the snapshot's vector space and its musicnn tags (genre_batch.vectors); a new vector
+Each row carries its embedding in the snapshot's vector space and its musicnn tags (genre_batch.publishing.vectors); a new vector
 space re-tags everything too. Before the switch the snapshot gets its faiss index and `similar` table
-(genre_batch.similar): updated from the previous snapshot's when the space is the same, else built afresh.
+(genre_batch.publishing.similar): updated from the previous snapshot's when the space is the same, else built afresh.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from genre_batch import GenreBatchError, NoModel, PublishRefused, catalog, registry, similar, training, vectors
+from genre_batch import GenreBatchError, NoModel, PublishRefused
+from genre_batch.analysis.features import FEATURE_VERSION
 from genre_batch.cluster import Session
-from genre_batch.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
-from genre_batch.features import FEATURE_VERSION
-from genre_batch.labels import without_written
-from genre_batch.store import Store
-from genre_batch.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
-from genre_batch.writeback import written
+from genre_batch.library.labels import without_written
+from genre_batch.library.writeback import written
+from genre_batch.modelling import registry, training
+from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.publishing.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
+from genre_batch.storage.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
+from genre_batch.storage.store import Store
 
 
 @dataclass

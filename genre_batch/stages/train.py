@@ -15,14 +15,16 @@ import pyarrow.compute as pc
 import sklearn
 import xgboost as xgb
 
-from genre_batch import GenreBatchError, evaluation, labels, registry, training
+from genre_batch import GenreBatchError
+from genre_batch.analysis.features import FEATURE_VERSION
 from genre_batch.cluster import Session
-from genre_batch.feature_store import KEYS, LIBROSA, batches, current_tracks, read_inventory
-from genre_batch.features import FEATURE_VERSION
-from genre_batch.model import XGBoostModel, default_kind, model_class
+from genre_batch.library import labels
+from genre_batch.library.writeback import written
+from genre_batch.modelling import evaluation, registry, training
+from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.extract import library_of
-from genre_batch.store import Store
-from genre_batch.writeback import written
+from genre_batch.storage.feature_store import KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.storage.store import Store
 
 READ_BATCH_WINDOWS = 20_000
 """Window rows per reading task of the training sample (~48 MB of librosa features: what the flow process receives

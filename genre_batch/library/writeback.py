@@ -26,10 +26,11 @@ from mutagen.asf import ASFTags
 from mutagen.id3 import ID3, TCON, Encoding
 from mutagen.mp4 import MP4Tags
 
-from genre_batch import FileError, catalog
-from genre_batch.discovery import fingerprint
-from genre_batch.feature_store import FAMILIES, read_index, read_inventory, rekeyed, resolved
-from genre_batch.store import TEMP_MARK, Store, is_local, is_s3, s3_error_code
+from genre_batch import FileError
+from genre_batch.library.discovery import fingerprint
+from genre_batch.publishing import catalog
+from genre_batch.storage.feature_store import FAMILIES, read_index, read_inventory, rekeyed, resolved
+from genre_batch.storage.store import TEMP_MARK, Store, is_local, is_s3, s3_error_code
 
 WRITES_VERSION = 1
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -251,7 +252,7 @@ CANDIDATE_COLUMNS = ["uri", "track_id", "fingerprint", "genre", "confidence", "e
 def chosen(rows: pa.Table, choice: Choice) -> pa.Table:
     """Catalog rows to write: a genre (not unknown) at or over the confidence, differing from the embedded tag
     (missing, with only_missing)."""
-    from genre_batch.tagging import UNKNOWN  # here: tagging loads XGBoost
+    from genre_batch.publishing.tagging import UNKNOWN  # here: tagging loads XGBoost
 
     keep = pc.and_kleene(pc.not_equal(rows["genre"], UNKNOWN), pc.greater_equal(rows["confidence"], choice.min_confidence))
     missing = pc.is_null(rows["embedded_genre"])

@@ -11,8 +11,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from genre_batch import GenreBatchError, catalog
-from genre_batch.store import Store, is_local
+from genre_batch import GenreBatchError
+from genre_batch.publishing import catalog
+from genre_batch.storage.store import Store, is_local
 
 READ_ONLY = ("SELECT", "EXPLAIN")
 """Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
@@ -42,12 +43,12 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
         con.register("changes_arrow", feed)
         con.execute("CREATE VIEW changes AS SELECT * FROM changes_arrow")
     if "errors" in sql.lower():
-        from genre_batch.feature_store import current_errors  # imported here: it loads the feature code (0.7 s per query)
+        from genre_batch.storage.feature_store import current_errors  # imported here: it loads the feature code (0.7 s per query)
 
         con.register("errors_arrow", current_errors(store))
         con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
     if "writes" in sql.lower():  # the write-back record (no rows before the first write-tags --apply)
-        from genre_batch.writeback import read_writes
+        from genre_batch.library.writeback import read_writes
 
         con.register("writes_arrow", read_writes(store))
         con.execute("CREATE VIEW writes AS SELECT * FROM writes_arrow")

@@ -31,9 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genre_batch import GenreBatchError, catalog
-from genre_batch.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
-from genre_batch.store import Store, is_local
+from genre_batch import GenreBatchError
+from genre_batch.publishing import catalog
+from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
+from genre_batch.storage.store import Store, is_local
 
 if TYPE_CHECKING:
     import faiss

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store
+from genre_batch.storage.store import Store
 
 CATALOG_VERSION = 3
 VECTOR_DIM = 128
-"""Dimension of the `embedding` of every vector space (genre_batch.vectors): one fixed-size list type for all."""
+"""Dimension of the `embedding` of every vector space (genre_batch.publishing.vectors): one fixed-size list type for all."""
 KEEP_SNAPSHOTS = 5
 POINTER = "CURRENT.json"
 
@@ -67,7 +67,7 @@ SIMILAR_K = 20
 SIMILAR_SCHEMA = pa.schema(
     [("track_id", pa.string()), ("neighbour_id", pa.string()), ("rank", pa.int16()), ("score", pa.float32())]
 ).with_metadata({"genre_batch.similar_k": str(SIMILAR_K)})
-"""The `similar` table of a snapshot (genre_batch.similar): per track its SIMILAR_K nearest other catalog tracks by
+"""The `similar` table of a snapshot (genre_batch.publishing.similar): per track its SIMILAR_K nearest other catalog tracks by
 cosine of their embeddings (`score`), rank 1 the nearest."""
 
 
@@ -243,7 +243,7 @@ def split_by_genre(table: pa.Table) -> dict[str, pa.Table]:
 def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vector_space: dict, keep: int = KEEP_SNAPSHOTS) -> dict:
     """Write a catalog table held in this process (embeddings in the space `vector_space` describes) as a new
     snapshot with its similar table, and publish it; returns the pointer."""
-    from genre_batch import similar
+    from genre_batch.publishing import similar
 
     snapshot = snapshot_id(run_id)
     files = {}

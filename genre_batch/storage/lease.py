@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 from genre_batch import GenreBatchError
-from genre_batch.store import ConflictError, Store
+from genre_batch.storage.store import ConflictError, Store
 
 LEASE = "LEASE.json"
 TTL_S = 600.0

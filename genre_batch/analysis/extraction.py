@@ -13,10 +13,19 @@ import pyarrow as pa
 import soxr
 from distributed import Client, as_completed
 
-from genre_batch import audio, features
-from genre_batch.embedding import musicnn
-from genre_batch.feature_store import FAMILIES, LIBROSA, MUSICNN, Family, copy_rows, feature_table, index_table, musicnn_table, write_parts
-from genre_batch.store import Store
+from genre_batch.analysis import audio, features, musicnn
+from genre_batch.storage.feature_store import (
+    FAMILIES,
+    LIBROSA,
+    MUSICNN,
+    Family,
+    copy_rows,
+    feature_table,
+    index_table,
+    musicnn_table,
+    write_parts,
+)
+from genre_batch.storage.store import Store
 
 MAX_SHARD_SIZE = 256
 SHARDS_PER_WORKER = 4

@@ -12,8 +12,8 @@ import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.audio import AUDIO_EXTENSIONS
-from genre_batch.store import is_local, is_s3
+from genre_batch.analysis.audio import AUDIO_EXTENSIONS
+from genre_batch.storage.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
     [

@@ -18,11 +18,21 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from genre_batch.catalog import VECTOR_DIM
-from genre_batch.embedding.musicnn import TAG_NAMES
-from genre_batch.feature_store import EMBEDDING_COLUMNS, KEYS, LIBROSA, MUSICNN, TAG_COLUMNS, Family, by_part, keys_of, read_windows
-from genre_batch.features import FEATURE_NAMES
-from genre_batch.store import Store
+from genre_batch.analysis.features import FEATURE_NAMES
+from genre_batch.analysis.musicnn import TAG_NAMES
+from genre_batch.publishing.catalog import VECTOR_DIM
+from genre_batch.storage.feature_store import (
+    EMBEDDING_COLUMNS,
+    KEYS,
+    LIBROSA,
+    MUSICNN,
+    TAG_COLUMNS,
+    Family,
+    by_part,
+    keys_of,
+    read_windows,
+)
+from genre_batch.storage.store import Store
 
 SAMPLE_TRACKS = 20_000
 """Tracks of the fitting sample: whole parts, evenly spread over the store's sorted parts, until this many."""
@@ -206,8 +216,8 @@ def musicnn_rows(musicnn: pa.Table, groups: list[pa.Table]) -> pa.Table:
 def file_vector(space: VectorSpace, uri: str) -> tuple[np.ndarray, list[str] | None]:
     """Embedding [VECTOR_DIM] of an audio file outside the catalog, extracted now (nothing stored), and its tags when
     the space is musicnn's (raises audio.AudioError)."""
-    from genre_batch import audio, features
-    from genre_batch.extraction import librosa_windows, musicnn_vector
+    from genre_batch.analysis import audio, features
+    from genre_batch.analysis.extraction import librosa_windows, musicnn_vector
 
     segments, _, _ = audio.load(uri, features.window_spans)
     if space.family == MUSICNN.name:

@@ -1,4 +1,4 @@
-"""Model registry: versioned models of any kind (genre_batch.model: XGBoost in its UBJSON format, linear as plain
+"""Model registry: versioned models of any kind (genre_batch.modelling.model: XGBoost in its UBJSON format, linear as plain
 arrays in .npz; never pickle) with their cards, and a CURRENT pointer with history.
 
 The pointer `models/CURRENT.json` is {"version", "pinned", "history"}: switched by a conditional write (like the
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.store import Store
+from genre_batch.storage.store import Store
 
 METADATA_FILE = "metadata.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -25,7 +25,7 @@ POINTER = "CURRENT.json"
 HISTORY = 20
 
 if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost or scikit-learn (README, Cheap start)
-    from genre_batch.model import GenreModel
+    from genre_batch.modelling.model import GenreModel
 
 
 def new_version() -> str:
@@ -100,7 +100,7 @@ def model_families(meta: dict) -> dict[str, int]:
 
 def load(store: Store, version: str) -> tuple[GenreModel, dict]:
     """Load a registered model (of the kind its card names; xgboost for cards before kinds) and its metadata."""
-    from genre_batch.model import model_class
+    from genre_batch.modelling.model import model_class
 
     meta = metadata(store, version)
     kind = model_class(model_kind(meta))

@@ -1,4 +1,4 @@
-"""Training: a model (genre_batch.model: any kind) on the feature rows of labelled tracks, joined across feature
+"""Training: a model (genre_batch.modelling.model: any kind) on the feature rows of labelled tracks, joined across feature
 families per track, evaluated on whole tracks in grouped splits."""
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ import pyarrow.compute as pc
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
-from genre_batch.feature_store import FAMILIES, INDEX_SCHEMA, KEYS, LIBROSA, MUSICNN_COLUMNS, by_part, current_tracks, read_windows
-from genre_batch.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.model import MAX_FOLDS, GenreModel, everything, groups_per_genre, model_class
-from genre_batch.store import Store
+from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.modelling.model import MAX_FOLDS, GenreModel, everything, groups_per_genre, model_class
+from genre_batch.storage.feature_store import (
+    FAMILIES,
+    INDEX_SCHEMA,
+    KEYS,
+    LIBROSA,
+    MUSICNN_COLUMNS,
+    by_part,
+    current_tracks,
+    read_windows,
+)
+from genre_batch.storage.store import Store
 
 MIN_PER_GENRE = 2
 GROUPINGS = ("auto", "track", "artist", "album", "folder")

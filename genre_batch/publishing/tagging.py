@@ -8,17 +8,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genre_batch import audio, catalog, features, registry
-from genre_batch.audio import AudioError
-from genre_batch.catalog import CATALOG_SCHEMA, VECTOR_DIM
-from genre_batch.evaluation import calibrate
-from genre_batch.extraction import librosa_windows, musicnn_vector
-from genre_batch.feature_store import LIBROSA, MUSICNN, keys_of
-from genre_batch.labels import normalise
-from genre_batch.model import GenreModel
-from genre_batch.store import Store
-from genre_batch.training import columns_of, family_rows, matrix, ordered_families, per_track
-from genre_batch.vectors import VectorSpace, track_vectors
+from genre_batch.analysis import audio, features
+from genre_batch.analysis.audio import AudioError
+from genre_batch.analysis.extraction import librosa_windows, musicnn_vector
+from genre_batch.library.labels import normalise
+from genre_batch.modelling import registry
+from genre_batch.modelling.evaluation import calibrate
+from genre_batch.modelling.model import GenreModel
+from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
+from genre_batch.publishing import catalog
+from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
+from genre_batch.publishing.vectors import VectorSpace, track_vectors
+from genre_batch.storage.feature_store import LIBROSA, MUSICNN, keys_of
+from genre_batch.storage.store import Store
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""

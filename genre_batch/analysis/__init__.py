@@ -1,0 +1,1 @@
+"""Audio analysis: decoding, the librosa features, the musicnn embedding, extraction of Dask shards."""

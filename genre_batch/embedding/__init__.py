@@ -1,1 +1,0 @@
-"""Pretrained music embeddings: converted models run with numpy, no TensorFlow at runtime."""

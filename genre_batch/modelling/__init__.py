@@ -1,0 +1,1 @@
+"""Genre models: the classifiers, training and cross-validation, evaluation, the model registry."""

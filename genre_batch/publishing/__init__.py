@@ -1,0 +1,1 @@
+"""What readers get: tagging, catalog snapshots and change feed, vector spaces, similar tracks, queries."""
