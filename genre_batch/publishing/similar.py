@@ -538,7 +538,9 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
         elif row is not None:
             hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), row["vid"], top, allowed), "index"
         else:
-            from genre_batch import audio, vectors  # the feature code (librosa, onnxruntime): only for files outside the catalog
+            # the feature code (librosa, onnxruntime): only for files outside the catalog
+            from genre_batch.analysis import audio
+            from genre_batch.publishing import vectors
 
             try:
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
