@@ -28,9 +28,9 @@ from genre_batch.cluster import session
 from genre_batch.library.discovery import discover
 from genre_batch.stages import compact, runs, tag, train
 from genre_batch.storage.feature_store import (
+    CHOICE_COLUMNS,
     COMPACT_TARGET_WINDOWS,
     KEYS,
-    PLAN_COLUMNS,
     SOURCE_COLUMNS,
     TRACK_COLUMNS,
     current_errors,
@@ -50,7 +50,7 @@ def timed_plan(url: str) -> dict:
     t0 = time.perf_counter()
     inventory = read_inventory(store)
     t1 = time.perf_counter()
-    index = read_index(store, PLAN_COLUMNS)
+    index = read_index(store, CHOICE_COLUMNS)
     t2 = time.perf_counter()
     result = plan(inventory, index)
     t3 = time.perf_counter()

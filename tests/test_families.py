@@ -166,7 +166,7 @@ def test_compaction_carries_both_families(tmp_path: Path, dask_scheduler: str) -
     set_inventory(store, library)
     windows, embeddings = current_features(store), musicnn_rows(store)
     assert embeddings.num_rows == 4
-    index = fstore.stored_index(store, compact.KEEP_COLUMNS)
+    index = fstore.stored_index(store, fstore.CHOICE_COLUMNS)
     assert compact.current_rows(index, fstore.read_inventory(store)) == index.num_rows == 10
     assert not compact.needed(store)  # no row is superseded: musicnn rows are current rows too
     with session(dask_scheduler) as cluster:

@@ -231,7 +231,7 @@ def test_current_rows_are_chosen_as_the_rule_says_on_a_random_index() -> None:
          "extracted_at": T0 + timedelta(hours=int(rng.integers(5)))}
         for _ in range(400)
     ]
-    index = pa.Table.from_pylist(rows, schema=pa.schema([fstore.INDEX_SCHEMA.field(c) for c in fstore.PLAN_COLUMNS]))
+    index = pa.Table.from_pylist(rows, schema=pa.schema([fstore.INDEX_SCHEMA.field(c) for c in fstore.CHOICE_COLUMNS]))
     inventory = pa.table({"uri": list(listed), "fingerprint": list(listed.values())})  # not in URI order
     expected = []
     for uri in sorted(listed):

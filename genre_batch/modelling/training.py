@@ -17,6 +17,7 @@ from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.modelling.model import MAX_FOLDS, GenreModel, everything, groups_per_genre, model_class
 from genre_batch.storage.feature_store import (
+    CHOICE_COLUMNS,
     FAMILIES,
     INDEX_SCHEMA,
     KEYS,
@@ -83,8 +84,6 @@ def versions_of(families: list[str] | tuple[str, ...]) -> dict[str, int]:
 
 LOCATION = ("part", "row_start", "row_count")
 """Index columns that say where a track's rows of a family are; another family's are carried as `<family>.<column>`."""
-CHOICE_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
-"""Index columns that choose each file's current row (feature_store.current_tracks)."""
 LABELLED_COLUMNS = [*CHOICE_COLUMNS, *LOCATION, "tag_genre", "tag_artist", "tag_album"]
 """What training reads of the track index: the choice, the location, the label and grouping tags (the rest, e.g.
 error messages, stays on disk: at 1M tracks the whole index would cost the flow process several hundred MB)."""

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from genre_batch.cluster import Session
 from genre_batch.storage.feature_store import (
     AUTO_COMPACT_PARTS,
+    CHOICE_COLUMNS,
     COMPACT_PREFIX,
     COMPACT_TARGET_WINDOWS,
     ERROR_PIECE_ROWS,
@@ -45,9 +46,6 @@ from genre_batch.storage.feature_store import (
     stored_index,
 )
 from genre_batch.storage.store import Store
-
-KEEP_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
-"""Index columns that decide which rows are current."""
 
 
 @dataclass
@@ -126,5 +124,5 @@ def needed(store: Store) -> bool:
     parts = part_count(store)
     if parts <= 1 or parts > AUTO_COMPACT_PARTS:
         return parts > 1
-    index = stored_index(store, KEEP_COLUMNS)
+    index = stored_index(store, CHOICE_COLUMNS)
     return needs_compaction(parts, index.num_rows, current_rows(index, read_inventory(store, KEYS)))

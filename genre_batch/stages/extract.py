@@ -13,9 +13,9 @@ from genre_batch.cluster import Session
 from genre_batch.library.discovery import discover
 from genre_batch.storage.feature_store import (
     BACKFILL_CAP,
+    CHOICE_COLUMNS,
     FAMILIES,
     LIBROSA,
-    PLAN_COLUMNS,
     Family,
     needs_rows,
     plan,
@@ -94,7 +94,7 @@ def extract(
     inventory = discover(library)
     previous = read_inventory(store)
     check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
-    index = read_index(store, PLAN_COLUMNS)
+    index = read_index(store, CHOICE_COLUMNS)
     todo = plan_run(inventory, index, families, force, backfill_cap)
     if needs_rows(todo, index):  # files moved (rare): plan again on whole rows, which the moves file carries
         del index
@@ -137,7 +137,7 @@ def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
     """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files."""
     inventory = discover(library)
     previous = read_inventory(store)
-    todo = plan(inventory, read_index(store, PLAN_COLUMNS), force)
+    todo = plan(inventory, read_index(store, CHOICE_COLUMNS), force)
     known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
     same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:

@@ -23,7 +23,7 @@ from genre_batch.library.writeback import written
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.extract import library_of
-from genre_batch.storage.feature_store import KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.storage.feature_store import CHOICE_COLUMNS, KEYS, LIBROSA, batches, current_tracks, read_inventory
 from genre_batch.storage.store import Store
 
 READ_BATCH_WINDOWS = 20_000
@@ -72,7 +72,7 @@ class TrainSummary:
 def default_families(store: Store) -> list[str]:
     """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
     inventory = read_inventory(store, KEYS)
-    missing = training.lacking(store, current_tracks(store, inventory, columns=training.CHOICE_COLUMNS), inventory, training.DEFAULT_FAMILIES)
+    missing = training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, training.DEFAULT_FAMILIES)
     return list(training.FALLBACK_FAMILIES if missing else training.DEFAULT_FAMILIES)
 
 
@@ -293,7 +293,7 @@ def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float,
     if families == [LIBROSA.name]:  # every current track has librosa features
         return passes, reason
     inventory = read_inventory(store, KEYS)
-    missing = training.lacking(store, current_tracks(store, inventory, columns=training.CHOICE_COLUMNS), inventory, families)
+    missing = training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, families)
     if missing:
         lacking = ", ".join(f"{n} tracks lack {name}" for name, n in missing.items())
         return False, f"{reason}; feature families incomplete ({lacking}): the current model keeps tagging until the backfill completes"

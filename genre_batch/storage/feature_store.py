@@ -478,13 +478,13 @@ class Plan:
     unchanged: int
 
 
-PLAN_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
-"""Index columns a plan reads: which files have current rows. A plan that finds moved files is made again on the whole
-index (`needs_rows`): a move is written as whole index rows."""
+CHOICE_COLUMNS = ["uri", "fingerprint", "family", "feature_version", "error_type", "extracted_at"]
+"""Index columns that choose each file's current row: what a plan, training and compaction read to choose. A plan that
+finds moved files is made again on the whole index (`needs_rows`): a move is written as whole index rows."""
 
 
 def plan(inventory: pa.Table, index: pa.Table, force: bool = False, family: Family = LIBROSA) -> Plan:
-    """The files of the listing to extract, and the files that only moved (index: PLAN_COLUMNS or more)."""
+    """The files of the listing to extract, and the files that only moved (index: CHOICE_COLUMNS or more)."""
     if force:
         return Plan(inventory, index.schema.empty_table(), 0)
     picked = resolved_keys(index, inventory, family)
@@ -656,7 +656,7 @@ def needs_compaction(parts: int, index_rows: int, current_rows: int) -> bool:
     return parts > AUTO_COMPACT_PARTS or (parts > 1 and superseded_share(index_rows, current_rows) > AUTO_COMPACT_SUPERSEDED)
 
 
-SOURCE_COLUMNS = [*PLAN_COLUMNS, "part", "row_count"]
+SOURCE_COLUMNS = [*CHOICE_COLUMNS, "part", "row_count"]
 """Index columns the compaction's flow process reads: which rows are current, and how many windows each part holds."""
 ERROR_PIECE_ROWS = 100_000
 """Failure rows per index piece written by compaction."""
