@@ -10,8 +10,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-FEATURE_VERSION = 3
-"""Bumped whenever the vector's meaning changes; rows of other versions are re-extracted."""
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION, N_MFCC, SCALARS, SERIES, STATISTICS  # noqa: F401  (re-exported)
 
 WINDOW_S = 10.0
 """Length of the analysis windows a track is cut into: one feature row per window."""
@@ -25,40 +24,6 @@ SPREAD = (0.1, 0.25, 0.75, 0.9)
 N_FFT = 2048
 HOP = 512
 N_MELS = 128
-N_MFCC = 20
-
-STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "median", "skew", "kurtosis")
-
-SERIES: tuple[tuple[str, int], ...] = (
-    ("mfcc", N_MFCC),
-    ("mfcc_delta", N_MFCC),
-    ("mfcc_delta2", N_MFCC),
-    ("contrast", 7),
-    ("chroma", 12),
-    ("centroid", 1),
-    ("bandwidth", 1),
-    ("rolloff", 1),
-    ("flatness", 1),
-    ("zcr", 1),
-    ("rms", 1),
-    ("onset", 1),
-)
-"""Frame-level series (family, number of coefficients), in vector order."""
-
-SCALARS: tuple[str, ...] = ("tempo_bpm",)
-"""Track-level values appended after the pooled series."""
-
-
-def _series_names(family: str, n: int) -> list[str]:
-    """Names of a family's coefficient rows."""
-    return [family] if n == 1 else [f"{family}_{i:02d}" for i in range(1, n + 1)]
-
-
-FEATURE_NAMES: tuple[str, ...] = tuple(
-    [f"{name}_{stat}" for family, n in SERIES for name in _series_names(family, n) for stat in STATISTICS]
-    + list(SCALARS)
-)
-"""Column names of the feature vector, in order."""
 
 
 def _statistics(x: np.ndarray) -> np.ndarray:

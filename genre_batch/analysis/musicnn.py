@@ -18,22 +18,14 @@ import librosa
 import numpy as np
 import onnxruntime as ort
 
-EMBEDDING_VERSION = 1
-EMBEDDING_DIM = 200
+from genre_batch.analysis.columns import EMBEDDING_DIM, EMBEDDING_VERSION, TAG_NAMES  # noqa: F401  (re-exported)
+
 SAMPLE_RATE = 16000
 N_FFT = 512
 HOP = 256
 N_MELS = 96
 PATCH_FRAMES = 187  # musicnn's 3 s input: librosa.time_to_frames(3, sr=16000, n_fft=512, hop_length=256) + 1
 PATCH_SAMPLES = (PATCH_FRAMES - 1) * HOP + N_FFT  # samples under one patch's frames
-TAG_NAMES: tuple[str, ...] = (
-    "rock", "pop", "alternative", "indie", "electronic", "female vocalists", "dance", "00s",
-    "alternative rock", "jazz", "beautiful", "metal", "chillout", "male vocalists", "classic rock", "soul",
-    "indie rock", "Mellow", "electronica", "80s", "folk", "90s", "chill", "instrumental", "punk", "oldies",
-    "blues", "hard rock", "ambient", "acoustic", "experimental", "female vocalist", "guitar", "Hip-Hop", "70s",
-    "party", "country", "easy listening", "sexy", "catchy", "funk", "electro", "heavy metal",
-    "Progressive rock", "60s", "rnb", "indie pop", "sad", "House", "happy",
-)  # fmt: skip
 MODEL_PATH = Path(__file__).with_name("musicnn_msd.onnx")  # written by scripts/convert_musicnn.py
 MODEL_SHA256 = "e212994d5514583be5c8f16c28e3a1fac5f688d23b227047aef0dd4f4a4da93c"
 OUTPUTS = ["penultimate", "tags"]

@@ -9,11 +9,10 @@ from datetime import date, datetime
 
 import duckdb
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from genre_batch import GenreBatchError
 from genre_batch.publishing import catalog
-from genre_batch.storage.store import Store, is_local
+from genre_batch.storage.store import Store
 
 READ_ONLY = ("SELECT", "EXPLAIN")
 """Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
@@ -33,7 +32,7 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     files = catalog.files(store) if "catalog" in sql.lower() or catalog.pointer(store) else []
     current = catalog.pointer(store) or {}
     pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in sql.lower() else []
-    if is_local(store.fs) and files + pieces:
+    if store.local and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
     parquet_view(con, store, "catalog", files, catalog.CATALOG_SCHEMA)
     if "similar" in sql.lower():  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
@@ -62,7 +61,7 @@ def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files:
     if not files:
         con.register(f"{name}_files", schema.empty_table())
         con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
-    elif is_local(store.fs):
+    elif store.local:
         con.read_parquet(files).create_view(name)
     else:
         import pyarrow.dataset as ds  # imported here: it loads pandas where installed (0.4 s of every local query)
@@ -116,6 +115,8 @@ def to_json(table: pa.Table) -> str:
 
 def to_csv(table: pa.Table) -> str:
     """CSV with a header line; maps and lists are written as JSON."""
+    import pyarrow.csv as pacsv  # imported here: only --format csv writes CSV
+
     flat = pa.table(
         {
             name: pa.array([json.dumps(plain(v)) for v in col.to_pylist()])

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from genre_batch import GenreBatchError
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
-from genre_batch.storage.store import Store, is_local
+from genre_batch.storage.store import Store
 
 if TYPE_CHECKING:
     import faiss
@@ -130,7 +130,7 @@ def read_embeddings(store: Store, files: list[str], only: set[str] | None = None
 def local_file(store: Store, relative: str) -> str:
     """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
     path = f"{store.catalog}/{relative}"
-    if is_local(store.fs):
+    if store.local:
         return path
     cache = os.path.join(tempfile.gettempdir(), "genre-batch-similar", hashlib.sha1(store.fs.unstrip_protocol(path).encode()).hexdigest() + ".faiss")
     if not os.path.exists(cache):
@@ -258,7 +258,7 @@ def rows_where(store: Store, relative: str, column: str, values: list, columns: 
     """The rows of a catalog file sorted by `column` whose `column` is one of `values`, read from the row groups that
     may hold them (`columns`, which must include `column`: all by default). The rows are found by bisection, not
     with pyarrow.compute: its first call with a Python value imports pandas (0.3-1 s of a CLI start)."""
-    with store.fs.open(f"{store.catalog}/{relative}", "rb") as f:
+    with store.open(f"{store.catalog}/{relative}") as f:
         parquet = pq.ParquetFile(f)
         table = parquet.read_row_groups(row_groups_holding(parquet, column, values), columns)
     keys = table[column].to_pylist()
@@ -463,7 +463,7 @@ def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
     info = pointer["similar"]
     vid = vector_ids([track_id])
     bucket = int(buckets_of(vid, info["buckets"])[0])
-    with store.fs.open(f"{store.catalog}/{info['vectors']}", "rb") as f:
+    with store.open(f"{store.catalog}/{info['vectors']}") as f:
         parquet = pq.ParquetFile(f)
         groups = sorted(set(row_groups_holding(parquet, "bucket", [bucket])) & set(row_groups_holding(parquet, "vid", [int(vid[0])])))
         rows = parquet.read_row_groups(groups, ["vid", "embedding"])
@@ -493,7 +493,7 @@ def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
     by_vid = (pointer["similar"].get("lookup") or {}).get("vid")
     if by_vid is None:
         return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
-    with store.fs.open(f"{store.catalog}/{by_vid}", "rb") as f:
+    with store.open(f"{store.catalog}/{by_vid}") as f:
         table = pq.ParquetFile(f, read_dictionary=["genre"]).read(["vid", "genre"])
     vids, start, found = buffer_view(table["vid"], np.int64), 0, []
     for codes in table["genre"].chunks:
@@ -546,6 +546,8 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
             except audio.AudioError as e:
                 raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
+            except vectors.MissingSpace as e:
+                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: {e}") from None
             hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
         answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], entries(hits)))
     return answers

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from genre_batch.analysis.features import FEATURE_NAMES
-from genre_batch.analysis.musicnn import TAG_NAMES
+from genre_batch import GenreBatchError
+from genre_batch.analysis.columns import FEATURE_NAMES, TAG_NAMES
 from genre_batch.publishing.catalog import VECTOR_DIM
 from genre_batch.storage.feature_store import (
     EMBEDDING_COLUMNS,
@@ -84,9 +84,17 @@ def save(store: Store, space: VectorSpace) -> None:
     store.write_bytes(f"{store.catalog}/{space_file(space.name)}", buf.getvalue())
 
 
+class MissingSpace(GenreBatchError):
+    """A pointer's vector space whose arrays are not in the store (none recorded, or the file is gone)."""
+
+
 def load(store: Store, described: dict) -> VectorSpace:
-    """The space a pointer's `vector_space` describes."""
-    with store.fs.open(f"{store.catalog}/{described['file']}", "rb") as f:
+    """The space a pointer's `vector_space` describes; MissingSpace when its arrays are not in the store."""
+    path = f"{store.catalog}/{described['file']}" if described.get("file") else None
+    if path is None or not store.exists(path):
+        raise MissingSpace(f"the arrays of vector space {described.get('name')} are not in the store "
+                           f"({store.uri(path) + ' is missing' if path else 'none recorded'}): run 'genre-batch tag' to fit and store one")
+    with store.open(path) as f:
         arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
         return VectorSpace(described["family"], int(arrays["family_version"]), arrays["mean"], arrays["scale"],
                            arrays["components"], int(arrays["sample_tracks"]))

@@ -22,8 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.analysis.musicnn import EMBEDDING_DIM, EMBEDDING_VERSION, TAG_NAMES
+from genre_batch.analysis.columns import EMBEDDING_DIM, EMBEDDING_VERSION, FEATURE_NAMES, FEATURE_VERSION, TAG_NAMES
 from genre_batch.library.discovery import INVENTORY_SCHEMA
 from genre_batch.storage.store import TEMP_MARK, Store
 
