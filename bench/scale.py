@@ -286,13 +286,30 @@ def query_times(work: Path, store_dir: Path) -> dict:
     if result.num_rows != 100:
         raise SystemExit(f"the catalog query returned {result.num_rows} rows, expected 100")
     env = cli_env(work)
+    before = load()
     cli = [run_cli(cli_command("query", "--store", str(store_dir), QUERY, "--format", "json"), env) for _ in range(QUERY_REPEATS)]
     return {
-        "query": QUERY, "load_1m": load(),
+        "query": QUERY, "load_1m": [before, load()],
         "query_in_process_s": {"first": round(in_process[0], 3), "median": round(statistics.median(in_process), 3)},
         "query_cli_s": {"first": round(cli[0].wall_s, 3), "median": round(statistics.median(c.wall_s for c in cli), 3),
-                        "cpu_s_median": round(statistics.median(c.cpu_s for c in cli), 3)},
+                        "cpu_s_median": round(statistics.median(c.cpu_s for c in cli), 3), "cpu_s_min": round(min(c.cpu_s for c in cli), 3)},
     }
+
+
+def query_check(work: Path, rows: int = CATALOG_ROWS) -> dict:
+    """The top-100 query timings alone, on the `rows`-row catalog of the issue5 check (built first if missing)."""
+    store_dir = work / "scale" / f"catalog-{rows}"
+    if not (store_dir / "catalog" / catalog.POINTER).exists():
+        return catalog_run(work, rows)
+    return {"rows": catalog.pointer(Store(str(store_dir)))["rows"], **query_times(work, store_dir)}
+
+
+def print_query(q: dict) -> None:
+    """Print the query check's numbers."""
+    cli = q["query_cli_s"]
+    print(f"top-100 query on a {q['rows']}-row catalog: in process {q['query_in_process_s']['median']:.3f} s; genre-batch query "
+          f"{cli['median']:.3f} s wall, {cli['cpu_s_median']:.2f} s CPU (min {cli['cpu_s_min']:.2f} s), median of "
+          f"{QUERY_REPEATS}, load {q['load_1m']}")
 
 
 def run(work: Path, tiny_files: int = TINY_FILES, catalog_rows: int = CATALOG_ROWS) -> dict:
@@ -361,7 +378,7 @@ CLUSTER_NODE_RAM_MB = 64_000
 PROBES = (("train_sample", "capped sample (no fit)"),)
 """Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
-CHECKS = ("stores", "listing", "curve", "issue5", "compact")
+CHECKS = ("stores", "listing", "curve", "issue5", "compact", "query")
 TRAIN_MODES = ("sample", "cli", "both")
 
 
@@ -741,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listing", type=int, nargs="+", default=list(LISTING_SIZES), help="S3 prefix sizes to list (default 100000 300000; 1M extrapolated unless listed)")
     parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
                         help="what to run (default: stores listing curve; issue5 = the #5 checks; compact = plan and compaction on built stores only; "
+                             "query = the top-100 query of issue5 alone, on its catalog (built if missing); "
                              "none: print the saved report)")
     parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
@@ -793,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
     if "issue5" in args.checks:
         report["issue5"] = run(work, args.tiny_files, args.catalog_rows)
+    if "query" in args.checks:
+        report["query"] = query_check(work, args.catalog_rows)
     if "issue5" in report:
         report["targets"] += targets(report["issue5"])
     report["targets"] = store_targets(report.get("stores", [])) + report["targets"]
@@ -808,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         print_projection(report["projection"])
     if "issue5" in report:
         print_scale(report["issue5"])
+    if "query" in report:
+        print_query(report["query"])
     print()
     print_targets(report["targets"])
     return 0

@@ -12,14 +12,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache_dir, signals
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 app = typer.Typer(
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
@@ -220,6 +221,8 @@ def options(
 
 def progress_bar() -> Progress:
     """A progress bar for extraction."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("extracting"),
         BarColumn(),
@@ -464,6 +467,8 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> Non
     """Every registered model: version, created, tracks, genres, CV and held-out accuracy, gate, current marker."""
     checks.summary_format(fmt)
     check_reader(store)
+    from rich.table import Table
+
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
@@ -702,6 +707,8 @@ def run(
 
 def render(table: Any, fmt: str) -> None:
     """Print a query result as a table, CSV or JSON."""
+    from rich.table import Table
+
     from genre_batch.publishing import query as q
 
     if fmt == "json":
