@@ -271,48 +271,41 @@ def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
     return rows_where(store, relative, "bucket", [bucket])
 
 
-def id_map(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted vids, their track_ids) for mapping search results back to tracks."""
-    vids = table["vid"].to_numpy()
+def id_map(table: pa.Table) -> tuple[np.ndarray, pa.Array]:
+    """(sorted vids, their track_ids) for mapping search results back to tracks (Arrow strings: no Python object per
+    track)."""
+    vids = buffer_view(table["vid"], np.int64)
     order = np.argsort(vids, kind="stable")
-    return vids[order], np.array(table["track_id"].to_pylist(), dtype=object)[order]
+    return vids[order], table["track_id"].combine_chunks().take(pa.array(order))
 
 
-def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Array:
     """track_ids of index ids (all of which are in `ids`)."""
-    return ids[1][np.searchsorted(ids[0], vids)]
+    return ids[1].take(pa.array(np.searchsorted(ids[0], vids)))
 
 
 def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top k (vid [n, k], score [n, k]) of each query, its own id left out; -1 pads short results."""
     scores, found = index.search(np.ascontiguousarray(queries, np.float32), k + 1)
-    keep = (found != own[:, None]) & (found != -1)
-    out_ids, out_scores = np.full((len(queries), k), -1, np.int64), np.zeros((len(queries), k), np.float32)
-    for i in range(len(queries)):
-        row_ids, row_scores = found[i][keep[i]], scores[i][keep[i]]
-        order = np.lexsort((row_ids, -row_scores))[:k]  # ties by id, as `merged` orders them
-        row_ids, row_scores = row_ids[order], row_scores[order]
-        out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
-    return out_ids, out_scores
+    return best(np.where(found == own[:, None], -1, found), scores, k)
 
 
-def merged(old_ids: np.ndarray, old_scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row by row, the best k of lists and candidates [n, *] (score descending, then id), -1 padded."""
-    ids, scores = np.concatenate([old_ids, new_ids], axis=1), np.concatenate([old_scores, new_scores], axis=1)
+def best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row, the best k entries [n, *] (score descending, then id; -1 ids are no entry), -1 padded."""
     scores = np.where(ids == -1, -np.inf, scores)
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
     return ids, np.where(ids == -1, 0, scores).astype(np.float32)
 
 
-def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+def lists_table(track_ids: pa.Array, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Table:
     """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order."""
     n, k = neighbour_ids.shape
     valid = neighbour_ids.reshape(-1) != -1
     flat = neighbour_ids.reshape(-1)[valid]
     table = pa.table(
-        {"track_id": pa.array(np.repeat(track_ids, k)[valid].tolist(), pa.string()),
-         "neighbour_id": pa.array(track_ids_of(flat, ids).tolist(), pa.string()),
+        {"track_id": track_ids.take(pa.array(np.repeat(np.arange(n), k)[valid])),
+         "neighbour_id": track_ids_of(flat, ids),
          "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n)[valid]),
          "score": pa.array(scores.reshape(-1)[valid])},
         schema=SIMILAR_SCHEMA,
@@ -320,19 +313,26 @@ def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.nda
     return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
-def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def previous_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, k: int,
+                   ids: tuple[np.ndarray, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
-    to the bucket has an empty list)."""
+    to the bucket has an empty list), and which lists lost a member (a neighbour removed or changed). Neighbours are
+    matched to the new snapshot's tracks (`ids`) by Arrow hash lookups: no Python string per row."""
     import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
-    found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
+    found = pc.index_in(table["track_id"], value_set=track_ids)
     known = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)
-    rank = table["rank"].to_numpy().astype(np.int64) - 1
-    ids, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
-    ids[row[known], rank[known]] = vector_ids(pc.filter(table["neighbour_id"], pa.array(known)).to_pylist())
-    scores[row[known], rank[known]] = table["score"].to_numpy()[known]
-    return ids, scores
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[known]
+    rank = table["rank"].to_numpy().astype(np.int64)[known] - 1
+    position = pc.index_in(table["neighbour_id"], value_set=ids[1])
+    gone = (pc.is_null(position).to_numpy(zero_copy_only=False)
+            | pc.is_in(table["neighbour_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False))[known]
+    neighbours, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
+    neighbours[row, rank] = ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[known]]
+    scores[row, rank] = table["score"].to_numpy()[known]
+    lost = np.zeros(len(track_ids), bool)
+    lost[row[gone]] = True
+    return neighbours, scores, lost
 
 
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
@@ -340,28 +340,29 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
     out = folder(snapshot)
     ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
-    track_ids = np.array(mine["track_id"].to_pylist(), dtype=object)
-    vids, queries = mine["vid"].to_numpy(), as_matrix(mine["embedding"])
+    track_ids = mine["track_id"].combine_chunks()
+    vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
     found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
     if len(vids):
         index = open_index(store, f"{out}/index.faiss")
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores)
+            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores, ids)
         if redo.any():
             found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
     store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
     return int((found != -1).sum())
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: np.ndarray, queries: np.ndarray,
-            found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, queries: np.ndarray,
+            found: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
     """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
     tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
     import faiss
-    old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
-    lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
-    redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
+    import pyarrow.compute as pc
+    old_ids, old_scores, lost = previous_lists(store, update, bucket, track_ids, k, ids)
+    new = pc.is_in(track_ids, value_set=pa.array(update.added, pa.string())).to_numpy(zero_copy_only=False)
+    redo = new | (old_ids[:, 0] == -1) | lost
     keep = ~redo
     if update.added and keep.any():
         added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
@@ -369,7 +370,7 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_i
         flat.add(as_matrix(added["embedding"]))
         cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
         cand_ids = added["vid"].to_numpy()[cand_rows]
-        found[keep], scores[keep] = merged(old_ids[keep], old_scores[keep], cand_ids, cand_scores, k)
+        found[keep], scores[keep] = best(np.hstack([old_ids[keep], cand_ids]), np.hstack([old_scores[keep], cand_scores]), k)
     else:
         found[keep], scores[keep] = old_ids[keep], old_scores[keep]
     return redo
