@@ -114,17 +114,21 @@ def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
 
 
-def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+def read_embeddings(store: Store, files: list[str], only: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
+    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only, filled
+    file by file into one matrix (the vectors are held once, plus one file's)."""
     import pyarrow.compute as pc
-    ids, blocks = [], []
-    for f in files:
-        table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
+    paths = [f"{store.catalog}/{f}" for f in files]
+    matrix = np.empty((sum(store.parquet_rows(p) for p in paths) if only is None else len(only), VECTOR_DIM), np.float32)
+    ids, filled = [], 0
+    for path in paths:
+        table = store.read_table(path, ["track_id", "embedding"])
         if only is not None:
-            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(sorted(only), pa.string())))
-        ids += table["track_id"].to_pylist()
-        blocks.append(as_matrix(table["embedding"]))
-    return ids, np.vstack(blocks) if blocks else np.zeros((0, VECTOR_DIM), np.float32)
+            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(only, pa.string())))
+        matrix[filled : filled + table.num_rows] = as_matrix(table["embedding"])
+        ids.append(table["track_id"].combine_chunks())
+        filled += table.num_rows
+    return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), matrix[:filled]
 
 
 def local_file(store: Store, relative: str) -> str:
@@ -159,12 +163,17 @@ def save_index(store: Store, index: faiss.Index, relative: str) -> None:
         store.fs.put_file(local, path)
 
 
-def put_table(store: Store, relative: str, table: pa.Table, row_group_size: int) -> None:
-    """Write a large table into an (unpublished) snapshot folder through a local file: no second copy in memory."""
+def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
+    """Write the `rows` of a vectors table into an (unpublished) snapshot folder in (bucket, vid) order, ROW_GROUP rows
+    at a time through a local file: the sorted table is never held whole."""
+    vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
+    order = rows[np.lexsort((vids, bucket))]
     path = f"{store.catalog}/{relative}"
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "table.parquet")
-        pq.write_table(table, local, compression="zstd", row_group_size=row_group_size)
+        local = os.path.join(tmp, "vectors.parquet")
+        with pq.ParquetWriter(local, VECTORS_SCHEMA, compression="zstd") as writer:
+            for start in range(0, len(order), ROW_GROUP):
+                writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
         store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         store.fs.put_file(local, path)
 
@@ -181,14 +190,12 @@ def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     return index
 
 
-def vectors_table(track_ids: list[str], matrix: np.ndarray, buckets: int) -> pa.Table:
-    """The index's vectors with their ids and buckets, in (bucket, vid) order (one copy of the matrix)."""
-    vids = vector_ids(track_ids)
-    bucket = buckets_of(vids, buckets)
-    order = np.lexsort((vids, bucket))
+def vectors_table(track_ids: pa.Array, matrix: np.ndarray, buckets: int) -> pa.Table:
+    """The index's vectors with their ids and buckets, in the matrix's order (the embedding column is a view of it)."""
+    vids = vector_ids(track_ids.to_pylist())
     return pa.table(
-        {"vid": vids[order], "track_id": pa.array(track_ids, pa.string()).take(pa.array(order)), "bucket": bucket[order],
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix[order].reshape(-1)), VECTOR_DIM)},
+        {"vid": vids, "track_id": track_ids, "bucket": buckets_of(vids, buckets),
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
         schema=VECTORS_SCHEMA,
     )
 
@@ -214,32 +221,32 @@ def build_index(store: Store, snapshot: str, files: list[str], update: Update | 
     update's tracks removed and added; returns {tracks, buckets, nlist}."""
     import pyarrow.compute as pc
     out = folder(snapshot)
-    if update is None:  # peak: the vectors twice (the matrix, then the index or the sorted table), never three times
+    if update is None:  # peak: the vectors twice (the matrix and the index), never three times
         ids, matrix = read_embeddings(store, files)
-        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool (512 MB at 1M)
+        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
         buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
-        nlist = nlist_for(len(ids)) if ids else 0
-        if ids:
-            save_index(store, new_index(matrix, vector_ids(ids)), f"{out}/index.faiss")
+        nlist = nlist_for(len(ids)) if len(ids) else 0
         table = vectors_table(ids, matrix, buckets)
-        del matrix
+        if len(ids):
+            save_index(store, new_index(matrix, buffer_view(table["vid"], np.int64)), f"{out}/index.faiss")
+        rows = np.arange(table.num_rows)
     else:
         buckets = update.buckets
         index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
         index.remove_ids(vector_ids(update.removed))
-        ids, matrix = read_embeddings(store, files, set(update.added))
-        index.add_with_ids(matrix, vector_ids(ids))
+        ids, matrix = read_embeddings(store, files, update.added)
+        added = vectors_table(ids, matrix, buckets)
+        index.add_with_ids(matrix, buffer_view(added["vid"], np.int64))
         nlist = index.nlist
         save_index(store, index, f"{out}/index.faiss")
         del index
-        added = vectors_table(ids, matrix, buckets)
         store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
         previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
-        kept = previous.filter(pc.invert(pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string()))))
-        del previous
-        table = pa.concat_tables([kept, added]).sort_by([("bucket", "ascending"), ("vid", "ascending")])
-    put_table(store, f"{out}/vectors.parquet", table, ROW_GROUP)
-    return {"tracks": table.num_rows, "buckets": buckets, "nlist": nlist, "lookup": write_lookups(store, out, files)}
+        gone = pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False)
+        table = pa.concat_tables([previous, added])  # the previous rows of removed and changed tracks are not written
+        rows = np.concatenate([np.flatnonzero(~gone), np.arange(previous.num_rows, table.num_rows)])
+    put_vectors(store, f"{out}/vectors.parquet", table, rows)
+    return {"tracks": len(rows), "buckets": buckets, "nlist": nlist, "lookup": write_lookups(store, out, files)}
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
