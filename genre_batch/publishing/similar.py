@@ -7,8 +7,9 @@ of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_i
 without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
 `by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
 describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
-index is trained and filled in one worker task (1M x 128 float32 = 512 MB of vectors held there); the lists are
-queried on the workers, one task per bucket, each memory-mapping the index.
+index, the vectors file and the lookup files are written by three worker tasks (the index task holds 1M x 128 float32
+= 512 MB of vectors twice: as a matrix and in the index); then the lists are queried on the workers, one task per
+bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
 index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
@@ -216,37 +217,45 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
     return written
 
 
-def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
-    """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
-    update's tracks removed and added; returns {tracks, buckets, nlist}."""
-    import pyarrow.compute as pc
-    out = folder(snapshot)
-    if update is None:  # peak: the vectors twice (the matrix and the index), never three times
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
+    """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
+    matrix and in the index), or the previous index with the update's tracks removed and added; returns its nlist."""
+    if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
-        buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
-        nlist = nlist_for(len(ids)) if len(ids) else 0
-        table = vectors_table(ids, matrix, buckets)
-        if len(ids):
-            save_index(store, new_index(matrix, buffer_view(table["vid"], np.int64)), f"{out}/index.faiss")
-        rows = np.arange(table.num_rows)
+        if len(ids) == 0:
+            return 0
+        index = new_index(matrix, vector_ids(ids.to_pylist()))
+        del matrix
     else:
-        buckets = update.buckets
         index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
         index.remove_ids(vector_ids(update.removed))
         ids, matrix = read_embeddings(store, files, update.added)
+        index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
+    save_index(store, index, f"{folder(snapshot)}/index.faiss")
+    return index.nlist
+
+
+def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
+    """Write a snapshot's vectors file (runs on one worker; an update also writes `_added.parquet`, the added tracks'
+    rows, for the list queries); returns its rows."""
+    import pyarrow.compute as pc
+    out = folder(snapshot)
+    if update is None:
+        ids, matrix = read_embeddings(store, files)
+        pa.default_memory_pool().release_unused()
+        table = vectors_table(ids, matrix, buckets)
+        rows = np.arange(table.num_rows)
+    else:
+        ids, matrix = read_embeddings(store, files, update.added)
         added = vectors_table(ids, matrix, buckets)
-        index.add_with_ids(matrix, buffer_view(added["vid"], np.int64))
-        nlist = index.nlist
-        save_index(store, index, f"{out}/index.faiss")
-        del index
         store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
         previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
         gone = pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False)
         table = pa.concat_tables([previous, added])  # the previous rows of removed and changed tracks are not written
         rows = np.concatenate([np.flatnonzero(~gone), np.arange(previous.num_rows, table.num_rows)])
     put_vectors(store, f"{out}/vectors.parquet", table, rows)
-    return {"tracks": len(rows), "buckets": buckets, "nlist": nlist, "lookup": write_lookups(store, out, files)}
+    return len(rows)
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
@@ -408,13 +417,17 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process); returns what
     the pointer records under `similar`."""
     out = folder(snapshot)
-    info = run([(build_index, store, snapshot, files, update)])[0]
-    rows = run([(query_bucket, store, snapshot, b, update) for b in range(info["buckets"])]) if info["tracks"] else []
+    tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
+    buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
+    # three tasks, on different workers when there are: their peaks do not add up in one process
+    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
+                                  (write_lookups, store, out, files)])
+    rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
     store.delete([f"{store.catalog}/{out}/_added.parquet"])
     return {
-        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None, "lookup": info["lookup"],
-        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(info["buckets"]) if info["tracks"]],
-        "rows": sum(rows), "tracks": info["tracks"], "buckets": info["buckets"], "nlist": info["nlist"], "nprobe": NPROBE,
+        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
+        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
+        "rows": sum(rows), "tracks": vectors, "buckets": buckets, "nlist": nlist, "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
         "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
     }
