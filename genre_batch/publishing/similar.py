@@ -24,7 +24,8 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -164,19 +165,27 @@ def save_index(store: Store, index: faiss.Index, relative: str) -> None:
         store.fs.put_file(local, path)
 
 
-def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
-    """Write the `rows` of a vectors table into an (unpublished) snapshot folder in (bucket, vid) order, ROW_GROUP rows
-    at a time through a local file: the sorted table is never held whole."""
-    vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
-    order = rows[np.lexsort((vids, bucket))]
+@contextmanager
+def local_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer of a vectors file into an (unpublished) snapshot folder, through a local file copied there
+    when the block ends."""
     path = f"{store.catalog}/{relative}"
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "vectors.parquet")
         with pq.ParquetWriter(local, VECTORS_SCHEMA, compression="zstd") as writer:
-            for start in range(0, len(order), ROW_GROUP):
-                writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
+            yield writer
         store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         store.fs.put_file(local, path)
+
+
+def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
+    """Write the `rows` of a vectors table in (bucket, vid) order, ROW_GROUP rows at a time: the sorted table is never
+    held whole."""
+    vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
+    order = rows[np.lexsort((vids, bucket))]
+    with local_writer(store, relative) as writer:
+        for start in range(0, len(order), ROW_GROUP):
+            writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
 
 
 def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
@@ -238,24 +247,29 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
 
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's vectors file (runs on one worker; an update also writes `_added.parquet`, the added tracks'
-    rows, for the list queries); returns its rows."""
-    import pyarrow.compute as pc
+    rows, for the list queries); returns its rows. An update streams the previous file bucket by bucket: it holds one
+    bucket of vectors, not all of them."""
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()
         table = vectors_table(ids, matrix, buckets)
-        rows = np.arange(table.num_rows)
-    else:
-        ids, matrix = read_embeddings(store, files, update.added)
-        added = vectors_table(ids, matrix, buckets)
-        store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
-        previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
-        gone = pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False)
-        table = pa.concat_tables([previous, added])  # the previous rows of removed and changed tracks are not written
-        rows = np.concatenate([np.flatnonzero(~gone), np.arange(previous.num_rows, table.num_rows)])
-    put_vectors(store, f"{out}/vectors.parquet", table, rows)
-    return len(rows)
+        put_vectors(store, f"{out}/vectors.parquet", table, np.arange(table.num_rows))
+        return table.num_rows
+    import pyarrow.compute as pc
+    ids, matrix = read_embeddings(store, files, update.added)
+    added = vectors_table(ids, matrix, buckets)
+    store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
+    removed, rows = pa.array(update.removed, pa.string()), 0
+    with store.fs.open(f"{store.catalog}/{update.previous}/vectors.parquet", "rb") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
+        previous = pq.ParquetFile(f)
+        for bucket in range(buckets):
+            old = previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket]))
+            old = old.filter(pc.and_(pc.equal(old["bucket"], bucket), pc.invert(pc.is_in(old["track_id"], value_set=removed))))
+            mine = pa.concat_tables([old, added.filter(pc.equal(added["bucket"], bucket))]).sort_by("vid")
+            writer.write_table(mine, row_group_size=ROW_GROUP)
+            rows += mine.num_rows
+    return rows
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
