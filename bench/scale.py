@@ -559,7 +559,10 @@ def listing_checks(work: Path, sizes: tuple[int, ...]) -> dict:
 
 
 def slope(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares (per track, intercept) of values against track counts: fixed costs land in the intercept."""
+    """Least-squares (per track, intercept) of values against track counts: fixed costs land in the intercept. From one
+    size: (value / tracks, 0), the fixed costs counted per track (an upper bound of the slope)."""
+    if len(points) == 1:
+        return points[0][1] / points[0][0], 0.0
     n, v = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
     a, b = np.polyfit(n, v, 1)
     return float(a), float(b)
@@ -568,8 +571,8 @@ def slope(points: list[tuple[int, float]]) -> tuple[float, float]:
 def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) -> dict:
     """Per-track costs from the measured stores, projected to `tracks`, and where each resource runs out."""
     done = [s for s in stores if "skipped" not in s and "compact" in s and "tag_nightly" in s]
-    if len(done) < 2:
-        return {"note": "needs two measured store sizes (per-track costs are slopes between sizes)"}
+    if not done:
+        return {"note": "needs a measured store size with its nightly tag and compaction"}
     largest = max(done, key=lambda s: s["tracks"])
     n = largest["tracks"]
 
@@ -628,7 +631,8 @@ def projection(stores: list[dict], work: Path, tracks: int = PROJECTION_TRACKS) 
     killed = sorted({f"{k} at {s['tracks']}" for s in done for k in ("tag_full", "compact") if "aborted" in s[k]})
     return {
         "caveat": f"CLI runs killed past {RSS_ABORT_MB} MB (their numbers are those at the kill): {', '.join(killed)}" if killed else "",
-        "from_tracks": [s["tracks"] for s in done], "per_track": {k: round(v, 4) for k, v in per_track.items()},
+        "from_tracks": [s["tracks"] for s in done],
+        "method": "slopes between sizes" if len(done) > 1 else "one size: every cost divided by its tracks (fixed costs included: an upper bound)", "per_track": {k: round(v, 4) for k, v in per_track.items()},
         "at_tracks": tracks, "projected": {k: round(v, 2) for k, v in projected.items()},
         "runs_out_here": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_here.items(), key=lambda kv: kv[1])},
         "runs_out_cluster": {k: round(v) if v < float("inf") else None for k, v in sorted(limits_cluster.items(), key=lambda kv: kv[1])},
@@ -741,7 +745,7 @@ def print_projection(p: dict) -> None:
     if "note" in p:
         print(f"\nprojection: {p['note']}")
         return
-    print(f"\nprojection to {p['at_tracks']:,} tracks from {p['from_tracks']}: per track {p['per_track']}")
+    print(f"\nprojection to {p['at_tracks']:,} tracks from {p['from_tracks']} ({p.get('method', 'slopes between sizes')}): per track {p['per_track']}")
     print(f"projected: {p['projected']}" + (f" ({p['caveat']})" if p.get("caveat") else ""))
     for where, key in (("this machine", "runs_out_here"), ("a cluster", "runs_out_cluster")):
         print(f"runs out first on {where} (tracks): " + "; ".join(f"{k}: {'no growth measured' if v is None else f'{v:,}'}" for k, v in p[key].items()))

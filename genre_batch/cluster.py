@@ -21,6 +21,20 @@ maps and unmaps every array above 128 KiB again and again (worker CPU 1.6x the e
 the arrays of a file's feature extraction in the heap at the same peak RSS (README, Performance; docker/dask.yaml)."""
 
 
+def trim_memory() -> int:
+    """Give a worker's freed memory back to the OS: Arrow's pool, then glibc's heap, which WORKER_ENVIRON's thresholds
+    keep (Dask's documented remedy, "Manually trim memory"); 1 when glibc released some, 0 elsewhere (no glibc)."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        return 0
+
+
 def numba_cache_dir() -> str:
     """Where workers keep numba's compiled code between runs (NUMBA_CACHE_DIR, else the user cache)."""
     return os.environ.get("NUMBA_CACHE_DIR") or default_numba_cache_dir()
@@ -118,11 +132,14 @@ class Session:
         return self._client is not None
 
     def run(self, calls: list[tuple]) -> list:
-        """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls."""
+        """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls.
+        Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""
         if not calls:
             return []
         client = self.client
-        return client.gather([client.submit(*call, pure=False) for call in calls])
+        results = client.gather([client.submit(*call, pure=False) for call in calls])
+        client.run(trim_memory)
+        return results
 
 
 

@@ -7,8 +7,9 @@ of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_i
 without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
 `by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
 describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
-index is trained and filled in one worker task (1M x 128 float32 = 512 MB of vectors held there); the lists are
-queried on the workers, one task per bucket, each memory-mapping the index.
+index, the vectors file and the lookup files are written by three worker tasks (the index task holds 1M x 128 float32
+= 512 MB of vectors twice: as a matrix and in the index); then the lists are queried on the workers, one task per
+bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
 index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
@@ -23,7 +24,8 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,17 +116,21 @@ def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
 
 
-def read_embeddings(store: Store, files: list[str], only: set[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only."""
+def read_embeddings(store: Store, files: list[str], only: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
+    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only, filled
+    file by file into one matrix (the vectors are held once, plus one file's)."""
     import pyarrow.compute as pc
-    ids, blocks = [], []
-    for f in files:
-        table = store.read_table(f"{store.catalog}/{f}", ["track_id", "embedding"])
+    paths = [f"{store.catalog}/{f}" for f in files]
+    matrix = np.empty((sum(store.parquet_rows(p) for p in paths) if only is None else len(only), VECTOR_DIM), np.float32)
+    ids, filled = [], 0
+    for path in paths:
+        table = store.read_table(path, ["track_id", "embedding"])
         if only is not None:
-            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(sorted(only), pa.string())))
-        ids += table["track_id"].to_pylist()
-        blocks.append(as_matrix(table["embedding"]))
-    return ids, np.vstack(blocks) if blocks else np.zeros((0, VECTOR_DIM), np.float32)
+            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(only, pa.string())))
+        matrix[filled : filled + table.num_rows] = as_matrix(table["embedding"])
+        ids.append(table["track_id"].combine_chunks())
+        filled += table.num_rows
+    return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), matrix[:filled]
 
 
 def local_file(store: Store, relative: str) -> str:
@@ -159,14 +165,27 @@ def save_index(store: Store, index: faiss.Index, relative: str) -> None:
         store.fs.put_file(local, path)
 
 
-def put_table(store: Store, relative: str, table: pa.Table, row_group_size: int) -> None:
-    """Write a large table into an (unpublished) snapshot folder through a local file: no second copy in memory."""
+@contextmanager
+def local_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer of a vectors file into an (unpublished) snapshot folder, through a local file copied there
+    when the block ends."""
     path = f"{store.catalog}/{relative}"
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "table.parquet")
-        pq.write_table(table, local, compression="zstd", row_group_size=row_group_size)
+        local = os.path.join(tmp, "vectors.parquet")
+        with pq.ParquetWriter(local, VECTORS_SCHEMA, compression="zstd") as writer:
+            yield writer
         store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         store.fs.put_file(local, path)
+
+
+def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
+    """Write the `rows` of a vectors table in (bucket, vid) order, ROW_GROUP rows at a time: the sorted table is never
+    held whole."""
+    vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
+    order = rows[np.lexsort((vids, bucket))]
+    with local_writer(store, relative) as writer:
+        for start in range(0, len(order), ROW_GROUP):
+            writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
 
 
 def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
@@ -181,14 +200,12 @@ def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     return index
 
 
-def vectors_table(track_ids: list[str], matrix: np.ndarray, buckets: int) -> pa.Table:
-    """The index's vectors with their ids and buckets, in (bucket, vid) order (one copy of the matrix)."""
-    vids = vector_ids(track_ids)
-    bucket = buckets_of(vids, buckets)
-    order = np.lexsort((vids, bucket))
+def vectors_table(track_ids: pa.Array, matrix: np.ndarray, buckets: int) -> pa.Table:
+    """The index's vectors with their ids and buckets, in the matrix's order (the embedding column is a view of it)."""
+    vids = vector_ids(track_ids.to_pylist())
     return pa.table(
-        {"vid": vids[order], "track_id": pa.array(track_ids, pa.string()).take(pa.array(order)), "bucket": bucket[order],
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix[order].reshape(-1)), VECTOR_DIM)},
+        {"vid": vids, "track_id": track_ids, "bucket": buckets_of(vids, buckets),
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
         schema=VECTORS_SCHEMA,
     )
 
@@ -209,37 +226,50 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
     return written
 
 
-def build_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> dict:
-    """Write a snapshot's index and vectors file (runs on one worker): built afresh, or the previous index with the
-    update's tracks removed and added; returns {tracks, buckets, nlist}."""
-    import pyarrow.compute as pc
-    out = folder(snapshot)
-    if update is None:  # peak: the vectors twice (the matrix, then the index or the sorted table), never three times
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
+    """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
+    matrix and in the index), or the previous index with the update's tracks removed and added; returns its nlist."""
+    if update is None:
         ids, matrix = read_embeddings(store, files)
-        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool (512 MB at 1M)
-        buckets = max(1, math.ceil(len(ids) / BUCKET_TRACKS))
-        nlist = nlist_for(len(ids)) if ids else 0
-        if ids:
-            save_index(store, new_index(matrix, vector_ids(ids)), f"{out}/index.faiss")
-        table = vectors_table(ids, matrix, buckets)
+        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
+        if len(ids) == 0:
+            return 0
+        index = new_index(matrix, vector_ids(ids.to_pylist()))
         del matrix
     else:
-        buckets = update.buckets
         index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
         index.remove_ids(vector_ids(update.removed))
-        ids, matrix = read_embeddings(store, files, set(update.added))
-        index.add_with_ids(matrix, vector_ids(ids))
-        nlist = index.nlist
-        save_index(store, index, f"{out}/index.faiss")
-        del index
-        added = vectors_table(ids, matrix, buckets)
-        store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
-        previous = store.read_table(f"{store.catalog}/{update.previous}/vectors.parquet")
-        kept = previous.filter(pc.invert(pc.is_in(previous["track_id"], value_set=pa.array(update.removed, pa.string()))))
-        del previous
-        table = pa.concat_tables([kept, added]).sort_by([("bucket", "ascending"), ("vid", "ascending")])
-    put_table(store, f"{out}/vectors.parquet", table, ROW_GROUP)
-    return {"tracks": table.num_rows, "buckets": buckets, "nlist": nlist, "lookup": write_lookups(store, out, files)}
+        ids, matrix = read_embeddings(store, files, update.added)
+        index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
+    save_index(store, index, f"{folder(snapshot)}/index.faiss")
+    return index.nlist
+
+
+def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
+    """Write a snapshot's vectors file (runs on one worker; an update also writes `_added.parquet`, the added tracks'
+    rows, for the list queries); returns its rows. An update streams the previous file bucket by bucket: it holds one
+    bucket of vectors, not all of them."""
+    out = folder(snapshot)
+    if update is None:
+        ids, matrix = read_embeddings(store, files)
+        pa.default_memory_pool().release_unused()
+        table = vectors_table(ids, matrix, buckets)
+        put_vectors(store, f"{out}/vectors.parquet", table, np.arange(table.num_rows))
+        return table.num_rows
+    import pyarrow.compute as pc
+    ids, matrix = read_embeddings(store, files, update.added)
+    added = vectors_table(ids, matrix, buckets)
+    store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
+    removed, rows = pa.array(update.removed, pa.string()), 0
+    with store.fs.open(f"{store.catalog}/{update.previous}/vectors.parquet", "rb") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
+        previous = pq.ParquetFile(f)
+        for bucket in range(buckets):
+            old = previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket]))
+            old = old.filter(pc.and_(pc.equal(old["bucket"], bucket), pc.invert(pc.is_in(old["track_id"], value_set=removed))))
+            mine = pa.concat_tables([old, added.filter(pc.equal(added["bucket"], bucket))]).sort_by("vid")
+            writer.write_table(mine, row_group_size=ROW_GROUP)
+            rows += mine.num_rows
+    return rows
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
@@ -271,48 +301,41 @@ def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
     return rows_where(store, relative, "bucket", [bucket])
 
 
-def id_map(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted vids, their track_ids) for mapping search results back to tracks."""
-    vids = table["vid"].to_numpy()
+def id_map(table: pa.Table) -> tuple[np.ndarray, pa.Array]:
+    """(sorted vids, their track_ids) for mapping search results back to tracks (Arrow strings: no Python object per
+    track)."""
+    vids = buffer_view(table["vid"], np.int64)
     order = np.argsort(vids, kind="stable")
-    return vids[order], np.array(table["track_id"].to_pylist(), dtype=object)[order]
+    return vids[order], table["track_id"].combine_chunks().take(pa.array(order))
 
 
-def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Array:
     """track_ids of index ids (all of which are in `ids`)."""
-    return ids[1][np.searchsorted(ids[0], vids)]
+    return ids[1].take(pa.array(np.searchsorted(ids[0], vids)))
 
 
 def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top k (vid [n, k], score [n, k]) of each query, its own id left out; -1 pads short results."""
     scores, found = index.search(np.ascontiguousarray(queries, np.float32), k + 1)
-    keep = (found != own[:, None]) & (found != -1)
-    out_ids, out_scores = np.full((len(queries), k), -1, np.int64), np.zeros((len(queries), k), np.float32)
-    for i in range(len(queries)):
-        row_ids, row_scores = found[i][keep[i]], scores[i][keep[i]]
-        order = np.lexsort((row_ids, -row_scores))[:k]  # ties by id, as `merged` orders them
-        row_ids, row_scores = row_ids[order], row_scores[order]
-        out_ids[i, : len(row_ids)], out_scores[i, : len(row_ids)] = row_ids, row_scores
-    return out_ids, out_scores
+    return best(np.where(found == own[:, None], -1, found), scores, k)
 
 
-def merged(old_ids: np.ndarray, old_scores: np.ndarray, new_ids: np.ndarray, new_scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row by row, the best k of lists and candidates [n, *] (score descending, then id), -1 padded."""
-    ids, scores = np.concatenate([old_ids, new_ids], axis=1), np.concatenate([old_scores, new_scores], axis=1)
+def best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row, the best k entries [n, *] (score descending, then id; -1 ids are no entry), -1 padded."""
     scores = np.where(ids == -1, -np.inf, scores)
     order = np.lexsort((ids, -scores), axis=1)[:, :k]
     ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
     return ids, np.where(ids == -1, 0, scores).astype(np.float32)
 
 
-def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+def lists_table(track_ids: pa.Array, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Table:
     """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order."""
     n, k = neighbour_ids.shape
     valid = neighbour_ids.reshape(-1) != -1
     flat = neighbour_ids.reshape(-1)[valid]
     table = pa.table(
-        {"track_id": pa.array(np.repeat(track_ids, k)[valid].tolist(), pa.string()),
-         "neighbour_id": pa.array(track_ids_of(flat, ids).tolist(), pa.string()),
+        {"track_id": track_ids.take(pa.array(np.repeat(np.arange(n), k)[valid])),
+         "neighbour_id": track_ids_of(flat, ids),
          "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n)[valid]),
          "score": pa.array(scores.reshape(-1)[valid])},
         schema=SIMILAR_SCHEMA,
@@ -320,19 +343,26 @@ def lists_table(track_ids: np.ndarray, neighbour_ids: np.ndarray, scores: np.nda
     return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
-def previous_lists(store: Store, update: Update, bucket: int, track_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def previous_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, k: int,
+                   ids: tuple[np.ndarray, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
-    to the bucket has an empty list)."""
+    to the bucket has an empty list), and which lists lost a member (a neighbour removed or changed). Neighbours are
+    matched to the new snapshot's tracks (`ids`) by Arrow hash lookups: no Python string per row."""
     import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
-    found = pc.index_in(table["track_id"], value_set=pa.array(track_ids.tolist(), pa.string()))
+    found = pc.index_in(table["track_id"], value_set=track_ids)
     known = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)
-    rank = table["rank"].to_numpy().astype(np.int64) - 1
-    ids, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
-    ids[row[known], rank[known]] = vector_ids(pc.filter(table["neighbour_id"], pa.array(known)).to_pylist())
-    scores[row[known], rank[known]] = table["score"].to_numpy()[known]
-    return ids, scores
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[known]
+    rank = table["rank"].to_numpy().astype(np.int64)[known] - 1
+    position = pc.index_in(table["neighbour_id"], value_set=ids[1])
+    gone = (pc.is_null(position).to_numpy(zero_copy_only=False)
+            | pc.is_in(table["neighbour_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False))[known]
+    neighbours, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
+    neighbours[row, rank] = ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[known]]
+    scores[row, rank] = table["score"].to_numpy()[known]
+    lost = np.zeros(len(track_ids), bool)
+    lost[row[gone]] = True
+    return neighbours, scores, lost
 
 
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
@@ -340,28 +370,29 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
     out = folder(snapshot)
     ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
-    track_ids = np.array(mine["track_id"].to_pylist(), dtype=object)
-    vids, queries = mine["vid"].to_numpy(), as_matrix(mine["embedding"])
+    track_ids = mine["track_id"].combine_chunks()
+    vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
     found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
     if len(vids):
         index = open_index(store, f"{out}/index.faiss")
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores)
+            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores, ids)
         if redo.any():
             found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
     store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
     return int((found != -1).sum())
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: np.ndarray, queries: np.ndarray,
-            found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, queries: np.ndarray,
+            found: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
     """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
     tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
     import faiss
-    old_ids, old_scores = previous_lists(store, update, bucket, track_ids, k)
-    lost = np.isin(old_ids, vector_ids(update.removed)).any(axis=1)
-    redo = np.isin(track_ids, np.array(update.added, dtype=object)) | (old_ids[:, 0] == -1) | lost
+    import pyarrow.compute as pc
+    old_ids, old_scores, lost = previous_lists(store, update, bucket, track_ids, k, ids)
+    new = pc.is_in(track_ids, value_set=pa.array(update.added, pa.string())).to_numpy(zero_copy_only=False)
+    redo = new | (old_ids[:, 0] == -1) | lost
     keep = ~redo
     if update.added and keep.any():
         added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
@@ -369,7 +400,7 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_i
         flat.add(as_matrix(added["embedding"]))
         cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
         cand_ids = added["vid"].to_numpy()[cand_rows]
-        found[keep], scores[keep] = merged(old_ids[keep], old_scores[keep], cand_ids, cand_scores, k)
+        found[keep], scores[keep] = best(np.hstack([old_ids[keep], cand_ids]), np.hstack([old_scores[keep], cand_scores]), k)
     else:
         found[keep], scores[keep] = old_ids[keep], old_scores[keep]
     return redo
@@ -400,13 +431,17 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process); returns what
     the pointer records under `similar`."""
     out = folder(snapshot)
-    info = run([(build_index, store, snapshot, files, update)])[0]
-    rows = run([(query_bucket, store, snapshot, b, update) for b in range(info["buckets"])]) if info["tracks"] else []
+    tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
+    buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
+    # three tasks, on different workers when there are: their peaks do not add up in one process
+    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
+                                  (write_lookups, store, out, files)])
+    rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
     store.delete([f"{store.catalog}/{out}/_added.parquet"])
     return {
-        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if info["tracks"] else None, "lookup": info["lookup"],
-        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(info["buckets"]) if info["tracks"]],
-        "rows": sum(rows), "tracks": info["tracks"], "buckets": info["buckets"], "nlist": info["nlist"], "nprobe": NPROBE,
+        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
+        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
+        "rows": sum(rows), "tracks": vectors, "buckets": buckets, "nlist": nlist, "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
         "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
     }

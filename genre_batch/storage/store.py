@@ -198,6 +198,11 @@ class Store:
         with self.open(path) as f:
             return pq.read_schema(f)
 
+    def parquet_rows(self, path: str) -> int:
+        """The row count of a Parquet file (its footer only)."""
+        with self.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
     def write_json(self, path: str, obj: Any) -> None:
         """Write a JSON document atomically."""
         write_json(self.fs, path, obj)
