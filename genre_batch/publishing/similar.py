@@ -261,7 +261,7 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
     added = vectors_table(ids, matrix, buckets)
     store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
     removed, rows = pa.array(update.removed, pa.string()), 0
-    with store.fs.open(f"{store.catalog}/{update.previous}/vectors.parquet", "rb") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
+    with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
         previous = pq.ParquetFile(f)
         for bucket in range(buckets):
             old = previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket]))

@@ -200,7 +200,9 @@ class Store:
 
     def parquet_rows(self, path: str) -> int:
         """The row count of a Parquet file (its footer only)."""
-        with self.fs.open(path, "rb") as f:
+        import pyarrow.parquet as pq
+
+        with self.open(path) as f:
             return pq.ParquetFile(f).metadata.num_rows
 
     def write_json(self, path: str, obj: Any) -> None:
