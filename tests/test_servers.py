@@ -3,7 +3,7 @@
 - An external Dask cluster (`dask scheduler` + two `dask worker` processes) that `genre-batch run --scheduler`
   (run in this process) extracts on.
 - A `prefect server start` instance (conftest's `prefect_server_process`, shared with test_scheduling.py):
-  `genre-batch serve --scheduler` (the session's Dask cluster) registers the nightly deployment on it, the test checks
+  `genre-batch serve` registers the nightly deployment on it, the test checks
   the cron schedule (as stored and as the server's scheduler expands it), triggers a run and sees it complete.
 
 Every process is started in its own session (so its own process group) and stopped in a `finally`: SIGTERM
@@ -230,19 +230,16 @@ def test_run_on_external_dask_cluster(
 
 
 def test_serve_registers_nightly_deployment_and_runs_it(
-    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, dask_scheduler: str
+    library_factory: Callable[..., Path], tmp_path: Path, prefect_server_process: PrefectServer, warm_numba: None
 ) -> None:
-    """`genre-batch serve` registers the cron deployment on a real Prefect server; a triggered run completes on the
-    cluster named by `--scheduler` (the session's: a served run starting its own cluster is the CLI's local-cluster
-    path, which the SIGTERM test runs)."""
+    """`genre-batch serve` registers the cron deployment on a real Prefect server; a triggered run completes."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
     api = prefect_server_process.api_url()
-    cmd = [GENRE_BATCH, "serve", str(library), "--store", str(store), "--labels", "folders", "--cron", CRON, "--name", DEPLOYMENT_NAME,
-           "--scheduler", dask_scheduler]
+    cmd = [GENRE_BATCH, "serve", str(library), "--store", str(store), "--labels", "folders", "--cron", CRON, "--name", DEPLOYMENT_NAME]
     # The runner polls for due runs every 2 s instead of 10 s.
     env = base_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_RUNNER_POLL_FREQUENCY="2")
     log = tmp_path / "serve.log"
@@ -252,7 +249,7 @@ def test_serve_registers_nightly_deployment_and_runs_it(
         with get_client(sync_client=True) as client:
             deployment = wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 120, f"deployment {DEPLOYMENT}", watched)
             assert [(s.schedule.cron, s.active) for s in deployment.schedules] == [(CRON, True)]
-            assert deployment.parameters == {"library": str(library), "store": str(store), "labels": "folders", "scheduler": dask_scheduler}
+            assert deployment.parameters == {"library": str(library), "store": str(store), "labels": "folders", "scheduler": None}
 
             flow_run = client.create_flow_run_from_deployment(deployment.id)
 
