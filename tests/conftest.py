@@ -1,5 +1,5 @@
-"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, real Prefect servers (in-process, and
-a `prefect server start` process for the tests that need its scheduler service)."""
+"""Shared fixtures: generated audio libraries, a real multi-process Dask cluster, one real Prefect server for the session
+(a `prefect server start` process: its API for in-process flows and CLI runs, its scheduler service for `serve`)."""
 
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def library_factory(tmp_path: Path) -> Callable[..., Path]:
 def dask_scheduler(request: pytest.FixtureRequest) -> Iterator[str]:
     """Address of a real local cluster: 2 worker processes, one thread each; closed after the session.
 
-    While its workers warm up (a cold numba compile, the session's longest start), the in-process Prefect server
-    starts, if a collected test needs it: the two start-ups overlap instead of adding up."""
+    While its workers warm up (a cold numba compile, the session's longest start), the Prefect server starts, if a
+    collected test needs it: the two start-ups overlap instead of adding up."""
     from concurrent.futures import ThreadPoolExecutor
 
     from distributed import Client
@@ -176,12 +176,16 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A temporary Prefect server (real API, SQLite in a temp folder) for the whole session."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory, prefect_server_process: "PrefectServer") -> Iterator[None]:
+    """This process's Prefect API for the session: the session's `prefect server start` (one server start for the
+    session, not two; tests read only their own runs), with a temporary PREFECT_HOME. Set as the test harness sets its
+    server: in the settings context, and as the global one for contexts copied before."""
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=300):  # 120 s ran out on a machine loaded 15x
+    url = prefect_server_process.api_url(300)  # 120 s ran out on a machine loaded 15x
+    with temporary_settings({PREFECT_API_URL: url}), _temporary_global_settings_context(get_settings_context()):
         yield
 
 
@@ -209,10 +213,10 @@ class PrefectServer:
 def prefect_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """`prefect server start` on 127.0.0.1 (SQLite in a temp PREFECT_HOME) for the session; stopped at its end.
 
-    One for the session (test_scheduling.py and test_servers.py: each test reads only its own deployment's runs), as
-    a start costs 15-20 s. Not waited for here: tests call `api_url()` when they need the API, so the server's start
+    One for the session (also `prefect_server`'s: each test reads only its own runs and deployments), as a start costs
+    15-20 s. Not waited for here: tests call `api_url()` when they need the API, so the server's start
     overlaps with other start-ups. Its scheduler service loops every 2 s instead of 60 s, so the runs of a new cron
-    schedule appear within seconds. (Not `prefect_server`, which is in-process.)
+    schedule appear within seconds.
     """
     from test_servers import HOST, PREFECT, base_env, free_port, server
 

@@ -1,7 +1,8 @@
 """Bad invocations through the installed console script: the README's table is the test's table.
 
 Usage errors exit 2 with one line and import neither Prefect nor Dask; paths that neither train nor tag import
-neither XGBoost, scikit-learn nor matplotlib.
+neither XGBoost, scikit-learn nor matplotlib. Each invocation is one fresh interpreter running the installed script
+(its exit status, stdout and stderr as the shell sees them) that also writes down the modules it imported.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "genre-batch"
 START_UP = ("prefect", "distributed")
 TRAINING = ("xgboost", "sklearn", "matplotlib")
 PROBE = """
-import json, sys
-sys.argv = ["genre-batch", *json.loads(sys.argv[1])]
-from genre_batch.cli import main
+import json, runpy, sys
+script, modules_file, *sys.argv[1:] = sys.argv[1:]
+sys.argv[0] = script
+code = 0
 try:
-    main()
+    runpy.run_path(script, run_name="__main__")
 except SystemExit as e:
     code = e.code
-print("MODULES " + json.dumps([code, sorted({m.split('.')[0] for m in sys.modules})]))
+with open(modules_file, "w") as out:
+    json.dump(sorted({m.split('.')[0] for m in sys.modules}), out)
+sys.exit(code)
 """
 
 
@@ -72,25 +76,24 @@ def environment(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("argv, extra, status, first_line", ROWS, ids=[" ".join(r[0]) or "no-args" for r in ROWS])
 def test_bad_invocation(argv: list[str], extra: dict[str, str], status: int, first_line: str, workdir: Path) -> None:
-    env = environment(workdir, extra)
-    done = subprocess.run([str(CONSOLE_SCRIPT), *argv], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    done, modules = probe(argv, workdir, environment(workdir, extra))
     assert done.returncode == status, done.stderr
     assert done.stderr.splitlines()[0] == first_line
     assert done.stdout == "" and "Traceback" not in done.stderr
     if first_line.startswith("error:"):
         assert len(done.stderr.splitlines()) == 1
     if status == 2:
-        code, modules = probe(argv, workdir, env)
-        assert code == 2
         assert not set(START_UP + TRAINING) & set(modules), "a usage error must not start Prefect, Dask or training libraries"
 
 
-def probe(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run the CLI's main in a fresh interpreter: its exit status and the top-level modules it had imported at the end."""
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    line = next(x for x in done.stdout.splitlines() if x.startswith("MODULES "))
-    code, modules = json.loads(line.removeprefix("MODULES "))
-    return code, modules
+def probe(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run the installed console script with `argv` in a fresh interpreter: the finished process (exit status, stdout,
+    stderr) and the top-level modules it had imported at its end."""
+    modules_file = cwd / "probe-modules.json"
+    modules_file.unlink(missing_ok=True)
+    command = [sys.executable, "-c", PROBE, str(CONSOLE_SCRIPT), str(modules_file), *argv]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return done, set(json.loads(modules_file.read_text()))
 
 
 def test_version_is_the_installed_one(workdir: Path) -> None:
@@ -102,28 +105,23 @@ def test_version_is_the_installed_one(workdir: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["extract", "--help"], ["query", "--help"], ["run", "--help"]])
 def test_help_imports_no_start_up_or_training_library(argv: list[str], workdir: Path) -> None:
-    code, modules = probe(argv, workdir, environment(workdir, {}))
-    assert code == 0 and not set(START_UP + TRAINING) & set(modules)
+    done, modules = probe(argv, workdir, environment(workdir, {}))
+    assert done.returncode == 0 and not set(START_UP + TRAINING) & modules
 
 
 def test_extract_json_summary_and_query_import_no_training_library(workdir: Path) -> None:
     """A real extract (Prefect's ephemeral server; empty library, so no cluster) prints every summary key and, like a
     query, loads no training library."""
     env = environment(workdir, {})
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(["extract", "library", "--store", "store", "--format", "json"])],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
-    summary_line, modules_line = done.stdout.splitlines()
-    code, modules = json.loads(modules_line.removeprefix("MODULES "))
-    assert code == 0 and "prefect" in modules and not set(TRAINING) & set(modules), done.stderr
-    summary = json.loads(summary_line)
+    done, modules = probe(["extract", "library", "--store", "store", "--format", "json"], workdir, env)
+    assert done.returncode == 0 and "prefect" in modules and not set(TRAINING) & modules, done.stderr
+    summary = json.loads(done.stdout)
     assert set(summary) == {"run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag", "failing_files"}
     assert (summary["flow"], summary["status"], summary["train"], summary["tag"], summary["failing_files"]) == ("extract", "completed", None, None, 0)
     assert summary["extract"]["discovered"] == 0 and summary["extract"]["library"] == str(workdir / "library")
-    code, modules = probe(["query", "--store", "store", "SELECT count(*) FROM errors"], workdir, env)
-    assert code in (0, 1) and "genre_batch" in modules  # 1 while no catalog is published (issue #13 item 2 may make it 0)
-    assert not set(TRAINING + START_UP) & set(modules)
+    done, modules = probe(["query", "--store", "store", "SELECT count(*) FROM errors"], workdir, env)
+    assert done.returncode in (0, 1) and "genre_batch" in modules  # 1 while no catalog is published (issue #13 item 2 may make it 0)
+    assert not set(TRAINING + START_UP) & modules
 
 
 def test_extract_only_modules_import_no_training_library() -> None:
@@ -158,11 +156,9 @@ def s3_env(moto_url: str) -> dict[str, str]:
 def test_missing_buckets_and_prefixes_exit_1_before_anything_starts(
     argv: list[str], first_line: str, s3_env: dict[str, str], workdir: Path
 ) -> None:
-    env = environment(workdir, s3_env)
-    done = subprocess.run([str(CONSOLE_SCRIPT), *argv], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stderr) == (1, first_line + "\n")
-    code, modules = probe(argv, workdir, env)
-    assert code == 1 and not set(START_UP + TRAINING) & set(modules)
+    done, modules = probe(argv, workdir, environment(workdir, s3_env))
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", first_line + "\n")
+    assert not set(START_UP + TRAINING) & modules
     assert list((workdir / "store").iterdir()) == []
 
 
