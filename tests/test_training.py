@@ -166,6 +166,9 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
     with session(dask_scheduler) as cluster:
         data, labelled, cap = train_stage.training_data(store, str(labels), cluster, grouping="track")
         again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
+        on_worker = train_stage.on_worker(cluster, train_stage.labelled_sample, store, str(labels), "artist", True, ["librosa"])
+    here = train_stage.labelled_sample(store, str(labels), "artist", True, ["librosa"])  # what this process chose before
+    assert on_worker[0].equals(here[0]) and on_worker[1] == here[1] and on_worker[2:] == here[2:]
     assert data.genres == ["a", "b", "c"] and data.dropped == {"lonely": 1} and labelled.tracks.num_rows == 12
     assert cap == training.cap_per_genre(3, 3.0) and data.X.dtype == np.float32 and data.X.shape == (36, len(FEATURE_NAMES))
     assert labelled.tracks.column_names == ["uri", "fingerprint", "genre"]  # the flow process keeps the labelled set's keys only
