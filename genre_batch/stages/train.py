@@ -75,7 +75,7 @@ class TrainSummary:
 
 def on_worker(session: Session | None, function: Callable[..., T], *args: object) -> T:
     """`function(*args)` run as one task on a Dask worker, so that its whole-index tables never enter this (the flow)
-    process; run here when there is no cluster (`--dry-run` starts none)."""
+    process; run in this process when no session is given."""
     return function(*args) if session is None else session.run([(function, *args)])[0]
 
 
