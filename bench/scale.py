@@ -378,7 +378,7 @@ CLUSTER_NODE_RAM_MB = 64_000
 PROBES = (("train_sample", "capped sample (no fit)"),)
 """Probe runs (bench.probe, no Prefect): the training sample read without the fit."""
 STEPS = (("tag_full", "full tag + publish"), ("tag_nightly", "nightly tag (1% changed)"), ("compact", "compaction"), ("train", "capped training"))
-CHECKS = ("stores", "listing", "curve", "issue5", "compact", "query")
+CHECKS = ("stores", "listing", "curve", "issue5", "compact", "query", "train")
 TRAIN_MODES = ("sample", "cli", "both")
 
 
@@ -487,9 +487,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
     if train in ("cli", "both"):
         print(f"[{n}] training", flush=True)
         if step("train", "train", "train", "--labels", "tags"):
-            meta = json.loads((store / "models" / result["train"]["record"]["version"] / "metadata.json").read_text())
-            result["train"]["cap_per_genre"] = meta["sample"]["cap_per_genre"]
-            result["train"]["sampled_windows"] = meta["windows"]
+            result["train"].update(model_card(store, result["train"]["record"]["version"]))
             save(result)
     shutil.rmtree(run_dir)
     return result
@@ -520,6 +518,53 @@ def compaction_checks(work: Path, n: int) -> dict:
     finally:
         shutil.rmtree(run_dir)
     return result
+
+
+def model_card(store: Path, version: str) -> dict:
+    """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and the fingerprint."""
+    meta = json.loads((store / "models" / version / "metadata.json").read_text())
+    return {"cap_per_genre": meta["sample"]["cap_per_genre"], "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
+            "classifier": meta["classifier"], "fit": meta["fit"], "training_fingerprint": meta["training_fingerprint"]}
+
+
+def train_checks(work: Path, n: int, copies: Path) -> dict:
+    """On a hard-linked copy (in `copies`) of an already built store of n tracks (never built here): the whole
+    `genre-batch train --labels tags` (Prefect and Dask included: 5-fold CV and the fit on the capped sample), wall, CPU
+    and peak RSS per process, with a Prefect home of its own in `copies`; the copy is deleted after."""
+    base = work / f"scale-{n}" / "base"
+    if not (base / synthetic_store.MARK).exists():
+        return {"tracks": n, "skipped": f"no built store at {base} (build it with --checks stores)"}
+    run_dir = copies / f"train-{n}"
+    copies.mkdir(parents=True, exist_ok=True)
+    synthetic_store.linked_copy(base, run_dir)
+    store = run_dir / "store"
+    try:
+        print(f"[{n}] genre-batch train --labels tags", flush=True)
+        run, result = measured(cli_command("train", "--labels", "tags", "--store", str(store)), cli_env(copies))
+        if not run.aborted:
+            result["record"] = stage_record(store, "train")
+            result.update(model_card(store, result["record"]["version"]))
+    finally:
+        shutil.rmtree(run_dir)
+    return {"tracks": n, "train": result}
+
+
+def print_training(results: list[dict]) -> None:
+    """The training checks as lines."""
+    for r in results:
+        if "skipped" in r:
+            print(f"training {r['tracks']}: skipped ({r['skipped']})")
+            continue
+        t = r["train"]
+        p = t["peak_rss_mb"]
+        print(f"training {r['tracks']} tracks (genre-batch train --labels tags): {t['wall_s']} s wall, {t['cpu_s']} s CPU {t['cpu_s_by_role']}, "
+              f"peak RSS flow process {p.get('flow process', 0):.0f} MB, workers {p.get('dask workers', 0):.0f} MB, load {t['load_1m']}"
+              + (f" ABORTED: {t['aborted']}" if "aborted" in t else ""))
+        if "record" in t:
+            rec = t["record"]
+            print(f"  cap {t['cap_per_genre']} tracks/genre: {rec['sampled_tracks']} tracks / {t['sampled_windows']} windows ({t['matrix_mb']} MB) of "
+                  f"{rec['tracks']} labelled; {t['classifier']} fit {t['fit']}; CV accuracy {rec['cv_accuracy']}, held-out {rec['holdout_accuracy']}; "
+                  f"fingerprint {t['training_fingerprint']}")
 
 
 def print_compaction(results: list[dict]) -> None:
@@ -664,6 +709,11 @@ def store_targets(stores: list[dict]) -> list[dict]:
     return rows
 
 
+def training_targets(results: list[dict]) -> list[dict]:
+    """The <= RSS_LIMIT_MB target of each measured whole training."""
+    return [rss_target(f"{r['tracks'] // 1000}k: genre-batch train (CV + fit)", r["train"]) for r in results if "train" in r]
+
+
 def rss_target(name: str, run: dict) -> dict:
     """The <= RSS_LIMIT_MB target of a run's flow process and workers (an aborted run: its peak when killed)."""
     peak = max(v for k, v in run["peak_rss_mb"].items() if k in ("flow process", "dask workers"))
@@ -763,13 +813,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", nargs="*", choices=CHECKS, default=list(CHECKS[:3]),
                         help="what to run (default: stores listing curve; issue5 = the #5 checks; compact = plan and compaction on built stores only; "
                              "query = the top-100 query of issue5 alone, on its catalog (built if missing); "
-                             "none: print the saved report)")
+                             "train = the whole genre-batch train on built stores only; none: print the saved report)")
     parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
     parser.add_argument("--processes", type=int, default=2, help="store builder processes (default 2: never with the cluster running)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for stores, S3 data, caches (default {DEFAULT_WORK}); reused between runs")
     parser.add_argument("--tiny-files", type=int, default=TINY_FILES, help=f"issue5: files of the no-op library (default {TINY_FILES})")
     parser.add_argument("--catalog-rows", type=int, default=CATALOG_ROWS, help=f"issue5: rows of the generated catalog (default {CATALOG_ROWS})")
+    parser.add_argument("--copies", type=Path, help="train: folder for the hard-linked store copies and their Prefect home (default: the work folder)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
     work = args.work.resolve()
@@ -813,13 +864,19 @@ def main(argv: list[str] | None = None) -> int:
             done[n] = compaction_checks(work, n)
             report["compaction"] = [done[k] for k in sorted(done)]
             save()
+    if "train" in args.checks:
+        done = {r["tracks"]: r for r in report.get("training", [])}
+        for n in sizes:
+            done[n] = train_checks(work, n, (args.copies or work).resolve())
+            report["training"] = [done[k] for k in sorted(done)]
+            save()
     if "issue5" in args.checks:
         report["issue5"] = run(work, args.tiny_files, args.catalog_rows)
     if "query" in args.checks:
         report["query"] = query_check(work, args.catalog_rows)
     if "issue5" in report:
         report["targets"] += targets(report["issue5"])
-    report["targets"] = store_targets(report.get("stores", [])) + report["targets"]
+    report["targets"] = store_targets(report.get("stores", [])) + training_targets(report.get("training", [])) + report["targets"]
     save()
     print_stores(report.get("stores", []))
     if "listing" in report:
@@ -828,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         print_curves(report["curves"])
     if "compaction" in report:
         print_compaction(report["compaction"])
+    if "training" in report:
+        print_training(report["training"])
     if "projection" in report:
         print_projection(report["projection"])
     if "issue5" in report:

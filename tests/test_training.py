@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pytest
 from test_feature_store import T0, files, set_inventory, write_shard
 
+from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_NAMES
 from genre_batch.cluster import session
 from genre_batch.modelling import evaluation, training
@@ -166,6 +167,13 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
     with session(dask_scheduler) as cluster:
         data, labelled, cap = train_stage.training_data(store, str(labels), cluster, grouping="track")
         again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
+        on_worker = train_stage.on_worker(cluster, train_stage.labelled_sample, store, str(labels), "artist", True, ["librosa"])
+        one_genre = tmp_path / "one-genre.csv"
+        one_genre.write_text("file,genre\n" + "".join(f"{f['uri']},a\n" for f in library))
+        with pytest.raises(GenreBatchError, match="at least 2 genres"):  # a user error on the worker reaches the flow as such
+            train_stage.training_data(store, str(one_genre), cluster)
+    here = train_stage.labelled_sample(store, str(labels), "artist", True, ["librosa"])  # what this process chose before
+    assert on_worker[0].equals(here[0]) and on_worker[1] == here[1] and on_worker[2:] == here[2:]
     assert data.genres == ["a", "b", "c"] and data.dropped == {"lonely": 1} and labelled.tracks.num_rows == 12
     assert cap == training.cap_per_genre(3, 3.0) and data.X.dtype == np.float32 and data.X.shape == (36, len(FEATURE_NAMES))
     assert labelled.tracks.column_names == ["uri", "fingerprint", "genre"]  # the flow process keeps the labelled set's keys only

@@ -221,7 +221,9 @@ PROCESS_LIMIT_BYTES = 2 * 10**9
 """Peak RSS allowed to any process of a training run (issue #12: 1M labelled tracks on a 24 GB, 2-core machine)."""
 FLOW_BASE_BYTES = 10**9
 """The flow process before the sample is read, at 1M labelled tracks: interpreter and libraries (~350 MB) and what the
-labelled index leaves behind once freed (measured 881 MB at 1M, load ~30; rounded up for Prefect and margin)."""
+labelled index left behind once freed (measured 881 MB at 1M, load ~30, when the flow process read it). The labelled
+index is now read on a worker (`stages.train.labelled_sample`) and the flow process keeps only the labelled set's keys
+(~85 MB at 1M); the value is kept so that the cap, and with it every store's sample and model, stay as they were."""
 FIT_WORKING_SET = 2.25
 """The fit's peak above the sample matrix, in matrix sizes: measured for one CV fold on a 403 MB sample, xgboost
 +898 MB (2.23), linear +367 MB (0.91); the larger one sets the budget, so both kinds stay within it."""

@@ -6,8 +6,10 @@ from __future__ import annotations
 import platform
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +37,8 @@ RETRAIN_AFTER_DAYS = 30
 """`--retrain auto` (nightly default) retrains when there is no current model, or the current model is not pinned and
 either more than RETRAIN_CHANGED_SHARE of the labelled set changed (tracks added, removed, re-labelled or changed
 content), or it is older than RETRAIN_AFTER_DAYS and anything in the labelled set changed."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,20 +73,32 @@ class TrainSummary:
     dropped_genres: dict[str, int] = field(default_factory=dict)
 
 
-def default_families(store: Store) -> list[str]:
-    """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
+def on_worker(session: Session | None, function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` run as one task on a Dask worker, so that its whole-index tables never enter this (the flow)
+    process; run in this process when no session is given."""
+    return function(*args) if session is None else session.run([(function, *args)])[0]
+
+
+def missing_families(store: Store, families: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """How many current tracks of the store lack each of the families (`training.lacking`; reads the whole index)."""
     inventory = read_inventory(store, KEYS)
-    missing = training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, training.DEFAULT_FAMILIES)
+    return training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, families)
+
+
+def default_families(store: Store, session: Session | None = None) -> list[str]:
+    """training.DEFAULT_FAMILIES when every current track of the store has them, else training.FALLBACK_FAMILIES."""
+    missing = on_worker(session, missing_families, store, training.DEFAULT_FAMILIES)
     return list(training.FALLBACK_FAMILIES if missing else training.DEFAULT_FAMILIES)
 
 
-def choices(store: Store, families: list[str] | None, classifier: str | None) -> tuple[list[str], str]:
+def choices(store: Store, families: list[str] | None, classifier: str | None, session: Session | None = None) -> tuple[list[str], str]:
     """The feature families and classifier to train with: as given, else the current model's (a nightly retrain keeps
-    them), else the defaults (`default_families`; `model.default_kind` of the families)."""
+    them), else the defaults (`default_families`, checked on a worker of `session` if given; `model.default_kind` of
+    the families)."""
     version = registry.current_version(store)
     meta = registry.metadata(store, version) if version else None
     own = training.ordered_families(list(registry.model_families(meta))) if meta else None
-    families = training.ordered_families(families) if families is not None else own or default_families(store)
+    families = training.ordered_families(families) if families is not None else own or default_families(store, session)
     if classifier is None:
         classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
     model_class(classifier)
@@ -135,13 +151,10 @@ def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> tup
     return np.vstack(parts), np.concatenate([np.repeat(g["_track"].to_numpy(), n) for g, n in zip(groups, counts)])
 
 
-def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
-                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
-    """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
-    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. The labelled
-    set comes back as its keys only (`labelled_keys`), and the index tables are freed before the features are read:
-    at 1M tracks they are the flow process's largest tables after the sample."""
-    families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
+def labelled_sample(store: Store, spec: str, grouping: str, capped: bool, families: list[str]) -> tuple[pa.Table, Labelled, str, int | None]:
+    """The capped sample of a store's labelled tracks that have every family (located index rows with their genre,
+    sorted by URI), the labelled set as its keys only (`labelled_keys`), the grouping resolved and the cap (runs on a
+    worker: it reads the index columns of every current track; only the sample and the keys go back)."""
     data = labelled(store, spec, grouping)
     tracks = training.located(store, data.tracks, read_inventory(store, KEYS), families)
     data = replace(data, tracks=labelled_keys(data))
@@ -150,12 +163,23 @@ def training_data(store: Store, spec: str, session: Session, grouping: str = "au
                               f"with 'genre-batch extract LIBRARY --features librosa,musicnn' first")
     grouping = training.resolve_grouping(tracks, grouping)
     rows_per_track = float(pc.mean(tracks["row_count"]).as_py() or 1.0) if LIBROSA.name in families else 1.0
-    columns = training.columns_of(families)
-    cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(columns)) if capped else None
+    cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(training.columns_of(families))) if capped else None
     sample = training.sample(tracks, cap, grouping)
     del tracks
-    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages; numpy and the fit allocate elsewhere
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages: give them back before the reading tasks
+    return sample, data, grouping, cap
+
+
+def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
+                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
+    """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
+    that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. A worker
+    chooses the sample (`labelled_sample`: the index of every current track never enters this process, which holds the
+    sample's index rows and the labelled set's keys), then the workers read its features (`read_sample`)."""
+    families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
+    sample, data, grouping, cap = on_worker(session, labelled_sample, store, spec, grouping, capped, families)
     X, track = read_sample(store, sample, session, families)
+    columns = training.columns_of(families)
     return training.training_set(X, track, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
 
 
@@ -262,7 +286,7 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
              classifier: str | None = None) -> dict:
     """Grouped cross-validation report of the store's labelled tracks for feature families and a classifier (default:
     the current model's, else the defaults), written to evaluations/ with its picture."""
-    families, classifier = choices(store, families, classifier)
+    families, classifier = choices(store, families, classifier, session)
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
     report = {
         "evaluated_at": datetime.now(timezone.utc).isoformat(),
@@ -285,15 +309,16 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
     return {**report, "report": folder}
 
 
-def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float, families: list[str]) -> tuple[bool, str]:
+def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float, families: list[str],
+         session: Session | None = None) -> tuple[bool, str]:
     """The promotion gate: cross-validated accuracy above the majority baseline and at least `min_accuracy`, and every
-    current track of the store has the model's families (else tagging would refuse it: the previous model stays)."""
+    current track of the store has the model's families (else tagging would refuse it: the previous model stays;
+    checked on a worker of `session` if given)."""
     passes = cv_accuracy > baseline and cv_accuracy >= min_accuracy
     reason = f"cross-validated accuracy {cv_accuracy:.3f} vs majority baseline {baseline:.3f}" + (f" and minimum {min_accuracy:.3f}" if min_accuracy else "")
     if families == [LIBROSA.name]:  # every current track has librosa features
         return passes, reason
-    inventory = read_inventory(store, KEYS)
-    missing = training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, families)
+    missing = on_worker(session, missing_families, store, families)
     if missing:
         lacking = ", ".join(f"{n} tracks lack {name}" for name, n in missing.items())
         return False, f"{reason}; feature families incomplete ({lacking}): the current model keeps tagging until the backfill completes"
@@ -305,7 +330,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, XGBoost on every
     labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
     if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`)."""
-    families, classifier = choices(store, families, classifier)
+    families, classifier = choices(store, families, classifier, session)
     if all_tracks and classifier != XGBoostModel.kind:
         raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
@@ -313,7 +338,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     cv = cross_validation(data, oof)
     held = holdout(data, oof, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
-    passes, reason = gate(store, cv["accuracy"], baseline, min_accuracy, families)
+    passes, reason = gate(store, cv["accuracy"], baseline, min_accuracy, families, session)
     version = registry.new_version()
     metadata = {
         "created_at": datetime.now(timezone.utc).isoformat(),
