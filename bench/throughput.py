@@ -241,8 +241,9 @@ def cpu_ms(function: Callable[[Path], None], path: Path, repeats: int = 1) -> fl
     return statistics.median(times)
 
 
-def measure_files(library: Library, files: list[Path]) -> list[dict]:
-    """Per-file CPU of the floor, the librosa extractor, the default extraction and the recipe, interleaved file by file."""
+def measure_files(library: Library, files: list[Path], with_recipe: bool = True) -> list[dict]:
+    """Per-file CPU of the floor, the librosa extractor, the default extraction and (`with_recipe`) the recipe,
+    interleaved file by file."""
     warm_up()
     rows = []
     for path in files:
@@ -252,7 +253,7 @@ def measure_files(library: Library, files: list[Path]) -> list[dict]:
         row["extractor_ms"] = cpu_ms(extractor, path, repeats)
         row["default_ms"] = cpu_ms(default_extraction, path, repeats)
         row["floor_ms"] = cpu_ms(floor, path, repeats)
-        row["recipe_ms"] = cpu_ms(recipe, path) if duration <= RECIPE_MAX_S else None
+        row["recipe_ms"] = cpu_ms(recipe, path) if with_recipe and duration <= RECIPE_MAX_S else None
         rows.append(row)
     return rows
 
@@ -425,13 +426,7 @@ def targets(kinds: dict[str, dict], agg: dict, speed: dict, pipe: dict) -> list[
 
 def print_report(report: dict) -> None:
     """Print the tables: per-file CPU, profile, pipeline, speedup, targets."""
-    print(f"default families: {','.join(report['default_features'])}")
-    print(f"{'per-file CPU, one thread (median ms)':<38} {'files':>5} {'length':>7} {'floor':>7} {'librosa':>8} {'default':>8} {'recipe':>7} "
-          f"{'librosa/floor':>13} {'default/floor':>13}")
-    for kind, k in report["per_file"].items():
-        recipe_ms = f"{k['recipe_ms']:.0f}" if k["recipe_ms"] is not None else "-"
-        print(f"{kind:<38} {k['files']:>5} {k['duration_s']:>6.0f}s {k['floor_ms']:>7.0f} {k['extractor_ms']:>8.0f} {k['default_ms']:>8.0f} "
-              f"{recipe_ms:>7} {k['extractor_over_floor']:>12.2f}x {k['default_over_floor']:>12.2f}x")
+    print_per_file(report)
     for p in report["profile"]:
         print(f"\nextract_file({p['file']}) under cProfile: {p['total_ms_profiled']:.0f} ms CPU; genre-batch's own code {p['package_own_ms']:.0f} ms; calls from it:")
         for c in p["calls"]:
@@ -484,8 +479,45 @@ def run(data: Path, work: Path, n_files: int, per_format: int, speedup_files: in
     return report
 
 
+def clip_sample(data: Path, per_format: int) -> Library:
+    """The data's own first `per_format` clips of each format (seeded order), as a library without long tracks."""
+    chosen: dict[str, list[Path]] = {}
+    for path in originals(data):
+        if len(chosen.setdefault(path.suffix.lower(), [])) < per_format:
+            chosen[path.suffix.lower()].append(path)
+    return Library(data, [p for group in chosen.values() for p in group], [])
+
+
+def per_file_only(data: Path, per_format: int) -> dict:
+    """The per-file CPU table and its targets alone (no recipe, library copy, long tracks, pipeline or cluster runs):
+    the #14 check of the default extraction against the floor, cheap enough for a loaded machine."""
+    if DEFAULT_FEATURES != (LIBROSA.name, MUSICNN.name):
+        raise SystemExit(f"default_extraction measures librosa + musicnn, the default families are {DEFAULT_FEATURES}: update it")
+    library = clip_sample(data, per_format)
+    report: dict = {"data": str(data), "default_features": list(DEFAULT_FEATURES), "cpus": os.cpu_count(),
+                    "load_avg_1min_at_start": os.getloadavg()[0]}
+    rows = measure_files(library, library.clips, with_recipe=False)
+    report["per_file"], report["files_measured"] = by_kind(rows), rows
+    report["load_avg_1min_at_end"] = os.getloadavg()[0]
+    clips = list(report["per_file"])
+    report["targets"] = [target(f"librosa extractor CPU/file vs floor, {k}s (median ratio)", report["per_file"][k]["extractor_over_floor"], 1.6, "x") for k in clips]
+    report["targets"] += [target(f"default extraction CPU/file vs floor, {k}s (median ratio)", report["per_file"][k]["default_over_floor"], 3.0, "x") for k in clips]
+    return report
+
+
+def print_per_file(report: dict) -> None:
+    """Print the per-file CPU table."""
+    print(f"default families: {','.join(report['default_features'])}")
+    print(f"{'per-file CPU, one thread (median ms)':<38} {'files':>5} {'length':>7} {'floor':>7} {'librosa':>8} {'default':>8} {'recipe':>7} "
+          f"{'librosa/floor':>13} {'default/floor':>13}")
+    for kind, k in report["per_file"].items():
+        recipe_ms = f"{k['recipe_ms']:.0f}" if k["recipe_ms"] is not None else "-"
+        print(f"{kind:<38} {k['files']:>5} {k['duration_s']:>6.0f}s {k['floor_ms']:>7.0f} {k['extractor_ms']:>8.0f} {k['default_ms']:>8.0f} "
+              f"{recipe_ms:>7} {k['extractor_over_floor']:>12.2f}x {k['default_over_floor']:>12.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.throughput [--data DIR] [--work DIR] [--files 1000] [--out FILE] [--skip-scale]."""
+    """Command line: python -m bench.throughput [--data DIR] [--work DIR] [--files 1000] [--out FILE] [--skip-scale] [--per-file-only]."""
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of <task>/<genre>/<audio> (default {DEFAULT_DATA}); read only")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for the built library, stores and Prefect home (default {DEFAULT_WORK}); the library is reused between runs. Never inside the repository")
@@ -494,7 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedup-files", type=int, default=SPEEDUP_FILES, help=f"clips extracted on 1 and on 2 workers (default {SPEEDUP_FILES})")
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale checks (10,000-file no-op run, 1M-row catalog; also: python -m bench.scale)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"write the report as JSON here (default {DEFAULT_OUT})")
+    parser.add_argument("--per-file-only", action="store_true", help="only the per-file CPU table of --sample clips per format of --data and its targets (no library, pipeline or cluster runs)")
     args = parser.parse_args(argv)
+    if args.per_file_only:
+        report = per_file_only(args.data.resolve(), args.sample)
+        print_per_file(report)
+        print()
+        print_targets(report["targets"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     work = args.work.resolve()
     if Path(__file__).resolve().parent.parent in [work, *work.parents]:
         parser.error("--work must be outside the repository: the library holds copies of the data")
