@@ -2,7 +2,7 @@
 
 The trained store is made with the defaults (librosa and musicnn extracted, the linear model on both): the pipeline a
 fresh store gets. Tests of one stage's behaviour on a fresh store extract librosa alone (the musicnn family has its
-own tests: test_families, test_musicnn), which halves their extraction CPU."""
+own tests: test_families, test_musicnn), so that they do not pay its extraction CPU."""
 
 from __future__ import annotations
 
