@@ -225,6 +225,12 @@ def default_extraction(path: Path) -> None:
     musicnn_vector(segments)
 
 
+def check_default_families() -> None:
+    """Refuse to run when extraction's default families are not the ones `default_extraction` computes."""
+    if DEFAULT_FEATURES != (LIBROSA.name, MUSICNN.name):
+        raise SystemExit(f"default_extraction measures librosa + musicnn, the default families are {DEFAULT_FEATURES}: update it")
+
+
 def warm_up() -> None:
     """Compile (or load) librosa's numba code and load the musicnn model: first calls are not measured."""
     warm_up_both()
@@ -455,8 +461,7 @@ def print_report(report: dict) -> None:
 
 def run(data: Path, work: Path, n_files: int, per_format: int, speedup_files: int) -> dict:
     """Build the library, then every measurement of the report."""
-    if DEFAULT_FEATURES != (LIBROSA.name, MUSICNN.name):
-        raise SystemExit(f"default_extraction measures librosa + musicnn, the default families are {DEFAULT_FEATURES}: update it")
+    check_default_families()
     started = time.perf_counter()
     library = build_library(data, work, n_files)
     report: dict = {"data": str(data), "work": str(work), "library": str(library.root), "files": n_files,
@@ -491,8 +496,7 @@ def clip_sample(data: Path, per_format: int) -> Library:
 def per_file_only(data: Path, per_format: int) -> dict:
     """The per-file CPU table and its targets alone (no recipe, library copy, long tracks, pipeline or cluster runs):
     the #14 check of the default extraction against the floor, cheap enough for a loaded machine."""
-    if DEFAULT_FEATURES != (LIBROSA.name, MUSICNN.name):
-        raise SystemExit(f"default_extraction measures librosa + musicnn, the default families are {DEFAULT_FEATURES}: update it")
+    check_default_families()
     library = clip_sample(data, per_format)
     report: dict = {"data": str(data), "default_features": list(DEFAULT_FEATURES), "cpus": os.cpu_count(),
                     "load_avg_1min_at_start": os.getloadavg()[0]}
