@@ -1,4 +1,5 @@
-"""Throughput of genre-batch on real music: per-file CPU vs the STFT floor and the seed recipe, the whole pipeline, 1 vs 2 workers."""
+"""Throughput of genre-batch on real music: per-file CPU of the librosa family and of the default extraction (librosa +
+musicnn) vs the STFT floor and the seed recipe, the whole default pipeline, 1 vs 2 workers."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ from bench.scale import (
     run_cli,
     target,
 )
+from genre_batch.analysis import audio, features
 from genre_batch.analysis.audio import AUDIO_EXTENSIONS
-from genre_batch.analysis.extraction import extract_file
+from genre_batch.analysis.extraction import extract_file, librosa_windows, musicnn_vector
 from genre_batch.cluster import local_cluster, warm_up_workers
+from genre_batch.stages.extract import DEFAULT_FEATURES
+from genre_batch.storage.feature_store import LIBROSA, MUSICNN
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_OUT = Path("bench/results/throughput.json")
@@ -209,8 +213,28 @@ def recipe(path: Path) -> None:
 
 
 def extractor(path: Path) -> None:
-    """genre-batch's extractor on one file, exactly as a worker runs it."""
+    """genre-batch's librosa family on one file, exactly as a worker runs it."""
     extract_file(str(path))
+
+
+def default_extraction(path: Path) -> None:
+    """genre-batch's default extraction on one file, as a worker's shard runs it: one decode, then the librosa windows
+    and the musicnn vector (the families of stages.extract.DEFAULT_FEATURES)."""
+    segments, _, _ = audio.load(str(path), features.window_spans)
+    librosa_windows(segments)
+    musicnn_vector(segments)
+
+
+def check_default_families() -> None:
+    """Refuse to run when extraction's default families are not the ones `default_extraction` computes."""
+    if DEFAULT_FEATURES != (LIBROSA.name, MUSICNN.name):
+        raise SystemExit(f"default_extraction measures librosa + musicnn, the default families are {DEFAULT_FEATURES}: update it")
+
+
+def warm_up() -> None:
+    """Compile (or load) librosa's numba code and load the musicnn model: first calls are not measured."""
+    warm_up_both()
+    musicnn_vector([audio.Segment(0.0, np.zeros(audio.SAMPLE_RATE * 3, np.float32))])
 
 
 def cpu_ms(function: Callable[[Path], None], path: Path, repeats: int = 1) -> float:
@@ -223,23 +247,25 @@ def cpu_ms(function: Callable[[Path], None], path: Path, repeats: int = 1) -> fl
     return statistics.median(times)
 
 
-def measure_files(library: Library, files: list[Path]) -> list[dict]:
-    """Per-file CPU of the floor, the extractor and the recipe, interleaved file by file."""
-    warm_up_both()
+def measure_files(library: Library, files: list[Path], with_recipe: bool = True) -> list[dict]:
+    """Per-file CPU of the floor, the librosa extractor, the default extraction and (`with_recipe`) the recipe,
+    interleaved file by file."""
+    warm_up()
     rows = []
     for path in files:
         duration = sf.info(str(path)).duration
         row = {"file": str(path.relative_to(library.root)), "kind": library.kind(path), "duration_s": round(duration, 2)}
         repeats = LONG_REPEATS if path in library.long else 1
         row["extractor_ms"] = cpu_ms(extractor, path, repeats)
+        row["default_ms"] = cpu_ms(default_extraction, path, repeats)
         row["floor_ms"] = cpu_ms(floor, path, repeats)
-        row["recipe_ms"] = cpu_ms(recipe, path) if duration <= RECIPE_MAX_S else None
+        row["recipe_ms"] = cpu_ms(recipe, path) if with_recipe and duration <= RECIPE_MAX_S else None
         rows.append(row)
     return rows
 
 
 def by_kind(rows: list[dict]) -> dict[str, dict]:
-    """Medians per file class: floor, extractor, recipe, and the median of per-file extractor/floor ratios."""
+    """Medians per file class: floor, extractor, default extraction, recipe, and the medians of per-file ratios to the floor."""
     kinds: dict[str, dict] = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         group = [r for r in rows if r["kind"] == kind]
@@ -251,6 +277,8 @@ def by_kind(rows: list[dict]) -> dict[str, dict]:
             "extractor_ms": statistics.median(r["extractor_ms"] for r in group),
             "recipe_ms": statistics.median(recipes) if recipes else None,
             "extractor_over_floor": statistics.median(r["extractor_ms"] / r["floor_ms"] for r in group),
+            "default_ms": statistics.median(r["default_ms"] for r in group),
+            "default_over_floor": statistics.median(r["default_ms"] / r["floor_ms"] for r in group),
         }
     return kinds
 
@@ -303,7 +331,8 @@ def library_estimate(library: Library, rows: list[dict], column: str) -> float:
 
 
 def pipeline(library: Library, work: Path) -> dict:
-    """genre-batch extract on a fresh store (default local cluster), a no-op re-run, then train and tag, each as CLI runs."""
+    """genre-batch extract on a fresh store (default families and local cluster), a no-op re-run, then train and tag (the
+    default model), each as CLI runs."""
     env = cli_env(work)
     store = fresh_store(work, "pipeline")
     load = os.getloadavg()[0]
@@ -363,11 +392,12 @@ def speedup(library: Library, work: Path, n_files: int) -> dict:
 
 
 def totals(library: Library, rows: list[dict], pipe: dict, cluster_start: dict) -> dict:
-    """Whole-pipeline aggregates: CPU per file, files per second, fixed costs, overhead per file, floors and extractor sums."""
+    """Whole-pipeline aggregates: CPU per file, files per second, fixed costs, overhead per file, sums of the floors and
+    of the default extraction (what the pipeline's `extract` runs)."""
     run, noop = pipe["extract"], pipe["noop_extract"]
     files = run["files"]
     fixed_cpu = noop["cpu_s"] + cluster_start["cpu_s"]
-    extractor_s = library_estimate(library, rows, "extractor_ms")
+    extractor_s = library_estimate(library, rows, "default_ms")
     return {
         "files": files,
         "wall_s": run["wall_s"],
@@ -384,13 +414,15 @@ def totals(library: Library, rows: list[dict], pipe: dict, cluster_start: dict) 
 
 
 def targets(kinds: dict[str, dict], agg: dict, speed: dict, pipe: dict) -> list[dict]:
-    """The per-file and pipeline targets of issue #5 with their measured values."""
+    """The per-file and pipeline targets of issues #5 (librosa family) and #14 (the default extraction, embeddings
+    included: <= 3.0x the floor) with their measured values."""
     longest = max((k for k in kinds if k.endswith(" min") and int(k.split()[1]) <= 10), key=lambda k: int(k.split()[1]))
     hour = max((k for k in kinds if k.endswith(" min")), key=lambda k: int(k.split()[1]))
-    rows = [target(f"extractor CPU/file vs floor, {k}s (median ratio)", kinds[k]["extractor_over_floor"], 1.6, "x")
-            for k in kinds if k.endswith("clip")]
+    clips = [k for k in kinds if k.endswith("clip")]
+    rows = [target(f"librosa extractor CPU/file vs floor, {k}s (median ratio)", kinds[k]["extractor_over_floor"], 1.6, "x") for k in clips]
+    rows += [target(f"default extraction CPU/file vs floor, {k}s (median ratio)", kinds[k]["default_over_floor"], 3.0, "x") for k in clips]
     rows += [
-        target("pipeline total CPU vs sum of floors, start-up included", agg["cpu_s"] / agg["floor_sum_s"], 2.0, "x"),
+        target("default pipeline total CPU vs sum of floors, start-up incl.", agg["cpu_s"] / agg["floor_sum_s"], 3.0, "x"),
         target(f"2 workers vs 1, throughput ({speed['files']} files, extraction stage)", speed["speedup_extraction_stage"], 1.8, "x", at_least=True),
         target(f"{longest} track vs a 60 s mp3 clip, extractor CPU", kinds[longest]["extractor_ms"] / kinds["mp3 clip"]["extractor_ms"], 2.0, "x"),
         target(f"peak RSS per worker, {hour} file in the batch", max(pipe["extract"]["peak_rss_mb_per_worker"]) / 1000, 1.5, "GB"),
@@ -400,23 +432,21 @@ def targets(kinds: dict[str, dict], agg: dict, speed: dict, pipe: dict) -> list[
 
 def print_report(report: dict) -> None:
     """Print the tables: per-file CPU, profile, pipeline, speedup, targets."""
-    print(f"{'per-file CPU, one thread (median ms)':<38} {'files':>5} {'length':>7} {'floor':>7} {'extractor':>9} {'recipe':>7} {'extr/floor':>10}")
-    for kind, k in report["per_file"].items():
-        recipe_ms = f"{k['recipe_ms']:.0f}" if k["recipe_ms"] is not None else "-"
-        print(f"{kind:<38} {k['files']:>5} {k['duration_s']:>6.0f}s {k['floor_ms']:>7.0f} {k['extractor_ms']:>9.0f} {recipe_ms:>7} {k['extractor_over_floor']:>9.2f}x")
+    print_per_file(report)
     for p in report["profile"]:
         print(f"\nextract_file({p['file']}) under cProfile: {p['total_ms_profiled']:.0f} ms CPU; genre-batch's own code {p['package_own_ms']:.0f} ms; calls from it:")
         for c in p["calls"]:
             print(f"  {c['ms']:>7.1f} ms  {c['call']}")
     agg, pipe = report["totals"], report["pipeline"]
-    print(f"\npipeline: genre-batch extract, {agg['files']} files (60-min file included), fresh store, local cluster of 2 workers")
+    print(f"\ndefault pipeline: genre-batch extract, {agg['files']} files (60-min file included), fresh store, local cluster of 2 workers")
     print(f"  wall {agg['wall_s']:.1f} s, CPU {agg['cpu_s']:.1f} s {pipe['extract']['cpu_s_by_role']}")
     print(f"  {agg['cpu_ms_per_file']:.0f} ms CPU/file, {agg['files_per_s']:.2f} files/s; extraction stage {pipe['extract']['extraction_stage_wall_s']:.1f} s wall, "
           f"shards {pipe['extract']['shard_cpu_s']:.1f} s CPU; peak RSS per worker {pipe['extract']['peak_rss_mb_per_worker']} MB")
     print(f"  fixed: no-op extract {pipe['noop_extract']['wall_s']:.1f} s wall, {pipe['noop_extract']['cpu_s']:.1f} s CPU {pipe['noop_extract']['cpu_s_by_role']}; "
           f"cluster start + warm-up (2 workers) {report['cluster_start']['wall_s']:.1f} s wall, {report['cluster_start']['cpu_s']:.1f} s CPU")
-    print(f"  sum of floors {agg['floor_sum_s']:.1f} s, of extractor {agg['extractor_sum_s']:.1f} s (estimates from the sample); overhead beyond "
-          f"extractor and fixed costs {agg['overhead_cpu_ms_per_file']:.0f} ms CPU/file (inside shards {agg['shard_overhead_cpu_ms_per_file']:.0f} ms)")
+    print(f"  sum of floors {agg['floor_sum_s']:.1f} s, of the default extraction {agg['extractor_sum_s']:.1f} s (estimates from the sample); "
+          f"overhead beyond extraction and fixed costs {agg['overhead_cpu_ms_per_file']:.0f} ms CPU/file (inside shards "
+          f"{agg['shard_overhead_cpu_ms_per_file']:.0f} ms); total CPU / sum of floors {agg['cpu_s'] / agg['floor_sum_s']:.2f}x")
     for stage in ("train", "tag"):
         print(f"  {stage} (separate CLI run): {pipe[stage]['wall_s']:.1f} s wall, {pipe[stage]['cpu_s']:.1f} s CPU")
     s = report["speedup"]
@@ -431,11 +461,12 @@ def print_report(report: dict) -> None:
 
 def run(data: Path, work: Path, n_files: int, per_format: int, speedup_files: int) -> dict:
     """Build the library, then every measurement of the report."""
+    check_default_families()
     started = time.perf_counter()
     library = build_library(data, work, n_files)
     report: dict = {"data": str(data), "work": str(work), "library": str(library.root), "files": n_files,
                     "library_counts": {**library.counts(), "long tracks": len(library.long)}, "cpus": os.cpu_count(),
-                    "library_build_s": round(time.perf_counter() - started, 1),
+                    "library_build_s": round(time.perf_counter() - started, 1), "default_features": list(DEFAULT_FEATURES),
                     "load_avg_1min_at_start": os.getloadavg()[0]}
     rows = measure_files(library, sample(library, per_format))
     report["per_file"] = by_kind(rows)
@@ -453,8 +484,44 @@ def run(data: Path, work: Path, n_files: int, per_format: int, speedup_files: in
     return report
 
 
+def clip_sample(data: Path, per_format: int) -> Library:
+    """The data's own first `per_format` clips of each format (seeded order), as a library without long tracks."""
+    chosen: dict[str, list[Path]] = {}
+    for path in originals(data):
+        if len(chosen.setdefault(path.suffix.lower(), [])) < per_format:
+            chosen[path.suffix.lower()].append(path)
+    return Library(data, [p for group in chosen.values() for p in group], [])
+
+
+def per_file_only(data: Path, per_format: int) -> dict:
+    """The per-file CPU table and its targets alone (no recipe, library copy, long tracks, pipeline or cluster runs):
+    the #14 check of the default extraction against the floor, cheap enough for a loaded machine."""
+    check_default_families()
+    library = clip_sample(data, per_format)
+    report: dict = {"data": str(data), "default_features": list(DEFAULT_FEATURES), "cpus": os.cpu_count(),
+                    "load_avg_1min_at_start": os.getloadavg()[0]}
+    rows = measure_files(library, library.clips, with_recipe=False)
+    report["per_file"], report["files_measured"] = by_kind(rows), rows
+    report["load_avg_1min_at_end"] = os.getloadavg()[0]
+    clips = list(report["per_file"])
+    report["targets"] = [target(f"librosa extractor CPU/file vs floor, {k}s (median ratio)", report["per_file"][k]["extractor_over_floor"], 1.6, "x") for k in clips]
+    report["targets"] += [target(f"default extraction CPU/file vs floor, {k}s (median ratio)", report["per_file"][k]["default_over_floor"], 3.0, "x") for k in clips]
+    return report
+
+
+def print_per_file(report: dict) -> None:
+    """Print the per-file CPU table."""
+    print(f"default families: {','.join(report['default_features'])}")
+    print(f"{'per-file CPU, one thread (median ms)':<38} {'files':>5} {'length':>7} {'floor':>7} {'librosa':>8} {'default':>8} {'recipe':>7} "
+          f"{'librosa/floor':>13} {'default/floor':>13}")
+    for kind, k in report["per_file"].items():
+        recipe_ms = f"{k['recipe_ms']:.0f}" if k["recipe_ms"] is not None else "-"
+        print(f"{kind:<38} {k['files']:>5} {k['duration_s']:>6.0f}s {k['floor_ms']:>7.0f} {k['extractor_ms']:>8.0f} {k['default_ms']:>8.0f} "
+              f"{recipe_ms:>7} {k['extractor_over_floor']:>12.2f}x {k['default_over_floor']:>12.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: python -m bench.throughput [--data DIR] [--work DIR] [--files 1000] [--out FILE] [--skip-scale]."""
+    """Command line: python -m bench.throughput [--data DIR] [--work DIR] [--files 1000] [--out FILE] [--skip-scale] [--per-file-only]."""
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of <task>/<genre>/<audio> (default {DEFAULT_DATA}); read only")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for the built library, stores and Prefect home (default {DEFAULT_WORK}); the library is reused between runs. Never inside the repository")
@@ -463,7 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedup-files", type=int, default=SPEEDUP_FILES, help=f"clips extracted on 1 and on 2 workers (default {SPEEDUP_FILES})")
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale checks (10,000-file no-op run, 1M-row catalog; also: python -m bench.scale)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"write the report as JSON here (default {DEFAULT_OUT})")
+    parser.add_argument("--per-file-only", action="store_true", help="only the per-file CPU table of --sample clips per format of --data and its targets (no library, pipeline or cluster runs)")
     args = parser.parse_args(argv)
+    if args.per_file_only:
+        report = per_file_only(args.data.resolve(), args.sample)
+        print_per_file(report)
+        print()
+        print_targets(report["targets"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     work = args.work.resolve()
     if Path(__file__).resolve().parent.parent in [work, *work.parents]:
         parser.error("--work must be outside the repository: the library holds copies of the data")

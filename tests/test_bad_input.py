@@ -181,7 +181,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str, prefect_s
     """The bad-input library after one `genre-batch run --labels folders` on it."""
     base = tmp_path_factory.mktemp("bad-input")
     matrix, store = build_matrix(base / "library"), base / "store"
-    code, out, _ = cli("run", str(matrix.root), "--store", str(store), "--labels", "folders", "--scheduler", dask_scheduler)
+    code, out, _ = cli("run", str(matrix.root), "--store", str(store), "--labels", "folders", "--features", "librosa", "--scheduler", dask_scheduler)
     return Run(matrix, store, code, out)
 
 
@@ -223,7 +223,7 @@ def test_errors_table_and_strict_exit_status(ran: Run, dask_scheduler: str) -> N
     code, out, _ = cli("query", "--store", str(ran.store), "--format", "json", "SELECT uri, error_type FROM errors")
     assert code == 0
     assert {r["uri"]: r["error_type"] for r in json.loads(out)} == {u: k for u, (k, _) in ran.matrix.errors.items()}
-    code, out, err = cli("run", str(ran.matrix.root), "--store", str(ran.store), "--scheduler", dask_scheduler, "--strict")
+    code, out, err = cli("run", str(ran.matrix.root), "--store", str(ran.store), "--features", "librosa", "--scheduler", dask_scheduler, "--strict")
     retried = sum(kind == "io_error" for kind, _ in ran.matrix.errors.values())  # unreadable files are tried again
     assert retried >= 2 and code == 3 and f"0 extracted, {retried} failed" in out
     assert err == f"error: --strict: {len(ran.matrix.errors)} files of the library could not be processed\n"  # no line left by the bar

@@ -23,14 +23,14 @@ def test_nightly_flow_end_to_end(
     library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str, prefect_server: None
 ) -> None:
     library, store = library_factory(per_style=3), tmp_path / "store"
-    first = nightly(str(library), str(store), "folders", dask_scheduler)
+    first = nightly(str(library), str(store), "folders", dask_scheduler, features=("librosa",))
     assert first["status"] == "completed"
     assert first["extract"]["extracted"] == 12 and first["train"]["promoted"]
     assert first["tag"]["rows"] == 12
     record = json.loads((store / "runs" / f"{first['run_id']}.json").read_text())
     assert record["status"] == "completed" and record["tag"]["snapshot"] == catalog.pointer(Store(str(store)))["snapshot"]
 
-    second = nightly(str(library), str(store), "folders", dask_scheduler)
+    second = nightly(str(library), str(store), "folders", dask_scheduler, features=("librosa",))
     assert second["extract"]["extracted"] == 0
     assert "train" not in second and "same labelled data" in second["train_decision"]
     assert second["tag"]["model_version"] == first["train"]["version"]
@@ -41,7 +41,7 @@ def test_cli_run_query_classify(
 ) -> None:
     library, store = library_factory(per_style=3), str(tmp_path / "store")
     (library / "broken.mp3").write_bytes(b"\x00" * 100)
-    code, out, _ = cli("run", str(library), "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
+    code, out, _ = cli("run", str(library), "--store", store, "--labels", "folders", "--features", "librosa", "--scheduler", dask_scheduler)
     assert code == 0, out
     assert "13 audio files" in out and "12 extracted, 1 failed" in out and "broken.mp3: undecodable" in out
 
@@ -52,7 +52,7 @@ def test_cli_run_query_classify(
     code, out, _ = cli("query", "--store", store, "SELECT count(*) AS tracks FROM catalog")
     assert code == 0 and "tracks" in out and "12" in out and "(1 rows)" in out
 
-    code, out, err = cli("run", str(library), "--store", store, "--scheduler", dask_scheduler, "--strict")
+    code, out, err = cli("run", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler, "--strict")
     assert code == 3 and "0 extracted" in out and "run " in out  # completed, summary printed, status says: files fail
     assert err == "error: --strict: 1 files of the library could not be processed\n"
 

@@ -129,7 +129,7 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
     clips = sorted(p for p in library.rglob("*") if p.is_file() and p.name != "broken.mp3")
     labels = tmp_path / "labels.csv"  # one clip labelled as another genre: no model can reach accuracy 1.0 on these
     labels.write_text("file,genre\n" + "".join(f"{p},{'percussion' if i == 0 else p.parent.name}\n" for i, p in enumerate(clips)))
-    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--scheduler", dask_scheduler)
+    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--features", "librosa", "--scheduler", dask_scheduler)
     assert code == 4, out + err  # the gate refused the only model: extraction kept, a distinct status and the next step
     assert err.strip().startswith("error: no current model in") and "the promotion gate refused model m-" in err
     assert "vs majority baseline" in err and "and minimum 1.000" in err and "models promote" in err
@@ -139,7 +139,7 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
 
     refused = err.split("models promote ")[1].split(" --force")[0]
     assert cli("models", "promote", refused, "--store", store, "--force")[0] == 0
-    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--retrain", "always",
+    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--retrain", "always", "--features", "librosa",
                          "--scheduler", dask_scheduler)
     assert code == 0, out + err  # a current model exists: the refused retrain leaves it tagging, and the summary says so
     assert "REFUSED by the promotion gate, not made current" in out and f"tracks with model {refused}" in out
@@ -148,8 +148,8 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
     for path in clips:
         if path.suffix != ".ogg":
             path.unlink()  # 8 of 13 files gone: 62 % fewer
-    code, out, err = cli("extract", str(library), "--store", store, "--scheduler", dask_scheduler)
+    code, out, err = cli("extract", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler)
     assert code == 5 and "has 5 audio files, the previous one 13: 62% fewer, over the 30% limit" in err
     assert (tmp_path / "store" / "features" / "inventory.parquet").read_bytes() == inventory  # nothing changed
-    code, out, _ = cli("extract", str(library), "--store", store, "--scheduler", dask_scheduler, "--force")
+    code, out, _ = cli("extract", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler, "--force")
     assert code == 0 and "5 audio files" in out

@@ -164,7 +164,7 @@ def test_worker_killed_mid_extraction_every_file_once(
     root, uris = library
     store = tmp_path / "store"
     nanny = nanny_of("test-worker-0")
-    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", dask_cluster]
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa", "--scheduler", dask_cluster]
     log = tmp_path / "extract.log"
     with server(cmd, cli_env, log, tmp_path) as run:
         wait_until(lambda: part_files(store), 180, "the first shard part", [(run, log)])
@@ -204,7 +204,7 @@ def test_killed_extraction_resumes_without_redoing_finished_shards(
     they were; no duplicates."""
     root, uris = uneven_library
     store, files = tmp_path / "store", len(uris)
-    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store)]  # local cluster: its workers are in the CLI's group
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa"]  # local cluster: its workers are in the CLI's group
     log = tmp_path / "killed.log"
     parts = store / "features" / "parts"
     with server(cmd, cli_env, log, tmp_path) as run:
@@ -257,7 +257,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path: Path, c
     files = len(make_library(root, per_style=1))
     store = tmp_path / "store"
     address = f"tcp://{HOST}:{free_port()}"
-    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--scheduler", address]
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa", "--scheduler", address]
     scheduler_cmd = [DASK, "scheduler", "--host", HOST, "--port", address.rsplit(":", 1)[1], "--no-dashboard"]
     worker_cmd = [DASK, "worker", address, "--nthreads", "1", "--host", HOST, "--no-dashboard"]
     logs = {name: tmp_path / f"{name}.log" for name in ("scheduler", "first", "worker")}

@@ -107,7 +107,7 @@ def test_run_with_library_and_store_on_s3(
     s3.put(str(local), "music/library", recursive=True)
     library, store = "s3://music/library", "s3://music/genre-batch"
 
-    code, out, err = cli("run", library, "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
+    code, out, err = cli("run", library, "--store", store, "--labels", "folders", "--features", "librosa", "--scheduler", dask_scheduler)
     assert code == 0, out + err
     assert KEY not in out + err and SECRET not in out + err
     assert "13 audio files in s3://music/library" in out and "12 extracted, 1 failed" in out
@@ -122,7 +122,7 @@ def test_run_with_library_and_store_on_s3(
 
     s3.invalidate_cache()
     before = sorted(s3.find("music/genre-batch/features"))
-    code, out, _ = cli("run", library, "--store", store, "--labels", "folders", "--scheduler", dask_scheduler)
+    code, out, _ = cli("run", library, "--store", store, "--labels", "folders", "--features", "librosa", "--scheduler", dask_scheduler)
     assert code == 0 and "0 extracted, 0 failed, 13 unchanged" in out and "trained on the same labelled data" in out
     s3.invalidate_cache()
     assert sorted(s3.find("music/genre-batch/features")) == before

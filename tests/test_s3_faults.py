@@ -235,7 +235,7 @@ class Bucket:
         """`genre-batch run` of the library into the store, with folder labels, through the proxy (on the bucket's
         scheduler, else, or when `local`, on the CLI's own local cluster)."""
         on = ["--scheduler", self.scheduler] if self.scheduler and not local else []
-        return cli("--endpoint-url", self.proxy.url, "run", self.library, "--store", self.store, "--labels", "folders", *on)
+        return cli("--endpoint-url", self.proxy.url, "run", self.library, "--store", self.store, "--labels", "folders", "--features", "librosa", *on)
 
 
 @pytest.fixture

@@ -204,7 +204,7 @@ def test_run_on_external_dask_cluster(
     from distributed import Client
 
     library, store = library_factory(per_style=PER_STYLE), tmp_path / "store"
-    code, stdout, stderr = cli("run", str(library), "--store", str(store), "--labels", "folders", "--scheduler", dask_cluster)
+    code, stdout, stderr = cli("run", str(library), "--store", str(store), "--labels", "folders", "--features", "librosa", "--scheduler", dask_cluster)
     assert code == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert f"{TRACKS} extracted, 0 failed" in stdout, stdout
     [run_line] = [line for line in stdout.splitlines() if line.startswith("run ")]

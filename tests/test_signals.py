@@ -43,7 +43,7 @@ def test_sigterm_mid_extraction_stops_workers_releases_the_lease_and_the_next_ru
 ) -> None:
     root, uris = library
     store = tmp_path / "store"
-    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store)]  # a local cluster: the CLI's own worker processes
+    cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa"]  # a local cluster: the CLI's own worker processes
     log = tmp_path / "interrupted.log"
     with server(cmd, cli_env, log, tmp_path) as run:
         wait_until(lambda: part_files(store), 240, "a first shard part", [(run, log)])

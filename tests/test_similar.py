@@ -166,7 +166,7 @@ def tagged_once(tmp_path_factory: pytest.TempPathFactory, dask_scheduler: str) -
     make_library(library, 3, styles=STYLES)
     near_duplicate("chiptune", 100 + 1, library / "chiptune" / "copy-of-01.wav")  # make_library's seed of chiptune-0-01
     with session(dask_scheduler) as cluster:
-        extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster)
+        extract_stage.extract(str(library), Store(str(store)), runs.new_run_id(), cluster, features=("librosa",))
         assert train_stage.train(Store(str(store)), "folders", "run-train", cluster).promoted
     run_tag(store, dask_scheduler, "run-tag-1")
     return keep_pristine((library, store))
@@ -226,7 +226,7 @@ def test_nightly_with_a_new_track_updates_lists_like_a_rebuild(tagged: tuple[Pat
     s = Store(str(store))
     near_duplicate("ambient", 0 * 100 + 2, library / "ambient" / "copy-of-ambient-02.wav")  # ambient-0-02's seed
     with session(dask_scheduler) as cluster:
-        extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa",))
     summary = run_tag(store, dask_scheduler, "run-tag-2")
     pointer = catalog.pointer(s)
     assert (summary.mode, summary.predicted) == ("incremental", 1)
@@ -305,7 +305,7 @@ def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path,
     make_library(library, 3, styles=STYLES)
     s = Store(str(store))
     with session(dask_scheduler) as cluster:
-        extract_stage.extract(str(library), s, runs.new_run_id(), cluster)
+        extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa",))
         assert train_stage.train(s, "folders", "run-train", cluster).promoted
     run_tag(store, dask_scheduler, "run-librosa")
     assert catalog.pointer(s)["vector_space"]["family"] == "librosa" and catalog.read(s)["tags"].null_count == 12

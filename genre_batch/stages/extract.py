@@ -16,6 +16,7 @@ from genre_batch.storage.feature_store import (
     CHOICE_COLUMNS,
     FAMILIES,
     LIBROSA,
+    MUSICNN,
     Family,
     needs_rows,
     plan,
@@ -68,9 +69,10 @@ class ExtractSummary:
     cpu_s: float = 0.0
 
 
-DEFAULT_FEATURES = (LIBROSA.name,)
-"""Families extracted when a run names none: librosa, what the default model is trained on. musicnn is opted into with
-`--features librosa,musicnn` (~105 ms more CPU per file at 3 patches) until a measured classifier makes it the default (#14 item 3)."""
+DEFAULT_FEATURES = (LIBROSA.name, MUSICNN.name)
+"""Families extracted when a run names none: librosa and musicnn, what the default model (librosa+musicnn / linear, #14
+item 3) is trained on. musicnn costs ~105 ms more CPU per file at 3 patches, 2.75x the decode+STFT floor with librosa,
+within #14's 3.0x budget; `--features librosa` opts out."""
 
 
 def families_of(names: tuple[str, ...] | list[str]) -> list[Family]:
