@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from genre_batch import checks
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.modelling import registry
-from genre_batch.modelling.model import KINDS, LinearModel, XGBoostModel, model_class
+from genre_batch.modelling.model import KINDS, PREDICT_CHUNK, LinearModel, XGBoostModel, model_class
 from genre_batch.storage.store import Store
 
 COLUMNS = [f"c{i}" for i in range(6)]
@@ -92,3 +92,24 @@ def test_unknown_kind_is_a_clear_error_and_the_cli_lists_every_kind() -> None:
     assert checks.CLASSIFIERS == tuple(KINDS)  # checked before any training library loads, so listed twice
     with pytest.raises(Exception, match="unknown classifier 'svm': this genre-batch knows xgboost, linear"):
         model_class("svm")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_rows_probabilities_do_not_depend_on_its_batch(kind: str) -> None:
+    """#12: an incremental re-tag equals a full one only if a row predicted alone, with a few others, or in a batch of
+    thousands in another order (past one PREDICT_CHUNK) gets exactly the same probabilities."""
+    rng = np.random.default_rng(1)
+    columns = [f"c{i}" for i in range(64)]
+    y = np.arange(400) % 4
+    scales = rng.uniform(1e-3, 1e3, len(columns))
+    X = ((rng.normal(size=(400, len(columns))) + 0.5 * y[:, None] * (np.arange(len(columns)) % 4 == 0)) * scales).astype(np.float32)
+    model = model_class(kind).fit(X, y.astype(np.int32), np.ones(len(y)), np.zeros(len(y)), 4, columns)  # one group: no validation fold, default settings
+    batch = (rng.normal(size=(PREDICT_CHUNK + 1500, len(columns))) * scales).astype(np.float32)
+    full = model.predict_proba(batch)
+    chosen = np.array([0, 7, 4095, PREDICT_CHUNK - 1, PREDICT_CHUNK, len(batch) - 1])
+    assert all((model.predict_proba(batch[i : i + 1])[0] == full[i]).all() for i in chosen)  # alone
+    assert (model.predict_proba(batch[chosen[::-1]]) == full[chosen[::-1]]).all()  # a few, reversed
+    order = rng.permutation(len(batch))
+    assert (model.predict_proba(batch[order]) == full[order]).all()  # the whole batch shuffled
+    assert (model.predict_proba(np.asfortranarray(batch[:300])) == full[:300]).all()  # column-major rows
+    assert (model.predict_rows(batch, order[:5000]) == full[order[:5000]]).all()  # some rows of a larger matrix

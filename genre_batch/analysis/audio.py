@@ -16,11 +16,9 @@ import soxr
 from mutagen.id3 import ID3
 
 from genre_batch import FileError
+from genre_batch.library.discovery import AUDIO_EXTENSIONS  # noqa: F401  (re-exported; listing owns it: no decoder for readers)
 
 SAMPLE_RATE = 22050
-AUDIO_EXTENSIONS: frozenset[str] = frozenset(
-    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
-)
 SILENCE_DBFS = -80.0
 """Audio whose analysed samples all stay below this peak level is digital silence: an error, it has no genre."""
 _PREROLL_S = 0.25  # decoded and dropped before a seek target: libsndfile's MP3 decoder outputs ~0.1 s of zeros after a seek

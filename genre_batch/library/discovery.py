@@ -12,7 +12,6 @@ import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.analysis.audio import AUDIO_EXTENSIONS
 from genre_batch.storage.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
@@ -27,6 +26,12 @@ INVENTORY_SCHEMA = pa.schema(
 """One row per audio file found: `version` is the ETag on object stores, the mtime on disks."""
 
 LIST_BATCH = 50_000
+
+AUDIO_EXTENSIONS: frozenset[str] = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
+)
+"""Extensions of the files a listing picks up (lower case): every format analysis.audio decodes. Defined here, not
+in analysis.audio, so that discovery and the inventory's readers (status, plan) never import PyAV or libsndfile."""
 
 
 def track_id(uri: str) -> str:

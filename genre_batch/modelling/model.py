@@ -229,7 +229,7 @@ class LinearModel(GenreModel):
     files = ("model.npz",)
 
     def __init__(self, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray, C: float) -> None:
-        self.coef, self.intercept, self.mean, self.scale, self.C = coef, intercept, mean, scale, C
+        self.coef, self.intercept, self.mean, self.scale, self.C = np.ascontiguousarray(coef, np.float64), intercept, mean, scale, C
 
     @staticmethod
     def standardiser(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,16 +288,24 @@ class LinearModel(GenreModel):
         return cls.fit_C(X, y, weight, n_classes, C, rows)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """softmax of the standardised rows' logits, in chunks of PREDICT_CHUNK rows."""
+        """softmax of the standardised rows' logits, PREDICT_CHUNK rows at a time; each row's result depends on that row
+        alone (see `logits`), so a track predicted alone or in any batch gets the same probabilities."""
         if X.shape[1] != self.coef.shape[1]:
             raise GenreBatchError(f"the linear model expects {self.coef.shape[1]} feature columns, got {X.shape[1]}")
-        mean, scale = self.mean.astype(np.float32), self.scale.astype(np.float32)
-        coef, intercept = self.coef.T.astype(np.float32), self.intercept.astype(np.float32)
         out = np.empty((len(X), len(self.intercept)), np.float64)
         for start in range(0, len(X), PREDICT_CHUNK):
             rows = X[start : start + PREDICT_CHUNK]
-            out[start : start + len(rows)] = softmax((((rows - mean) / scale) @ coef + intercept).astype(np.float64))
+            out[start : start + len(rows)] = softmax(self.logits(rows))
         return out
+
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        """z-scores @ coef.T + intercept in float64, each row's sums in one fixed order: np.einsum's own loop, not BLAS,
+        whose matrix products (`@`) sum in an order that depends on the batch's shape (1 row: matrix-vector; a few:
+        small-matrix kernels; more: blocked), so a row's logits moved with its batch (~1e-5 in float32)."""
+        z = rows.astype(np.float64, order="C")  # rows and coef both C-ordered: the sum runs along each row
+        z -= self.mean
+        z /= self.scale
+        return np.einsum("nc,gc->ng", z, self.coef, optimize=False) + self.intercept
 
     def to_files(self) -> dict[str, bytes]:
         """coef [genres x columns], intercept, mean, scale and C as float64 arrays in one .npz (no pickle)."""
