@@ -47,6 +47,10 @@ BUCKET_TRACKS = 25_000
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
+REVERSE_DEPTH = 100
+"""Hits kept per added track by the reverse search of an incremental update (bench/similar.py measured it)."""
+CHUNK_ROWS = 1_024
+"""Lists scored at a time against the exact prefix of the added tracks."""
 PIECE_ROW_GROUP = 20_000
 """Rows per row group of a similar piece (1,000 tracks' lists)."""
 LOOKUP_ROW_GROUP = 4_096
@@ -55,6 +59,10 @@ LOOKUP_ROW_GROUP = 4_096
 VECTORS_SCHEMA = pa.schema(
     [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
 )
+ADDED_SCHEMA = pa.schema([("vid", pa.int64()), ("reach", pa.float32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))])
+"""`_added.parquet` of an incremental update (deleted when the lists are written): the added vectors by reach descending."""
+REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
+"""`_reverse.parquet` of an incremental update (deleted too): added track `added` has the track `vid` among its hits."""
 LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
 """The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
 LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
@@ -226,9 +234,10 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
     return written
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and added; returns its nlist."""
+    matrix and in the index), or the previous index with the update's tracks removed and added, then the added
+    tracks' reverse search (write_reverse); returns its nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -236,19 +245,52 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
             return 0
         index = new_index(matrix, vector_ids(ids.to_pylist()))
         del matrix
-    else:
-        index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
-        index.remove_ids(vector_ids(update.removed))
-        ids, matrix = read_embeddings(store, files, update.added)
-        index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
+        save_index(store, index, f"{folder(snapshot)}/index.faiss")
+        return index.nlist
+    index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
+    index.remove_ids(vector_ids(update.removed))
+    ids, matrix = read_embeddings(store, files, update.added)
+    vids = vector_ids(ids.to_pylist())
+    index.add_with_ids(matrix, vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
+    write_reverse(store, folder(snapshot), index, vids, matrix, buckets)
     return index.nlist
 
 
+def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, buckets: int) -> None:
+    """Search the added vectors in the updated index, top REVERSE_DEPTH each (own id left out), and write
+    `_added.parquet` (the added vectors with their reach, by reach descending) and `_reverse.parquet` (the hits on
+    tracks that were there before, by bucket of the hit) for the list tasks."""
+    found, scores = search(index, matrix, vids, min(REVERSE_DEPTH, max(1, index.ntotal - 1)))
+    reach = reach_of(found, scores)
+    order = np.argsort(-reach, kind="stable")
+    store.write_table(f"{store.catalog}/{out}/_added.parquet", pa.table(
+        {"vid": vids[order], "reach": reach[order],
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix[order].reshape(-1)), VECTOR_DIM)}, schema=ADDED_SCHEMA))
+    store.write_table(f"{store.catalog}/{out}/_reverse.parquet", reverse_table(found, scores, vids, buckets), ROW_GROUP)
+
+
+def reach_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each added vector's reach: the score of its REVERSE_DEPTH-th hit (-inf with fewer hits): a track missing from its
+    hits scores at most that with it (up to the index's recall)."""
+    full = found[:, -1] != -1 if found.shape[1] >= REVERSE_DEPTH else np.zeros(len(found), bool)
+    return np.where(full, scores[:, -1], -np.inf).astype(np.float32)
+
+
+def reverse_table(found: np.ndarray, scores: np.ndarray, vids: np.ndarray, buckets: int) -> pa.Table:
+    """Rows (bucket, vid, added, score) of the reverse hits on tracks that are not added themselves (their lists are
+    queried in full), in (bucket, vid) order."""
+    hit = (found != -1) & ~np.isin(found, vids)
+    added = np.broadcast_to(vids[:, None], found.shape)[hit]
+    hits, hit_scores = found[hit], scores[hit]
+    bucket = buckets_of(hits, buckets)
+    order = np.lexsort((added, hits, bucket))
+    return pa.table({"bucket": bucket[order], "vid": hits[order], "added": added[order], "score": hit_scores[order]}, schema=REVERSE_SCHEMA)
+
+
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
-    """Write a snapshot's vectors file (runs on one worker; an update also writes `_added.parquet`, the added tracks'
-    rows, for the list queries); returns its rows. An update streams the previous file bucket by bucket: it holds one
-    bucket of vectors, not all of them."""
+    """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
+    bucket by bucket: it holds one bucket of vectors, not all of them."""
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
@@ -259,7 +301,6 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
     import pyarrow.compute as pc
     ids, matrix = read_embeddings(store, files, update.added)
     added = vectors_table(ids, matrix, buckets)
-    store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
     removed, rows = pa.array(update.removed, pa.string()), 0
     with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
         previous = pq.ParquetFile(f)
@@ -365,10 +406,26 @@ def previous_lists(store: Store, update: Update, bucket: int, track_ids: pa.Arra
     return neighbours, scores, lost
 
 
+_ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
+"""The last vectors file's id map in this (worker) process, keyed by its path and version: one read per process,
+not one per bucket task."""
+
+
+def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
+    """id_map of a vectors file, read once per process while the file is unchanged (path, size and mtime or ETag)."""
+    path = f"{store.catalog}/{relative}"
+    info = store.fs.info(path)
+    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+    if key not in _ID_MAP:
+        _ID_MAP.clear()
+        _ID_MAP[key] = id_map(store.read_table(path, ["vid", "track_id"]))
+    return _ID_MAP[key]
+
+
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
     """Write the similar piece of one bucket (runs on a worker, the index memory-mapped); returns its rows."""
     out = folder(snapshot)
-    ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
+    ids = cached_id_map(store, f"{out}/vectors.parquet")
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
@@ -377,33 +434,100 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
         index = open_index(store, f"{out}/index.faiss")
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores, ids)
+            redo = refresh(store, update, out, bucket, k, track_ids, vids, queries, found, scores, ids)
         if redo.any():
             found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
     store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
     return int((found != -1).sum())
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, queries: np.ndarray,
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, vids: np.ndarray, queries: np.ndarray,
             found: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
-    """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
-    tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
-    import faiss
+    """Fill the lists of a bucket's existing tracks from their previous lists and the added tracks that beat their
+    K-th member (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
     import pyarrow.compute as pc
     old_ids, old_scores, lost = previous_lists(store, update, bucket, track_ids, k, ids)
     new = pc.is_in(track_ids, value_set=pa.array(update.added, pa.string())).to_numpy(zero_copy_only=False)
     redo = new | (old_ids[:, 0] == -1) | lost
-    keep = ~redo
-    if update.added and keep.any():
-        added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
-        flat = faiss.IndexFlatIP(VECTOR_DIM)
-        flat.add(as_matrix(added["embedding"]))
-        cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
-        cand_ids = added["vid"].to_numpy()[cand_rows]
-        found[keep], scores[keep] = best(np.hstack([old_ids[keep], cand_ids]), np.hstack([old_scores[keep], cand_scores]), k)
+    keep = np.flatnonzero(~redo)
+    if update.added and len(keep):
+        floor = floor_of(old_ids[keep], old_scores[keep])
+        entries = merge_entries((np.repeat(np.arange(len(keep)), k), old_ids[keep].reshape(-1), old_scores[keep].reshape(-1)),
+                                merge_entries(reverse_candidates(store, out, bucket, vids[keep], floor), prefix_candidates(store, out, queries[keep], floor)))
+        found[keep], scores[keep] = top_per_row(entries, len(keep), k)
     else:
         found[keep], scores[keep] = old_ids[keep], old_scores[keep]
     return redo
+
+
+Entries = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Candidate list entries as three flat arrays: list row, neighbour vid (-1: none), score."""
+
+
+def floor_of(old_ids: np.ndarray, old_scores: np.ndarray) -> np.ndarray:
+    """Each full list's last (K-th) score, what an added track must reach to enter it; -inf for a list with room."""
+    return np.where(old_ids[:, -1] == -1, -np.inf, old_scores[:, -1]).astype(np.float32)
+
+
+def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray, floor: np.ndarray) -> Entries:
+    """The reverse hits on the lists of tracks `vids` (sorted) that reach their floor, from the bucket's rows of
+    `_reverse.parquet`."""
+    hits = rows_where(store, f"{out}/_reverse.parquet", "bucket", [bucket])
+    hit, added, score = (buffer_view(hits[c], t) for c, t in (("vid", np.int64), ("added", np.int64), ("score", np.float32)))
+    row = np.minimum(np.searchsorted(vids, hit), max(0, len(vids) - 1))
+    mine = (vids[row] == hit) & (score >= floor[row]) if len(vids) else np.zeros(len(hit), bool)
+    return row[mine], added[mine], score[mine]
+
+
+def prefix_candidates(store: Store, out: str, queries: np.ndarray, floor: np.ndarray) -> Entries:
+    """Exact scores of each list's track against the added tracks whose reach is at least its floor (a prefix of
+    `_added.parquet`, which is in reach order): the only added tracks that may beat the list's last member without
+    having it among their reverse hits. Lists are taken in floor order, CHUNK_ROWS at a time; entries below the
+    floor are dropped."""
+    added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
+    reach, vids, vectors = buffer_view(added["reach"], np.float32), buffer_view(added["vid"], np.int64), as_matrix(added["embedding"])
+    needed = np.searchsorted(-reach, -floor, side="right")  # added tracks with reach >= floor
+    order = np.argsort(needed, kind="stable")
+    rows, ids, scores = [], [], []
+    for start in range(0, len(order), CHUNK_ROWS):
+        chunk = order[start : start + CHUNK_ROWS]
+        width = int(needed[chunk].max())
+        if width == 0:
+            continue
+        exact = queries[chunk] @ vectors[:width].T
+        row, column = np.nonzero(exact >= floor[chunk][:, None])
+        rows.append(chunk[row])
+        ids.append(vids[column])
+        scores.append(exact[row, column])
+    return (np.concatenate(rows), np.concatenate(ids), np.concatenate(scores).astype(np.float32)) if rows else EMPTY_ENTRIES
+
+
+EMPTY_ENTRIES: Entries = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+def merge_entries(a: Entries, b: Entries) -> Entries:
+    """Two sets of entries as one."""
+    return tuple(np.concatenate([x, y]) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k entries of each of n rows (score descending, then vid), one per (row, vid) (its best score: a
+    track can be both a reverse hit and in the exact prefix), as (vids, scores) [n, k], -1 padded."""
+    rows, ids, scores = entries
+    valid = ids != -1
+    rows, ids, scores = rows[valid], ids[valid], scores[valid]
+    order = np.lexsort((-scores, ids, rows))
+    rows, ids, scores = rows[order], ids[order], scores[order]
+    first = np.ones(len(rows), bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (ids[1:] != ids[:-1])
+    rows, ids, scores = rows[first], ids[first], scores[first]
+    order = np.lexsort((ids, -scores, rows))
+    rows, ids, scores = rows[order], ids[order], scores[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+    top = rank < k
+    found, best_scores = np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
+    found[rows[top], rank[top]], best_scores[rows[top], rank[top]] = ids[top], scores[top]
+    return found, best_scores
 
 
 KEYS = ["track_id", "fingerprint"]
@@ -434,10 +558,10 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
     buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
     # three tasks, on different workers when there are: their peaks do not add up in one process
-    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
+    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
                                   (write_lookups, store, out, files)])
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/_added.parquet"])
+    store.delete([f"{store.catalog}/{out}/{name}" for name in ("_added.parquet", "_reverse.parquet")])
     return {
         "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
