@@ -91,6 +91,63 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
     assert all(n != "t0" for v in lists(s).values() for n, _ in v)  # the departed track is in no list
 
 
+def with_embeddings(table: pa.Table, matrix: np.ndarray) -> pa.Table:
+    """A catalog table with its embeddings replaced (rows of `matrix`, float32)."""
+    column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float32).reshape(-1)), catalog.VECTOR_DIM)
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+
+
+def isolated_and_cluster() -> np.ndarray:
+    """61 unit vectors: t0 isolated (e0), t1..t59 a tight cluster around e1, and t60 (added in the night) in the
+    cluster but tilted towards t0: cosine ~0.48 with t0, ~0.77 with its nearest cluster members."""
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((59, catalog.VECTOR_DIM)) * 0.6 / np.sqrt(catalog.VECTOR_DIM)
+    noise[:, 1] = 0
+    basis = np.eye(catalog.VECTOR_DIM)
+    matrix = np.vstack([basis[0], basis[1] + noise, basis[1] + 0.55 * basis[0]])
+    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+
+
+def nightly_with_shallow_reverse_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Publish isolated_and_cluster's t0..t59, then the night that adds t60, with reverse searches 3 deep; returns the
+    nightly lists, a rebuild's, the exact cosines [61, 61] and each track's K-th score before the night."""
+    monkeypatch.setattr(similar, "REVERSE_DEPTH", 3)
+    matrix = isolated_and_cluster()
+    s = Store(str(tmp_path / "nightly"))
+    catalog.publish(s, with_embeddings(rows(60, "rock", "run-a"), matrix[:60]), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive
+    second = with_embeddings(rows(61, "rock", "run-b"), matrix)
+    night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
+    assert (night["mode"], night["added"], night["removed"]) == ("incremental", 1, 0)
+    rebuilt = Store(str(tmp_path / "rebuilt"))
+    catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
+    cosines = matrix @ matrix.T
+    np.fill_diagonal(cosines, -np.inf)
+    floors = -np.sort(-cosines[:60, :60], axis=1)[:, catalog.SIMILAR_K - 1]
+    return lists(s), lists(rebuilt), cosines, floors
+
+
+def test_an_added_track_enters_a_list_it_did_not_reach_through_the_exact_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nightly, rebuilt, cosines, floors = nightly_with_shallow_reverse_search(tmp_path, monkeypatch)
+    reverse_hits = np.argsort(-cosines[60])[:3]
+    assert 0 not in reverse_hits and cosines[60, reverse_hits].min() > cosines[60, 0] > floors[0]  # t0 only through the prefix
+    assert nightly["t0"][0][0] == "t60" and nightly["t0"][0][1] == pytest.approx(cosines[60, 0], abs=1e-5)
+    same_lists(nightly, rebuilt)
+
+
+def test_a_track_both_reverse_hit_and_in_the_exact_prefix_enters_a_list_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nightly, rebuilt, cosines, floors = nightly_with_shallow_reverse_search(tmp_path, monkeypatch)
+    reverse_hits = np.argsort(-cosines[60])[:3]
+    reach = cosines[60, reverse_hits[-1]]
+    twice = [int(c) for c in reverse_hits if floors[c] <= reach]  # t60 is among both candidate sets of these lists
+    assert twice
+    for c in twice:
+        assert [n for n, _ in nightly[f"t{c}"]].count("t60") == 1
+    assert all(len({n for n, _ in v}) == len(v) for v in nightly.values())
+    same_lists(nightly, rebuilt)
+    found, scores = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, 7, 7]), np.array([0.5, 0.4, 0.5000001, 0.3], np.float32)), 2, 2)
+    assert found.tolist() == [[7, 5], [7, -1]] and scores[0].tolist() == pytest.approx([0.5000001, 0.4])
+
+
 def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     catalog.publish(s, rows(50, "rock", "run-a"), "run-a", "m-1", SPACE)
