@@ -12,9 +12,14 @@ index, the vectors file and the lookup files are written by three worker tasks (
 bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
-index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
-takes the new tracks that beat its members (exact search of its track against the added vectors) or, when it lost a
-member, is queried again. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe).
+index, new and changed ones are added (the centroids stay), new tracks get full queries, and a list that lost a
+member is queried again. Any other list of a track x (its previous top K, K-th score s_K(x)) takes exactly the added
+tracks a with score(a, x) >= s_K(x): the index task searches every added track in the updated index for its top
+REVERSE_DEPTH (its reach t(a): the last of these scores, -inf with fewer hits), so a track x missing from a's hits
+scores at most t(a) with it, up to the index's recall; x's list is merged with a's hits on x and with exact dot
+products against the added tracks whose reach is at least s_K(x) (the only others that may beat its K-th member),
+one entry per added track. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
+the reverse search is then exact too).
 """
 
 from __future__ import annotations
