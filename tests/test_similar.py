@@ -144,8 +144,8 @@ def test_a_track_both_reverse_hit_and_in_the_exact_prefix_enters_a_list_once(tmp
         assert [n for n, _ in nightly[f"t{c}"]].count("t60") == 1
     assert all(len({n for n, _ in v}) == len(v) for v in nightly.values())
     same_lists(nightly, rebuilt)
-    found, scores = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, 7, 7]), np.array([0.5, 0.4, 0.5000001, 0.3], np.float32)), 2, 2)
-    assert found.tolist() == [[7, 5], [7, -1]] and scores[0].tolist() == pytest.approx([0.5000001, 0.4])
+    found, scores, held = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, 7, 7]), np.array([0.5, 0.4, 0.5000001, 0.3], np.float32)), 2, 2)
+    assert found.tolist() == [[7, 5], [7, -1]] and scores[0].tolist() == pytest.approx([0.5000001, 0.4]) and held.tolist() == [2, 1]
 
 
 def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:

@@ -52,6 +52,8 @@ BUCKET_TRACKS = 25_000
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
+SPARE = 10
+"""Entries kept past K in the deep lists: a list that lost members keeps its top K without a query while it holds K."""
 REVERSE_DEPTH = 100
 """Hits kept per added track by the reverse search of an incremental update (bench/similar.py measured it)."""
 CHUNK_ROWS = 1_024
@@ -68,6 +70,11 @@ ADDED_SCHEMA = pa.schema([("vid", pa.int64()), ("reach", pa.float32()), ("embedd
 """`_added.parquet` of an incremental update (deleted when the lists are written): the added vectors by reach descending."""
 REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
 """`_reverse.parquet` of an incremental update (deleted too): added track `added` has the track `vid` among its hits."""
+DEEP_VERSION = 1
+DEEP_SCHEMA = pa.schema([("vid", pa.int64()), ("floor", pa.float32()), ("neighbours", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32()))],
+                        metadata={"genre_batch.deep_version": str(DEEP_VERSION)})
+"""`deep-<bucket>.parquet`, in vid order: each track's top K + SPARE neighbours (vids, scores, nearest first) and its
+floor: the list holds every track scoring above it (-inf: every other track)."""
 LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
 """The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
 LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
@@ -86,6 +93,8 @@ class Update:
     added: list[str]
     removed: list[str]
     buckets: int
+    deep: bool = False
+    """Whether the previous snapshot has deep lists (else its published top K lists are read)."""
 
 
 def folder(snapshot: str) -> str:
@@ -96,6 +105,11 @@ def folder(snapshot: str) -> str:
 def piece(similar_folder: str, bucket: int) -> str:
     """The similar table's piece of one bucket."""
     return f"{similar_folder}/part-{bucket:05d}.parquet"
+
+
+def deep_piece(similar_folder: str, bucket: int) -> str:
+    """The deep lists of one bucket (private: the next incremental update reads them)."""
+    return f"{similar_folder}/deep-{bucket:05d}.parquet"
 
 
 def vector_ids(track_ids: list[str]) -> np.ndarray:
@@ -389,26 +403,52 @@ def lists_table(track_ids: pa.Array, neighbour_ids: np.ndarray, scores: np.ndarr
     return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
-def previous_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, k: int,
-                   ids: tuple[np.ndarray, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
-    to the bucket has an empty list), and which lists lost a member (a neighbour removed or changed). Neighbours are
-    matched to the new snapshot's tracks (`ids`) by Arrow hash lookups: no Python string per row."""
+Lists = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Neighbour lists of some tracks: vids [n, depth] (-1 padded), scores [n, depth] and floors [n] (DEEP_SCHEMA)."""
+
+
+def previous_lists(store: Store, update: Update, bucket: int, vids: np.ndarray, track_ids: pa.Array,
+                   ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
+    """The previous snapshot's lists of a bucket's tracks (`vids`, sorted) and which tracks had one: its deep lists,
+    or, for a snapshot written before them, its published top K lists."""
+    if not update.deep:
+        return published_lists(store, update, bucket, track_ids, ids)
+    table = store.read_table(f"{store.catalog}/{deep_piece(update.previous, bucket)}")
+    previous = buffer_view(table["vid"], np.int64)
+    row = np.minimum(np.searchsorted(previous, vids), max(0, len(previous) - 1))
+    known = previous[row] == vids if len(previous) else np.zeros(len(vids), bool)
+    lists = (list_matrix(table["neighbours"], np.int64, -1), list_matrix(table["scores"], np.float32, 0), buffer_view(table["floor"], np.float32))
+    return tuple(x[row] for x in lists), known  # type: ignore[return-value]
+
+
+def list_matrix(column: pa.ChunkedArray, dtype: type, pad: float) -> np.ndarray:
+    """A list column as a matrix [n, its longest list], `pad` filled."""
+    array = column.combine_chunks()
+    lengths = np.diff(buffer_view(array.offsets, np.int32)) if len(array) else np.zeros(0, np.int32)
+    out = np.full((len(array), int(lengths.max()) if len(lengths) else 0), pad, dtype)
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = buffer_view(array.flatten(), dtype)
+    return out
+
+
+def published_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
+    """The previous snapshot's published top K lists of a bucket's tracks (floor: the K-th score, -inf for a shorter
+    list) and which tracks had one. Neighbours are matched to the new snapshot's tracks (`ids`) by Arrow hash
+    lookups, no Python string per row; one that left has no vid (-1: it leaves the list anyway)."""
     import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
     found = pc.index_in(table["track_id"], value_set=track_ids)
-    known = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[known]
-    rank = table["rank"].to_numpy().astype(np.int64)[known] - 1
+    listed = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[listed]
+    rank = table["rank"].to_numpy().astype(np.int64)[listed] - 1
     position = pc.index_in(table["neighbour_id"], value_set=ids[1])
-    gone = (pc.is_null(position).to_numpy(zero_copy_only=False)
-            | pc.is_in(table["neighbour_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False))[known]
-    neighbours, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
-    neighbours[row, rank] = ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[known]]
-    scores[row, rank] = table["score"].to_numpy()[known]
-    lost = np.zeros(len(track_ids), bool)
-    lost[row[gone]] = True
-    return neighbours, scores, lost
+    present = pc.is_valid(position).to_numpy(zero_copy_only=False)[listed]
+    neighbours, scores = np.full((len(track_ids), SIMILAR_K), -1, np.int64), np.zeros((len(track_ids), SIMILAR_K), np.float32)
+    neighbours[row, rank] = np.where(present, ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[listed]], -1)
+    scores[row, rank] = table["score"].to_numpy()[listed]
+    full = np.bincount(row, minlength=len(track_ids)) == SIMILAR_K
+    known = np.zeros(len(track_ids), bool)
+    known[row] = True
+    return (neighbours, scores, np.where(full, scores[:, -1], -np.inf).astype(np.float32)), known
 
 
 _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
@@ -428,40 +468,53 @@ def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
 
 
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
-    """Write the similar piece of one bucket (runs on a worker, the index memory-mapped); returns its rows."""
-    out = folder(snapshot)
+    """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped); returns
+    the piece's rows."""
+    out, depth = folder(snapshot), k + SPARE
     ids = cached_id_map(store, f"{out}/vectors.parquet")
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
-    found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
+    found, scores, floors = np.full((len(vids), depth), -1, np.int64), np.zeros((len(vids), depth), np.float32), np.full(len(vids), -np.inf, np.float32)
     if len(vids):
-        index = open_index(store, f"{out}/index.faiss")
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, track_ids, vids, queries, found, scores, ids)
+            redo = refresh(store, update, out, bucket, k, vids, track_ids, queries, (found, scores, floors), ids)
         if redo.any():
-            found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
-    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
-    return int((found != -1).sum())
+            found[redo], scores[redo] = search(open_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
+            floors[redo] = floor_of(found[redo], scores[redo])
+    store.write_table(f"{store.catalog}/{deep_piece(out, bucket)}", deep_table(vids, found, scores, floors), PIECE_ROW_GROUP)
+    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP)
+    return int((found[:, :k] != -1).sum())
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, vids: np.ndarray, queries: np.ndarray,
-            found: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
-    """Fill the lists of a bucket's existing tracks from their previous lists and the added tracks that beat their
-    K-th member (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
-    import pyarrow.compute as pc
-    old_ids, old_scores, lost = previous_lists(store, update, bucket, track_ids, k, ids)
-    new = pc.is_in(track_ids, value_set=pa.array(update.added, pa.string())).to_numpy(zero_copy_only=False)
-    redo = new | (old_ids[:, 0] == -1) | lost
+def deep_table(vids: np.ndarray, found: np.ndarray, scores: np.ndarray, floors: np.ndarray) -> pa.Table:
+    """Rows of a deep-lists file (DEEP_SCHEMA) from result matrices (padding dropped)."""
+    valid = found != -1
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+    return pa.table({"vid": vids, "floor": floors, "neighbours": pa.ListArray.from_arrays(offsets, pa.array(found[valid])),
+                     "scores": pa.ListArray.from_arrays(offsets, pa.array(scores[valid]))}, schema=DEEP_SCHEMA)
+
+
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: np.ndarray, track_ids: pa.Array, queries: np.ndarray,
+            lists: Lists, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
+    """Fill the deep lists of a bucket's existing tracks (in place) from their previous lists without the removed
+    tracks and with the added tracks that reach their floor; returns which tracks need a full query: new ones, and
+    those whose list fell short of K above its floor."""
+    (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids, track_ids, ids)
+    old_ids = np.where(np.isin(old_ids, vector_ids(update.removed)), -1, old_ids)
+    redo = np.isin(vids, vector_ids(update.added)) | ~known
     keep = np.flatnonzero(~redo)
+    floor = old_floors[keep]
+    entries = (np.repeat(np.arange(len(keep)), old_ids.shape[1]), old_ids[keep].reshape(-1), old_scores[keep].reshape(-1))
     if update.added and len(keep):
-        floor = floor_of(old_ids[keep], old_scores[keep])
-        entries = merge_entries((np.repeat(np.arange(len(keep)), k), old_ids[keep].reshape(-1), old_scores[keep].reshape(-1)),
-                                merge_entries(reverse_candidates(store, out, bucket, vids[keep], floor), prefix_candidates(store, out, queries[keep], floor)))
-        found[keep], scores[keep] = top_per_row(entries, len(keep), k)
-    else:
-        found[keep], scores[keep] = old_ids[keep], old_scores[keep]
+        entries = merge_entries(entries, merge_entries(reverse_candidates(store, out, bucket, vids[keep], floor), prefix_candidates(store, out, queries[keep], floor)))
+    depth = lists[0].shape[1]
+    found, scores, held = top_per_row(entries, len(keep), depth)
+    floors = np.where(held > depth, scores[:, -1], floor)  # cut at the depth: the list now holds what scores above its last
+    short = (np.minimum(held, depth) < k) & (floors > -np.inf)
+    lists[0][keep], lists[1][keep], lists[2][keep] = found, scores, floors
+    redo[keep[short]] = True
     return redo
 
 
@@ -469,9 +522,9 @@ Entries = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Candidate list entries as three flat arrays: list row, neighbour vid (-1: none), score."""
 
 
-def floor_of(old_ids: np.ndarray, old_scores: np.ndarray) -> np.ndarray:
-    """Each full list's last (K-th) score, what an added track must reach to enter it; -inf for a list with room."""
-    return np.where(old_ids[:, -1] == -1, -np.inf, old_scores[:, -1]).astype(np.float32)
+def floor_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The floor of searched lists: their last score when full (the index may hold more below it), else -inf."""
+    return np.where(found[:, -1] == -1, -np.inf, scores[:, -1]).astype(np.float32)
 
 
 def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray, floor: np.ndarray) -> Entries:
@@ -515,9 +568,10 @@ def merge_entries(a: Entries, b: Entries) -> Entries:
     return tuple(np.concatenate([x, y]) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best k entries of each of n rows (score descending, then vid), one per (row, vid) (its best score: a
-    track can be both a reverse hit and in the exact prefix), as (vids, scores) [n, k], -1 padded."""
+    track can be both a reverse hit and in the exact prefix), as (vids, scores) [n, k], -1 padded, and how many
+    distinct entries each row had."""
     rows, ids, scores = entries
     valid = ids != -1
     rows, ids, scores = rows[valid], ids[valid], scores[valid]
@@ -532,7 +586,7 @@ def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarra
     top = rank < k
     found, best_scores = np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
     found[rows[top], rank[top]], best_scores[rows[top], rank[top]] = ids[top], scores[top]
-    return found, best_scores
+    return found, best_scores, np.bincount(rows, minlength=n)
 
 
 KEYS = ["track_id", "fingerprint"]
@@ -550,7 +604,7 @@ def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
         return None
-    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"])
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"], similar.get("deep") == DEEP_VERSION)
 
 
 Runner = Callable[[list[tuple]], list]
@@ -568,7 +622,7 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
     store.delete([f"{store.catalog}/{out}/{name}" for name in ("_added.parquet", "_reverse.parquet")])
     return {
-        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
+        "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
         "rows": sum(rows), "tracks": vectors, "buckets": buckets, "nlist": nlist, "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
