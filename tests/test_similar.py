@@ -69,9 +69,23 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
     assert pointer["vector_space"] == SPACE
 
 
-def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
+def drop_deep_lists(s: Store) -> None:
+    """Make the published snapshot look written before deep lists existed: no deep files, no `deep` in CURRENT.json."""
+    pointer = catalog.pointer(s)
+    info = pointer["similar"]
+    s.delete([f"{s.catalog}/{similar.deep_piece(info['folder'], b)}" for b in range(info["buckets"])])
+    old = {**pointer, "similar": {k: v for k, v in info.items() if k not in ("deep", "depth")}}
+    catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
+
+
+@pytest.mark.parametrize("previous", ["deep lists", "no spare (a list that lost a member is queried)", "published lists only (an earlier version's)"])
+def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
+    if previous.startswith("no spare"):
+        monkeypatch.setattr(similar, "SPARE", 0)
     s = Store(str(tmp_path / "nightly"))
     catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
+    if previous.startswith("published"):
+        drop_deep_lists(s)
     # the next night: t0 removed, t60 and t61 added, t10 changed (new content: near t50's vector, a new fingerprint)
     second = rows(62, "rock", "run-b")
     second = second.filter(pc.not_equal(second["track_id"], "t0"))
@@ -89,6 +103,15 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(second, catalog.SIMILAR_K)
     assert lists(s)["t10"][0][0] == "t50" and lists(s)["t10"][0][1] > 0.99  # a changed track finds the track it now sounds like
     assert all(n != "t0" for v in lists(s).values() for n, _ in v)  # the departed track is in no list
+    deep = s.read_table(f"{s.catalog}/{similar.deep_piece(pointer['similar']['folder'], 0)}")  # what the next night reads
+    assert pointer["similar"]["deep"] == similar.DEEP_VERSION and deep.num_rows == 61
+    by_vid = {v: (n, f) for v, n, f in zip(deep["vid"].to_pylist(), deep["neighbours"].to_pylist(), deep["floor"].to_pylist())}
+    ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
+    for i in (5, 10, 60):  # kept (it lost t0 and t10), changed, added: the top of the exact scores down to the floor
+        neighbours, floor = by_vid[int(similar.vector_ids([ids[i]])[0])]
+        scores = np.delete(x @ x[i], i)
+        assert catalog.SIMILAR_K <= len(neighbours) <= catalog.SIMILAR_K + similar.SPARE and (scores > floor + 1e-6).sum() <= len(neighbours)
+        assert neighbours == similar.vector_ids([ids[j] for j in np.argsort(-(x @ x[i]), kind="stable")[1 : len(neighbours) + 1]]).tolist()
 
 
 def with_embeddings(table: pa.Table, matrix: np.ndarray) -> pa.Table:
