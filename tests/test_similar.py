@@ -121,54 +121,57 @@ def with_embeddings(table: pa.Table, matrix: np.ndarray) -> pa.Table:
 
 
 def isolated_and_cluster() -> np.ndarray:
-    """61 unit vectors: t0 isolated (e0), t1..t59 a tight cluster around e1, and t60 (added in the night) in the
-    cluster but tilted towards t0: cosine ~0.48 with t0, ~0.77 with its nearest cluster members."""
+    """62 unit vectors: t0 isolated (e0), t1..t59 a tight cluster around e1, t60 (added in the night) in the cluster
+    but tilted towards t0 (cosine ~0.48 with t0, ~0.77 with its nearest cluster members), and t61: t30's new
+    content in the night, slightly moved."""
     rng = np.random.default_rng(5)
     noise = rng.standard_normal((59, catalog.VECTOR_DIM)) * 0.6 / np.sqrt(catalog.VECTOR_DIM)
     noise[:, 1] = 0
     basis = np.eye(catalog.VECTOR_DIM)
-    matrix = np.vstack([basis[0], basis[1] + noise, basis[1] + 0.55 * basis[0]])
+    matrix = np.vstack([basis[0], basis[1] + noise, basis[1] + 0.55 * basis[0], basis[1] + noise[29] + 0.2 * basis[2]])
     return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
 
 
-def nightly_with_shallow_reverse_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-    """Publish isolated_and_cluster's t0..t59, then the night that adds t60, with reverse searches 3 deep; returns the
-    nightly lists, a rebuild's, the exact cosines [61, 61] and each track's K-th score before the night."""
-    monkeypatch.setattr(similar, "REVERSE_DEPTH", 3)
+def night_of_the_cluster(tmp_path: Path) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Publish isolated_and_cluster's t0..t59, then the night that adds t60 and changes t30's content (to row 61);
+    returns the nightly lists, a rebuild's, the night's exact cosines [61, 61] and each track's floor before it."""
     matrix = isolated_and_cluster()
     s = Store(str(tmp_path / "nightly"))
     catalog.publish(s, with_embeddings(rows(60, "rock", "run-a"), matrix[:60]), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive
-    second = with_embeddings(rows(61, "rock", "run-b"), matrix)
+    second = with_embeddings(rows(61, "rock", "run-b"), np.vstack([matrix[:30], matrix[61:], matrix[31:61]]))
+    second = second.set_column(2, "fingerprint", pa.array(["new" if t == "t30" else f for t, f in zip(second["track_id"].to_pylist(), second["fingerprint"].to_pylist())]))
     night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
-    assert (night["mode"], night["added"], night["removed"]) == ("incremental", 1, 0)
+    assert (night["mode"], night["added"], night["removed"]) == ("incremental", 2, 1)
     rebuilt = Store(str(tmp_path / "rebuilt"))
     catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
-    cosines = matrix @ matrix.T
+    before = matrix[:60] @ matrix[:60].T
+    np.fill_diagonal(before, -np.inf)
+    x = similar.as_matrix(second["embedding"])
+    cosines = x @ x.T
     np.fill_diagonal(cosines, -np.inf)
-    floors = -np.sort(-cosines[:60, :60], axis=1)[:, catalog.SIMILAR_K - 1]
-    return lists(s), lists(rebuilt), cosines, floors
+    return lists(s), lists(rebuilt), cosines, -np.sort(-before, axis=1)[:, catalog.SIMILAR_K + similar.SPARE - 1]
 
 
-def test_an_added_track_enters_a_list_it_did_not_reach_through_the_exact_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nightly, rebuilt, cosines, floors = nightly_with_shallow_reverse_search(tmp_path, monkeypatch)
-    reverse_hits = np.argsort(-cosines[60])[:3]
-    assert 0 not in reverse_hits and cosines[60, reverse_hits].min() > cosines[60, 0] > floors[0]  # t0 only through the prefix
+def test_an_added_track_enters_every_list_whose_floor_it_reaches(tmp_path: Path) -> None:
+    nightly, rebuilt, cosines, floors = night_of_the_cluster(tmp_path)
+    assert cosines[60, 0] < np.delete(cosines[60], [0, 60]).min() and cosines[60, 0] > floors[0]  # t0: t60's farthest track
     assert nightly["t0"][0][0] == "t60" and nightly["t0"][0][1] == pytest.approx(cosines[60, 0], abs=1e-5)
+    reached = {f"t{x}" for x in range(60) if cosines[60, x] >= floors[x]}  # the lists the reverse scan gives t60 to
+    assert {"t0"} < {t for t, v in nightly.items() if "t60" in [n for n, _ in v]} - {"t30"} <= reached
     same_lists(nightly, rebuilt)
 
 
-def test_a_track_both_reverse_hit_and_in_the_exact_prefix_enters_a_list_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nightly, rebuilt, cosines, floors = nightly_with_shallow_reverse_search(tmp_path, monkeypatch)
-    reverse_hits = np.argsort(-cosines[60])[:3]
-    reach = cosines[60, reverse_hits[-1]]
-    twice = [int(c) for c in reverse_hits if floors[c] <= reach]  # t60 is among both candidate sets of these lists
-    assert twice
-    for c in twice:
-        assert [n for n, _ in nightly[f"t{c}"]].count("t60") == 1
+def test_a_changed_track_leaves_the_lists_and_enters_again_once_with_its_new_score(tmp_path: Path) -> None:
+    nightly, rebuilt, cosines, _ = night_of_the_cluster(tmp_path)
+    holding = [t for t, v in nightly.items() if "t30" in [n for n, _ in v]]
+    assert len(holding) > 1
+    for t in holding:
+        assert [n for n, _ in nightly[t]].count("t30") == 1
+        assert dict(nightly[t])["t30"] == pytest.approx(cosines[int(t[1:]), 30], abs=1e-5)  # the new content's score
     assert all(len({n for n, _ in v}) == len(v) for v in nightly.values())
     same_lists(nightly, rebuilt)
-    found, scores, held = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, 7, 7]), np.array([0.5, 0.4, 0.5000001, 0.3], np.float32)), 2, 2)
-    assert found.tolist() == [[7, 5], [7, -1]] and scores[0].tolist() == pytest.approx([0.5000001, 0.4]) and held.tolist() == [2, 1]
+    found, scores, held = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, -1, 7]), np.array([0.4, 0.4, 0.9, 0.3], np.float32)), 2, 1)
+    assert found.tolist() == [[5], [7]] and scores.ravel().tolist() == pytest.approx([0.4, 0.3]) and held.tolist() == [2, 1]  # ties by vid
 
 
 def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:

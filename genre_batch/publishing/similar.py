@@ -12,14 +12,14 @@ index, the vectors file and the lookup files are written by three worker tasks (
 bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
-index, new and changed ones are added (the centroids stay), new tracks get full queries, and a list that lost a
-member is queried again. Any other list of a track x (its previous top K, K-th score s_K(x)) takes exactly the added
-tracks a with score(a, x) >= s_K(x): the index task searches every added track in the updated index for its top
-REVERSE_DEPTH (its reach t(a): the last of these scores, -inf with fewer hits), so a track x missing from a's hits
-scores at most t(a) with it, up to the index's recall; x's list is merged with a's hits on x and with exact dot
-products against the added tracks whose reach is at least s_K(x) (the only others that may beat its K-th member),
-one entry per added track. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
-the reverse search is then exact too).
+index, new and changed ones are added (the centroids stay), and new tracks get full queries. Every snapshot also
+keeps private deep lists (top K + SPARE per track, and the floor above which a list holds every track): an existing
+list drops its departed and changed members and takes exactly the added tracks a with score(a, x) >= its floor(x),
+and is queried again only when fewer than K members remain above its floor. Those pairs come from one reverse scan
+in the index task: each added track scans the nprobe inverted lists its own search would scan and keeps every track
+there that it scores at or above the floor of (exact inner products, no depth cut). A rebuild's search of x scans
+x's nprobe lists instead, so each list equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
+both scans are then exhaustive).
 """
 
 from __future__ import annotations
@@ -54,10 +54,6 @@ INCREMENTAL_MAX_SHARE = 0.1
 ROW_GROUP = 10_000
 SPARE = 10
 """Entries kept past K in the deep lists: a list that lost members keeps its top K without a query while it holds K."""
-REVERSE_DEPTH = 100
-"""Hits kept per added track by the reverse search of an incremental update (bench/similar.py measured it)."""
-CHUNK_ROWS = 1_024
-"""Lists scored at a time against the exact prefix of the added tracks."""
 PIECE_ROW_GROUP = 20_000
 """Rows per row group of a similar piece (1,000 tracks' lists)."""
 LOOKUP_ROW_GROUP = 4_096
@@ -66,10 +62,9 @@ LOOKUP_ROW_GROUP = 4_096
 VECTORS_SCHEMA = pa.schema(
     [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
 )
-ADDED_SCHEMA = pa.schema([("vid", pa.int64()), ("reach", pa.float32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))])
-"""`_added.parquet` of an incremental update (deleted when the lists are written): the added vectors by reach descending."""
 REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
-"""`_reverse.parquet` of an incremental update (deleted too): added track `added` has the track `vid` among its hits."""
+"""`_reverse.parquet` of an incremental update (deleted when the lists are written), in bucket order: the added track
+`added` scores `score` with the existing track `vid`, at or above that track's floor."""
 DEEP_VERSION = 1
 DEEP_SCHEMA = pa.schema([("vid", pa.int64()), ("floor", pa.float32()), ("neighbours", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32()))],
                         metadata={"genre_batch.deep_version": str(DEEP_VERSION)})
@@ -256,7 +251,7 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
 def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
     matrix and in the index), or the previous index with the update's tracks removed and added, then the added
-    tracks' reverse search (write_reverse); returns its nlist."""
+    tracks' reverse scan (write_reverse); returns its nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -272,39 +267,63 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
     vids = vector_ids(ids.to_pylist())
     index.add_with_ids(matrix, vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
-    write_reverse(store, folder(snapshot), index, vids, matrix, buckets)
+    write_reverse(store, folder(snapshot), index, vids, matrix, previous_floors(store, update), buckets)
     return index.nlist
 
 
-def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, buckets: int) -> None:
-    """Search the added vectors in the updated index, top REVERSE_DEPTH each (own id left out), and write
-    `_added.parquet` (the added vectors with their reach, by reach descending) and `_reverse.parquet` (the hits on
-    tracks that were there before, by bucket of the hit) for the list tasks."""
-    found, scores = search(index, matrix, vids, min(REVERSE_DEPTH, max(1, index.ntotal - 1)))
-    reach = reach_of(found, scores)
-    order = np.argsort(-reach, kind="stable")
-    store.write_table(f"{store.catalog}/{out}/_added.parquet", pa.table(
-        {"vid": vids[order], "reach": reach[order],
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix[order].reshape(-1)), VECTOR_DIM)}, schema=ADDED_SCHEMA))
-    store.write_table(f"{store.catalog}/{out}/_reverse.parquet", reverse_table(found, scores, vids, buckets), ROW_GROUP)
+def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, floors: tuple[np.ndarray, np.ndarray],
+                  buckets: int) -> None:
+    """Write `_reverse.parquet`: every (existing track x, added track a) with score(a, x) >= floor(x) (`floors`: sorted
+    vids and their floors; a track without one has -inf) among the inverted lists a's own search scans, list by list."""
+    from faiss.contrib.inspect_tools import get_invlist
+    probes = index.quantizer.search(np.ascontiguousarray(matrix), min(index.nprobe, index.nlist))[1] if len(vids) else np.zeros((0, 1), np.int64)
+    cell, who = probes.reshape(-1), np.repeat(np.arange(len(vids)), probes.shape[1])
+    order = np.argsort(cell, kind="stable")
+    cell, who = cell[order], who[order]
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
+    added = np.sort(vids)
+    hits, by, scores = [], [], []
+    for start, stop in zip(starts, np.r_[starts[1:], len(cell)].astype(np.int64)):
+        ids, codes = get_invlist(index.invlists, int(cell[start]))
+        exact = matrix[who[start:stop]] @ codes.view(np.float32).reshape(len(ids), VECTOR_DIM).T
+        row, column = np.nonzero(exact >= floor_at(floors, ids, added)[None, :])
+        hits.append(ids[column])
+        by.append(vids[who[start:stop]][row])
+        scores.append(exact[row, column])
+    store.write_table(f"{store.catalog}/{out}/_reverse.parquet", reverse_table(hits, by, scores, buckets), ROW_GROUP)
 
 
-def reach_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Each added vector's reach: the score of its REVERSE_DEPTH-th hit (-inf with fewer hits): a track missing from its
-    hits scores at most that with it (up to the index's recall)."""
-    full = found[:, -1] != -1 if found.shape[1] >= REVERSE_DEPTH else np.zeros(len(found), bool)
-    return np.where(full, scores[:, -1], -np.inf).astype(np.float32)
+def floor_at(floors: tuple[np.ndarray, np.ndarray], ids: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """The floors of tracks `ids` (-inf for a track without one; +inf for the added (sorted), whose lists are queried
+    in full)."""
+    known, values = floors
+    row = np.minimum(np.searchsorted(known, ids), max(0, len(known) - 1))
+    out = np.where(known[row] == ids, values[row], -np.inf) if len(known) else np.full(len(ids), -np.inf)
+    at = np.minimum(np.searchsorted(added, ids), max(0, len(added) - 1))
+    return np.where(added[at] == ids, np.inf, out).astype(np.float32) if len(added) else out.astype(np.float32)
 
 
-def reverse_table(found: np.ndarray, scores: np.ndarray, vids: np.ndarray, buckets: int) -> pa.Table:
-    """Rows (bucket, vid, added, score) of the reverse hits on tracks that are not added themselves (their lists are
-    queried in full), in (bucket, vid) order."""
-    hit = (found != -1) & ~np.isin(found, vids)
-    added = np.broadcast_to(vids[:, None], found.shape)[hit]
-    hits, hit_scores = found[hit], scores[hit]
-    bucket = buckets_of(hits, buckets)
-    order = np.lexsort((added, hits, bucket))
-    return pa.table({"bucket": bucket[order], "vid": hits[order], "added": added[order], "score": hit_scores[order]}, schema=REVERSE_SCHEMA)
+def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.ndarray], buckets: int) -> pa.Table:
+    """Rows (bucket, vid, added, score) of the reverse scan, in (bucket, vid, added) order."""
+    hit, added, score = (np.concatenate(x) if x else np.zeros(0, t) for x, t in ((hits, np.int64), (by, np.int64), (scores, np.float32)))
+    bucket = buckets_of(hit, buckets)
+    order = np.lexsort((added, hit, bucket))
+    return pa.table({"bucket": bucket[order], "vid": hit[order], "added": added[order], "score": score[order].astype(np.float32)}, schema=REVERSE_SCHEMA)
+
+
+def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarray]:
+    """The floors of the previous snapshot's lists as (sorted vids, floors): from its deep lists, or, for a snapshot
+    written before them, the K-th score of its published lists (a shorter list has none: -inf)."""
+    import pyarrow.compute as pc
+    if update.deep:
+        table = pa.concat_tables([store.read_table(f"{store.catalog}/{deep_piece(update.previous, b)}", ["vid", "floor"]) for b in range(update.buckets)])
+        vids, floors = buffer_view(table["vid"], np.int64), buffer_view(table["floor"], np.float32)
+    else:
+        table = pa.concat_tables([store.read_table(f"{store.catalog}/{piece(update.previous, b)}", ["track_id", "rank", "score"]) for b in range(update.buckets)])
+        table = table.filter(pc.equal(table["rank"], SIMILAR_K))
+        vids, floors = vector_ids(table["track_id"].to_pylist()), buffer_view(table["score"], np.float32)
+    order = np.argsort(vids)
+    return vids[order], floors[order]
 
 
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
@@ -508,7 +527,7 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: n
     floor = old_floors[keep]
     entries = (np.repeat(np.arange(len(keep)), old_ids.shape[1]), old_ids[keep].reshape(-1), old_scores[keep].reshape(-1))
     if update.added and len(keep):
-        entries = merge_entries(entries, merge_entries(reverse_candidates(store, out, bucket, vids[keep], floor), prefix_candidates(store, out, queries[keep], floor)))
+        entries = tuple(np.concatenate(pair) for pair in zip(entries, reverse_candidates(store, out, bucket, vids[keep])))
     depth = lists[0].shape[1]
     found, scores, held = top_per_row(entries, len(keep), depth)
     floors = np.where(held > depth, scores[:, -1], floor)  # cut at the depth: the list now holds what scores above its last
@@ -527,61 +546,23 @@ def floor_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.where(found[:, -1] == -1, -np.inf, scores[:, -1]).astype(np.float32)
 
 
-def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray, floor: np.ndarray) -> Entries:
-    """The reverse hits on the lists of tracks `vids` (sorted) that reach their floor, from the bucket's rows of
-    `_reverse.parquet`."""
+def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) -> Entries:
+    """The added tracks that reach the floors of the lists of tracks `vids` (sorted), from the bucket's rows of
+    `_reverse.parquet` (rows of other tracks, whose lists are queried, are left out)."""
     hits = rows_where(store, f"{out}/_reverse.parquet", "bucket", [bucket])
     hit, added, score = (buffer_view(hits[c], t) for c, t in (("vid", np.int64), ("added", np.int64), ("score", np.float32)))
     row = np.minimum(np.searchsorted(vids, hit), max(0, len(vids) - 1))
-    mine = (vids[row] == hit) & (score >= floor[row]) if len(vids) else np.zeros(len(hit), bool)
+    mine = vids[row] == hit if len(vids) else np.zeros(len(hit), bool)
     return row[mine], added[mine], score[mine]
 
 
-def prefix_candidates(store: Store, out: str, queries: np.ndarray, floor: np.ndarray) -> Entries:
-    """Exact scores of each list's track against the added tracks whose reach is at least its floor (a prefix of
-    `_added.parquet`, which is in reach order): the only added tracks that may beat the list's last member without
-    having it among their reverse hits. Lists are taken in floor order, CHUNK_ROWS at a time; entries below the
-    floor are dropped."""
-    added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
-    reach, vids, vectors = buffer_view(added["reach"], np.float32), buffer_view(added["vid"], np.int64), as_matrix(added["embedding"])
-    needed = np.searchsorted(-reach, -floor, side="right")  # added tracks with reach >= floor
-    order = np.argsort(needed, kind="stable")
-    rows, ids, scores = [], [], []
-    for start in range(0, len(order), CHUNK_ROWS):
-        chunk = order[start : start + CHUNK_ROWS]
-        width = int(needed[chunk].max())
-        if width == 0:
-            continue
-        exact = queries[chunk] @ vectors[:width].T
-        row, column = np.nonzero(exact >= floor[chunk][:, None])
-        rows.append(chunk[row])
-        ids.append(vids[column])
-        scores.append(exact[row, column])
-    return (np.concatenate(rows), np.concatenate(ids), np.concatenate(scores).astype(np.float32)) if rows else EMPTY_ENTRIES
-
-
-EMPTY_ENTRIES: Entries = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-
-
-def merge_entries(a: Entries, b: Entries) -> Entries:
-    """Two sets of entries as one."""
-    return tuple(np.concatenate([x, y]) for x, y in zip(a, b))  # type: ignore[return-value]
-
-
 def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The best k entries of each of n rows (score descending, then vid), one per (row, vid) (its best score: a
-    track can be both a reverse hit and in the exact prefix), as (vids, scores) [n, k], -1 padded, and how many
-    distinct entries each row had."""
+    """The best k entries of each of n rows (score descending, then vid) as (vids, scores) [n, k], -1 padded, and
+    how many entries each row had."""
     rows, ids, scores = entries
     valid = ids != -1
-    rows, ids, scores = rows[valid], ids[valid], scores[valid]
-    order = np.lexsort((-scores, ids, rows))
-    rows, ids, scores = rows[order], ids[order], scores[order]
-    first = np.ones(len(rows), bool)
-    first[1:] = (rows[1:] != rows[:-1]) | (ids[1:] != ids[:-1])
-    rows, ids, scores = rows[first], ids[first], scores[first]
-    order = np.lexsort((ids, -scores, rows))
-    rows, ids, scores = rows[order], ids[order], scores[order]
+    order = np.lexsort((ids[valid], -scores[valid], rows[valid]))
+    rows, ids, scores = rows[valid][order], ids[valid][order], scores[valid][order]
     rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
     top = rank < k
     found, best_scores = np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
@@ -620,7 +601,7 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     nlist, vectors, lookup = run([(write_index, store, snapshot, files, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
                                   (write_lookups, store, out, files)])
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/{name}" for name in ("_added.parquet", "_reverse.parquet")])
+    store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
     return {
         "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
