@@ -521,20 +521,25 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: n
     tracks and with the added tracks that reach their floor; returns which tracks need a full query: new ones, and
     those whose list fell short of K above its floor."""
     (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids, track_ids, ids)
-    old_ids = np.where(np.isin(old_ids, vector_ids(update.removed)), -1, old_ids)
-    redo = np.isin(vids, vector_ids(update.added)) | ~known
-    keep = np.flatnonzero(~redo)
-    floor = old_floors[keep]
-    entries = (np.repeat(np.arange(len(keep)), old_ids.shape[1]), old_ids[keep].reshape(-1), old_scores[keep].reshape(-1))
-    if update.added and len(keep):
-        entries = tuple(np.concatenate(pair) for pair in zip(entries, reverse_candidates(store, out, bucket, vids[keep])))
+    removed = member(old_ids, np.sort(vector_ids(update.removed)))
+    redo = member(vids, np.sort(vector_ids(update.added))) | ~known
+    candidates = reverse_candidates(store, out, bucket, vids) if update.added else (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    touched = removed.any(axis=1)
+    touched[candidates[0]] = True
     depth = lists[0].shape[1]
-    found, scores, held = top_per_row(entries, len(keep), depth)
-    floors = np.where(held > depth, scores[:, -1], floor)  # cut at the depth: the list now holds what scores above its last
-    short = (np.minimum(held, depth) < k) & (floors > -np.inf)
-    lists[0][keep], lists[1][keep], lists[2][keep] = found, scores, floors
-    redo[keep[short]] = True
-    return redo
+    width = min(depth, old_ids.shape[1])
+    lists[0][:, :width], lists[1][:, :width], lists[2][:] = old_ids[:, :width], old_scores[:, :width], old_floors  # untouched lists stay
+    held = (old_ids != -1).sum(axis=1)
+    change = np.flatnonzero(touched & ~redo)
+    at = np.full(len(vids), -1)
+    at[change] = np.arange(len(change))
+    mine = at[candidates[0]] != -1
+    entries = (np.repeat(np.arange(len(change)), old_ids.shape[1]), np.where(removed[change], -1, old_ids[change]).reshape(-1), old_scores[change].reshape(-1))
+    entries = tuple(np.concatenate(pair) for pair in zip(entries, (at[candidates[0][mine]], candidates[1][mine], candidates[2][mine])))
+    lists[0][change], lists[1][change], held[change] = top_per_row(entries, len(change), depth)
+    lists[2][:] = np.where(held > depth, lists[1][:, -1], lists[2])  # cut at the depth: the list now holds what scores above its last
+    short = (np.minimum(held, depth) < k) & (lists[2] > -np.inf)
+    return redo | short
 
 
 Entries = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -548,7 +553,7 @@ def floor_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) -> Entries:
     """The added tracks that reach the floors of the lists of tracks `vids` (sorted), from the bucket's rows of
-    `_reverse.parquet` (rows of other tracks, whose lists are queried, are left out)."""
+    `_reverse.parquet`, as entries (row in `vids`, added vid, score)."""
     hits = rows_where(store, f"{out}/_reverse.parquet", "bucket", [bucket])
     hit, added, score = (buffer_view(hits[c], t) for c, t in (("vid", np.int64), ("added", np.int64), ("score", np.float32)))
     row = np.minimum(np.searchsorted(vids, hit), max(0, len(vids) - 1))
@@ -558,16 +563,26 @@ def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) ->
 
 def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best k entries of each of n rows (score descending, then vid) as (vids, scores) [n, k], -1 padded, and
-    how many entries each row had."""
+    how many entries each row had. Sorted by vid, then stably by one float64 key row * 4 + 1 - score (the scores, in
+    [-1, 1], keep their float32 order): two sorts instead of a three-key lexsort."""
     rows, ids, scores = entries
-    valid = ids != -1
-    order = np.lexsort((ids[valid], -scores[valid], rows[valid]))
-    rows, ids, scores = rows[valid][order], ids[valid][order], scores[valid][order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+    valid = np.flatnonzero(ids != -1)
+    order = valid[np.argsort(ids[valid], kind="stable")]
+    order = order[np.argsort(rows[order] * 4.0 + (1.0 - scores[order].astype(np.float64)), kind="stable")]
+    rows, ids, scores = rows[order], ids[order], scores[order]
+    held = np.bincount(rows, minlength=n)
+    rank = np.arange(len(rows)) - np.repeat(np.cumsum(held) - held, held)
     top = rank < k
     found, best_scores = np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
     found[rows[top], rank[top]], best_scores[rows[top], rank[top]] = ids[top], scores[top]
-    return found, best_scores, np.bincount(rows, minlength=n)
+    return found, best_scores, held
+
+
+def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of `values` are in `sorted_set` (binary search: no sort of `values`)."""
+    if len(sorted_set) == 0:
+        return np.zeros(values.shape, bool)
+    return sorted_set[np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)] == values
 
 
 KEYS = ["track_id", "fingerprint"]
