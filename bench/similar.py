@@ -2,7 +2,7 @@
 exact search, a 1 % nightly update, and `genre-batch similar` latency. Quality (`--quality`): genre precision@K of the
 catalog's vector spaces on the real music of ../shared/data (features from bench.accuracy's cache).
 
-    python -m bench.similar [--tracks 100000 1000000] [--workers 2] [--work DIR] [--out bench/results/similar.json]
+    python -m bench.similar [--tracks 100000 1000000] [--workers 2] [--work DIR] [--out bench/results/similar.json] [--no-latency]
     python -m bench.similar --quality [--data DIR] [--cache DIR] [--out bench/results/similar_quality.json]
     python -m bench.similar --cli STORE [--runs 5]     (wall and CPU of genre-batch --help / query / similar on a store)
 
@@ -81,15 +81,21 @@ def write_snapshot(store: Store, name: str, table: pa.Table) -> list[str]:
     return files
 
 
-def with_peak(function: object, *args: object) -> tuple[object, float, float]:
-    """(result, task seconds, peak RSS MB of this worker process so far)."""
-    started = time.perf_counter()
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (a worker runs one task at a time: single-threaded workers)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def with_peak(function: object, *args: object) -> tuple[object, float, float, float]:
+    """(result, task seconds, task CPU seconds, peak RSS MB of this worker process so far)."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args)  # type: ignore[operator]
-    return result, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result, time.perf_counter() - started, cpu_seconds() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Measured:
-    """A runner for similar.build that records each task's time and its worker's peak RSS."""
+    """A runner for similar.build that records each task's time, CPU and its worker's peak RSS, step by step."""
 
     def __init__(self, session: object) -> None:
         self.session, self.tasks = session, []
@@ -97,13 +103,23 @@ class Measured:
     def __call__(self, calls: list[tuple]) -> list:
         """Run the calls as Dask tasks through with_peak."""
         out = self.session.run([(with_peak, *call) for call in calls])  # type: ignore[attr-defined]
-        self.tasks.append([(t, m) for _, t, m in out])
-        return [r for r, _, _ in out]
+        self.tasks.append([(call[0].__name__, t, c, m) for call, (_, t, c, m) in zip(calls, out)])
+        return [r for r, _, _, _ in out]
 
-
-def write_task_seconds(tasks: list[tuple[float, float]]) -> dict[str, float]:
-    """Seconds of similar.build's first three tasks: the index, the vectors file and the lookup files."""
-    return {f"{name}_task_s": round(t, 1) for name, (t, _) in zip(("index", "vectors", "lookup"), tasks)}
+    def report(self) -> dict:
+        """Per step: seconds and CPU seconds of each task (the list tasks summed, with their max), the peak RSS."""
+        out: dict = {}
+        for step in self.tasks:
+            if len(step) > 1 and len({name for name, *_ in step}) == 1:  # one task per bucket
+                name = step[0][0]
+                out[f"{name}_tasks"] = {"n": len(step), "wall_s_sum": round(sum(t for _, t, _, _ in step), 1),
+                                        "cpu_s_sum": round(sum(c for _, _, c, _ in step), 1), "wall_s_max": round(max(t for _, t, _, _ in step), 1),
+                                        "cpu_s_per_task": round(sum(c for _, _, c, _ in step) / len(step), 2)}
+            else:
+                out.update({f"{name}_task": {"wall_s": round(t, 1), "cpu_s": round(c, 1)} for name, t, c, _ in step})
+        out["task_cpu_s"] = round(sum(c for step in self.tasks for _, _, c, _ in step), 1)
+        out["peak_rss_mb"] = round(max(m for step in self.tasks for *_, m in step))
+        return out
 
 
 def stored_neighbours(store: Store, info: dict, track_ids: list[str], position: dict[str, int]) -> np.ndarray:
@@ -173,8 +189,8 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1000, 1), "p99_ms": round(float(np.percentile(seconds, 99)) * 1000, 1)}
 
 
-def measure(n: int, work: Path, workers: int, seed: int) -> dict:
-    """Everything for a store of n tracks."""
+def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -> dict:
+    """Everything for a store of n tracks (without `latency`: the full build and the nightly only)."""
     from genre_batch.cluster import session
 
     root = work / f"similar-{n}"
@@ -193,10 +209,8 @@ def measure(n: int, work: Path, workers: int, seed: int) -> dict:
         runner = Measured(cluster)
         started = time.perf_counter()
         info = similar.build(store, "s1", files, None, runner)
-        report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **write_task_seconds(runner.tasks[0]),
-                          "query_tasks_s": round(sum(t for t, _ in runner.tasks[1]), 1), "buckets": info["buckets"], "nlist": info["nlist"],
-                          "peak_rss_mb": round(max(m for tasks in runner.tasks for _, m in tasks)), "rows": info["rows"],
-                          "index_mb": round(os.path.getsize(f"{store.catalog}/{info['index']}") / 1e6, 1)}
+        report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **runner.report(), "buckets": info["buckets"],
+                          "nlist": info["nlist"], "rows": info["rows"], "index_mb": round(os.path.getsize(f"{store.catalog}/{info['index']}") / 1e6, 1)}
         report["full"]["recall_at_10"] = round(recall(store, info, base, ids[:n], seed), 4)
         print(json.dumps({"n": n, "full": report["full"]}), flush=True)
 
@@ -213,11 +227,11 @@ def measure(n: int, work: Path, workers: int, seed: int) -> dict:
         started = time.perf_counter()
         info2 = similar.build(store, "s2", files2, update, runner)
         report["nightly"] = {"wall_s": round(time.perf_counter() - started, 1), "mode": info2["mode"], "added": info2["added"],
-                             "removed": info2["removed"], **write_task_seconds(runner.tasks[0]),
-                             "query_tasks_s": round(sum(t for t, _ in runner.tasks[1]), 1),
-                             "peak_rss_mb": round(max(m for tasks in runner.tasks for _, m in tasks))}
+                             "removed": info2["removed"], **runner.report()}
         report["nightly"]["recall_at_10"] = round(recall(store, info2, night_vectors, night_ids, seed + 2), 4)
         print(json.dumps({"n": n, "nightly": report["nightly"]}), flush=True)
+    if not latency:
+        return report
 
     # publish s2 so that `genre-batch similar` reads it, then latency in process and through the CLI
     genres = {f: g for f, g in zip(files2, sorted(set(table["genre"].to_pylist())))}
@@ -379,6 +393,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=accuracy.DEFAULT_CACHE)
     parser.add_argument("--cli", type=Path, default=None, help="time the read verbs through the command line on this store instead")
     parser.add_argument("--runs", type=int, default=CLI_RUNS)
+    parser.add_argument("--no-latency", action="store_true", help="the full build and the nightly only: no query latency, no CLI")
     args = parser.parse_args()
     if args.cli is not None:
         print(json.dumps(cli_report(args.cli.resolve(), args.runs), indent=2))
@@ -393,7 +408,7 @@ def main() -> None:
     args.out = args.out or DEFAULT_OUT
     report = {"sizes": []}
     for n in args.tracks:
-        report["sizes"].append(measure(n, args.work, args.workers, args.seed))
+        report["sizes"].append(measure(n, args.work, args.workers, args.seed, not args.no_latency))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

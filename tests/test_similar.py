@@ -69,9 +69,23 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
     assert pointer["vector_space"] == SPACE
 
 
-def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
+def drop_deep_lists(s: Store) -> None:
+    """Make the published snapshot look written before deep lists existed: no deep files, no `deep` in CURRENT.json."""
+    pointer = catalog.pointer(s)
+    info = pointer["similar"]
+    s.delete([f"{s.catalog}/{similar.deep_piece(info['folder'], b)}" for b in range(info["buckets"])])
+    old = {**pointer, "similar": {k: v for k, v in info.items() if k not in ("deep", "depth")}}
+    catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
+
+
+@pytest.mark.parametrize("previous", ["deep lists", "no spare (a list that lost a member is queried)", "published lists only (an earlier version's)"])
+def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
+    if previous.startswith("no spare"):
+        monkeypatch.setattr(similar, "SPARE", 0)
     s = Store(str(tmp_path / "nightly"))
     catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
+    if previous.startswith("published"):
+        drop_deep_lists(s)
     # the next night: t0 removed, t60 and t61 added, t10 changed (new content: near t50's vector, a new fingerprint)
     second = rows(62, "rock", "run-b")
     second = second.filter(pc.not_equal(second["track_id"], "t0"))
@@ -89,6 +103,75 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path) -> None:
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(second, catalog.SIMILAR_K)
     assert lists(s)["t10"][0][0] == "t50" and lists(s)["t10"][0][1] > 0.99  # a changed track finds the track it now sounds like
     assert all(n != "t0" for v in lists(s).values() for n, _ in v)  # the departed track is in no list
+    deep = s.read_table(f"{s.catalog}/{similar.deep_piece(pointer['similar']['folder'], 0)}")  # what the next night reads
+    assert pointer["similar"]["deep"] == similar.DEEP_VERSION and deep.num_rows == 61
+    by_vid = {v: (n, f) for v, n, f in zip(deep["vid"].to_pylist(), deep["neighbours"].to_pylist(), deep["floor"].to_pylist())}
+    ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
+    for i in (5, 10, 60):  # kept (it lost t0 and t10), changed, added: the top of the exact scores down to the floor
+        neighbours, floor = by_vid[int(similar.vector_ids([ids[i]])[0])]
+        scores = np.delete(x @ x[i], i)
+        assert catalog.SIMILAR_K <= len(neighbours) <= catalog.SIMILAR_K + similar.SPARE and (scores > floor + 1e-6).sum() <= len(neighbours)
+        assert neighbours == similar.vector_ids([ids[j] for j in np.argsort(-(x @ x[i]), kind="stable")[1 : len(neighbours) + 1]]).tolist()
+
+
+def with_embeddings(table: pa.Table, matrix: np.ndarray) -> pa.Table:
+    """A catalog table with its embeddings replaced (rows of `matrix`, float32)."""
+    column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float32).reshape(-1)), catalog.VECTOR_DIM)
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+
+
+def isolated_and_cluster() -> np.ndarray:
+    """62 unit vectors: t0 isolated (e0), t1..t59 a tight cluster around e1, t60 (added in the night) in the cluster
+    but tilted towards t0 (cosine ~0.48 with t0, ~0.77 with its nearest cluster members), and t61: t30's new
+    content in the night, slightly moved."""
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((59, catalog.VECTOR_DIM)) * 0.6 / np.sqrt(catalog.VECTOR_DIM)
+    noise[:, 1] = 0
+    basis = np.eye(catalog.VECTOR_DIM)
+    matrix = np.vstack([basis[0], basis[1] + noise, basis[1] + 0.55 * basis[0], basis[1] + noise[29] + 0.2 * basis[2]])
+    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
+
+
+def night_of_the_cluster(tmp_path: Path) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """Publish isolated_and_cluster's t0..t59, then the night that adds t60 and changes t30's content (to row 61);
+    returns the nightly lists, a rebuild's, the night's exact cosines [61, 61] and each track's floor before it."""
+    matrix = isolated_and_cluster()
+    s = Store(str(tmp_path / "nightly"))
+    catalog.publish(s, with_embeddings(rows(60, "rock", "run-a"), matrix[:60]), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive
+    second = with_embeddings(rows(61, "rock", "run-b"), np.vstack([matrix[:30], matrix[61:], matrix[31:61]]))
+    second = second.set_column(2, "fingerprint", pa.array(["new" if t == "t30" else f for t, f in zip(second["track_id"].to_pylist(), second["fingerprint"].to_pylist())]))
+    night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
+    assert (night["mode"], night["added"], night["removed"]) == ("incremental", 2, 1)
+    rebuilt = Store(str(tmp_path / "rebuilt"))
+    catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
+    before = matrix[:60] @ matrix[:60].T
+    np.fill_diagonal(before, -np.inf)
+    x = similar.as_matrix(second["embedding"])
+    cosines = x @ x.T
+    np.fill_diagonal(cosines, -np.inf)
+    return lists(s), lists(rebuilt), cosines, -np.sort(-before, axis=1)[:, catalog.SIMILAR_K + similar.SPARE - 1]
+
+
+def test_an_added_track_enters_every_list_whose_floor_it_reaches(tmp_path: Path) -> None:
+    nightly, rebuilt, cosines, floors = night_of_the_cluster(tmp_path)
+    assert cosines[60, 0] < np.delete(cosines[60], [0, 60]).min() and cosines[60, 0] > floors[0]  # t0: t60's farthest track
+    assert nightly["t0"][0][0] == "t60" and nightly["t0"][0][1] == pytest.approx(cosines[60, 0], abs=1e-5)
+    reached = {f"t{x}" for x in range(60) if cosines[60, x] >= floors[x]}  # the lists the reverse scan gives t60 to
+    assert {"t0"} < {t for t, v in nightly.items() if "t60" in [n for n, _ in v]} - {"t30"} <= reached
+    same_lists(nightly, rebuilt)
+
+
+def test_a_changed_track_leaves_the_lists_and_enters_again_once_with_its_new_score(tmp_path: Path) -> None:
+    nightly, rebuilt, cosines, _ = night_of_the_cluster(tmp_path)
+    holding = [t for t, v in nightly.items() if "t30" in [n for n, _ in v]]
+    assert len(holding) > 1
+    for t in holding:
+        assert [n for n, _ in nightly[t]].count("t30") == 1
+        assert dict(nightly[t])["t30"] == pytest.approx(cosines[int(t[1:]), 30], abs=1e-5)  # the new content's score
+    assert all(len({n for n, _ in v}) == len(v) for v in nightly.values())
+    same_lists(nightly, rebuilt)
+    found, scores, held = similar.top_per_row((np.array([0, 0, 0, 1]), np.array([7, 5, -1, 7]), np.array([0.4, 0.4, 0.9, 0.3], np.float32)), 2, 1)
+    assert found.tolist() == [[5], [7]] and scores.ravel().tolist() == pytest.approx([0.4, 0.3]) and held.tolist() == [2, 1]  # ties by vid
 
 
 def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:

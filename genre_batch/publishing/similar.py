@@ -12,9 +12,14 @@ index, the vectors file and the lookup files are written by three worker tasks (
 bucket, each memory-mapping the index.
 
 With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
-index, new and changed ones are added (the centroids stay), new tracks get full queries, and an existing list either
-takes the new tracks that beat its members (exact search of its track against the added vectors) or, when it lost a
-member, is queried again. Each list then equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe).
+index, new and changed ones are added (the centroids stay), and new tracks get full queries. Every snapshot also
+keeps private deep lists (top K + SPARE per track, and the floor above which a list holds every track): an existing
+list drops its departed and changed members and takes exactly the added tracks a with score(a, x) >= its floor(x),
+and is queried again only when fewer than K members remain above its floor. Those pairs come from one reverse scan
+in the index task: each added track scans the nprobe inverted lists its own search would scan and keeps every track
+there that it scores at or above the floor of (exact inner products, no depth cut). A rebuild's search of x scans
+x's nprobe lists instead, so each list equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
+both scans are then exhaustive).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ BUCKET_TRACKS = 25_000
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
+SPARE = 10
+"""Entries kept past K in the deep lists: a list that lost members keeps its top K without a query while it holds K."""
 PIECE_ROW_GROUP = 20_000
 """Rows per row group of a similar piece (1,000 tracks' lists)."""
 LOOKUP_ROW_GROUP = 4_096
@@ -55,6 +62,14 @@ LOOKUP_ROW_GROUP = 4_096
 VECTORS_SCHEMA = pa.schema(
     [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
 )
+REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
+"""`_reverse.parquet` of an incremental update (deleted when the lists are written), in bucket order: the added track
+`added` scores `score` with the existing track `vid`, at or above that track's floor."""
+DEEP_VERSION = 1
+DEEP_SCHEMA = pa.schema([("vid", pa.int64()), ("floor", pa.float32()), ("neighbours", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32()))],
+                        metadata={"genre_batch.deep_version": str(DEEP_VERSION)})
+"""`deep-<bucket>.parquet`, in vid order: each track's top K + SPARE neighbours (vids, scores, nearest first) and its
+floor: the list holds every track scoring above it (-inf: every other track)."""
 LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
 """The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
 LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
@@ -73,6 +88,8 @@ class Update:
     added: list[str]
     removed: list[str]
     buckets: int
+    deep: bool = False
+    """Whether the previous snapshot has deep lists (else its published top K lists are read)."""
 
 
 def folder(snapshot: str) -> str:
@@ -83,6 +100,11 @@ def folder(snapshot: str) -> str:
 def piece(similar_folder: str, bucket: int) -> str:
     """The similar table's piece of one bucket."""
     return f"{similar_folder}/part-{bucket:05d}.parquet"
+
+
+def deep_piece(similar_folder: str, bucket: int) -> str:
+    """The deep lists of one bucket (private: the next incremental update reads them)."""
+    return f"{similar_folder}/deep-{bucket:05d}.parquet"
 
 
 def vector_ids(track_ids: list[str]) -> np.ndarray:
@@ -226,9 +248,10 @@ def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
     return written
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and added; returns its nlist."""
+    matrix and in the index), or the previous index with the update's tracks removed and added, then the added
+    tracks' reverse scan (write_reverse); returns its nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -236,19 +259,76 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
             return 0
         index = new_index(matrix, vector_ids(ids.to_pylist()))
         del matrix
-    else:
-        index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
-        index.remove_ids(vector_ids(update.removed))
-        ids, matrix = read_embeddings(store, files, update.added)
-        index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
+        save_index(store, index, f"{folder(snapshot)}/index.faiss")
+        return index.nlist
+    index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
+    index.remove_ids(vector_ids(update.removed))
+    ids, matrix = read_embeddings(store, files, update.added)
+    vids = vector_ids(ids.to_pylist())
+    index.add_with_ids(matrix, vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
+    write_reverse(store, folder(snapshot), index, vids, matrix, previous_floors(store, update), buckets)
     return index.nlist
 
 
+def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, floors: tuple[np.ndarray, np.ndarray],
+                  buckets: int) -> None:
+    """Write `_reverse.parquet`: every (existing track x, added track a) with score(a, x) >= floor(x) (`floors`: sorted
+    vids and their floors; a track without one has -inf) among the inverted lists a's own search scans, list by list."""
+    from faiss.contrib.inspect_tools import get_invlist
+    probes = index.quantizer.search(np.ascontiguousarray(matrix), min(index.nprobe, index.nlist))[1] if len(vids) else np.zeros((0, 1), np.int64)
+    cell, who = probes.reshape(-1), np.repeat(np.arange(len(vids)), probes.shape[1])
+    order = np.argsort(cell, kind="stable")
+    cell, who = cell[order], who[order]
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
+    added = np.sort(vids)
+    hits, by, scores = [], [], []
+    for start, stop in zip(starts, np.r_[starts[1:], len(cell)].astype(np.int64)):
+        ids, codes = get_invlist(index.invlists, int(cell[start]))
+        exact = matrix[who[start:stop]] @ codes.view(np.float32).reshape(len(ids), VECTOR_DIM).T
+        row, column = np.nonzero(exact >= floor_at(floors, ids, added)[None, :])
+        hits.append(ids[column])
+        by.append(vids[who[start:stop]][row])
+        scores.append(exact[row, column])
+    store.write_table(f"{store.catalog}/{out}/_reverse.parquet", reverse_table(hits, by, scores, buckets), ROW_GROUP)
+
+
+def floor_at(floors: tuple[np.ndarray, np.ndarray], ids: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """The floors of tracks `ids` (-inf for a track without one; +inf for the added (sorted), whose lists are queried
+    in full)."""
+    known, values = floors
+    row = np.minimum(np.searchsorted(known, ids), max(0, len(known) - 1))
+    out = np.where(known[row] == ids, values[row], -np.inf) if len(known) else np.full(len(ids), -np.inf)
+    at = np.minimum(np.searchsorted(added, ids), max(0, len(added) - 1))
+    return np.where(added[at] == ids, np.inf, out).astype(np.float32) if len(added) else out.astype(np.float32)
+
+
+def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.ndarray], buckets: int) -> pa.Table:
+    """Rows (bucket, vid, added, score) of the reverse scan, in (bucket, vid, added) order."""
+    hit, added, score = (np.concatenate(x) if x else np.zeros(0, t) for x, t in ((hits, np.int64), (by, np.int64), (scores, np.float32)))
+    bucket = buckets_of(hit, buckets)
+    order = np.lexsort((added, hit, bucket))
+    return pa.table({"bucket": bucket[order], "vid": hit[order], "added": added[order], "score": score[order].astype(np.float32)}, schema=REVERSE_SCHEMA)
+
+
+def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarray]:
+    """The floors of the previous snapshot's lists as (sorted vids, floors): from its deep lists, or, for a snapshot
+    written before them, the K-th score of its published lists (a shorter list has none: -inf)."""
+    import pyarrow.compute as pc
+    if update.deep:
+        table = pa.concat_tables([store.read_table(f"{store.catalog}/{deep_piece(update.previous, b)}", ["vid", "floor"]) for b in range(update.buckets)])
+        vids, floors = buffer_view(table["vid"], np.int64), buffer_view(table["floor"], np.float32)
+    else:
+        table = pa.concat_tables([store.read_table(f"{store.catalog}/{piece(update.previous, b)}", ["track_id", "rank", "score"]) for b in range(update.buckets)])
+        table = table.filter(pc.equal(table["rank"], SIMILAR_K))
+        vids, floors = vector_ids(table["track_id"].to_pylist()), buffer_view(table["score"], np.float32)
+    order = np.argsort(vids)
+    return vids[order], floors[order]
+
+
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
-    """Write a snapshot's vectors file (runs on one worker; an update also writes `_added.parquet`, the added tracks'
-    rows, for the list queries); returns its rows. An update streams the previous file bucket by bucket: it holds one
-    bucket of vectors, not all of them."""
+    """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
+    bucket by bucket: it holds one bucket of vectors, not all of them."""
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
@@ -259,7 +339,6 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
     import pyarrow.compute as pc
     ids, matrix = read_embeddings(store, files, update.added)
     added = vectors_table(ids, matrix, buckets)
-    store.write_table(f"{store.catalog}/{out}/_added.parquet", added)
     removed, rows = pa.array(update.removed, pa.string()), 0
     with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
         previous = pq.ParquetFile(f)
@@ -343,67 +422,167 @@ def lists_table(track_ids: pa.Array, neighbour_ids: np.ndarray, scores: np.ndarr
     return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
-def previous_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, k: int,
-                   ids: tuple[np.ndarray, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The previous snapshot's lists of a bucket's tracks as (neighbour vids, scores) [n, k], -1 padded (a track new
-    to the bucket has an empty list), and which lists lost a member (a neighbour removed or changed). Neighbours are
-    matched to the new snapshot's tracks (`ids`) by Arrow hash lookups: no Python string per row."""
+Lists = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Neighbour lists of some tracks: vids [n, depth] (-1 padded), scores [n, depth] and floors [n] (DEEP_SCHEMA)."""
+
+
+def previous_lists(store: Store, update: Update, bucket: int, vids: np.ndarray, track_ids: pa.Array,
+                   ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
+    """The previous snapshot's lists of a bucket's tracks (`vids`, sorted) and which tracks had one: its deep lists,
+    or, for a snapshot written before them, its published top K lists."""
+    if not update.deep:
+        return published_lists(store, update, bucket, track_ids, ids)
+    table = store.read_table(f"{store.catalog}/{deep_piece(update.previous, bucket)}")
+    previous = buffer_view(table["vid"], np.int64)
+    row = np.minimum(np.searchsorted(previous, vids), max(0, len(previous) - 1))
+    known = previous[row] == vids if len(previous) else np.zeros(len(vids), bool)
+    lists = (list_matrix(table["neighbours"], np.int64, -1), list_matrix(table["scores"], np.float32, 0), buffer_view(table["floor"], np.float32))
+    return tuple(x[row] for x in lists), known  # type: ignore[return-value]
+
+
+def list_matrix(column: pa.ChunkedArray, dtype: type, pad: float) -> np.ndarray:
+    """A list column as a matrix [n, its longest list], `pad` filled."""
+    array = column.combine_chunks()
+    lengths = np.diff(buffer_view(array.offsets, np.int32)) if len(array) else np.zeros(0, np.int32)
+    out = np.full((len(array), int(lengths.max()) if len(lengths) else 0), pad, dtype)
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = buffer_view(array.flatten(), dtype)
+    return out
+
+
+def published_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
+    """The previous snapshot's published top K lists of a bucket's tracks (floor: the K-th score, -inf for a shorter
+    list) and which tracks had one. Neighbours are matched to the new snapshot's tracks (`ids`) by Arrow hash
+    lookups, no Python string per row; one that left has no vid (-1: it leaves the list anyway)."""
     import pyarrow.compute as pc
     table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
     found = pc.index_in(table["track_id"], value_set=track_ids)
-    known = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[known]
-    rank = table["rank"].to_numpy().astype(np.int64)[known] - 1
+    listed = pc.is_valid(found).to_numpy(zero_copy_only=False)
+    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[listed]
+    rank = table["rank"].to_numpy().astype(np.int64)[listed] - 1
     position = pc.index_in(table["neighbour_id"], value_set=ids[1])
-    gone = (pc.is_null(position).to_numpy(zero_copy_only=False)
-            | pc.is_in(table["neighbour_id"], value_set=pa.array(update.removed, pa.string())).to_numpy(zero_copy_only=False))[known]
-    neighbours, scores = np.full((len(track_ids), k), -1, np.int64), np.zeros((len(track_ids), k), np.float32)
-    neighbours[row, rank] = ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[known]]
-    scores[row, rank] = table["score"].to_numpy()[known]
-    lost = np.zeros(len(track_ids), bool)
-    lost[row[gone]] = True
-    return neighbours, scores, lost
+    present = pc.is_valid(position).to_numpy(zero_copy_only=False)[listed]
+    neighbours, scores = np.full((len(track_ids), SIMILAR_K), -1, np.int64), np.zeros((len(track_ids), SIMILAR_K), np.float32)
+    neighbours[row, rank] = np.where(present, ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[listed]], -1)
+    scores[row, rank] = table["score"].to_numpy()[listed]
+    full = np.bincount(row, minlength=len(track_ids)) == SIMILAR_K
+    known = np.zeros(len(track_ids), bool)
+    known[row] = True
+    return (neighbours, scores, np.where(full, scores[:, -1], -np.inf).astype(np.float32)), known
+
+
+_ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
+"""The last vectors file's id map in this (worker) process, keyed by its path and version: one read per process,
+not one per bucket task."""
+
+
+def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
+    """id_map of a vectors file, read once per process while the file is unchanged (path, size and mtime or ETag)."""
+    path = f"{store.catalog}/{relative}"
+    info = store.fs.info(path)
+    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+    if key not in _ID_MAP:
+        _ID_MAP.clear()
+        _ID_MAP[key] = id_map(store.read_table(path, ["vid", "track_id"]))
+    return _ID_MAP[key]
 
 
 def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
-    """Write the similar piece of one bucket (runs on a worker, the index memory-mapped); returns its rows."""
-    out = folder(snapshot)
-    ids = id_map(store.read_table(f"{store.catalog}/{out}/vectors.parquet", ["vid", "track_id"]))
+    """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped); returns
+    the piece's rows."""
+    out, depth = folder(snapshot), k + SPARE
+    ids = cached_id_map(store, f"{out}/vectors.parquet")
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
-    found, scores = np.full((len(vids), k), -1, np.int64), np.zeros((len(vids), k), np.float32)
+    found, scores, floors = np.full((len(vids), depth), -1, np.int64), np.zeros((len(vids), depth), np.float32), np.full(len(vids), -np.inf, np.float32)
     if len(vids):
-        index = open_index(store, f"{out}/index.faiss")
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, track_ids, queries, found, scores, ids)
+            redo = refresh(store, update, out, bucket, k, vids, track_ids, queries, (found, scores, floors), ids)
         if redo.any():
-            found[redo], scores[redo] = search(index, queries[redo], vids[redo], k)
-    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found, scores, ids), PIECE_ROW_GROUP)
-    return int((found != -1).sum())
+            found[redo], scores[redo] = search(open_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
+            floors[redo] = floor_of(found[redo], scores[redo])
+    store.write_table(f"{store.catalog}/{deep_piece(out, bucket)}", deep_table(vids, found, scores, floors), PIECE_ROW_GROUP)
+    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP)
+    return int((found[:, :k] != -1).sum())
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, track_ids: pa.Array, queries: np.ndarray,
-            found: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
-    """Fill the lists of a bucket's existing tracks from their previous lists and an exact search against the added
-    tracks (in place); returns which tracks need a full query: new ones, and those whose list lost a member."""
-    import faiss
-    import pyarrow.compute as pc
-    old_ids, old_scores, lost = previous_lists(store, update, bucket, track_ids, k, ids)
-    new = pc.is_in(track_ids, value_set=pa.array(update.added, pa.string())).to_numpy(zero_copy_only=False)
-    redo = new | (old_ids[:, 0] == -1) | lost
-    keep = ~redo
-    if update.added and keep.any():
-        added = store.read_table(f"{store.catalog}/{out}/_added.parquet")
-        flat = faiss.IndexFlatIP(VECTOR_DIM)
-        flat.add(as_matrix(added["embedding"]))
-        cand_scores, cand_rows = flat.search(np.ascontiguousarray(queries[keep]), min(k, flat.ntotal))
-        cand_ids = added["vid"].to_numpy()[cand_rows]
-        found[keep], scores[keep] = best(np.hstack([old_ids[keep], cand_ids]), np.hstack([old_scores[keep], cand_scores]), k)
-    else:
-        found[keep], scores[keep] = old_ids[keep], old_scores[keep]
-    return redo
+def deep_table(vids: np.ndarray, found: np.ndarray, scores: np.ndarray, floors: np.ndarray) -> pa.Table:
+    """Rows of a deep-lists file (DEEP_SCHEMA) from result matrices (padding dropped)."""
+    valid = found != -1
+    offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+    return pa.table({"vid": vids, "floor": floors, "neighbours": pa.ListArray.from_arrays(offsets, pa.array(found[valid])),
+                     "scores": pa.ListArray.from_arrays(offsets, pa.array(scores[valid]))}, schema=DEEP_SCHEMA)
+
+
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: np.ndarray, track_ids: pa.Array, queries: np.ndarray,
+            lists: Lists, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
+    """Fill the deep lists of a bucket's existing tracks (in place) from their previous lists without the removed
+    tracks and with the added tracks that reach their floor; returns which tracks need a full query: new ones, and
+    those whose list fell short of K above its floor."""
+    (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids, track_ids, ids)
+    removed = member(old_ids, np.sort(vector_ids(update.removed)))
+    redo = member(vids, np.sort(vector_ids(update.added))) | ~known
+    candidates = reverse_candidates(store, out, bucket, vids) if update.added else (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    touched = removed.any(axis=1)
+    touched[candidates[0]] = True
+    depth = lists[0].shape[1]
+    width = min(depth, old_ids.shape[1])
+    lists[0][:, :width], lists[1][:, :width], lists[2][:] = old_ids[:, :width], old_scores[:, :width], old_floors  # untouched lists stay
+    held = (old_ids != -1).sum(axis=1)
+    change = np.flatnonzero(touched & ~redo)
+    at = np.full(len(vids), -1)
+    at[change] = np.arange(len(change))
+    mine = at[candidates[0]] != -1
+    entries = (np.repeat(np.arange(len(change)), old_ids.shape[1]), np.where(removed[change], -1, old_ids[change]).reshape(-1), old_scores[change].reshape(-1))
+    entries = tuple(np.concatenate(pair) for pair in zip(entries, (at[candidates[0][mine]], candidates[1][mine], candidates[2][mine])))
+    lists[0][change], lists[1][change], held[change] = top_per_row(entries, len(change), depth)
+    lists[2][:] = np.where(held > depth, lists[1][:, -1], lists[2])  # cut at the depth: the list now holds what scores above its last
+    short = (np.minimum(held, depth) < k) & (lists[2] > -np.inf)
+    return redo | short
+
+
+Entries = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Candidate list entries as three flat arrays: list row, neighbour vid (-1: none), score."""
+
+
+def floor_of(found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The floor of searched lists: their last score when full (the index may hold more below it), else -inf."""
+    return np.where(found[:, -1] == -1, -np.inf, scores[:, -1]).astype(np.float32)
+
+
+def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) -> Entries:
+    """The added tracks that reach the floors of the lists of tracks `vids` (sorted), from the bucket's rows of
+    `_reverse.parquet`, as entries (row in `vids`, added vid, score)."""
+    hits = rows_where(store, f"{out}/_reverse.parquet", "bucket", [bucket])
+    hit, added, score = (buffer_view(hits[c], t) for c, t in (("vid", np.int64), ("added", np.int64), ("score", np.float32)))
+    row = np.minimum(np.searchsorted(vids, hit), max(0, len(vids) - 1))
+    mine = vids[row] == hit if len(vids) else np.zeros(len(hit), bool)
+    return row[mine], added[mine], score[mine]
+
+
+def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best k entries of each of n rows (score descending, then vid) as (vids, scores) [n, k], -1 padded, and
+    how many entries each row had. Sorted by vid, then stably by one float64 key row * 4 + 1 - score (the scores, in
+    [-1, 1], keep their float32 order): two sorts instead of a three-key lexsort."""
+    rows, ids, scores = entries
+    valid = np.flatnonzero(ids != -1)
+    order = valid[np.argsort(ids[valid], kind="stable")]
+    order = order[np.argsort(rows[order] * 4.0 + (1.0 - scores[order].astype(np.float64)), kind="stable")]
+    rows, ids, scores = rows[order], ids[order], scores[order]
+    held = np.bincount(rows, minlength=n)
+    rank = np.arange(len(rows)) - np.repeat(np.cumsum(held) - held, held)
+    top = rank < k
+    found, best_scores = np.full((n, k), -1, np.int64), np.zeros((n, k), np.float32)
+    found[rows[top], rank[top]], best_scores[rows[top], rank[top]] = ids[top], scores[top]
+    return found, best_scores, held
+
+
+def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of `values` are in `sorted_set` (binary search: no sort of `values`)."""
+    if len(sorted_set) == 0:
+        return np.zeros(values.shape, bool)
+    return sorted_set[np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)] == values
 
 
 KEYS = ["track_id", "fingerprint"]
@@ -421,7 +600,7 @@ def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
         return None
-    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"])
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"], similar.get("deep") == DEEP_VERSION)
 
 
 Runner = Callable[[list[tuple]], list]
@@ -434,12 +613,12 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
     buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
     # three tasks, on different workers when there are: their peaks do not add up in one process
-    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
+    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
                                   (write_lookups, store, out, files)])
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/_added.parquet"])
+    store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
     return {
-        "folder": out, "k": SIMILAR_K, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
+        "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
         "rows": sum(rows), "tracks": vectors, "buckets": buckets, "nlist": nlist, "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
