@@ -11,8 +11,12 @@ space re-tags everything too. Before the switch the snapshot gets its faiss inde
 
 from __future__ import annotations
 
+import resource
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -27,6 +31,32 @@ from genre_batch.publishing import catalog, similar, vectors
 from genre_batch.publishing.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
 from genre_batch.storage.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
 from genre_batch.storage.store import Store
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+@dataclass
+class Steps:
+    """Per step of a stage, in this (the flow) process: wall and CPU seconds, and the peak RSS so far in MB; with
+    `others`, also the CPU seconds other processes (the Dask workers) spent meanwhile, as `others()` counts them."""
+
+    others: Callable[[], float] | None = None
+    taken: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Measure the block as step `name` (a repeated name adds up)."""
+        wall, cpu, other = time.perf_counter(), time.process_time(), self.others() if self.others else 0.0
+        yield
+        row = self.taken.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        row["wall_s"] = round(row["wall_s"] + time.perf_counter() - wall, 3)
+        row["cpu_s"] = round(row["cpu_s"] + time.process_time() - cpu, 3)
+        row["peak_rss_mb"] = round(peak_rss_mb())
+        if self.others:
+            row["others_cpu_s"] = round(row.get("others_cpu_s", 0.0) + self.others() - other, 3)
 
 
 @dataclass
@@ -44,6 +74,8 @@ class TagSummary:
     carried: int = 0
     dropped: int = 0
     """Rows of the previous snapshot left out: removed files, and the old rows of changed ones."""
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Wall, CPU and peak RSS of the flow process per step (Steps)."""
 
 
 GENRE_FLIP_LIMIT = 0.3
@@ -148,56 +180,72 @@ def change_feed(store: Store, session: Session, snapshot: str, previous: dict | 
     return session.run([(catalog.gather_changes, store, snapshot)])[0]
 
 
-def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
+def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False,
+        steps: Steps | None = None) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
-    that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
-    version, meta = current_model(store)
-    inventory = read_inventory(store, KEYS)
-    tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
-    tracks = without_written(tracks, written(store))  # tags genre-batch wrote: no disagreement
-    check_families(store, version, meta, tracks, inventory)
-    tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
-    previous = catalog.pointer(store)
-    musicnn = current_tracks(store, inventory, MUSICNN, columns=TRACK_COLUMNS)
-    space = vectors.space_for(store, previous, tracks, musicnn, session.run)
-    before = None if full else carried_keys(previous, version, store, space.name)
-    if before is None:
-        todo, dropped = tracks, None
-    else:
-        todo = tracks.join(before, keys=KEYS, join_type="left anti")
-        dropped = before.join(tracks.select(KEYS), keys=KEYS, join_type="left anti")
-        if todo.num_rows == 0 and dropped.num_rows == 0:
-            return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
-                              previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0)
-    snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
-    genres = genres_of(meta)
-    work = batches(todo, BATCH_WINDOWS)
-    predicted: Counter[str] = Counter()
-    calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
-             for i, groups in enumerate(work)]
-    for counts in session.run(calls):
-        predicted.update(counts)
-    carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
-    numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
-    merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped) for n in numbers])
-    if work:
-        store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
+    that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`; `steps` measures each step."""
+    steps = Steps() if steps is None else steps
+    with steps.step("model"):
+        version, meta = current_model(store)
+    with steps.step("inventory"):
+        inventory = read_inventory(store, KEYS)
+    with steps.step("current tracks (librosa)"):
+        tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
+    with steps.step("without written"):
+        tracks = without_written(tracks, written(store))  # tags genre-batch wrote: no disagreement
+    with steps.step("families (lacking, located)"):
+        check_families(store, version, meta, tracks, inventory)
+        tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
+        previous = catalog.pointer(store)
+    with steps.step("current tracks (musicnn)"):
+        musicnn = current_tracks(store, inventory, MUSICNN, columns=TRACK_COLUMNS)
+    with steps.step("vector space"):
+        space = vectors.space_for(store, previous, tracks, musicnn, session.run)
+    with steps.step("carried keys, anti-joins"):
+        before = None if full else carried_keys(previous, version, store, space.name)
+        if before is None:
+            todo, dropped = tracks, None
+        else:
+            todo = tracks.join(before, keys=KEYS, join_type="left anti")
+            dropped = before.join(tracks.select(KEYS), keys=KEYS, join_type="left anti")
+    if before is not None and todo.num_rows == 0 and dropped.num_rows == 0:
+        return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
+                          previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0, steps.taken)
+    with steps.step("batches"):
+        snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
+        genres = genres_of(meta)
+        work = batches(todo, BATCH_WINDOWS)
+        calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
+                 for i, groups in enumerate(work)]
+    with steps.step("tag tasks"):
+        predicted: Counter[str] = Counter()
+        for counts in session.run(calls):
+            predicted.update(counts)
+    with steps.step("merge tasks"):
+        carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
+        numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
+        merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped) for n in numbers])
+        if work:
+            store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
     files = {catalog.genre_file(snapshot, n): genres[n] for n, (rows, _) in zip(numbers, merged) if rows}
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     rows = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    changes = change_feed(store, session, snapshot, previous, files)
+    with steps.step("change feed"):
+        changes = change_feed(store, session, snapshot, previous, files)
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
-    update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
-    neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
-    catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
-                   similar=neighbours)
+    with steps.step("similar plan"):
+        update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
+    with steps.step("similar build"):
+        neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
+    with steps.step("switch"):
+        catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
+                       feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
+                       similar=neighbours)
     return TagSummary(
         snapshot=snapshot, rows=rows, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
         mode="full" if before is None else "incremental", predicted=todo.num_rows,
-        carried=rows - todo.num_rows, dropped=0 if dropped is None else dropped.num_rows,
+        carried=rows - todo.num_rows, dropped=0 if dropped is None else dropped.num_rows, steps=steps.taken,
     )
-
