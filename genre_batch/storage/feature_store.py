@@ -387,11 +387,12 @@ def uri_ranks(inventory: pa.Table) -> np.ndarray:
     return ranks
 
 
-def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA, at: np.ndarray | None = None) -> pa.Table:
     """Per file of the listing that has index rows of a family for its content, in URI order: the row number (`_row`)
     and outcome (`_failed`) of its newest successful extraction, else its newest failure, and its listing row (`_at`).
-    Chosen by numeric sorts of positions and times, not by string joins (a 1M-track index in about a second)."""
-    at = listing_positions(index, inventory)
+    Chosen by numeric sorts of positions and times, not by string joins (a 1M-track index in about a second); `at`:
+    the index rows' listing_positions, when already known."""
+    at = listing_positions(index, inventory) if at is None else at
     mine = pc.fill_null(of_family(index, family), False).to_numpy(zero_copy_only=False) if index.num_rows else np.zeros(0, bool)
     rows = np.flatnonzero((at >= 0) & mine)
     failed = pc.is_valid(index["error_type"]).to_numpy(zero_copy_only=False)[rows] if index.num_rows else np.zeros(0, bool)
@@ -436,6 +437,24 @@ def current_tracks(store: Store, inventory: pa.Table | None = None, family: Fami
     sorted by URI."""
     inventory = read_inventory(store, KEYS) if inventory is None else inventory
     return resolved_outcome(read_index(store, columns), inventory, family, failures=False)
+
+
+def current_positions(store: Store, inventory: pa.Table) -> dict[str, np.ndarray]:
+    """Per family, the listing rows (positions in `inventory`, in URI order) whose current content has features of that
+    family: one read of the index's CHOICE_COLUMNS serves every family (no other column, no string join)."""
+    index = read_index(store, CHOICE_COLUMNS)
+    at = listing_positions(index, inventory)
+    picked = {name: resolved_keys(index, inventory, family, at) for name, family in FAMILIES.items()}
+    return {name: p["_at"].filter(pc.invert(p["_failed"])).to_numpy() for name, p in picked.items()}
+
+
+def current_by_family(store: Store, inventory: pa.Table, columns: list[str], uris: pa.Array | None = None) -> dict[str, pa.Table]:
+    """Per family, the index rows (`columns`, which hold CHOICE_COLUMNS) of the files of the library with features of
+    their current content, sorted by URI, from one read of the index; only the files `uris` when given."""
+    index = read_index(store, columns, None if uris is None else pc.field("uri").isin(uris))
+    at = listing_positions(index, inventory)
+    picked = {name: resolved_keys(index, inventory, family, at) for name, family in FAMILIES.items()}
+    return {name: index.take(p["_row"].filter(pc.invert(p["_failed"]))) for name, p in picked.items()}
 
 
 ERROR_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", "error_type", "error_stage", "error_message",
