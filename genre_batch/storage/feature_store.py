@@ -380,8 +380,12 @@ def listing_positions(index: pa.Table, inventory: pa.Table) -> np.ndarray:
 
 
 def uri_ranks(inventory: pa.Table) -> np.ndarray:
-    """Each listing row's place in URI order."""
-    order = pc.sort_indices(inventory["uri"]).to_numpy()
+    """Each listing row's place in URI order (a listing as discovery writes it is in URI order already: checked in one
+    pass, no sort)."""
+    uris = inventory["uri"].combine_chunks()
+    if len(uris) < 2 or pc.all(pc.less(uris.slice(0, len(uris) - 1), uris.slice(1))).as_py():
+        return np.arange(len(uris), dtype=np.int64)
+    order = pc.sort_indices(uris).to_numpy()
     ranks = np.empty(len(order), np.int64)
     ranks[order] = np.arange(len(order))
     return ranks
