@@ -18,7 +18,7 @@ from genre_batch.modelling.model import GenreModel
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
-from genre_batch.publishing.vectors import VectorSpace, track_vectors
+from genre_batch.publishing.vectors import VectorSpace, track_vectors, window_means
 from genre_batch.storage.feature_store import LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
 
@@ -100,22 +100,27 @@ def catalog_rows(
     )
 
 
-def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> np.ndarray:
+def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Calibrated probabilities of the given index rows of one part (with the locations of the model's other
-    families, training.located), fed the families the model was trained on."""
+    families, training.located), fed the families the model was trained on; and, when librosa is among them, each
+    track's mean of its windows' librosa features (the librosa space's pooled input) from the same read of the part."""
     families = families_of(meta)
     rows = family_rows(store, tracks, families)
     track = pc.index_in(rows["uri"], value_set=tracks["uri"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    return calibrated(model, matrix(rows, columns_of(families)), track, tracks.num_rows, meta)
+    X = matrix(rows, columns_of(families))
+    means = window_means(X[:, : len(features.FEATURE_NAMES)], tracks["row_count"].to_numpy().astype(np.int64)) if LIBROSA.name in families else None
+    return calibrated(model, X, track, tracks.num_rows, meta), means
 
 
 def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, space: VectorSpace,
                musicnn: pa.Table) -> pa.Table:
     """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process;
-    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags."""
+    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags. Each part is read once."""
     model, meta = worker_model(store, version)
-    tables = [catalog_rows(g, predict_part(store, g, model, meta), meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space))
-              for g in groups]
+    tables = []
+    for g in groups:
+        probabilities, means = predict_part(store, g, model, meta)
+        tables.append(catalog_rows(g, probabilities, meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space, means)))
     return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
 
 

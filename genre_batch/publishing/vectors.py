@@ -173,9 +173,11 @@ def top_tags(scores: np.ndarray) -> list[str]:
     return [TAG_NAMES[i].lower() for i in np.argsort(-scores, kind="stable")[:TAG_COUNT]]
 
 
-def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: VectorSpace) -> tuple[np.ndarray, list[list[str] | None]]:
+def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: VectorSpace,
+                  means: np.ndarray | None = None) -> tuple[np.ndarray, list[list[str] | None]]:
     """Embeddings [n, VECTOR_DIM] and tags (None without musicnn) of index rows of one librosa part, in row order;
-    `musicnn`: the musicnn index rows of (some of) these tracks."""
+    `musicnn`: the musicnn index rows of (some of) these tracks; `means`: the tracks' librosa window means, which a
+    librosa space projects (the caller read the part's windows for its predictions: no second read)."""
     wanted = musicnn.join(tracks.select(KEYS), keys=KEYS, join_type="left semi") if musicnn.num_rows else musicnn
     keys, embeddings, scores = musicnn_values(store, wanted)
     rows = [keys.get(k) for k in keys_of(tracks).to_pylist()]
@@ -186,7 +188,9 @@ def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: Vect
             raise ValueError(f"{len(missing)} tracks lack the musicnn family of vector space {space.name}")
         inputs = embeddings[np.array(rows, np.int64)]
     else:
-        inputs = pooled(store, tracks, LIBROSA)
+        if means is None:
+            raise ValueError(f"vector space {space.name} needs the librosa window means of the tracks")
+        inputs = means
     return project(space, inputs), tags
 
 
