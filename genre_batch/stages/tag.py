@@ -41,6 +41,7 @@ from genre_batch.storage.feature_store import (
     batches,
     current_by_family,
     current_positions,
+    index_rows,
     listing_positions,
     read_inventory,
 )
@@ -242,8 +243,9 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
     that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`; `steps` measures each step.
 
-    The flow process reads the index's choice columns once for every family (which listing rows are current) and the
-    previous snapshot's keys; the whole index rows it reads again only for the tracks to predict."""
+    The flow process reads the index's choice columns once for every family (which listing rows are current, and where
+    their index rows are) and the previous snapshot's keys; whole index rows it reads only of the tracks to predict,
+    from the index files that hold them (all of them for a full re-tag)."""
     steps = Steps() if steps is None else steps
     with steps.step("model, inventory"):
         version, meta = current_model(store)
@@ -251,19 +253,23 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         inventory = read_inventory(store, KEYS)
     with steps.step("current tracks (choice columns)"):
         current = current_positions(store, inventory)
+        positions = current.positions()
     with steps.step("families, vector space"):
-        check_families(store, version, meta, current)
-        family = vectors.space_family(current[LIBROSA.name].size, lacking(current, [MUSICNN.name]).get(MUSICNN.name, 0))
-        space = vectors.reusable(store, previous, family, current[family.name].size)
+        check_families(store, version, meta, positions)
+        family = vectors.space_family(positions[LIBROSA.name].size, lacking(positions, [MUSICNN.name]).get(MUSICNN.name, 0))
+        space = vectors.reusable(store, previous, family, positions[family.name].size)
     carried = None
     if not full and can_carry(previous, version, space):
         with steps.step("carried rows"):
-            carried = carried_over(store, previous, inventory, current[LIBROSA.name])
+            carried = carried_over(store, previous, inventory, positions[LIBROSA.name])
         if carried.todo.size == 0 and carried.dropped_rows == 0:
             return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
                               previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0, steps.taken)
     with steps.step("index rows to predict"):
-        indexed = current_by_family(store, inventory, TRACK_COLUMNS, None if carried is None else inventory["uri"].combine_chunks().take(pa.array(carried.todo)))
+        if carried is None:
+            indexed = current_by_family(store, inventory, TRACK_COLUMNS)
+        else:  # only the rows of the tracks to predict, from the index files that hold them
+            indexed = {name: index_rows(store, current, f, carried.todo, TRACK_COLUMNS) for name, f in FAMILIES.items()}
         todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
         todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
         musicnn = indexed[MUSICNN.name]

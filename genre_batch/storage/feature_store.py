@@ -443,13 +443,55 @@ def current_tracks(store: Store, inventory: pa.Table | None = None, family: Fami
     return resolved_outcome(read_index(store, columns), inventory, family, failures=False)
 
 
-def current_positions(store: Store, inventory: pa.Table) -> dict[str, np.ndarray]:
-    """Per family, the listing rows (positions in `inventory`, in URI order) whose current content has features of that
-    family: one read of the index's CHOICE_COLUMNS serves every family (no other column, no string join)."""
-    index = read_index(store, CHOICE_COLUMNS)
+@dataclass(frozen=True)
+class Current:
+    """The library's current tracks per family, from one read of the index's CHOICE_COLUMNS: each one's listing row
+    and where its index row is, to read its whole row again alone."""
+
+    files: list[str]
+    """The index files read."""
+    unlisted: pa.Table
+    """Index rows computed from parts no index file lists yet (after a crash; usually none)."""
+    rows: dict[str, pa.Table]
+    """Per family: `_at` (listing row, in URI order), `_file` (its index file's place in `files`, -1: a row of
+    `unlisted`) and `_line` (its row number in that file, or in `unlisted`)."""
+
+    def positions(self) -> dict[str, np.ndarray]:
+        """Per family, the listing rows of the current tracks."""
+        return {name: rows["_at"].to_numpy() for name, rows in self.rows.items()}
+
+
+def current_positions(store: Store, inventory: pa.Table) -> Current:
+    """The current tracks of every family, from one read of the index's CHOICE_COLUMNS (no other column, no string
+    join): which listing rows (positions in `inventory`) have features of their current content, and where."""
+    files = index_files(store)
+    index = index_sources(store, files, CHOICE_COLUMNS)
+    missing = [index_of_shard(store, name) for name in unindexed(store, None, files)]
+    unlisted = pa.concat_tables(missing) if missing else INDEX_SCHEMA.empty_table()
+    if unlisted.num_rows:
+        lines = pa.array(np.arange(unlisted.num_rows, dtype=np.int64))
+        extra = unlisted.select(CHOICE_COLUMNS).append_column("_file", pa.array(np.full(unlisted.num_rows, -1, np.int32))).append_column("_line", lines)
+        index = pa.concat_tables([index, extra])
     at = listing_positions(index, inventory)
-    picked = {name: resolved_keys(index, inventory, family, at) for name, family in FAMILIES.items()}
-    return {name: p["_at"].filter(pc.invert(p["_failed"])).to_numpy() for name, p in picked.items()}
+    rows = {}
+    for name, family in FAMILIES.items():
+        picked = resolved_keys(index, inventory, family, at)
+        picked = picked.filter(pc.invert(picked["_failed"]))
+        where = index.select(["_file", "_line"]).take(picked["_row"])
+        rows[name] = pa.table({"_at": picked["_at"], "_file": where["_file"], "_line": where["_line"]})
+    return Current(files, unlisted, rows)
+
+
+def index_rows(store: Store, current: Current, family: Family, listed: np.ndarray, columns: list[str]) -> pa.Table:
+    """The whole index rows (`columns`) of a family's current tracks at the given listing rows, sorted by URI: read
+    from the index files holding them, not from the whole index."""
+    rows = current.rows[family.name]
+    rows = rows.filter(pa.array(np.isin(rows["_at"].to_numpy(), listed)))
+    filed = rows.filter(pc.greater_equal(rows["_file"], 0))
+    tables = [source_rows(store, sources_of(filed, current.files))] if filed.num_rows else []
+    if filed.num_rows < rows.num_rows:
+        tables.append(current.unlisted.take(rows.filter(pc.less(rows["_file"], 0))["_line"]).cast(INDEX_SCHEMA))
+    return pa.concat_tables(tables).select(columns).sort_by("uri") if tables else INDEX_SCHEMA.empty_table().select(columns)
 
 
 def current_by_family(store: Store, inventory: pa.Table, columns: list[str], uris: pa.Array | None = None) -> dict[str, pa.Table]:
