@@ -191,7 +191,8 @@ def carried_over(store: Store, previous: dict, inventory: pa.Table, tracks: np.n
     at = listing_positions(rows, inventory)
     current = np.zeros(inventory.num_rows, bool)
     current[tracks] = True
-    kept = (at >= 0) & current[np.maximum(at, 0)]
+    kept = at >= 0
+    kept[kept] = current[at[kept]]
     listed = np.zeros(inventory.num_rows, bool)
     listed[at[kept]] = True
     files, lines = rows["_file"].to_numpy(), rows["_line"].to_numpy()
