@@ -9,6 +9,8 @@ python -m bench.probe sample STORE     the capped training sample of `genre-batc
                                        2-worker local cluster into the training matrices (no fit); prints JSON
 python -m bench.probe tag STORE        the tag stage (full re-tag + publish) on a 2-worker local cluster, no Prefect
 python -m bench.probe nightly STORE    the tag stage as a nightly run does it (incremental when the model is unchanged)
+python -m bench.probe steps STORE      the same, step by step (tag.Steps): wall, flow-process CPU, workers' CPU and the flow
+                                       process's peak RSS after each step, the cluster started first; a table on stderr
 python -m bench.probe compact STORE    the compact stage on a 2-worker local cluster, no Prefect
 python -m bench.probe compact-groups STORE  the compaction's flow-process side alone (key columns, current rows,
                                        the workers' groups), nothing written; works on an index-only store
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 import bench  # noqa: F401  (one BLAS thread, shared numba cache: before numpy loads)
-from genre_batch.cluster import session
+from genre_batch.cluster import Session, session
 from genre_batch.library.discovery import discover
 from genre_batch.stages import compact, runs, tag, train
 from genre_batch.storage.feature_store import (
@@ -115,6 +117,38 @@ def timed_stage(url: str, flow: str, full: bool = True) -> dict:
     return {"stage_s": round(time.perf_counter() - t0, 3), "record": record[flow], "peak_rss_mb": round(peak_rss_mb())}
 
 
+def workers_cpu(cluster: Session) -> Callable[[], float]:
+    """CPU seconds the cluster's worker processes have spent so far, summed."""
+    return lambda: sum(cluster.client.run(time.process_time).values())
+
+
+def tag_steps(url: str) -> dict:
+    """The tag stage as a nightly run does it, step by step (tag.Steps), on a 2-worker local cluster started first (its
+    start is a step of its own); prints the table on stderr."""
+    store = Store.at(url)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with runs.run_record(store, "tag") as record, session(n_workers=2) as cluster:
+        steps = tag.Steps(others=workers_cpu(cluster))
+        with steps.step("cluster start"):
+            cluster.client  # noqa: B018  (starts the cluster and warms its workers)
+        summary = tag.tag(store, record["run_id"], cluster, steps=steps)
+        record["tag"] = runs.as_record(summary)
+    print_steps(summary.steps, summary.predicted + summary.carried)
+    return {"stage_s": round(time.perf_counter() - t0, 3), "stage_cpu_s": round(time.process_time() - c0, 3),
+            "mode": summary.mode, "predicted": summary.predicted, "carried": summary.carried, "dropped": summary.dropped,
+            "steps": summary.steps, "peak_rss_mb": round(peak_rss_mb())}
+
+
+def print_steps(steps: dict[str, dict[str, float]], tracks: int) -> None:
+    """The steps as a table on stderr, with the flow process's peak RSS per track."""
+    print(f"{'step':<30} {'wall s':>8} {'flow CPU s':>10} {'workers CPU s':>13} {'flow peak MB':>12} {'B/track':>8}", file=sys.stderr)
+    for name, row in steps.items():
+        print(f"{name:<30} {row['wall_s']:>8.2f} {row['cpu_s']:>10.2f} {row.get('others_cpu_s', 0.0):>13.2f} "
+              f"{row['peak_rss_mb']:>12.0f} {row['peak_rss_mb'] * 1e6 / max(1, tracks):>8.0f}", file=sys.stderr)
+    total = {k: sum(r.get(k, 0.0) for r in steps.values()) for k in ("wall_s", "cpu_s", "others_cpu_s")}
+    print(f"{'total':<30} {total['wall_s']:>8.2f} {total['cpu_s']:>10.2f} {total['others_cpu_s']:>13.2f}", file=sys.stderr)
+
+
 def compaction_groups(url: str) -> dict:
     """The compaction's flow-process side alone (key columns of every index file, current rows, the workers' groups),
     nothing written: seconds and CPU of each step and this process's peak RSS (works on an index-only store)."""
@@ -140,7 +174,8 @@ def main(argv: list[str]) -> int:
     """Run one probe and print its JSON."""
     probes = {"plan": timed_plan, "tables": flow_tables, "discover": timed_discover, "sample": timed_sample,
               "tag": lambda url: timed_stage(url, "tag"),
-              "nightly": lambda url: timed_stage(url, "tag", full=False), "compact": lambda url: timed_stage(url, "compact"),
+              "nightly": lambda url: timed_stage(url, "tag", full=False), "steps": tag_steps,
+              "compact": lambda url: timed_stage(url, "compact"),
               "compact-groups": compaction_groups}
     if len(argv) != 2 or argv[0] not in probes:
         print(__doc__, file=sys.stderr)

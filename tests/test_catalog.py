@@ -325,3 +325,33 @@ def test_change_feed_gathered_from_per_genre_pieces_equals_the_whole_diff(tmp_pa
         catalog.diff_genre(s, "unnamed", n, old, new)
     catalog.gather_changes(s, "unnamed")
     assert s.read_table(f"{s.catalog}/{catalog.changes_file('unnamed')}").equals(whole)
+
+
+def test_carried_rows_are_matched_on_listing_positions_and_merged_by_row_number(tmp_path: Path) -> None:
+    """Which rows of the published snapshot a nightly carries over, drops and predicts (tag.carried_over), and the
+    genre file a merge task writes from the carried rows less those dropped (by number) plus the new pieces."""
+    from genre_batch.publishing.tagging import merge_genre
+    from genre_batch.stages.tag import carried_over
+
+    s = Store(str(tmp_path))
+    first = rows(6, "rock", "run-a")
+    first = first.set_column(3, "genre", pa.array(["rock", "jazz", "rock", "jazz", "rock", "jazz"]))
+    previous = catalog.publish(s, first, "run-a", "m-1", SPACE)
+    # the listing now: t0 and t1 unchanged, t2 changed (new fingerprint), t3 gone, t4 without current features, t5 unchanged, t9 new
+    listing = [("/music/0.mp3", "f0"), ("/music/1.mp3", "f1"), ("/music/2.mp3", "f2-new"), ("/music/4.mp3", "f4"),
+               ("/music/5.mp3", "f5"), ("/music/9.mp3", "f9")]
+    inventory = pa.table({"uri": [u for u, _ in listing], "fingerprint": [f for _, f in listing]})
+    tracks = np.array([0, 1, 2, 4, 5])  # listing rows with current features (not /music/4.mp3)
+    carried = carried_over(s, previous, inventory, tracks)
+    assert sorted(carried.todo.tolist()) == [2, 5]  # the changed and the new file
+    assert sorted(carried.kept["track_id"].to_pylist()) == ["t0", "t1", "t5"] and carried.kept.column_names == ["track_id", "fingerprint"]
+    by_genre = {previous["genres"][f]: s.read_table(f"{s.catalog}/{f}", ["track_id"])["track_id"].to_pylist() for f in previous["files"]}
+    dropped = {previous["genres"][f]: sorted(by_genre[previous["genres"][f]][i] for i in lines) for f, lines in carried.dropped.items()}
+    assert dropped == {"rock": ["t2", "t4"], "jazz": ["t3"]} and carried.dropped_rows == 3
+    # the merge task of rock: the carried file less its dropped rows (by number), plus a new piece
+    rock = next(f for f, g in previous["genres"].items() if g == "rock")
+    s.write_table(f"{catalog.pieces_folder(s, 'next')}/000/00000.parquet", rows(10, "rock", "run-b").slice(9))  # t9
+    assert merge_genre(s, "next", 0, rock, carried.dropped[rock]) == (2, 0)
+    merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
+    assert sorted(merged["track_id"].to_pylist()) == ["t0", "t9"] and merged.schema == catalog.CATALOG_SCHEMA
+    assert catalog.rows_by_file(s, [], ["uri"]).column_names == ["uri", "_file", "_line"]  # no previous files: no rows

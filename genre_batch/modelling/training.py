@@ -95,12 +95,15 @@ def index_columns(grouping: str) -> list[str]:
     return [*LABELLED_COLUMNS, grouping] if extra else list(LABELLED_COLUMNS)
 
 
-def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...]) -> pa.Table:
+def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...],
+            current: dict[str, pa.Table] | None = None) -> pa.Table:
     """Librosa index rows (sorted by URI) with the location of each other chosen family's current rows of the same
-    (uri, fingerprint) as `<family>.part`, ...; tracks lacking one of those families are left out."""
+    (uri, fingerprint) as `<family>.part`, ...; tracks lacking one of those families are left out. `current`: those
+    families' current index rows (with LOCATION) when already read, else they are read."""
     others = [name for name in ordered_families(families) if name != LIBROSA.name]
     for name in others:
-        rows = current_tracks(store, inventory, FAMILIES[name], [*CHOICE_COLUMNS, *LOCATION]).select([*KEYS, *LOCATION])
+        rows = current[name] if current is not None else current_tracks(store, inventory, FAMILIES[name], [*CHOICE_COLUMNS, *LOCATION])
+        rows = rows.select([*KEYS, *LOCATION])
         rows = rows.rename_columns([*KEYS, *(f"{name}.{c}" for c in LOCATION)])
         tracks = tracks.join(rows, keys=KEYS, join_type="inner")
     return tracks.sort_by("uri") if others else tracks

@@ -148,6 +148,20 @@ def read_files(store: Store, files: list[str], columns: list[str]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if tables else CATALOG_SCHEMA.empty_table().select(columns)
 
 
+def rows_by_file(store: Store, files: list[str], columns: list[str]) -> pa.Table:
+    """Columns of snapshot files (relative to the catalog) as one table, with each row's file (`_file`: its place in
+    `files`) and its row number in that file (`_line`): snapshot files are immutable, so those name the row."""
+    import numpy as np
+
+    tables = []
+    for number, name in enumerate(files):
+        table = store.read_table(f"{store.catalog}/{name}", columns)
+        tables.append(table.append_column("_file", pa.array(np.full(table.num_rows, number, np.int32)))
+                      .append_column("_line", pa.array(np.arange(table.num_rows, dtype=np.int64))))
+    empty = CATALOG_SCHEMA.empty_table().select(columns).append_column("_file", pa.array([], pa.int32())).append_column("_line", pa.array([], pa.int64()))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else empty
+
+
 def snapshot_id(run_id: str) -> str:
     """A sortable, unique snapshot name."""
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{run_id.rsplit('-', 1)[-1]}"

@@ -18,8 +18,8 @@ from genre_batch.modelling.model import GenreModel
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
-from genre_batch.publishing.vectors import VectorSpace, track_vectors
-from genre_batch.storage.feature_store import LIBROSA, MUSICNN, keys_of
+from genre_batch.publishing.vectors import VectorSpace, track_vectors, window_means
+from genre_batch.storage.feature_store import LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
 
 UNKNOWN = "unknown"
@@ -27,6 +27,15 @@ UNKNOWN = "unknown"
 
 BATCH_WINDOWS = 120_000
 """Window rows per tagging task (parts are never split): about 300 MB of features in a worker at a time."""
+SPREAD_TASKS = 8
+"""Fewer windows than SPREAD_TASKS x BATCH_WINDOWS (a nightly's few changed tracks) are dealt into about this many
+tasks, so that every worker takes a share."""
+
+
+def batch_windows(windows: int) -> int:
+    """Window rows per tagging task for `windows` to tag: BATCH_WINDOWS, or less to make SPREAD_TASKS tasks."""
+    return min(BATCH_WINDOWS, max(1, -(-windows // SPREAD_TASKS)))
+
 
 _models: dict[tuple[str, str], tuple[GenreModel, dict]] = {}
 """Models loaded in this process, by (store URL, version): each worker loads a model once."""
@@ -91,22 +100,27 @@ def catalog_rows(
     )
 
 
-def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> np.ndarray:
+def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Calibrated probabilities of the given index rows of one part (with the locations of the model's other
-    families, training.located), fed the families the model was trained on."""
+    families, training.located), fed the families the model was trained on; and, when librosa is among them, each
+    track's mean of its windows' librosa features (the librosa space's pooled input) from the same read of the part."""
     families = families_of(meta)
     rows = family_rows(store, tracks, families)
     track = pc.index_in(rows["uri"], value_set=tracks["uri"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    return calibrated(model, matrix(rows, columns_of(families)), track, tracks.num_rows, meta)
+    X = matrix(rows, columns_of(families))
+    means = window_means(X[:, : len(features.FEATURE_NAMES)], tracks["row_count"].to_numpy().astype(np.int64)) if LIBROSA.name in families else None
+    return calibrated(model, X, track, tracks.num_rows, meta), means
 
 
 def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, space: VectorSpace,
                musicnn: pa.Table) -> pa.Table:
     """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process;
-    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags."""
+    `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags. Each part is read once."""
     model, meta = worker_model(store, version)
-    tables = [catalog_rows(g, predict_part(store, g, model, meta), meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space))
-              for g in groups]
+    tables = []
+    for g in groups:
+        probabilities, means = predict_part(store, g, model, meta)
+        tables.append(catalog_rows(g, probabilities, meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space, means)))
     return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
 
 
@@ -122,14 +136,16 @@ def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, t
     return counts
 
 
-def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, dropped: pa.Table | None) -> tuple[int, int]:
+def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, dropped: np.ndarray | None) -> tuple[int, int]:
     """Write a snapshot's file of one genre (runs on a worker): its new pieces plus the rows of the previous snapshot's
-    file `carried` (relative to the catalog), less the (uri, fingerprint) keys `dropped`; returns (rows, disagreements)."""
+    file `carried` (relative to the catalog), less its rows numbered `dropped`; returns (rows, disagreements)."""
     tables = [store.read_table(p) for p in store.list(f"{catalog.pieces_folder(store, snapshot)}/{number:03d}", ".parquet")]
     if carried is not None:
         previous = store.read_table(f"{store.catalog}/{carried}")
-        if dropped is not None and dropped.num_rows:
-            previous = previous.filter(pc.invert(pc.is_in(keys_of(previous), value_set=keys_of(dropped).combine_chunks())))
+        if dropped is not None and len(dropped):
+            kept = np.ones(previous.num_rows, bool)
+            kept[dropped] = False
+            previous = previous.filter(pa.array(kept))
         tables.append(previous.select(CATALOG_SCHEMA.names))
     table = pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
     rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table)

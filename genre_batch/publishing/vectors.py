@@ -173,9 +173,11 @@ def top_tags(scores: np.ndarray) -> list[str]:
     return [TAG_NAMES[i].lower() for i in np.argsort(-scores, kind="stable")[:TAG_COUNT]]
 
 
-def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: VectorSpace) -> tuple[np.ndarray, list[list[str] | None]]:
+def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: VectorSpace,
+                  means: np.ndarray | None = None) -> tuple[np.ndarray, list[list[str] | None]]:
     """Embeddings [n, VECTOR_DIM] and tags (None without musicnn) of index rows of one librosa part, in row order;
-    `musicnn`: the musicnn index rows of (some of) these tracks."""
+    `musicnn`: the musicnn index rows of (some of) these tracks; `means`: the tracks' librosa window means, which a
+    librosa space projects (the caller read the part's windows for its predictions: no second read)."""
     wanted = musicnn.join(tracks.select(KEYS), keys=KEYS, join_type="left semi") if musicnn.num_rows else musicnn
     keys, embeddings, scores = musicnn_values(store, wanted)
     rows = [keys.get(k) for k in keys_of(tracks).to_pylist()]
@@ -186,32 +188,48 @@ def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: Vect
             raise ValueError(f"{len(missing)} tracks lack the musicnn family of vector space {space.name}")
         inputs = embeddings[np.array(rows, np.int64)]
     else:
-        inputs = pooled(store, tracks, LIBROSA)
+        if means is None:
+            raise ValueError(f"vector space {space.name} needs the librosa window means of the tracks")
+        inputs = means
     return project(space, inputs), tags
 
 
 def family_for(tracks: pa.Table, musicnn: pa.Table) -> Family:
     """musicnn when every current track has it (index rows of both families), else librosa."""
     complete = tracks.num_rows > 0 and tracks.select(KEYS).join(musicnn.select(KEYS), keys=KEYS, join_type="left anti").num_rows == 0
-    return MUSICNN if complete else LIBROSA
+    return space_family(tracks.num_rows, 0 if complete else 1)
 
 
-def space_for(store: Store, previous: dict | None, tracks: pa.Table, musicnn: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
-    """The vector space of a new snapshot: the previous snapshot's while its family (and version) is still the one
-    to use and its sample is at least half what the store offers now (a space fitted on a small first library is
-    refitted as the library grows, until SAMPLE_TRACKS), else one fitted now on a sample pooled on the workers
-    (`run`) and saved."""
-    family = family_for(tracks, musicnn)
-    source = musicnn if family == MUSICNN else tracks
+def space_family(tracks: int, lacking_musicnn: int) -> Family:
+    """The family of the space: musicnn when every one of the `tracks` current tracks has it, else librosa."""
+    return MUSICNN if tracks > 0 and lacking_musicnn == 0 else LIBROSA
+
+
+def reusable(store: Store, previous: dict | None, family: Family, available: int) -> VectorSpace | None:
+    """The previous snapshot's space while its family (and version) is still `family` and its sample is at least half
+    what the store offers now (`available`: current tracks of the family; a space fitted on a small first library is
+    refitted as the library grows, until SAMPLE_TRACKS), else None: a space must be fitted."""
     described = (previous or {}).get("vector_space") or {}
     same = (described.get("family"), described.get("family_version")) == (family.name, family.version)
-    if same and 2 * described.get("sample_tracks", 0) >= min(SAMPLE_TRACKS, source.num_rows) and store.exists(f"{store.catalog}/{described['file']}"):
+    if same and 2 * described.get("sample_tracks", 0) >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described['file']}"):
         return load(store, described)
-    groups = sample_groups(source)
-    blocks = run([(pooled_sample, store, [g], family) for g in groups])
+    return None
+
+
+def fitted(store: Store, family: Family, source: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
+    """A space fitted now on a sample of `source` (the family's current index rows) pooled on the workers (`run`), saved."""
+    blocks = run([(pooled_sample, store, [g], family) for g in sample_groups(source)])
     space = fit(family, np.vstack(blocks) if blocks else np.zeros((0, len(input_columns(family.name))), np.float32))
     save(store, space)
     return space
+
+
+def space_for(store: Store, previous: dict | None, tracks: pa.Table, musicnn: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
+    """The vector space of a new snapshot from the current index rows of both families: the previous snapshot's when
+    `reusable`, else one `fitted` now."""
+    family = family_for(tracks, musicnn)
+    source = musicnn if family == MUSICNN else tracks
+    return reusable(store, previous, family, source.num_rows) or fitted(store, family, source, run)
 
 
 def musicnn_rows(musicnn: pa.Table, groups: list[pa.Table]) -> pa.Table:

@@ -11,11 +11,17 @@ space re-tags everything too. Before the switch the snapshot gets its faiss inde
 
 from __future__ import annotations
 
+import resource
+import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, NoModel, PublishRefused
 from genre_batch.analysis.features import FEATURE_VERSION
@@ -24,9 +30,48 @@ from genre_batch.library.labels import without_written
 from genre_batch.library.writeback import written
 from genre_batch.modelling import registry, training
 from genre_batch.publishing import catalog, similar, vectors
-from genre_batch.publishing.tagging import BATCH_WINDOWS, genres_of, merge_genre, tag_batch
-from genre_batch.storage.feature_store import FAMILIES, KEYS, MUSICNN, TRACK_COLUMNS, batches, current_tracks, read_inventory
+from genre_batch.publishing.tagging import batch_windows, genres_of, merge_genre, tag_batch
+from genre_batch.publishing.vectors import VectorSpace
+from genre_batch.storage.feature_store import (
+    FAMILIES,
+    KEYS,
+    LIBROSA,
+    MUSICNN,
+    TRACK_COLUMNS,
+    batches,
+    current_by_family,
+    current_positions,
+    index_rows,
+    listing_positions,
+    read_inventory,
+)
 from genre_batch.storage.store import Store
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+@dataclass
+class Steps:
+    """Per step of a stage, in this (the flow) process: wall and CPU seconds, and the peak RSS so far in MB; with
+    `others`, also the CPU seconds other processes (the Dask workers) spent meanwhile, as `others()` counts them."""
+
+    others: Callable[[], float] | None = None
+    taken: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Measure the block as step `name` (a repeated name adds up)."""
+        wall, cpu, other = time.perf_counter(), time.process_time(), self.others() if self.others else 0.0
+        yield
+        row = self.taken.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        row["wall_s"] = round(row["wall_s"] + time.perf_counter() - wall, 3)
+        row["cpu_s"] = round(row["cpu_s"] + time.process_time() - cpu, 3)
+        row["peak_rss_mb"] = round(peak_rss_mb())
+        if self.others:
+            row["others_cpu_s"] = round(row.get("others_cpu_s", 0.0) + self.others() - other, 3)
 
 
 @dataclass
@@ -44,6 +89,8 @@ class TagSummary:
     carried: int = 0
     dropped: int = 0
     """Rows of the previous snapshot left out: removed files, and the old rows of changed ones."""
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Wall, CPU and peak RSS of the flow process per step (Steps)."""
 
 
 GENRE_FLIP_LIMIT = 0.3
@@ -77,7 +124,15 @@ def current_model(store: Store) -> tuple[str, dict]:
     return version, meta
 
 
-def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inventory: pa.Table) -> None:
+def lacking(current: dict[str, np.ndarray], families: list[str]) -> dict[str, int]:
+    """How many of the current (librosa) tracks lack each of the model's other families, in FAMILIES order (families
+    none lacks left out); `current`: listing rows per family (current_positions)."""
+    tracks = current[LIBROSA.name]
+    counts = {name: int(np.count_nonzero(~np.isin(tracks, current[name]))) for name in FAMILIES if name in families and name != LIBROSA.name}
+    return {name: n for name, n in counts.items() if n}
+
+
+def check_families(store: Store, version: str, meta: dict, current: dict[str, np.ndarray]) -> None:
     """Refuse a model trained on a family (or family version) that this genre-batch does not extract, or that some
     current track of the store lacks, naming it: the model is fed exactly the families it was trained on."""
     families = registry.model_families(meta)
@@ -89,24 +144,60 @@ def check_families(store: Store, version: str, meta: dict, tracks: pa.Table, inv
                 f"current model {version} was trained on feature family {name} version {family_version}, this genre-batch "
                 f"extracts {have}: retrain with 'genre-batch train' or promote another model ('genre-batch models rollback')"
             )
-    missing = training.lacking(store, tracks, inventory, list(families))
+    missing = lacking(current, list(families))
     if missing:
-        name, lacking = next(iter(missing.items()))
+        name, count = next(iter(missing.items()))
         raise GenreBatchError(
-            f"current model {version} needs feature family {name} (version {families[name]}), which {lacking} of the "
-            f"{tracks.num_rows} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
+            f"current model {version} needs feature family {name} (version {families[name]}), which {count} of the "
+            f"{current[LIBROSA.name].size} tracks of {store.url} lack: backfill it with 'genre-batch extract LIBRARY --features "
             f"librosa,{name}' (--backfill-cap files per run) until none is left, or promote a model trained without it"
         )
 
 
-def carried_keys(previous: dict | None, version: str, store: Store, space: str) -> pa.Table | None:
-    """(uri, fingerprint) of the previous snapshot's rows when they can be carried over (same model, catalog version
-    and vector space), else None: then everything is predicted (a version 2 snapshot's rows lack embeddings and tags)."""
-    if not previous or previous.get("model_version") != version or previous.get("catalog_version") != catalog.CATALOG_VERSION:
-        return None
-    if (previous.get("vector_space") or {}).get("name") != space:
-        return None
-    return catalog.read(store, KEYS)
+def can_carry(previous: dict | None, version: str, space: VectorSpace | None) -> bool:
+    """Whether the previous snapshot's rows can be carried over: same model, catalog version and vector space (else
+    everything is predicted: a version 2 snapshot's rows lack embeddings and tags)."""
+    return (bool(previous) and space is not None and previous.get("model_version") == version
+            and previous.get("catalog_version") == catalog.CATALOG_VERSION
+            and (previous.get("vector_space") or {}).get("name") == space.name)
+
+
+CARRY_COLUMNS = [*KEYS, "track_id"]
+"""What the flow process reads of the previous snapshot: the keys that say which rows carry over, and the track_id
+that the similar index's update needs of them."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """How the previous snapshot's rows carry over into the next one."""
+
+    todo: np.ndarray
+    """Listing rows of the current tracks to predict: new content, or not in the previous snapshot."""
+    dropped: dict[str, np.ndarray]
+    """Per file of the previous snapshot, the numbers of its rows left out (removed files, old content of changed ones)."""
+    kept: pa.Table
+    """similar.KEYS of the rows carried over."""
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows of the previous snapshot left out."""
+        return sum(len(d) for d in self.dropped.values())
+
+
+def carried_over(store: Store, previous: dict, inventory: pa.Table, tracks: np.ndarray) -> Carried:
+    """Which rows of the previous snapshot carry over, given the listing rows of the current tracks (`tracks`): a row
+    carries over when its (uri, fingerprint) is a current track's, matched on listing positions, not string joins."""
+    rows = catalog.rows_by_file(store, previous["files"], CARRY_COLUMNS)
+    at = listing_positions(rows, inventory)
+    current = np.zeros(inventory.num_rows, bool)
+    current[tracks] = True
+    kept = at >= 0
+    kept[kept] = current[at[kept]]
+    listed = np.zeros(inventory.num_rows, bool)
+    listed[at[kept]] = True
+    files, lines = rows["_file"].to_numpy(), rows["_line"].to_numpy()
+    dropped = {previous["files"][f]: lines[~kept & (files == f)] for f in np.unique(files[~kept]).tolist()}
+    return Carried(tracks[~listed[tracks]], dropped, rows.filter(pa.array(kept)).select(similar.KEYS))
 
 
 def flipped_share(changes: dict[str, int], previous_rows: int) -> float:
@@ -148,56 +239,82 @@ def change_feed(store: Store, session: Session, snapshot: str, previous: dict | 
     return session.run([(catalog.gather_changes, store, snapshot)])[0]
 
 
-def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False) -> TagSummary:
+def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False,
+        steps: Steps | None = None) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
-    that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`."""
-    version, meta = current_model(store)
-    inventory = read_inventory(store, KEYS)
-    tracks = current_tracks(store, inventory, columns=TRACK_COLUMNS)
-    tracks = without_written(tracks, written(store))  # tags genre-batch wrote: no disagreement
-    check_families(store, version, meta, tracks, inventory)
-    tracks = training.located(store, tracks, inventory, list(registry.model_families(meta)))
-    previous = catalog.pointer(store)
-    musicnn = current_tracks(store, inventory, MUSICNN, columns=TRACK_COLUMNS)
-    space = vectors.space_for(store, previous, tracks, musicnn, session.run)
-    before = None if full else carried_keys(previous, version, store, space.name)
-    if before is None:
-        todo, dropped = tracks, None
-    else:
-        todo = tracks.join(before, keys=KEYS, join_type="left anti")
-        dropped = before.join(tracks.select(KEYS), keys=KEYS, join_type="left anti")
-        if todo.num_rows == 0 and dropped.num_rows == 0:
+    that flips more than GENRE_FLIP_LIMIT of the genres is not published unless `force`; `steps` measures each step.
+
+    The flow process reads the index's choice columns once for every family (which listing rows are current, and where
+    their index rows are) and the previous snapshot's keys; whole index rows it reads only of the tracks to predict,
+    from the index files that hold them (all of them for a full re-tag)."""
+    steps = Steps() if steps is None else steps
+    with steps.step("model, inventory"):
+        version, meta = current_model(store)
+        previous = catalog.pointer(store)
+        inventory = read_inventory(store, KEYS)
+    with steps.step("current tracks (choice columns)"):
+        current = current_positions(store, inventory)
+        positions = current.positions()
+    with steps.step("families, vector space"):
+        check_families(store, version, meta, positions)
+        family = vectors.space_family(positions[LIBROSA.name].size, lacking(positions, [MUSICNN.name]).get(MUSICNN.name, 0))
+        space = vectors.reusable(store, previous, family, positions[family.name].size)
+    carried = None
+    if not full and can_carry(previous, version, space):
+        with steps.step("carried rows"):
+            carried = carried_over(store, previous, inventory, positions[LIBROSA.name])
+        if carried.todo.size == 0 and carried.dropped_rows == 0:
             return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
-                              previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0)
-    snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
-    genres = genres_of(meta)
-    work = batches(todo, BATCH_WINDOWS)
-    predicted: Counter[str] = Counter()
-    calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
-             for i, groups in enumerate(work)]
-    for counts in session.run(calls):
-        predicted.update(counts)
-    carried_files = {g: f for f, g in previous["genres"].items()} if before is not None else {}
-    numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
-    merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped) for n in numbers])
-    if work:
-        store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
+                              previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0, steps.taken)
+    with steps.step("index rows to predict"):
+        if carried is None:
+            indexed = current_by_family(store, inventory, TRACK_COLUMNS)
+        else:  # only the rows of the tracks to predict, from the index files that hold them
+            indexed = {name: index_rows(store, current, f, carried.todo, TRACK_COLUMNS) for name, f in FAMILIES.items()}
+        todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
+        todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
+        musicnn = indexed[MUSICNN.name]
+    if space is None:
+        with steps.step("vector space fit"):
+            space = vectors.fitted(store, family, indexed[family.name], session.run)
+    with steps.step("batches"):
+        snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
+        genres = genres_of(meta)
+        work = batches(todo, batch_windows(int(pc.sum(todo["row_count"]).as_py() or 0)))
+        calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
+                 for i, groups in enumerate(work)]
+    with steps.step("tag tasks"):
+        predicted: Counter[str] = Counter()
+        for counts in session.run(calls):
+            predicted.update(counts)
+    with steps.step("merge tasks"):
+        carried_files = {g: f for f, g in previous["genres"].items()} if carried is not None else {}
+        numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
+        dropped = carried.dropped if carried is not None else {}
+        merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped.get(carried_files.get(genres[n])))
+                              for n in numbers])
+        if work:
+            store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
     files = {catalog.genre_file(snapshot, n): genres[n] for n, (rows, _) in zip(numbers, merged) if rows}
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
-    rows = sum(counts.values())
+    total = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    changes = change_feed(store, session, snapshot, previous, files)
+    with steps.step("change feed"):
+        changes = change_feed(store, session, snapshot, previous, files)
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
-    update = similar.plan_update(store, previous, space.name, catalog.read_files(store, list(files), similar.KEYS))
-    neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
-    catalog.switch(store, snapshot, files, rows, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
-                   feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
-                   similar=neighbours)
+    with steps.step("similar plan"):
+        after = todo.select(similar.KEYS) if carried is None else pa.concat_tables([carried.kept, todo.select(similar.KEYS)], promote_options="permissive")
+        update = similar.plan_update(store, previous, space.name, after)
+    with steps.step("similar build"):
+        neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
+    with steps.step("switch"):
+        catalog.switch(store, snapshot, files, total, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
+                       feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
+                       similar=neighbours)
     return TagSummary(
-        snapshot=snapshot, rows=rows, model_version=version,
+        snapshot=snapshot, rows=total, model_version=version,
         genres=dict(sorted(counts.items(), key=lambda kv: -kv[1])), disagreements=disagreements,
-        mode="full" if before is None else "incremental", predicted=todo.num_rows,
-        carried=rows - todo.num_rows, dropped=0 if dropped is None else dropped.num_rows,
+        mode="full" if carried is None else "incremental", predicted=todo.num_rows,
+        carried=total - todo.num_rows, dropped=0 if carried is None else carried.dropped_rows, steps=steps.taken,
     )
-

@@ -380,18 +380,23 @@ def listing_positions(index: pa.Table, inventory: pa.Table) -> np.ndarray:
 
 
 def uri_ranks(inventory: pa.Table) -> np.ndarray:
-    """Each listing row's place in URI order."""
-    order = pc.sort_indices(inventory["uri"]).to_numpy()
+    """Each listing row's place in URI order (a listing as discovery writes it is in URI order already: checked in one
+    pass, no sort)."""
+    uris = inventory["uri"].combine_chunks()
+    if len(uris) < 2 or pc.all(pc.less(uris.slice(0, len(uris) - 1), uris.slice(1))).as_py():
+        return np.arange(len(uris), dtype=np.int64)
+    order = pc.sort_indices(uris).to_numpy()
     ranks = np.empty(len(order), np.int64)
     ranks[order] = np.arange(len(order))
     return ranks
 
 
-def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA) -> pa.Table:
+def resolved_keys(index: pa.Table, inventory: pa.Table, family: Family = LIBROSA, at: np.ndarray | None = None) -> pa.Table:
     """Per file of the listing that has index rows of a family for its content, in URI order: the row number (`_row`)
     and outcome (`_failed`) of its newest successful extraction, else its newest failure, and its listing row (`_at`).
-    Chosen by numeric sorts of positions and times, not by string joins (a 1M-track index in about a second)."""
-    at = listing_positions(index, inventory)
+    Chosen by numeric sorts of positions and times, not by string joins (a 1M-track index in about a second); `at`:
+    the index rows' listing_positions, when already known."""
+    at = listing_positions(index, inventory) if at is None else at
     mine = pc.fill_null(of_family(index, family), False).to_numpy(zero_copy_only=False) if index.num_rows else np.zeros(0, bool)
     rows = np.flatnonzero((at >= 0) & mine)
     failed = pc.is_valid(index["error_type"]).to_numpy(zero_copy_only=False)[rows] if index.num_rows else np.zeros(0, bool)
@@ -436,6 +441,66 @@ def current_tracks(store: Store, inventory: pa.Table | None = None, family: Fami
     sorted by URI."""
     inventory = read_inventory(store, KEYS) if inventory is None else inventory
     return resolved_outcome(read_index(store, columns), inventory, family, failures=False)
+
+
+@dataclass(frozen=True)
+class Current:
+    """The library's current tracks per family, from one read of the index's CHOICE_COLUMNS: each one's listing row
+    and where its index row is, to read its whole row again alone."""
+
+    files: list[str]
+    """The index files read."""
+    unlisted: pa.Table
+    """Index rows computed from parts no index file lists yet (after a crash; usually none)."""
+    rows: dict[str, pa.Table]
+    """Per family: `_at` (listing row, in URI order), `_file` (its index file's place in `files`, -1: a row of
+    `unlisted`) and `_line` (its row number in that file, or in `unlisted`)."""
+
+    def positions(self) -> dict[str, np.ndarray]:
+        """Per family, the listing rows of the current tracks."""
+        return {name: rows["_at"].to_numpy() for name, rows in self.rows.items()}
+
+
+def current_positions(store: Store, inventory: pa.Table) -> Current:
+    """The current tracks of every family, from one read of the index's CHOICE_COLUMNS (no other column, no string
+    join): which listing rows (positions in `inventory`) have features of their current content, and where."""
+    files = index_files(store)
+    index = index_sources(store, files, CHOICE_COLUMNS)
+    missing = [index_of_shard(store, name) for name in unindexed(store, None, files)]
+    unlisted = pa.concat_tables(missing) if missing else INDEX_SCHEMA.empty_table()
+    if unlisted.num_rows:
+        lines = pa.array(np.arange(unlisted.num_rows, dtype=np.int64))
+        extra = unlisted.select(CHOICE_COLUMNS).append_column("_file", pa.array(np.full(unlisted.num_rows, -1, np.int32))).append_column("_line", lines)
+        index = pa.concat_tables([index, extra])
+    at = listing_positions(index, inventory)
+    rows = {}
+    for name, family in FAMILIES.items():
+        picked = resolved_keys(index, inventory, family, at)
+        picked = picked.filter(pc.invert(picked["_failed"]))
+        where = index.select(["_file", "_line"]).take(picked["_row"])
+        rows[name] = pa.table({"_at": picked["_at"], "_file": where["_file"], "_line": where["_line"]})
+    return Current(files, unlisted, rows)
+
+
+def index_rows(store: Store, current: Current, family: Family, listed: np.ndarray, columns: list[str]) -> pa.Table:
+    """The whole index rows (`columns`) of a family's current tracks at the given listing rows, sorted by URI: read
+    from the index files holding them, not from the whole index."""
+    rows = current.rows[family.name]
+    rows = rows.filter(pa.array(np.isin(rows["_at"].to_numpy(), listed)))
+    filed = rows.filter(pc.greater_equal(rows["_file"], 0))
+    tables = [source_rows(store, sources_of(filed, current.files))] if filed.num_rows else []
+    if filed.num_rows < rows.num_rows:
+        tables.append(current.unlisted.take(rows.filter(pc.less(rows["_file"], 0))["_line"]).cast(INDEX_SCHEMA))
+    return pa.concat_tables(tables).select(columns).sort_by("uri") if tables else INDEX_SCHEMA.empty_table().select(columns)
+
+
+def current_by_family(store: Store, inventory: pa.Table, columns: list[str], uris: pa.Array | None = None) -> dict[str, pa.Table]:
+    """Per family, the index rows (`columns`, which hold CHOICE_COLUMNS) of the files of the library with features of
+    their current content, sorted by URI, from one read of the index; only the files `uris` when given."""
+    index = read_index(store, columns, None if uris is None else pc.field("uri").isin(uris))
+    at = listing_positions(index, inventory)
+    picked = {name: resolved_keys(index, inventory, family, at) for name, family in FAMILIES.items()}
+    return {name: index.take(p["_row"].filter(pc.invert(p["_failed"]))) for name, p in picked.items()}
 
 
 ERROR_COLUMNS = ["uri", "track_id", "fingerprint", "family", "feature_version", "error_type", "error_stage", "error_message",
