@@ -101,18 +101,6 @@ def environment(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if v}
 
 
-@pytest.mark.parametrize("argv, extra, status, first_line", ROWS, ids=[" ".join(r[0]) or "no-args" for r in ROWS])
-def test_bad_invocation(argv: list[str], extra: dict[str, str], status: int, first_line: str, workdir: Path, zygote: Zygote) -> None:
-    done, modules = zygote.run(argv, workdir, environment(workdir, extra))
-    assert done.returncode == status, done.stderr
-    assert done.stderr.splitlines()[0] == first_line
-    assert done.stdout == "" and "Traceback" not in done.stderr
-    if first_line.startswith("error:"):
-        assert len(done.stderr.splitlines()) == 1
-    if status == 2:
-        assert not set(START_UP + TRAINING) & set(modules), "a usage error must not start Prefect, Dask or training libraries"
-
-
 class Zygote:
     """An interpreter that has imported the script's CLI module and forks a process per invocation of the script."""
 
@@ -150,6 +138,18 @@ def zygote() -> Iterator[Zygote]:
         yield forks
     finally:
         forks.close()
+
+
+@pytest.mark.parametrize("argv, extra, status, first_line", ROWS, ids=[" ".join(r[0]) or "no-args" for r in ROWS])
+def test_bad_invocation(argv: list[str], extra: dict[str, str], status: int, first_line: str, workdir: Path, zygote: Zygote) -> None:
+    done, modules = zygote.run(argv, workdir, environment(workdir, extra))
+    assert done.returncode == status, done.stderr
+    assert done.stderr.splitlines()[0] == first_line
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    if first_line.startswith("error:"):
+        assert len(done.stderr.splitlines()) == 1
+    if status == 2:
+        assert not set(START_UP + TRAINING) & set(modules), "a usage error must not start Prefect, Dask or training libraries"
 
 
 def test_version_is_the_installed_one(workdir: Path) -> None:
