@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
+    from genre_batch.storage.store import Store
+
 def plain_value(annotation: Any, low: float | None, high: float | None, value: Any) -> Any:
     """`value` as typer's coercion returns it, when it is plain: a str for a str, a bool for a bool; a whole number
     (digits) for an int or a decimal (digits, one point) for a float, within [low, high]; a list of str for list[str].
@@ -768,22 +770,24 @@ def run(
     print_record(record, store, strict, fmt)
 
 
-def render(table: Any, fmt: str) -> None:
-    """Print a query result as a table, CSV or JSON."""
+def render(store: Store, sql: str, fmt: str) -> None:
+    """Run a query on a store and print its result as a table, CSV or JSON."""
     from genre_batch.publishing import query as q
 
+    if fmt == "csv":
+        sys.stdout.write(q.to_csv(q.run(store, sql)))
+        return
+    result = q.fetch(store, sql)
     if fmt == "json":
-        sys.stdout.write(q.to_json(table) + "\n")
-    elif fmt == "csv":
-        sys.stdout.write(q.to_csv(table))
-    else:
-        from rich.table import Table
+        sys.stdout.write(q.to_json(result) + "\n")
+        return
+    from rich.table import Table
 
-        view = Table(*table.column_names, show_lines=False)
-        for row in q.rows(table):
-            view.add_row(*("" if v is None else str(v) for v in row.values()))
-        console().print(view, markup=False)
-        say(f"({table.num_rows} rows)")
+    view = Table(*result.columns, show_lines=False)
+    for row in q.rows(result):
+        view.add_row(*("" if v is None else str(v) for v in row.values()))
+    console().print(view, markup=False)
+    say(f"({len(result.rows)} rows)")
 
 
 @app.command(cls=PlainFirstCommand)
@@ -797,10 +801,9 @@ def query(
     checks.sql_statement(sql)
     checks.query_format(fmt)
     check_reader(store)
-    from genre_batch.publishing import query as q
     from genre_batch.storage.store import Store
 
-    render(q.run(Store.at(store), sql), fmt)
+    render(Store.at(store), sql, fmt)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -935,7 +938,6 @@ def demo(
     checks.writable_folder(str(directory), "demo folder")
     from flows.pipeline import nightly
     from genre_batch import demo as demo_library
-    from genre_batch.publishing import query as q
     from genre_batch.storage.store import Store
 
     library, store = demo_library.build(directory.resolve())
@@ -944,7 +946,7 @@ def demo(
     print_record(record, str(store))
     for title, sql in demo_library.EXAMPLE_QUERIES:
         say(f"\n{title}\n$ genre-batch query --store {store} \"{sql}\"")
-        render(q.run(Store.at(str(store)), sql), "table")
+        render(Store.at(str(store)), sql, "table")
 
 
 @app.command(cls=PlainFirstCommand)
