@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from genre_batch.storage.store import Store
 
+
 def plain_value(annotation: Any, low: float | None, high: float | None, value: Any) -> Any:
     """`value` as typer's coercion returns it, when it is plain: a str for a str, a bool for a bool; a whole number
     (digits) for an int or a decimal (digits, one point) for a float, within [low, high]; a list of str for list[str].
@@ -38,7 +39,8 @@ def plain_value(annotation: Any, low: float | None, high: float | None, value: A
         return list(value) if isinstance(value, tuple | list) and all(isinstance(v, str) for v in value) else None
     if annotation not in (int, float):
         return None
-    if isinstance(value, str) and value.isascii() and value.replace(".", "", annotation is float).isdigit():
+    digits = value.replace(".", "", 1) if isinstance(value, str) and annotation is float else value
+    if isinstance(digits, str) and digits.isascii() and digits.isdigit():
         value = annotation(value)
     if type(value) is not annotation or (low is not None and value < low) or (high is not None and value > high):
         return None
@@ -49,7 +51,8 @@ def plain_value(annotation: Any, low: float | None, high: float | None, value: A
 class PlainFirst(RuntimeParam):
     """typer's coercion of one parameter, taking plain values (plain_value) without the pydantic TypeAdapter typer
     builds for every parameter (importing pydantic and building them: 0.15 s CPU of a start); any other value, and
-    so every error message, goes to typer's own coercion."""
+    so every error message, goes to typer's own coercion. Built on typer 0.29's internal coercion classes
+    (typer._coercion; pyproject pins typer below 0.30): tests/test_similar_cli.py compares both on every parameter."""
 
     def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
         """The plain value, else typer's coercion of it."""
@@ -105,6 +108,7 @@ def console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
