@@ -6,31 +6,112 @@ a usage error costs no start-up, exits 2 and prints one line.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+from typer._coercion import RuntimeParam, build_runtime_param
+from typer.core import TyperCommand, TyperGroup
 
 from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache_dir, signals
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
 
+    from genre_batch.storage.store import Store
+
+
+def plain_value(annotation: Any, low: float | None, high: float | None, value: Any) -> Any:
+    """`value` as typer's coercion returns it, when it is plain: a str for a str, a bool for a bool; a whole number
+    (digits) for an int or a decimal (digits, one point) for a float, within [low, high]; a list of str for list[str].
+    None otherwise."""
+    if annotation in (str, bool):
+        return value if isinstance(value, annotation) else None
+    if annotation == list[str]:
+        return list(value) if isinstance(value, tuple | list) and all(isinstance(v, str) for v in value) else None
+    if annotation not in (int, float):
+        return None
+    digits = value.replace(".", "", 1) if isinstance(value, str) and annotation is float else value
+    if isinstance(digits, str) and digits.isascii() and digits.isdigit():
+        value = annotation(value)
+    if type(value) is not annotation or (low is not None and value < low) or (high is not None and value > high):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class PlainFirst(RuntimeParam):
+    """typer's coercion of one parameter, taking plain values (plain_value) without the pydantic TypeAdapter typer
+    builds for every parameter (importing pydantic and building them: 0.15 s CPU of a start); any other value, and
+    so every error message, goes to typer's own coercion. Built on typer 0.29's internal coercion classes
+    (typer._coercion; pyproject pins typer below 0.30): tests/test_similar_cli.py compares both on every parameter."""
+
+    def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+        """The plain value, else typer's coercion of it."""
+        plain = plain_value(self.annotation, self.parameter_info.min, self.parameter_info.max, value)
+        return plain if plain is not None else build_runtime_param(param.type_descriptor)._coerce_value(value, param=param, ctx=ctx)
+
+
+def plain_first(params: list[Any]) -> list[Any]:
+    """The parameters of a command (its --help included), each coerced by PlainFirst."""
+    for param in params:
+        if param._runtime_param is None:
+            param._runtime_param = PlainFirst(param.type_descriptor.parameter_info, param.type_descriptor.annotation)
+    return params
+
+
+class PlainFirstCommand(TyperCommand):
+    """A typer command whose parameters are coerced by PlainFirst."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        """The command's parameters, as parsing and help see them."""
+        return plain_first(super().get_params(ctx))
+
+
+class PlainFirstGroup(TyperGroup):
+    """A typer group whose own parameters are coerced by PlainFirst (its commands are PlainFirstCommand)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        """The group's parameters, as parsing and help see them."""
+        return plain_first(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=PlainFirstGroup,
     help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+CONTROL_CODES = str.maketrans(dict.fromkeys((7, 8, 11, 12, 13)))
+"""Bell, backspace, vertical tab, form feed and carriage return: left out of printed lines, as rich's console does."""
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print lines for people on stdout (stderr with `err`) as rich's console printed them (control codes left out,
+    tabs expanded, flushed: stdout and stderr lines keep their order in one log), without loading rich (0.07-0.1 s CPU
+    of a start): it draws only tables and progress bars."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text.translate(CONTROL_CODES).expandtabs(8) + "\n")
+    stream.flush()
+
+
+@functools.cache
+def console(stderr: bool = False) -> Console:
+    """rich's console on stdout (or stderr), for tables and progress bars."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -134,16 +215,15 @@ def print_plan(library: str, store: str, force: bool, labels: str | None, retrai
     if fmt == "json":
         print_json(plan)
         return
-    out.print(
+    say(
         f"plan: {plan['discovered']} audio files in {plan['library']}: {plan['new']} new, {plan['changed']} changed, "
         f"{plan['retried']} to retry, {plan['moved']} moved, {plan['removed']} removed, {plan['unchanged']} unchanged",
-        markup=False,
     )
     if "would_train" in plan:
-        out.print(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})", markup=False)
+        say(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})")
     if plan["refused"]:
-        out.print(f"refused: {plan['refused']}", markup=False)
-    out.print("dry run: nothing was written", markup=False)
+        say(f"refused: {plan['refused']}")
+    say("dry run: nothing was written")
 
 
 def print_json(obj: object) -> None:
@@ -168,13 +248,13 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except GenreBatchError as e:
-            err.print(f"error: {e}", markup=False)
+            say(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except Exception as e:
             message = storage_error(e)
             if message is None:
                 raise
-            err.print(f"error: {message}", markup=False)
+            say(f"error: {message}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -196,7 +276,7 @@ def version() -> str:
 def show_version(value: bool) -> None:
     """--version: print the version and exit."""
     if value:
-        out.print(f"genre-batch {version()}", markup=False)
+        say(f"genre-batch {version()}")
         raise typer.Exit(0)
 
 
@@ -230,7 +310,7 @@ def progress_bar() -> Progress:
         TextColumn("files, {task.fields[errors]} errors"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=console(stderr=True),
         transient=True,
     )
 
@@ -243,7 +323,7 @@ def with_progress(call: Callable[[], dict]) -> dict:
     task = bar.add_task("extract", total=None, errors=0)
 
     def update(done: int, total: int, errors: int) -> None:
-        if err.is_terminal:  # rich draws nothing elsewhere but would leave an empty line behind
+        if console(stderr=True).is_terminal:  # rich draws nothing elsewhere but would leave an empty line behind
             bar.start()
         bar.update(task, completed=done, total=total, errors=errors)
 
@@ -257,13 +337,12 @@ def with_progress(call: Callable[[], dict]) -> dict:
 
 def print_extract(summary: dict) -> None:
     """Print what an extraction did."""
-    out.print(
+    say(
         f"extract: {summary['discovered']} audio files in {summary['library']}; "
         f"{summary['extracted']} extracted, {summary['failed']} failed, {summary['unchanged']} unchanged, "
         f"{summary['moved']} moved, {summary['removed']} removed"
         + (f"; {summary['backfilled']} backfilled for a new family, {summary['backfill_left']} left for later runs" if summary.get("backfilled") or summary.get("backfill_left") else "")
         + (f" ({summary['wall_s']:.1f} s, {summary['cpu_s'] / max(1, summary['extracted'] + summary['failed']):.3f} CPU s/file)" if summary["shards"] else ""),
-        markup=False,
     )
 
 
@@ -271,40 +350,37 @@ def print_train(summary: dict) -> None:
     """Print what a training did."""
     state = "promoted to current" if summary["promoted"] else "REFUSED by the promotion gate, not made current"
     sample = f" (a sample of {summary['sampled_tracks']})" if summary["sampled_tracks"] < summary["tracks"] else ""
-    out.print(
+    say(
         f"train: model {summary['version']} ({summary.get('classifier', 'xgboost')} on {','.join(summary.get('features', ['librosa']))}) "
         f"on {summary['tracks']} tracks{sample}, {len(summary['genres'])} genres "
         f"(labels: {summary['label_source']}); cross-validated accuracy (grouped by {summary['grouping']}) {summary['cv_accuracy']:.3f}, "
         f"macro-F1 {summary['cv_macro_f1']:.3f}; held-out accuracy {summary['holdout_accuracy']:.3f}; {state}: {summary['reason']}",
-        markup=False,
     )
     if summary["dropped_genres"]:
-        out.print(f"  genres with too few tracks, left out: {summary['dropped_genres']}", markup=False)
+        say(f"  genres with too few tracks, left out: {summary['dropped_genres']}")
 
 
 def print_tag(summary: dict) -> None:
     """Print what a tagging published."""
     genres = ", ".join(f"{g} {n}" for g, n in summary["genres"].items())
     if summary["mode"] == "unchanged":
-        out.print(f"tag: catalog snapshot {summary['snapshot']} is up to date ({summary['rows']} tracks, model {summary['model_version']})", markup=False)
+        say(f"tag: catalog snapshot {summary['snapshot']} is up to date ({summary['rows']} tracks, model {summary['model_version']})")
         return
     how = (
         f"{summary['predicted']} predicted, {summary['carried']} carried over, {summary['dropped']} dropped"
         if summary["mode"] == "incremental" else f"all {summary['predicted']} predicted"
     )
-    out.print(
+    say(
         f"tag: published catalog snapshot {summary['snapshot']}: {summary['rows']} tracks with model "
         f"{summary['model_version']} ({genres}; {how}); {summary['disagreements']} disagree with their embedded tag",
-        markup=False,
     )
 
 
 def print_compact(summary: dict) -> None:
     """Print what a compaction did."""
-    out.print(
+    say(
         f"compact: {summary['parts_before']} parts -> {summary['parts_after']}, index rows {summary['index_rows_before']} -> "
         f"{summary['index_rows_after']} ({summary['tracks']} current tracks)",
-        markup=False,
     )
 
 
@@ -316,11 +392,11 @@ def print_errors(store_url: str, limit: int = 10) -> int:
     errors = current_errors(Store.at(store_url))
     if errors.num_rows == 0:
         return 0
-    out.print(f"errors: {errors.num_rows} files could not be processed (query them: SELECT * FROM errors):", markup=False)
+    say(f"errors: {errors.num_rows} files could not be processed (query them: SELECT * FROM errors):")
     for row in errors.slice(0, limit).to_pylist():
-        out.print(f"  {row['uri']}: {row['error_type']}: {row['message']}", markup=False)
+        say(f"  {row['uri']}: {row['error_type']}: {row['message']}")
     if errors.num_rows > limit:
-        out.print(f"  ... and {errors.num_rows - limit} more", markup=False)
+        say(f"  ... and {errors.num_rows - limit} more")
     return errors.num_rows
 
 
@@ -345,7 +421,7 @@ def print_record(record: dict, store_url: str, strict: bool = False, fmt: str = 
     else:
         failing = print_text_record(record, store_url)
     if strict and failing:
-        err.print(f"error: --strict: {failing} files of the library could not be processed", markup=False)
+        say(f"error: --strict: {failing} files of the library could not be processed", err=True)
         raise typer.Exit(STRICT_EXIT)
 
 
@@ -356,13 +432,13 @@ def print_text_record(record: dict, store_url: str) -> int:
     if record.get("compact"):
         print_compact(record["compact"])
     if "train_decision" in record:
-        out.print(f"train decision: {record['train_decision']}", markup=False)
+        say(f"train decision: {record['train_decision']}")
     if "train" in record:
         print_train(record["train"])
     if "tag" in record:
         print_tag(record["tag"])
     failing = print_errors(store_url)
-    out.print(f"run {record['run_id']} {record.get('status', 'completed')}", markup=False)
+    say(f"run {record['run_id']} {record.get('status', 'completed')}")
     return failing
 
 
@@ -384,7 +460,7 @@ def check_reader(store: str) -> None:
         raise UsageError(f"store not found or not a folder: {store}")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def extract(
     library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
@@ -410,7 +486,7 @@ def extract(
     print_record(record, store, strict, fmt)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt: FormatOpt = "text") -> None:
     """Rewrite the feature store's current rows into large parts, dropping superseded rows and leftover files."""
@@ -422,7 +498,7 @@ def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt
     print_record(compact_flow(store, scheduler), store, fmt=fmt)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """The store at a glance: current model and its scores, catalog snapshot, last runs, current errors by kind, lease holder."""
@@ -436,32 +512,30 @@ def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
         print_json(facts)
         return
     model, snapshot = facts["model"], facts["catalog"]
-    out.print(f"store: {facts['store']} ({facts['tracks']} tracks with features)", markup=False)
-    out.print(
+    say(f"store: {facts['store']} ({facts['tracks']} tracks with features)")
+    say(
         f"model: {model['version']}{' (pinned)' if model['pinned'] else ''}, CV accuracy {model['cv_accuracy']:.3f}, "
         f"held-out {model['holdout_accuracy']:.3f}, {model['tracks']} labelled tracks, {model['genres']} genres" if model else "model: none",
-        markup=False,
     )
-    out.print(
+    say(
         f"catalog: snapshot {snapshot['snapshot']}, {snapshot['rows']} rows, model {snapshot['model_version']}, published {snapshot['published_at']}"
         if snapshot else "catalog: none published",
-        markup=False,
     )
-    out.print("errors: " + (", ".join(f"{k} {n}" for k, n in facts["errors_by_kind"].items()) or "none"), markup=False)
+    say("errors: " + (", ".join(f"{k} {n}" for k, n in facts["errors_by_kind"].items()) or "none"))
     for run in facts["last_runs"]:
         took = f" in {run['duration_s']:.0f} s" if run["duration_s"] is not None else ""
-        out.print(f"run {run['run_id']} ({run['flow']}): {run['status']}{took}" + (f": {run['error']}" if run["error"] else ""), markup=False)
+        say(f"run {run['run_id']} ({run['flow']}): {run['status']}{took}" + (f": {run['error']}" if run["error"] else ""))
     holder = facts["lease"]
-    out.print(f"lease: held by run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) until {holder['expires_at']}" if holder else "lease: free", markup=False)
+    say(f"lease: held by run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) until {holder['expires_at']}" if holder else "lease: free")
 
 
-models_app = typer.Typer(help="List, inspect, promote, roll back and pin the store's models.", no_args_is_help=True)
+models_app = typer.Typer(cls=PlainFirstGroup, help="List, inspect, promote, roll back and pin the store's models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 VersionArg = Annotated[str, typer.Argument(help="A model version (see 'genre-batch models list').")]
 RETAG_NOTE = "the catalog is not re-tagged now: the next 'tag' or 'run' re-tags every track with it"
 
 
-@models_app.command("list")
+@models_app.command("list", cls=PlainFirstCommand)
 @friendly
 def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Every registered model: version, created, tracks, genres, CV and held-out accuracy, gate, current marker."""
@@ -481,11 +555,11 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> Non
         mark = ("*" if r["current"] else "") + ("P" if r["pinned"] else "")
         view.add_row(mark, r["version"], r["created_at"][:19], str(r["tracks"]), str(r["genres"]), f"{r['cv_accuracy']:.3f}",
                      f"{r['holdout_accuracy']:.3f}", "passed" if r["gate_passed"] else "refused")
-    out.print(view, markup=False)
-    out.print("(* current, P pinned)", markup=False)
+    console().print(view, markup=False)
+    say("(* current, P pinned)")
 
 
-@models_app.command("show")
+@models_app.command("show", cls=PlainFirstCommand)
 @friendly
 def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """A model's card (JSON): genres, metrics, sample, gate, parameters, provenance."""
@@ -514,10 +588,10 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
         print_json(pointer)
         return
     pinned = " (pinned)" if pointer.get("pinned") else ""
-    out.print(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}", markup=False)
+    say(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}")
 
 
-@models_app.command("promote")
+@models_app.command("promote", cls=PlainFirstCommand)
 @friendly
 def models_promote(
     version: VersionArg,
@@ -531,7 +605,7 @@ def models_promote(
     switch_model(store, lambda s: registry.promote_checked(s, version, force), fmt)
 
 
-@models_app.command("rollback")
+@models_app.command("rollback", cls=PlainFirstCommand)
 @friendly
 def models_rollback(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """Make the previous current model current again (from the pointer's history)."""
@@ -540,7 +614,7 @@ def models_rollback(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") ->
     switch_model(store, registry.rollback, fmt)
 
 
-@models_app.command("pin")
+@models_app.command("pin", cls=PlainFirstCommand)
 @friendly
 def models_pin(
     store: StoreOpt = DEFAULT_STORE,
@@ -553,7 +627,7 @@ def models_pin(
     switch_model(store, lambda s: registry.pin(s, not unpin), fmt)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def prune(
     store: StoreOpt = DEFAULT_STORE,
@@ -579,10 +653,10 @@ def prune(
     if fmt == "json":
         print_json({"models": models, "run_records": records, "evaluations": reports})
         return
-    out.print(f"prune: {len(models)} models, {len(records)} run records, {len(reports)} evaluation reports deleted", markup=False)
+    say(f"prune: {len(models)} models, {len(records)} run records, {len(reports)} evaluation reports deleted")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def train(
     store: StoreOpt = DEFAULT_STORE,
@@ -607,7 +681,7 @@ def train(
     print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier), store, fmt=fmt)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def evaluate(
     store: StoreOpt = DEFAULT_STORE,
@@ -634,20 +708,19 @@ def evaluate(
         print_json(report)
         return
     cv = report["cross_validation"]
-    out.print(
+    say(
         f"evaluate: {report['tracks']} tracks ({report['windows']} rows), {len(report['genres'])} genres, "
         f"{report['classifier']} on {', '.join(report['feature_families'])}, "
         f"{cv['folds']}-fold CV grouped by {cv['grouping']} ({cv['groups']} groups): accuracy {cv['accuracy']:.3f}, "
         f"macro-F1 {cv['macro_f1']:.3f} (majority baseline {report['majority_baseline']:.3f}); calibration error "
         f"{cv['ece']:.3f} -> {cv['ece_calibrated']:.3f} at temperature {cv['temperature']:.2f}",
-        markup=False,
     )
     for genre, s in cv["per_genre"].items():
-        out.print(f"  {genre}: precision {s['precision']:.2f} recall {s['recall']:.2f} F1 {s['f1']:.2f} ({s['support']} tracks)", markup=False)
-    out.print(f"report: {report['report']}/report.json, confusion_matrix.png", markup=False)
+        say(f"  {genre}: precision {s['precision']:.2f} recall {s['recall']:.2f} F1 {s['f1']:.2f} ({s['support']} tracks)")
+    say(f"report: {report['report']}/report.json, confusion_matrix.png")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def tag(
     store: StoreOpt = DEFAULT_STORE,
@@ -670,7 +743,7 @@ def labels_spec(labels: str | None) -> str | None:
     return labels if labels in (None, "folders", "tags") else absolute(labels)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def run(
     library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
@@ -705,25 +778,27 @@ def run(
     print_record(record, store, strict, fmt)
 
 
-def render(table: Any, fmt: str) -> None:
-    """Print a query result as a table, CSV or JSON."""
-    from rich.table import Table
-
+def render(store: Store, sql: str, fmt: str) -> None:
+    """Run a query on a store and print its result as a table, CSV or JSON."""
     from genre_batch.publishing import query as q
 
+    if fmt == "csv":
+        sys.stdout.write(q.to_csv(q.run(store, sql)))
+        return
+    result = q.fetch(store, sql)
     if fmt == "json":
-        sys.stdout.write(q.to_json(table) + "\n")
-    elif fmt == "csv":
-        sys.stdout.write(q.to_csv(table))
-    else:
-        view = Table(*table.column_names, show_lines=False)
-        for row in q.rows(table):
-            view.add_row(*("" if v is None else str(v) for v in row.values()))
-        out.print(view, markup=False)
-        out.print(f"({table.num_rows} rows)", markup=False)
+        sys.stdout.write(q.to_json(result) + "\n")
+        return
+    from rich.table import Table
+
+    view = Table(*result.columns, show_lines=False)
+    for row in q.rows(result):
+        view.add_row(*("" if v is None else str(v) for v in row.values()))
+    console().print(view, markup=False)
+    say(f"({len(result.rows)} rows)")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def query(
     sql: Annotated[str, typer.Argument(help="SQL over tables 'catalog' (published snapshot) and 'errors'.")],
@@ -734,13 +809,12 @@ def query(
     checks.sql_statement(sql)
     checks.query_format(fmt)
     check_reader(store)
-    from genre_batch.publishing import query as q
     from genre_batch.storage.store import Store
 
-    render(q.run(Store.at(store), sql), fmt)
+    render(Store.at(store), sql, fmt)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def classify(
     files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
@@ -761,9 +835,9 @@ def classify(
                     for uri, r in results])
     else:
         for uri, result in results:
-            out.print(f"{uri}: error: {result}" if isinstance(result, str) else f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result), markup=False)
+            say(f"{uri}: error: {result}" if isinstance(result, str) else f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result))
     if failed:
-        err.print(f"error: {failed} of {len(files)} files could not be classified", markup=False)
+        say(f"error: {failed} of {len(files)} files could not be classified", err=True)
         raise typer.Exit(1)
 
 
@@ -789,19 +863,19 @@ def print_write_back(summary: dict) -> None:
     """Print what a write-back did (or, without --apply, would do)."""
     if not summary["applied"]:
         for f in summary["files"]:
-            out.print(f"  {f['uri']}: {'; '.join(f['old_tag']) or '(no genre tag)'} -> {f['new_tag'][0]} ({f['confidence']:.2f})", markup=False)
-        out.print(f"write-tags: {len(summary['files'])} files would be written; nothing was written (add --apply to write them)", markup=False)
+            say(f"  {f['uri']}: {'; '.join(f['old_tag']) or '(no genre tag)'} -> {f['new_tag'][0]} ({f['confidence']:.2f})")
+        say(f"write-tags: {len(summary['files'])} files would be written; nothing was written (add --apply to write them)")
         return
     verb = f"restored the tags run {summary['undoes']} wrote in" if summary["undoes"] else "wrote the genre tag of"
-    out.print(f"write-tags: run {summary['run_id']} {verb} {summary['written']} files, {summary['failed']} failed", markup=False)
+    say(f"write-tags: run {summary['run_id']} {verb} {summary['written']} files, {summary['failed']} failed")
     failures = [f for f in summary["files"] if f["outcome"] == "failed"]
     for f in failures[:WRITE_FAILURES_SHOWN]:
-        out.print(f"  {f['uri']}: {f['error_type']}: {f['message']}", markup=False)
+        say(f"  {f['uri']}: {f['error_type']}: {f['message']}")
     if failures:
-        out.print(f"  (all of them: genre-batch query \"SELECT * FROM writes WHERE run_id = '{summary['run_id']}' AND outcome = 'failed'\")", markup=False)
+        say(f"  (all of them: genre-batch query \"SELECT * FROM writes WHERE run_id = '{summary['run_id']}' AND outcome = 'failed'\")")
 
 
-@app.command("write-tags")
+@app.command("write-tags", cls=PlainFirstCommand)
 @friendly
 def write_tags(
     store: StoreOpt = DEFAULT_STORE,
@@ -834,7 +908,7 @@ def write_tags(
         print_write_back(summary)
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def similar(
     tracks: Annotated[list[str], typer.Argument(help="Catalog tracks (track_id or uri) or audio files outside the catalog (extracted now, nothing stored).")],
@@ -857,12 +931,12 @@ def similar(
         print_json([asdict(a) for a in answers])
         return
     for a in answers:
-        out.print(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):", markup=False)
+        say(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):")
         for n in a.neighbours:
-            out.print(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})", markup=False)
+            say(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to build the demo library and store.")] = Path("genre-batch-demo"),
@@ -872,19 +946,18 @@ def demo(
     checks.writable_folder(str(directory), "demo folder")
     from flows.pipeline import nightly
     from genre_batch import demo as demo_library
-    from genre_batch.publishing import query as q
     from genre_batch.storage.store import Store
 
     library, store = demo_library.build(directory.resolve())
-    out.print(f"demo library: {library} ({demo_library.describe()})", markup=False)
+    say(f"demo library: {library} ({demo_library.describe()})")
     record = with_progress(lambda: nightly(str(library), str(store), "tags", scheduler, 0.0))
     print_record(record, str(store))
     for title, sql in demo_library.EXAMPLE_QUERIES:
-        out.print(f"\n{title}\n$ genre-batch query --store {store} \"{sql}\"", markup=False)
-        render(q.run(Store.at(str(store)), sql), "table")
+        say(f"\n{title}\n$ genre-batch query --store {store} \"{sql}\"")
+        render(Store.at(str(store)), sql, "table")
 
 
-@app.command()
+@app.command(cls=PlainFirstCommand)
 @friendly
 def serve(
     library: Annotated[str, typer.Argument(help="Library folder or URL (s3://bucket/prefix, ...).")],
@@ -917,22 +990,33 @@ def usage_message(e: Exception) -> str:
     return f"error: {e.format_message()}{where}"  # type: ignore[attr-defined]
 
 
+def app_for(argv: list[str]) -> typer.Typer:
+    """The app with only the command argv[0] names (typer builds the parameters of every command it holds, 2 ms
+    each: 0.04 s CPU of a start), or the whole app when argv[0] names no command (an option, `models`, a typo)."""
+    chosen = [c for c in app.registered_commands if argv and (c.name or typer.main.get_command_name(c.callback.__name__)) == argv[0]]
+    if not chosen:
+        return app
+    single = copy.copy(app)
+    single.registered_commands, single.registered_groups = chosen, []
+    return single
+
+
 def run_app(argv: list[str]) -> int:
     """Run the command line on `argv`; returns the exit status (2 for parsing errors, printed as one line)."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click: its exceptions live here
     from typer._click.exceptions import UsageError as ParsingError
 
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(app_for(argv))
     try:
         status = command.main(argv, prog_name="genre-batch", standalone_mode=False)
     except NoArgsIsHelpError as e:
-        err.print(e.format_message(), markup=False)
+        say(e.format_message(), err=True)
         return 2
     except ParsingError as e:
-        err.print(usage_message(e), markup=False)
+        say(usage_message(e), err=True)
         return 2
     except ClickException as e:
-        err.print(f"error: {e.format_message()}", markup=False)
+        say(f"error: {e.format_message()}", err=True)
         return e.exit_code
     return status if isinstance(status, int) else 0
 
@@ -946,7 +1030,7 @@ def main() -> None:
         signum = signals.signal_number(e)
         if signum is None:
             raise
-        err.print(f"error: interrupted by {signals.signal_name(signum)}", markup=False)
+        say(f"error: interrupted by {signals.signal_name(signum)}", err=True)
         status = signals.exit_status(signum)
     sys.exit(status)
 

@@ -202,7 +202,7 @@ def test_query_formats(trained_store: tuple[Path, Path], dask_scheduler: str) ->
     s = Store(str(store))
     table = query.run(s, "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
     assert table.to_pylist() == [{"genre": g, "n": 5} for g in sorted(STYLES)]
-    as_json = query.to_json(query.run(s, "SELECT uri, probabilities FROM catalog ORDER BY uri LIMIT 2"))
+    as_json = query.to_json(query.fetch(s, "SELECT uri, probabilities FROM catalog ORDER BY uri LIMIT 2"))
     import json
 
     parsed = json.loads(as_json)

@@ -8,13 +8,12 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.storage.store import Store
+from genre_batch.storage.store import POINTER, Store
 
 CATALOG_VERSION = 3
 VECTOR_DIM = 128
 """Dimension of the `embedding` of every vector space (genre_batch.publishing.vectors): one fixed-size list type for all."""
 KEEP_SNAPSHOTS = 5
-POINTER = "CURRENT.json"
 
 FILE_ORDER = [("confidence", "descending"), ("uri", "ascending")]
 ROW_GROUP_ROWS = 100_000

@@ -1,21 +1,44 @@
 """Query: DuckDB SQL over the published catalog (table `catalog`), its change feed (`changes`), its neighbour lists
-(`similar`), current errors (`errors`) and the write-back record (`writes`)."""
+(`similar`), current errors (`errors`) and the write-back record (`writes`).
+
+On a local store with a published catalog, a query answered as Python values (`fetch`: the CLI's json and table
+formats) loads neither pyarrow (with numpy 0.2 s CPU of a start) nor the catalog module: DuckDB reads the snapshot's
+files itself. Arrow (`run`: CSV, object stores, the tables registered from Arrow) is imported where it is used.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.publishing import catalog
 from genre_batch.storage.store import Store
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 READ_ONLY = ("SELECT", "EXPLAIN")
 """Statement types `run` accepts (DESCRIBE, SUMMARIZE, SHOW and FROM-first queries are SELECTs)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A query's answer as Python values: its column names and its rows (DuckDB's values: maps as dicts, arrays as
+    tuples)."""
+
+    columns: list[str]
+    rows: list[tuple]
+
+
+def published(store: Store) -> dict | None:
+    """The published snapshot's pointer (as catalog.pointer reads it), or None before the first publish."""
+    return store.read_json(store.pointer) if store.exists(store.pointer) else None
 
 
 def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
@@ -28,25 +51,32 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     any other path. The errors view is built only when asked for: it reads the feature store's key columns.
     """
     con = duckdb.connect(":memory:")
-    # SQL naming the catalog needs one published (files() says so); the errors table is queryable before
-    files = catalog.files(store) if "catalog" in sql.lower() or catalog.pointer(store) else []
-    current = catalog.pointer(store) or {}
-    pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in sql.lower() else []
+    named = sql.lower()
+    current = published(store)
+    if current is None and "catalog" in named:  # SQL naming the catalog needs one published; the errors table is queryable before
+        from genre_batch.publishing import catalog
+
+        catalog.files(store)  # raises: no published catalog
+    files = [f"{store.catalog}/{name}" for name in current["files"]] if current else []
+    current = current or {}
+    pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in named else []
     if store.local and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
-    parquet_view(con, store, "catalog", files, catalog.CATALOG_SCHEMA)
-    if "similar" in sql.lower():  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
-        parquet_view(con, store, "similar", pieces, catalog.SIMILAR_SCHEMA)
-    if "changes" in sql.lower():  # the published snapshot's change feed (no rows before the first one that has it)
-        feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else catalog.CHANGES_SCHEMA.empty_table()
+    parquet_view(con, store, "catalog", files)
+    if "similar" in named:  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
+        parquet_view(con, store, "similar", pieces)
+    if "changes" in named:  # the published snapshot's change feed (no rows before the first one that has it)
+        from genre_batch.publishing.catalog import CHANGES_SCHEMA
+
+        feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else CHANGES_SCHEMA.empty_table()
         con.register("changes_arrow", feed)
         con.execute("CREATE VIEW changes AS SELECT * FROM changes_arrow")
-    if "errors" in sql.lower():
+    if "errors" in named:
         from genre_batch.storage.feature_store import current_errors  # imported here: it loads the feature code (0.7 s per query)
 
         con.register("errors_arrow", current_errors(store))
         con.execute("CREATE VIEW errors AS SELECT * FROM errors_arrow")
-    if "writes" in sql.lower():  # the write-back record (no rows before the first write-tags --apply)
+    if "writes" in named:  # the write-back record (no rows before the first write-tags --apply)
         from genre_batch.library.writeback import read_writes
 
         con.register("writes_arrow", read_writes(store))
@@ -56,18 +86,22 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files: list[str], schema: pa.Schema) -> None:
-    """A view `name` of Parquet files of the store (of no rows with `schema` when there are none)."""
-    if not files:
-        con.register(f"{name}_files", schema.empty_table())
-        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
-    elif store.local:
+def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files: list[str]) -> None:
+    """A view `name` (catalog or similar) of Parquet files of the store (of no rows, with the table's schema, when
+    there are none)."""
+    if store.local and files:
         con.read_parquet(files).create_view(name)
+        return
+    if not files:
+        from genre_batch.publishing.catalog import CATALOG_SCHEMA, SIMILAR_SCHEMA
+
+        table = {"catalog": CATALOG_SCHEMA, "similar": SIMILAR_SCHEMA}[name].empty_table()
     else:
         import pyarrow.dataset as ds  # imported here: it loads pandas where installed (0.4 s of every local query)
 
-        con.register(f"{name}_files", ds.dataset(files, format="parquet", filesystem=store.fs))
-        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
+        table = ds.dataset(files, format="parquet", filesystem=store.fs)
+    con.register(f"{name}_files", table)
+    con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {name}_files')
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -78,48 +112,68 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             raise GenreBatchError(f"query refused: genre-batch query is read-only and runs only SELECT statements, not {kind}")
 
 
-def run(store: Store, sql: str) -> pa.Table:
-    """Run read-only SQL (one statement, or several: the last one's result) and return its result as an Arrow table."""
+def answer(store: Store, sql: str, collect: Callable[[duckdb.DuckDBPyRelation], Any]) -> Any:
+    """Run read-only SQL (one statement, or several: the last one's result) and `collect` its result."""
     con = connect(store, sql)
     try:
         check_read_only(con, sql)
-        return con.sql(sql).to_arrow_table()
+        return collect(con.sql(sql))
     except duckdb.Error as e:
         raise GenreBatchError(f"query failed: {str(e).splitlines()[0]}") from None  # one line: no caret diagram
     finally:
         con.close()
 
 
+def run(store: Store, sql: str) -> pa.Table:
+    """Run read-only SQL and return its result as an Arrow table."""
+    return answer(store, sql, lambda relation: relation.to_arrow_table())
+
+
+def fetch(store: Store, sql: str) -> Result:
+    """Run read-only SQL and return its result as Python values."""
+    return answer(store, sql, lambda relation: Result(relation.columns, relation.fetchall()))
+
+
 def plain(value: object) -> object:
-    """A JSON-ready version of one cell: maps become objects, times ISO strings."""
-    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
-        return {k: plain(v) for k, v in value}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
+    """A JSON-ready version of one DuckDB value: maps become objects, arrays lists, times ISO strings."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
     if isinstance(value, datetime | date):
         return value.isoformat()
     return value
 
 
-def rows(table: pa.Table) -> list[dict]:
+def rows(result: Result) -> list[dict]:
     """Rows of a result as plain dicts."""
-    return [{k: plain(v) for k, v in row.items()} for row in table.to_pylist()]
+    return [dict(zip(result.columns, map(plain, row))) for row in result.rows]
 
 
-def to_json(table: pa.Table) -> str:
-    """One JSON array of row objects."""
-    return json.dumps(rows(table), ensure_ascii=False)
+def to_json(result: Result) -> str:
+    """One JSON array of row objects (values JSON has no type for, such as decimals, as strings)."""
+    return json.dumps(rows(result), ensure_ascii=False, default=str)
+
+
+def arrow_plain(value: object) -> object:
+    """A JSON-ready version of one cell of an Arrow result (its maps are lists of key-value pairs)."""
+    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return {k: arrow_plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [arrow_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: arrow_plain(v) for k, v in value.items()}
+    return plain(value)
 
 
 def to_csv(table: pa.Table) -> str:
     """CSV with a header line; maps and lists are written as JSON."""
-    import pyarrow.csv as pacsv  # imported here: only --format csv writes CSV
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
 
     flat = pa.table(
         {
-            name: pa.array([json.dumps(plain(v)) for v in col.to_pylist()])
+            name: pa.array([json.dumps(arrow_plain(v)) for v in col.to_pylist()])
             if pa.types.is_nested(col.type)
             else col
             for name, col in zip(table.column_names, table.columns)

@@ -36,6 +36,9 @@ switch (AWS_NEW_RETRIES_2026) that makes `standard` the default (3 attempts), an
 a 429 TooManyRequests answer. On top of this, s3fs retries a request that still ends in SlowDown up to 5 times.
 """
 
+POINTER = "CURRENT.json"
+"""Name of the catalog's pointer file: which snapshot readers see (genre_batch.publishing.catalog writes it)."""
+
 TEMP_MARK = ".tmp-"
 """Infix of the temporary file an atomic local write renames into place; a kill mid-write can leave one behind."""
 
@@ -157,6 +160,11 @@ class Store:
     def catalog(self) -> str:
         """Folder of catalog snapshots and the CURRENT pointer."""
         return self.path("catalog")
+
+    @property
+    def pointer(self) -> str:
+        """The catalog's pointer file (CURRENT.json): the published snapshot's files, vector space and lists."""
+        return self.path("catalog", POINTER)
 
     @property
     def runs(self) -> str:
