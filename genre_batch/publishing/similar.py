@@ -217,6 +217,7 @@ def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()  # the index owns (and frees) its quantizer
+    index.cp.min_points_per_centroid = 1  # a small library trains fewer points per list than faiss advises: no warning
     index.train(matrix)
     index.add_with_ids(matrix, vids)
     return index
@@ -311,16 +312,22 @@ def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.
     return pa.table({"bucket": bucket[order], "vid": hit[order], "added": added[order], "score": score[order].astype(np.float32)}, schema=REVERSE_SCHEMA)
 
 
+def last_entries(store: Store, relative: str) -> pa.Table:
+    """(track_id, score) of the K-th entries of a published similar piece: one piece at a time, so an upgrade night
+    never holds every list (20M rows at 1M tracks)."""
+    import pyarrow.compute as pc
+    table = store.read_table(f"{store.catalog}/{relative}", ["track_id", "rank", "score"])
+    return table.filter(pc.equal(table["rank"], SIMILAR_K)).select(["track_id", "score"])
+
+
 def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarray]:
     """The floors of the previous snapshot's lists as (sorted vids, floors): from its deep lists, or, for a snapshot
     written before them, the K-th score of its published lists (a shorter list has none: -inf)."""
-    import pyarrow.compute as pc
     if update.deep:
         table = pa.concat_tables([store.read_table(f"{store.catalog}/{deep_piece(update.previous, b)}", ["vid", "floor"]) for b in range(update.buckets)])
         vids, floors = buffer_view(table["vid"], np.int64), buffer_view(table["floor"], np.float32)
     else:
-        table = pa.concat_tables([store.read_table(f"{store.catalog}/{piece(update.previous, b)}", ["track_id", "rank", "score"]) for b in range(update.buckets)])
-        table = table.filter(pc.equal(table["rank"], SIMILAR_K))
+        table = pa.concat_tables([last_entries(store, piece(update.previous, b)) for b in range(update.buckets)])
         vids, floors = vector_ids(table["track_id"].to_pylist()), buffer_view(table["score"], np.float32)
     order = np.argsort(vids)
     return vids[order], floors[order]
