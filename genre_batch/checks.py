@@ -179,6 +179,22 @@ def prefect_api_url() -> str | None:
     return str(url) if url else None
 
 
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+"""How Prefect 3 words the RuntimeError of an ephemeral API server that did not answer in time (it has no type of its own)."""
+
+
+def prefect_start_error(error: BaseException) -> str | None:
+    """One line for Prefect's ephemeral API server not starting in time, None for any other error."""
+    if not (isinstance(error, RuntimeError) and str(error).startswith(EPHEMERAL_TIMEOUT)):
+        return None
+    import os
+
+    waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "?")
+    return (f"Prefect's ephemeral API server did not answer within {waited} s (a busy machine?): nothing was run; raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with '{SERVER_COMMAND}' and "
+            f"'export PREFECT_API_URL={SERVER_API_URL}'")
+
+
 CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
                ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
                ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")))

@@ -239,7 +239,7 @@ RetrainOpt = Annotated[
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Print a GenreBatchError as one line on stderr, without a traceback, and exit with its status (UsageError 2,
-    NoModel 4, PublishRefused 5, others 1); a storage failure likewise, with status 1."""
+    NoModel 4, PublishRefused 5, others 1); a storage failure or Prefect's server not starting likewise, with status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -251,7 +251,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             say(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except Exception as e:
-            message = storage_error(e)
+            message = storage_error(e) or checks.prefect_start_error(e)
             if message is None:
                 raise
             say(f"error: {message}", err=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="genre-batch-numba-"))
+if "NUMBA_CACHE_DIR" not in os.environ:  # the session's own numba cache, removed when the session ends
+    os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="genre-batch-numba-")
+    atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")  # as the CLI

@@ -89,6 +89,24 @@ def test_cli_errors_are_one_line(args: list[str], status: int, message: str, tmp
     assert "Traceback" not in err + out
 
 
+def test_prefect_server_not_starting_is_one_line(tmp_path: Path) -> None:
+    """Prefect's ephemeral server that does not answer in time (here: a start-up timeout of 0 s) is one line, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import make_library
+
+    make_library(tmp_path / "library", 1, styles=STYLES[:1])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    done = subprocess.run([sys.executable, "-m", "genre_batch.cli", "extract", str(tmp_path / "library"), "--store", str(tmp_path / "store"),
+                           "--features", "librosa"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("error: Prefect's ephemeral API server did not answer within 0 s")
+    assert not (tmp_path / "store" / "features").exists() or not any((tmp_path / "store" / "features").rglob("*.parquet"))
+
+
 @pytest.mark.parametrize("verb", ["extract", "compact", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve", "status", "models", "prune"])
 def test_every_verb_has_help(verb: str) -> None:
     code, out, _ = cli(verb, "--help")
