@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from genre_batch.analysis import audio, extraction, features
 from genre_batch.analysis.features import FEATURE_VERSION
 from genre_batch.analysis.musicnn import EMBEDDING_VERSION
+from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.modelling import training
 from genre_batch.modelling.evaluation import majority_baseline, scores
 from genre_batch.modelling.model import default_kind
@@ -65,7 +66,7 @@ def discover(data: Path) -> list[Task]:
             (f, i)
             for i, g in enumerate(genres)
             for f in sorted((task_dir / g).iterdir())
-            if f.suffix.lower() in audio.AUDIO_EXTENSIONS
+            if f.suffix.lower() in AUDIO_EXTENSIONS
         ]
         if files:
             tasks.append(Task(task_dir.name, [f for f, _ in files], np.array([i for _, i in files], np.int32), genres))

@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from bench import synthetic_store
 from bench.accuracy import warm_up
 from genre_batch.analysis import extraction
-from genre_batch.analysis.audio import AUDIO_EXTENSIONS
+from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.modelling import training
 
 REAL_CAPS = (10, 20, 30, 40, 50)

@@ -41,7 +41,7 @@ from bench.scale import (
     target,
 )
 from genre_batch.analysis import audio, features
-from genre_batch.analysis.audio import AUDIO_EXTENSIONS
+from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.analysis.extraction import extract_file, librosa_windows, musicnn_vector
 from genre_batch.cluster import local_cluster, warm_up_workers
 from genre_batch.stages.extract import DEFAULT_FEATURES

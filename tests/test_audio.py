@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from genre_batch.analysis.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, Span, Tags, decode, read_tags
+from genre_batch.analysis.audio import SAMPLE_RATE, AudioError, Span, Tags, decode, read_tags
+from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.analysis.features import window_spans
 from genre_batch.library.synth import FORMATS, STYLES, render, write_audio
 

@@ -16,7 +16,6 @@ import soxr
 from mutagen.id3 import ID3
 
 from genre_batch import FileError
-from genre_batch.library.discovery import AUDIO_EXTENSIONS  # noqa: F401  (re-exported; listing owns it: no decoder for readers)
 
 SAMPLE_RATE = 22050
 SILENCE_DBFS = -80.0
