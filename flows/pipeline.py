@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from genre_batch import progress
 from genre_batch.cluster import Session, session
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
-from genre_batch.stages import compact, extract, runs
+from genre_batch.stages import compact, extract, runs, tag
 from genre_batch.storage.feature_store import BACKFILL_CAP
 from genre_batch.storage.store import Store
 
-ONE_RUN_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-"""The deployment's concurrency: a run due while another runs is cancelled ("Deployment concurrency limit reached.")."""
+if TYPE_CHECKING:  # Prefect's deployment modules: only `serve` needs them
+    from prefect.deployments.runner import RunnerDeployment
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -95,8 +94,6 @@ def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_acc
 @task(name="tag-and-publish", cache_policy=NO_CACHE)
 def tag_task(store: Store, run_id: str, cluster: Session, full: bool, force: bool) -> dict:
     """Tag new and changed tracks (every track for a new model) on Dask and publish a catalog snapshot."""
-    from genre_batch.stages import tag
-
     summary = runs.as_record(tag.tag(store, run_id, cluster, full=full, force=force))
     create_markdown_artifact(
         markdown_table(["genre", "tracks"], [[g, n] for g, n in summary["genres"].items()]),
@@ -180,11 +177,15 @@ def nightly(
 
 
 def deployment(name: str, cron: str, parameters: dict) -> RunnerDeployment:
-    """The nightly deployment that `genre-batch serve` serves: its cron, one run at a time, loaded by module path from any directory."""
+    """The nightly deployment that `genre-batch serve` serves: its cron, one run at a time (a run due while another
+    runs is cancelled: "Deployment concurrency limit reached."), loaded by module path from any directory."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+
     return nightly.to_deployment(
         name=name,
         cron=cron,
         parameters=parameters,
-        concurrency_limit=ONE_RUN_AT_A_TIME,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -179,6 +179,13 @@ def prefect_api_url() -> str | None:
     return str(url) if url else None
 
 
+def prefect_ephemeral() -> bool:
+    """Whether Prefect will start its ephemeral API server for a flow run: no API URL and ephemeral mode enabled."""
+    from prefect.settings import get_current_settings
+
+    return prefect_api_url() is None and get_current_settings().server.ephemeral.enabled
+
+
 EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 """How Prefect 3 words the RuntimeError of an ephemeral API server that did not answer in time (it has no type of its own)."""
 

@@ -11,7 +11,9 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -299,6 +301,35 @@ def options(
     os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before numba loads: one cache for all
 
 
+@contextmanager
+def prefect_api_starting() -> Iterator[None]:
+    """Prefect's ephemeral API server (when it will use one) starting in a background thread while the block runs (the
+    flows' imports: 2-3 s of CPU), instead of after them; at the end of the block, wait until it answers (its start's
+    error, if any, raised here: checks.prefect_start_error). With PREFECT_API_URL set, the block just runs."""
+    if not checks.prefect_ephemeral():
+        yield
+        return
+    # What get_client imports to start the server, imported in this thread: two threads importing Prefect's modules
+    # at once can deadlock on its circular imports.
+    import prefect.server.api.server  # noqa: F401
+    from prefect import get_client
+
+    failures: list[Exception] = []
+
+    def start() -> None:
+        try:
+            get_client(sync_client=True)  # starts the ephemeral server and waits until it answers (Prefect's own start)
+        except Exception as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=start, name="prefect-api-start", daemon=True)
+    thread.start()
+    yield
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
 def progress_bar() -> Progress:
     """A progress bar for extraction."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -479,7 +510,8 @@ def extract(
     if dry_run:
         print_plan(library, store, force, None, "auto", fmt)
         return
-    from flows.pipeline import extract_flow
+    with prefect_api_starting():
+        from flows.pipeline import extract_flow
 
     store = absolute(store)
     record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force, names, backfill_cap))
@@ -492,7 +524,8 @@ def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt
     """Rewrite the feature store's current rows into large parts, dropping superseded rows and leftover files."""
     check_reader(store)
     check_writer(None, store, fmt)
-    from flows.pipeline import compact_flow
+    with prefect_api_starting():
+        from flows.pipeline import compact_flow
 
     store = absolute(store)
     print_record(compact_flow(store, scheduler), store, fmt=fmt)
@@ -675,7 +708,8 @@ def train(
     families = None if features is None else list(feature_names(features))
     checks.classifier(classifier, all_tracks)
     check_writer(None, store, fmt, labels)
-    from flows.pipeline import train_flow
+    with prefect_api_starting():
+        from flows.pipeline import train_flow
 
     store = absolute(store)
     print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier), store, fmt=fmt)
@@ -732,7 +766,8 @@ def tag(
     """Tag the store's tracks with the current model (new and changed ones only, when the model is unchanged) and publish a catalog snapshot."""
     check_reader(store)
     check_writer(None, store, fmt)
-    from flows.pipeline import tag_flow
+    with prefect_api_starting():
+        from flows.pipeline import tag_flow
 
     store = absolute(store)
     print_record(tag_flow(store, scheduler, full, force), store, fmt=fmt)
@@ -769,7 +804,8 @@ def run(
     if dry_run:
         print_plan(library, store, force, labels_spec(labels), retrain, fmt)
         return
-    from flows.pipeline import nightly
+    with prefect_api_starting():
+        from flows.pipeline import nightly
 
     store = absolute(store)
     record = with_progress(
@@ -944,7 +980,8 @@ def demo(
 ) -> None:
     """Build a small synthetic library (tagged, untagged and one corrupt file), run the nightly job on it, show the catalog."""
     checks.writable_folder(str(directory), "demo folder")
-    from flows.pipeline import nightly
+    with prefect_api_starting():
+        from flows.pipeline import nightly
     from genre_batch import demo as demo_library
     from genre_batch.storage.store import Store
 

@@ -11,7 +11,6 @@ import dask
 from distributed import Client, Future, LocalCluster
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
-from genre_batch.analysis.features import warm_up
 
 WORKER_WAIT_S = 60
 
@@ -59,6 +58,8 @@ def warm_up_workers(client: Client) -> None:
     Workers compiling at once into one numba cache can mix its files and segfault later (numba#10128);
     after the first worker of a host has filled the cache, the others only load it.
     """
+    from genre_batch.analysis.features import warm_up  # numba and scipy.fft: the flow process itself needs neither
+
     by_host: dict[str, list[str]] = {}
     for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
         by_host.setdefault(info["host"], []).append(address)

@@ -7,15 +7,14 @@ import hashlib
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
-from genre_batch.modelling.model import MAX_FOLDS, GenreModel, everything, groups_per_genre, model_class
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.storage.feature_store import (
     CHOICE_COLUMNS,
     FAMILIES,
@@ -28,6 +27,9 @@ from genre_batch.storage.feature_store import (
     read_windows,
 )
 from genre_batch.storage.store import Store
+
+if TYPE_CHECKING:  # the model module imports xgboost and scikit-learn (1.5 s of CPU): imported where a model is fitted
+    from genre_batch.modelling.model import GenreModel
 
 MIN_PER_GENRE = 2
 GROUPINGS = ("auto", "track", "artist", "album", "folder")
@@ -319,6 +321,8 @@ def per_track(probabilities: np.ndarray, track: np.ndarray, n_tracks: int) -> np
 
 def folds(data: TrainingSet) -> int:
     """Number of folds: up to MAX_FOLDS, at most the number of groups of the smallest genre."""
+    from genre_batch.modelling.model import MAX_FOLDS, groups_per_genre
+
     return int(min(MAX_FOLDS, groups_per_genre(data.y_track, data.groups)))
 
 
@@ -329,6 +333,8 @@ def splits(data: TrainingSet, n_splits: int, seed: int = 0) -> list[tuple[np.nda
             f"grouped evaluation needs 2+ {data.grouping} groups per genre; "
             f"use --group-by track or add labelled tracks"
         )
+    from sklearn.model_selection import StratifiedGroupKFold  # 1.3 s of CPU that `tag` does not need
+
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(data.y_track)), data.y_track, data.groups))
 
@@ -342,6 +348,8 @@ def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups:
         columns: list[str] | None = None, rows: np.ndarray | None = None) -> GenreModel:
     """Fit a model of a kind on feature rows (`rows` of X, default all: never copied as a whole) with genre- and
     track-balanced weights (`groups`: per track)."""
+    from genre_batch.modelling.model import everything, model_class
+
     rows = everything(rows, len(y))
     weight = np.zeros(len(y))
     weight[rows] = balanced_weights(y[rows], track[rows])

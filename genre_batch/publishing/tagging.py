@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genre_batch.analysis import audio, features
-from genre_batch.analysis.audio import AudioError
-from genre_batch.analysis.extraction import librosa_windows, musicnn_vector
+from genre_batch.analysis.columns import FEATURE_NAMES
 from genre_batch.library.labels import normalise
 from genre_batch.modelling import registry
 from genre_batch.modelling.evaluation import calibrate
-from genre_batch.modelling.model import GenreModel
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
 from genre_batch.publishing.vectors import VectorSpace, track_vectors, window_means
 from genre_batch.storage.feature_store import LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
+
+if TYPE_CHECKING:  # xgboost and scikit-learn: loaded with the model (registry.load), not by the flow process importing this
+    from genre_batch.modelling.model import GenreModel
 
 UNKNOWN = "unknown"
 """Genre of a track whose confidence is under the model's abstain threshold."""
@@ -108,7 +109,7 @@ def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) 
     rows = family_rows(store, tracks, families)
     track = pc.index_in(rows["uri"], value_set=tracks["uri"]).to_numpy(zero_copy_only=False).astype(np.int64)
     X = matrix(rows, columns_of(families))
-    means = window_means(X[:, : len(features.FEATURE_NAMES)], tracks["row_count"].to_numpy().astype(np.int64)) if LIBROSA.name in families else None
+    means = window_means(X[:, : len(FEATURE_NAMES)], tracks["row_count"].to_numpy().astype(np.int64)) if LIBROSA.name in families else None
     return calibrated(model, X, track, tracks.num_rows, meta), means
 
 
@@ -155,6 +156,9 @@ def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, d
 def file_rows(uri: str, families: list[str]) -> np.ndarray:
     """The feature rows of one file for the given families, as the store would hold them joined (one decode):
     librosa windows with the musicnn vector beside each, or the musicnn vector alone (raises audio.AudioError)."""
+    from genre_batch.analysis import audio, features  # audio decoding and numba: only for files outside the catalog
+    from genre_batch.analysis.extraction import librosa_windows, musicnn_vector
+
     segments, _, _ = audio.load(uri, features.window_spans)
     parts = [librosa_windows(segments)[1]] if LIBROSA.name in families else []
     if MUSICNN.name in families:
@@ -165,6 +169,8 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
     """The `top` genres and probabilities of each file with the current model, or the reason it failed."""
+    from genre_batch.analysis.audio import AudioError
+
     _, model, meta = registry.load_current(store)
     families = families_of(meta)
     results: list[tuple[str, list[tuple[str, float]] | str]] = []

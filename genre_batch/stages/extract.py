@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, PublishRefused
-from genre_batch.analysis.extraction import Progress, run_shards
 from genre_batch.cluster import Session
 from genre_batch.library.discovery import discover
 from genre_batch.storage.feature_store import (
@@ -27,6 +27,9 @@ from genre_batch.storage.feature_store import (
     write_inventory,
 )
 from genre_batch.storage.store import Store
+
+if TYPE_CHECKING:
+    from genre_batch.analysis.extraction import Progress
 
 LISTING_SHRINK_LIMIT = 0.3
 """A listing with more than this share fewer files than the previous one is refused (an empty or unmounted library,
@@ -109,6 +112,8 @@ def extract(
     if todo.moved.num_rows:
         store.write_table(f"{store.index}/{run_id}-moves.parquet", todo.moved)
     if todo.todo.num_rows:
+        from genre_batch.analysis.extraction import run_shards  # audio decoding and numba: not for a run with nothing to extract
+
         result = run_shards(session.client, store, todo.todo, run_id, on_progress)
         if result.shard_failures:
             raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))

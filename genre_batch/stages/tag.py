@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, NoModel, PublishRefused
-from genre_batch.analysis.features import FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_VERSION
 from genre_batch.cluster import Session
 from genre_batch.library.labels import without_written
 from genre_batch.library.writeback import written
