@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -86,12 +87,13 @@ def cancelling(client: Client) -> Iterator[Client]:
 
 @contextmanager
 def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
-    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster.
+    """A client on `scheduler` (else Dask's DASK_SCHEDULER_ADDRESS) or, without either, on a local cluster (its workers
+    not warmed: Session.warm_client does that for the stages that run librosa's code).
 
     On failure or interruption the client's futures are cancelled; then a local cluster's nannies stop their workers,
     waiting at most 4 s for a running shard (Dask's nanny close timeout, 0.8 x 5 s) before killing them.
     """
-    scheduler = scheduler or dask.config.get("scheduler-address", None)
+    scheduler = scheduler_address(scheduler)
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
@@ -102,30 +104,78 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
                 client.wait_for_workers(1, timeout=WORKER_WAIT_S)
             except TimeoutError:
                 raise GenreBatchError(f"no Dask worker joined {scheduler} within {WORKER_WAIT_S} s") from None
-            warm_up_workers(client)
             with cancelling(client):
                 yield client
         return
-    with local_cluster(n_workers) as cluster, Client(cluster) as client:
-        warm_up_workers(client)
-        with cancelling(client):
-            yield client
+    with local_cluster(n_workers) as cluster, cluster_client(cluster) as client:
+        yield client
+
+
+@contextmanager
+def cluster_client(cluster: LocalCluster) -> Iterator[Client]:
+    """A client on a local cluster, its futures cancelled on failure or interruption (as dask_client's)."""
+    with Client(cluster) as client, cancelling(client):
+        yield client
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The scheduler a session connects to: `scheduler`, else Dask's DASK_SCHEDULER_ADDRESS; None for a local cluster."""
+    return scheduler or dask.config.get("scheduler-address", None)
 
 
 class Session:
-    """A Dask client started on first use (a run with nothing to compute starts no cluster) and closed with the session."""
+    """A Dask client started on first use (a run with nothing to compute starts no cluster), or in the background from
+    `start_soon`, and closed with the session."""
 
     def __init__(self, scheduler: str | None = None, n_workers: int | None = None) -> None:
         self.scheduler, self.n_workers = scheduler, n_workers
         self.stack = ExitStack()
         self._client: Client | None = None
+        self._cluster: LocalCluster | None = None
+        self._starting: threading.Thread | None = None
+        self._failure: Exception | None = None
+        self._warm = False
+
+    def start_soon(self) -> None:
+        """Start the local cluster's scheduler and worker processes in a background thread while the caller goes on
+        reading; `client` waits for them (and raises their failure). A session on a scheduler connects when used."""
+        if self._client is None and self._starting is None and scheduler_address(self.scheduler) is None:
+            self._starting = threading.Thread(target=self._start, name="dask-start", daemon=True)
+            self._starting.start()
+
+    def _start(self) -> None:
+        """Enter a local cluster into the session (a failure is kept for `client` to raise). Only the cluster: a
+        Client's context belongs to the thread that uses it."""
+        try:
+            self._cluster = self.stack.enter_context(local_cluster(self.n_workers))
+        except Exception as e:
+            self._failure = e
+
+    def settle(self) -> None:
+        """Wait for a background start (its failure, if any, raised by `client` only)."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
 
     @property
     def client(self) -> Client:
-        """The client, starting the cluster (or connecting to the scheduler) the first time."""
+        """The client, starting the cluster (or connecting to the scheduler) the first time, or waiting for `start_soon`."""
+        self.settle()
+        if self._failure is not None:
+            raise self._failure
         if self._client is None:
-            self._client = self.stack.enter_context(dask_client(self.scheduler, self.n_workers))
+            started = cluster_client(self._cluster) if self._cluster is not None else dask_client(self.scheduler, self.n_workers)
+            self._client = self.stack.enter_context(started)
         return self._client
+
+    @property
+    def warm_client(self) -> Client:
+        """The client, its workers warmed first for librosa's numba code (extraction; tagging and compaction run none)."""
+        client = self.client
+        if not self._warm:
+            warm_up_workers(client)
+            self._warm = True
+        return client
 
     @property
     def started(self) -> bool:
@@ -150,4 +200,7 @@ def session(scheduler: str | None = None, n_workers: int | None = None) -> Itera
     the client first, which cancels its futures)."""
     s = Session(scheduler, n_workers)
     with s.stack:
-        yield s
+        try:
+            yield s
+        finally:
+            s.settle()  # a cluster still starting in the background joins the stack before it closes

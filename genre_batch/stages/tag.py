@@ -239,6 +239,14 @@ def change_feed(store: Store, session: Session, snapshot: str, previous: dict | 
     return session.run([(catalog.gather_changes, store, snapshot)])[0]
 
 
+def workers_wanted(store: Store, previous: dict | None, version: str) -> bool:
+    """Whether the tag tasks will likely run: no snapshot yet, another model, or a library listing written after the
+    snapshot was published. A hint for starting the cluster early (a wrong guess costs a cluster start, or the wait)."""
+    if not previous or previous.get("model_version") != version:
+        return True
+    return store.exists(store.inventory) and store.fs.modified(store.inventory) > datetime.fromisoformat(previous["published_at"])
+
+
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False,
         steps: Steps | None = None) -> TagSummary:
     """Tag the library's current tracks with the current model on the workers and publish a snapshot; a new model
@@ -251,6 +259,8 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     with steps.step("model, inventory"):
         version, meta = current_model(store)
         previous = catalog.pointer(store)
+        if workers_wanted(store, previous, version):
+            session.start_soon()  # the workers start while this process reads the store (~7 s at 1M tracks)
         inventory = read_inventory(store, KEYS)
     with steps.step("current tracks (choice columns)"):
         current = current_positions(store, inventory)
