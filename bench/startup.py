@@ -67,8 +67,11 @@ def patch_pipeline(pipeline: Any) -> None:
 
 def patch_cluster(cluster: Any) -> None:
     """Time the Dask cluster's start and the first Dask tasks."""
-    timed(cluster, "dask_client", "dask cluster: asked for")
-    timed(cluster, "warm_up_workers", "dask cluster: started, warming workers", "dask cluster: ready (workers warmed)")
+    timed(cluster, "dask_client", "dask client: asked for")
+    timed(cluster, "local_cluster", "dask local cluster: starting", "dask local cluster: started")
+    if hasattr(cluster, "cluster_client"):  # this session's background start (genre_batch.cluster.Session.start_soon)
+        timed(cluster, "cluster_client", "dask client on the started cluster: asked for", "dask client: connected")
+    timed(cluster, "warm_up_workers", "dask workers: warming", "dask workers: warmed")
     timed(cluster.Session, "run", "first dask tasks submitted", "first dask tasks done")
 
 

@@ -27,3 +27,43 @@ def test_image_dask_config_sets_the_same_worker_environ() -> None:
     config = yaml.safe_load((ROOT / "docker" / "dask.yaml").read_text())
     assert config["distributed"]["nanny"]["pre-spawn-environ"] == WORKER_ENVIRON
     assert "COPY docker/dask.yaml /etc/dask/dask.yaml" in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
+
+
+def worker_processes() -> set[int]:
+    """Pids of this process's Dask worker processes (spawned by a local cluster's nannies)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())}
+
+
+def test_a_cluster_started_in_the_background_is_used_or_closed_with_the_session() -> None:
+    """start_soon starts a local cluster in a thread: the session's tasks run on it; a start nobody used is waited
+    for and closed with the session; either way no worker process is left."""
+    from genre_batch.cluster import session
+
+    before = worker_processes()
+    with session(n_workers=1) as s:
+        s.start_soon()
+        [pid] = s.run([(os.getpid,)])
+        assert pid != os.getpid() and pid in worker_processes() - before
+    with session(n_workers=1) as s:
+        s.start_soon()
+    assert worker_processes() == before
+
+
+def test_the_tag_stage_wants_workers_early_only_when_something_changed(tmp_path: Path) -> None:
+    """The hint for starting the cluster early: no snapshot, another model, or a listing written after publishing."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from genre_batch.stages.tag import workers_wanted
+    from genre_batch.storage.store import Store
+
+    store = Store.at(str(tmp_path / "store"))
+    store.write_table(store.inventory, pa.table({"uri": ["a.wav"]}))
+    written = store.fs.modified(store.inventory)
+    published = {"model_version": "m-1", "published_at": (written + timedelta(seconds=1)).isoformat()}
+    assert workers_wanted(store, None, "m-1") and workers_wanted(store, published, "m-2")
+    assert not workers_wanted(store, published, "m-1")
+    assert workers_wanted(store, {**published, "published_at": (written - timedelta(seconds=1)).isoformat()}, "m-1")

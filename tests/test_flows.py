@@ -107,6 +107,32 @@ def test_prefect_server_not_starting_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "store" / "features").exists() or not any((tmp_path / "store" / "features").rglob("*.parquet"))
 
 
+def test_cli_starts_prefects_ephemeral_server_and_leaves_no_process(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL the CLI starts Prefect's ephemeral server in the background while it imports the flows;
+    the flow runs on it (here: to the store's missing model, exit 4) and no process of the run is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    home = str(tmp_path / "prefect-home")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=home)
+    done = subprocess.run([sys.executable, "-m", "genre_batch.cli", "tag", "--store", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 4 and done.stderr.startswith(f"error: no current model in {tmp_path}") and done.stderr.count("\n") == 1
+    assert (tmp_path / "prefect-home" / "prefect.db").exists()  # the ephemeral server ran (its database)
+
+    def ours(p: psutil.Process) -> bool:
+        try:
+            return p.environ().get("PREFECT_HOME") == home
+        except psutil.Error:
+            return False
+
+    assert [p.cmdline() for p in psutil.process_iter() if ours(p)] == []
+
+
 @pytest.mark.parametrize("verb", ["extract", "compact", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve", "status", "models", "prune"])
 def test_every_verb_has_help(verb: str) -> None:
     code, out, _ = cli(verb, "--help")
