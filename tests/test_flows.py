@@ -121,7 +121,7 @@ def test_cli_starts_prefects_ephemeral_server_and_leaves_no_process(tmp_path: Pa
     env.update(PREFECT_HOME=home)
     done = subprocess.run([sys.executable, "-m", "genre_batch.cli", "tag", "--store", str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=600)
-    assert done.returncode == 4 and done.stderr.startswith(f"error: no current model in {tmp_path}") and done.stderr.count("\n") == 1
+    assert done.returncode == 4 and done.stderr.startswith(f"error: no current model in {tmp_path}") and done.stderr.count("\n") == 1, done.stderr
     assert (tmp_path / "prefect-home" / "prefect.db").exists()  # the ephemeral server ran (its database)
 
     def ours(p: psutil.Process) -> bool:
