@@ -177,11 +177,6 @@ class Session:
             self._warm = True
         return client
 
-    @property
-    def started(self) -> bool:
-        """Whether a cluster was started or connected to."""
-        return self._client is not None
-
     def run(self, calls: list[tuple]) -> list:
         """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls.
         Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""

@@ -259,7 +259,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     with steps.step("model, inventory"):
         version, meta = current_model(store)
         previous = catalog.pointer(store)
-        if workers_wanted(store, previous, version):
+        if full or workers_wanted(store, previous, version):
             session.start_soon()  # the workers start while this process reads the store (~7 s at 1M tracks)
         inventory = read_inventory(store, KEYS)
     with steps.step("current tracks (choice columns)"):
