@@ -355,3 +355,42 @@ def test_carried_rows_are_matched_on_listing_positions_and_merged_by_row_number(
     merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
     assert sorted(merged["track_id"].to_pylist()) == ["t0", "t9"] and merged.schema == catalog.CATALOG_SCHEMA
     assert catalog.rows_by_file(s, [], ["uri"]).column_names == ["uri", "_file", "_line"]  # no previous files: no rows
+
+
+def test_catalog_files_store_the_embedding_plain_and_read_back_the_same_rows(tmp_path: Path) -> None:
+    """A genre file's embedding column is written uncompressed, without a dictionary or statistics, every other
+    column zstd; the file reads back as the rows written, in FILE_ORDER, and DuckDB (the query verb) reads it too."""
+    import duckdb
+
+    s = Store(str(tmp_path))
+    table = rows(300, "rock", "run-a").set_column(4, "confidence", pa.array(np.linspace(0.2, 0.9, 300)))
+    assert catalog.write_genre(s, catalog.genre_file("snap", 0), table) == 300
+    path = f"{s.catalog}/{catalog.genre_file('snap', 0)}"
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    embedding = columns.pop("embedding.list.element")
+    assert embedding.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in embedding.encodings and not embedding.is_stats_set
+    assert len(columns) == 15 and {c.compression for c in columns.values()} == {"ZSTD"} and all(c.is_stats_set for c in columns.values())
+    assert "RLE_DICTIONARY" in columns["probabilities.key_value.key"].encodings  # the genres, once per row group
+    written = s.read_table(path)
+    assert written.equals(table.sort_by(catalog.FILE_ORDER)) and written.schema == catalog.CATALOG_SCHEMA
+    first = duckdb.sql(f"SELECT uri, embedding FROM '{path}' LIMIT 1").fetchall()[0]
+    assert first[0] == "/music/299.mp3" and np.allclose(first[1], unit_vectors(300)[299])
+
+
+def test_merge_drops_carried_rows_by_number_and_counts_only_kept_disagreements(tmp_path: Path) -> None:
+    """A merge task keeps the carried file's rows but those numbered dropped, adds the new pieces, writes them in
+    FILE_ORDER and counts the disagreements of the rows it kept."""
+    from genre_batch.publishing.tagging import merge_genre
+
+    s = Store(str(tmp_path))
+    old = rows(5, "rock", "run-a").set_column(4, "confidence", pa.array([0.9, 0.8, 0.7, 0.6, 0.5]))
+    old = old.set_column(7, "disagrees_with_tag", pa.array([True, None, True, False, None]))
+    catalog.write_genre(s, catalog.genre_file("prev", 0), old)
+    new = rows(7, "rock", "run-b").slice(5).set_column(4, "confidence", pa.array([0.75, 0.95]))
+    new = new.set_column(7, "disagrees_with_tag", pa.array([True, None]))
+    catalog.write_rows(s, f"{catalog.pieces_folder(s, 'next')}/000/00000.parquet", new)
+    assert merge_genre(s, "next", 0, catalog.genre_file("prev", 0), np.array([0, 3])) == (5, 2)
+    merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
+    assert merged["track_id"].to_pylist() == ["t6", "t1", "t5", "t2", "t4"]
+    assert merged["confidence"].to_pylist() == [0.95, 0.8, 0.75, 0.7, 0.5]

@@ -131,7 +131,7 @@ def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, t
     genres = genres_of(worker_model(store, version)[1])
     counts = {}
     for genre, rows in catalog.split_by_genre(table).items():
-        store.write_table(f"{catalog.pieces_folder(store, snapshot)}/{genres.index(genre):03d}/{task:05d}.parquet", rows)
+        catalog.write_rows(store, f"{catalog.pieces_folder(store, snapshot)}/{genres.index(genre):03d}/{task:05d}.parquet", rows)
         counts[genre] = rows.num_rows
     return counts
 
@@ -140,16 +140,15 @@ def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, d
     """Write a snapshot's file of one genre (runs on a worker): its new pieces plus the rows of the previous snapshot's
     file `carried` (relative to the catalog), less its rows numbered `dropped`; returns (rows, disagreements)."""
     tables = [store.read_table(p) for p in store.list(f"{catalog.pieces_folder(store, snapshot)}/{number:03d}", ".parquet")]
+    new_rows = sum(t.num_rows for t in tables)
     if carried is not None:
-        previous = store.read_table(f"{store.catalog}/{carried}")
-        if dropped is not None and len(dropped):
-            kept = np.ones(previous.num_rows, bool)
-            kept[dropped] = False
-            previous = previous.filter(pa.array(kept))
-        tables.append(previous.select(CATALOG_SCHEMA.names))
+        tables.append(store.read_table(f"{store.catalog}/{carried}").select(CATALOG_SCHEMA.names))
     table = pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
-    rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table)
-    return rows, int(pc.sum(table["disagrees_with_tag"].fill_null(False)).as_py() or 0)
+    kept = np.ones(table.num_rows, bool)
+    if dropped is not None:
+        kept[new_rows + dropped] = False  # the carried file's rows follow the new pieces
+    rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table, kept)
+    return rows, int(np.count_nonzero(table["disagrees_with_tag"].fill_null(False).to_numpy(zero_copy_only=False) & kept))
 
 
 def file_rows(uri: str, families: list[str]) -> np.ndarray:
