@@ -394,3 +394,21 @@ def test_merge_drops_carried_rows_by_number_and_counts_only_kept_disagreements(t
     merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
     assert merged["track_id"].to_pylist() == ["t6", "t1", "t5", "t2", "t4"]
     assert merged["confidence"].to_pylist() == [0.95, 0.8, 0.75, 0.7, 0.5]
+
+
+def test_merge_diff_equals_the_diff_of_the_whole_files(tmp_path: Path) -> None:
+    """The change piece a merge task computes from the rows it left out and the new ones equals the diff of the genre's
+    previous file against the merged one: a changed, a moved, a removed and a new track among unchanged ones, and a
+    new track that shares its track_id with a kept one (then the whole files are diffed)."""
+    previous = rows(6, "rock", "run-a").select(catalog.DIFF_COLUMNS)
+    kept = np.array([True, False, True, False, False, True])  # t1 changed, t3 moved, t4 removed
+    new = pa.table({"track_id": ["t1", "t3", "t7"], "uri": ["/music/1.mp3", "/music/moved-3.mp3", "/music/7.mp3"],
+                    "genre": ["rock"] * 3, "confidence": [0.5, 0.9, 0.8]})
+    merged = pa.concat_tables([previous.filter(pa.array(kept)), new.cast(previous.schema)])
+    whole = catalog.diff(previous, merged)
+    assert catalog.merge_diff(previous, kept, new.cast(previous.schema)).equals(whole)
+    assert sorted(whole["change"].to_pylist()) == ["added", "moved", "removed"]  # same genre: a changed confidence is no change
+    clash = new.cast(previous.schema).set_column(0, "track_id", pa.array(["t1", "t3", "t5"]))  # t5 is also kept
+    merged = pa.concat_tables([previous.filter(pa.array(kept)), clash])
+    assert catalog.merge_diff(previous, kept, clash).equals(catalog.diff(previous, merged))
+    assert catalog.merge_diff(previous.slice(0, 0), np.zeros(0, bool), clash).equals(catalog.diff(previous.slice(0, 0), clash))

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import numpy as np
 import xgboost as xgb
-from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
 
@@ -68,11 +67,21 @@ def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
 
 def validation_split(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Rows to fit and rows to validate on: the first fold of a grouped, stratified split; None under 2 groups per genre."""
+    from sklearn.model_selection import StratifiedGroupKFold  # imported here: tagging workers never split (README, Cheap start)
+
     smallest = groups_per_genre(y, groups)
     if smallest < 2:
         return None
     splitter = StratifiedGroupKFold(n_splits=min(MAX_FOLDS, smallest), shuffle=True, random_state=SEED)
     return next(splitter.split(np.zeros(len(y)), y, groups))
+
+
+def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities: softmax(log p / T); rows sum to 1."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

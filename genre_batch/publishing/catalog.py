@@ -100,13 +100,31 @@ def changes_folder(store: Store, snapshot: str) -> str:
     return f"{store.catalog}/snapshots/{snapshot}/_changes"
 
 
+def write_change_piece(store: Store, snapshot: str, number: int, changes: pa.Table) -> int:
+    """Leave one genre's changes as a piece of the snapshot's change feed (for `gather_changes`); returns its rows."""
+    store.write_table(f"{changes_folder(store, snapshot)}/{number:03d}.parquet", changes)
+    return changes.num_rows
+
+
 def diff_genre(store: Store, snapshot: str, number: int, before: list[str], after: list[str]) -> int:
     """Diff one genre's files of the previous snapshot against the new one (runs on a worker) and leave the changes as
     a piece; a track that changed genre is `removed` in one piece and `added` in another until `gather_changes`
     pairs them. Returns the piece's rows."""
-    changes = diff(read_files(store, before, DIFF_COLUMNS), read_files(store, after, DIFF_COLUMNS))
-    store.write_table(f"{changes_folder(store, snapshot)}/{number:03d}.parquet", changes)
-    return changes.num_rows
+    return write_change_piece(store, snapshot, number, diff(read_files(store, before, DIFF_COLUMNS), read_files(store, after, DIFF_COLUMNS)))
+
+
+def merge_diff(previous: pa.Table, kept: np.ndarray, new: pa.Table) -> pa.Table:
+    """What `diff` gives between a genre's previous file (`previous`, DIFF_COLUMNS) and the file merged from its rows
+    `kept` (a mask) plus `new` rows, from the rows left out and the new ones alone: a kept row is in both files
+    unchanged. When a left-out or new row shares its track_id with a kept row, the whole files are diffed."""
+    import pyarrow.compute as pc  # imported here, as in diff
+
+    gone = previous.filter(pa.array(~kept))
+    stays = previous["track_id"].filter(pa.array(kept))
+    shared = pc.any(pc.is_in(pa.concat_arrays([gone["track_id"].combine_chunks(), new["track_id"].combine_chunks()]), value_set=stays.combine_chunks()))
+    if shared.as_py():
+        return diff(previous, pa.concat_tables([previous.filter(pa.array(kept)), new]))
+    return diff(gone, new)
 
 
 def pair_pieces(pieces: pa.Table) -> pa.Table:

@@ -193,9 +193,13 @@ class Store:
         write_table(self.fs, path, table, row_group_size, options)
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        """Read one Parquet file."""
+        """Read one Parquet file (on disk memory-mapped: files are immutable, replaced by rename; a Python file object
+        made Arrow copy the whole file into its heap first, ~3x the page faults of a 70 MB catalog file's read)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self.local:
+            return pq.read_table(pa.memory_map(path), columns=columns)
         with self.open(path) as f:
             return pq.read_table(f, columns=columns)
 
