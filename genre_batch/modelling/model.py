@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 import xgboost as xgb
+from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
 
@@ -67,8 +68,6 @@ def groups_per_genre(y: np.ndarray, groups: np.ndarray) -> int:
 
 def validation_split(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Rows to fit and rows to validate on: the first fold of a grouped, stratified split; None under 2 groups per genre."""
-    from sklearn.model_selection import StratifiedGroupKFold  # imported here: tagging workers never split (README, Cheap start)
-
     smallest = groups_per_genre(y, groups)
     if smallest < 2:
         return None

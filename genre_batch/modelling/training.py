@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
@@ -328,8 +329,6 @@ def splits(data: TrainingSet, n_splits: int, seed: int = 0) -> list[tuple[np.nda
             f"grouped evaluation needs 2+ {data.grouping} groups per genre; "
             f"use --group-by track or add labelled tracks"
         )
-    from sklearn.model_selection import StratifiedGroupKFold  # imported here: tagging workers never split (README, Cheap start)
-
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(data.y_track)), data.y_track, data.groups))
 

@@ -170,7 +170,7 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
     """The `top` genres and probabilities of each file with the current model, or the reason it failed."""
-    from genre_batch.analysis.audio import AudioError  # imported here: tagging workers decode no audio (README, Cheap start)
+    from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
     _, model, meta = registry.load_current(store)
     families = families_of(meta)
