@@ -19,6 +19,8 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_fscore_support,  # noqa: E402
 )
 
+from genre_batch.modelling.model import calibrate  # noqa: E402
+
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, genres: list[str]) -> dict:
     """Accuracy, macro-F1, per-genre precision/recall/F1/support and the confusion matrix."""
@@ -65,14 +67,6 @@ def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: i
     return float(
         sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b) for b in range(bins) if np.any(which == b))
     )
-
-
-def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature-scaled probabilities: softmax(log p / T); rows sum to 1."""
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def calibration_errors(probabilities: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, float]:
