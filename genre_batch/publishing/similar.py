@@ -7,7 +7,7 @@ of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_i
 without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
 `by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
 describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
-index, the vectors file and the lookup files are written by three worker tasks (the index task holds 1M x 128 float32
+index, the vectors file and the lookup files are written by worker tasks (the index task holds 1M x 128 float32
 = 512 MB of vectors twice: as a matrix and in the index); then the lists are queried on the workers, one task per
 bucket, each memory-mapping the index.
 
@@ -16,8 +16,9 @@ index, new and changed ones are added (the centroids stay), and new tracks get f
 keeps private deep lists (top K + SPARE per track, and the floor above which a list holds every track): an existing
 list drops its departed and changed members and takes exactly the added tracks a with score(a, x) >= its floor(x),
 and is queried again only when fewer than K members remain above its floor. Those pairs come from one reverse scan
-in the index task: each added track scans the nprobe inverted lists its own search would scan and keeps every track
-there that it scores at or above the floor of (exact inner products, no depth cut). A rebuild's search of x scans
+(a task of its own, over the previous index while another task updates it): each added track scans the nprobe
+inverted lists its own search would scan and keeps every track there that it scores at or above the floor of (exact
+inner products, no depth cut). A rebuild's search of x scans
 x's nprobe lists instead, so each list equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
 both scans are then exhaustive).
 """
@@ -83,8 +84,10 @@ VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": 
                    "use_dictionary": ["bucket"], "write_statistics": ["vid", "bucket"]}
 DEEP_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": ["vid"]}
 """Deep lists and `_reverse.parquet`: hashes and scores only."""
-PIECE_OPTIONS = {"compression": {"track_id": "zstd", "neighbour_id": "zstd", "rank": "zstd", "score": "none"}, "use_dictionary": ["track_id", "rank"]}
-"""The published pieces: 20 rows per track_id (dictionary), distinct neighbour ids (zstd, no dictionary), raw scores."""
+PIECE_OPTIONS = {"compression": {"track_id": "zstd", "neighbour_id": "zstd", "rank": "zstd", "score": "none"}, "use_dictionary": ["track_id", "rank"],
+                 "write_statistics": ["track_id", "rank"]}
+"""The published pieces: 20 rows per track_id (dictionary), distinct neighbour ids (zstd, no dictionary), raw scores;
+statistics on what a reader filters by."""
 LOOKUP_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd"}, "use_dictionary": ["genre"]}
 
 
@@ -320,10 +323,10 @@ def added_vectors(store: Store, files: list[str], update: Update) -> Added:
     return Added(ids, vector_ids(ids.to_pylist()), matrix)
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int, added: Added | None = None) -> int:
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, added: Added | None = None) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and `added` added, then the
-    added tracks' reverse scan (write_reverse); returns its nlist."""
+    matrix and in the index), or the previous index with the update's tracks removed and `added` added; returns its
+    nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -337,8 +340,14 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
     index.remove_ids(update.removed_vids)
     index.add_with_ids(added.matrix, added.vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
-    write_reverse(store, folder(snapshot), index, added.vids, added.matrix, previous_floors(store, update), buckets)
     return index.nlist
+
+
+def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int, added: Added) -> None:
+    """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while another task
+    updates it: the centroids and the kept tracks' lists are the same in both, an added track's own vid has an
+    infinite floor and a removed track's rows match no list of the new snapshot."""
+    write_reverse(store, folder(snapshot), open_index(store, f"{update.previous}/index.faiss"), added.vids, added.matrix, previous_floors(store, update), buckets)
 
 
 def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, floors: tuple[np.ndarray, np.ndarray],
@@ -682,11 +691,22 @@ def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarra
     return found, best_scores, held
 
 
+MEMBER_BITS = 1 << 20
+"""Slots of member's prefilter: for 10,000 set ids, 1 % of other values pass it to the binary search."""
+
+
 def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which of `values` are in `sorted_set` (binary search: no sort of `values`)."""
+    """Which of `values` (int64 hashes) are in `sorted_set`: a bitmap of their low bits first, a binary search only
+    for the few values it passes (no sort of `values`)."""
     if len(sorted_set) == 0:
         return np.zeros(values.shape, bool)
-    return sorted_set[np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)] == values
+    slots = np.zeros(MEMBER_BITS, bool)
+    slots[sorted_set & (MEMBER_BITS - 1)] = True
+    out = slots[values & (MEMBER_BITS - 1)]
+    maybe = np.flatnonzero(out)
+    found = values.reshape(-1)[maybe]
+    out.reshape(-1)[maybe] = sorted_set[np.minimum(np.searchsorted(sorted_set, found), len(sorted_set) - 1)] == found
+    return out
 
 
 KEYS = ["track_id", "fingerprint"]
@@ -717,11 +737,12 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
     buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
     if update is None:  # three tasks, on different workers when there are: their peaks do not add up in one process
-        nlist, vectors, lookup = run([(write_index, store, snapshot, files, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
+        nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
                                       (write_lookups, store, out, files, update)])
-    else:  # the added tracks read once (next to the lookup files), then given to the index and the vectors tasks
+    else:  # the added tracks read once (next to the lookup files), then given to the index, reverse scan and vectors tasks
         added, lookup = run([(added_vectors, store, files, update), (write_lookups, store, out, files, update)])
-        nlist, vectors = run([(write_index, store, snapshot, files, update, buckets, added), (write_vectors, store, snapshot, files, update, buckets, added)])
+        nlist, _, vectors = run([(write_index, store, snapshot, files, update, added), (reverse_scan, store, snapshot, update, buckets, added),
+                                 (write_vectors, store, snapshot, files, update, buckets, added)])
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
     store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
     return {
