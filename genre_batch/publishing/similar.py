@@ -62,9 +62,14 @@ PIECE_ROW_GROUP = 20_000
 LOOKUP_ROW_GROUP = 4_096
 """Rows per row group of the lookup files: a named track or a neighbour costs one such group."""
 
+VECTORS_VERSION = 2
 VECTORS_SCHEMA = pa.schema(
-    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
+    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.binary(4 * VECTOR_DIM))],
+    metadata={"genre_batch.vectors_version": str(VECTORS_VERSION)},
 )
+"""`vectors.parquet`: each embedding as VECTOR_DIM little-endian float32 in one fixed-size binary value (Parquet reads
+and writes it as one block; as a list of floats, version 1, every float carried its own repetition level: 4x the
+CPU). Version 1 files read the same (as_matrix takes both)."""
 REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
 """`_reverse.parquet` of an incremental update (deleted when the lists are written), in bucket order: the added track
 `added` scores `score` with the existing track `vid`, at or above that track's floor."""
@@ -80,7 +85,7 @@ LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
 # Parquet writer options per file: random floats and 64-bit hashes do not compress (zstd of the vectors file cost 7 s
 # and saved 9 %), nor do their dictionaries pay; strings keep zstd; statistics only on the columns row groups are
 # found by. The files' layout and meaning are unchanged: files written with zstd everywhere read the same.
-VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": "zstd", "embedding.list.element": "none"},
+VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": "zstd", "embedding": "none"},
                    "use_dictionary": ["bucket"], "write_statistics": ["vid", "bucket"]}
 DEEP_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": ["vid"]}
 """Deep lists and `_reverse.parquet`: hashes and scores only."""
@@ -168,9 +173,20 @@ def buffer_view(column: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
 
 
 def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list embedding column as a read-only float32 matrix [n, VECTOR_DIM]."""
+    """An embedding column (fixed-size list of float32, or VECTORS_SCHEMA's fixed-size binary) as a read-only float32
+    matrix [n, VECTOR_DIM]."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_binary(array.type):
+        if len(array) == 0:
+            return np.zeros((0, VECTOR_DIM), np.float32)
+        return np.frombuffer(array.buffers()[1], np.float32, count=len(array) * VECTOR_DIM, offset=array.offset * 4 * VECTOR_DIM).reshape(-1, VECTOR_DIM)
     return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
+
+
+def embedding_column(matrix: np.ndarray) -> pa.Array:
+    """A float32 matrix [n, VECTOR_DIM] as VECTORS_SCHEMA's embedding column (one copy at most: none when contiguous)."""
+    matrix = np.ascontiguousarray(matrix, np.float32)
+    return pa.FixedSizeBinaryArray.from_buffers(VECTORS_SCHEMA.field("embedding").type, len(matrix), [None, pa.py_buffer(matrix)])
 
 
 def read_embeddings(store: Store, files: list[str], only: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
@@ -280,7 +296,7 @@ def vectors_table(track_ids: pa.Array, vids: np.ndarray, matrix: np.ndarray, buc
     """The index's vectors with their ids and buckets, in the matrix's order (the embedding column is a view of it)."""
     return pa.table(
         {"vid": vids, "track_id": track_ids, "bucket": buckets_of(vids, buckets),
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
+         "embedding": embedding_column(matrix)},
         schema=VECTORS_SCHEMA,
     )
 
@@ -443,7 +459,7 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
     with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, vectors_writer(store, f"{out}/vectors.parquet") as writer:
         previous = pq.ParquetFile(f)
         for bucket in range(buckets):
-            old = previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket]))
+            old = as_version_2(previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket])))
             old_vids = buffer_view(old["vid"], np.int64)
             kept = np.flatnonzero((buffer_view(old["bucket"], np.int32) == bucket) & ~member(old_vids, removed))
             mine = np.flatnonzero(new_bucket == bucket)
@@ -452,6 +468,13 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
             writer.write_table(slices(both, rows_in_order), row_group_size=ROW_GROUP)
             rows += len(rows_in_order)
     return rows
+
+
+def as_version_2(table: pa.Table) -> pa.Table:
+    """Rows of a vectors file with VECTORS_SCHEMA (those of a version 1 file, whose embeddings are lists, converted)."""
+    if table.schema.field("embedding").type != VECTORS_SCHEMA.field("embedding").type:
+        table = table.set_column(3, "embedding", embedding_column(as_matrix(table["embedding"])))
+    return table.cast(VECTORS_SCHEMA)
 
 
 def slices(table: pa.Table, rows: np.ndarray) -> pa.Table:
