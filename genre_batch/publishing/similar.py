@@ -608,6 +608,21 @@ _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
 not one per bucket task."""
 
 
+_INDEX: dict[tuple, faiss.Index] = {}
+"""The last memory-mapped index in this (worker) process: its pages stay mapped from one bucket task to the next."""
+
+
+def cached_index(store: Store, relative: str) -> faiss.Index:
+    """open_index of a snapshot's index, once per process while the file is unchanged (path, size and mtime or ETag)."""
+    path = f"{store.catalog}/{relative}"
+    info = store.fs.info(path)
+    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+    if key not in _INDEX:
+        _INDEX.clear()
+        _INDEX[key] = open_index(store, relative)
+    return _INDEX[key]
+
+
 def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
     """(sorted vids, their track_ids) of a vid lookup file (in vid order), for mapping search results back to tracks
     (Arrow strings: no Python object per track); read once per process while the file is unchanged (path, size and
@@ -636,7 +651,7 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
         if update is not None:
             redo = refresh(store, update, out, bucket, k, vids, track_ids, queries, (found, scores, floors), ids)
         if redo.any():
-            found[redo], scores[redo] = search(open_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
+            found[redo], scores[redo] = search(cached_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
             floors[redo] = floor_of(found[redo], scores[redo])
     write_parquet(store, deep_piece(out, bucket), deep_table(vids, found, scores, floors), PIECE_ROW_GROUP, DEEP_OPTIONS)
     write_parquet(store, piece(out, bucket), lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP, PIECE_OPTIONS)
@@ -699,12 +714,18 @@ def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) ->
 
 def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best k entries of each of n rows (score descending, then vid) as (vids, scores) [n, k], -1 padded, and
-    how many entries each row had. Sorted by vid, then stably by one float64 key row * 4 + 1 - score (the scores, in
-    [-1, 1], keep their float32 order): two sorts instead of a three-key lexsort."""
+    how many entries each row had. Sorted by one float64 key row * 4 + 1 - score (the scores, in [-1, 1], keep their
+    float32 order), then the entries of equal keys (equal scores in one row: rare) by vid: one sort of all entries
+    instead of a three-key lexsort."""
     rows, ids, scores = entries
     valid = np.flatnonzero(ids != -1)
-    order = valid[np.argsort(ids[valid], kind="stable")]
-    order = order[np.argsort(rows[order] * 4.0 + (1.0 - scores[order].astype(np.float64)), kind="stable")]
+    key = rows[valid] * 4.0 + (1.0 - scores[valid].astype(np.float64))
+    order = np.argsort(key)
+    tied = key[order][1:] == key[order][:-1]
+    if tied.any():
+        at = np.flatnonzero(np.r_[tied, False] | np.r_[False, tied])  # whole runs of equal keys, in key order
+        order[at] = order[at][np.lexsort((ids[valid][order[at]], key[order[at]]))]
+    order = valid[order]
     rows, ids, scores = rows[order], ids[order], scores[order]
     held = np.bincount(rows, minlength=n)
     rank = np.arange(len(rows)) - np.repeat(np.cumsum(held) - held, held)
@@ -764,8 +785,8 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
                                       (write_lookups, store, out, files, update)])
     else:  # the added tracks read once (next to the lookup files), then given to the index, reverse scan and vectors tasks
         added, lookup = run([(added_vectors, store, files, update), (write_lookups, store, out, files, update)])
-        nlist, _, vectors = run([(write_index, store, snapshot, files, update, added), (reverse_scan, store, snapshot, update, buckets, added),
-                                 (write_vectors, store, snapshot, files, update, buckets, added)])
+        _, vectors, nlist = run([(reverse_scan, store, snapshot, update, buckets, added), (write_vectors, store, snapshot, files, update, buckets, added),
+                                 (write_index, store, snapshot, files, update, added)])  # the longest first: the third goes to the first worker free
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
     store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
     return {
