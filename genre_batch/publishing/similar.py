@@ -84,7 +84,7 @@ LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
 
 # Parquet writer options per file: random floats and 64-bit hashes do not compress (zstd of the vectors file cost 7 s
 # and saved 9 %), nor do their dictionaries pay; strings keep zstd; statistics only on the columns row groups are
-# found by. The files' layout and meaning are unchanged: files written with zstd everywhere read the same.
+# found by. Files written with zstd everywhere (before these options) read the same.
 VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": "zstd", "embedding": "none"},
                    "use_dictionary": ["bucket"], "write_statistics": ["vid", "bucket"]}
 DEEP_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": ["vid"]}
