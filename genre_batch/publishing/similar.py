@@ -328,8 +328,9 @@ def write_lookups(store: Store, out: str, files: list[str], update: Update | Non
     table = tracks_table(store, files, known)
     del known
     written = {"vid": f"{out}/{LOOKUP_FILES['vid']}", "uri": f"{out}/{LOOKUP_FILES['uri']}"}
-    write_parquet(store, written["vid"], table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable"))), LOOKUP_ROW_GROUP, LOOKUP_OPTIONS)
-    write_parquet(store, written["uri"], table.sort_by("uri"), LOOKUP_ROW_GROUP, LOOKUP_OPTIONS)
+    by_vid = table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable")))
+    write_parquet(store, written["vid"], by_vid, LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["vid"]})  # row groups are found by it
+    write_parquet(store, written["uri"], table.sort_by("uri"), LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["uri"]})
     return written
 
 
