@@ -122,9 +122,14 @@ class Update:
                 object.__setattr__(self, name, np.sort(vector_ids(tracks)))
 
 
+ADDED_FILE = "_added.parquet"
+"""An incremental update's added tracks (VECTORS_SCHEMA), read from the catalog once for the index, reverse scan and
+vectors tasks; deleted with `_reverse.parquet` when the lists are written."""
+
+
 @dataclass(frozen=True)
 class Added:
-    """An update's added tracks: read once from the catalog for the index and the vectors tasks."""
+    """An update's added tracks, as read from ADDED_FILE."""
 
     track_ids: pa.Array
     vids: np.ndarray
@@ -334,16 +339,24 @@ def write_lookups(store: Store, out: str, files: list[str], update: Update | Non
     return written
 
 
-def added_vectors(store: Store, files: list[str], update: Update) -> Added:
-    """The added tracks of an update with their vids and embeddings (one read of the catalog's embedding column)."""
+def write_added(store: Store, out: str, files: list[str], update: Update, buckets: int) -> int:
+    """Write ADDED_FILE: the added tracks of an update with their vids and embeddings (one read of the catalog's
+    embedding column); returns its rows."""
     ids, matrix = read_embeddings(store, files, update.added)
-    return Added(ids, vector_ids(ids.to_pylist()), matrix)
+    write_parquet(store, f"{out}/{ADDED_FILE}", vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets), ROW_GROUP, VECTORS_OPTIONS)
+    return len(ids)
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, added: Added | None = None) -> int:
+def read_added(store: Store, out: str) -> Added:
+    """An update's added tracks from its ADDED_FILE."""
+    table = store.read_table(f"{store.catalog}/{out}/{ADDED_FILE}")
+    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]))
+
+
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and `added` added; returns its
-    nlist."""
+    matrix and in the index), or the previous index with the update's tracks removed and its ADDED_FILE added;
+    returns its nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -355,15 +368,17 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
         return index.nlist
     index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
     index.remove_ids(update.removed_vids)
+    added = read_added(store, folder(snapshot))
     index.add_with_ids(added.matrix, added.vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
     return index.nlist
 
 
-def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int, added: Added) -> None:
+def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int) -> None:
     """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while another task
     updates it: the centroids and the kept tracks' lists are the same in both, an added track's own vid has an
     infinite floor and a removed track's rows match no list of the new snapshot."""
+    added = read_added(store, folder(snapshot))
     write_reverse(store, folder(snapshot), open_index(store, f"{update.previous}/index.faiss"), added.vids, added.matrix, previous_floors(store, update), buckets)
 
 
@@ -445,9 +460,9 @@ def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarra
     return vids[order], floors[order]
 
 
-def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int, added: Added | None = None) -> int:
+def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
-    bucket by bucket (it holds one bucket of vectors, not all of them), without the removed tracks, with `added`."""
+    bucket by bucket (it holds one bucket of vectors, not all of them), without the removed tracks, with its ADDED_FILE."""
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
@@ -455,6 +470,7 @@ def write_vectors(store: Store, snapshot: str, files: list[str], update: Update 
         table = vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets)
         put_vectors(store, f"{out}/vectors.parquet", table, np.arange(table.num_rows))
         return table.num_rows
+    added = read_added(store, out)
     new = vectors_table(added.track_ids, added.vids, added.matrix, buckets)
     new_bucket, removed, rows = buffer_view(new["bucket"], np.int32), update.removed_vids, 0
     with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, vectors_writer(store, f"{out}/vectors.parquet") as writer:
@@ -784,12 +800,12 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     if update is None:  # three tasks, on different workers when there are: their peaks do not add up in one process
         nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
                                       (write_lookups, store, out, files, update)])
-    else:  # the added tracks read once (next to the lookup files), then given to the index, reverse scan and vectors tasks
-        added, lookup = run([(added_vectors, store, files, update), (write_lookups, store, out, files, update)])
-        _, vectors, nlist = run([(reverse_scan, store, snapshot, update, buckets, added), (write_vectors, store, snapshot, files, update, buckets, added),
-                                 (write_index, store, snapshot, files, update, added)])  # the longest first: the third goes to the first worker free
+    else:  # the added tracks read once (next to the lookup files) into ADDED_FILE, then read by the index, reverse scan and vectors tasks
+        _, lookup = run([(write_added, store, out, files, update, buckets), (write_lookups, store, out, files, update)])
+        _, vectors, nlist = run([(reverse_scan, store, snapshot, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
+                                 (write_index, store, snapshot, files, update)])  # the longest first: the third goes to the first worker free
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
+    store.delete([f"{store.catalog}/{out}/_reverse.parquet", f"{store.catalog}/{out}/{ADDED_FILE}"])
     return {
         "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
