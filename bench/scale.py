@@ -521,10 +521,12 @@ def compaction_checks(work: Path, n: int) -> dict:
 
 
 def model_card(store: Path, version: str) -> dict:
-    """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and the fingerprint."""
+    """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and each CV fold's fit
+    (rows, rounds or C, CPU seconds) and the fingerprint."""
     meta = json.loads((store / "models" / version / "metadata.json").read_text())
     return {"cap_per_genre": meta["sample"]["cap_per_genre"], "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
-            "classifier": meta["classifier"], "fit": meta["fit"], "training_fingerprint": meta["training_fingerprint"]}
+            "classifier": meta["classifier"], "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
+            "training_fingerprint": meta["training_fingerprint"]}
 
 
 def train_checks(work: Path, n: int, copies: Path) -> dict:
@@ -565,6 +567,10 @@ def print_training(results: list[dict]) -> None:
             print(f"  cap {t['cap_per_genre']} tracks/genre: {rec['sampled_tracks']} tracks / {t['sampled_windows']} windows ({t['matrix_mb']} MB) of "
                   f"{rec['tracks']} labelled; {t['classifier']} fit {t['fit']}; CV accuracy {rec['cv_accuracy']}, held-out {rec['holdout_accuracy']}; "
                   f"fingerprint {t['training_fingerprint']}")
+            for name, fit in [*((f"CV fold {k + 1}", f) for k, f in enumerate(t.get("cv_fits", []))), ("final fit", t["fit"])]:
+                if "cpu_s" in fit:
+                    chosen = f"{fit['num_boost_round']} rounds" if "num_boost_round" in fit else f"C {fit.get('C')}"
+                    print(f"  {name}: {fit['tracks']} tracks / {fit['windows']} windows, {chosen}, {fit['cpu_s']} s CPU")
 
 
 def print_compaction(results: list[dict]) -> None:
