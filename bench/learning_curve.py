@@ -1,16 +1,24 @@
 """What the training cap costs: track accuracy against the per-genre sample cap, trained as genre-batch trains.
 
-Each point fits `training.fit` (balanced weights, early stopping) on a sample capped per genre the way
-`training.sample` caps (tracks ordered by a hash of their artist, then of their URI) and scores whole tracks.
+Each point fits `training.fit` (balanced weights, early stopping; XGBoost, the kind `train` picks for librosa features)
+on a sample capped per genre the way `training.sample` caps (tracks ordered by a hash of their artist, then of their
+URI) and scores whole tracks.
+- synthetic: the scale stores' generator, at caps bracketing the default cap `train` takes on such a store
+  (`default_cap`: cap/4 ... 4 cap); train and test tracks of disjoint artists, every point scored on the same test
+  tracks, so the cost of the cap is a paired difference (with its standard error). Points run smallest first; a point
+  whose projected CPU time exceeds what is left of the budget is skipped and reported with its projection.
 - real: emotify (../shared/data, read in place, never copied) in grouped 5-fold CV by artist; the capped sample is
-  drawn from each fold's training tracks. Extracted features (not audio) are cached in the work folder.
-- synthetic: the scale stores' generator; train tracks and test tracks of disjoint artists.
+  drawn from each fold's training tracks. Extracted features (not audio) are cached in the work folder. Its 4 genres of
+  ~50 tracks sit far below the cap `train` would take for them (`real_curve` records it): it shows the slope at small
+  samples, not the cost of the cap.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +32,79 @@ from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.modelling import training
 
 REAL_CAPS = (10, 20, 30, 40, 50)
-SYNTHETIC_CAPS = (100, 250, 500)
-SYNTHETIC_TEST_PER_GENRE = 300
+CAP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""Synthetic points, as multiples of the default cap."""
+SYNTHETIC_TEST_PER_GENRE = 1_000
+"""Test tracks per genre (10,000 in all): a paired accuracy difference of 1 point is then resolved (standard error ~0.3)."""
+CURVE_BUDGET_S = 3_600.0
+"""CPU seconds the synthetic curve may spend on its fits (the default; `--curve-budget`)."""
 FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Feature rows of some tracks and the position (among those tracks) of each row's track."""
+
+    X: np.ndarray
+    track: np.ndarray
+
+
+def stacked(X: list[np.ndarray], tracks: np.ndarray) -> Windows:
+    """The rows of some tracks of a list of per-track window matrices."""
+    return Windows(np.vstack([X[t] for t in tracks]), np.repeat(np.arange(len(tracks)), [len(X[t]) for t in tracks]))
+
+
+def synthetic_windows(tracks: np.ndarray, seed: int = 0) -> Windows:
+    """The generator's rows of some tracks, each generated within its store shard (SHARD_TRACKS consecutive tracks, as
+    the scale stores write them), so that a track has the same values at every point of the curve."""
+    size, rows = synthetic_store.SHARD_TRACKS, synthetic_store.WINDOWS
+    X = np.empty((len(tracks) * rows, synthetic_store.N), np.float32)
+    shards = tracks // size
+    for shard in np.unique(shards):
+        mine = np.flatnonzero(shards == shard)
+        values = synthetic_store.window_values(np.arange(shard * size, (shard + 1) * size), seed, False)
+        at = ((tracks[mine] - shard * size)[:, None] * rows + np.arange(rows)).ravel()
+        X[(mine[:, None] * rows + np.arange(rows)).ravel()] = values[at]
+    return Windows(X, np.repeat(np.arange(len(tracks)), rows))
+
+
+def is_test_artist(i: np.ndarray) -> np.ndarray:
+    """Whether tracks belong to the test half of the artists (pairs of artists alternate: not the artist's parity,
+    which genre_of keeps)."""
+    return (i // synthetic_store.TRACKS_PER_ARTIST // 2) % 2 == 1
+
+
+def population(train_per_genre: int, test_per_genre: int, seed: int = 0) -> int:
+    """The fewest generator tracks (a power-of-two multiple of a first guess) with enough train and test tracks in
+    every genre (genre_of spreads artists over genres unevenly)."""
+    n = len(synthetic_store.GENRES) * (train_per_genre + test_per_genre) * 2
+    while True:
+        i = np.arange(n)
+        y, test = synthetic_store.genre_of(i, seed), is_test_artist(i)
+        counts = [np.bincount(y[side], minlength=len(synthetic_store.GENRES)).min() for side in (~test, test)]
+        if counts[0] >= train_per_genre and counts[1] >= test_per_genre:
+            return n
+        n *= 2
+
+
+def default_cap() -> int:
+    """The cap `train` takes on a synthetic store (its genres, windows per track and librosa columns)."""
+    return training.cap_per_genre(len(synthetic_store.GENRES), synthetic_store.WINDOWS)
+
+
+def bracket(cap: int, factors: tuple[float, ...] = CAP_FACTORS) -> tuple[int, ...]:
+    """Caps at the given multiples of a cap, smallest first, each once (at least MIN_PER_GENRE)."""
+    return tuple(sorted({max(training.MIN_PER_GENRE, round(cap * f)) for f in factors}))
+
+
+def projected_cpu(points: list[dict], cap: int) -> float | None:
+    """CPU seconds a point at `cap` should take, from the largest measured point: its time scaled by the rows (the cap
+    ratio) and by the growth of rounds between the last two points (rounds grow with the sample); None before any."""
+    if not points:
+        return None
+    last = points[-1]
+    growth = max(1.0, last["rounds"] / points[-2]["rounds"]) if len(points) > 1 else 1.0
+    return last["cpu_s"] * cap / last["cap_per_genre"] * growth
 
 
 def extract(path: str) -> tuple[np.ndarray, str | None]:
@@ -62,47 +140,75 @@ def capped(tracks: np.ndarray, y: np.ndarray, artists: list[str], names: list[st
     return np.array(training.sample(table, cap, "artist")["row"].to_pylist(), np.int64)
 
 
-def fit_score(X: list[np.ndarray], y: np.ndarray, groups: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int) -> float:
-    """Track accuracy on `test` of a model fitted on `train` as genre-batch fits."""
-    X_train = np.vstack([X[t] for t in train])
-    track = np.repeat(np.arange(len(train)), [len(X[t]) for t in train])
-    model = training.fit(X_train, y[train][track], n_classes, track, groups[train])
-    X_test = np.vstack([X[t] for t in test])
-    test_track = np.repeat(np.arange(len(test)), [len(X[t]) for t in test])
-    predicted = training.per_track(model.predict_proba(X_test), test_track, len(test)).argmax(axis=1)
-    return float((predicted == y[test]).mean())
+def fit_predict(train: Windows, y: np.ndarray, groups: np.ndarray, test: Windows, n_test: int, n_classes: int) -> tuple[np.ndarray, int | None]:
+    """Genre predicted for each test track by a model fitted as genre-batch fits on the train rows (`y`, `groups`: per
+    train track), and the model's boosting rounds."""
+    model = training.fit(train.X, y[train.track], n_classes, train.track, groups)
+    predicted = training.per_track(model.predict_proba(test.X), test.track, n_test).argmax(axis=1)
+    return predicted, model.params().get("num_boost_round")
 
 
 def real_curve(task: Path, cache: Path, caps: tuple[int, ...] = REAL_CAPS, workers: int = 2) -> dict:
-    """Mean grouped-CV track accuracy per cap on a real task (caps at or above the genre size mean no cap)."""
+    """Mean grouped-CV track accuracy per cap on a real task (caps at or above the genre size mean no cap), with the
+    cap `train` would take for the task and whether any of its genres reaches it."""
     X, y, genres, artists, names = real_features(task, cache, workers)
     groups = training.codes(artists)
     splits = list(StratifiedGroupKFold(FOLDS, shuffle=True, random_state=0).split(y, y, groups))
     points = []
     for cap in caps:
-        accuracy = [fit_score(X, y, groups, capped(tr, y, artists, names, genres, cap), te, len(genres)) for tr, te in splits]
+        accuracy = []
+        for tr, te in splits:
+            train = capped(tr, y, artists, names, genres, cap)
+            predicted, _ = fit_predict(stacked(X, train), y[train], groups[train], stacked(X, te), len(te), len(genres))
+            accuracy.append(float((predicted == y[te]).mean()))
         points.append({"cap_per_genre": cap, "accuracy_mean": round(float(np.mean(accuracy)), 4),
                        "accuracy_std": round(float(np.std(accuracy)), 4)})
-    return {"task": task.name, "tracks": len(y), "genres": genres, "artists": len(set(artists)), "folds": FOLDS, "points": points}
+    cap = training.cap_per_genre(len(genres), float(np.mean([len(w) for w in X])))
+    return {"task": task.name, "tracks": len(y), "genres": genres, "artists": len(set(artists)), "folds": FOLDS, "points": points,
+            "default_cap": cap, "largest_genre": int(np.bincount(y).max()), "cap_binds": bool(np.bincount(y).max() > cap)}
 
 
-def synthetic_curve(caps: tuple[int, ...] = SYNTHETIC_CAPS, seed: int = 0) -> dict:
-    """Track accuracy per cap on the synthetic generator, test tracks from artists never trained on."""
-    per_genre = max(caps)
-    n = len(synthetic_store.GENRES) * (per_genre + SYNTHETIC_TEST_PER_GENRE) * 2
-    i = np.arange(n)
+def cap_cost(points: list[dict], correct: dict[int, np.ndarray], cap: int) -> dict:
+    """Accuracy of the largest measured sample minus that of the cap, in points, with the paired standard error (the
+    same test tracks); None values when no point above the cap was measured."""
+    largest = max(p["cap_per_genre"] for p in points)
+    if cap not in correct or largest <= cap:
+        return {"cap_per_genre": cap, "largest_cap": largest, "gain_points": None, "se_points": None}
+    d = correct[largest].astype(np.float64) - correct[cap]
+    return {"cap_per_genre": cap, "largest_cap": largest, "gain_points": round(100 * float(d.mean()), 2),
+            "se_points": round(100 * float(d.std(ddof=1) / np.sqrt(len(d))), 2)}
+
+
+def synthetic_curve(caps: tuple[int, ...] | None = None, seed: int = 0, budget_s: float = CURVE_BUDGET_S,
+                    test_per_genre: int = SYNTHETIC_TEST_PER_GENRE, cap: int | None = None) -> dict:
+    """Track accuracy per cap on the synthetic generator (default: `bracket(default_cap())`), test tracks from artists
+    never trained on, each point's fit CPU time, and what the cap (default `default_cap()`) costs against the largest
+    sample measured; points projected beyond what is left of `budget_s` CPU seconds are skipped."""
+    cap = default_cap() if cap is None else cap
+    caps = bracket(cap) if caps is None else tuple(sorted(caps))
+    genres = list(synthetic_store.GENRES)
+    i = np.arange(population(max(caps), test_per_genre, seed))
     y = synthetic_store.genre_of(i, seed).astype(np.int32)
     artists = (i // synthetic_store.TRACKS_PER_ARTIST).astype(str).tolist()
     names = [synthetic_store.uri_of(k) for k in i.tolist()]
-    test_artist = (i // synthetic_store.TRACKS_PER_ARTIST // 2) % 2 == 1  # not the artist's parity: genre_of keeps it
-    test = np.concatenate([np.flatnonzero(test_artist & (y == g))[:SYNTHETIC_TEST_PER_GENRE] for g in range(len(synthetic_store.GENRES))])
-    genres = list(synthetic_store.GENRES)
-    pool = capped(np.flatnonzero(~test_artist), y, artists, names, genres, per_genre)
-    used = np.concatenate([pool, test])
-    X: list[np.ndarray] = [np.zeros((0, synthetic_store.N), np.float32)] * n
-    for k, windows in zip(used.tolist(), np.split(synthetic_store.window_values(used, seed, False), len(used))):
-        X[k] = windows
-    groups = training.codes(artists)
-    points = [{"cap_per_genre": cap, "accuracy": round(fit_score(X, y, groups, capped(pool, y, artists, names, genres, cap), test, len(genres)), 4)}
-              for cap in caps]
-    return {"test_tracks": len(test), "points": points}
+    test_artist = is_test_artist(i)
+    test = np.concatenate([np.flatnonzero(test_artist & (y == g))[:test_per_genre] for g in range(len(genres))])
+    pool = capped(np.flatnonzero(~test_artist), y, artists, names, genres, max(caps))
+    test_rows, groups = synthetic_windows(test, seed), training.codes(artists)
+    points: list[dict] = []
+    skipped: list[dict] = []
+    correct: dict[int, np.ndarray] = {}
+    for c in caps:
+        projected, spent = projected_cpu(points, c), sum(p["cpu_s"] for p in points)
+        if projected is not None and spent + projected > budget_s:
+            skipped.append({"cap_per_genre": c, "projected_cpu_s": round(projected), "budget_left_s": round(budget_s - spent)})
+            continue
+        train = capped(pool, y, artists, names, genres, c)
+        started = time.process_time()
+        predicted, rounds = fit_predict(synthetic_windows(train, seed), y[train], groups[train], test_rows, len(test), len(genres))
+        correct[c] = predicted == y[test]
+        points.append({"cap_per_genre": c, "train_tracks": len(train), "accuracy": round(float(correct[c].mean()), 4),
+                       "rounds": rounds, "cpu_s": round(time.process_time() - started, 1)})
+        print(f"learning curve, synthetic: {points[-1]}", flush=True)
+    return {"test_tracks": len(test), "default_cap": cap, "budget_s": budget_s, "points": points, "skipped": skipped,
+            "cap_cost": cap_cost(points, correct, cap)}

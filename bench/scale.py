@@ -521,10 +521,12 @@ def compaction_checks(work: Path, n: int) -> dict:
 
 
 def model_card(store: Path, version: str) -> dict:
-    """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and the fingerprint."""
+    """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and each CV fold's fit
+    (rows, rounds or C, CPU seconds) and the fingerprint."""
     meta = json.loads((store / "models" / version / "metadata.json").read_text())
     return {"cap_per_genre": meta["sample"]["cap_per_genre"], "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
-            "classifier": meta["classifier"], "fit": meta["fit"], "training_fingerprint": meta["training_fingerprint"]}
+            "classifier": meta["classifier"], "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
+            "training_fingerprint": meta["training_fingerprint"]}
 
 
 def train_checks(work: Path, n: int, copies: Path) -> dict:
@@ -565,6 +567,10 @@ def print_training(results: list[dict]) -> None:
             print(f"  cap {t['cap_per_genre']} tracks/genre: {rec['sampled_tracks']} tracks / {t['sampled_windows']} windows ({t['matrix_mb']} MB) of "
                   f"{rec['tracks']} labelled; {t['classifier']} fit {t['fit']}; CV accuracy {rec['cv_accuracy']}, held-out {rec['holdout_accuracy']}; "
                   f"fingerprint {t['training_fingerprint']}")
+            for name, fit in [*((f"CV fold {k + 1}", f) for k, f in enumerate(t.get("cv_fits", []))), ("final fit", t["fit"])]:
+                if "cpu_s" in fit:
+                    chosen = f"{fit['num_boost_round']} rounds" if "num_boost_round" in fit else f"C {fit.get('C')}"
+                    print(f"  {name}: {fit['tracks']} tracks / {fit['windows']} windows, {chosen}, {fit['cpu_s']} s CPU")
 
 
 def print_compaction(results: list[dict]) -> None:
@@ -783,11 +789,22 @@ def print_curves(curves: dict) -> None:
     real = curves.get("real")
     if real:
         print(f"learning curve, {real['task']} ({real['tracks']} tracks, {real['artists']} artists, {real['folds']}-fold CV by artist): "
-              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy_mean']:.3f}±{p['accuracy_std']:.3f}" for p in real["points"]))
+              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy_mean']:.3f}±{p['accuracy_std']:.3f}" for p in real["points"])
+              + (f"; train's cap for it {real['default_cap']} per genre ({'binds' if real['cap_binds'] else 'never binds'}: "
+                 f"largest genre {real['largest_genre']})" if "default_cap" in real else ""))
     synthetic = curves.get("synthetic")
     if synthetic:
         print(f"learning curve, synthetic ({synthetic['test_tracks']} test tracks of unseen artists): "
-              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" for p in synthetic["points"]))
+              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" + (f" ({p['rounds']} rounds, {p['cpu_s']} s CPU)" if "cpu_s" in p else "")
+                          for p in synthetic["points"]))
+        for s in synthetic.get("skipped", []):
+            print(f"  cap {s['cap_per_genre']}: SKIPPED, projected {s['projected_cpu_s']} s CPU > {s['budget_left_s']} s left of the "
+                  f"{synthetic['budget_s']:.0f} s budget")
+        cost = synthetic.get("cap_cost")
+        if cost:
+            gain = (f"{cost['gain_points']:+.2f} ± {cost['se_points']:.2f} points (paired, same test tracks)" if cost["gain_points"] is not None
+                    else "not measured (no point above the cap within the budget)")
+            print(f"  the cap ({cost['cap_per_genre']} per genre) against cap {cost['largest_cap']}: accuracy {gain}; goal <= 1 point")
 
 
 def print_projection(p: dict) -> None:
@@ -820,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for stores, S3 data, caches (default {DEFAULT_WORK}); reused between runs")
     parser.add_argument("--tiny-files", type=int, default=TINY_FILES, help=f"issue5: files of the no-op library (default {TINY_FILES})")
     parser.add_argument("--catalog-rows", type=int, default=CATALOG_ROWS, help=f"issue5: rows of the generated catalog (default {CATALOG_ROWS})")
+    parser.add_argument("--curve-budget", type=float, default=learning_curve.CURVE_BUDGET_S,
+                        help=f"curve: CPU seconds the synthetic curve may spend on fits; points projected past it are skipped (default {learning_curve.CURVE_BUDGET_S:.0f})")
     parser.add_argument("--copies", type=Path, help="train: folder for the hard-linked store copies and their Prefect home (default: the work folder)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
@@ -854,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "curve" in args.checks:
         real_caps = QUICK["real_caps"] if args.quick else learning_curve.REAL_CAPS
-        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else learning_curve.SYNTHETIC_CAPS)}
+        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else None, budget_s=args.curve_budget)}
         if (args.data / "emotify").is_dir():
             report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps)
         save()

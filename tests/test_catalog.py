@@ -355,3 +355,60 @@ def test_carried_rows_are_matched_on_listing_positions_and_merged_by_row_number(
     merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
     assert sorted(merged["track_id"].to_pylist()) == ["t0", "t9"] and merged.schema == catalog.CATALOG_SCHEMA
     assert catalog.rows_by_file(s, [], ["uri"]).column_names == ["uri", "_file", "_line"]  # no previous files: no rows
+
+
+def test_catalog_files_store_the_embedding_plain_and_read_back_the_same_rows(tmp_path: Path) -> None:
+    """A genre file's embedding column is written uncompressed, without a dictionary or statistics, every other
+    column zstd; the file reads back as the rows written, in FILE_ORDER, and DuckDB (the query verb) reads it too."""
+    import duckdb
+
+    s = Store(str(tmp_path))
+    table = rows(300, "rock", "run-a").set_column(4, "confidence", pa.array(np.linspace(0.2, 0.9, 300)))
+    assert catalog.write_genre(s, catalog.genre_file("snap", 0), table) == 300
+    path = f"{s.catalog}/{catalog.genre_file('snap', 0)}"
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    embedding = columns.pop("embedding.list.element")
+    assert embedding.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in embedding.encodings and not embedding.is_stats_set
+    assert len(columns) == 15 and {c.compression for c in columns.values()} == {"ZSTD"} and all(c.is_stats_set for c in columns.values())
+    assert "RLE_DICTIONARY" in columns["probabilities.key_value.key"].encodings  # the genres, once per row group
+    written = s.read_table(path)
+    assert written.equals(table.sort_by(catalog.FILE_ORDER)) and written.schema == catalog.CATALOG_SCHEMA
+    first = duckdb.sql(f"SELECT uri, embedding FROM '{path}' LIMIT 1").fetchall()[0]
+    assert first[0] == "/music/299.mp3" and np.allclose(first[1], unit_vectors(300)[299])
+
+
+def test_merge_drops_carried_rows_by_number_and_counts_only_kept_disagreements(tmp_path: Path) -> None:
+    """A merge task keeps the carried file's rows but those numbered dropped, adds the new pieces, writes them in
+    FILE_ORDER and counts the disagreements of the rows it kept."""
+    from genre_batch.publishing.tagging import merge_genre
+
+    s = Store(str(tmp_path))
+    old = rows(5, "rock", "run-a").set_column(4, "confidence", pa.array([0.9, 0.8, 0.7, 0.6, 0.5]))
+    old = old.set_column(7, "disagrees_with_tag", pa.array([True, None, True, False, None]))
+    catalog.write_genre(s, catalog.genre_file("prev", 0), old)
+    new = rows(7, "rock", "run-b").slice(5).set_column(4, "confidence", pa.array([0.75, 0.95]))
+    new = new.set_column(7, "disagrees_with_tag", pa.array([True, None]))
+    catalog.write_rows(s, f"{catalog.pieces_folder(s, 'next')}/000/00000.parquet", new)
+    assert merge_genre(s, "next", 0, catalog.genre_file("prev", 0), np.array([0, 3])) == (5, 2)
+    merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")
+    assert merged["track_id"].to_pylist() == ["t6", "t1", "t5", "t2", "t4"]
+    assert merged["confidence"].to_pylist() == [0.95, 0.8, 0.75, 0.7, 0.5]
+
+
+def test_merge_diff_equals_the_diff_of_the_whole_files(tmp_path: Path) -> None:
+    """The change piece a merge task computes from the rows it left out and the new ones equals the diff of the genre's
+    previous file against the merged one: a changed, a moved, a removed and a new track among unchanged ones, and a
+    new track that shares its track_id with a kept one (then the whole files are diffed)."""
+    previous = rows(6, "rock", "run-a").select(catalog.DIFF_COLUMNS)
+    kept = np.array([True, False, True, False, False, True])  # t1 changed, t3 moved, t4 removed
+    new = pa.table({"track_id": ["t1", "t3", "t7"], "uri": ["/music/1.mp3", "/music/moved-3.mp3", "/music/7.mp3"],
+                    "genre": ["rock"] * 3, "confidence": [0.5, 0.9, 0.8]})
+    merged = pa.concat_tables([previous.filter(pa.array(kept)), new.cast(previous.schema)])
+    whole = catalog.diff(previous, merged)
+    assert catalog.merge_diff(previous, kept, new.cast(previous.schema)).equals(whole)
+    assert sorted(whole["change"].to_pylist()) == ["added", "moved", "removed"]  # same genre: a changed confidence is no change
+    clash = new.cast(previous.schema).set_column(0, "track_id", pa.array(["t1", "t3", "t5"]))  # t5 is also kept
+    merged = pa.concat_tables([previous.filter(pa.array(kept)), clash])
+    assert catalog.merge_diff(previous, kept, clash).equals(catalog.diff(previous, merged))
+    assert catalog.merge_diff(previous.slice(0, 0), np.zeros(0, bool), clash).equals(catalog.diff(previous.slice(0, 0), clash))

@@ -129,6 +129,9 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     assert meta["label_source"] == "folders" and meta["feature_version"] == FEATURE_VERSION
     assert meta["classifier"] == "linear" and meta["feature_families"] == {"librosa": LIBROSA.version, "musicnn": MUSICNN.version}
     assert meta["tracks"] == 20 and meta["cross_validation"]["folds"] == 5
+    fit, fits = meta["fit"], meta["cross_validation"]["fits"]  # what each fit cost: its rows, the C it chose, CPU seconds
+    assert fit["tracks"] == 20 and fit["windows"] == meta["windows"] and fit["C"] == meta["params"]["C"] and fit["cpu_s"] >= 0
+    assert len(fits) == 5 and sum(f["tracks"] for f in fits) == 4 * 20 and all(f["cpu_s"] >= 0 and "C" in f for f in fits)
     assert meta["cross_validation"]["accuracy"] >= 0.8 > meta["majority_baseline"]
     assert set(meta["holdout"]["per_genre"]) == set(STYLES)
     assert len(meta["training_fingerprint"]) == 16

@@ -114,6 +114,66 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest
         assert neighbours == similar.vector_ids([ids[j] for j in np.argsort(-(x @ x[i]), kind="stable")[1 : len(neighbours) + 1]]).tolist()
 
 
+def as_version_1(table: pa.Table) -> pa.Table:
+    """Rows of a vectors file as version 1 wrote them: embeddings as lists of float32, no version in the schema."""
+    if "embedding" not in table.column_names:
+        return table
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(similar.as_matrix(table["embedding"]).reshape(-1)), catalog.VECTOR_DIM)
+    return table.set_column(3, "embedding", lists).replace_schema_metadata(None)
+
+
+def rewrite_as_version_1(s: Store) -> None:
+    """Rewrite the published snapshot's similar files as the version before per-file writer options wrote them: zstd
+    and dictionaries on every column, statistics on all, the same row groups, vectors as lists of floats."""
+    info = catalog.pointer(s)["similar"]
+    for f in sorted(Path(s.catalog, info["folder"]).glob("*.parquet")):
+        parquet = pq.ParquetFile(f)
+        groups = [as_version_1(parquet.read_row_group(g)) for g in range(parquet.metadata.num_row_groups)]
+        with pq.ParquetWriter(f, groups[0].schema, compression="zstd") as writer:
+            for group in groups:
+                writer.write_table(group)
+        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_schema(f"{s.catalog}/{info['vectors']}").field("embedding").type == pa.list_(pa.float32(), catalog.VECTOR_DIM)
+
+
+@pytest.mark.parametrize("previous", ["this version's files", "zstd on every column, vectors as lists (an earlier version's)"])
+def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
+    monkeypatch.setattr(similar, "BUCKET_TRACKS", 20)  # 3 buckets, row groups of 8 rows: the night's merges cross them
+    monkeypatch.setattr(similar, "ROW_GROUP", 8)
+    s = Store(str(tmp_path / "nightly"))
+    catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
+    if previous.startswith("zstd"):
+        rewrite_as_version_1(s)
+    second = rows(64, "rock", "run-b")  # t0 and t33 leave, t60..t63 arrive; t7 moves to another uri (same content)
+    second = second.filter(pc.invert(pc.is_in(second["track_id"], pa.array(["t0", "t33"]))))
+    second = second.set_column(1, "uri", pa.array(["/music/moved.mp3" if t == "t7" else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]))
+    night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
+    assert (night["mode"], night["added"], night["removed"], night["buckets"]) == ("incremental", 4, 2, 3)
+    rebuilt = Store(str(tmp_path / "rebuilt"))
+    full = catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)["similar"]
+    same_lists(lists(s), lists(rebuilt))
+    for column in ("vid", "uri"):  # the lookup files: the same rows in the same order (vids taken over from the night before)
+        assert s.read_table(f"{s.catalog}/{night['lookup'][column]}").equals(rebuilt.read_table(f"{rebuilt.catalog}/{full['lookup'][column]}"))
+    by_vid = s.read_table(f"{s.catalog}/{night['lookup']['vid']}")
+    assert by_vid["vid"].to_pylist() == similar.vector_ids(by_vid["track_id"].to_pylist()).tolist()
+    # the vectors file: every track once, with its embedding, in (bucket, vid) order, each row group within one bucket
+    vectors = pq.ParquetFile(f"{s.catalog}/{night['vectors']}")
+    table = vectors.read()
+    ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
+    vids = similar.vector_ids(ids)
+    expected = sorted(zip(similar.buckets_of(vids, 3).tolist(), vids.tolist(), ids))
+    assert list(zip(table["bucket"].to_pylist(), table["vid"].to_pylist(), table["track_id"].to_pylist())) == expected
+    assert np.array_equal(similar.as_matrix(table["embedding"]), x[[ids.index(t) for _, _, t in expected]])
+    assert all(len(set(vectors.read_row_group(g, ["bucket"])["bucket"].to_pylist())) == 1 for g in range(vectors.metadata.num_row_groups))
+    assert vectors.metadata.row_group(0).column(3).compression == "UNCOMPRESSED"  # written by this version (version 2)
+    assert vectors.schema_arrow.field("embedding").type == pa.binary(4 * catalog.VECTOR_DIM)
+    assert vectors.schema_arrow.metadata[b"genre_batch.vectors_version"] == str(similar.VECTORS_VERSION).encode()
+    for f in night["files"]:  # the pieces: in (track_id, rank) order
+        piece = s.read_table(f"{s.catalog}/{f}")
+        keys = list(zip(piece["track_id"].to_pylist(), piece["rank"].to_pylist()))
+        assert keys == sorted(keys)
+
+
 def with_embeddings(table: pa.Table, matrix: np.ndarray) -> pa.Table:
     """A catalog table with its embeddings replaced (rows of `matrix`, float32)."""
     column = pa.FixedSizeListArray.from_arrays(pa.array(matrix.astype(np.float32).reshape(-1)), catalog.VECTOR_DIM)

@@ -77,10 +77,17 @@ def test_auto_grouping_uses_artist_tags_when_present() -> None:
 def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
     # a linear model on 120 rows of 603 columns needs the signal in many of them (real features carry it broadly)
     data = training_set(*windows_table(informative=100), "artist")
-    probabilities = training.out_of_fold(data, kind)
+    oof = training.out_of_fold(data, kind)
+    probabilities = oof.probabilities
     assert probabilities.shape == (40, 4)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert (probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
+    k = training.folds(data)  # each fold's fit cost: every track is trained on in k-1 folds, 3 windows each
+    assert len(oof.fits) == k and sum(f["tracks"] for f in oof.fits) == (k - 1) * 40
+    assert all(f["windows"] == 3 * f["tracks"] and f["cpu_s"] >= 0 for f in oof.fits)
+    setting = "num_boost_round" if kind == "xgboost" else "C"
+    assert all(f[setting] == training.fit_tracks(data, train, kind).model.params()[setting]
+               for f, (train, _) in zip(oof.fits[:1], training.splits(data, k)))
 
 
 def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

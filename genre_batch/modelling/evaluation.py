@@ -9,6 +9,8 @@ import numpy as np
 # matplotlib, scipy and sklearn are imported by the functions that use them: tagging needs only `calibrate` (their
 # imports are 2 s of CPU in the flow process of every `tag` run).
 
+from genre_batch.modelling.model import calibrate  # noqa: E402
+
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, genres: list[str]) -> dict:
     """Accuracy, macro-F1, per-genre precision/recall/F1/support and the confusion matrix."""
@@ -63,14 +65,6 @@ def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: i
     return float(
         sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b) for b in range(bins) if np.any(which == b))
     )
-
-
-def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature-scaled probabilities: softmax(log p / T); rows sum to 1."""
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def calibration_errors(probabilities: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, float]:

@@ -75,6 +75,14 @@ def validation_split(y: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.
     return next(splitter.split(np.zeros(len(y)), y, groups))
 
 
+def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities: softmax(log p / T); rows sum to 1."""
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax."""
     logits = logits - logits.max(axis=1, keepdims=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -356,9 +357,35 @@ def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups:
     return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows)
 
 
-def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost") -> GenreModel:
-    """Fit a model of a kind on the rows of the given tracks of a training set."""
-    return fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, windows_of(data, tracks))
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted model with what its fit cost: the tracks and windows it was fitted on, CPU seconds of this process."""
+
+    model: GenreModel
+    tracks: int
+    windows: int
+    cpu_s: float
+
+    def cost(self) -> dict:
+        """What a model card records of a fit: tracks, windows, the setting the fit chose (boosting rounds or C), CPU s."""
+        settings = self.model.params()
+        chosen = {k: settings[k] for k in ("num_boost_round", "C") if k in settings}
+        return {"tracks": self.tracks, "windows": self.windows, **chosen, "cpu_s": round(self.cpu_s, 1)}
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """Out-of-fold track probabilities of a cross-validation and what each fold's fit cost (`Fitted.cost`)."""
+
+    probabilities: np.ndarray
+    fits: list[dict]
+
+
+def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost") -> Fitted:
+    """Fit a model of a kind on the rows of the given tracks of a training set, timed."""
+    started, rows = time.process_time(), windows_of(data, tracks)
+    model = fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, rows)
+    return Fitted(model, len(tracks), len(rows), time.process_time() - started)
 
 
 def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
@@ -367,9 +394,12 @@ def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> 
     return per_track(model.predict_rows(data.X, rows), data.track[rows], len(data.y_track))[tracks]
 
 
-def out_of_fold(data: TrainingSet, kind: str = "xgboost", seed: int = 0) -> np.ndarray:
-    """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation of a model kind."""
-    result = np.zeros((len(data.y_track), len(data.genres)))
+def out_of_fold(data: TrainingSet, kind: str = "xgboost", seed: int = 0) -> OutOfFold:
+    """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation of a model kind, with each fold's
+    fit cost."""
+    result, fits = np.zeros((len(data.y_track), len(data.genres))), []
     for train, test in splits(data, folds(data), seed):
-        result[test] = predict_tracks(fit_tracks(data, train, kind), data, test)
-    return result
+        fitted = fit_tracks(data, train, kind)
+        result[test] = predict_tracks(fitted.model, data, test)
+        fits.append(fitted.cost())
+    return OutOfFold(result, fits)

@@ -7,7 +7,7 @@ of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_i
 without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
 `by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
 describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
-index, the vectors file and the lookup files are written by three worker tasks (the index task holds 1M x 128 float32
+index, the vectors file and the lookup files are written by worker tasks (the index task holds 1M x 128 float32
 = 512 MB of vectors twice: as a matrix and in the index); then the lists are queried on the workers, one task per
 bucket, each memory-mapping the index.
 
@@ -16,8 +16,9 @@ index, new and changed ones are added (the centroids stay), and new tracks get f
 keeps private deep lists (top K + SPARE per track, and the floor above which a list holds every track): an existing
 list drops its departed and changed members and takes exactly the added tracks a with score(a, x) >= its floor(x),
 and is queried again only when fewer than K members remain above its floor. Those pairs come from one reverse scan
-in the index task: each added track scans the nprobe inverted lists its own search would scan and keeps every track
-there that it scores at or above the floor of (exact inner products, no depth cut). A rebuild's search of x scans
+(a task of its own, over the previous index while another task updates it): each added track scans the nprobe
+inverted lists its own search would scan and keeps every track there that it scores at or above the floor of (exact
+inner products, no depth cut). A rebuild's search of x scans
 x's nprobe lists instead, so each list equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
 both scans are then exhaustive).
 """
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,7 +44,7 @@ import pyarrow.parquet as pq
 from genre_batch import GenreBatchError
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
-from genre_batch.storage.store import Store
+from genre_batch.storage.store import TEMP_MARK, Store
 
 if TYPE_CHECKING:
     import faiss
@@ -59,9 +62,14 @@ PIECE_ROW_GROUP = 20_000
 LOOKUP_ROW_GROUP = 4_096
 """Rows per row group of the lookup files: a named track or a neighbour costs one such group."""
 
+VECTORS_VERSION = 2
 VECTORS_SCHEMA = pa.schema(
-    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.list_(pa.float32(), VECTOR_DIM))]
+    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.binary(4 * VECTOR_DIM))],
+    metadata={"genre_batch.vectors_version": str(VECTORS_VERSION)},
 )
+"""`vectors.parquet`: each embedding as VECTOR_DIM little-endian float32 in one fixed-size binary value (Parquet reads
+and writes it as one block; as a list of floats, version 1, every float carried its own repetition level: 4x the
+CPU). Version 1 files read the same (as_matrix takes both)."""
 REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
 """`_reverse.parquet` of an incremental update (deleted when the lists are written), in bucket order: the added track
 `added` scores `score` with the existing track `vid`, at or above that track's floor."""
@@ -73,6 +81,19 @@ floor: the list holds every track scoring above it (-inf: every other track)."""
 LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
 """The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
 LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
+
+# Parquet writer options per file: random floats and 64-bit hashes do not compress (zstd of the vectors file cost 7 s
+# and saved 9 %), nor do their dictionaries pay; strings keep zstd; statistics only on the columns row groups are
+# found by. Files written with zstd everywhere (before these options) read the same.
+VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": "zstd", "embedding": "none"},
+                   "use_dictionary": ["bucket"], "write_statistics": ["vid", "bucket"]}
+DEEP_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": ["vid"]}
+"""Deep lists and `_reverse.parquet`: hashes and scores only."""
+PIECE_OPTIONS = {"compression": {"track_id": "zstd", "neighbour_id": "zstd", "rank": "zstd", "score": "none"}, "use_dictionary": ["track_id", "rank"],
+                 "write_statistics": ["track_id", "rank"]}
+"""The published pieces: 20 rows per track_id (dictionary), distinct neighbour ids (zstd, no dictionary), raw scores;
+statistics on what a reader filters by."""
+LOOKUP_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd"}, "use_dictionary": ["genre"]}
 
 
 class UnknownTrack(GenreBatchError):
@@ -90,6 +111,30 @@ class Update:
     buckets: int
     deep: bool = False
     """Whether the previous snapshot has deep lists (else its published top K lists are read)."""
+    added_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
+    """The vids of `added`, sorted (hashed once, not by every task); None: hashed from `added`."""
+    removed_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        """Hash the added and removed tracks' vids unless given."""
+        for name, tracks in (("added_vids", self.added), ("removed_vids", self.removed)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.sort(vector_ids(tracks)))
+
+
+ADDED_FILE = "_added.parquet"
+"""An incremental update's added tracks (VECTORS_SCHEMA), read from the catalog once for the index, reverse scan and
+vectors tasks; deleted with `_reverse.parquet` when the lists are written."""
+
+
+@dataclass(frozen=True)
+class Added:
+    """An update's added tracks, as read from ADDED_FILE."""
+
+    track_ids: pa.Array
+    vids: np.ndarray
+    matrix: np.ndarray
+    """Their embeddings [n, VECTOR_DIM]."""
 
 
 def folder(snapshot: str) -> str:
@@ -133,9 +178,20 @@ def buffer_view(column: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
 
 
 def as_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list embedding column as a read-only float32 matrix [n, VECTOR_DIM]."""
+    """An embedding column (fixed-size list of float32, or VECTORS_SCHEMA's fixed-size binary) as a read-only float32
+    matrix [n, VECTOR_DIM]."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_fixed_size_binary(array.type):
+        if len(array) == 0:
+            return np.zeros((0, VECTOR_DIM), np.float32)
+        return np.frombuffer(array.buffers()[1], np.float32, count=len(array) * VECTOR_DIM, offset=array.offset * 4 * VECTOR_DIM).reshape(-1, VECTOR_DIM)
     return buffer_view(array.flatten(), np.float32).reshape(-1, VECTOR_DIM)
+
+
+def embedding_column(matrix: np.ndarray) -> pa.Array:
+    """A float32 matrix [n, VECTOR_DIM] as VECTORS_SCHEMA's embedding column (one copy at most: none when contiguous)."""
+    matrix = np.ascontiguousarray(matrix, np.float32)
+    return pa.FixedSizeBinaryArray.from_buffers(VECTORS_SCHEMA.field("embedding").type, len(matrix), [None, pa.py_buffer(matrix)])
 
 
 def read_embeddings(store: Store, files: list[str], only: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
@@ -176,28 +232,46 @@ def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
     return index
 
 
+@contextmanager
+def local_target(store: Store, relative: str) -> Iterator[str]:
+    """A local path to write a catalog file of an (unpublished) snapshot to: on a local store a temporary name next to
+    it, renamed when the block ends; on an object store a temporary file, copied there."""
+    path = f"{store.catalog}/{relative}"
+    if store.local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        local = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+        try:
+            yield local
+            os.replace(local, path)
+        finally:
+            if os.path.exists(local):
+                os.remove(local)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield os.path.join(tmp, os.path.basename(path))
+        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.put_file(os.path.join(tmp, os.path.basename(path)), path)
+
+
 def save_index(store: Store, index: faiss.Index, relative: str) -> None:
     """Write an index file into an (unpublished) snapshot folder."""
     import faiss
-    path = f"{store.catalog}/{relative}"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "index.faiss")
+    with local_target(store, relative) as local:
         faiss.write_index(index, local)
-        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        store.fs.put_file(local, path)
 
 
 @contextmanager
-def local_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
-    """A Parquet writer of a vectors file into an (unpublished) snapshot folder, through a local file copied there
-    when the block ends."""
-    path = f"{store.catalog}/{relative}"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "vectors.parquet")
-        with pq.ParquetWriter(local, VECTORS_SCHEMA, compression="zstd") as writer:
-            yield writer
-        store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        store.fs.put_file(local, path)
+def vectors_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer of a vectors file (VECTORS_OPTIONS) into an (unpublished) snapshot folder."""
+    with local_target(store, relative) as local, pq.ParquetWriter(local, VECTORS_SCHEMA, **VECTORS_OPTIONS) as writer:
+        yield writer
+
+
+def write_parquet(store: Store, relative: str, table: pa.Table, row_group: int, options: dict) -> None:
+    """Write a table as one catalog file, atomically, with its Parquet writer options."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group, **options)
+    store.write_bytes(f"{store.catalog}/{relative}", buffer.getvalue())
 
 
 def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
@@ -205,7 +279,7 @@ def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) 
     held whole."""
     vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
     order = rows[np.lexsort((vids, bucket))]
-    with local_writer(store, relative) as writer:
+    with vectors_writer(store, relative) as writer:
         for start in range(0, len(order), ROW_GROUP):
             writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
 
@@ -223,36 +297,66 @@ def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
     return index
 
 
-def vectors_table(track_ids: pa.Array, matrix: np.ndarray, buckets: int) -> pa.Table:
+def vectors_table(track_ids: pa.Array, vids: np.ndarray, matrix: np.ndarray, buckets: int) -> pa.Table:
     """The index's vectors with their ids and buckets, in the matrix's order (the embedding column is a view of it)."""
-    vids = vector_ids(track_ids.to_pylist())
     return pa.table(
         {"vid": vids, "track_id": track_ids, "bucket": buckets_of(vids, buckets),
-         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), VECTOR_DIM)},
+         "embedding": embedding_column(matrix)},
         schema=VECTORS_SCHEMA,
     )
 
 
-def tracks_table(store: Store, files: list[str]) -> pa.Table:
-    """(vid, track_id, uri, genre) of every track of snapshot files (relative to the catalog)."""
+def tracks_table(store: Store, files: list[str], known: pa.Table | None = None) -> pa.Table:
+    """(vid, track_id, uri, genre) of every track of snapshot files (relative to the catalog); vids from `known`
+    (a lookup table's vid and track_id) where it lists the track."""
     table = catalog.read_files(store, files, ["track_id", "uri", "genre"])
-    return pa.table({"vid": vector_ids(table["track_id"].to_pylist()), **{c: table[c] for c in ("track_id", "uri", "genre")}}, schema=LOOKUP_SCHEMA)
+    vids = vector_ids(table["track_id"].to_pylist()) if known is None else vids_from(table["track_id"].combine_chunks(), known)
+    return pa.table({"vid": vids, **{c: table[c] for c in ("track_id", "uri", "genre")}}, schema=LOOKUP_SCHEMA)
 
 
-def write_lookups(store: Store, out: str, files: list[str]) -> dict[str, str]:
-    """Write a snapshot's lookup files (every track in vid order, and in uri order); returns column -> file."""
-    table = tracks_table(store, files)
-    written = {}
-    for column, name in LOOKUP_FILES.items():
-        written[column] = f"{out}/{name}"
-        store.write_table(f"{store.catalog}/{written[column]}", table.sort_by(column), LOOKUP_ROW_GROUP)
+def vids_from(track_ids: pa.Array, known: pa.Table) -> np.ndarray:
+    """vids of track_ids: taken from `known` (vid, track_id) by an Arrow hash lookup (a third of the CPU of hashing a
+    million track_ids in Python), hashed for the tracks it does not list."""
+    import pyarrow.compute as pc
+    at = buffer_view(pc.fill_null(pc.index_in(track_ids, value_set=known["track_id"].combine_chunks()), -1), np.int32)
+    vids = buffer_view(known["vid"], np.int64)[np.maximum(at, 0)].copy() if len(at) else np.zeros(0, np.int64)
+    missing = np.flatnonzero(at == -1)
+    vids[missing] = vector_ids(track_ids.take(pa.array(missing)).to_pylist())
+    return vids
+
+
+def write_lookups(store: Store, out: str, files: list[str], update: Update | None) -> dict[str, str]:
+    """Write a snapshot's lookup files (every track in vid order, and in uri order); returns column -> file. An update
+    takes the vids of the tracks the previous snapshot's vid lookup file lists from there."""
+    previous = f"{update.previous}/{LOOKUP_FILES['vid']}" if update else None
+    known = store.read_table(f"{store.catalog}/{previous}", ["vid", "track_id"]) if previous and store.exists(f"{store.catalog}/{previous}") else None
+    table = tracks_table(store, files, known)
+    del known
+    written = {"vid": f"{out}/{LOOKUP_FILES['vid']}", "uri": f"{out}/{LOOKUP_FILES['uri']}"}
+    by_vid = table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable")))
+    write_parquet(store, written["vid"], by_vid, LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["vid"]})  # row groups are found by it
+    write_parquet(store, written["uri"], table.sort_by("uri"), LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["uri"]})
     return written
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
+def write_added(store: Store, out: str, files: list[str], update: Update, buckets: int) -> int:
+    """Write ADDED_FILE: the added tracks of an update with their vids and embeddings (one read of the catalog's
+    embedding column); returns its rows."""
+    ids, matrix = read_embeddings(store, files, update.added)
+    write_parquet(store, f"{out}/{ADDED_FILE}", vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets), ROW_GROUP, VECTORS_OPTIONS)
+    return len(ids)
+
+
+def read_added(store: Store, out: str) -> Added:
+    """An update's added tracks from its ADDED_FILE."""
+    table = store.read_table(f"{store.catalog}/{out}/{ADDED_FILE}")
+    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]))
+
+
+def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
     """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and added, then the added
-    tracks' reverse scan (write_reverse); returns its nlist."""
+    matrix and in the index), or the previous index with the update's tracks removed and its ADDED_FILE added;
+    returns its nlist."""
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
@@ -263,45 +367,68 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
         save_index(store, index, f"{folder(snapshot)}/index.faiss")
         return index.nlist
     index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
-    index.remove_ids(vector_ids(update.removed))
-    ids, matrix = read_embeddings(store, files, update.added)
-    vids = vector_ids(ids.to_pylist())
-    index.add_with_ids(matrix, vids)
+    index.remove_ids(update.removed_vids)
+    added = read_added(store, folder(snapshot))
+    index.add_with_ids(added.matrix, added.vids)
     save_index(store, index, f"{folder(snapshot)}/index.faiss")
-    write_reverse(store, folder(snapshot), index, vids, matrix, previous_floors(store, update), buckets)
     return index.nlist
+
+
+def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int) -> None:
+    """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while another task
+    updates it: the centroids and the kept tracks' lists are the same in both, an added track's own vid has an
+    infinite floor and a removed track's rows match no list of the new snapshot."""
+    added = read_added(store, folder(snapshot))
+    write_reverse(store, folder(snapshot), open_index(store, f"{update.previous}/index.faiss"), added.vids, added.matrix, previous_floors(store, update), buckets)
 
 
 def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, floors: tuple[np.ndarray, np.ndarray],
                   buckets: int) -> None:
     """Write `_reverse.parquet`: every (existing track x, added track a) with score(a, x) >= floor(x) (`floors`: sorted
     vids and their floors; a track without one has -inf) among the inverted lists a's own search scans, list by list."""
-    from faiss.contrib.inspect_tools import get_invlist
+    import faiss
     probes = index.quantizer.search(np.ascontiguousarray(matrix), min(index.nprobe, index.nlist))[1] if len(vids) else np.zeros((0, 1), np.int64)
     cell, who = probes.reshape(-1), np.repeat(np.arange(len(vids)), probes.shape[1])
     order = np.argsort(cell, kind="stable")
     cell, who = cell[order], who[order]
     starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
-    added = np.sort(vids)
+    invlists = faiss.downcast_InvertedLists(index.invlists)
+    lists = [list_ids(invlists, int(c)) for c in cell[starts]]
+    bounds = np.cumsum([0] + [len(ids) for ids in lists])
+    floor = floor_at(floors, np.concatenate(lists) if lists else np.zeros(0, np.int64), np.sort(vids))  # one lookup for all lists
     hits, by, scores = [], [], []
-    for start, stop in zip(starts, np.r_[starts[1:], len(cell)].astype(np.int64)):
-        ids, codes = get_invlist(index.invlists, int(cell[start]))
-        exact = matrix[who[start:stop]] @ codes.view(np.float32).reshape(len(ids), VECTOR_DIM).T
-        row, column = np.nonzero(exact >= floor_at(floors, ids, added)[None, :])
+    for j, (start, stop) in enumerate(zip(starts, np.r_[starts[1:], len(cell)].astype(np.int64))):
+        ids = lists[j]
+        if len(ids) == 0:
+            continue
+        codes = faiss.rev_swig_ptr(invlists.get_codes(int(cell[start])), len(ids) * VECTOR_DIM * 4).view(np.float32).reshape(len(ids), VECTOR_DIM)
+        exact = matrix[who[start:stop]] @ codes.T
+        row, column = np.nonzero(exact >= floor[bounds[j] : bounds[j + 1]][None, :])
         hits.append(ids[column])
         by.append(vids[who[start:stop]][row])
         scores.append(exact[row, column])
-    store.write_table(f"{store.catalog}/{out}/_reverse.parquet", reverse_table(hits, by, scores, buckets), ROW_GROUP)
+    write_parquet(store, f"{out}/_reverse.parquet", reverse_table(hits, by, scores, buckets), ROW_GROUP, DEEP_OPTIONS)
+
+
+def list_ids(invlists: faiss.InvertedLists, cell: int) -> np.ndarray:
+    """The ids of one inverted list (a copy)."""
+    import faiss
+    size = invlists.list_size(cell)
+    return faiss.rev_swig_ptr(invlists.get_ids(cell), size).copy() if size else np.zeros(0, np.int64)
 
 
 def floor_at(floors: tuple[np.ndarray, np.ndarray], ids: np.ndarray, added: np.ndarray) -> np.ndarray:
     """The floors of tracks `ids` (-inf for a track without one; +inf for the added (sorted), whose lists are queried
     in full)."""
     known, values = floors
-    row = np.minimum(np.searchsorted(known, ids), max(0, len(known) - 1))
-    out = np.where(known[row] == ids, values[row], -np.inf) if len(known) else np.full(len(ids), -np.inf)
-    at = np.minimum(np.searchsorted(added, ids), max(0, len(added) - 1))
-    return np.where(added[at] == ids, np.inf, out).astype(np.float32) if len(added) else out.astype(np.float32)
+    order = np.argsort(ids)  # searched in sorted order: a binary search of sorted values stays in cache (a third of the CPU)
+    ordered, out = ids[order], np.full(len(ids), -np.inf, np.float32)
+    if len(known):
+        row = np.minimum(np.searchsorted(known, ordered), len(known) - 1)
+        out[order] = np.where(known[row] == ordered, values[row], -np.inf)
+    if len(added):
+        out[order[added[np.minimum(np.searchsorted(added, ordered), len(added) - 1)] == ordered]] = np.inf
+    return out
 
 
 def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.ndarray], buckets: int) -> pa.Table:
@@ -335,27 +462,44 @@ def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarra
 
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
-    bucket by bucket: it holds one bucket of vectors, not all of them."""
+    bucket by bucket (it holds one bucket of vectors, not all of them), without the removed tracks, with its ADDED_FILE."""
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
         pa.default_memory_pool().release_unused()
-        table = vectors_table(ids, matrix, buckets)
+        table = vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets)
         put_vectors(store, f"{out}/vectors.parquet", table, np.arange(table.num_rows))
         return table.num_rows
-    import pyarrow.compute as pc
-    ids, matrix = read_embeddings(store, files, update.added)
-    added = vectors_table(ids, matrix, buckets)
-    removed, rows = pa.array(update.removed, pa.string()), 0
-    with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, local_writer(store, f"{out}/vectors.parquet") as writer:
+    added = read_added(store, out)
+    new = vectors_table(added.track_ids, added.vids, added.matrix, buckets)
+    new_bucket, removed, rows = buffer_view(new["bucket"], np.int32), update.removed_vids, 0
+    with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, vectors_writer(store, f"{out}/vectors.parquet") as writer:
         previous = pq.ParquetFile(f)
         for bucket in range(buckets):
-            old = previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket]))
-            old = old.filter(pc.and_(pc.equal(old["bucket"], bucket), pc.invert(pc.is_in(old["track_id"], value_set=removed))))
-            mine = pa.concat_tables([old, added.filter(pc.equal(added["bucket"], bucket))]).sort_by("vid")
-            writer.write_table(mine, row_group_size=ROW_GROUP)
-            rows += mine.num_rows
+            old = as_version_2(previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket])))
+            old_vids = buffer_view(old["vid"], np.int64)
+            kept = np.flatnonzero((buffer_view(old["bucket"], np.int32) == bucket) & ~member(old_vids, removed))
+            mine = np.flatnonzero(new_bucket == bucket)
+            both = pa.concat_tables([old, new])  # rows: the kept old ones (in vid order) merged with the bucket's added ones
+            rows_in_order = np.concatenate([kept, old.num_rows + mine])[np.argsort(np.concatenate([old_vids[kept], added.vids[mine]]), kind="stable")]
+            writer.write_table(slices(both, rows_in_order), row_group_size=ROW_GROUP)
+            rows += len(rows_in_order)
     return rows
+
+
+def as_version_2(table: pa.Table) -> pa.Table:
+    """Rows of a vectors file with VECTORS_SCHEMA (those of a version 1 file, whose embeddings are lists, converted)."""
+    if table.schema.field("embedding").type != VECTORS_SCHEMA.field("embedding").type:
+        table = table.set_column(3, "embedding", embedding_column(as_matrix(table["embedding"])))
+    return table.cast(VECTORS_SCHEMA)
+
+
+def slices(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """table.take(rows) as zero-copy slices of its runs of consecutive rows (most rows of a night's bucket are one
+    run: no copy of their vectors)."""
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts, stops = np.r_[0, cuts], np.r_[cuts, len(rows)]
+    return pa.concat_tables([table.slice(int(rows[a]), int(b - a)) for a, b in zip(starts, stops)]) if len(rows) else table.slice(0, 0)
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
@@ -387,17 +531,13 @@ def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
     return rows_where(store, relative, "bucket", [bucket])
 
 
-def id_map(table: pa.Table) -> tuple[np.ndarray, pa.Array]:
-    """(sorted vids, their track_ids) for mapping search results back to tracks (Arrow strings: no Python object per
-    track)."""
-    vids = buffer_view(table["vid"], np.int64)
-    order = np.argsort(vids, kind="stable")
-    return vids[order], table["track_id"].combine_chunks().take(pa.array(order))
-
-
 def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Array:
-    """track_ids of index ids (all of which are in `ids`)."""
-    return ids[1].take(pa.array(np.searchsorted(ids[0], vids)))
+    """track_ids of index ids (all of which are in `ids`), found in sorted order (a binary search of sorted values
+    stays in cache: a third of the CPU of searching them as they come)."""
+    order = np.argsort(vids)
+    at = np.empty(len(vids), np.int64)
+    at[order] = np.searchsorted(ids[0], vids[order])
+    return ids[1].take(pa.array(at))
 
 
 def search(index: faiss.Index, queries: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -415,18 +555,21 @@ def best(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 
 def lists_table(track_ids: pa.Array, neighbour_ids: np.ndarray, scores: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Table:
-    """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order."""
+    """Rows of the similar table from result matrices (padding dropped), in (track_id, rank) order: the lists are
+    taken in track_id order (a sort of n strings, not of n x k rows)."""
+    import pyarrow.compute as pc
     n, k = neighbour_ids.shape
+    order = buffer_view(pc.sort_indices(track_ids), np.uint64).astype(np.int64)
+    neighbour_ids, scores = neighbour_ids[order], scores[order]
     valid = neighbour_ids.reshape(-1) != -1
     flat = neighbour_ids.reshape(-1)[valid]
-    table = pa.table(
-        {"track_id": track_ids.take(pa.array(np.repeat(np.arange(n), k)[valid])),
+    return pa.table(
+        {"track_id": track_ids.take(pa.array(np.repeat(order, k)[valid])),
          "neighbour_id": track_ids_of(flat, ids),
          "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n)[valid]),
          "score": pa.array(scores.reshape(-1)[valid])},
         schema=SIMILAR_SCHEMA,
     )
-    return table.sort_by([("track_id", "ascending"), ("rank", "ascending")])
 
 
 Lists = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -478,18 +621,36 @@ def published_lists(store: Store, update: Update, bucket: int, track_ids: pa.Arr
 
 
 _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
-"""The last vectors file's id map in this (worker) process, keyed by its path and version: one read per process,
+"""The last vid lookup file's id map in this (worker) process, keyed by its path and version: one read per process,
 not one per bucket task."""
 
 
+_INDEX: dict[tuple, faiss.Index] = {}
+"""The last memory-mapped index in this (worker) process: its pages stay mapped from one bucket task to the next."""
+
+
+def cached_index(store: Store, relative: str) -> faiss.Index:
+    """open_index of a snapshot's index, once per process while the file is unchanged (path, size and mtime or ETag)."""
+    path = f"{store.catalog}/{relative}"
+    info = store.fs.info(path)
+    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+    if key not in _INDEX:
+        _INDEX.clear()
+        _INDEX[key] = open_index(store, relative)
+    return _INDEX[key]
+
+
 def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
-    """id_map of a vectors file, read once per process while the file is unchanged (path, size and mtime or ETag)."""
+    """(sorted vids, their track_ids) of a vid lookup file (in vid order), for mapping search results back to tracks
+    (Arrow strings: no Python object per track); read once per process while the file is unchanged (path, size and
+    mtime or ETag)."""
     path = f"{store.catalog}/{relative}"
     info = store.fs.info(path)
     key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
     if key not in _ID_MAP:
         _ID_MAP.clear()
-        _ID_MAP[key] = id_map(store.read_table(path, ["vid", "track_id"]))
+        table = store.read_table(path, ["vid", "track_id"])
+        _ID_MAP[key] = buffer_view(table["vid"], np.int64), table["track_id"].combine_chunks()
     return _ID_MAP[key]
 
 
@@ -497,7 +658,7 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
     """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped); returns
     the piece's rows."""
     out, depth = folder(snapshot), k + SPARE
-    ids = cached_id_map(store, f"{out}/vectors.parquet")
+    ids = cached_id_map(store, f"{out}/{LOOKUP_FILES['vid']}")
     mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
@@ -507,10 +668,10 @@ def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None
         if update is not None:
             redo = refresh(store, update, out, bucket, k, vids, track_ids, queries, (found, scores, floors), ids)
         if redo.any():
-            found[redo], scores[redo] = search(open_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
+            found[redo], scores[redo] = search(cached_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
             floors[redo] = floor_of(found[redo], scores[redo])
-    store.write_table(f"{store.catalog}/{deep_piece(out, bucket)}", deep_table(vids, found, scores, floors), PIECE_ROW_GROUP)
-    store.write_table(f"{store.catalog}/{piece(out, bucket)}", lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP)
+    write_parquet(store, deep_piece(out, bucket), deep_table(vids, found, scores, floors), PIECE_ROW_GROUP, DEEP_OPTIONS)
+    write_parquet(store, piece(out, bucket), lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP, PIECE_OPTIONS)
     return int((found[:, :k] != -1).sum())
 
 
@@ -528,8 +689,8 @@ def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: n
     tracks and with the added tracks that reach their floor; returns which tracks need a full query: new ones, and
     those whose list fell short of K above its floor."""
     (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids, track_ids, ids)
-    removed = member(old_ids, np.sort(vector_ids(update.removed)))
-    redo = member(vids, np.sort(vector_ids(update.added))) | ~known
+    removed = member(old_ids, update.removed_vids)
+    redo = member(vids, update.added_vids) | ~known
     candidates = reverse_candidates(store, out, bucket, vids) if update.added else (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     touched = removed.any(axis=1)
     touched[candidates[0]] = True
@@ -570,12 +731,18 @@ def reverse_candidates(store: Store, out: str, bucket: int, vids: np.ndarray) ->
 
 def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best k entries of each of n rows (score descending, then vid) as (vids, scores) [n, k], -1 padded, and
-    how many entries each row had. Sorted by vid, then stably by one float64 key row * 4 + 1 - score (the scores, in
-    [-1, 1], keep their float32 order): two sorts instead of a three-key lexsort."""
+    how many entries each row had. Sorted by one float64 key row * 4 + 1 - score (the scores, in [-1, 1], keep their
+    float32 order), then the entries of equal keys (equal scores in one row: rare) by vid: one sort of all entries
+    instead of a three-key lexsort."""
     rows, ids, scores = entries
     valid = np.flatnonzero(ids != -1)
-    order = valid[np.argsort(ids[valid], kind="stable")]
-    order = order[np.argsort(rows[order] * 4.0 + (1.0 - scores[order].astype(np.float64)), kind="stable")]
+    key = rows[valid] * 4.0 + (1.0 - scores[valid].astype(np.float64))
+    order = np.argsort(key)
+    tied = key[order][1:] == key[order][:-1]
+    if tied.any():
+        at = np.flatnonzero(np.r_[tied, False] | np.r_[False, tied])  # whole runs of equal keys, in key order
+        order[at] = order[at][np.lexsort((ids[valid][order[at]], key[order[at]]))]
+    order = valid[order]
     rows, ids, scores = rows[order], ids[order], scores[order]
     held = np.bincount(rows, minlength=n)
     rank = np.arange(len(rows)) - np.repeat(np.cumsum(held) - held, held)
@@ -585,11 +752,22 @@ def top_per_row(entries: Entries, n: int, k: int) -> tuple[np.ndarray, np.ndarra
     return found, best_scores, held
 
 
+MEMBER_BITS = 1 << 20
+"""Slots of member's prefilter: for 10,000 set ids, 1 % of other values pass it to the binary search."""
+
+
 def member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which of `values` are in `sorted_set` (binary search: no sort of `values`)."""
+    """Which of `values` (int64 hashes) are in `sorted_set`: a bitmap of their low bits first, a binary search only
+    for the few values it passes (no sort of `values`)."""
     if len(sorted_set) == 0:
         return np.zeros(values.shape, bool)
-    return sorted_set[np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)] == values
+    slots = np.zeros(MEMBER_BITS, bool)
+    slots[sorted_set & (MEMBER_BITS - 1)] = True
+    out = slots[values & (MEMBER_BITS - 1)]
+    maybe = np.flatnonzero(out)
+    found = values.reshape(-1)[maybe]
+    out.reshape(-1)[maybe] = sorted_set[np.minimum(np.searchsorted(sorted_set, found), len(sorted_set) - 1)] == found
+    return out
 
 
 KEYS = ["track_id", "fingerprint"]
@@ -619,11 +797,15 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     out = folder(snapshot)
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
     buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
-    # three tasks, on different workers when there are: their peaks do not add up in one process
-    nlist, vectors, lookup = run([(write_index, store, snapshot, files, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
-                                  (write_lookups, store, out, files)])
+    if update is None:  # three tasks, on different workers when there are: their peaks do not add up in one process
+        nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
+                                      (write_lookups, store, out, files, update)])
+    else:  # the added tracks read once (next to the lookup files) into ADDED_FILE, then read by the index, reverse scan and vectors tasks
+        _, lookup = run([(write_added, store, out, files, update, buckets), (write_lookups, store, out, files, update)])
+        _, vectors, nlist = run([(reverse_scan, store, snapshot, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
+                                 (write_index, store, snapshot, files, update)])  # the longest first: the third goes to the first worker free
     rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/_reverse.parquet"])
+    store.delete([f"{store.catalog}/{out}/_reverse.parquet", f"{store.catalog}/{out}/{ADDED_FILE}"])
     return {
         "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
         "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],

@@ -12,7 +12,6 @@ import pyarrow.compute as pc
 from genre_batch.analysis.columns import FEATURE_NAMES
 from genre_batch.library.labels import normalise
 from genre_batch.modelling import registry
-from genre_batch.modelling.evaluation import calibrate
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
@@ -53,6 +52,7 @@ def worker_model(store: Store, version: str) -> tuple[GenreModel, dict]:
 
 def calibrated(model: GenreModel, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
     """Track probabilities from feature rows: predictions averaged per track, the model's temperature applied."""
+    from genre_batch.modelling.model import calibrate  # with the model's own imports (xgboost): never in the flow process
     return calibrate(per_track(model.predict_proba(X), track, n_tracks), meta.get("temperature", 1.0))
 
 
@@ -132,31 +132,36 @@ def tag_batch(store: Store, version: str, groups: list[pa.Table], run_id: str, t
     genres = genres_of(worker_model(store, version)[1])
     counts = {}
     for genre, rows in catalog.split_by_genre(table).items():
-        store.write_table(f"{catalog.pieces_folder(store, snapshot)}/{genres.index(genre):03d}/{task:05d}.parquet", rows)
+        catalog.write_rows(store, f"{catalog.pieces_folder(store, snapshot)}/{genres.index(genre):03d}/{task:05d}.parquet", rows)
         counts[genre] = rows.num_rows
     return counts
 
 
-def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, dropped: np.ndarray | None) -> tuple[int, int]:
+def merge_genre(store: Store, snapshot: str, number: int, carried: str | None, dropped: np.ndarray | None,
+                feed: bool = False) -> tuple[int, int]:
     """Write a snapshot's file of one genre (runs on a worker): its new pieces plus the rows of the previous snapshot's
-    file `carried` (relative to the catalog), less its rows numbered `dropped`; returns (rows, disagreements)."""
+    file `carried` (relative to the catalog), less its rows numbered `dropped`; returns (rows, disagreements). With
+    `feed`, also the genre's piece of the change feed against `carried` (the genre's whole previous file; None: it had
+    none), from the rows dropped and the new ones (catalog.merge_diff), so that no task reads both files again."""
     tables = [store.read_table(p) for p in store.list(f"{catalog.pieces_folder(store, snapshot)}/{number:03d}", ".parquet")]
+    new_rows = sum(t.num_rows for t in tables)
     if carried is not None:
-        previous = store.read_table(f"{store.catalog}/{carried}")
-        if dropped is not None and len(dropped):
-            kept = np.ones(previous.num_rows, bool)
-            kept[dropped] = False
-            previous = previous.filter(pa.array(kept))
-        tables.append(previous.select(CATALOG_SCHEMA.names))
+        tables.append(store.read_table(f"{store.catalog}/{carried}").select(CATALOG_SCHEMA.names))
     table = pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
-    rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table)
-    return rows, int(pc.sum(table["disagrees_with_tag"].fill_null(False)).as_py() or 0)
+    kept = np.ones(table.num_rows, bool)
+    if dropped is not None:
+        kept[new_rows + dropped] = False  # the carried file's rows follow the new pieces
+    rows = catalog.write_genre(store, catalog.genre_file(snapshot, number), table, kept)
+    if feed:
+        columns = table.select(catalog.DIFF_COLUMNS)
+        catalog.write_change_piece(store, snapshot, number, catalog.merge_diff(columns.slice(new_rows), kept[new_rows:], columns.slice(0, new_rows)))
+    return rows, int(np.count_nonzero(table["disagrees_with_tag"].fill_null(False).to_numpy(zero_copy_only=False) & kept))
 
 
 def file_rows(uri: str, families: list[str]) -> np.ndarray:
     """The feature rows of one file for the given families, as the store would hold them joined (one decode):
     librosa windows with the musicnn vector beside each, or the musicnn vector alone (raises audio.AudioError)."""
-    from genre_batch.analysis import audio, features  # audio decoding and numba: only for files outside the catalog
+    from genre_batch.analysis import audio, features  # imported here, as below
     from genre_batch.analysis.extraction import librosa_windows, musicnn_vector
 
     segments, _, _ = audio.load(uri, features.window_spans)
@@ -169,7 +174,7 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
     """The `top` genres and probabilities of each file with the current model, or the reason it failed."""
-    from genre_batch.analysis.audio import AudioError
+    from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
     _, model, meta = registry.load_current(store)
     families = families_of(meta)

@@ -126,10 +126,13 @@ def project(space: VectorSpace, pooled: np.ndarray) -> np.ndarray:
 
 
 def window_means(matrix: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-track means of consecutive window rows (`counts` rows per track)."""
-    track = np.repeat(np.arange(len(counts)), counts)
+    """Per-track means of consecutive window rows (`counts` rows per track), summed in float64 row after row: one
+    reduceat over the tracks' first rows (np.add.at, which gave the same sums, took ~35 % of a tagging task's CPU)."""
     sums = np.zeros((len(counts), matrix.shape[1]), np.float64)
-    np.add.at(sums, track, matrix)
+    some = counts > 0
+    if some.any():
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[some]
+        sums[some] = np.add.reduceat(matrix[: int(counts.sum())], starts, axis=0, dtype=np.float64)
     return sums / np.maximum(counts, 1)[:, None]
 
 

@@ -232,10 +232,11 @@ def change_groups(previous: dict | None, files: dict[str, str]) -> list[tuple[li
     return [(sorted(old.get(g, [])), sorted(new.get(g, []))) for g in sorted(set(old) | set(new))]
 
 
-def change_feed(store: Store, session: Session, snapshot: str, previous: dict | None, files: dict[str, str]) -> dict[str, int]:
-    """Write the snapshot's change feed on the workers (one diff per genre, then one task pairs the pieces); returns
-    its rows per kind of change."""
-    session.run([(catalog.diff_genre, store, snapshot, n, before, after) for n, (before, after) in enumerate(change_groups(previous, files))])
+def change_feed(store: Store, session: Session, snapshot: str, previous: dict | None, files: dict[str, str], diffed: bool) -> dict[str, int]:
+    """Write the snapshot's change feed on the workers (one diff per genre unless the merge tasks `diffed` each genre
+    already, then one task pairs the pieces); returns its rows per kind of change."""
+    if not diffed:
+        session.run([(catalog.diff_genre, store, snapshot, n, before, after) for n, (before, after) in enumerate(change_groups(previous, files))])
     return session.run([(catalog.gather_changes, store, snapshot)])[0]
 
 
@@ -301,7 +302,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         carried_files = {g: f for f, g in previous["genres"].items()} if carried is not None else {}
         numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
         dropped = carried.dropped if carried is not None else {}
-        merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped.get(carried_files.get(genres[n])))
+        merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped.get(carried_files.get(genres[n])), carried is not None)
                               for n in numbers])
         if work:
             store.fs.rm(catalog.pieces_folder(store, snapshot), recursive=True)
@@ -310,7 +311,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     total = sum(counts.values())
     disagreements = sum(d for _, d in merged)
     with steps.step("change feed"):
-        changes = change_feed(store, session, snapshot, previous, files)
+        changes = change_feed(store, session, snapshot, previous, files, diffed=carried is not None)
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
     with steps.step("similar plan"):

@@ -255,16 +255,18 @@ def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetim
     return False, f"only {share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%}): current model {version} kept"
 
 
-def cross_validation(data: training.TrainingSet, oof: np.ndarray) -> dict:
-    """Grouped k-fold scores of the out-of-fold track probabilities `oof`, raw and calibrated, with the fitted temperature."""
-    temperature = evaluation.fit_temperature(oof, data.y_track)
+def cross_validation(data: training.TrainingSet, oof: training.OutOfFold) -> dict:
+    """Grouped k-fold scores of the out-of-fold track probabilities, raw and calibrated, with the fitted temperature and
+    each fold's fit cost (`fits`: tracks, windows, rounds or C, CPU seconds)."""
+    temperature = evaluation.fit_temperature(oof.probabilities, data.y_track)
     return {
-        **evaluation.scores(data.y_track, oof.argmax(axis=1), data.genres),
+        **evaluation.scores(data.y_track, oof.probabilities.argmax(axis=1), data.genres),
         "folds": training.folds(data),
         "grouping": data.grouping,
         "groups": int(len(set(data.groups.tolist()))),
         "temperature": temperature,
-        **evaluation.calibration_errors(oof, data.y_track, temperature),
+        **evaluation.calibration_errors(oof.probabilities, data.y_track, temperature),
+        "fits": oof.fits,
     }
 
 
@@ -336,7 +338,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
     oof = training.out_of_fold(data, classifier)
     cv = cross_validation(data, oof)
-    held = holdout(data, oof, cv["temperature"])
+    held = holdout(data, oof.probabilities, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
     passes, reason = gate(store, cv["accuracy"], baseline, min_accuracy, families, session)
     version = registry.new_version()
@@ -374,8 +376,9 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         model = fit_all(store, located, data.genres, session, rounds, families)
         metadata["fit"] = {"tracks": located.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
     else:
-        model = training.fit_tracks(data, np.arange(len(data.y_track)), classifier)
-        metadata["fit"] = {"tracks": len(data.y_track), "engine": classifier, "on": "the capped sample"}
+        fitted = training.fit_tracks(data, np.arange(len(data.y_track)), classifier)
+        model = fitted.model
+        metadata["fit"] = {**fitted.cost(), "engine": classifier, "on": "the capped sample"}
     metadata["params"] = model.params()
     registry.register(store, version, model, metadata, png, labelled_keys(labelled_set))
     if passes:
