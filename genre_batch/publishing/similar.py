@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import math
 import os
 import tempfile
@@ -268,10 +267,8 @@ def vectors_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
 
 
 def write_parquet(store: Store, relative: str, table: pa.Table, row_group: int, options: dict) -> None:
-    """Write a table as one catalog file, atomically, with its Parquet writer options."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=row_group, **options)
-    store.write_bytes(f"{store.catalog}/{relative}", buffer.getvalue())
+    """Write a table as one catalog file (relative to the catalog), atomically, with its Parquet writer options."""
+    store.write_table(f"{store.catalog}/{relative}", table, row_group, options)
 
 
 def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
