@@ -132,7 +132,8 @@ def test_serve_refuses_a_server_that_does_not_answer(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path / "home")}
     done = subprocess.run(
-        [str(BIN / "genre-batch"), "serve", str(library), "--store", str(tmp_path / "store")], env=env, capture_output=True, text=True, timeout=120
+        [str(BIN / "genre-batch"), "serve", str(library), "--store", str(tmp_path / "store"), "--labels", "folders"], env=env, capture_output=True,
+        text=True, timeout=120,
     )
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith(f"error: no Prefect server answers at PREFECT_API_URL={url}")
