@@ -85,6 +85,28 @@ def test_the_readme_table_is_read() -> None:
     assert len(ROWS) >= 19 and {status for _, _, status, _ in ROWS} == {1, 2}
 
 
+def test_the_readme_verb_table_matches_the_cli() -> None:
+    """Every verb is in the README's table of verbs and no other; each example parses, and each option a row names is
+    one of its verb's (or of its subcommands', or a global one)."""
+    import typer.main
+
+    from genre_batch.cli import app
+
+    group = typer.main.get_command(app)
+    text = (ROOT / "README.md").read_text().split("\n## Commands", 1)[1].split("\n### ", 1)[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([\w-]+)` \| .*$", text, flags=re.M)}
+    assert set(rows) == set(group.commands)
+    for verb, row in rows.items():
+        command = group.commands[verb]
+        subcommands = list(getattr(command, "commands", {}).values())
+        options = {o for c in [group, command, *subcommands] for p in c.params for o in p.opts + p.secondary_opts}
+        assert set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", row)) <= options, (verb, row)
+        argv = shlex.split(row.split("` | `", 1)[1].split("`", 1)[0])[2:]
+        if subcommands:
+            command, argv = command.commands[argv[0]], argv[1:]
+        command.make_context(f"genre-batch {verb}", argv)  # raises on an unknown option or a missing argument
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The folder the README's invocations run in: library/, store/ and bad-labels.csv (columns file,style)."""

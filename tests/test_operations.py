@@ -113,6 +113,19 @@ def test_prune_keeps_the_newest_and_never_the_current_model(store: Store) -> Non
     assert registry.versions(store) == ["m-1", "m-3"]
 
 
+def test_prune_keeps_the_newest_run_records_and_evaluation_reports(store: Store) -> None:
+    for _ in range(3):
+        with runs.run_record(store, "tag"):
+            pass
+    for n in range(3):
+        store.write_json(f"{store.evaluations}/e-{n}/report.json", {"n": n})
+    records = sorted(p.rsplit("/", 1)[-1] for p in store.list(store.runs, ".json"))
+    code, out, _ = cli("prune", "--store", store.url, "--keep-runs", "1", "--keep-evaluations", "2", "--format", "json")
+    assert (code, json.loads(out)) == (0, {"models": [], "run_records": records[:2], "evaluations": ["e-0"]})
+    assert [p.rsplit("/", 1)[-1] for p in store.list(store.runs, ".json")] == records[2:]
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.evaluations, detail=False)) == ["e-1", "e-2"]
+
+
 def test_prune_never_deletes_a_model_a_rollback_can_return_to(store: Store) -> None:
     registry.promote(store, "m-2")
     registry.promote(store, "m-3")  # history: m-1, m-2 (longer than --keep-models)
@@ -136,7 +149,8 @@ def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -
     with pytest.raises(ValueError), runs.run_record(store, "extract"):
         raise ValueError("the library is gone")
     code, out, _ = cli("status", "--store", store.url, "--format", "json")
-    failed, completed = json.loads(out)["last_runs"]  # newest first: each run's outcome, duration and error
+    by_flow = {run["flow"]: run for run in json.loads(out)["last_runs"]}  # each run's outcome, duration and error
+    failed, completed = by_flow["extract"], by_flow["tag"]  # (started in the same second: their order is the run ids')
     assert set(failed) == set(completed) == {"run_id", "flow", "status", "started_at", "duration_s", "error"}
     assert (failed["flow"], failed["status"], failed["error"]) == ("extract", "failed", "ValueError: the library is gone")
     assert (completed["flow"], completed["status"], completed["error"]) == ("tag", "completed", None) and completed["duration_s"] >= 0
