@@ -285,7 +285,8 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console (serve always shows them).")] = False,
     endpoint_url: Annotated[
         str | None,
         typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
@@ -297,7 +298,8 @@ def options(
     """Distributed batch genre tagging of music libraries."""
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url  # read by botocore here and by local workers
-    for key, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_CONSOLE)}.items():
+    logged = verbose or ctx.invoked_subcommand == "serve"  # a server's log: its runs, and runs cancelled by the concurrency limit
+    for key, value in {**PREFECT_DEFAULTS, **({} if logged else QUIET_CONSOLE)}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before numba loads: one cache for all
 
