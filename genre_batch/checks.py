@@ -160,15 +160,15 @@ def remote_store(location: str) -> None:
         raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist (or is not visible with these credentials)")
 
 
-def has_model_or_labels(store: str, spec: str | None) -> None:
-    """`run` without --labels needs a current model to tag with."""
+def has_model_or_labels(store: str, spec: str | None, verb: str = "run") -> None:
+    """`run` (or the nightly runs `serve` schedules) without --labels needs a current model to tag with."""
     if spec is not None:
         return
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
     if registry.current_version(Store.at(store)) is None:
-        raise UsageError(f"the store {store} has no current model and run got no --labels: add --labels folders|tags|FILE to train one")
+        raise UsageError(f"the store {store} has no current model and {verb} got no --labels: add --labels folders|tags|FILE to train one")
 
 
 def prefect_api_url() -> str | None:

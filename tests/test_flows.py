@@ -68,6 +68,10 @@ def test_cli_run_query_classify(
     first, second = out.splitlines()
     assert first.startswith(f"{clip}: chiptune ") and first.count(",") == 1
     assert second.startswith(f"{library / 'broken.mp3'}: error: undecodable")
+    code, out, _ = cli("classify", "--store", store, "--top", "2", "--format", "json", str(clip), str(library / "broken.mp3"))
+    good, bad = json.loads(out)
+    assert code == 1 and good["uri"] == str(clip) and [g["genre"] for g in good["genres"]][0] == "chiptune" and len(good["genres"]) == 2
+    assert bad["uri"] == str(library / "broken.mp3") and bad["error"].startswith("undecodable")
 
 
 @pytest.mark.parametrize(
@@ -133,7 +137,7 @@ def test_cli_starts_prefects_ephemeral_server_and_leaves_no_process(tmp_path: Pa
     assert [p.cmdline() for p in psutil.process_iter() if ours(p)] == []
 
 
-@pytest.mark.parametrize("verb", ["extract", "compact", "train", "evaluate", "tag", "run", "query", "classify", "demo", "serve", "status", "models", "prune"])
+@pytest.mark.parametrize("verb", ["extract", "compact", "train", "evaluate", "tag", "run", "query", "classify", "write-tags", "similar", "demo", "serve", "status", "models", "prune"])
 def test_every_verb_has_help(verb: str) -> None:
     code, out, _ = cli(verb, "--help")
     assert code == 0 and "Usage:" in out and "--help" in out

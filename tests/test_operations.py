@@ -20,6 +20,7 @@ from genre_batch.cluster import session
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import PARAMS, XGBoostModel
 from genre_batch.publishing import catalog
+from genre_batch.stages import runs
 from genre_batch.stages import tag as tag_stage
 from genre_batch.storage.store import Store
 
@@ -112,6 +113,29 @@ def test_prune_keeps_the_newest_and_never_the_current_model(store: Store) -> Non
     assert registry.versions(store) == ["m-1", "m-3"]
 
 
+def test_prune_keeps_the_newest_run_records_and_evaluation_reports(store: Store) -> None:
+    for _ in range(3):
+        with runs.run_record(store, "tag"):
+            pass
+    for n in range(3):
+        store.write_json(f"{store.evaluations}/e-{n}/report.json", {"n": n})
+    records = sorted(p.rsplit("/", 1)[-1] for p in store.list(store.runs, ".json"))
+    code, out, _ = cli("prune", "--store", store.url, "--keep-runs", "1", "--keep-evaluations", "2", "--format", "json")
+    assert (code, json.loads(out)) == (0, {"models": [], "run_records": records[:2], "evaluations": ["e-0"]})
+    assert [p.rsplit("/", 1)[-1] for p in store.list(store.runs, ".json")] == records[2:]
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store.evaluations, detail=False)) == ["e-1", "e-2"]
+
+
+def test_prune_never_deletes_a_model_a_rollback_can_return_to(store: Store) -> None:
+    registry.promote(store, "m-2")
+    registry.promote(store, "m-3")  # history: m-1, m-2 (longer than --keep-models)
+    code, out, _ = cli("prune", "--store", store.url, "--keep-models", "1", "--format", "json")
+    assert code == 0 and json.loads(out)["models"] == []
+    for earlier in ("m-2", "m-1"):
+        registry.rollback(store)
+        assert registry.current_version(store) == earlier and earlier in registry.versions(store)
+
+
 def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -> None:
     code, out, _ = cli("status", "--store", store.url, "--format", "json")
     facts = json.loads(out)
@@ -119,6 +143,19 @@ def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -
     assert facts["lease"] is None and facts["last_runs"] == [] and facts["errors_by_kind"] == {}
     code, out, _ = cli("status", "--store", store.url)
     assert code == 0 and "model: m-1, CV accuracy 0.900" in out and "catalog: none published" in out and "lease: free" in out
+
+    with runs.run_record(store, "tag"):
+        pass
+    with pytest.raises(ValueError), runs.run_record(store, "extract"):
+        raise ValueError("the library is gone")
+    code, out, _ = cli("status", "--store", store.url, "--format", "json")
+    by_flow = {run["flow"]: run for run in json.loads(out)["last_runs"]}  # each run's outcome, duration and error
+    failed, completed = by_flow["extract"], by_flow["tag"]  # (started in the same second: their order is the run ids')
+    assert set(failed) == set(completed) == {"run_id", "flow", "status", "started_at", "duration_s", "error"}
+    assert (failed["flow"], failed["status"], failed["error"]) == ("extract", "failed", "ValueError: the library is gone")
+    assert (completed["flow"], completed["status"], completed["error"]) == ("tag", "completed", None) and completed["duration_s"] >= 0
+    code, out, _ = cli("status", "--store", store.url)
+    assert f"run {failed['run_id']} (extract): failed in 0 s: ValueError: the library is gone" in out
 
 
 def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(

@@ -363,6 +363,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, P
         "discovered": 20, "new": 1, "changed": 1, "retried": 0, "moved": 0, "removed": 1, "unchanged": 18}
     assert plan["would_train"] is False and plan["train_reason"].endswith("judged on the features already extracted: 2 new or changed files not counted")
     assert plan["refused"] is None
+    code, out, _ = cli("run", str(library), "--store", str(store), "--labels", "folders", "--dry-run", "--force", "--format", "json")
+    assert (code, json.loads(out)) == (0, plan)  # run's --force passes the guards: it re-extracts nothing
     code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run")
     assert code == 0 and "1 new, 1 changed, 0 to retry, 0 moved, 1 removed, 18 unchanged" in out and "nothing was written" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == tree  # no lease, no record, nothing

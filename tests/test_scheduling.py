@@ -58,10 +58,11 @@ def wait_for(condition: Callable[[], object], seconds: float, what: str) -> obje
 @pytest.fixture
 def prefect_api(prefect_server_process: PrefectServer, tmp_path: Path) -> tuple[str, dict[str, str]]:
     """The session's `prefect server start` (conftest: its scheduler service loops every 2 s) and the environment of
-    a `serve` process using it: its own PREFECT_HOME, the runner polling every 2 s."""
+    a `serve` process using it: its own PREFECT_HOME, the runner polling every 2 s, Prefect's console logging as a
+    user's shell leaves it."""
     url = prefect_server_process.api_url(SERVER_START_S)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"},  # conftest quiets it; the CLI decides
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -116,6 +117,8 @@ def test_serve_cron_fires_a_run_that_completes_and_a_colliding_run_is_cancelled(
 
         cancelled = wait_for(lambda: final(second["id"]), RUN_WAIT_S, "the colliding run ending")
         assert cancelled["state_type"] == "CANCELLED" and cancelled["state"]["message"] == "Deployment concurrency limit reached."
+        said = wait_for(lambda: [line for line in (tmp_path / "serve.log").read_text().splitlines() if second["id"] in line], 30, "serve logging the cancelled run")
+        assert "CANCELLED" in " ".join(said), said  # serve's log says what happened to the second run
         done = wait_for(lambda: final(first["id"]), RUN_WAIT_S, "the scheduled run ending")
         assert done["state_type"] == "COMPLETED", run_logs(url, first["id"])
         assert (store / "catalog" / "CURRENT.json").exists()
@@ -132,7 +135,8 @@ def test_serve_refuses_a_server_that_does_not_answer(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path / "home")}
     done = subprocess.run(
-        [str(BIN / "genre-batch"), "serve", str(library), "--store", str(tmp_path / "store")], env=env, capture_output=True, text=True, timeout=120
+        [str(BIN / "genre-batch"), "serve", str(library), "--store", str(tmp_path / "store"), "--labels", "folders"], env=env, capture_output=True,
+        text=True, timeout=120,
     )
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith(f"error: no Prefect server answers at PREFECT_API_URL={url}")

@@ -183,7 +183,7 @@ def pin(store: Store, pinned: bool = True) -> dict:
 def prune(store: Store, keep: int) -> list[str]:
     """Delete all but the `keep` newest models, never the current one nor a model in its history; returns those deleted."""
     current = pointer(store) or {}
-    protected = {current.get("version"), *current.get("history", [])[-keep:]}
+    protected = {current.get("version"), *current.get("history", [])}  # what rollback can return to
     old = [v for v in versions(store)[:-keep] if v not in protected] if keep > 0 else []
     for version in old:
         store.fs.rm(f"{store.models}/{version}", recursive=True)

@@ -140,15 +140,16 @@ class DryRun:
     """Why the listing guard would refuse the run (None: it would go on)."""
 
 
-def dry_run(library: str, store: Store, force: bool = False) -> DryRun:
-    """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files."""
+def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False) -> DryRun:
+    """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files (`force` and
+    `allow_shrink` as extract takes them)."""
     inventory = discover(library)
     previous = read_inventory(store)
     todo = plan(inventory, read_index(store, CHOICE_COLUMNS), force)
     known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
     same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:
-        check_listing(previous.num_rows, inventory.num_rows, library, force)
+        check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
         refused = None
     except PublishRefused as e:
         refused = str(e)
