@@ -174,14 +174,6 @@ def test_bad_invocation(argv: list[str], extra: dict[str, str], status: int, fir
         assert not set(START_UP + TRAINING) & set(modules), "a usage error must not start Prefect, Dask or training libraries"
 
 
-def test_serve_without_labels_on_a_store_without_a_model_is_a_usage_error(workdir: Path, zygote: Zygote) -> None:
-    """Its nightly runs would extract the whole library and then fail for want of a model, as `run` would."""
-    done, modules = zygote.run(["serve", "library", "--store", "store"], workdir, environment(workdir, {}))
-    message = "error: the store store has no current model and serve got no --labels: add --labels folders|tags|FILE to train one\n"
-    assert (done.returncode, done.stdout, done.stderr) == (2, "", message)
-    assert not set(START_UP + TRAINING) & modules
-
-
 def test_version_is_the_installed_one(workdir: Path) -> None:
     from importlib.metadata import version
 
