@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +88,49 @@ def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
     assert (probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
     k = training.folds(data)  # each fold's fit cost: every track is trained on in k-1 folds, 3 windows each
     assert len(oof.fits) == k and sum(f["tracks"] for f in oof.fits) == (k - 1) * 40
-    assert all(f["windows"] == 3 * f["tracks"] and f["cpu_s"] >= 0 for f in oof.fits)
+    assert all(f["windows"] == 3 * f["tracks"] and f["cpu_s"] >= 0 and f["refit"] is False for f in oof.fits)
     setting = "num_boost_round" if kind == "xgboost" else "C"
     assert all(f[setting] == training.fit_tracks(data, train, kind).model.params()[setting]
                for f, (train, _) in zip(oof.fits[:1], training.splits(data, k)))
+
+
+@pytest.mark.parametrize("kind", ["xgboost", "linear"])
+def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_scheduler: str) -> None:
+    """The folds and the final fit run as tasks on the workers (the training set scattered once): the same out-of-fold
+    probabilities, settings and final model (same bytes) as in this process; then the workers hold nothing of it."""
+    data = training_set(*windows_table(informative=100), "artist")
+    here, final_here, X = training.out_of_fold(data, kind), training.final_fit(data, kind), data.X.copy()
+    with session(dask_scheduler) as cluster:
+        fits = train_stage.submit_fits(cluster, data, kind, partial(training.final_fit, kind=kind))
+        sent = weakref.ref(data.X)
+        data = training.without_rows(data)  # as train and evaluate do: this process keeps no matrix
+        gc.collect()
+        assert sent() is None  # nothing of the client's scatter holds on to it
+        keys = {f.key for f in [fits.rows, *fits.folds, fits.final]}
+        oof, packed = fits.results()
+        again = training_set(*windows_table(informative=100), "artist")
+        evaluated, nothing = train_stage.submit_fits(cluster, again, kind).results()  # evaluate's: folds only
+        held = lambda: keys & {key for key, workers in cluster.client.who_has().items() if workers}  # noqa: E731
+        deadline = time.monotonic() + 10
+        while held() and time.monotonic() < deadline:  # the workers drop released keys asynchronously
+            time.sleep(0.1)
+        assert not held()  # the rows and the results are released
+    assert np.array_equal(oof.probabilities, here.probabilities) and np.array_equal(evaluated.probabilities, here.probabilities)
+    setting = "num_boost_round" if kind == "xgboost" else "C"
+    assert [f[setting] for f in oof.fits] == [f[setting] for f in here.fits] and all(f["refit"] is False for f in oof.fits)
+    assert [(f["tracks"], f["windows"]) for f in oof.fits] == [(f["tracks"], f["windows"]) for f in here.fits]
+    assert packed.files == final_here.files and packed.refit and nothing is None
+    model = packed.unpacked().model
+    assert type(model).kind == kind and np.array_equal(model.predict_proba(X), final_here.unpacked().model.predict_proba(X))
+
+
+def test_the_flow_process_keeps_no_matrix_once_the_workers_hold_it() -> None:
+    data = training_set(*windows_table())
+    kept = training.without_rows(data)
+    assert kept.X.shape == (0, data.X.shape[1]) and kept.X.base is None and kept.X.dtype == np.float32
+    assert np.array_equal(kept.y, data.y) and np.array_equal(kept.groups, data.groups) and kept.genres == data.genres
+    assert [t.tolist() for s in training.splits(kept, training.folds(kept)) for t in s] == \
+        [t.tolist() for s in training.splits(data, training.folds(data)) for t in s]  # cross-validation's scores need no rows
 
 
 def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
