@@ -37,6 +37,8 @@ FULL_CAP_WINDOWS = 127_560
 """Windows of the sample `train` takes at the cap on a 10-genre, 6-window library (2,126 tracks per genre)."""
 INNER_FIT_SHARE = (MAX_FOLDS - 1) / MAX_FOLDS
 """Share of a fit's rows that early stopping boosts on (the rest is its validation fold)."""
+FOLD_SHARE = (MAX_FOLDS - 1) / MAX_FOLDS
+"""Share of the sample a cross-validation fold is fitted on."""
 
 
 def sample(cap: int, seed: int = 0) -> training.TrainingSet:
@@ -111,10 +113,9 @@ def boosted(windows: float, rounds: int, refit: bool) -> float:
 def projection(data: training.TrainingSet, old: dict, rounds: int) -> dict:
     """CPU of the old and the new way at the full cap, from the old way's CPU per window-round here, if every fit chose
     `rounds` there; the new way's wall on WORKERS workers (the final fit first, then folds to the least busy worker)."""
-    share = (MAX_FOLDS - 1) / MAX_FOLDS
     here = sum(boosted(f["windows"], f["num_boost_round"], True) for f in [*old["folds"], old["final"]])
     per = old["cpu_s"] / here
-    fold, final = share * FULL_CAP_WINDOWS, FULL_CAP_WINDOWS
+    fold, final = FOLD_SHARE * FULL_CAP_WINDOWS, FULL_CAP_WINDOWS
     old_cpu = per * (MAX_FOLDS * boosted(fold, rounds, True) + boosted(final, rounds, True))
     tasks = [per * boosted(final, rounds, True)] + [per * boosted(fold, rounds, False)] * MAX_FOLDS
     busy = [0.0] * WORKERS
@@ -144,7 +145,7 @@ def main() -> None:
               "old": old, "new": new, "final_model_identical": same, "load_after": os.getloadavg()}
     if args.kind == "xgboost":
         rounds = [f["num_boost_round"] for f in [*old["folds"], old["final"]]]
-        report["projection"] = [projection(data, old, r) for r in (max(rounds), MAX_ROUNDS - EARLY_STOPPING)]
+        report["projection"] = [projection(data, old, r) for r in (max(rounds), MAX_ROUNDS)]
         print(f"projection to {FULL_CAP_WINDOWS} windows: {json.dumps(report['projection'])}", flush=True)
     print(f"final model identical (same bytes): {same}; CPU old {old['cpu_s']} s -> new {new['cpu_s']} s, "
           f"wall {old['wall_s']} s -> {new['wall_s']} s", flush=True)

@@ -253,10 +253,11 @@ def submit_fits(session: Session, data: training.TrainingSet, kind: str,
     numpy arrays travel as buffers) and submit at once the k cross-validation folds of a model kind and `final`
     (first, as it is the longest; it waits for no fold): each fit one thread (`model.PARAMS`), one task per worker
     thread. The caller drops its own matrix after this (`training.without_rows`)."""
+    splits = training.splits(data, training.folds(data))  # too few groups: an error before anything is sent
     client = session.client
     rows = client.scatter(data, broadcast=True, direct=True, hash=False)
     later = client.submit(final, rows, pure=False, priority=1) if final is not None else None
-    folds = [client.submit(training.fold, rows, train, test, kind, pure=False) for train, test in training.splits(data, training.folds(data))]
+    folds = [client.submit(training.fold, rows, train, test, kind, pure=False) for train, test in splits]
     return WorkerFits(client, rows, folds, later, len(data.y_track), len(data.genres))
 
 
