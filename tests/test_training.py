@@ -88,7 +88,7 @@ def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
     assert (probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
     k = training.folds(data)  # each fold's fit cost: every track is trained on in k-1 folds, 3 windows each
     assert len(oof.fits) == k and sum(f["tracks"] for f in oof.fits) == (k - 1) * 40
-    assert all(f["windows"] == 3 * f["tracks"] and f["cpu_s"] >= 0 and f["refit"] is False for f in oof.fits)
+    assert all(f["windows"] == 3 * f["tracks"] and f["cpu_s"] >= 0 for f in oof.fits)
     setting = "num_boost_round" if kind == "xgboost" else "C"
     assert all(f[setting] == training.fit_tracks(data, train, kind).model.params()[setting]
                for f, (train, _) in zip(oof.fits[:1], training.splits(data, k)))
@@ -98,7 +98,7 @@ def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
 def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_scheduler: str) -> None:
     """The folds and the final fit run as tasks on the workers (the training set scattered once): the same out-of-fold
     probabilities, settings and final model (same bytes) as in this process; then the workers hold nothing of it."""
-    data = training_set(*windows_table(informative=100), "artist")
+    data = training_set(*windows_table(artists=40, informative=100), "artist")  # 8 groups per genre in a fold: no refit
     here, final_here, X = training.out_of_fold(data, kind), training.final_fit(data, kind), data.X.copy()
     with session(dask_scheduler) as cluster:
         fits = train_stage.submit_fits(cluster, data, kind, partial(training.final_fit, kind=kind))
@@ -108,7 +108,7 @@ def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_schedule
         assert sent() is None  # nothing of the client's scatter holds on to it
         keys = {f.key for f in [fits.rows, *fits.folds, fits.final]}
         oof, packed = fits.results()
-        again = training_set(*windows_table(informative=100), "artist")
+        again = training_set(*windows_table(artists=40, informative=100), "artist")
         evaluated, nothing = train_stage.submit_fits(cluster, again, kind).results()  # evaluate's: folds only
         held = lambda: keys & {key for key, workers in cluster.client.who_has().items() if workers}  # noqa: E731
         deadline = time.monotonic() + 10
@@ -122,6 +122,19 @@ def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_schedule
     assert packed.files == final_here.files and packed.refit and nothing is None
     model = packed.unpacked().model
     assert type(model).kind == kind and np.array_equal(model.predict_proba(X), final_here.unpacked().model.predict_proba(X))
+
+
+@pytest.mark.parametrize("artists", [40, 10])
+def test_folds_skip_the_refit_unless_their_validation_fold_would_take_more_than_a_fifth(artists: int) -> None:
+    """With MAX_FOLDS+ groups per genre among a fold's training tracks, the fold keeps the model its validation fold
+    chose (no refit); with fewer (10 artists: 4 per genre in a fold), the validation fold would take a quarter or more
+    of them and the fold is refitted, as the small set's fits cost little. The card's `fits` say which."""
+    data = training_set(*windows_table(artists=artists, informative=100), "artist")
+    oof = training.out_of_fold(data, "xgboost")
+    assert [f["refit"] for f in oof.fits] == [artists == 10] * training.folds(data)
+    for f, (train, _) in zip(oof.fits, training.splits(data, training.folds(data))):
+        assert f["num_boost_round"] == training.fit_tracks(data, train, "xgboost", refit=f["refit"]).model.rounds
+    assert (oof.probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
 
 
 def test_the_flow_process_keeps_no_matrix_once_the_workers_hold_it() -> None:

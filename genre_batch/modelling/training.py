@@ -434,11 +434,21 @@ def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> 
     return per_track(model.predict_rows(data.X, rows), data.track[rows], len(data.y_track))[tracks]
 
 
+def refits(data: TrainingSet, tracks: np.ndarray) -> bool:
+    """Whether a cross-validation fold on these training tracks is refitted: only when some genre has fewer than
+    MAX_FOLDS groups among them, so that their validation fold would hold more than 1/MAX_FOLDS of them (a half to a
+    quarter). Such sets are small, the refit costs little there, and a model of half the tracks misjudges the final
+    model (3 tracks per genre: chance accuracy without the refit)."""
+    from genre_batch.modelling.model import MAX_FOLDS, groups_per_genre
+
+    return bool(groups_per_genre(data.y_track[tracks], data.groups[tracks]) < MAX_FOLDS)
+
+
 def fold(data: TrainingSet, train: np.ndarray, test: np.ndarray, kind: str) -> Fold:
-    """A cross-validation fold: a model fitted on the training tracks without the refit (the early-stopped booster, or
-    the chosen C's model, fitted on the training tracks outside their validation fold), its probabilities of the test
-    tracks (runs on a worker, or in this process for `out_of_fold`)."""
-    fitted = fit_tracks(data, train, kind, refit=False)
+    """A cross-validation fold: a model fitted on the training tracks, as a rule without the refit (the early-stopped
+    booster, or the chosen C's model, fitted on the training tracks outside their validation fold; see `refits`), and
+    its probabilities of the test tracks (runs on a worker, or in this process for `out_of_fold`)."""
+    fitted = fit_tracks(data, train, kind, refit=refits(data, train))
     return Fold(test, predict_tracks(fitted.model, data, test), fitted.cost())
 
 
