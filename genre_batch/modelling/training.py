@@ -348,7 +348,7 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
 def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray, kind: str = "xgboost",
         columns: list[str] | None = None, rows: np.ndarray | None = None, refit: bool = True) -> GenreModel:
     """Fit a model of a kind on feature rows (`rows` of X, default all: never copied as a whole) with genre- and
-    track-balanced weights (`groups`: per track); `refit`: as `GenreModel.fit` (False for a cross-validation fold)."""
+    track-balanced weights (`groups`: per track); `refit`: as `GenreModel.fit` (False for most cross-validation folds: `refits`)."""
     from genre_batch.modelling.model import everything, model_class
 
     rows = everything(rows, len(y))
