@@ -5,12 +5,14 @@ The sample: the scale stores' generator (`bench.synthetic_store`: its genres, 6 
 capped per genre as `train` caps (`training.sample`, grouped by artist) at `--cap` tracks per genre (default: a quarter
 of the cap `train` takes on such a store, `bench.learning_curve.default_cap() // 4`, so that it runs in minutes).
 - old: `training.fit_tracks` (refit) on each fold's training tracks, then the final fit, one after another here;
-- new: `stages.train.submit_fits` on a fresh 2-worker `LocalCluster` (its start-up not counted), as `train` runs them.
+- new: `stages.train.submit_fits` on a fresh 2-worker `LocalCluster` (its start-up not counted), as `train` runs them
+  (folds not refitted when every genre has MAX_FOLDS+ artists among a fold's training tracks: `training.refits`;
+  the generator has 10 tracks per artist: under ~70 per genre some genre of a fold has fewer, and it is refitted).
 Printed for both: CPU s (this process + the workers' user+sys), wall s, rounds (or C) per fold, CV accuracy, peak RSS;
 whether the two final models are the same bytes; then a projection to the full cap (127,560 windows): CPU per boosting
 round per window from the old way's runs, times the rows and rounds each run boosts at the full cap.
 
-    nice -n 5 python -m bench.train_fits [--cap N] [--kind xgboost|linear] [--out FILE]
+    nice -n 5 python -m bench.train_fits [--cap N] [--kind xgboost|linear] [--ways old,new] [--out FILE]
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def old_way(data: training.TrainingSet, kind: str) -> tuple[dict, training.Fitte
 
 
 def new_way(data: training.TrainingSet, kind: str) -> tuple[dict, training.Fitted]:
-    """Folds without the refit and the final fit as concurrent tasks on a fresh 2-worker local cluster (as `train`)."""
+    """Folds (without the refit unless `training.refits`) and the final fit as concurrent tasks on a fresh 2-worker
+    local cluster (as `train`)."""
     with session(n_workers=WORKERS) as cluster:
         client = cluster.client
         started = client.run(worker_usage)
@@ -131,24 +134,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=default_cap() // 4, help="tracks per genre (default: default_cap() // 4)")
     parser.add_argument("--kind", default="xgboost", choices=["xgboost", "linear"])
+    parser.add_argument("--ways", default="old,new", help="which ways to run (old, new or both: old,new)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
+    ways = args.ways.split(",")
     data = sample(args.cap)
     print(f"sample: {args.cap} per genre, {len(data.y_track)} tracks, {len(data.y)} windows x {data.X.shape[1]} "
-          f"({data.X.nbytes / 1e6:.0f} MB), {training.folds(data)} folds, load {os.getloadavg()}", flush=True)
-    old, old_final = old_way(data, args.kind)
-    print(f"old (serial, refit): {json.dumps(old)}, load {os.getloadavg()}", flush=True)
-    new, new_final = new_way(data, args.kind)
-    print(f"new ({WORKERS} workers, folds not refitted): {json.dumps(new)}, load {os.getloadavg()}", flush=True)
-    same = old_final.model.to_files() == new_final.model.to_files()
-    report = {"cap_per_genre": args.cap, "kind": args.kind, "tracks": len(data.y_track), "windows": len(data.y),
-              "old": old, "new": new, "final_model_identical": same, "load_after": os.getloadavg()}
-    if args.kind == "xgboost":
-        rounds = [f["num_boost_round"] for f in [*old["folds"], old["final"]]]
-        report["projection"] = [projection(data, old, r) for r in (max(rounds), MAX_ROUNDS)]
-        print(f"projection to {FULL_CAP_WINDOWS} windows: {json.dumps(report['projection'])}", flush=True)
-    print(f"final model identical (same bytes): {same}; CPU old {old['cpu_s']} s -> new {new['cpu_s']} s, "
-          f"wall {old['wall_s']} s -> {new['wall_s']} s", flush=True)
+          f"({data.X.nbytes / 1e6:.0f} MB), {training.folds(data)} folds, refitted folds "
+          f"{[training.refits(data, train) for train, _ in training.splits(data, training.folds(data))]}, load {os.getloadavg()}", flush=True)
+    report: dict = {"cap_per_genre": args.cap, "kind": args.kind, "tracks": len(data.y_track), "windows": len(data.y)}
+    finals = {}
+    if "old" in ways:
+        report["old"], finals["old"] = old_way(data, args.kind)
+        print(f"old (serial, every fold refitted): {json.dumps(report['old'])}, load {os.getloadavg()}", flush=True)
+        if args.kind == "xgboost":
+            rounds = [f["num_boost_round"] for f in [*report["old"]["folds"], report["old"]["final"]]]
+            report["projection"] = [projection(data, report["old"], r) for r in (max(rounds), MAX_ROUNDS)]
+            print(f"projection to {FULL_CAP_WINDOWS} windows: {json.dumps(report['projection'])}", flush=True)
+    if "new" in ways:
+        report["new"], finals["new"] = new_way(data, args.kind)
+        print(f"new ({WORKERS} workers, folds as `training.refits` says): {json.dumps(report['new'])}, load {os.getloadavg()}", flush=True)
+    if len(finals) == 2:
+        report["final_model_identical"] = finals["old"].model.to_files() == finals["new"].model.to_files()
+        print(f"final model identical (same bytes): {report['final_model_identical']}; CPU old {report['old']['cpu_s']} s -> "
+              f"new {report['new']['cpu_s']} s, wall {report['old']['wall_s']} s -> {report['new']['wall_s']} s", flush=True)
+    report["load_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
