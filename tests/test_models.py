@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import xgboost as xgb
 from sklearn.linear_model import LogisticRegression
 
 from genre_batch import checks
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.modelling import registry
-from genre_batch.modelling.model import KINDS, PREDICT_CHUNK, LinearModel, XGBoostModel, model_class
+from genre_batch.modelling.model import KINDS, MAX_ROUNDS, PARAMS, PREDICT_CHUNK, LinearModel, XGBoostModel, model_class, validation_split
 from genre_batch.storage.store import Store
 
 COLUMNS = [f"c{i}" for i in range(6)]
@@ -113,3 +114,30 @@ def test_a_rows_probabilities_do_not_depend_on_its_batch(kind: str) -> None:
     assert (model.predict_proba(batch[order]) == full[order]).all()  # the whole batch shuffled
     assert (model.predict_proba(np.asfortranarray(batch[:300])) == full[:300]).all()  # column-major rows
     assert (model.predict_rows(batch, order[:5000]) == full[order[:5000]]).all()  # some rows of a larger matrix
+
+
+def test_without_the_refit_a_fit_is_the_model_its_validation_fold_chose() -> None:
+    """#12: a cross-validation fold keeps the model its validation fold chose, fitted on the rows outside that fold:
+    XGBoost's early-stopped booster cut to its best iteration (what boosting those rows for the chosen rounds gives),
+    the linear model of the chosen C. The refitted model has the same setting, fitted on all the rows."""
+    X, y, groups = blobs(n=300)
+    weight = np.ones(len(y))
+    outside = validation_split(y, groups)[0]
+    once, refitted = (XGBoostModel.fit(X, y, weight, groups, 3, COLUMNS, refit=r) for r in (False, True))
+    assert once.rounds == refitted.rounds == XGBoostModel.rounds_for(X, y, weight, groups, 3, COLUMNS) == once.booster.num_boosted_rounds()
+    assert once.rounds < MAX_ROUNDS  # it stopped early: the booster trained past its best iteration and was cut
+    alone = xgb.train({**PARAMS, "num_class": 3}, XGBoostModel.quantised(X, outside, y, weight, COLUMNS), num_boost_round=once.rounds)
+    assert np.array_equal(once.predict_proba(X), alone.inplace_predict(X))
+    assert not np.array_equal(once.predict_proba(X), refitted.predict_proba(X))
+    linear_once, linear_refitted = (LinearModel.fit(X, y, weight, groups, 3, COLUMNS, refit=r) for r in (False, True))
+    assert linear_once.C == linear_refitted.C
+    assert np.array_equal(linear_once.coef, LinearModel.fit_C(X, y, weight, 3, linear_once.C, outside).coef)
+    assert not np.allclose(linear_once.coef, linear_refitted.coef)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_without_a_validation_fold_the_refit_changes_nothing(kind: str) -> None:
+    """Too few groups to validate on: one fit on all the rows with the default setting, refit or not."""
+    X, y, _ = blobs()
+    fits = [model_class(kind).fit(X, y, np.ones(len(y)), np.zeros(len(y)), 3, COLUMNS, refit=r) for r in (False, True)]
+    assert fits[0].to_files() == fits[1].to_files() and fits[0].params() == fits[1].params()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +92,58 @@ def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
     setting = "num_boost_round" if kind == "xgboost" else "C"
     assert all(f[setting] == training.fit_tracks(data, train, kind).model.params()[setting]
                for f, (train, _) in zip(oof.fits[:1], training.splits(data, k)))
+
+
+@pytest.mark.parametrize("kind", ["xgboost", "linear"])
+def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_scheduler: str) -> None:
+    """The folds and the final fit run as tasks on the workers (the training set scattered once): the same out-of-fold
+    probabilities, settings and final model (same bytes) as in this process; then the workers hold nothing of it."""
+    data = training_set(*windows_table(artists=40, informative=100), "artist")  # 8 groups per genre in a fold: no refit
+    here, final_here, X = training.out_of_fold(data, kind), training.final_fit(data, kind), data.X.copy()
+    with session(dask_scheduler) as cluster:
+        fits = train_stage.submit_fits(cluster, data, kind, partial(training.final_fit, kind=kind))
+        sent = weakref.ref(data.X)
+        data = training.without_rows(data)  # as train and evaluate do: this process keeps no matrix
+        gc.collect()
+        assert sent() is None  # nothing of the client's scatter holds on to it
+        keys = {f.key for f in [fits.rows, *fits.folds, fits.final]}
+        oof, packed = fits.results()
+        again = training_set(*windows_table(artists=40, informative=100), "artist")
+        evaluated, nothing = train_stage.submit_fits(cluster, again, kind).results()  # evaluate's: folds only
+        held = lambda: keys & {key for key, workers in cluster.client.who_has().items() if workers}  # noqa: E731
+        deadline = time.monotonic() + 10
+        while held() and time.monotonic() < deadline:  # the workers drop released keys asynchronously
+            time.sleep(0.1)
+        assert not held()  # the rows and the results are released
+    assert np.array_equal(oof.probabilities, here.probabilities) and np.array_equal(evaluated.probabilities, here.probabilities)
+    setting = "num_boost_round" if kind == "xgboost" else "C"
+    assert [f[setting] for f in oof.fits] == [f[setting] for f in here.fits] and all(f["refit"] is False for f in oof.fits)
+    assert [(f["tracks"], f["windows"]) for f in oof.fits] == [(f["tracks"], f["windows"]) for f in here.fits]
+    assert packed.files == final_here.files and packed.refit and nothing is None
+    model = packed.unpacked().model
+    assert type(model).kind == kind and np.array_equal(model.predict_proba(X), final_here.unpacked().model.predict_proba(X))
+
+
+@pytest.mark.parametrize("artists", [40, 10])
+def test_folds_skip_the_refit_unless_their_validation_fold_would_take_more_than_a_fifth(artists: int) -> None:
+    """With MAX_FOLDS+ groups per genre among a fold's training tracks, the fold keeps the model its validation fold
+    chose (no refit); with fewer (10 artists: 4 per genre in a fold), the validation fold would take a quarter or more
+    of them and the fold is refitted, as the small set's fits cost little. The card's `fits` say which."""
+    data = training_set(*windows_table(artists=artists, informative=100), "artist")
+    oof = training.out_of_fold(data, "xgboost")
+    assert [f["refit"] for f in oof.fits] == [artists == 10] * training.folds(data)
+    for f, (train, _) in zip(oof.fits, training.splits(data, training.folds(data))):
+        assert f["num_boost_round"] == training.fit_tracks(data, train, "xgboost", refit=f["refit"]).model.rounds
+    assert (oof.probabilities.argmax(axis=1) == data.y_track).mean() >= 0.9
+
+
+def test_the_flow_process_keeps_no_matrix_once_the_workers_hold_it() -> None:
+    data = training_set(*windows_table())
+    kept = training.without_rows(data)
+    assert kept.X.shape == (0, data.X.shape[1]) and kept.X.base is None and kept.X.dtype == np.float32
+    assert np.array_equal(kept.y, data.y) and np.array_equal(kept.groups, data.groups) and kept.genres == data.genres
+    assert [t.tolist() for s in training.splits(kept, training.folds(kept)) for t in s] == \
+        [t.tolist() for s in training.splits(data, training.folds(data)) for t in s]  # cross-validation's scores need no rows
 
 
 def overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -100,9 +100,12 @@ class GenreModel(ABC):
     @classmethod
     @abstractmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None) -> GenreModel:
+            rows: np.ndarray | None = None, refit: bool = True) -> GenreModel:
         """Fit on the rows `rows` of X (default all; y, weights and split groups are given for every row of X), its
-        hyper-parameters chosen on a grouped fold of those rows. The chosen rows are read PREDICT_CHUNK at a time."""
+        hyper-parameters chosen on a grouped validation fold of those rows, then (`refit`) fitted again on all of them
+        with that choice; without `refit`, the model of the choice as fitted on the rows outside the validation fold
+        (what a cross-validation fold needs: one fit instead of two). Rows too few for a validation fold: one fit on all
+        of them with the default setting, either way. The chosen rows are read PREDICT_CHUNK at a time."""
 
     @abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -171,13 +174,14 @@ class XGBoostModel(GenreModel):
         return xgb.QuantileDMatrix(RowBatches(X, rows, y, weight, columns), ref=ref, nthread=PARAMS["nthread"])
 
     @classmethod
-    def rounds_for(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-                   rows: np.ndarray | None = None) -> int:
-        """Rounds chosen by early stopping on a grouped, stratified validation fold of `rows` (DEFAULT_ROUNDS without one)."""
+    def early_stopped(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int,
+                      columns: list[str], rows: np.ndarray | None = None) -> xgb.Booster | None:
+        """The booster early-stopped on a grouped, stratified validation fold of `rows` (fitted on the others), sliced
+        to its best iteration (`booster[: best_iteration + 1]`: exactly the chosen rounds); None without a fold."""
         rows = everything(rows, len(y))
         split = validation_split(y[rows], groups[rows])
         if split is None:
-            return DEFAULT_ROUNDS
+            return None
         fitting = cls.quantised(X, rows[split[0]], y, weight, columns)
         booster = xgb.train(
             {**PARAMS, "num_class": n_classes},
@@ -187,13 +191,24 @@ class XGBoostModel(GenreModel):
             early_stopping_rounds=EARLY_STOPPING,
             verbose_eval=False,
         )
-        return booster.best_iteration + 1
+        return booster[: booster.best_iteration + 1]
+
+    @classmethod
+    def rounds_for(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
+                   rows: np.ndarray | None = None) -> int:
+        """Rounds chosen by early stopping on a grouped, stratified validation fold of `rows` (DEFAULT_ROUNDS without one)."""
+        booster = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows)
+        return DEFAULT_ROUNDS if booster is None else booster.num_boosted_rounds()
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None) -> XGBoostModel:
-        """Early-stopped rounds on a validation fold, then all the rows for that many rounds."""
-        rounds = cls.rounds_for(X, y, weight, groups, n_classes, columns, rows)
+            rows: np.ndarray | None = None, refit: bool = True) -> XGBoostModel:
+        """Early-stopped rounds on a validation fold, then all the rows for that many rounds (`refit`), else the
+        early-stopped booster itself (cut to its best iteration)."""
+        stopped = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows)
+        if stopped is not None and not refit:
+            return cls(stopped, stopped.num_boosted_rounds())
+        rounds = DEFAULT_ROUNDS if stopped is None else stopped.num_boosted_rounds()
         matrix = cls.quantised(X, everything(rows, len(y)), y, weight, columns)
         return cls(xgb.train({**PARAMS, "num_class": n_classes}, matrix, num_boost_round=rounds), rounds)
 
@@ -280,20 +295,23 @@ class LinearModel(GenreModel):
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None) -> LinearModel:
-        """C with the least weighted log-loss on a validation fold (DEFAULT_C without one), then all the rows."""
+            rows: np.ndarray | None = None, refit: bool = True) -> LinearModel:
+        """C with the least weighted log-loss on a validation fold (DEFAULT_C without one), then all the rows (`refit`),
+        else that C's model as fitted on the rows outside the validation fold."""
         rows = everything(rows, len(y))
         split = validation_split(y[rows], groups[rows])
-        C = DEFAULT_C
-        if split is not None:
-            fit_rows, check_rows = rows[split[0]], rows[split[1]]
-            losses = []
-            for c in C_GRID:
-                p = cls.fit_C(X, y, weight, n_classes, c, fit_rows).predict_rows(X, check_rows)
-                truth = np.clip(p[np.arange(len(check_rows)), y[check_rows]], 1e-12, 1.0)
-                losses.append(float(-np.average(np.log(truth), weights=weight[check_rows])))
-            C = C_GRID[int(np.argmin(losses))]
-        return cls.fit_C(X, y, weight, n_classes, C, rows)
+        if split is None:
+            return cls.fit_C(X, y, weight, n_classes, DEFAULT_C, rows)
+        fit_rows, check_rows = rows[split[0]], rows[split[1]]
+        candidates = [cls.fit_C(X, y, weight, n_classes, c, fit_rows) for c in C_GRID]  # a few coefficient arrays each
+        chosen = candidates[int(np.argmin([m.log_loss(X, y, weight, check_rows) for m in candidates]))]
+        return cls.fit_C(X, y, weight, n_classes, chosen.C, rows) if refit else chosen
+
+    def log_loss(self, X: np.ndarray, y: np.ndarray, weight: np.ndarray, rows: np.ndarray) -> float:
+        """Weighted log-loss of some rows of X (their probabilities of the true genre clipped at 1e-12)."""
+        p = self.predict_rows(X, rows)
+        truth = np.clip(p[np.arange(len(rows)), y[rows]], 1e-12, 1.0)
+        return float(-np.average(np.log(truth), weights=weight[rows]))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """softmax of the standardised rows' logits, PREDICT_CHUNK rows at a time; each row's result depends on that row

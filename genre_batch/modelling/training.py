@@ -7,7 +7,7 @@ import hashlib
 import posixpath
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -346,31 +346,66 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
 
 
 def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray, kind: str = "xgboost",
-        columns: list[str] | None = None, rows: np.ndarray | None = None) -> GenreModel:
+        columns: list[str] | None = None, rows: np.ndarray | None = None, refit: bool = True) -> GenreModel:
     """Fit a model of a kind on feature rows (`rows` of X, default all: never copied as a whole) with genre- and
-    track-balanced weights (`groups`: per track)."""
+    track-balanced weights (`groups`: per track); `refit`: as `GenreModel.fit` (False for most cross-validation folds: `refits`)."""
     from genre_batch.modelling.model import everything, model_class
 
     rows = everything(rows, len(y))
     weight = np.zeros(len(y))
     weight[rows] = balanced_weights(y[rows], track[rows])
-    return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows)
+    return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows, refit)
 
 
 @dataclass(frozen=True)
 class Fitted:
-    """A fitted model with what its fit cost: the tracks and windows it was fitted on, CPU seconds of this process."""
+    """A fitted model with what its fit cost: the tracks and windows it was fitted on, whether it was refitted on all of
+    them after the validation fold's choice (`GenreModel.fit`), CPU seconds of the process that fitted it."""
 
     model: GenreModel
     tracks: int
     windows: int
+    refit: bool
     cpu_s: float
 
     def cost(self) -> dict:
-        """What a model card records of a fit: tracks, windows, the setting the fit chose (boosting rounds or C), CPU s."""
+        """What a model card records of a fit: tracks, windows, the setting the fit chose (boosting rounds or C), whether
+        it was refitted, CPU s."""
         settings = self.model.params()
         chosen = {k: settings[k] for k in ("num_boost_round", "C") if k in settings}
-        return {"tracks": self.tracks, "windows": self.windows, **chosen, "cpu_s": round(self.cpu_s, 1)}
+        return {"tracks": self.tracks, "windows": self.windows, **chosen, "refit": self.refit, "cpu_s": round(self.cpu_s, 1)}
+
+    def packed(self) -> Packed:
+        """The fit with its model as files (`GenreModel.to_files`): what a worker sends back, never a pickle of a model."""
+        return Packed(self.model.kind, self.model.to_files(), self.tracks, self.windows, self.refit, self.cpu_s)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A `Fitted` whose model travels as its files (name -> bytes, as the registry stores them)."""
+
+    kind: str
+    files: dict[str, bytes]
+    tracks: int
+    windows: int
+    refit: bool
+    cpu_s: float
+
+    def unpacked(self) -> Fitted:
+        """The fit with its model loaded from its files."""
+        from genre_batch.modelling.model import model_class
+
+        return Fitted(model_class(self.kind).from_files(self.files), self.tracks, self.windows, self.refit, self.cpu_s)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One cross-validation fold's result: its test tracks, their probabilities by the model of its training tracks,
+    and that fit's cost (`Fitted.cost`)."""
+
+    test: np.ndarray
+    probabilities: np.ndarray
+    cost: dict
 
 
 @dataclass(frozen=True)
@@ -381,11 +416,16 @@ class OutOfFold:
     fits: list[dict]
 
 
-def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost") -> Fitted:
-    """Fit a model of a kind on the rows of the given tracks of a training set, timed."""
+def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost", refit: bool = True) -> Fitted:
+    """Fit a model of a kind on the rows of the given tracks of a training set, timed (`refit`: as `GenreModel.fit`)."""
     started, rows = time.process_time(), windows_of(data, tracks)
-    model = fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, rows)
-    return Fitted(model, len(tracks), len(rows), time.process_time() - started)
+    model = fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, rows, refit)
+    return Fitted(model, len(tracks), len(rows), refit, time.process_time() - started)
+
+
+def final_fit(data: TrainingSet, kind: str) -> Packed:
+    """The model of a training set: every track, refitted after the validation fold's choice, packed (runs on a worker)."""
+    return fit_tracks(data, np.arange(len(data.y_track)), kind).packed()
 
 
 def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
@@ -394,12 +434,40 @@ def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> 
     return per_track(model.predict_rows(data.X, rows), data.track[rows], len(data.y_track))[tracks]
 
 
+def refits(data: TrainingSet, tracks: np.ndarray) -> bool:
+    """Whether a cross-validation fold on these training tracks is refitted: only when some genre has fewer than
+    MAX_FOLDS groups among them, so that their validation fold would hold more than 1/MAX_FOLDS of them (a half to a
+    quarter). Such sets are small, the refit costs little there, and a model of half the tracks misjudges the final
+    model (3 tracks per genre: chance accuracy without the refit)."""
+    from genre_batch.modelling.model import MAX_FOLDS, groups_per_genre
+
+    return bool(groups_per_genre(data.y_track[tracks], data.groups[tracks]) < MAX_FOLDS)
+
+
+def fold(data: TrainingSet, train: np.ndarray, test: np.ndarray, kind: str) -> Fold:
+    """A cross-validation fold: a model fitted on the training tracks, as a rule without the refit (the early-stopped
+    booster, or the chosen C's model, fitted on the training tracks outside their validation fold; see `refits`), and
+    its probabilities of the test tracks (runs on a worker, or in this process for `out_of_fold`)."""
+    fitted = fit_tracks(data, train, kind, refit=refits(data, train))
+    return Fold(test, predict_tracks(fitted.model, data, test), fitted.cost())
+
+
+def out_of_fold_of(results: list[Fold], n_tracks: int, n_genres: int) -> OutOfFold:
+    """The out-of-fold probabilities of a cross-validation's folds (each test track's row from its fold), with their costs."""
+    result = np.zeros((n_tracks, n_genres))
+    for done in results:
+        result[done.test] = done.probabilities
+    return OutOfFold(result, [done.cost for done in results])
+
+
 def out_of_fold(data: TrainingSet, kind: str = "xgboost", seed: int = 0) -> OutOfFold:
     """Out-of-fold track probabilities of grouped, stratified k-fold cross-validation of a model kind, with each fold's
-    fit cost."""
-    result, fits = np.zeros((len(data.y_track), len(data.genres))), []
-    for train, test in splits(data, folds(data), seed):
-        fitted = fit_tracks(data, train, kind)
-        result[test] = predict_tracks(fitted.model, data, test)
-        fits.append(fitted.cost())
-    return OutOfFold(result, fits)
+    fit cost, the folds fitted one after another in this process (the stages run the same `fold`s on the workers)."""
+    done = [fold(data, train, test, kind) for train, test in splits(data, folds(data), seed)]
+    return out_of_fold_of(done, len(data.y_track), len(data.genres))
+
+
+def without_rows(data: TrainingSet) -> TrainingSet:
+    """The training set with an empty feature matrix (its columns kept): what the flow process keeps of it once the
+    workers hold the rows (labels, tracks and groups stay; the matrix's memory is freed when no one else refers to it)."""
+    return replace(data, X=np.empty((0, data.X.shape[1]), data.X.dtype))

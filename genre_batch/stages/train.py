@@ -9,17 +9,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import TypeVar
+from functools import partial
+from typing import Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sklearn
 import xgboost as xgb
+from distributed import Client, Future
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_VERSION
-from genre_batch.cluster import Session
+from genre_batch.cluster import Session, trim_memory
 from genre_batch.library import labels
 from genre_batch.library.writeback import written
 from genre_batch.modelling import evaluation, registry, training
@@ -215,6 +217,50 @@ def fit_all(store: Store, tracks: pa.Table, genre_names: list[str], session: Ses
     return XGBoostModel.fit_dask(session.client, X, y, w, len(genres), columns, rounds)
 
 
+def sample_rounds(data: training.TrainingSet) -> int:
+    """Boosting rounds early stopping chooses on a training set (what `--all-tracks` fits every labelled track for; runs
+    on a worker)."""
+    weight = training.balanced_weights(data.y, data.track)
+    return XGBoostModel.rounds_for(data.X, data.y, weight, data.groups[data.track], len(data.genres), data.columns)
+
+
+@dataclass(frozen=True)
+class WorkerFits(Generic[T]):
+    """The fits of one training set running as tasks on the workers, which hold its rows (`submit_fits`): the
+    cross-validation's folds (`training.fold`) and a final task (the final fit, or the sample's rounds)."""
+
+    client: Client
+    rows: Future
+    folds: list[Future]
+    final: Future | None
+    n_tracks: int
+    n_genres: int
+
+    def results(self) -> tuple[training.OutOfFold, T | None]:
+        """The folds' out-of-fold probabilities and the final task's result (None without one), gathered; then the
+        workers drop the rows and give the memory back."""
+        done = self.client.gather(self.folds)
+        outcome = self.final.result() if self.final is not None else None
+        for future in [*self.folds, *([self.final] if self.final is not None else []), self.rows]:
+            future.release()
+        self.client.run(trim_memory)
+        return training.out_of_fold_of(done, self.n_tracks, self.n_genres), outcome
+
+
+def submit_fits(session: Session, data: training.TrainingSet, kind: str,
+                final: Callable[[training.TrainingSet], T] | None = None) -> WorkerFits[T]:
+    """Send a training set to the workers once (scattered straight to one worker, which the others copy it from:
+    numpy arrays travel as buffers) and submit at once the k cross-validation folds of a model kind and `final`
+    (first, as it is the longest; it waits for no fold): each fit one thread (`model.PARAMS`), one task per worker
+    thread. The caller drops its own matrix after this (`training.without_rows`)."""
+    splits = training.splits(data, training.folds(data))  # too few groups: an error before anything is sent
+    client = session.client
+    rows = client.scatter(data, broadcast=True, direct=True, hash=False)
+    later = client.submit(final, rows, pure=False, priority=1) if final is not None else None
+    folds = [client.submit(training.fold, rows, train, test, kind, pure=False) for train, test in splits]
+    return WorkerFits(client, rows, folds, later, len(data.y_track), len(data.genres))
+
+
 def changed_share(before: pa.Table, now: pa.Table) -> float:
     """Share of a labelled set that changed: rows in one set and not the other, over the size of the old set."""
     keys = [*KEYS, "genre"]
@@ -273,7 +319,8 @@ def cross_validation(data: training.TrainingSet, oof: training.OutOfFold) -> dic
 def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> dict:
     """Scores of the model fitted without the first grouped, stratified fold, on that fold's tracks.
 
-    That model is the first one of the cross-validation, so its predictions are the out-of-fold ones `oof` of that fold.
+    That model is the first one of the cross-validation (not refitted: `training.fold`), so its predictions are the
+    out-of-fold ones `oof` of that fold.
     """
     _, test_tracks = training.splits(data, training.folds(data))[0]
     probabilities, truth = oof[test_tracks], data.y_track[test_tracks]
@@ -290,6 +337,9 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
     the current model's, else the defaults), written to evaluations/ with its picture."""
     families, classifier = choices(store, families, classifier, session)
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
+    fits = submit_fits(session, data, classifier)
+    data = training.without_rows(data)  # the workers hold the rows now
+    oof, _ = fits.results()
     report = {
         "evaluated_at": datetime.now(timezone.utc).isoformat(),
         "label_source": labelled_set.source,
@@ -302,7 +352,7 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
         "windows": len(data.y),
         "genres": data.genres,
         "majority_baseline": evaluation.majority_baseline(data.y_track),
-        "cross_validation": cross_validation(data, training.out_of_fold(data, classifier)),
+        "cross_validation": cross_validation(data, oof),
     }
     folder = f"{store.evaluations}/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     cv = report["cross_validation"]
@@ -336,7 +386,10 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     if all_tracks and classifier != XGBoostModel.kind:
         raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
-    oof = training.out_of_fold(data, classifier)
+    matrix_bytes = int(data.X.nbytes)
+    fits = submit_fits(session, data, classifier, sample_rounds if all_tracks else partial(training.final_fit, kind=classifier))
+    data = training.without_rows(data)  # the workers hold the rows now
+    oof, outcome = fits.results()
     cv = cross_validation(data, oof)
     held = holdout(data, oof.probabilities, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
@@ -354,7 +407,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "labelled_tracks": labelled_set.tracks.num_rows,
         "tracks": len(data.y_track),
         "windows": len(data.y),
-        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": int(data.X.nbytes),
+        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": matrix_bytes,
                    "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
@@ -371,12 +424,11 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     }
     png = evaluation.confusion_png(held["confusion"], data.genres, f"{version} (held-out {held['n']} tracks)")
     if all_tracks:
-        rounds = XGBoostModel.rounds_for(data.X, data.y, training.balanced_weights(data.y, data.track), data.groups[data.track], len(data.genres), data.columns)
         located = training.located(store, labelled(store, spec, grouping).tracks, read_inventory(store, KEYS), families)
-        model = fit_all(store, located, data.genres, session, rounds, families)
+        model = fit_all(store, located, data.genres, session, outcome, families)
         metadata["fit"] = {"tracks": located.num_rows, "engine": "xgboost.dask", "on": "every labelled track"}
     else:
-        fitted = training.fit_tracks(data, np.arange(len(data.y_track)), classifier)
+        fitted = outcome.unpacked()
         model = fitted.model
         metadata["fit"] = {**fitted.cost(), "engine": classifier, "on": "the capped sample"}
     metadata["params"] = model.params()
