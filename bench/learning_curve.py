@@ -1,7 +1,8 @@
 """What the training cap costs: track accuracy against the per-genre sample cap, trained as genre-batch trains.
 
-Each point fits `training.fit` (balanced weights, early stopping; XGBoost, the kind `train` picks for librosa features)
-on a sample capped per genre the way `training.sample` caps (tracks ordered by a hash of their artist, then of their
+Each point fits `training.fit` (balanced weights, the validation fold's choice, then the refit) with a classifier
+(`--curve-classifier`: XGBoost by default, the kind `train` picks for librosa features; or linear, the kind of a store
+with musicnn beside librosa) on a sample capped per genre the way `training.sample` caps (tracks ordered by a hash of their artist, then of their
 URI) and scores whole tracks.
 - synthetic: the scale stores' generator, at caps bracketing the default cap `train` takes on such a store
   (`default_cap`: cap/4 ... 4 cap); train and test tracks of disjoint artists, every point scored on the same test
@@ -103,7 +104,7 @@ def projected_cpu(points: list[dict], cap: int) -> float | None:
     if not points:
         return None
     last = points[-1]
-    growth = max(1.0, last["rounds"] / points[-2]["rounds"]) if len(points) > 1 else 1.0
+    growth = max(1.0, last["rounds"] / points[-2]["rounds"]) if len(points) > 1 and last["rounds"] else 1.0
     return last["cpu_s"] * cap / last["cap_per_genre"] * growth
 
 
@@ -140,15 +141,17 @@ def capped(tracks: np.ndarray, y: np.ndarray, artists: list[str], names: list[st
     return np.array(training.sample(table, cap, "artist")["row"].to_pylist(), np.int64)
 
 
-def fit_predict(train: Windows, y: np.ndarray, groups: np.ndarray, test: Windows, n_test: int, n_classes: int) -> tuple[np.ndarray, int | None]:
-    """Genre predicted for each test track by a model fitted as genre-batch fits on the train rows (`y`, `groups`: per
-    train track), and the model's boosting rounds."""
-    model = training.fit(train.X, y[train.track], n_classes, train.track, groups)
+def fit_predict(train: Windows, y: np.ndarray, groups: np.ndarray, test: Windows, n_test: int, n_classes: int,
+                kind: str = "xgboost") -> tuple[np.ndarray, dict]:
+    """Genre predicted for each test track by a model of a kind fitted as genre-batch fits on the train rows (`y`,
+    `groups`: per train track), and the setting the fit chose (`rounds` for XGBoost, `C` for linear; the other None)."""
+    model = training.fit(train.X, y[train.track], n_classes, train.track, groups, kind)
     predicted = training.per_track(model.predict_proba(test.X), test.track, n_test).argmax(axis=1)
-    return predicted, model.params().get("num_boost_round")
+    params = model.params()
+    return predicted, {"rounds": params.get("num_boost_round"), "C": params.get("C")}
 
 
-def real_curve(task: Path, cache: Path, caps: tuple[int, ...] = REAL_CAPS, workers: int = 2) -> dict:
+def real_curve(task: Path, cache: Path, caps: tuple[int, ...] = REAL_CAPS, workers: int = 2, kind: str = "xgboost") -> dict:
     """Mean grouped-CV track accuracy per cap on a real task (caps at or above the genre size mean no cap), with the
     cap `train` would take for the task and whether any of its genres reaches it."""
     X, y, genres, artists, names = real_features(task, cache, workers)
@@ -159,12 +162,12 @@ def real_curve(task: Path, cache: Path, caps: tuple[int, ...] = REAL_CAPS, worke
         accuracy = []
         for tr, te in splits:
             train = capped(tr, y, artists, names, genres, cap)
-            predicted, _ = fit_predict(stacked(X, train), y[train], groups[train], stacked(X, te), len(te), len(genres))
+            predicted, _ = fit_predict(stacked(X, train), y[train], groups[train], stacked(X, te), len(te), len(genres), kind)
             accuracy.append(float((predicted == y[te]).mean()))
         points.append({"cap_per_genre": cap, "accuracy_mean": round(float(np.mean(accuracy)), 4),
                        "accuracy_std": round(float(np.std(accuracy)), 4)})
     cap = training.cap_per_genre(len(genres), float(np.mean([len(w) for w in X])))
-    return {"task": task.name, "tracks": len(y), "genres": genres, "artists": len(set(artists)), "folds": FOLDS, "points": points,
+    return {"task": task.name, "classifier": kind, "tracks": len(y), "genres": genres, "artists": len(set(artists)), "folds": FOLDS, "points": points,
             "default_cap": cap, "largest_genre": int(np.bincount(y).max()), "cap_binds": bool(np.bincount(y).max() > cap)}
 
 
@@ -180,7 +183,7 @@ def cap_cost(points: list[dict], correct: dict[int, np.ndarray], cap: int) -> di
 
 
 def synthetic_curve(caps: tuple[int, ...] | None = None, seed: int = 0, budget_s: float = CURVE_BUDGET_S,
-                    test_per_genre: int = SYNTHETIC_TEST_PER_GENRE, cap: int | None = None) -> dict:
+                    test_per_genre: int = SYNTHETIC_TEST_PER_GENRE, cap: int | None = None, kind: str = "xgboost") -> dict:
     """Track accuracy per cap on the synthetic generator (default: `bracket(default_cap())`), test tracks from artists
     never trained on, each point's fit CPU time, and what the cap (default `default_cap()`) costs against the largest
     sample measured; points projected beyond what is left of `budget_s` CPU seconds are skipped."""
@@ -205,10 +208,10 @@ def synthetic_curve(caps: tuple[int, ...] | None = None, seed: int = 0, budget_s
             continue
         train = capped(pool, y, artists, names, genres, c)
         started = time.process_time()
-        predicted, rounds = fit_predict(synthetic_windows(train, seed), y[train], groups[train], test_rows, len(test), len(genres))
+        predicted, setting = fit_predict(synthetic_windows(train, seed), y[train], groups[train], test_rows, len(test), len(genres), kind)
         correct[c] = predicted == y[test]
         points.append({"cap_per_genre": c, "train_tracks": len(train), "accuracy": round(float(correct[c].mean()), 4),
-                       "rounds": rounds, "cpu_s": round(time.process_time() - started, 1)})
+                       **setting, "cpu_s": round(time.process_time() - started, 1)})
         print(f"learning curve, synthetic: {points[-1]}", flush=True)
-    return {"test_tracks": len(test), "default_cap": cap, "budget_s": budget_s, "points": points, "skipped": skipped,
+    return {"classifier": kind, "test_tracks": len(test), "default_cap": cap, "budget_s": budget_s, "points": points, "skipped": skipped,
             "cap_cost": cap_cost(points, correct, cap)}

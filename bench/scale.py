@@ -31,6 +31,7 @@ import soundfile as sf
 from bench import learning_curve, s3_listing, synthetic_store
 from bench.accuracy import DEFAULT_DATA
 from genre_batch.library.discovery import track_id
+from genre_batch.modelling.model import KINDS, default_kind
 from genre_batch.publishing import catalog, query
 from genre_batch.storage.store import Store
 
@@ -784,6 +785,11 @@ def print_listing(listing: dict) -> None:
         print(f"S3 listing of 1,000,000 objects: {listing['extrapolated_1m_s']} s (EXTRAPOLATED linearly from the largest prefix measured)")
 
 
+def setting(point: dict) -> str:
+    """What a curve point's fit chose: its boosting rounds, or its C."""
+    return f"{point['rounds']} rounds" if point.get("rounds") is not None else f"C {point.get('C')}"
+
+
 def print_curves(curves: dict) -> None:
     """Print the learning curves."""
     real = curves.get("real")
@@ -794,8 +800,8 @@ def print_curves(curves: dict) -> None:
                  f"largest genre {real['largest_genre']})" if "default_cap" in real else ""))
     synthetic = curves.get("synthetic")
     if synthetic:
-        print(f"learning curve, synthetic ({synthetic['test_tracks']} test tracks of unseen artists): "
-              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" + (f" ({p['rounds']} rounds, {p['cpu_s']} s CPU)" if "cpu_s" in p else "")
+        print(f"learning curve, synthetic, {synthetic.get('classifier', 'xgboost')} ({synthetic['test_tracks']} test tracks of unseen artists): "
+              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" + (f" ({setting(p)}, {p['cpu_s']} s CPU)" if "cpu_s" in p else "")
                           for p in synthetic["points"]))
         for s in synthetic.get("skipped", []):
             print(f"  cap {s['cap_per_genre']}: SKIPPED, projected {s['projected_cpu_s']} s CPU > {s['budget_left_s']} s left of the "
@@ -839,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog-rows", type=int, default=CATALOG_ROWS, help=f"issue5: rows of the generated catalog (default {CATALOG_ROWS})")
     parser.add_argument("--curve-budget", type=float, default=learning_curve.CURVE_BUDGET_S,
                         help=f"curve: CPU seconds the synthetic curve may spend on fits; points projected past it are skipped (default {learning_curve.CURVE_BUDGET_S:.0f})")
+    parser.add_argument("--curve-classifier", choices=sorted(KINDS), default=default_kind(["librosa"]),
+                        help="curve: the classifier fitted at each point (default: %(default)s, what train picks for librosa features alone)")
     parser.add_argument("--copies", type=Path, help="train: folder for the hard-linked store copies and their Prefect home (default: the work folder)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
@@ -873,9 +881,10 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "curve" in args.checks:
         real_caps = QUICK["real_caps"] if args.quick else learning_curve.REAL_CAPS
-        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else None, budget_s=args.curve_budget)}
+        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else None, budget_s=args.curve_budget,
+                                                                        kind=args.curve_classifier)}
         if (args.data / "emotify").is_dir():
-            report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps)
+            report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps, kind=args.curve_classifier)
         save()
     if "compact" in args.checks:
         done = {r["tracks"]: r for r in report.get("compaction", [])}

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from genre_batch import progress
 from genre_batch.cluster import Session, session
 from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
-from genre_batch.stages import compact, extract, runs, tag
+from genre_batch.stages import compact, extract, retrain, runs, tag
 from genre_batch.storage.feature_store import BACKFILL_CAP
 from genre_batch.storage.store import Store
 
@@ -75,9 +75,7 @@ def compact_task(store: Store, cluster: Session, when_needed: bool) -> dict | No
 @task(name="decide-training", cache_policy=NO_CACHE)
 def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, str]:
     """Whether the retrain policy asks for a new model."""
-    from genre_batch.stages import train
-
-    return train.retrain_decision(store, labels, policy)
+    return retrain.retrain_decision(store, labels, policy)
 
 
 @task(name="train", cache_policy=NO_CACHE)

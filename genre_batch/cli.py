@@ -208,7 +208,7 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
     s = Store.at(store)
     plan = asdict(dry_run(absolute(library), s, force, allow_shrink))
     if labels is not None and s.exists(s.inventory):
-        from genre_batch.stages.train import retrain_decision
+        from genre_batch.stages.retrain import retrain_decision
 
         plan["would_train"], plan["train_reason"] = retrain_decision(s, labels, retrain)
         if plan["new"] + plan["changed"]:

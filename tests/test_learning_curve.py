@@ -53,6 +53,14 @@ def test_the_synthetic_curve_fits_as_train_and_skips_what_the_budget_cannot_pay(
     (skipped,) = curve["skipped"]
     assert skipped["cap_per_genre"] == 6 and skipped["projected_cpu_s"] >= 0 and skipped["budget_left_s"] <= 0
     assert curve["cap_cost"] == {"cap_per_genre": 3, "largest_cap": 3, "gain_points": None, "se_points": None}
+    assert curve["classifier"] == "xgboost" and point["C"] is None
+
+
+def test_the_synthetic_curve_fits_the_linear_model_with_its_chosen_c() -> None:
+    curve = learning_curve.synthetic_curve((3, 6), test_per_genre=4, cap=3, kind="linear")
+    assert curve["classifier"] == "linear" and [p["cap_per_genre"] for p in curve["points"]] == [3, 6] and not curve["skipped"]
+    assert all(p["rounds"] is None and p["C"] > 0 and 0 <= p["accuracy"] <= 1 for p in curve["points"])
+    assert curve["cap_cost"]["largest_cap"] == 6 and curve["cap_cost"]["gain_points"] is not None  # paired: same test tracks
 
 
 def test_the_real_curve_reads_its_cached_features_and_says_whether_the_cap_binds(tmp_path) -> None:

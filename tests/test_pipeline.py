@@ -6,7 +6,10 @@ own tests: test_families, test_musicnn), so that they do not pay its extraction 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from genre_batch.modelling import registry
 from genre_batch.publishing import catalog, query
 from genre_batch.publishing.tagging import classify_files
 from genre_batch.stages import extract as extract_stage
-from genre_batch.stages import runs
+from genre_batch.stages import retrain, runs
 from genre_batch.stages import tag as tag_stage
 from genre_batch.stages import train as train_stage
 from genre_batch.storage.feature_store import LIBROSA, MUSICNN, current_errors
@@ -138,8 +141,8 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     folder = store / "models" / version
     assert (folder / "model.npz").stat().st_size > 0 and not (folder / "model.ubj").exists()  # coefficients and scaler, no pickle
     assert (folder / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert train_stage.retrain_decision(s, "folders") == (False, f"current model {version} was trained on the same labelled data")
-    assert train_stage.retrain_decision(s, "tags")[0]  # another label source: another training set
+    assert retrain.retrain_decision(s, "folders") == (False, f"current model {version} was trained on the same labelled data")
+    assert retrain.retrain_decision(s, "tags")[0]  # another label source: another training set
 
 
 def test_bad_files_become_error_records_and_the_rest_succeed(
@@ -206,8 +209,6 @@ def test_query_formats(trained_store: tuple[Path, Path], dask_scheduler: str) ->
     table = query.run(s, "SELECT genre, count(*) AS n FROM catalog GROUP BY genre ORDER BY genre")
     assert table.to_pylist() == [{"genre": g, "n": 5} for g in sorted(STYLES)]
     as_json = query.to_json(query.fetch(s, "SELECT uri, probabilities FROM catalog ORDER BY uri LIMIT 2"))
-    import json
-
     parsed = json.loads(as_json)
     assert len(parsed) == 2 and set(parsed[0]["probabilities"]) == set(STYLES)
     csv = query.to_csv(table).splitlines()
@@ -325,29 +326,32 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
         labels_file.write_text("file,genre\n" + "\n".join(rows) + "\n")
         return str(labels_file)
 
-    assert train_stage.retrain_decision(s, "folders", "always") == (True, "--retrain always")
-    assert train_stage.retrain_decision(s, "folders", "never")[0] is False
-    assert train_stage.retrain_decision(s, relabel(0))[1].startswith("label source changed")  # folders -> file
-    registry.register(s, "m-file", *registry.load(s, version), b"", train_stage.labelled_keys(train_stage.labelled(s, relabel(0))))
+    assert retrain.retrain_decision(s, "folders", "always") == (True, "--retrain always")
+    assert retrain.retrain_decision(s, "folders", "never")[0] is False
+    assert retrain.retrain_decision(s, relabel(0))[1].startswith("label source changed")  # folders -> file
+    code = ("import json, sys; from genre_batch.stages.retrain import retrain_decision; from genre_batch.storage.store import Store; "
+            f"print(json.dumps([retrain_decision(Store({str(store)!r}), 'folders'), sorted({{m.split('.')[0] for m in sys.modules}})]))")
+    decided, modules = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert decided == [False, f"current model {version} was trained on the same labelled data"]  # read the index and the registry
+    assert not {"xgboost", "sklearn", "librosa", "numba", "matplotlib"} & set(modules)  # run --dry-run and a no-op nightly stay cheap
+    registry.register(s, "m-file", *registry.load(s, version), b"", retrain.labelled_keys(retrain.labelled(s, relabel(0))))
     meta = registry.metadata(s, "m-file")
     s.write_json(f"{s.models}/m-file/metadata.json", {**meta, "label_source": "file:labels.csv"})
     registry.promote(s, "m-file")
-    assert train_stage.retrain_decision(s, relabel(0)) == (False, "current model m-file was trained on the same labelled data")
-    one = train_stage.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 2 rows differ = 10 % > 5 %
+    assert retrain.retrain_decision(s, relabel(0)) == (False, "current model m-file was trained on the same labelled data")
+    one = retrain.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 2 rows differ = 10 % > 5 %
     assert one[0] and "10.0% of the labelled set changed" in one[1]
     registry.promote(s, "m-file", pinned=True)
-    assert train_stage.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
+    assert retrain.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
     assert registry.pointer(s)["history"][-2:] == [version, "m-file"]
     registry.promote(s, "m-file")
-    late = datetime.now(timezone.utc) + timedelta(days=train_stage.RETRAIN_AFTER_DAYS + 1)
+    late = datetime.now(timezone.utc) + timedelta(days=retrain.RETRAIN_AFTER_DAYS + 1)
     many = [f"{u},{Path(u).parent.name}" for u in uris] + ["/elsewhere/x.mp3,rock"]  # ignored: outside the library
     labels_file.write_text("file,genre\n" + "\n".join(many) + "\n")
-    assert train_stage.retrain_decision(s, str(labels_file), now=late)[0] is False  # unchanged, however old
+    assert retrain.retrain_decision(s, str(labels_file), now=late)[0] is False  # unchanged, however old
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, Path]) -> None:
-    import json
-
     from conftest import cli
 
     library, store = trained_store

@@ -29,8 +29,8 @@ from genre_batch.library.synth import render, write_audio
 from genre_batch.modelling import registry
 from genre_batch.publishing import catalog, similar, vectors
 from genre_batch.publishing.tagging import tag_groups
+from genre_batch.stages import retrain
 from genre_batch.stages import tag as tag_stage
-from genre_batch.stages import train as train_stage
 from genre_batch.storage import feature_store as fstore
 from genre_batch.storage import lease
 from genre_batch.storage.store import Store
@@ -158,7 +158,7 @@ def test_preview_writes_nothing_and_apply_changes_only_the_genre_tag(tagged: tup
     assert sorted(Path(u).name for u in written["uri"].to_pylist()) == ["a.mp3", "c.ogg", "d.m4a", "e.wav"]
     # and their tags are neither labels nor disagreements
     with pytest.raises(GenreBatchError, match=r"found \{'jazz': 2\}"):  # training's labels: b.flac's and f.opus's Jazz, no rock
-        train_stage.labelled(store, "tags")
+        retrain.labelled(store, "tags")
     assert labels.resolve("tags", fstore.current_tracks(store), str(library))["genre"].to_pylist().count("rock") == 4  # without the record
     again = tag(store, dask_scheduler, "t2")
     assert (again.mode, again.predicted, again.disagreements) == ("incremental", 4, 2)  # the 4 written re-tagged; b.flac and f.opus: Jazz (carried)

@@ -1,5 +1,5 @@
 """The train stage: a capped, grouped sample of the labelled tracks read by the workers; cross-validation, the
-model registered and promoted if it passes; the retrain policy of nightly runs; evaluation reports."""
+model registered and promoted if it passes; evaluation reports (the retrain policy of nightly runs: `retrain`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from functools import partial
 from typing import Generic, TypeVar
 
@@ -22,11 +22,9 @@ from distributed import Client, Future
 from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_VERSION
 from genre_batch.cluster import Session, trim_memory
-from genre_batch.library import labels
-from genre_batch.library.writeback import written
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
-from genre_batch.stages.extract import library_of
+from genre_batch.stages.retrain import Labelled, labelled, labelled_keys
 from genre_batch.storage.feature_store import CHOICE_COLUMNS, KEYS, LIBROSA, batches, current_tracks, read_inventory
 from genre_batch.storage.store import Store
 
@@ -34,24 +32,7 @@ READ_BATCH_WINDOWS = 20_000
 """Window rows per reading task of the training sample (~48 MB of librosa features: what the flow process receives
 at a time while it fills the sample's matrix)."""
 
-RETRAIN_CHANGED_SHARE = 0.05
-RETRAIN_AFTER_DAYS = 30
-"""`--retrain auto` (nightly default) retrains when there is no current model, or the current model is not pinned and
-either more than RETRAIN_CHANGED_SHARE of the labelled set changed (tracks added, removed, re-labelled or changed
-content), or it is older than RETRAIN_AFTER_DAYS and anything in the labelled set changed."""
-
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Labelled:
-    """The store's labelled tracks for a label spec: index rows with a `genre`, and what training keeps of them."""
-
-    tracks: pa.Table
-    genres: list[str]
-    dropped: dict[str, int]
-    fingerprint: str
-    source: str
 
 
 @dataclass
@@ -105,20 +86,6 @@ def choices(store: Store, families: list[str] | None, classifier: str | None, se
         classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
     model_class(classifier)
     return families, classifier
-
-
-def labelled(store: Store, spec: str, grouping: str = "auto") -> Labelled:
-    """The labelled tracks of the store's current index for a label spec (no window rows are read; only the index
-    columns training needs: `training.index_columns`)."""
-    tracks = current_tracks(store, read_inventory(store, KEYS), columns=training.index_columns(grouping))
-    source = labels.label_source(spec)
-    kept, genres, dropped, fingerprint = training.labelled_tracks(tracks, labels.resolve(spec, tracks, library_of(store), written(store)), source)
-    return Labelled(kept, genres, dropped, fingerprint, source)
-
-
-def labelled_keys(data: Labelled) -> pa.Table:
-    """(uri, fingerprint, genre) of a labelled set: what the registry keeps with a model."""
-    return data.tracks.select([*KEYS, "genre"])
 
 
 def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,46 +226,6 @@ def submit_fits(session: Session, data: training.TrainingSet, kind: str,
     later = client.submit(final, rows, pure=False, priority=1) if final is not None else None
     folds = [client.submit(training.fold, rows, train, test, kind, pure=False) for train, test in splits]
     return WorkerFits(client, rows, folds, later, len(data.y_track), len(data.genres))
-
-
-def changed_share(before: pa.Table, now: pa.Table) -> float:
-    """Share of a labelled set that changed: rows in one set and not the other, over the size of the old set."""
-    keys = [*KEYS, "genre"]
-    gone = before.join(now.select(keys), keys=keys, join_type="left anti").num_rows
-    new = now.join(before.select(keys), keys=keys, join_type="left anti").num_rows
-    return (gone + new) / max(1, before.num_rows)
-
-
-def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetime | None = None) -> tuple[bool, str]:
-    """Whether a nightly run retrains, and why (see RETRAIN_CHANGED_SHARE)."""
-    version = registry.current_version(store)
-    if policy == "always":
-        return True, "--retrain always"
-    if version is None:
-        if policy == "never":
-            raise GenreBatchError(f"no current model in {store.url} and --retrain never: train one with 'genre-batch train'")
-        return True, "no current model"
-    if policy == "never":
-        return False, f"--retrain never: current model {version} kept"
-    if registry.pinned(store):
-        return False, f"current model {version} is pinned"
-    meta = registry.metadata(store, version)
-    data = labelled(store, spec)
-    if meta.get("label_source") != data.source:
-        return True, f"label source changed ({meta.get('label_source')} -> {data.source})"
-    before = registry.labelled_set(store, version)
-    if before is None:  # a model registered before labelled sets were kept: only an identical set counts as unchanged
-        same = meta.get("training_fingerprint") == data.fingerprint
-        return (False, f"current model {version} was trained on the same labelled data") if same else (True, "labels or features changed since the current model was trained")
-    share = changed_share(before, labelled_keys(data))
-    age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(meta["created_at"])
-    if share > RETRAIN_CHANGED_SHARE:
-        return True, f"{share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%})"
-    if share > 0 and age > timedelta(days=RETRAIN_AFTER_DAYS):
-        return True, f"the labelled set changed ({share:.1%}) and current model {version} is older than {RETRAIN_AFTER_DAYS} days"
-    if share == 0:
-        return False, f"current model {version} was trained on the same labelled data"
-    return False, f"only {share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%}): current model {version} kept"
 
 
 def cross_validation(data: training.TrainingSet, oof: training.OutOfFold) -> dict:
