@@ -883,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         real_caps = QUICK["real_caps"] if args.quick else learning_curve.REAL_CAPS
         report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else None, budget_s=args.curve_budget,
                                                                         kind=args.curve_classifier)}
+        save()  # the synthetic curve's hour is kept if the real one fails
         if (args.data / "emotify").is_dir():
             report["curves"]["real"] = learning_curve.real_curve(args.data / "emotify", work / "emotify-features.npz", real_caps, kind=args.curve_classifier)
         save()
