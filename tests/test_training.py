@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
+from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,21 @@ def training_set(windows: pa.Table, labels: pa.Table, grouping: str = "auto") ->
     return training.training_set(training.matrix(ours), track, kept, genres, training.resolve_grouping(kept, grouping), fingerprint, dropped)
 
 
+@pytest.fixture(scope="module")
+def out_of_fold_once() -> Callable[[int, str], training.OutOfFold]:
+    """The out-of-fold result of `training_set(*windows_table(artists=artists, informative=100), "artist")` for a
+    model kind, computed once per module (out_of_fold is deterministic: the workers' equals this process's). Tests
+    only read it; each builds its own training set."""
+    done: dict[tuple[int, str], training.OutOfFold] = {}
+
+    def get(artists: int, kind: str) -> training.OutOfFold:
+        if (artists, kind) not in done:
+            done[artists, kind] = training.out_of_fold(training_set(*windows_table(artists=artists, informative=100), "artist"), kind)
+        return done[artists, kind]
+
+    return get
+
+
 @pytest.mark.parametrize("grouping", ["track", "artist"])
 def test_windows_and_groups_never_straddle_a_split(grouping: str) -> None:
     data = training_set(*windows_table(), grouping)
@@ -78,10 +94,10 @@ def test_auto_grouping_uses_artist_tags_when_present() -> None:
 
 
 @pytest.mark.parametrize("kind", ["xgboost", "linear"])
-def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
+def test_out_of_fold_track_predictions_are_learned(kind: str, out_of_fold_once: Callable[[int, str], training.OutOfFold]) -> None:
     # a linear model on 120 rows of 603 columns needs the signal in many of them (real features carry it broadly)
     data = training_set(*windows_table(informative=100), "artist")
-    oof = training.out_of_fold(data, kind)
+    oof = out_of_fold_once(10, kind)
     probabilities = oof.probabilities
     assert probabilities.shape == (40, 4)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -95,11 +111,13 @@ def test_out_of_fold_track_predictions_are_learned(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["xgboost", "linear"])
-def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_scheduler: str) -> None:
+def test_fits_on_the_workers_equal_fits_in_this_process(
+    kind: str, dask_scheduler: str, out_of_fold_once: Callable[[int, str], training.OutOfFold]
+) -> None:
     """The folds and the final fit run as tasks on the workers (the training set scattered once): the same out-of-fold
     probabilities, settings and final model (same bytes) as in this process; then the workers hold nothing of it."""
     data = training_set(*windows_table(artists=40, informative=100), "artist")  # 8 groups per genre in a fold: no refit
-    here, final_here, X = training.out_of_fold(data, kind), training.final_fit(data, kind), data.X.copy()
+    here, final_here, X = out_of_fold_once(40, kind), training.final_fit(data, kind), data.X.copy()
     with session(dask_scheduler) as cluster:
         fits = train_stage.submit_fits(cluster, data, kind, partial(training.final_fit, kind=kind))
         sent = weakref.ref(data.X)
@@ -125,12 +143,14 @@ def test_fits_on_the_workers_equal_fits_in_this_process(kind: str, dask_schedule
 
 
 @pytest.mark.parametrize("artists", [40, 10])
-def test_folds_skip_the_refit_unless_their_validation_fold_would_take_more_than_a_fifth(artists: int) -> None:
+def test_folds_skip_the_refit_unless_their_validation_fold_would_take_more_than_a_fifth(
+    artists: int, out_of_fold_once: Callable[[int, str], training.OutOfFold]
+) -> None:
     """With MAX_FOLDS+ groups per genre among a fold's training tracks, the fold keeps the model its validation fold
     chose (no refit); with fewer (10 artists: 4 per genre in a fold), the validation fold would take a quarter or more
     of them and the fold is refitted, as the small set's fits cost little. The card's `fits` say which."""
     data = training_set(*windows_table(artists=artists, informative=100), "artist")
-    oof = training.out_of_fold(data, "xgboost")
+    oof = out_of_fold_once(artists, "xgboost")
     assert [f["refit"] for f in oof.fits] == [artists == 10] * training.folds(data)
     for f, (train, _) in zip(oof.fits, training.splits(data, training.folds(data))):
         assert f["num_boost_round"] == training.fit_tracks(data, train, "xgboost", refit=f["refit"]).model.rounds
