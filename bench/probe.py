@@ -101,7 +101,7 @@ def timed_sample(url: str) -> dict:
     with session(n_workers=2) as cluster:
         data, labelled, cap = train.training_data(Store.at(url), "tags", cluster)
     return {
-        "labelled_tracks": labelled.tracks.num_rows, "cap_per_genre": cap, "sampled_tracks": len(data.y_track),
+        "labelled_tracks": labelled.tracks.num_rows, "cap_per_genre": cap.tracks, "rows_per_genre": cap.rows, "sampled_tracks": len(data.y_track),
         "sampled_windows": len(data.y), "matrix_mb": round(data.X.nbytes / 1e6, 1), "sample_s": round(time.perf_counter() - t0, 3),
     }
 

@@ -360,7 +360,7 @@ def print_scale(scale: dict) -> None:
 
 STORE_SIZES = (100_000, 300_000, 1_000_000)
 LISTING_SIZES = (100_000, 300_000)
-QUICK = {"tracks": (20_000,), "listing": (10_000,), "real_caps": (10, 30, 50), "synthetic_caps": (100, 250)}
+QUICK = {"tracks": (20_000,), "listing": (10_000,), "real_caps": (10, 30, 50), "synthetic_factors": (0.02, 0.05)}
 CHANGED_SHARE = 0.01
 DISK_PER_TRACK = 20_000
 """Bytes on disk per track of a synthetic store (measured: ~4.7 MB per part of 250 tracks), for the free-space check."""
@@ -801,7 +801,8 @@ def print_curves(curves: dict) -> None:
     synthetic = curves.get("synthetic")
     if synthetic:
         print(f"learning curve, synthetic, {synthetic.get('classifier', 'xgboost')} ({synthetic['test_tracks']} test tracks of unseen artists): "
-              + ", ".join(f"cap {p['cap_per_genre']}: {p['accuracy']:.3f}" + (f" ({setting(p)}, {p['cpu_s']} s CPU)" if "cpu_s" in p else "")
+              + ", ".join(f"cap {p['cap_per_genre']}" + (f" x {p['train_windows'] / p['train_tracks']:.1f} windows" if p.get("train_tracks") else "")
+                          + f": {p['accuracy']:.3f}" + (f" ({setting(p)}, {p['cpu_s']} s CPU)" if "cpu_s" in p else "")
                           for p in synthetic["points"]))
         for s in synthetic.get("skipped", []):
             print(f"  cap {s['cap_per_genre']}: SKIPPED, projected {s['projected_cpu_s']} s CPU > {s['budget_left_s']} s left of the "
@@ -810,7 +811,8 @@ def print_curves(curves: dict) -> None:
         if cost:
             gain = (f"{cost['gain_points']:+.2f} ± {cost['se_points']:.2f} points (paired, same test tracks)" if cost["gain_points"] is not None
                     else "not measured (no point above the cap within the budget)")
-            print(f"  the cap ({cost['cap_per_genre']} per genre) against cap {cost['largest_cap']}: accuracy {gain}; goal <= 1 point")
+            print(f"  the cap ({cost['cap_per_genre']} tracks, {cost.get('rows_per_genre', '?')} windows per genre) against cap "
+                  f"{cost['largest_cap']} ({cost.get('largest_rows', '?')} windows): accuracy {gain}; goal <= 1 point")
 
 
 def print_projection(p: dict) -> None:
@@ -881,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "curve" in args.checks:
         real_caps = QUICK["real_caps"] if args.quick else learning_curve.REAL_CAPS
-        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_caps"] if args.quick else None, budget_s=args.curve_budget,
+        report["curves"] = {"synthetic": learning_curve.synthetic_curve(QUICK["synthetic_factors"] if args.quick else learning_curve.CAP_FACTORS, budget_s=args.curve_budget,
                                                                         kind=args.curve_classifier)}
         save()  # the synthetic curve's hour is kept if the real one fails
         if (args.data / "emotify").is_dir():

@@ -297,8 +297,8 @@ def test_training_sample_is_capped_deterministic_and_keeps_groups_whole() -> Non
         "genre": [u.split("/")[2] for u in uris],
         "tag_artist": [u.split("/")[3].split("-")[0] for u in uris],
     })
-    first = training.sample(tracks, 9, "artist")
-    assert first.equals(training.sample(tracks.take(list(reversed(range(tracks.num_rows)))), 9, "artist"))
+    first = training.sample(tracks, training.Cap(9, 54), "artist")
+    assert first.equals(training.sample(tracks.take(list(reversed(range(tracks.num_rows)))), training.Cap(9, 54), "artist"))
     counts = {g: first["genre"].to_pylist().count(g) for g in ("rock", "jazz")}
     assert counts == {"rock": 9, "jazz": 9}
     per_artist: dict[tuple, int] = {}
@@ -307,7 +307,9 @@ def test_training_sample_is_capped_deterministic_and_keeps_groups_whole() -> Non
         per_artist[key] = per_artist.get(key, 0) + 1
     assert sorted(per_artist.values()) == [3] * 6  # three whole artists per genre
     assert training.sample(tracks, None, "artist").equals(tracks)
-    assert training.cap_per_genre(10, 6.0) == training.TRAINING_BUDGET_BYTES // (10 * 6 * len(FEATURE_NAMES) * 4)
+    rows = training.TRAINING_BUDGET_BYTES // (10 * len(FEATURE_NAMES) * 4)
+    assert training.cap_per_genre(10, 6.0) == training.Cap(rows // training.MIN_WINDOWS, rows)  # windows thinned to MIN_WINDOWS
+    assert training.cap_per_genre(10, 1.0) == training.Cap(rows, rows)  # one row per track: nothing to thin
 
 
 def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Path) -> None:

@@ -284,6 +284,26 @@ def test_fits_on_row_numbers_equal_fits_on_copied_rows() -> None:
         assert on_rows.params() == copied.params()
 
 
+def test_a_sample_past_its_rows_keeps_fewer_consecutive_windows_of_more_tracks() -> None:
+    """`thinned`: each track of a genre of n keeps max(MIN_WINDOWS, rows // n) consecutive windows of its own, from an
+    offset hashed from its URI (the same whatever the rows' order); a genre within its rows keeps every window."""
+    counts = [6, 6, 6, 6, 6, 6, 6, 1]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    tracks = pa.table({"uri": [f"/m/t{i}.mp3" for i in range(8)], "genre": ["a"] * 6 + ["b"] * 2,
+                       "part": ["p0"] * 8, "row_start": pa.array(starts, pa.int64()), "row_count": pa.array(counts, pa.int32())})
+    thin = training.thinned(tracks, 13)
+    assert thin.schema == tracks.schema and thin["uri"].equals(tracks["uri"])
+    new_start, new_count = thin["row_start"].to_numpy(), thin["row_count"].to_numpy()
+    assert new_count.tolist() == [training.MIN_WINDOWS] * 6 + [6, 1]  # a: 13 // 6 = 2 each; b: 13 // 2 = 6, all it has
+    assert sum(new_count[:6]) <= 13 and sum(new_count[6:]) <= 13
+    assert np.all(new_start >= starts) and np.all(new_start + new_count <= starts + np.array(counts))  # a track's own windows
+    assert len(set((new_start - starts)[:6].tolist())) > 1  # not always the same position in the track
+    reordered = training.thinned(tracks.take(pa.array([7, 3, 0, 5, 1, 6, 2, 4])), 13).sort_by("uri")
+    assert reordered.equals(thin.sort_by("uri"))
+    assert training.thinned(tracks, 36).equals(tracks)  # 36 // 6 = 6 windows: every track keeps all
+    assert training.thinned(tracks, 24)["row_count"].to_pylist()[:6] == [4] * 6
+
+
 def test_the_fingerprint_and_the_sample_do_not_depend_on_row_order_or_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hashing and sampling CHUNK_ROWS tracks at a time gives what one chunk gives, whatever the rows' order."""
     rng = np.random.default_rng(2)
@@ -291,10 +311,10 @@ def test_the_fingerprint_and_the_sample_do_not_depend_on_row_order_or_chunking(m
     tracks = pa.table({"uri": uris, "fingerprint": [f"x{i}" for i in range(300)], "genre": [f"g{i % 4}" for i in range(300)],
                        "tag_artist": [None if i % 5 == 0 else f"ar{i % 30}" for i in range(300)]})
     shuffled = tracks.take(pa.array(rng.permutation(300)))
-    whole = (training.training_fingerprint(tracks, "tags"), training.sample(tracks, 20, "artist"), training.sample(tracks, 9, "folder"))
+    whole = (training.training_fingerprint(tracks, "tags"), training.sample(tracks, training.Cap(20, 20), "artist"), training.sample(tracks, training.Cap(9, 9), "folder"))
     monkeypatch.setattr(training, "CHUNK_ROWS", 7)
     assert training.training_fingerprint(shuffled, "tags") == whole[0]
-    assert training.sample(shuffled, 20, "artist").equals(whole[1]) and training.sample(shuffled, 9, "folder").equals(whole[2])
+    assert training.sample(shuffled, training.Cap(20, 20), "artist").equals(whole[1]) and training.sample(shuffled, training.Cap(9, 9), "folder").equals(whole[2])
     picked = whole[1]
     assert sorted(pc.value_counts(picked["genre"]).field("counts").to_pylist()) == [20] * 4
     keys = training.group_keys(tracks, "artist").to_pylist()

@@ -120,7 +120,7 @@ def read_batch(store: Store, groups: list[pa.Table], families: list[str]) -> tup
     return np.vstack(parts), np.concatenate([np.repeat(g["_track"].to_numpy(), n) for g, n in zip(groups, counts)])
 
 
-def labelled_sample(store: Store, spec: str, grouping: str, capped: bool, families: list[str]) -> tuple[pa.Table, Labelled, str, int | None]:
+def labelled_sample(store: Store, spec: str, grouping: str, capped: bool, families: list[str]) -> tuple[pa.Table, Labelled, str, training.Cap | None]:
     """The capped sample of a store's labelled tracks that have every family (located index rows with their genre,
     sorted by URI), the labelled set as its keys only (`labelled_keys`), the grouping resolved and the cap (runs on a
     worker: it reads the index columns of every current track; only the sample and the keys go back)."""
@@ -134,13 +134,15 @@ def labelled_sample(store: Store, spec: str, grouping: str, capped: bool, famili
     rows_per_track = float(pc.mean(tracks["row_count"]).as_py() or 1.0) if LIBROSA.name in families else 1.0
     cap = training.cap_per_genre(len(data.genres), rows_per_track, n_columns=len(training.columns_of(families))) if capped else None
     sample = training.sample(tracks, cap, grouping)
+    if cap is not None and LIBROSA.name in families:
+        sample = training.thinned(sample, cap.rows)
     del tracks
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages: give them back before the reading tasks
     return sample, data, grouping, cap
 
 
 def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
-                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, int | None]:
+                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, training.Cap | None]:
     """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
     that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. A worker
     chooses the sample (`labelled_sample`: the index of every current track never enters this process, which holds the
@@ -275,7 +277,8 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
         "classifier": classifier,
         "tracks": len(data.y_track),
         "labelled_tracks": labelled_set.tracks.num_rows,
-        "cap_per_genre": cap,
+        "cap_per_genre": cap.tracks if cap else None,
+        "rows_per_genre": cap.rows if cap else None,
         "windows": len(data.y),
         "genres": data.genres,
         "majority_baseline": evaluation.majority_baseline(data.y_track),
@@ -334,8 +337,11 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "labelled_tracks": labelled_set.tracks.num_rows,
         "tracks": len(data.y_track),
         "windows": len(data.y),
-        "sample": {"cap_per_genre": cap, "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": matrix_bytes,
-                   "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept"},
+        "sample": {"cap_per_genre": cap.tracks, "rows_per_genre": cap.rows, "min_windows": training.MIN_WINDOWS,
+                   "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": matrix_bytes,
+                   "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept; "
+                           "each kept track of a genre of n keeps at most max(min_windows, rows_per_genre // n) consecutive "
+                           "windows from an offset hashed from its URI"},
         "tracks_per_genre": dict(Counter(data.genres[i] for i in data.y_track)),
         "dropped_genres": data.dropped,
         "weights": "balanced: every genre the same total weight, every track of a genre the same share",
