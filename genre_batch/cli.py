@@ -193,7 +193,7 @@ def absolute(url: str) -> str:
 
 
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Print the plan (new, changed, to retry, moved, removed, unchanged; whether the listing guard refuses; with run --labels, would it train) and stop: no lease taken, nothing written, no cluster started."),
+    bool, typer.Option("--dry-run", help="Print the plan (new, changed, to retry, re-extracted by extract --force, moved, removed, unchanged; whether the listing guard refuses; with run --labels, would it train) and stop: no lease taken, nothing written, no cluster started."),
 ]
 
 
@@ -218,9 +218,10 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
     if fmt == "json":
         print_json(plan)
         return
+    forced = f"{plan['forced']} re-extracted by --force, " if force else ""
     say(
         f"plan: {plan['discovered']} audio files in {plan['library']}: {plan['new']} new, {plan['changed']} changed, "
-        f"{plan['retried']} to retry, {plan['moved']} moved, {plan['removed']} removed, {plan['unchanged']} unchanged",
+        f"{plan['retried']} to retry, {forced}{plan['moved']} moved, {plan['removed']} removed, {plan['unchanged']} unchanged",
     )
     if "would_train" in plan:
         say(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})")

@@ -231,6 +231,16 @@ def test_errors_table_and_strict_exit_status(ran: Run, dask_scheduler: str) -> N
     assert {r["uri"]: r["error_type"] for r in json.loads(out)} == {u: k for u, (k, _) in ran.matrix.errors.items()}  # once each
 
 
+def test_a_forced_dry_run_tells_failures_to_retry_from_files_forced(ran: Run) -> None:
+    listed = len(ran.matrix.good) + len(ran.matrix.processed) + len(ran.matrix.errors)
+    retried = sum(kind == "io_error" for kind, _ in ran.matrix.errors.values())  # retried even without --force
+    code, out, _ = cli("extract", str(ran.matrix.root), "--store", str(ran.store), "--dry-run", "--force", "--format", "json")
+    plan = json.loads(out)
+    assert code == 0 and retried >= 2
+    assert {k: plan[k] for k in ("new", "changed", "retried", "forced", "moved", "unchanged")} == {
+        "new": 0, "changed": 0, "retried": retried, "forced": listed - retried, "moved": 0, "unchanged": 0}
+
+
 def test_very_long_file_is_analysed_in_windows_spread_across_it(ran: Run) -> None:
     rows = windows_of(ran, "long-20min.wav")
     spans = features.window_spans(LONG_S)

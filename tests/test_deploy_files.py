@@ -296,6 +296,11 @@ def test_prefect_server_image_matches_the_pinned_client(compose):
     assert Version(m.group(1)) == pins()["prefect"]
 
 
+def test_prefect_yaml_names_the_pinned_prefect():
+    declared = yaml.safe_load((ROOT / "prefect.yaml").read_text())["prefect-version"]
+    assert Version(str(declared)) == pins()["prefect"]  # docker/constraints.txt: what the image and the server run
+
+
 # ---------------------------------------------------------------- compose
 
 
@@ -356,6 +361,28 @@ def test_compose_dask_commands_parse(compose):
             assert f"'http://127.0.0.1:{port}/health'" in health[3], f"{name}: the healthcheck must ask Dask's /health on its dashboard port"
     assert seen == {"scheduler", "worker"}
     assert services["dask-worker"]["deploy"]["replicas"] == 2
+
+
+def test_compose_long_running_services_have_healthchecks(compose):
+    services = compose["services"]
+    long_running = {name for name, service in services.items() if service.get("restart") != "no"}
+    assert long_running == {"s3", "prefect-server", "dask-scheduler", "dask-worker", "serve"}
+    for name in long_running:
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+
+
+def test_compose_serve_healthcheck_asks_the_prefect_runner(compose):
+    """`serve` runs a Prefect runner: its webserver's /health fails once the runner stops polling the Prefect API."""
+    from prefect.settings import PREFECT_RUNNER_SERVER_HOST, PREFECT_RUNNER_SERVER_PORT
+
+    service = compose["services"]["serve"]
+    assert service["environment"]["PREFECT_RUNNER_SERVER_ENABLE"] == "true"
+    assert not {"PREFECT_RUNNER_SERVER_HOST", "PREFECT_RUNNER_SERVER_PORT"} & set(service["environment"])
+    health = service["healthcheck"]["test"]
+    assert health[:3] == ["CMD", "python", "-c"]
+    compile(health[3], "serve", "exec")
+    assert PREFECT_RUNNER_SERVER_HOST.default() == "localhost"
+    assert f"'http://127.0.0.1:{PREFECT_RUNNER_SERVER_PORT.default()}/health'" in health[3]
 
 
 def test_compose_python_job_compiles(compose):

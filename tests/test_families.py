@@ -101,8 +101,9 @@ def test_training_and_tagging_join_the_families_per_track(tmp_path: Path) -> Non
     musicnn_shard(store, "run2-00000.parquet", library[3:0:-1], "run2")  # t3, t2, t1: vectors 0, 1, 2
     inventory = set_inventory(store, library)
     tracks = fstore.current_tracks(store, inventory)
-    assert training.lacking(store, tracks, inventory, ["librosa", "musicnn"]) == {"musicnn": 2}
-    assert training.lacking(store, tracks, inventory, ["librosa"]) == {}
+    current = fstore.current_positions(store, inventory).positions()
+    assert fstore.lacking(current, ["librosa", "musicnn"]) == fstore.lacking(current, ("musicnn",)) == {"musicnn": 2}
+    assert fstore.lacking(current, ["librosa"]) == {}
 
     located = training.located(store, tracks, inventory, ["musicnn", "librosa"])
     assert located["uri"].to_pylist() == ["/music/t1.mp3", "/music/t2.mp3", "/music/t3.mp3"]

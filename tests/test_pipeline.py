@@ -365,14 +365,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, P
     write_audio(library / "ambient" / "new.ogg", render("ambient", 3.0, seed=92), SAMPLE_RATE)
     code, out, _ = cli("run", str(library), "--store", str(store), "--labels", "folders", "--dry-run", "--format", "json")
     plan = json.loads(out)
-    assert code == 0 and {k: plan[k] for k in ("discovered", "new", "changed", "retried", "moved", "removed", "unchanged")} == {
-        "discovered": 20, "new": 1, "changed": 1, "retried": 0, "moved": 0, "removed": 1, "unchanged": 18}
+    counts = ("discovered", "new", "changed", "retried", "forced", "moved", "removed", "unchanged")
+    assert code == 0 and {k: plan[k] for k in counts} == {
+        "discovered": 20, "new": 1, "changed": 1, "retried": 0, "forced": 0, "moved": 0, "removed": 1, "unchanged": 18}
     assert plan["would_train"] is False and plan["train_reason"].endswith("judged on the features already extracted: 2 new or changed files not counted")
     assert plan["refused"] is None
     code, out, _ = cli("run", str(library), "--store", str(store), "--labels", "folders", "--dry-run", "--force", "--format", "json")
     assert (code, json.loads(out)) == (0, plan)  # run's --force passes the guards: it re-extracts nothing
     code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run")
     assert code == 0 and "1 new, 1 changed, 0 to retry, 0 moved, 1 removed, 18 unchanged" in out and "nothing was written" in out
+    code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run", "--force", "--format", "json")
+    forced = json.loads(out)  # extract's --force re-extracts the unchanged files: forced, not failed before
+    assert code == 0 and {k: forced[k] for k in counts} == {**{k: plan[k] for k in counts}, "forced": 18, "unchanged": 0}
+    code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run", "--force")
+    assert code == 0 and "1 new, 1 changed, 0 to retry, 18 re-extracted by --force, 0 moved, 1 removed, 0 unchanged" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == tree  # no lease, no record, nothing
 
 

@@ -112,16 +112,6 @@ def located(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[
     return tracks.sort_by("uri") if others else tracks
 
 
-def lacking(store: Store, tracks: pa.Table, inventory: pa.Table, families: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """How many of the given (librosa) tracks lack each family that is not librosa (families none lacks left out)."""
-    counts = {}
-    for name in ordered_families(families):
-        if name != LIBROSA.name:
-            have = current_tracks(store, inventory, FAMILIES[name], CHOICE_COLUMNS).select(KEYS)
-            counts[name] = tracks.join(have, keys=KEYS, join_type="left anti").num_rows
-    return {name: n for name, n in counts.items() if n}
-
-
 def family_rows(store: Store, tracks: pa.Table, families: list[str] | tuple[str, ...]) -> pa.Table:
     """`uri` and the chosen families' value columns of some index rows of one librosa part (as `located` gives them;
     runs on a worker): one row per librosa window with the track's rows of the other families repeated beside it, or

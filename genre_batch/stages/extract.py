@@ -133,6 +133,8 @@ class DryRun:
     new: int
     changed: int
     retried: int
+    forced: int
+    """Files re-extracted only because of `force` (moved or unchanged without it)."""
     moved: int
     removed: int
     unchanged: int
@@ -141,11 +143,11 @@ class DryRun:
 
 
 def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False) -> DryRun:
-    """The plan of an extraction: new, changed, retried (failed before), moved, removed and unchanged files (`force` and
-    `allow_shrink` as extract takes them)."""
+    """The plan of an extraction: new, changed, retried (failed before), forced, moved, removed and unchanged files
+    (`force` and `allow_shrink` as extract takes them)."""
     inventory = discover(library)
     previous = read_inventory(store)
-    todo = plan(inventory, read_index(store, CHOICE_COLUMNS), force)
+    todo = plan(inventory, read_index(store, CHOICE_COLUMNS))
     known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
     same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:
@@ -153,11 +155,12 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
         refused = None
     except PublishRefused as e:
         refused = str(e)
+    moved, unchanged = todo.moved.num_rows, todo.unchanged  # what `force` re-extracts too
     return DryRun(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        new=todo.todo.num_rows - known, changed=known - same, retried=same,
-        moved=todo.moved.num_rows, removed=removed_count(previous, inventory),
-        unchanged=todo.unchanged, refused=refused,
+        new=todo.todo.num_rows - known, changed=known - same, retried=same, forced=moved + unchanged if force else 0,
+        moved=0 if force else moved, removed=removed_count(previous, inventory), unchanged=0 if force else unchanged,
+        refused=refused,
     )
 
 

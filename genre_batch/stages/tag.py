@@ -42,6 +42,7 @@ from genre_batch.storage.feature_store import (
     current_by_family,
     current_positions,
     index_rows,
+    lacking,
     listing_positions,
     read_inventory,
 )
@@ -122,14 +123,6 @@ def current_model(store: Store) -> tuple[str, dict]:
             f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
         )
     return version, meta
-
-
-def lacking(current: dict[str, np.ndarray], families: list[str]) -> dict[str, int]:
-    """How many of the current (librosa) tracks lack each of the model's other families, in FAMILIES order (families
-    none lacks left out); `current`: listing rows per family (current_positions)."""
-    tracks = current[LIBROSA.name]
-    counts = {name: int(np.count_nonzero(~np.isin(tracks, current[name]))) for name in FAMILIES if name in families and name != LIBROSA.name}
-    return {name: n for name, n in counts.items() if n}
 
 
 def check_families(store: Store, version: str, meta: dict, current: dict[str, np.ndarray]) -> None:

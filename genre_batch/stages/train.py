@@ -25,7 +25,7 @@ from genre_batch.cluster import Session, trim_memory
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.retrain import Labelled, labelled, labelled_keys
-from genre_batch.storage.feature_store import CHOICE_COLUMNS, KEYS, LIBROSA, batches, current_tracks, read_inventory
+from genre_batch.storage.feature_store import KEYS, LIBROSA, batches, current_positions, lacking, read_inventory
 from genre_batch.storage.store import Store
 
 READ_BATCH_WINDOWS = 20_000
@@ -63,9 +63,8 @@ def on_worker(session: Session | None, function: Callable[..., T], *args: object
 
 
 def missing_families(store: Store, families: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """How many current tracks of the store lack each of the families (`training.lacking`; reads the whole index)."""
-    inventory = read_inventory(store, KEYS)
-    return training.lacking(store, current_tracks(store, inventory, columns=CHOICE_COLUMNS), inventory, families)
+    """How many current tracks of the store lack each of the families (`lacking`; reads the index's choice columns)."""
+    return lacking(current_positions(store, read_inventory(store, KEYS)).positions(), families)
 
 
 def default_families(store: Store, session: Session | None = None) -> list[str]:

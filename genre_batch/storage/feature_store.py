@@ -482,6 +482,14 @@ def current_positions(store: Store, inventory: pa.Table) -> Current:
     return Current(files, unlisted, rows)
 
 
+def lacking(current: dict[str, np.ndarray], families: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """How many of the current (librosa) tracks lack each other family of `families`, in FAMILIES order (families none
+    lacks left out); `current`: listing rows per family (Current.positions)."""
+    tracks = current[LIBROSA.name]
+    counts = {name: int(np.count_nonzero(~np.isin(tracks, current[name]))) for name in FAMILIES if name in families and name != LIBROSA.name}
+    return {name: n for name, n in counts.items() if n}
+
+
 def index_rows(store: Store, current: Current, family: Family, listed: np.ndarray, columns: list[str]) -> pa.Table:
     """The whole index rows (`columns`) of a family's current tracks at the given listing rows, sorted by URI: read
     from the index files holding them, not from the whole index."""
