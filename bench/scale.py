@@ -525,15 +525,17 @@ def model_card(store: Path, version: str) -> dict:
     """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and each CV fold's fit
     (rows, rounds or C, CPU seconds) and the fingerprint."""
     meta = json.loads((store / "models" / version / "metadata.json").read_text())
-    return {"cap_per_genre": meta["sample"]["cap_per_genre"], "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
-            "classifier": meta["classifier"], "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
+    return {"cap_per_genre": meta["sample"]["cap_per_genre"], "rows_per_genre": meta["sample"].get("rows_per_genre"), "sampled_tracks": meta["tracks"],
+            "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
+            "cv_accuracy": meta["cross_validation"]["accuracy"], "classifier": meta["classifier"], "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
             "training_fingerprint": meta["training_fingerprint"]}
 
 
-def train_checks(work: Path, n: int, copies: Path) -> dict:
+def train_checks(work: Path, n: int, copies: Path, classifier: str | None = None) -> dict:
     """On a hard-linked copy (in `copies`) of an already built store of n tracks (never built here): the whole
-    `genre-batch train --labels tags` (Prefect and Dask included: 5-fold CV and the fit on the capped sample), wall, CPU
-    and peak RSS per process, with a Prefect home of its own in `copies`; the copy is deleted after."""
+    `genre-batch train --labels tags` (Prefect and Dask included: 5-fold CV and the fit on the capped sample; with
+    `--classifier` when given, else the kind train picks), wall, CPU and peak RSS per process, with a Prefect home of its
+    own in `copies`; the copy is deleted after."""
     base = work / f"scale-{n}" / "base"
     if not (base / synthetic_store.MARK).exists():
         return {"tracks": n, "skipped": f"no built store at {base} (build it with --checks stores)"}
@@ -542,8 +544,9 @@ def train_checks(work: Path, n: int, copies: Path) -> dict:
     synthetic_store.linked_copy(base, run_dir)
     store = run_dir / "store"
     try:
-        print(f"[{n}] genre-batch train --labels tags", flush=True)
-        run, result = measured(cli_command("train", "--labels", "tags", "--store", str(store)), cli_env(copies))
+        chosen = ["--classifier", classifier] if classifier else []
+        print(f"[{n}] genre-batch train --labels tags {' '.join(chosen)}", flush=True)
+        run, result = measured(cli_command("train", "--labels", "tags", "--store", str(store), *chosen), cli_env(copies))
         if not run.aborted:
             result["record"] = stage_record(store, "train")
             result.update(model_card(store, result["record"]["version"]))
@@ -849,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"curve: CPU seconds the synthetic curve may spend on fits; points projected past it are skipped (default {learning_curve.CURVE_BUDGET_S:.0f})")
     parser.add_argument("--curve-classifier", choices=sorted(KINDS), default=default_kind(["librosa"]),
                         help="curve: the classifier fitted at each point (default: %(default)s, what train picks for librosa features alone)")
+    parser.add_argument("--train-classifier", choices=sorted(KINDS),
+                        help="train: the classifier of the whole genre-batch train (default: what train picks, xgboost for this librosa-only store)")
     parser.add_argument("--copies", type=Path, help="train: folder for the hard-linked store copies and their Prefect home (default: the work folder)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
@@ -898,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in args.checks:
         done = {r["tracks"]: r for r in report.get("training", [])}
         for n in sizes:
-            done[n] = train_checks(work, n, (args.copies or work).resolve())
+            done[n] = train_checks(work, n, (args.copies or work).resolve(), args.train_classifier)
             report["training"] = [done[k] for k in sorted(done)]
             save()
     if "issue5" in args.checks:
