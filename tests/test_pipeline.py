@@ -132,6 +132,10 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     assert meta["label_source"] == "folders" and meta["feature_version"] == FEATURE_VERSION
     assert meta["classifier"] == "linear" and meta["feature_families"] == {"librosa": LIBROSA.version, "musicnn": MUSICNN.version}
     assert meta["tracks"] == 20 and meta["cross_validation"]["folds"] == 5
+    sample = meta["sample"]  # far below the budget: nothing thinned
+    assert sample["windows_per_track"] == round(meta["windows"] / 20, 2) and sample["min_windows"] == 2
+    assert sample["cap_per_genre"] == int(sample["rows_per_genre"] // min(max(1.0, sample["windows_per_track"]), sample["min_windows"]))
+    assert sample["matrix_bytes"] <= sample["memory_budget_bytes"]
     fit, fits = meta["fit"], meta["cross_validation"]["fits"]  # what each fit cost: its rows, the C it chose, CPU seconds
     assert fit["tracks"] == 20 and fit["windows"] == meta["windows"] and fit["C"] == meta["params"]["C"] and fit["cpu_s"] >= 0
     assert len(fits) == 5 and sum(f["tracks"] for f in fits) == 4 * 20 and all(f["cpu_s"] >= 0 and "C" in f for f in fits)

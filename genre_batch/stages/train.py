@@ -279,6 +279,7 @@ def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", 
         "cap_per_genre": cap.tracks if cap else None,
         "rows_per_genre": cap.rows if cap else None,
         "windows": len(data.y),
+        "windows_per_track": round(len(data.y) / len(data.y_track), 2),
         "genres": data.genres,
         "majority_baseline": evaluation.majority_baseline(data.y_track),
         "cross_validation": cross_validation(data, oof),
@@ -337,6 +338,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         "tracks": len(data.y_track),
         "windows": len(data.y),
         "sample": {"cap_per_genre": cap.tracks, "rows_per_genre": cap.rows, "min_windows": training.MIN_WINDOWS,
+                   "windows_per_track": round(len(data.y) / len(data.y_track), 2),
                    "memory_budget_bytes": training.TRAINING_BUDGET_BYTES, "matrix_bytes": matrix_bytes,
                    "rule": "per genre, tracks ordered by a hash of their split group then of their URI; the first cap kept; "
                            "each kept track of a genre of n keeps at most max(min_windows, rows_per_genre // n) consecutive "
