@@ -32,6 +32,7 @@ from bench.accuracy import warm_up
 from genre_batch.analysis import extraction
 from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.modelling import training
+from genre_batch.storage.feature_store import run_rows
 
 REAL_CAPS = (10, 20, 30, 40, 50)
 CAP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -65,12 +66,6 @@ def whole(tracks: np.ndarray, windows: np.ndarray) -> Picked:
     return Picked(tracks, np.zeros(len(tracks), np.int64), windows[tracks])
 
 
-def runs(first: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Row numbers of consecutive runs: count[k] rows from first[k], run after run."""
-    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-    return np.repeat(first, count) + within
-
-
 def stacked(X: list[np.ndarray], picked: Picked) -> Windows:
     """The kept rows of some tracks of a list of per-track window matrices."""
     return Windows(np.vstack([X[t][s : s + c] for t, s, c in zip(picked.tracks, picked.start, picked.count)]),
@@ -88,8 +83,8 @@ def synthetic_windows(picked: Picked, seed: int = 0) -> Windows:
     for shard in np.unique(shards):
         mine = np.flatnonzero(shards == shard)
         values = synthetic_store.window_values(np.arange(shard * size, (shard + 1) * size), seed, False)
-        at = runs((picked.tracks[mine] - shard * size) * rows + picked.start[mine], picked.count[mine])
-        X[runs(ends[mine] - picked.count[mine], picked.count[mine])] = values[at]
+        at = run_rows((picked.tracks[mine] - shard * size) * rows + picked.start[mine], picked.count[mine])
+        X[run_rows(ends[mine] - picked.count[mine], picked.count[mine])] = values[at]
     return Windows(X, np.repeat(np.arange(len(picked.tracks)), picked.count))
 
 
@@ -200,7 +195,7 @@ def real_curve(task: Path, cache: Path, caps: tuple[int, ...] = REAL_CAPS, worke
             "default_cap": cap, "largest_genre": int(np.bincount(y).max()), "cap_binds": bool(np.bincount(y).max() > cap)}
 
 
-def cap_cost(points: list[dict], correct: dict[training.Cap, np.ndarray], cap: training.Cap) -> dict:
+def cap_cost(correct: dict[training.Cap, np.ndarray], cap: training.Cap) -> dict:
     """Accuracy of the largest measured sample minus that of the cap, in points, with the paired standard error (the
     same test tracks); None values when no point above the cap was measured."""
     largest = max(correct, key=lambda c: (c.rows, c.tracks)) if correct else cap
@@ -247,4 +242,4 @@ def synthetic_curve(factors: tuple[float, ...] = CAP_FACTORS, seed: int = 0, bud
                        "accuracy": round(float(correct[c].mean()), 4), **setting, "cpu_s": round(time.process_time() - started, 1)})
         print(f"learning curve, synthetic: {points[-1]}", flush=True)
     return {"classifier": kind, "test_tracks": len(test), "default_cap": cap.tracks, "default_rows": cap.rows, "budget_s": budget_s,
-            "points": points, "skipped": skipped, "cap_cost": cap_cost(points, correct, cap)}
+            "points": points, "skipped": skipped, "cap_cost": cap_cost(correct, cap)}

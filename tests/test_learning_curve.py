@@ -47,9 +47,9 @@ def test_a_point_is_projected_from_the_largest_measured_one_with_the_growth_of_i
 def test_the_cost_of_the_cap_is_a_paired_difference_against_the_largest_sample() -> None:
     small, large = training.Cap(10, 20), training.Cap(40, 80)
     correct = {small: np.array([True, False, False, True]), large: np.array([True, True, False, True])}
-    cost = learning_curve.cap_cost([], correct, small)
+    cost = learning_curve.cap_cost(correct, small)
     assert cost["largest_cap"] == 40 and cost["largest_rows"] == 80 and cost["gain_points"] == 25.0 and cost["se_points"] == 25.0
-    assert learning_curve.cap_cost([], {small: correct[small]}, small)["gain_points"] is None
+    assert learning_curve.cap_cost({small: correct[small]}, small)["gain_points"] is None
 
 
 def test_the_synthetic_curve_fits_as_train_and_skips_what_the_budget_cannot_pay() -> None:

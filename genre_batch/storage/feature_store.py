@@ -656,14 +656,18 @@ def rekeyed(rows: pa.Table, files: pa.Table) -> pa.Table:
     return rows.cast(INDEX_SCHEMA)
 
 
+def run_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row numbers of consecutive runs: counts[k] rows from starts[k], run after run."""
+    counts = np.asarray(counts, np.int64)
+    if len(counts) == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(np.asarray(starts, np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return np.arange(counts.sum()) + offsets
+
+
 def window_indices(tracks: pa.Table) -> np.ndarray:
     """Row numbers in a part of the windows of the given index rows."""
-    starts = tracks["row_start"].to_numpy()
-    counts = tracks["row_count"].to_numpy().astype(np.int64)
-    if len(starts) == 0:
-        return np.zeros(0, np.int64)
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    return np.arange(counts.sum()) + offsets
+    return run_rows(tracks["row_start"].to_numpy(), tracks["row_count"].to_numpy())
 
 
 def read_windows(store: Store, tracks: pa.Table, columns: list[str] | None = None, family: Family = LIBROSA) -> pa.Table:
