@@ -55,7 +55,7 @@ def extract_task(
     def on_progress(done: int, total: int, errors: int) -> None:
         update_progress_artifact(artifact, 100.0 * done / total if total else 100.0)
         logger.info("extracted %d/%d files, %d errors", done, total, errors)
-        progress.report(done, total, errors)
+        progress.report(progress.Report("extract", done, total, errors))
 
     summary = runs.as_record(extract.extract(library, store, run_id, cluster, force, on_progress, allow_shrink, features, backfill_cap))
     logger.info("extraction: %s", summary)
@@ -81,11 +81,17 @@ def decide_training_task(store: Store, labels: str, policy: str) -> tuple[bool, 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_accuracy: float, abstain_below: float, group_by: str,
                all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> dict:
-    """Train, evaluate and register a model; promote it if it passes the gate."""
+    """Train, evaluate and register a model; promote it if it passes the gate; its fits' progress in the log and the CLI."""
     from genre_batch.stages import train
 
-    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier))
-    get_run_logger().info("training: %s", summary)
+    logger = get_run_logger()
+
+    def on_progress(done: int, total: int, note: str) -> None:
+        logger.info("training: %d/%d fits done; %s", done, total, note)
+        progress.report(progress.Report("train", done, total, note=note))
+
+    summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier, on_progress))
+    logger.info("training: %s", summary)
     return summary
 
 

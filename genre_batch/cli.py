@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer._coercion import RuntimeParam, build_runtime_param
@@ -26,7 +26,9 @@ from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
+
+    from genre_batch.progress import Report
 
     from genre_batch.storage.store import Store
 
@@ -94,6 +96,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+T = TypeVar("T")
+
 CONTROL_CODES = str.maketrans(dict.fromkeys((7, 8, 11, 12, 13)))
 """Bell, backspace, vertical tab, form feed and carriage return: left out of printed lines, as rich's console does."""
 
@@ -335,14 +340,14 @@ def prefect_api_starting() -> Iterator[None]:
 
 
 def progress_bar() -> Progress:
-    """A progress bar for extraction."""
+    """Progress bars of the long stages (extraction's files, training's fits), on stderr."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("extracting"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("files, {task.fields[errors]} errors"),
+        TextColumn("{task.fields[what]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console(stderr=True),
@@ -350,17 +355,28 @@ def progress_bar() -> Progress:
     )
 
 
-def with_progress(call: Callable[[], dict]) -> dict:
-    """Run a flow, drawing an extraction progress bar once extraction reports progress."""
+def progress_text(news: Report) -> tuple[str, str]:
+    """A stage's bar label and the words after its count: extraction's files and errors, training's fits and what the
+    latest step was."""
+    if news.stage == "extract":
+        return "extracting", f"files, {news.errors} errors"
+    return "fitting", f"fits; {news.note}"
+
+
+def with_progress(call: Callable[[], T]) -> T:
+    """Run a flow (or a stage), drawing a progress bar for each long stage once it reports progress."""
     from genre_batch import progress
 
     bar = progress_bar()
-    task = bar.add_task("extract", total=None, errors=0)
+    bars: dict[str, TaskID] = {}
 
-    def update(done: int, total: int, errors: int) -> None:
+    def update(news: Report) -> None:
         if console(stderr=True).is_terminal:  # rich draws nothing elsewhere but would leave an empty line behind
             bar.start()
-        bar.update(task, completed=done, total=total, errors=errors)
+        label, what = progress_text(news)
+        if news.stage not in bars:
+            bars[news.stage] = bar.add_task(label, total=None, what=what)
+        bar.update(bars[news.stage], completed=news.done, total=news.total, what=what)
 
     try:
         with progress.listening(update):
@@ -716,7 +732,8 @@ def train(
         from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier), store, fmt=fmt)
+    print_record(with_progress(lambda: train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier)),
+                 store, fmt=fmt)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -736,12 +753,16 @@ def evaluate(
     checks.labels(labels)
     families = None if features is None else list(feature_names(features))
     checks.classifier(classifier)
+    from genre_batch import progress
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
     from genre_batch.storage.store import Store
 
+    def on_progress(done: int, total: int, note: str) -> None:
+        progress.report(progress.Report("train", done, total, note=note))
+
     with session(scheduler) as cluster:
-        report = stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier)
+        report = with_progress(lambda: stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier, on_progress))
     if fmt == "json":
         print_json(report)
         return

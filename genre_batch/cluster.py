@@ -35,6 +35,18 @@ def trim_memory() -> int:
         return 0
 
 
+def tell(topic: str, message: dict) -> None:
+    """Send an event to the clients subscribed to a topic (`Client.subscribe_topic`), from a task on a Dask worker;
+    nothing elsewhere (a task run in the client's own process)."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return
+    worker.log_event(topic, message)
+
+
 def numba_cache_dir() -> str:
     """Where workers keep numba's compiled code between runs (NUMBA_CACHE_DIR, else the user cache)."""
     return os.environ.get("NUMBA_CACHE_DIR") or default_numba_cache_dir()

@@ -1,17 +1,31 @@
-"""Progress: extraction progress forwarded to whoever listens (the CLI's progress bar)."""
+"""Progress: how far a long stage has come (files extracted, models fitted), forwarded to whoever listens (the CLI's
+progress bars)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-Listener = Callable[[int, int, int], None]
+
+@dataclass(frozen=True)
+class Report:
+    """How far a stage (`extract`, `train`) has come: `done` of `total` (files, fits), errors so far, what is in work."""
+
+    stage: str
+    done: int
+    total: int
+    errors: int = 0
+    note: str = ""
+
+
+Listener = Callable[[Report], None]
 _listeners: list[Listener] = []
 
 
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
-    """Receive (done, total, errors) reports while the block runs."""
+    """Receive the reports of every stage while the block runs."""
     _listeners.append(listener)
     try:
         yield
@@ -19,7 +33,7 @@ def listening(listener: Listener) -> Iterator[None]:
         _listeners.remove(listener)
 
 
-def report(done: int, total: int, errors: int) -> None:
-    """Tell every listener how far extraction has come."""
+def report(news: Report) -> None:
+    """Tell every listener how far a stage has come."""
     for listener in list(_listeners):
-        listener(done, total, errors)
+        listener(news)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -125,7 +126,8 @@ def test_fits_on_the_workers_equal_fits_in_this_process(
         gc.collect()
         assert sent() is None  # nothing of the client's scatter holds on to it
         keys = {f.key for f in [fits.rows, *fits.folds, fits.final]}
-        oof, packed = fits.results()
+        heard: list[tuple[int, int, str]] = []
+        oof, packed = fits.results(lambda done, total, note: heard.append((done, total, note)))
         again = training_set(*windows_table(artists=40, informative=100), "artist")
         evaluated, nothing = train_stage.submit_fits(cluster, again, kind).results()  # evaluate's: folds only
         held = lambda: keys & {key for key, workers in cluster.client.who_has().items() if workers}  # noqa: E731
@@ -140,6 +142,31 @@ def test_fits_on_the_workers_equal_fits_in_this_process(
     assert packed.files == final_here.files and packed.refit and nothing is None
     model = packed.unpacked().model
     assert type(model).kind == kind and np.array_equal(model.predict_proba(X), final_here.unpacked().model.predict_proba(X))
+    k = len(oof.fits)  # progress: the start, each fit's end once, and the steps the workers sent (each fit's first is never held back)
+    fits_done = [(done, note) for done, total, note in heard if note.endswith(" done")]
+    assert heard[0] == (0, k + 1, f"{k + 1} fits started on the workers") and all(total == k + 1 for _, total, _ in heard)
+    assert [done for done, _ in fits_done] == list(range(1, k + 2))
+    assert sorted(note for _, note in fits_done) == sorted([*(f"fold {i}/{k} done" for i in range(1, k + 1)), "final fit done"])
+    steps = [note for _, _, note in heard[1:] if not note.endswith(" done")]
+    step = r"(refit )?round \d+.*" if kind == "xgboost" else r"C [\d.]+ \(\d of 4\)|refit with C [\d.]+"
+    assert steps and all(note.split(": ", 1)[0] in {*(f"fold {i}/{k}" for i in range(1, k + 1)), "final fit"} for note in steps)
+    assert all(re.fullmatch(step, note.split(": ", 1)[1]) for note in steps)
+
+
+@pytest.mark.parametrize("kind", ["xgboost", "linear"])
+def test_a_fit_tells_each_step(kind: str) -> None:
+    """A fit tells its listener each step: XGBoost each early-stopping round with its validation log-loss, then each
+    refit round out of the chosen number; the linear model each C of its grid, then the refit with the chosen C."""
+    data = training_set(*windows_table(artists=40, informative=100), "artist")
+    steps: list[str] = []
+    fitted = training.fit_tracks(data, np.arange(len(data.y_track)), kind, on_step=steps.append)
+    if kind == "xgboost":
+        rounds = fitted.model.rounds
+        stopping = [s for s in steps if not s.startswith("refit")]
+        assert stopping[0].startswith("round 1, validation log-loss ") and len(stopping) >= rounds
+        assert steps[len(stopping):] == [f"refit round {r} of {rounds}" for r in range(1, rounds + 1)]
+    else:
+        assert steps == [f"C {c} ({i} of 4)" for i, c in enumerate((0.001, 0.01, 0.1, 1.0), 1)] + [f"refit with C {fitted.model.C}"]
 
 
 @pytest.mark.parametrize("artists", [40, 10])

@@ -51,6 +51,14 @@ ABSENT_CLASS_LOGIT = -30.0
 """Intercept of a genre the linear model's training rows lacked (a fold can miss one): probability ~0."""
 
 
+Step = Callable[[str], None]
+"""Told what a fit is doing, as a short phrase ("round 120, validation log-loss 0.6120", "C 0.01")."""
+
+
+def quiet(step: str) -> None:
+    """A step listener that ignores steps."""
+
+
 def everything(rows: np.ndarray | None, n: int) -> np.ndarray:
     """The given row numbers, or all n rows."""
     return np.arange(n) if rows is None else rows
@@ -100,12 +108,13 @@ class GenreModel(ABC):
     @classmethod
     @abstractmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None, refit: bool = True) -> GenreModel:
+            rows: np.ndarray | None = None, refit: bool = True, on_step: Step = quiet) -> GenreModel:
         """Fit on the rows `rows` of X (default all; y, weights and split groups are given for every row of X), its
         hyper-parameters chosen on a grouped validation fold of those rows, then (`refit`) fitted again on all of them
         with that choice; without `refit`, the model of the choice as fitted on the rows outside the validation fold
         (what a cross-validation fold needs: one fit instead of two). Rows too few for a validation fold: one fit on all
-        of them with the default setting, either way. The chosen rows are read PREDICT_CHUNK at a time."""
+        of them with the default setting, either way. The chosen rows are read PREDICT_CHUNK at a time. `on_step` hears
+        each step (a boosting round, a C tried)."""
 
     @abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -153,6 +162,22 @@ class RowBatches(xgb.DataIter):
         self.at = 0
 
 
+class Rounds(xgb.callback.TrainingCallback):
+    """Tells a step listener each boosting round: with the latest validation log-loss while early stopping, with the
+    number of rounds when it is known (`of`)."""
+
+    def __init__(self, on_step: Step, of: int | None = None) -> None:
+        super().__init__()
+        self.on_step, self.of = on_step, of
+
+    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
+        """Report the round; never stops the training."""
+        loss = evals_log.get("validation", {}).get("mlogloss")
+        where = f" of {self.of}" if self.of else f", validation log-loss {loss[-1]:.4f}" if loss else ""
+        self.on_step(f"{'refit ' if self.of else ''}round {epoch + 1}{where}")
+        return False
+
+
 class XGBoostModel(GenreModel):
     """Gradient-boosted trees (XGBoost `hist`), rounds chosen by early stopping on a grouped validation fold."""
 
@@ -175,7 +200,7 @@ class XGBoostModel(GenreModel):
 
     @classmethod
     def early_stopped(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int,
-                      columns: list[str], rows: np.ndarray | None = None) -> xgb.Booster | None:
+                      columns: list[str], rows: np.ndarray | None = None, on_step: Step = quiet) -> xgb.Booster | None:
         """The booster early-stopped on a grouped, stratified validation fold of `rows` (fitted on the others), sliced
         to its best iteration (`booster[: best_iteration + 1]`: exactly the chosen rounds); None without a fold."""
         rows = everything(rows, len(y))
@@ -190,27 +215,28 @@ class XGBoostModel(GenreModel):
             evals=[(cls.quantised(X, rows[split[1]], y, weight, columns, ref=fitting), "validation")],
             early_stopping_rounds=EARLY_STOPPING,
             verbose_eval=False,
+            callbacks=[Rounds(on_step)],
         )
         return booster[: booster.best_iteration + 1]
 
     @classmethod
     def rounds_for(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-                   rows: np.ndarray | None = None) -> int:
+                   rows: np.ndarray | None = None, on_step: Step = quiet) -> int:
         """Rounds chosen by early stopping on a grouped, stratified validation fold of `rows` (DEFAULT_ROUNDS without one)."""
-        booster = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows)
+        booster = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows, on_step)
         return DEFAULT_ROUNDS if booster is None else booster.num_boosted_rounds()
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None, refit: bool = True) -> XGBoostModel:
+            rows: np.ndarray | None = None, refit: bool = True, on_step: Step = quiet) -> XGBoostModel:
         """Early-stopped rounds on a validation fold, then all the rows for that many rounds (`refit`), else the
         early-stopped booster itself (cut to its best iteration)."""
-        stopped = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows)
+        stopped = cls.early_stopped(X, y, weight, groups, n_classes, columns, rows, on_step)
         if stopped is not None and not refit:
             return cls(stopped, stopped.num_boosted_rounds())
         rounds = DEFAULT_ROUNDS if stopped is None else stopped.num_boosted_rounds()
         matrix = cls.quantised(X, everything(rows, len(y)), y, weight, columns)
-        return cls(xgb.train({**PARAMS, "num_class": n_classes}, matrix, num_boost_round=rounds), rounds)
+        return cls(xgb.train({**PARAMS, "num_class": n_classes}, matrix, num_boost_round=rounds, callbacks=[Rounds(on_step, rounds)]), rounds)
 
     @classmethod
     def fit_dask(cls, client: object, X: object, y: object, weight: object, n_classes: int, columns: list[str], rounds: int) -> XGBoostModel:
@@ -295,17 +321,24 @@ class LinearModel(GenreModel):
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_classes: int, columns: list[str],
-            rows: np.ndarray | None = None, refit: bool = True) -> LinearModel:
+            rows: np.ndarray | None = None, refit: bool = True, on_step: Step = quiet) -> LinearModel:
         """C with the least weighted log-loss on a validation fold (DEFAULT_C without one), then all the rows (`refit`),
         else that C's model as fitted on the rows outside the validation fold."""
         rows = everything(rows, len(y))
         split = validation_split(y[rows], groups[rows])
         if split is None:
+            on_step(f"C {DEFAULT_C}")
             return cls.fit_C(X, y, weight, n_classes, DEFAULT_C, rows)
         fit_rows, check_rows = rows[split[0]], rows[split[1]]
-        candidates = [cls.fit_C(X, y, weight, n_classes, c, fit_rows) for c in C_GRID]  # a few coefficient arrays each
+        candidates = []  # a few coefficient arrays each
+        for number, c in enumerate(C_GRID, 1):
+            on_step(f"C {c} ({number} of {len(C_GRID)})")
+            candidates.append(cls.fit_C(X, y, weight, n_classes, c, fit_rows))
         chosen = candidates[int(np.argmin([m.log_loss(X, y, weight, check_rows) for m in candidates]))]
-        return cls.fit_C(X, y, weight, n_classes, chosen.C, rows) if refit else chosen
+        if not refit:
+            return chosen
+        on_step(f"refit with C {chosen.C}")
+        return cls.fit_C(X, y, weight, n_classes, chosen.C, rows)
 
     def log_loss(self, X: np.ndarray, y: np.ndarray, weight: np.ndarray, rows: np.ndarray) -> float:
         """Weighted log-loss of some rows of X (their probabilities of the true genre clipped at 1e-12)."""

@@ -30,7 +30,7 @@ from genre_batch.storage.feature_store import (
 from genre_batch.storage.store import Store
 
 if TYPE_CHECKING:  # the model module imports xgboost and scikit-learn (1.5 s of CPU): imported where a model is fitted
-    from genre_batch.modelling.model import GenreModel
+    from genre_batch.modelling.model import GenreModel, Step
 
 MIN_PER_GENRE = 2
 GROUPINGS = ("auto", "track", "artist", "album", "folder")
@@ -378,15 +378,17 @@ def windows_of(data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
 
 
 def fit(X: np.ndarray, y: np.ndarray, n_classes: int, track: np.ndarray, groups: np.ndarray, kind: str = "xgboost",
-        columns: list[str] | None = None, rows: np.ndarray | None = None, refit: bool = True) -> GenreModel:
+        columns: list[str] | None = None, rows: np.ndarray | None = None, refit: bool = True, on_step: Step | None = None) -> GenreModel:
     """Fit a model of a kind on feature rows (`rows` of X, default all: never copied as a whole) with genre- and
-    track-balanced weights (`groups`: per track); `refit`: as `GenreModel.fit` (False for most cross-validation folds: `refits`)."""
-    from genre_batch.modelling.model import everything, model_class
+    track-balanced weights (`groups`: per track); `refit`: as `GenreModel.fit` (False for most cross-validation folds:
+    `refits`); `on_step` hears the fit's steps (`GenreModel.fit`)."""
+    from genre_batch.modelling.model import everything, model_class, quiet
 
     rows = everything(rows, len(y))
     weight = np.zeros(len(y))
     weight[rows] = balanced_weights(y[rows], track[rows])
-    return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows, refit)
+    return model_class(kind).fit(X, y, weight, groups[track], n_classes, list(FEATURE_NAMES) if columns is None else columns, rows, refit,
+                                 on_step or quiet)
 
 
 @dataclass(frozen=True)
@@ -448,16 +450,17 @@ class OutOfFold:
     fits: list[dict]
 
 
-def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost", refit: bool = True) -> Fitted:
-    """Fit a model of a kind on the rows of the given tracks of a training set, timed (`refit`: as `GenreModel.fit`)."""
+def fit_tracks(data: TrainingSet, tracks: np.ndarray, kind: str = "xgboost", refit: bool = True, on_step: Step | None = None) -> Fitted:
+    """Fit a model of a kind on the rows of the given tracks of a training set, timed (`refit`, `on_step`: as `fit`)."""
     started, rows = time.process_time(), windows_of(data, tracks)
-    model = fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, rows, refit)
+    model = fit(data.X, data.y, len(data.genres), data.track, data.groups, kind, data.columns, rows, refit, on_step)
     return Fitted(model, len(tracks), len(rows), refit, time.process_time() - started)
 
 
-def final_fit(data: TrainingSet, kind: str) -> Packed:
-    """The model of a training set: every track, refitted after the validation fold's choice, packed (runs on a worker)."""
-    return fit_tracks(data, np.arange(len(data.y_track)), kind).packed()
+def final_fit(data: TrainingSet, kind: str, on_step: Step | None = None) -> Packed:
+    """The model of a training set: every track, refitted after the validation fold's choice, packed (runs on a worker;
+    `on_step` hears its steps)."""
+    return fit_tracks(data, np.arange(len(data.y_track)), kind, on_step=on_step).packed()
 
 
 def predict_tracks(model: GenreModel, data: TrainingSet, tracks: np.ndarray) -> np.ndarray:
@@ -476,11 +479,12 @@ def refits(data: TrainingSet, tracks: np.ndarray) -> bool:
     return bool(groups_per_genre(data.y_track[tracks], data.groups[tracks]) < MAX_FOLDS)
 
 
-def fold(data: TrainingSet, train: np.ndarray, test: np.ndarray, kind: str) -> Fold:
+def fold(data: TrainingSet, train: np.ndarray, test: np.ndarray, kind: str, on_step: Step | None = None) -> Fold:
     """A cross-validation fold: a model fitted on the training tracks, as a rule without the refit (the early-stopped
     booster, or the chosen C's model, fitted on the training tracks outside their validation fold; see `refits`), and
-    its probabilities of the test tracks (runs on a worker, or in this process for `out_of_fold`)."""
-    fitted = fit_tracks(data, train, kind, refit=refits(data, train))
+    its probabilities of the test tracks (runs on a worker, or in this process for `out_of_fold`; `on_step` hears the
+    fit's steps)."""
+    fitted = fit_tracks(data, train, kind, refit=refits(data, train), on_step=on_step)
     return Fold(test, predict_tracks(fitted.model, data, test), fitted.cost())
 
 

@@ -3,7 +3,9 @@ model registered and promoted if it passes; evaluation reports (the retrain poli
 
 from __future__ import annotations
 
+import math
 import platform
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from distributed import Client, Future
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis.features import FEATURE_VERSION
-from genre_batch.cluster import Session, trim_memory
+from genre_batch.cluster import Session, tell, trim_memory
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
 from genre_batch.stages.retrain import Labelled, labelled, labelled_keys
@@ -32,7 +34,17 @@ READ_BATCH_WINDOWS = 20_000
 """Window rows per reading task of the training sample (~48 MB of librosa features: what the flow process receives
 at a time while it fills the sample's matrix)."""
 
+STEP_EVERY_S = 30.0
+"""A fit on a worker tells the flow process what it is doing (`Steps`) at most this often."""
+
 T = TypeVar("T")
+
+FitProgress = Callable[[int, int, str], None]
+"""Told how a training's fits go: fits done, fits in all, what is happening ("fold 2/5: round 120, ...")."""
+
+
+def no_fit_progress(done: int, total: int, note: str) -> None:
+    """A fit progress callback that ignores progress."""
 
 
 @dataclass
@@ -185,11 +197,30 @@ def fit_all(store: Store, tracks: pa.Table, genre_names: list[str], session: Ses
     return XGBoostModel.fit_dask(session.client, X, y, w, len(genres), columns, rounds)
 
 
-def sample_rounds(data: training.TrainingSet) -> int:
+def sample_rounds(data: training.TrainingSet, on_step: Callable[[str], None] | None = None) -> int:
     """Boosting rounds early stopping chooses on a training set (what `--all-tracks` fits every labelled track for; runs
-    on a worker)."""
+    on a worker; `on_step` hears each round)."""
+    from genre_batch.modelling.model import quiet
+
     weight = training.balanced_weights(data.y, data.track)
-    return XGBoostModel.rounds_for(data.X, data.y, weight, data.groups[data.track], len(data.genres), data.columns)
+    return XGBoostModel.rounds_for(data.X, data.y, weight, data.groups[data.track], len(data.genres), data.columns, on_step=on_step or quiet)
+
+
+@dataclass
+class Steps:
+    """A fit's step listener on a worker: sends the step to the flow process's client (`cluster.tell` on the training's
+    own topic), at most one every STEP_EVERY_S seconds."""
+
+    topic: str
+    fit: str
+    last: float = -math.inf
+
+    def __call__(self, step: str) -> None:
+        """Send the step unless one was sent less than STEP_EVERY_S ago."""
+        now = time.monotonic()
+        if now - self.last >= STEP_EVERY_S:
+            self.last = now
+            tell(self.topic, {"fit": self.fit, "step": step})
 
 
 @dataclass(frozen=True)
@@ -203,30 +234,50 @@ class WorkerFits(Generic[T]):
     final: Future | None
     n_tracks: int
     n_genres: int
+    topic: str
+    names: dict[str, str]
+    """Each fit's name ("fold 2/5", "final fit") by its future's key."""
 
-    def results(self) -> tuple[training.OutOfFold, T | None]:
-        """The folds' out-of-fold probabilities and the final task's result (None without one), gathered; then the
-        workers drop the rows and give the memory back."""
+    def results(self, on_progress: FitProgress = no_fit_progress) -> tuple[training.OutOfFold, T | None]:
+        """The folds' out-of-fold probabilities and the final task's result (None without one), gathered as they finish
+        (`on_progress` hears each fit finish, and the steps the fits send); then the workers drop the rows and give the
+        memory back."""
+        from distributed import as_completed
+
+        fits = [*self.folds, *([self.final] if self.final is not None else [])]
+        finished: list[str] = []
+        self.client.subscribe_topic(self.topic, lambda event: on_progress(len(finished), len(fits), f"{event[1]['fit']}: {event[1]['step']}"))
+        try:
+            on_progress(0, len(fits), f"{len(fits)} fits started on the workers")
+            for future in as_completed(fits):
+                future.result()  # a fit's error stops the training here
+                finished.append(self.names[future.key])
+                on_progress(len(finished), len(fits), f"{finished[-1]} done")
+        finally:
+            self.client.unsubscribe_topic(self.topic)
         done = self.client.gather(self.folds)
         outcome = self.final.result() if self.final is not None else None
-        for future in [*self.folds, *([self.final] if self.final is not None else []), self.rows]:
+        for future in [*fits, self.rows]:
             future.release()
         self.client.run(trim_memory)
         return training.out_of_fold_of(done, self.n_tracks, self.n_genres), outcome
 
 
 def submit_fits(session: Session, data: training.TrainingSet, kind: str,
-                final: Callable[[training.TrainingSet], T] | None = None) -> WorkerFits[T]:
+                final: Callable[..., T] | None = None, final_name: str = "final fit") -> WorkerFits[T]:
     """Send a training set to the workers once (scattered straight to one worker, which the others copy it from:
     numpy arrays travel as buffers) and submit at once the k cross-validation folds of a model kind and `final`
-    (first, as it is the longest; it waits for no fold): each fit one thread (`model.PARAMS`), one task per worker
-    thread. The caller drops its own matrix after this (`training.without_rows`)."""
+    (first, as it is the longest; it waits for no fold; called with the rows and `on_step`): each fit one thread
+    (`model.PARAMS`), one task per worker thread, each telling its steps (`Steps`) on a topic of its own. The caller
+    drops its own matrix after this (`training.without_rows`)."""
     splits = training.splits(data, training.folds(data))  # too few groups: an error before anything is sent
-    client = session.client
+    client, topic = session.client, f"genre-batch-fits-{uuid.uuid4().hex}"
     rows = client.scatter(data, broadcast=True, direct=True, hash=False)
-    later = client.submit(final, rows, pure=False, priority=1) if final is not None else None
-    folds = [client.submit(training.fold, rows, train, test, kind, pure=False) for train, test in splits]
-    return WorkerFits(client, rows, folds, later, len(data.y_track), len(data.genres))
+    later = client.submit(final, rows, on_step=Steps(topic, final_name), pure=False, priority=1) if final is not None else None
+    folds = [client.submit(training.fold, rows, train, test, kind, Steps(topic, f"fold {i}/{len(splits)}"), pure=False)
+             for i, (train, test) in enumerate(splits, 1)]
+    names = {f.key: f"fold {i}/{len(folds)}" for i, f in enumerate(folds, 1)} | ({later.key: final_name} if later is not None else {})
+    return WorkerFits(client, rows, folds, later, len(data.y_track), len(data.genres), topic, names)
 
 
 def cross_validation(data: training.TrainingSet, oof: training.OutOfFold) -> dict:
@@ -260,14 +311,14 @@ def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> 
 
 
 def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", families: list[str] | None = None,
-             classifier: str | None = None) -> dict:
+             classifier: str | None = None, on_progress: FitProgress = no_fit_progress) -> dict:
     """Grouped cross-validation report of the store's labelled tracks for feature families and a classifier (default:
-    the current model's, else the defaults), written to evaluations/ with its picture."""
+    the current model's, else the defaults), written to evaluations/ with its picture (`on_progress` hears the fits)."""
     families, classifier = choices(store, families, classifier, session)
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
     fits = submit_fits(session, data, classifier)
     data = training.without_rows(data)  # the workers hold the rows now
-    oof, _ = fits.results()
+    oof, _ = fits.results(on_progress)
     report = {
         "evaluated_at": datetime.now(timezone.utc).isoformat(),
         "label_source": labelled_set.source,
@@ -308,18 +359,21 @@ def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float,
 
 
 def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0,
-          grouping: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None) -> TrainSummary:
+          grouping: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None,
+          on_progress: FitProgress = no_fit_progress) -> TrainSummary:
     """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, XGBoost on every
     labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
-    if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`)."""
+    if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`);
+    `on_progress` hears the fits on the workers."""
     families, classifier = choices(store, families, classifier, session)
     if all_tracks and classifier != XGBoostModel.kind:
         raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
     matrix_bytes = int(data.X.nbytes)
-    fits = submit_fits(session, data, classifier, sample_rounds if all_tracks else partial(training.final_fit, kind=classifier))
+    final = (sample_rounds, "rounds for --all-tracks") if all_tracks else (partial(training.final_fit, kind=classifier), "final fit")
+    fits = submit_fits(session, data, classifier, *final)
     data = training.without_rows(data)  # the workers hold the rows now
-    oof, outcome = fits.results()
+    oof, outcome = fits.results(on_progress)
     cv = cross_validation(data, oof)
     held = holdout(data, oof.probabilities, cv["temperature"])
     baseline = evaluation.majority_baseline(data.y_track)
