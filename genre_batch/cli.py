@@ -198,20 +198,22 @@ def absolute(url: str) -> str:
 
 
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Print the plan (new, changed, to retry, re-extracted by extract --force, moved, removed, unchanged; whether the listing guard refuses; with run --labels, would it train) and stop: no lease taken, nothing written, no cluster started."),
+    bool, typer.Option("--dry-run", help="Print the plan (new, changed, to retry, re-extracted by extract --force, backfilled with a family they lack, moved, removed, unchanged; whether the listing guard refuses; with run --labels, would it train) and stop: no lease taken, nothing written, no cluster started."),
 ]
 
 
-def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels: str | None, retrain: str, fmt: str) -> None:
+def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels: str | None, retrain: str,
+               features: tuple[str, ...], backfill_cap: int, fmt: str) -> None:
     """Print what a run would do, without the lease and without writing (the retrain decision reads the features already
-    extracted); `force` re-extracts every file (extract --force), `allow_shrink` passes the listing guard (run --force)."""
+    extracted); `force` re-extracts every file (extract --force), `allow_shrink` passes the listing guard (run --force);
+    `features` and `backfill_cap` as the run takes them."""
     from dataclasses import asdict
 
     from genre_batch.stages.extract import dry_run
     from genre_batch.storage.store import Store
 
     s = Store.at(store)
-    plan = asdict(dry_run(absolute(library), s, force, allow_shrink))
+    plan = asdict(dry_run(absolute(library), s, force, allow_shrink, features, backfill_cap))
     if labels is not None and s.exists(s.inventory):
         from genre_batch.stages.retrain import retrain_decision
 
@@ -228,6 +230,9 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
         f"plan: {plan['discovered']} audio files in {plan['library']}: {plan['new']} new, {plan['changed']} changed, "
         f"{plan['retried']} to retry, {forced}{plan['moved']} moved, {plan['removed']} removed, {plan['unchanged']} unchanged",
     )
+    if plan["backfill"] or plan["backfill_left"]:
+        say(f"backfill: {plan['backfill']} files get the feature families they lack ({', '.join(features)}; at most "
+            f"{backfill_cap} per family), {plan['backfill_left']} left for later runs")
     if "would_train" in plan:
         say(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})")
     if plan["refused"]:
@@ -528,7 +533,7 @@ def extract(
     check_writer(library, store, fmt)
     names = feature_names(features)
     if dry_run:
-        print_plan(library, store, force, force, None, "auto", fmt)
+        print_plan(library, store, force, force, None, "auto", names, backfill_cap, fmt)
         return
     with prefect_api_starting():
         from flows.pipeline import extract_flow
@@ -827,7 +832,7 @@ def run(
     checks.retrain_policy(retrain)
     names = feature_names(features)
     if dry_run:
-        print_plan(library, store, False, force, labels_spec(labels), retrain, fmt)
+        print_plan(library, store, False, force, labels_spec(labels), retrain, names, backfill_cap, fmt)
         return
     with prefect_api_starting():
         from flows.pipeline import nightly

@@ -219,6 +219,14 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     assert tag(path, dask_scheduler).rows == 12
     librosa_before, windows_before = librosa_part_bytes(path), current_features(store)
 
+    # the dry run tells the backfill the first night with the family will do, and none without the family
+    planned = extract_stage.dry_run(str(library), store, features=("librosa", "musicnn"), backfill_cap=5)
+    assert (planned.new, planned.changed, planned.retried, planned.backfill, planned.backfill_left, planned.unchanged) == (0, 0, 0, 5, 7, 7)
+    alone = extract_stage.dry_run(str(library), store, features=("librosa",), backfill_cap=5)
+    assert (alone.backfill, alone.backfill_left, alone.unchanged) == (0, 0, 12)
+    forced = extract_stage.dry_run(str(library), store, force=True, features=("librosa", "musicnn"), backfill_cap=5)
+    assert (forced.forced, forced.backfill, forced.backfill_left, forced.unchanged) == (12, 0, 0, 0)
+
     # first night with the family: 5 files backfilled, musicnn only; librosa parts untouched; the catalog keeps 12 tracks
     first = extract(library, path, dask_scheduler, ("librosa", "musicnn"), cap=5)
     assert (first.extracted, first.backfilled, first.backfill_left, first.unchanged) == (5, 5, 7, 7)
@@ -240,6 +248,8 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
 
     # a new file gets every family; the next night finishes the backfill, still without touching librosa parts
     make_library(library, 1, seed=5, styles=("ambient",))
+    planned = extract_stage.dry_run(str(library), store, features=("librosa", "musicnn"))
+    assert (planned.new, planned.backfill, planned.backfill_left, planned.unchanged) == (1, 7, 0, 5)
     second = extract(library, path, dask_scheduler, ("librosa", "musicnn"))
     assert (second.extracted, second.backfilled, second.backfill_left) == (8, 7, 0)
     assert set(librosa_before.items()) < set(librosa_part_bytes(path).items())

@@ -19,7 +19,6 @@ from genre_batch.storage.feature_store import (
     MUSICNN,
     Family,
     needs_rows,
-    plan,
     plan_run,
     read_index,
     read_inventory,
@@ -135,6 +134,10 @@ class DryRun:
     retried: int
     forced: int
     """Files re-extracted only because of `force` (moved or unchanged without it)."""
+    backfill: int
+    """Files extracted only for feature families they lack (at most the backfill cap per family)."""
+    backfill_left: int
+    """Files that would still lack a family after the run (over the cap)."""
     moved: int
     removed: int
     unchanged: int
@@ -142,24 +145,29 @@ class DryRun:
     """Why the listing guard would refuse the run (None: it would go on)."""
 
 
-def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False) -> DryRun:
-    """The plan of an extraction: new, changed, retried (failed before), forced, moved, removed and unchanged files
-    (`force` and `allow_shrink` as extract takes them)."""
+def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False,
+            features: tuple[str, ...] = DEFAULT_FEATURES, backfill_cap: int = BACKFILL_CAP) -> DryRun:
+    """The plan of an extraction of some feature families: new, changed, retried (failed before), forced, backfilled,
+    moved, removed and unchanged files (`force`, `allow_shrink`, `features` and `backfill_cap` as extract takes them)."""
     inventory = discover(library)
     previous = read_inventory(store)
-    todo = plan(inventory, read_index(store, CHOICE_COLUMNS))
-    known = int(pc.sum(pc.is_in(todo.todo["uri"], value_set=previous["uri"])).as_py() or 0)
-    same = todo.todo.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
+    index = read_index(store, CHOICE_COLUMNS)
+    run = plan_run(inventory, index, families_of(features), False, backfill_cap)
+    needed = run.todo.filter(pc.starts_with(run.todo["families"], LIBROSA.name))  # new, changed, retried: every family
+    known = int(pc.sum(pc.is_in(needed["uri"], value_set=previous["uri"])).as_py() or 0)
+    same = needed.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     try:
         check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
         refused = None
     except PublishRefused as e:
         refused = str(e)
-    moved, unchanged = todo.moved.num_rows, todo.unchanged  # what `force` re-extracts too
+    moved = len(set(run.moved["uri"].to_pylist()))
+    rest = inventory.num_rows - needed.num_rows  # what `force` re-extracts too
     return DryRun(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        new=todo.todo.num_rows - known, changed=known - same, retried=same, forced=moved + unchanged if force else 0,
-        moved=0 if force else moved, removed=removed_count(previous, inventory), unchanged=0 if force else unchanged,
+        new=needed.num_rows - known, changed=known - same, retried=same, forced=rest if force else 0,
+        backfill=0 if force else run.backfill, backfill_left=0 if force else run.backfill_left,
+        moved=0 if force else moved, removed=removed_count(previous, inventory), unchanged=0 if force else run.unchanged,
         refused=refused,
     )
 
