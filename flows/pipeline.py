@@ -86,9 +86,9 @@ def train_task(store: Store, labels: str, run_id: str, cluster: Session, min_acc
 
     logger = get_run_logger()
 
-    def on_progress(done: int, total: int, note: str) -> None:
-        logger.info("training: %d/%d fits done; %s", done, total, note)
-        progress.report(progress.Report("train", done, total, note=note))
+    def on_progress(news: progress.Report) -> None:
+        logger.info("training: %s %d/%d; %s", news.stage, news.done, news.total, news.note)
+        progress.report(news)
 
     summary = runs.as_record(train.train(store, labels, run_id, cluster, min_accuracy, abstain_below, group_by, all_tracks, families, classifier, on_progress))
     logger.info("training: %s", summary)

@@ -361,10 +361,12 @@ def progress_bar() -> Progress:
 
 
 def progress_text(news: Report) -> tuple[str, str]:
-    """A stage's bar label and the words after its count: extraction's files and errors, training's fits and what the
-    latest step was."""
+    """A stage's bar label and the words after its count: extraction's files and errors, the training sample's batches
+    read, training's fits and what the latest step was."""
     if news.stage == "extract":
         return "extracting", f"files, {news.errors} errors"
+    if news.stage == "read":
+        return "reading sample", f"batches; {news.note}"
     return "fitting", f"fits; {news.note}"
 
 
@@ -763,11 +765,8 @@ def evaluate(
     from genre_batch.stages import train as stage
     from genre_batch.storage.store import Store
 
-    def on_progress(done: int, total: int, note: str) -> None:
-        progress.report(progress.Report("train", done, total, note=note))
-
     with session(scheduler) as cluster:
-        report = with_progress(lambda: stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier, on_progress))
+        report = with_progress(lambda: stage.evaluate(Store.at(store), labels_spec(labels), cluster, group_by, families, classifier, progress.report))
     if fmt == "json":
         print_json(report)
         return

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Report:
-    """How far a stage (`extract`, `train`) has come: `done` of `total` (files, fits), errors so far, what is in work."""
+    """How far a stage (`extract`, the training sample's `read`, `fit`) has come: `done` of `total` (files, batches,
+    fits), errors so far, what is in work."""
 
     stage: str
     done: int

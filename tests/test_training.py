@@ -127,7 +127,7 @@ def test_fits_on_the_workers_equal_fits_in_this_process(
         assert sent() is None  # nothing of the client's scatter holds on to it
         keys = {f.key for f in [fits.rows, *fits.folds, fits.final]}
         heard: list[tuple[int, int, str]] = []
-        oof, packed = fits.results(lambda done, total, note: heard.append((done, total, note)))
+        oof, packed = fits.results(lambda news: heard.append((news.done, news.total, news.note)) if news.stage == "fit" else None)
         again = training_set(*windows_table(artists=40, informative=100), "artist")
         evaluated, nothing = train_stage.submit_fits(cluster, again, kind).results()  # evaluate's: folds only
         held = lambda: keys & {key for key, workers in cluster.client.who_has().items() if workers}  # noqa: E731
@@ -276,7 +276,8 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
     monkeypatch.setattr(train_stage, "READ_BATCH_WINDOWS", 6)  # two tracks per task: parts split over several tasks
     with session(dask_scheduler) as cluster:
         data, labelled, cap = train_stage.training_data(store, str(labels), cluster, grouping="track")
-        again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track")
+        heard: list = []
+        again, _, _ = train_stage.training_data(store, str(labels), cluster, grouping="track", on_progress=heard.append)
         on_worker = train_stage.on_worker(cluster, train_stage.labelled_sample, store, str(labels), "artist", True, ["librosa"])
         one_genre = tmp_path / "one-genre.csv"
         one_genre.write_text("file,genre\n" + "".join(f"{f['uri']},a\n" for f in library))
@@ -293,6 +294,9 @@ def test_the_workers_read_the_sample_into_one_matrix_in_a_fixed_order(tmp_path: 
         mine = windows.filter(pc.equal(windows["uri"], uri))
         assert np.array_equal(data.X[data.track == t], training.matrix(mine)) and data.y_track[t] == "abc".index(genres[t])
     assert np.array_equal(data.X, again.X) and np.array_equal(data.track, again.track) and data.fingerprint == again.fingerprint
+    batches = len(heard) - 1  # progress: the start, then each batch as it arrives, counting up to all of them
+    assert batches >= 2 and [(r.stage, r.done, r.total) for r in heard] == [("read", k, batches) for k in range(batches + 1)]
+    assert {r.note for r in heard} == {"36 windows of 12 sampled tracks"}
 
 
 def test_fits_on_row_numbers_equal_fits_on_copied_rows() -> None:

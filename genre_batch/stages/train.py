@@ -26,6 +26,7 @@ from genre_batch.analysis.features import FEATURE_VERSION
 from genre_batch.cluster import Session, tell, trim_memory
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class
+from genre_batch.progress import Listener, Report
 from genre_batch.stages.retrain import Labelled, labelled, labelled_keys
 from genre_batch.storage.feature_store import KEYS, LIBROSA, batches, current_positions, lacking, read_inventory
 from genre_batch.storage.store import Store
@@ -39,12 +40,10 @@ STEP_EVERY_S = 30.0
 
 T = TypeVar("T")
 
-FitProgress = Callable[[int, int, str], None]
-"""Told how a training's fits go: fits done, fits in all, what is happening ("fold 2/5: round 120, ...")."""
 
 
-def no_fit_progress(done: int, total: int, note: str) -> None:
-    """A fit progress callback that ignores progress."""
+def unheard(news: Report) -> None:
+    """A progress listener that ignores progress."""
 
 
 @dataclass
@@ -99,11 +98,12 @@ def choices(store: Store, families: list[str] | None, classifier: str | None, se
     return families, classifier
 
 
-def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str],
+                on_progress: Listener = unheard) -> tuple[np.ndarray, np.ndarray]:
     """The feature matrix of sampled tracks (sorted by URI; the families' columns joined per track) and the position in
     `sample` of each row's track. The workers read the parts and send float32 matrices of READ_BATCH_WINDOWS rows;
     this process fills one preallocated matrix as they arrive (each batch has its place: the order is deterministic)
-    and never holds a feature table."""
+    and never holds a feature table. `on_progress` hears each batch arrive (stage `read`)."""
     from distributed import as_completed
 
     located = sample.append_column("_track", pa.array(np.arange(sample.num_rows)))
@@ -115,10 +115,13 @@ def read_sample(store: Store, sample: pa.Table, session: Session, families: list
         return X, track
     client = session.client
     futures = {client.submit(read_batch, store, batch, families, pure=False): i for i, batch in enumerate(groups)}
-    for future, (rows, owners) in as_completed(list(futures), with_results=True):
+    note = f"{len(X)} windows of {sample.num_rows} sampled tracks"
+    on_progress(Report("read", 0, len(groups), note=note))
+    for done, (future, (rows, owners)) in enumerate(as_completed(list(futures), with_results=True), 1):
         end = int(ends[futures.pop(future)])
         X[end - len(rows) : end], track[end - len(rows) : end] = rows, owners
         future.release()
+        on_progress(Report("read", done, len(groups), note=note))
     return X, track
 
 
@@ -153,14 +156,14 @@ def labelled_sample(store: Store, spec: str, grouping: str, capped: bool, famili
 
 
 def training_data(store: Store, spec: str, session: Session, grouping: str = "auto", capped: bool = True,
-                  families: list[str] | None = None) -> tuple[training.TrainingSet, Labelled, training.Cap | None]:
+                  families: list[str] | None = None, on_progress: Listener = unheard) -> tuple[training.TrainingSet, Labelled, training.Cap | None]:
     """The training set of the store for a label spec and feature families (default librosa): the labelled tracks
     that have every family, a deterministic sample capped per genre (unless not `capped`), with the cap. A worker
     chooses the sample (`labelled_sample`: the index of every current track never enters this process, which holds the
     sample's index rows and the labelled set's keys), then the workers read its features (`read_sample`)."""
     families = training.ordered_families(families or list(training.FALLBACK_FAMILIES))
     sample, data, grouping, cap = on_worker(session, labelled_sample, store, spec, grouping, capped, families)
-    X, track = read_sample(store, sample, session, families)
+    X, track = read_sample(store, sample, session, families, on_progress)
     columns = training.columns_of(families)
     return training.training_set(X, track, sample, data.genres, grouping, data.fingerprint, data.dropped, columns), data, cap
 
@@ -238,21 +241,22 @@ class WorkerFits(Generic[T]):
     names: dict[str, str]
     """Each fit's name ("fold 2/5", "final fit") by its future's key."""
 
-    def results(self, on_progress: FitProgress = no_fit_progress) -> tuple[training.OutOfFold, T | None]:
+    def results(self, on_progress: Listener = unheard) -> tuple[training.OutOfFold, T | None]:
         """The folds' out-of-fold probabilities and the final task's result (None without one), gathered as they finish
-        (`on_progress` hears each fit finish, and the steps the fits send); then the workers drop the rows and give the
-        memory back."""
+        (`on_progress` hears each fit finish and the steps the fits send, stage `fit`); then the workers drop the rows
+        and give the memory back."""
         from distributed import as_completed
 
         fits = [*self.folds, *([self.final] if self.final is not None else [])]
         finished: list[str] = []
-        self.client.subscribe_topic(self.topic, lambda event: on_progress(len(finished), len(fits), f"{event[1]['fit']}: {event[1]['step']}"))
+        told = lambda note: on_progress(Report("fit", len(finished), len(fits), note=note))  # noqa: E731
+        self.client.subscribe_topic(self.topic, lambda event: told(f"{event[1]['fit']}: {event[1]['step']}"))
         try:
-            on_progress(0, len(fits), f"{len(fits)} fits started on the workers")
+            told(f"{len(fits)} fits started on the workers")
             for future in as_completed(fits):
                 future.result()  # a fit's error stops the training here
                 finished.append(self.names[future.key])
-                on_progress(len(finished), len(fits), f"{finished[-1]} done")
+                told(f"{finished[-1]} done")
         finally:
             self.client.unsubscribe_topic(self.topic)
         done = self.client.gather(self.folds)
@@ -311,11 +315,12 @@ def holdout(data: training.TrainingSet, oof: np.ndarray, temperature: float) -> 
 
 
 def evaluate(store: Store, spec: str, session: Session, grouping: str = "auto", families: list[str] | None = None,
-             classifier: str | None = None, on_progress: FitProgress = no_fit_progress) -> dict:
+             classifier: str | None = None, on_progress: Listener = unheard) -> dict:
     """Grouped cross-validation report of the store's labelled tracks for feature families and a classifier (default:
-    the current model's, else the defaults), written to evaluations/ with its picture (`on_progress` hears the fits)."""
+    the current model's, else the defaults), written to evaluations/ with its picture (`on_progress` hears the sample's
+    reading and the fits)."""
     families, classifier = choices(store, families, classifier, session)
-    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
+    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families, on_progress=on_progress)
     fits = submit_fits(session, data, classifier)
     data = training.without_rows(data)  # the workers hold the rows now
     oof, _ = fits.results(on_progress)
@@ -360,15 +365,15 @@ def gate(store: Store, cv_accuracy: float, baseline: float, min_accuracy: float,
 
 def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: float = 0.0, abstain_below: float = 0.0,
           grouping: str = "auto", all_tracks: bool = False, families: list[str] | None = None, classifier: str | None = None,
-          on_progress: FitProgress = no_fit_progress) -> TrainSummary:
+          on_progress: Listener = unheard) -> TrainSummary:
     """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, XGBoost on every
     labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
     if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`);
-    `on_progress` hears the fits on the workers."""
+    `on_progress` hears the sample's reading and the fits on the workers."""
     families, classifier = choices(store, families, classifier, session)
     if all_tracks and classifier != XGBoostModel.kind:
         raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
-    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families)
+    data, labelled_set, cap = training_data(store, spec, session, grouping, families=families, on_progress=on_progress)
     matrix_bytes = int(data.X.nbytes)
     final = (sample_rounds, "rounds for --all-tracks") if all_tracks else (partial(training.final_fit, kind=classifier), "final fit")
     fits = submit_fits(session, data, classifier, *final)
