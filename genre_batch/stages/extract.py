@@ -105,7 +105,7 @@ def extract(
         todo = plan_run(inventory, read_index(store), families, force, backfill_cap)
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        unchanged=todo.unchanged, moved=len(set(todo.moved["uri"].to_pylist())), repaired_parts=len(repaired),
+        unchanged=todo.unchanged, moved=todo.moved_files, repaired_parts=len(repaired),
         backfilled=todo.backfill, backfill_left=todo.backfill_left,
     )
     if todo.moved.num_rows:
@@ -161,13 +161,12 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
         refused = None
     except PublishRefused as e:
         refused = str(e)
-    moved = len(set(run.moved["uri"].to_pylist()))
     rest = inventory.num_rows - needed.num_rows  # what `force` re-extracts too
     return DryRun(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
         new=needed.num_rows - known, changed=known - same, retried=same, forced=rest if force else 0,
         backfill=0 if force else run.backfill, backfill_left=0 if force else run.backfill_left,
-        moved=0 if force else moved, removed=removed_count(previous, inventory), unchanged=0 if force else run.unchanged,
+        moved=0 if force else run.moved_files, removed=removed_count(previous, inventory), unchanged=0 if force else run.unchanged,
         refused=refused,
     )
 

@@ -248,19 +248,18 @@ class WorkerFits(Generic[T]):
         from distributed import as_completed
 
         fits = [*self.folds, *([self.final] if self.final is not None else [])]
-        finished: list[str] = []
+        finished: dict[str, object] = {}  # each fit's result by its future's key, in the order they finished
         told = lambda note: on_progress(Report("fit", len(finished), len(fits), note=note))  # noqa: E731
         self.client.subscribe_topic(self.topic, lambda event: told(f"{event[1]['fit']}: {event[1]['step']}"))
         try:
             told(f"{len(fits)} fits started on the workers")
-            for future in as_completed(fits):
-                future.result()  # a fit's error stops the training here
-                finished.append(self.names[future.key])
-                told(f"{finished[-1]} done")
+            for future, result in as_completed(fits, with_results=True):  # a fit's error stops the training here
+                finished[future.key] = result
+                told(f"{self.names[future.key]} done")
         finally:
             self.client.unsubscribe_topic(self.topic)
-        done = self.client.gather(self.folds)
-        outcome = self.final.result() if self.final is not None else None
+        done = [finished[f.key] for f in self.folds]
+        outcome = finished[self.final.key] if self.final is not None else None
         for future in [*fits, self.rows]:
             future.release()
         self.client.run(trim_memory)

@@ -590,6 +590,11 @@ class RunPlan:
     backfill_left: int
     """Files still lacking a family after this run (over the cap)."""
 
+    @property
+    def moved_files(self) -> int:
+        """How many files moved (`moved` has a row per family of each)."""
+        return pc.count_distinct(self.moved["uri"]).as_py() if self.moved.num_rows else 0
+
 
 def plan_run(inventory: pa.Table, index: pa.Table, families: list[Family], force: bool = False, backfill_cap: int = BACKFILL_CAP) -> RunPlan:
     """Plan per family: a file needs a family when it has no current row of that family's version. Files librosa
