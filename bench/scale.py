@@ -429,8 +429,17 @@ def disk_check(work: Path, n: int, built: bool) -> str | None:
     return None
 
 
-def store_checks(work: Path, n: int, train: str | None, processes: int, save: Callable[[dict], None]) -> dict:
-    """Build (or reuse) a store of n tracks and measure tag, the catalog query, plan, nightly, compaction and training
+def families_arg(text: str) -> tuple[str, ...]:
+    """--families: comma-separated families, librosa first and always."""
+    families = tuple(f.strip() for f in text.split(",") if f.strip())
+    if families not in (("librosa",), synthetic_store.FAMILIES):
+        raise argparse.ArgumentTypeError(f"choose librosa or {','.join(synthetic_store.FAMILIES)}, not {text!r}")
+    return families
+
+
+def store_checks(work: Path, n: int, train: str | None, processes: int, save: Callable[[dict], None],
+                 families: tuple[str, ...] = synthetic_store.FAMILIES) -> dict:
+    """Build (or reuse) a store of n tracks with the feature `families` and measure tag, the catalog query, plan, nightly, compaction and training
     (`train`: "cli" for `genre-batch train`, "sample" for its capped sample read without the fit, "both", or None) on a
     copy; `save` gets the numbers so far after every step."""
     root = work / f"scale-{n}"
@@ -438,7 +447,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
     reason = disk_check(work, n, (base / synthetic_store.MARK).exists())
     if reason:
         return {"tracks": n, "skipped": reason}
-    result: dict = {"tracks": n, "build": {**synthetic_store.build(base, n, processes=processes), "load_1m": load()}}
+    result: dict = {"tracks": n, "families": list(families), "build": {**synthetic_store.build(base, n, processes=processes, families=families), "load_1m": load()}}
     save(result)
     run_dir = root / "run"
     synthetic_store.linked_copy(base, run_dir)
@@ -468,7 +477,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
     result["plan"] = probe("plan", url, env)
     save(result)
     started, before = time.perf_counter(), load()
-    changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes)
+    changed = synthetic_store.simulate_changes(Store.at(url), n, CHANGED_SHARE, processes=processes, families=families)
     result["changes"] = {"tracks": changed, "write_s": round(time.perf_counter() - started, 1), "load_1m": [before, load()]}
     save(result)
     if "catalog_bytes" in result:
@@ -844,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
                              "train = the whole genre-batch train on built stores only; none: print the saved report)")
     parser.add_argument("--quick", action="store_true", help="a quick look: 20,000 tracks, 10,000 objects, short learning curves")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="real music for the learning curve (its emotify/ task)")
+    parser.add_argument("--families", type=families_arg, default=synthetic_store.FAMILIES,
+                        help="stores: the feature families of the built stores (default librosa,musicnn, as extraction's default; librosa: the layout before #14)")
     parser.add_argument("--processes", type=int, default=2, help="store builder processes (default 2: never with the cluster running)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"folder for stores, S3 data, caches (default {DEFAULT_WORK}); reused between runs")
     parser.add_argument("--tiny-files", type=int, default=TINY_FILES, help=f"issue5: files of the no-op library (default {TINY_FILES})")
@@ -853,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-classifier", choices=sorted(KINDS), default=default_kind(["librosa"]),
                         help="curve: the classifier fitted at each point (default: %(default)s, what train picks for librosa features alone)")
     parser.add_argument("--train-classifier", choices=sorted(KINDS),
-                        help="train: the classifier of the whole genre-batch train (default: what train picks, xgboost for this librosa-only store)")
+                        help="train: the classifier of the whole genre-batch train (default: what train picks: linear for a store with musicnn on every track, xgboost for a librosa-only one)")
     parser.add_argument("--copies", type=Path, help="train: folder for the hard-linked store copies and their Prefect home (default: the work folder)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"), help="JSON report (default bench/results/scale.json)")
     args = parser.parse_args(argv)
@@ -880,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
         for n in sizes:
-            save_size(store_checks(work, n, args.train if n in train_sizes else None, args.processes, save_size))
+            save_size(store_checks(work, n, args.train if n in train_sizes else None, args.processes, save_size, args.families))
     if report.get("stores"):
         report["projection"] = projection(report["stores"], work)
     if "listing" in args.checks:

@@ -4,7 +4,8 @@ Track i of a store is a pure function of (seed, i): its genre, artist, album, si
 windows, so that worker processes write parts of ~250 tracks in parallel and the parent writes the matching inventory
 without ever holding window rows. Values are distinct in every row and float32: per feature a location and scale, plus
 a per-genre mean on a tenth of the features, a per-track offset and per-window noise (Parquet cannot dictionary-encode
-them, as it would cloned rows).
+them, as it would cloned rows). With the musicnn family (the default, as extraction's), each shard also has its musicnn
+part: one row per track, 200 embedding values (a per-genre mean plus a per-track offset) and 50 tag scores in 0..1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.library.discovery import INVENTORY_SCHEMA, fingerprint, track_id
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import PARAMS, XGBoostModel
-from genre_batch.storage.feature_store import LIBROSA, feature_table, index_table, write_inventory, write_shard
+from genre_batch.storage.feature_store import (
+    EMBEDDING_COLUMNS,
+    LIBROSA,
+    MUSICNN,
+    TAG_COLUMNS,
+    feature_table,
+    index_table,
+    musicnn_table,
+    write_inventory,
+    write_parts,
+)
 from genre_batch.storage.store import Store
 
 GENRES: tuple[str, ...] = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
@@ -45,9 +56,14 @@ CHANGE_RUN = "20250102T000000Z-synthchg"
 BASE_MTIME = 1_700_000_000.0
 MODEL_SAMPLE_PER_GENRE = 60
 MODEL_ROUNDS = 30
-LAYOUT_VERSION = 1
-"""Bumped whenever the generator changes: a cached store of another layout is rebuilt."""
+LAYOUT_VERSION = 2
+"""Bumped whenever the generator changes: a cached store of another layout is rebuilt (2: the musicnn family)."""
 N = len(FEATURE_NAMES)
+FAMILIES: tuple[str, ...] = (LIBROSA.name, MUSICNN.name)
+"""The families a store is built with by default: extraction's default."""
+EMBEDDING_SIGNAL = 0.5
+"""Genre effect on every embedding value, in units of the per-track offset's scale."""
+MUSICNN_PATCHES = 3
 
 
 def feature_scales(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,6 +117,15 @@ def window_values(i: np.ndarray, seed: int, changed: bool) -> np.ndarray:
     return (location + scale * values).astype(np.float32)
 
 
+def musicnn_values(i: np.ndarray, seed: int, changed: bool) -> np.ndarray:
+    """musicnn values of tracks (tracks x 250, float32): embedding (genre mean + track offset), then tag scores."""
+    means = np.random.default_rng([seed, 3]).normal(0, EMBEDDING_SIGNAL, (len(GENRES), len(EMBEDDING_COLUMNS) + len(TAG_COLUMNS)))
+    rng = np.random.default_rng([seed, 4 + int(changed), int(i[0]), len(i)])
+    values = means[genre_of(i, seed)] + rng.standard_normal((len(i), means.shape[1]))
+    values[:, len(EMBEDDING_COLUMNS):] = 1 / (1 + np.exp(2 - values[:, len(EMBEDDING_COLUMNS):]))  # scores in 0..1, mostly low
+    return values.astype(np.float32)
+
+
 def track_rows(i: np.ndarray, seed: int, run_id: str, changed: bool) -> list[dict]:
     """Per-track provenance of tracks (listing facts, duration, tags, extraction), as extraction records it."""
     listing = listing_rows(i, np.full(len(i), changed))
@@ -119,31 +144,41 @@ def track_rows(i: np.ndarray, seed: int, run_id: str, changed: bool) -> list[dic
     ]
 
 
-def index_rows(tracks: list[dict], name: str) -> pa.Table:
-    """The index rows of a shard's tracks whose windows are WINDOWS consecutive rows each of part `name`."""
-    return index_table([{**t, "family": LIBROSA.name, "part": name, "row_start": WINDOWS * k, "row_count": WINDOWS} for k, t in enumerate(tracks)])
+def index_rows(tracks: list[dict], name: str, families: tuple[str, ...] = (LIBROSA.name,)) -> pa.Table:
+    """The index rows of a shard's tracks in part `name`: WINDOWS consecutive window rows each, and with musicnn in
+    `families` one musicnn row each."""
+    rows = [{**t, "family": LIBROSA.name, "part": name, "row_start": WINDOWS * k, "row_count": WINDOWS} for k, t in enumerate(tracks)]
+    if MUSICNN.name in families:
+        rows += [{**t, "family": MUSICNN.name, "feature_version": MUSICNN.version, "part": name, "row_start": k, "row_count": 1}
+                 for k, t in enumerate(tracks)]
+    return index_table(rows)
 
 
-def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool) -> tuple[pa.Table, pa.Table]:
-    """The part (window rows) and index rows of one shard of tracks, as extraction builds them."""
+def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool, families: tuple[str, ...] = (LIBROSA.name,)) -> tuple[dict, pa.Table]:
+    """The parts (by family) and index rows of one shard of tracks, as extraction builds them."""
     tracks = track_rows(i, seed, run_id, changed)
     rows = [{**t, "window": w, "window_offset_s": t["offset_s"] + 10.0 * w} for t in tracks for w in range(WINDOWS)]
-    return feature_table(rows, [window_values(i, seed, changed)]), index_rows(tracks, name)
+    parts = {LIBROSA: feature_table(rows, [window_values(i, seed, changed)])}
+    if MUSICNN.name in families:
+        stamp = {"feature_version": MUSICNN.version}
+        parts[MUSICNN] = musicnn_table([{**t, **stamp} for t in tracks], [musicnn_values(i, seed, changed)], [MUSICNN_PATCHES] * len(i))
+    return parts, index_rows(tracks, name, families)
 
 
-def write_part(job: tuple[str, list[int], int, str, int, bool]) -> int:
-    """Write one shard's part and index file (runs in a builder process); returns the part's bytes on disk."""
-    url, tracks, seed, run_id, shard, changed = job
+def write_part(job: tuple[str, list[int], int, str, int, bool, tuple[str, ...]]) -> int:
+    """Write one shard's parts and index file (runs in a builder process); returns the librosa part's bytes on disk."""
+    url, tracks, seed, run_id, shard, changed, families = job
     store, name = Store(url), f"{run_id}-{shard:05d}.parquet"
-    windows, index = shard_tables(np.array(tracks, np.int64), seed, run_id, name, changed)
-    write_shard(store, name, windows, index)
+    parts, index = shard_tables(np.array(tracks, np.int64), seed, run_id, name, changed, families)
+    write_parts(store, name, parts, index)
     return Path(f"{store.feature_parts}/{name}").stat().st_size
 
 
-def write_parts(store: Store, shards: dict[int, list[int]], seed: int, run_id: str, changed: bool, processes: int) -> int:
-    """Write shards of tracks (by shard number) in `processes` builder processes (one part in memory each); returns
-    bytes written."""
-    jobs = [(store.url, s, seed, run_id, n, changed) for n, s in shards.items()]
+def write_shards(store: Store, shards: dict[int, list[int]], seed: int, run_id: str, changed: bool, processes: int,
+                 families: tuple[str, ...] = FAMILIES) -> int:
+    """Write shards of tracks (by shard number) in `processes` builder processes (one shard in memory each); returns
+    the librosa parts' bytes."""
+    jobs = [(store.url, s, seed, run_id, n, changed, families) for n, s in shards.items()]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         return sum(pool.map(write_part, jobs, chunksize=4))
 
@@ -200,9 +235,9 @@ def register_model(store: Store, n: int, seed: int) -> str:
     return version
 
 
-def build_params(n: int, seed: int) -> dict:
+def build_params(n: int, seed: int, families: tuple[str, ...] = FAMILIES) -> dict:
     """What a cached store was built from."""
-    return {"tracks": n, "seed": seed, "windows": WINDOWS, "shard_tracks": SHARD_TRACKS, "layout": LAYOUT_VERSION}
+    return {"tracks": n, "seed": seed, "windows": WINDOWS, "shard_tracks": SHARD_TRACKS, "layout": LAYOUT_VERSION, "families": list(families)}
 
 
 MARK = "built.json"
@@ -210,22 +245,23 @@ PENDING = "building.json"
 """Written when a build starts: a build killed midway resumes with the shards it had not written."""
 
 
-def build(base: Path, n: int, seed: int = 0, processes: int = 2) -> dict:
-    """Build (or reuse) the store of n tracks at `base/store`: parts, index files, inventory, current model."""
-    marker, pending = base / MARK, base / PENDING
-    if marker.exists() and json.loads(marker.read_text()).get("params") == build_params(n, seed):
+def build(base: Path, n: int, seed: int = 0, processes: int = 2, families: tuple[str, ...] = FAMILIES) -> dict:
+    """Build (or reuse) the store of n tracks at `base/store` with `families`: parts, index files, inventory, current
+    model (XGBoost on librosa, as a store extracted before the musicnn default has)."""
+    marker, pending, params = base / MARK, base / PENDING, build_params(n, seed, families)
+    if marker.exists() and json.loads(marker.read_text()).get("params") == params:
         return {**json.loads(marker.read_text()), "cached": True}
-    if not (pending.exists() and json.loads(pending.read_text()) == build_params(n, seed)):  # else resume a killed build
+    if not (pending.exists() and json.loads(pending.read_text()) == params):  # else resume a killed build
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
-        pending.write_text(json.dumps(build_params(n, seed)))
+        pending.write_text(json.dumps(params))
     store = Store.at(str(base / "store"))
     started = datetime.now(timezone.utc)
-    write_parts(store, unwritten(store, chunks(np.arange(n)), BUILD_RUN), seed, BUILD_RUN, False, processes)
-    part_bytes = disk_usage(Path(store.feature_parts))
+    write_shards(store, unwritten(store, chunks(np.arange(n)), BUILD_RUN), seed, BUILD_RUN, False, processes, families)
+    part_bytes = disk_usage(Path(store.feature_parts)) + (disk_usage(Path(f"{store.features}/{MUSICNN.folder}")) if MUSICNN.name in families else 0)
     write_inventory(store, inventory(n))
     version = register_model(store, n, seed)
-    info = {"params": build_params(n, seed), "parts": -(-n // SHARD_TRACKS), "part_bytes": part_bytes,
+    info = {"params": params, "parts": -(-n // SHARD_TRACKS), "part_bytes": part_bytes,
             "store_bytes": disk_usage(base / "store"), "index_bytes": disk_usage(Path(store.index)),
             "model": version, "build_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
     marker.write_text(json.dumps(info, indent=2))
@@ -245,7 +281,7 @@ def build_index_only(base: Path, n: int, seed: int = 0) -> dict:
     started = datetime.now(timezone.utc)
     for number, tracks in chunks(np.arange(n)).items():
         name = f"{BUILD_RUN}-{number:05d}.parquet"
-        store.write_table(f"{store.index}/{name}", index_rows(track_rows(np.array(tracks, np.int64), seed, BUILD_RUN, False), name))
+        store.write_table(f"{store.index}/{name}", index_rows(track_rows(np.array(tracks, np.int64), seed, BUILD_RUN, False), name, FAMILIES))
     write_inventory(store, inventory(n))
     info = {"params": params, "index_files": len(chunks(np.arange(n))), "index_bytes": disk_usage(Path(store.index)),
             "build_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
@@ -260,11 +296,11 @@ def changed_tracks(n: int, share: float) -> np.ndarray:
     return mask
 
 
-def simulate_changes(store: Store, n: int, share: float, seed: int = 0, processes: int = 2) -> int:
-    """Write what extraction of the changed files would write (new fingerprints and values, shards of
+def simulate_changes(store: Store, n: int, share: float, seed: int = 0, processes: int = 2, families: tuple[str, ...] = FAMILIES) -> int:
+    """Write what extraction of the changed files would write (new fingerprints and values of `families`, shards of
     SHARD_TRACKS) and the new library listing; returns how many tracks changed."""
     mask = changed_tracks(n, share)
-    write_parts(store, chunks(np.flatnonzero(mask)), seed, CHANGE_RUN, True, processes)
+    write_shards(store, chunks(np.flatnonzero(mask)), seed, CHANGE_RUN, True, processes, families)
     write_inventory(store, inventory(n, mask))
     return int(mask.sum())
 
