@@ -144,7 +144,7 @@ def track_rows(i: np.ndarray, seed: int, run_id: str, changed: bool) -> list[dic
     ]
 
 
-def index_rows(tracks: list[dict], name: str, families: tuple[str, ...] = (LIBROSA.name,)) -> pa.Table:
+def index_rows(tracks: list[dict], name: str, families: tuple[str, ...]) -> pa.Table:
     """The index rows of a shard's tracks in part `name`: WINDOWS consecutive window rows each, and with musicnn in
     `families` one musicnn row each."""
     rows = [{**t, "family": LIBROSA.name, "part": name, "row_start": WINDOWS * k, "row_count": WINDOWS} for k, t in enumerate(tracks)]
@@ -154,7 +154,7 @@ def index_rows(tracks: list[dict], name: str, families: tuple[str, ...] = (LIBRO
     return index_table(rows)
 
 
-def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool, families: tuple[str, ...] = (LIBROSA.name,)) -> tuple[dict, pa.Table]:
+def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool, families: tuple[str, ...]) -> tuple[dict, pa.Table]:
     """The parts (by family) and index rows of one shard of tracks, as extraction builds them."""
     tracks = track_rows(i, seed, run_id, changed)
     rows = [{**t, "window": w, "window_offset_s": t["offset_s"] + 10.0 * w} for t in tracks for w in range(WINDOWS)]
