@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -9,11 +10,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import dask
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, as_completed
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
 
 WORKER_WAIT_S = 60
+IN_FLIGHT_PER_WORKER = 2
+"""Tasks of one `Session.run` on the cluster at a time per worker: one running and one waiting keeps a worker busy,
+and the arguments waiting in the scheduler stay few (at 1M tracks, submitting every tag task at once held 554 MB of
+them in the flow process, past its 2 GB)."""
 
 WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 268435456, "MALLOC_MMAP_THRESHOLD_": 67108864}
 """Set by the nanny in each worker process, replacing Dask's MALLOC_TRIM_THRESHOLD_=65536: with that value glibc
@@ -191,11 +196,31 @@ class Session:
 
     def run(self, calls: list[tuple]) -> list:
         """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls.
-        Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""
+        At most IN_FLIGHT_PER_WORKER tasks per worker are on the cluster at a time, the next submitted as one ends: the
+        scheduler holds each task's arguments (index rows, Arrow tables) serialized until it ends, in this process on a
+        local cluster. A task's error is raised when it arrives. Then every worker trims its memory: a step's freed
+        tables do not stay in the next step's peak."""
         if not calls:
             return []
         client = self.client
-        results = client.gather([client.submit(*call, pure=False) for call in calls])
+        window = IN_FLIGHT_PER_WORKER * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+        results: list = [None] * len(calls)
+        place: dict[str, int] = {}
+        running = as_completed()
+
+        def submit(number: int) -> None:
+            """Put call `number` on the cluster."""
+            future = client.submit(*calls[number], pure=False)
+            place[future.key] = number
+            running.add(future)
+
+        for number in range(min(window, len(calls))):
+            submit(number)
+        following = iter(range(window, len(calls)))
+        for future in running:
+            results[place.pop(future.key)] = future.result()
+            for number in itertools.islice(following, 1):
+                submit(number)
         client.run(trim_memory)
         return results
 

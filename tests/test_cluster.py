@@ -67,3 +67,31 @@ def test_the_tag_stage_wants_workers_early_only_when_something_changed(tmp_path:
     assert workers_wanted(store, None, "m-1") and workers_wanted(store, published, "m-2")
     assert not workers_wanted(store, published, "m-1")
     assert workers_wanted(store, {**published, "published_at": (written - timedelta(seconds=1)).isoformat()}, "m-1")
+
+
+def tasks_held(prefix: str) -> int:
+    """How many tasks whose key starts with `prefix` the scheduler holds unfinished now, this one included (runs on a
+    worker, as a task)."""
+    from distributed import get_client
+
+    def unfinished(dask_scheduler) -> int:  # noqa: ANN001
+        return sum(str(ts.key).startswith(prefix) and ts.state not in ("memory", "erred", "forgotten") for ts in dask_scheduler.tasks.values())
+
+    return get_client().run_on_scheduler(unfinished)
+
+
+def test_a_run_keeps_a_few_tasks_per_worker_on_the_cluster_and_returns_results_in_order() -> None:
+    """Session.run submits IN_FLIGHT_PER_WORKER tasks per worker and the next as one ends (the scheduler holds every
+    submitted task's arguments): each task sees at most that many of the run's tasks unfinished; results come back in
+    call order, and a task's error reaches the caller."""
+    import pytest
+
+    from genre_batch.cluster import IN_FLIGHT_PER_WORKER, session
+
+    with session(n_workers=1) as s:
+        n = 3 * IN_FLIGHT_PER_WORKER + 6  # submitted all at once, the first tasks would see n unfinished
+        held = s.run([(tasks_held, "tasks_held")] * n)
+        assert len(held) == n and 1 <= max(held) <= IN_FLIGHT_PER_WORKER, held
+        assert s.run([(pow, n, 2) for n in range(9)]) == [n * n for n in range(9)]
+        with pytest.raises(ZeroDivisionError):
+            s.run([(pow, 2, 1), (divmod, 1, 0), (pow, 3, 1)])
