@@ -277,7 +277,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
             indexed = {name: index_rows(store, current, f, carried.todo, TRACK_COLUMNS) for name, f in FAMILIES.items()}
         todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
         todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
-        musicnn = indexed[MUSICNN.name]
+        musicnn = indexed[MUSICNN.name] = indexed[MUSICNN.name].select([*KEYS, *training.LOCATION])  # what tag tasks and the space read of it
     if space is None:
         with steps.step("vector space fit"):
             space = vectors.fitted(store, family, indexed[family.name], session.run)
