@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from bench import synthetic_store
 from genre_batch.storage import feature_store as fs
@@ -19,6 +20,8 @@ def test_a_synthetic_store_has_both_families_for_every_track_and_changes_rewrite
     assert set(current["musicnn"]["row_count"].to_pylist()) == {1}
     assert set(current["musicnn"]["feature_version"].to_pylist()) == {fs.MUSICNN.version}
 
+    with pytest.raises(ValueError, match="got index rows of 2 parts"):  # one part at a time, else it would take wrong rows
+        fs.read_windows(store, current["musicnn"], None, fs.MUSICNN)
     rows = pa.concat_tables([fs.read_windows(store, group, None, fs.MUSICNN) for group in fs.by_part(current["musicnn"])])
     assert rows.num_rows == 300 and sorted(rows["uri"].to_pylist()) == sorted(current["musicnn"]["uri"].to_pylist())
     tags = np.column_stack([rows[c].to_numpy() for c in fs.TAG_COLUMNS])

@@ -676,8 +676,11 @@ def window_indices(tracks: pa.Table) -> np.ndarray:
 
 
 def read_windows(store: Store, tracks: pa.Table, columns: list[str] | None = None, family: Family = LIBROSA) -> pa.Table:
-    """The window rows of the given index rows (all in one part), with `uri` and `track_id` as the index says
-    (a moved file's rows still carry its old URI)."""
+    """The window rows of the given index rows (all in one part: rows of several raise ValueError, group them with
+    `by_part`), with `uri` and `track_id` as the index says (a moved file's rows still carry its old URI)."""
+    parts = pc.count_distinct(tracks["part"]).as_py()
+    if parts > 1:
+        raise ValueError(f"read_windows reads the rows of one part, got index rows of {parts} parts: group them with by_part")
     part = tracks["part"][0].as_py()
     table = store.read_table(part_path(store, part, family), columns).take(pa.array(window_indices(tracks)))
     counts = tracks["row_count"].to_numpy().astype(np.int64)
