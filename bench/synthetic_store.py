@@ -165,22 +165,21 @@ def shard_tables(i: np.ndarray, seed: int, run_id: str, name: str, changed: bool
     return parts, index_rows(tracks, name, families)
 
 
-def write_part(job: tuple[str, list[int], int, str, int, bool, tuple[str, ...]]) -> int:
-    """Write one shard's parts and index file (runs in a builder process); returns the librosa part's bytes on disk."""
+def write_part(job: tuple[str, list[int], int, str, int, bool, tuple[str, ...]]) -> None:
+    """Write one shard's parts and index file (runs in a builder process)."""
     url, tracks, seed, run_id, shard, changed, families = job
     store, name = Store(url), f"{run_id}-{shard:05d}.parquet"
     parts, index = shard_tables(np.array(tracks, np.int64), seed, run_id, name, changed, families)
     write_parts(store, name, parts, index)
-    return Path(f"{store.feature_parts}/{name}").stat().st_size
 
 
 def write_shards(store: Store, shards: dict[int, list[int]], seed: int, run_id: str, changed: bool, processes: int,
-                 families: tuple[str, ...] = FAMILIES) -> int:
-    """Write shards of tracks (by shard number) in `processes` builder processes (one shard in memory each); returns
-    the librosa parts' bytes."""
+                 families: tuple[str, ...] = FAMILIES) -> None:
+    """Write shards of tracks (by shard number) in `processes` builder processes (one shard in memory each); `build`
+    measures the bytes on disk."""
     jobs = [(store.url, s, seed, run_id, n, changed, families) for n, s in shards.items()]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sum(pool.map(write_part, jobs, chunksize=4))
+        list(pool.map(write_part, jobs, chunksize=4))  # raises a builder's error
 
 
 def chunks(tracks: np.ndarray, size: int = SHARD_TRACKS) -> dict[int, list[int]]:
