@@ -169,7 +169,8 @@ def test_worker_killed_mid_extraction_every_file_once(
     with server(cmd, cli_env, log, tmp_path) as run:
         wait_until(lambda: part_files(store), 180, "the first shard part", [(run, log)])
         victim = worker_of(nanny)
-        assigned = tasks_on(dask_cluster, victim.pid)
+        # Between a shard's end and the next assignment the worker holds no task: wait until it holds one.
+        assigned = wait_until(lambda: tasks_on(dask_cluster, victim.pid), 60, "a shard on the victim", [(run, log)])
         victim.kill()
         parts_at_kill = len(part_files(store))
         code = run.wait(240)
