@@ -6,7 +6,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import dask
@@ -16,7 +16,7 @@ from genre_batch import GenreBatchError, default_numba_cache_dir
 
 WORKER_WAIT_S = 60
 IN_FLIGHT_PER_WORKER = 2
-"""Tasks of one `Session.run` on the cluster at a time per worker: one running and one waiting keeps a worker busy,
+"""Tasks of one `Session.completed` (and `run`) on the cluster at a time per worker: one running and one waiting keeps a worker busy,
 and the arguments waiting in the scheduler stay few (a full tag at 1M sends ~7 MB of index rows with each of its 50
 tasks; 50 tasks carrying 106 MB of tables, submitted at once, added 107 MB to the flow process, 11 MB with the window)."""
 
@@ -194,36 +194,40 @@ class Session:
             self._warm = True
         return client
 
-    def run(self, calls: list[tuple]) -> list:
-        """Results of function calls `(function, *args)` run as Dask tasks, in order; no cluster starts for no calls.
-        At most IN_FLIGHT_PER_WORKER tasks per worker are on the cluster at a time, the next submitted as one ends: the
+    def completed(self, calls: Iterable[tuple]) -> Iterator[tuple[int, Future]]:
+        """Function calls `(function, *args)` run as Dask tasks, each yielded as (its number in `calls`, its finished
+        future) in the order they end; no cluster starts for no calls. At most IN_FLIGHT_PER_WORKER tasks per worker are
+        on the cluster at a time, the next call taken from `calls` (and only then built, when lazy) as one ends: the
         scheduler holds each task's arguments (index rows, Arrow tables) serialized until it ends, in this process on a
-        local cluster. A task's error is raised when it arrives. Then every worker trims its memory: a step's freed
-        tables do not stay in the next step's peak."""
-        if not calls:
-            return []
+        local cluster. Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""
+        numbered = enumerate(calls)
+        first = next(numbered, None)
+        if first is None:
+            return
         client = self.client
         window = IN_FLIGHT_PER_WORKER * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-        results: list = [None] * len(calls)
         place: dict[str, int] = {}
         running = as_completed()
 
-        def submit(number: int) -> None:
+        def submit(number: int, call: tuple) -> None:
             """Put call `number` on the cluster."""
-            future = client.submit(*calls[number], pure=False)
+            future = client.submit(*call, pure=False)
             place[future.key] = number
             running.add(future)
 
-        for number in range(min(window, len(calls))):
-            submit(number)
-        following = iter(range(window, len(calls)))
+        for number, call in itertools.chain([first], itertools.islice(numbered, window - 1)):
+            submit(number, call)
         for future in running:
-            results[place.pop(future.key)] = future.result()
-            for number in itertools.islice(following, 1):
-                submit(number)
+            yield place.pop(future.key), future
+            for number, call in itertools.islice(numbered, 1):
+                submit(number, call)
         client.run(trim_memory)
-        return results
 
+    def run(self, calls: Iterable[tuple]) -> list:
+        """Results of function calls `(function, *args)` run as Dask tasks (`completed`), in call order; a task's error
+        is raised when it arrives."""
+        results = {number: future.result() for number, future in self.completed(calls)}
+        return [results[number] for number in range(len(results))]
 
 
 @contextmanager

@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 import pytest
 import soundfile as sf
 from conftest import cli, current_features, make_library
-from distributed import Client
 
 from genre_batch.analysis import audio, features
 from genre_batch.analysis.extraction import run_shards
+from genre_batch.cluster import session
 from genre_batch.library.discovery import discover
 from genre_batch.library.synth import render, write_audio
 from genre_batch.publishing import catalog
@@ -335,8 +335,8 @@ def test_file_deleted_or_rewritten_between_listing_and_reading(tmp_path: Path, d
     todo = plan(listed, read_index(store)).todo
     gone.unlink()
     write_audio(rewritten, render("percussion", 4.0, seed=9), SR)  # new content, new size
-    with Client(dask_scheduler) as client:
-        first = run_shards(client, store, todo, "run-1", no_progress)
+    with session(dask_scheduler) as cluster:
+        first = run_shards(cluster, store, todo, "run-1", no_progress)
         write_inventory(store, listed)
         assert (first.extracted, first.failed, first.shard_failures) == (2, 1, [])
         (error,) = current_errors(store).to_pylist()
@@ -351,7 +351,7 @@ def test_file_deleted_or_rewritten_between_listing_and_reading(tmp_path: Path, d
         relisted = discover(str(library))
         again = plan(relisted, read_index(store)).todo
         assert again["uri"].to_pylist() == [str(rewritten)]
-        second = run_shards(client, store, again, "run-2", no_progress)
+        second = run_shards(cluster, store, again, "run-2", no_progress)
         write_inventory(store, relisted)
     assert (second.extracted, second.failed) == (1, 0)
     windows = current_features(store)

@@ -83,7 +83,7 @@ def tasks_held(prefix: str) -> int:
 def test_a_run_keeps_a_few_tasks_per_worker_on_the_cluster_and_returns_results_in_order() -> None:
     """Session.run submits IN_FLIGHT_PER_WORKER tasks per worker and the next as one ends (the scheduler holds every
     submitted task's arguments): each task sees at most that many of the run's tasks unfinished; results come back in
-    call order, and a task's error reaches the caller."""
+    call order, and a task's error reaches the caller. `completed` takes a lazy call list only as tasks end."""
     import pytest
 
     from genre_batch.cluster import IN_FLIGHT_PER_WORKER, session
@@ -95,3 +95,10 @@ def test_a_run_keeps_a_few_tasks_per_worker_on_the_cluster_and_returns_results_i
         assert s.run([(pow, n, 2) for n in range(9)]) == [n * n for n in range(9)]
         with pytest.raises(ZeroDivisionError):
             s.run([(pow, 2, 1), (divmod, 1, 0), (pow, 3, 1)])
+
+        built: list[int] = []  # a lazy call list is built only as tasks end (extraction's shards copy their rows)
+        calls = (built.append(k) or (pow, k, 2) for k in range(n))
+        ended = [(number, len(built)) for number, _ in s.completed(calls)]
+        assert sorted(number for number, _ in ended) == list(range(n))
+        assert all(made <= done + IN_FLIGHT_PER_WORKER for done, (_, made) in enumerate(ended, 1)), ended
+        assert list(s.completed([])) == []

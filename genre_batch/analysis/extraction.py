@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import soxr
-from distributed import Client, as_completed
 
 from genre_batch.analysis import audio, features, musicnn
+from genre_batch.cluster import Session
 from genre_batch.storage.feature_store import (
     FAMILIES,
     LIBROSA,
@@ -63,9 +63,10 @@ def shard_size(n_files: int, n_workers: int, max_size: int = MAX_SHARD_SIZE) -> 
     return max(1, min(max_size, math.ceil(n_files / max(1, n_workers * SHARDS_PER_WORKER))))
 
 
-def split(todo: pa.Table, size: int) -> list[pa.Table]:
-    """Cut the files to extract into shards of `size` rows."""
-    return [copy_rows(todo, i, min(size, todo.num_rows - i)) for i in range(0, todo.num_rows, size)]
+def split(todo: pa.Table, size: int) -> Iterator[pa.Table]:
+    """Cut the files to extract into shards of `size` rows, each copied when it is taken (a shard's task carries its
+    own rows, not the buffers of the whole list)."""
+    return (copy_rows(todo, i, min(size, todo.num_rows - i)) for i in range(0, todo.num_rows, size))
 
 
 def now() -> datetime:
@@ -194,26 +195,23 @@ def extract_shard(store: Store, files: pa.Table, run_id: str, shard: int) -> Sha
     return ShardResult(shard, files.num_rows, files.num_rows - failed, failed, time.process_time() - started)
 
 
-def run_shards(client: Client, store: Store, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:
-    """Extract the planned files on the cluster, reporting progress as shards finish."""
+def run_shards(session: Session, store: Store, todo: pa.Table, run_id: str, on_progress: Progress) -> ExtractionResult:
+    """Extract the planned files on the cluster's warmed workers, a few shards in flight per worker
+    (`Session.completed`), reporting progress as shards finish; a shard's failure is recorded and the others go on."""
     started = time.perf_counter()
-    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    shards = split(todo, shard_size(todo.num_rows, n_workers))
-    result = ExtractionResult(files=todo.num_rows, shards=len(shards))
+    n_workers = max(1, len(session.warm_client.scheduler_info(n_workers=-1)["workers"]))
+    size = shard_size(todo.num_rows, n_workers)
+    result = ExtractionResult(files=todo.num_rows, shards=math.ceil(todo.num_rows / size))
     on_progress(0, todo.num_rows, 0)
-    futures = [
-        client.submit(extract_shard, store, files, run_id, i, key=f"extract-{run_id}-{i}", pure=False)
-        for i, files in enumerate(shards)
-    ]
-    position = {future: i for i, future in enumerate(futures)}
     done = 0
-    for future in as_completed(futures):
-        index = position[future]
+    calls = ((extract_shard, store, files, run_id, i) for i, files in enumerate(split(todo, size)))
+    for index, future in session.completed(calls):
         try:
             shard: ShardResult = future.result()
         except Exception as e:
-            result.shard_failures.append(f"shard {index} ({shards[index].num_rows} files): {type(e).__name__}: {e}")
-            done += shards[index].num_rows
+            files = min(size, todo.num_rows - index * size)
+            result.shard_failures.append(f"shard {index} ({files} files): {type(e).__name__}: {e}")
+            done += files
         else:
             result.extracted += shard.extracted
             result.failed += shard.failed

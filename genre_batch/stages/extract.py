@@ -113,7 +113,7 @@ def extract(
     if todo.todo.num_rows:
         from genre_batch.analysis.extraction import run_shards  # audio decoding and numba: not for a run with nothing to extract
 
-        result = run_shards(session.warm_client, store, todo.todo, run_id, on_progress)
+        result = run_shards(session, store, todo.todo, run_id, on_progress)
         if result.shard_failures:
             raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))
         summary.extracted, summary.failed, summary.shards = result.extracted, result.failed, result.shards
