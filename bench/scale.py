@@ -496,7 +496,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
         save(result)
     if train in ("cli", "both"):
         print(f"[{n}] training", flush=True)
-        if step("train", "train", "train", "--labels", "tags"):
+        if step("train", "train", "train", "--labels", "tags", "--features", ",".join(families)):  # the store's families, not the current model's
             result["train"].update(model_card(store, result["train"]["record"]["version"]))
             save(result)
     shutil.rmtree(run_dir)
