@@ -27,8 +27,9 @@ the arrays of a file's feature extraction in the heap at the same peak RSS (READ
 
 
 def trim_memory() -> int:
-    """Give a worker's freed memory back to the OS: Arrow's pool, then glibc's heap, which WORKER_ENVIRON's thresholds
-    keep (Dask's documented remedy, "Manually trim memory"); 1 when glibc released some, 0 elsewhere (no glibc)."""
+    """Give this process's freed memory back to the OS (a worker's, or the flow process's after it read the store):
+    Arrow's pool, then glibc's heap, which WORKER_ENVIRON's thresholds keep (Dask's documented remedy, "Manually trim
+    memory"); 1 when glibc released some, 0 elsewhere (no glibc)."""
     import ctypes
 
     import pyarrow as pa

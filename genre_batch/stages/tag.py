@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, NoModel, PublishRefused
 from genre_batch.analysis.columns import FEATURE_VERSION
-from genre_batch.cluster import Session
+from genre_batch.cluster import Session, trim_memory
 from genre_batch.library.labels import without_written
 from genre_batch.library.writeback import written
 from genre_batch.modelling import registry, training
@@ -259,6 +259,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     with steps.step("current tracks (choice columns)"):
         current = current_positions(store, inventory)
         positions = current.positions()
+        trim_memory()  # the choice columns of every index file, read and freed: ~500 MB at 1M kept by the allocators
     with steps.step("families, vector space"):
         check_families(store, version, meta, positions)
         family = vectors.space_family(positions[LIBROSA.name].size, lacking(positions, [MUSICNN.name]).get(MUSICNN.name, 0))
@@ -278,15 +279,18 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
         todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
         musicnn = indexed[MUSICNN.name] = indexed[MUSICNN.name].select([*KEYS, *training.LOCATION])  # what tag tasks and the space read of it
+        trim_memory()
     if space is None:
         with steps.step("vector space fit"):
             space = vectors.fitted(store, family, indexed[family.name], session.run)
+    del indexed  # the tag tasks need `todo` and `musicnn` of it
     with steps.step("batches"):
         snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
         genres = genres_of(meta)
         work = batches(todo, batch_windows(int(pc.sum(todo["row_count"]).as_py() or 0)))
-        calls = [(tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
-                 for i, groups in enumerate(work)]
+        calls = ((tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
+                 for i, groups in enumerate(work))  # a batch's musicnn rows are joined when its task is submitted
+        trim_memory()
     with steps.step("tag tasks"):
         predicted: Counter[str] = Counter()
         for counts in session.run(calls):
