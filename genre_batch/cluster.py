@@ -195,9 +195,9 @@ class Session:
             self._warm = True
         return client
 
-    def completed(self, calls: Iterable[tuple]) -> Iterator[tuple[int, Future]]:
-        """Function calls `(function, *args)` run as Dask tasks, each yielded as (its number in `calls`, its finished
-        future) in the order they end; no cluster starts for no calls. At most IN_FLIGHT_PER_WORKER tasks per worker are
+    def completed(self, calls: Iterable[tuple], name: str | None = None) -> Iterator[tuple[int, Future]]:
+        """Function calls `(function, *args)` run as Dask tasks (keyed `<name>-<number>` when `name` is given), each
+        yielded as (its number in `calls`, its finished future) in the order they end; no cluster starts for no calls. At most IN_FLIGHT_PER_WORKER tasks per worker are
         on the cluster at a time, the next call taken from `calls` (and only then built, when lazy) as one ends: the
         scheduler holds each task's arguments (index rows, Arrow tables) serialized until it ends, in this process on a
         local cluster. Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""
@@ -212,7 +212,7 @@ class Session:
 
         def submit(number: int, call: tuple) -> None:
             """Put call `number` on the cluster."""
-            future = client.submit(*call, pure=False)
+            future = client.submit(*call, pure=False, **({"key": f"{name}-{number}"} if name else {}))
             place[future.key] = number
             running.add(future)
 

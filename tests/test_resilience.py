@@ -175,7 +175,7 @@ def test_worker_killed_mid_extraction_every_file_once(
         parts_at_kill = len(part_files(store))
         code = run.wait(240)
     assert code == 0, tail(log)
-    assert assigned and all(k.startswith("extract_shard-") for k in assigned), assigned  # it was working on shards
+    assert assigned and all(k.startswith("extract-") for k in assigned), assigned  # it was working on shards
     assert parts_at_kill < SHARDS  # mid-extraction
     wait_until(lambda: worker_of(nanny).pid != victim.pid, 60, "the nanny to restart its worker", [])
 

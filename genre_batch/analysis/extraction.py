@@ -205,7 +205,7 @@ def run_shards(session: Session, store: Store, todo: pa.Table, run_id: str, on_p
     on_progress(0, todo.num_rows, 0)
     done = 0
     calls = ((extract_shard, store, files, run_id, i) for i, files in enumerate(split(todo, size)))
-    for index, future in session.completed(calls):
+    for index, future in session.completed(calls, name=f"extract-{run_id}"):  # keys extract-<run_id>-<shard>
         try:
             shard: ShardResult = future.result()
         except Exception as e:
