@@ -69,6 +69,24 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
     assert pointer["vector_space"] == SPACE
 
 
+def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past TRAIN_PER_LIST vectors per list the index's k-means trains on a seeded sample spread over the snapshot's
+    files (the index task holds the vectors once); the index still holds every track."""
+    assert [r.tolist() for r in similar.training_rows([3, 5, 4], 2)] == [[0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 3]]  # 128 >= 12: all
+    monkeypatch.setattr(similar, "TRAIN_PER_LIST", 1)
+    picked = similar.training_rows([30, 50, 40], 10)
+    assert sum(len(r) for r in picked) == 10 and sum(len(r) > 0 for r in picked) >= 2
+    assert all(np.all(np.diff(r) > 0) and np.all((r >= 0) & (r < n)) for r, n in zip(picked, [30, 50, 40]))
+    assert [r.tolist() for r in picked] == [r.tolist() for r in similar.training_rows([30, 50, 40], 10)]  # seeded
+
+    s = Store(str(tmp_path))
+    table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])  # two files
+    pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)  # 31 lists trained on 31 of the 60 vectors
+    index = similar.open_index(s, pointer["similar"]["index"])
+    assert (index.ntotal, index.nlist) == (60, 31)
+    assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)  # nprobe >= nlist
+
+
 def drop_deep_lists(s: Store) -> None:
     """Make the published snapshot look written before deep lists existed: no deep files, no `deep` in CURRENT.json."""
     pointer = catalog.pointer(s)

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     import faiss
 
 NPROBE = 32
+TRAIN_PER_LIST = 64
+"""Vectors per IVF list that train the index's k-means (faiss advises 39 to 256): at 1M tracks a sample of 256k, not all
+of them, so the index task holds the vectors once (in the index) plus the sample, not twice."""
 BUCKET_TRACKS = 25_000
 """Tracks per query task (bucket) when an index is built; an incremental update keeps the previous bucket count."""
 INCREMENTAL_MAX_SHARE = 0.1
@@ -210,6 +213,12 @@ def read_embeddings(store: Store, files: list[str], only: list[str] | None = Non
     return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), matrix[:filled]
 
 
+def file_embeddings(store: Store, path: str) -> tuple[pa.Array, np.ndarray]:
+    """track_ids and embeddings (a read-only view of the column) of one snapshot file."""
+    table = store.read_table(path, ["track_id", "embedding"])
+    return table["track_id"].combine_chunks(), as_matrix(table["embedding"])
+
+
 def local_file(store: Store, relative: str) -> str:
     """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
     path = f"{store.catalog}/{relative}"
@@ -281,17 +290,27 @@ def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) 
             writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
 
 
-def new_index(matrix: np.ndarray, vids: np.ndarray) -> faiss.Index:
-    """An IVFFlat inner-product index trained on and holding the vectors (faiss' k-means is seeded: deterministic)."""
+def new_index(sample: np.ndarray, nlist: int) -> faiss.Index:
+    """An empty IVFFlat inner-product index of `nlist` lists trained on a sample of the vectors (faiss' k-means is
+    seeded: deterministic)."""
     import faiss
     quantizer = faiss.IndexFlatIP(VECTOR_DIM)
-    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist_for(len(matrix)), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, nlist, faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()  # the index owns (and frees) its quantizer
     index.cp.min_points_per_centroid = 1  # a small library trains fewer points per list than faiss advises: no warning
-    index.train(matrix)
-    index.add_with_ids(matrix, vids)
+    index.train(sample)
     return index
+
+
+def training_rows(sizes: list[int], nlist: int) -> list[np.ndarray]:
+    """Per file of `sizes` rows, the sorted rows of the index's training sample: TRAIN_PER_LIST x nlist rows drawn
+    without replacement from all (seeded), or every row when there are not more."""
+    total = sum(sizes)
+    wanted = min(total, TRAIN_PER_LIST * nlist)
+    chosen = np.sort(np.random.default_rng(0).choice(total, wanted, replace=False)) if wanted < total else np.arange(total)
+    bounds = np.cumsum([0, *sizes])
+    return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def vectors_table(track_ids: pa.Array, vids: np.ndarray, matrix: np.ndarray, buckets: int) -> pa.Table:
@@ -355,12 +374,17 @@ def write_index(store: Store, snapshot: str, files: list[str], update: Update | 
     matrix and in the index), or the previous index with the update's tracks removed and its ADDED_FILE added;
     returns its nlist."""
     if update is None:
-        ids, matrix = read_embeddings(store, files)
-        pa.default_memory_pool().release_unused()  # the files' Arrow buffers, freed but kept by the pool
-        if len(ids) == 0:
+        paths = [f"{store.catalog}/{f}" for f in files]
+        sizes = [store.parquet_rows(p) for p in paths]
+        if sum(sizes) == 0:
             return 0
-        index = new_index(matrix, vector_ids(ids.to_pylist()))
-        del matrix
+        nlist = nlist_for(sum(sizes))
+        sample = np.concatenate([file_embeddings(store, p)[1][rows] for p, rows in zip(paths, training_rows(sizes, nlist))])
+        index = new_index(sample, nlist)
+        del sample
+        for path in paths:  # filled file by file: the vectors are held once, in the index
+            ids, matrix = file_embeddings(store, path)
+            index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
         save_index(store, index, f"{folder(snapshot)}/index.faiss")
         return index.nlist
     index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
