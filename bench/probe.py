@@ -43,6 +43,7 @@ from genre_batch.storage.feature_store import (
     read_index,
     read_inventory,
 )
+from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.storage.store import Store
 
 
@@ -162,12 +163,6 @@ def compaction_groups(url: str) -> dict:
     return {"index_files": len(files), "index_rows": keys.num_rows, "keys_arrow_mb": round(keys.nbytes / 1e6, 1), "groups": len(work),
             "read_keys_s": round(t1 - t0, 2), "read_keys_cpu_s": round(c1 - c0, 2), "groups_s": round(t2 - t1, 2),
             "groups_cpu_s": round(c2 - c1, 2), "peak_rss_mb": round(peak_rss_mb())}
-
-
-def peak_rss_mb() -> float:
-    """High-water RSS of this process (VmHWM), in MB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1e3 for line in status if line.startswith("VmHWM:"))
 
 
 def main(argv: list[str]) -> int:

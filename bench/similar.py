@@ -33,6 +33,7 @@ from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.storage.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
 
@@ -88,10 +89,13 @@ def cpu_seconds() -> float:
 
 
 def with_peak(function: object, *args: object) -> tuple[object, float, float, float]:
-    """(result, task seconds, task CPU seconds, peak RSS MB of this worker process so far)."""
+    """(result, task seconds, task CPU seconds, peak RSS MB of this worker process during the task: Linux's VmHWM,
+    reset to the current RSS first by writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
     started, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args)  # type: ignore[operator]
-    return result, time.perf_counter() - started, cpu_seconds() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result, time.perf_counter() - started, cpu_seconds() - cpu, peak_rss_mb()
 
 
 class Measured:
@@ -107,7 +111,8 @@ class Measured:
         return [r for r, _, _, _ in out]
 
     def report(self) -> dict:
-        """Per step: seconds and CPU seconds of each task (the list tasks summed, with their max), the peak RSS."""
+        """Per step: seconds and CPU seconds of each task (the list tasks summed, with their max), the peak RSS of its
+        worker so far (when the step ended: the first step to show a peak raised it), and the peak over all."""
         out: dict = {}
         for step in self.tasks:
             if len(step) > 1 and len({name for name, *_ in step}) == 1:  # one task per bucket
@@ -115,8 +120,9 @@ class Measured:
                 out[f"{name}_tasks"] = {"n": len(step), "wall_s_sum": round(sum(t for _, t, _, _ in step), 1),
                                         "cpu_s_sum": round(sum(c for _, _, c, _ in step), 1), "wall_s_max": round(max(t for _, t, _, _ in step), 1),
                                         "cpu_s_per_task": round(sum(c for _, _, c, _ in step) / len(step), 2)}
+                out[f"{name}_tasks"]["worker_peak_rss_mb"] = round(max(m for *_, m in step))
             else:
-                out.update({f"{name}_task": {"wall_s": round(t, 1), "cpu_s": round(c, 1)} for name, t, c, _ in step})
+                out.update({f"{name}_task": {"wall_s": round(t, 1), "cpu_s": round(c, 1), "worker_peak_rss_mb": round(m)} for name, t, c, m in step})
         out["task_cpu_s"] = round(sum(c for step in self.tasks for _, _, c, _ in step), 1)
         out["peak_rss_mb"] = round(max(m for step in self.tasks for *_, m in step))
         return out
@@ -246,7 +252,7 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
             seconds.append(time.perf_counter() - started)
         report[f"in_process_{label}"] = percentiles(seconds)
     report["cli"] = cli_report(root, CLI_RUNS)
-    report["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the generated vectors, exact search
+    report["bench_process_peak_rss_mb"] = round(peak_rss_mb())  # the generated vectors, exact search
     print(json.dumps({"n": n, "latency": {k: v for k, v in report.items() if k.startswith(("in_process", "cli"))}}), flush=True)
     return report
 

@@ -32,6 +32,7 @@ from bench.learning_curve import capped, default_cap, population, synthetic_wind
 from genre_batch.cluster import session
 from genre_batch.modelling import training
 from genre_batch.modelling.model import EARLY_STOPPING, MAX_FOLDS, MAX_ROUNDS
+from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.stages.train import submit_fits
 
 WORKERS = 2
@@ -62,15 +63,10 @@ def accuracy(data: training.TrainingSet, oof: training.OutOfFold) -> float:
     return round(float((oof.probabilities.argmax(axis=1) == data.y_track).mean()), 4)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS so far, MB."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def worker_usage() -> tuple[float, float]:
     """A worker's CPU seconds so far (user + sys) and its peak RSS in MB (runs on each worker)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return usage.ru_utime + usage.ru_stime, peak_rss_mb()
 
 
 def old_way(data: training.TrainingSet, kind: str) -> tuple[dict, training.Fitted]:
@@ -84,7 +80,7 @@ def old_way(data: training.TrainingSet, kind: str) -> tuple[dict, training.Fitte
     final = training.fit_tracks(data, np.arange(len(data.y_track)), kind)
     oof = training.OutOfFold(result, fits)
     report = {"cpu_s": round(time.process_time() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1),
-              "folds": fits, "final": final.cost(), "cv_accuracy": accuracy(data, oof), "peak_rss_mb": peak_rss_mb()}
+              "folds": fits, "final": final.cost(), "cv_accuracy": accuracy(data, oof), "peak_rss_mb": round(peak_rss_mb(), 1)}
     return report, final
 
 
@@ -102,7 +98,7 @@ def new_way(data: training.TrainingSet, kind: str) -> tuple[dict, training.Fitte
     final = packed.unpacked()
     report = {"cpu_s": round(flow_cpu + workers_cpu, 1), "flow_cpu_s": round(flow_cpu, 1), "workers_cpu_s": round(workers_cpu, 1),
               "wall_s": round(elapsed, 1), "folds": oof.fits, "final": final.cost(), "cv_accuracy": accuracy(data, oof),
-              "peak_rss_mb": peak_rss_mb(), "workers_peak_rss_mb": sorted(round(e[1], 1) for e in ended.values())}
+              "peak_rss_mb": round(peak_rss_mb(), 1), "workers_peak_rss_mb": sorted(round(e[1], 1) for e in ended.values())}
     return report, final
 
 

@@ -50,8 +50,14 @@ from genre_batch.storage.store import Store
 
 
 def peak_rss_mb() -> float:
-    """High-water RSS of this process so far, in MB (Linux reports ru_maxrss in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    """High-water RSS of this process so far, in MB: Linux's VmHWM, not ru_maxrss, which starts at the high-water mark
+    of the process that spawned this one (a Dask worker's at its nanny's, the nanny's at the flow process's); ru_maxrss
+    (KB) where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1e3 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
 @dataclass
