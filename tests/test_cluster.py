@@ -102,3 +102,15 @@ def test_a_run_keeps_a_few_tasks_per_worker_on_the_cluster_and_returns_results_i
         assert sorted(number for number, _ in ended) == list(range(n))
         assert all(made <= done + IN_FLIGHT_PER_WORKER for done, (_, made) in enumerate(ended, 1)), ended
         assert list(s.completed([])) == []
+
+
+def test_peak_rss_is_this_process_s_own_not_its_spawner_s() -> None:
+    """peak_rss_mb reads VmHWM: a process started by one that peaked at 800 MB reports its own peak, where ru_maxrss
+    would report the spawner's (so would a Dask worker, started by its nanny from the flow process)."""
+    import subprocess
+    import sys
+
+    child = "from genre_batch.stages.tag import peak_rss_mb; import resource; print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)"
+    parent = f"import numpy as np, subprocess, sys; a = np.ones(800_000_000 // 8); del a; print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)"
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout.split())
+    assert inherited >= 800 > 600 > own > 20, (own, inherited)
