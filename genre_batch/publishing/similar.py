@@ -358,6 +358,7 @@ def write_lookups(store: Store, out: str, files: list[str], update: Update | Non
 def write_added(store: Store, out: str, files: list[str], update: Update, buckets: int) -> int:
     """Write ADDED_FILE: the added tracks of an update with their vids and embeddings (one read of the catalog's
     embedding column); returns its rows."""
+    drop_cached()
     ids, matrix = read_embeddings(store, files, update.added)
     write_parquet(store, f"{out}/{ADDED_FILE}", vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets), ROW_GROUP, VECTORS_OPTIONS)
     return len(ids)
@@ -370,9 +371,10 @@ def read_added(store: Store, out: str) -> Added:
 
 
 def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
-    """Write a snapshot's index (runs on one worker): trained and filled afresh (peak: the vectors twice, as the
-    matrix and in the index), or the previous index with the update's tracks removed and its ADDED_FILE added;
-    returns its nlist."""
+    """Write a snapshot's index (runs on one worker): trained on a sample (`training_rows`) and filled file by file
+    (peak: the vectors once, in the index, and the sample), or the previous index with the update's tracks removed and
+    its ADDED_FILE added; returns its nlist."""
+    drop_cached()
     if update is None:
         paths = [f"{store.catalog}/{f}" for f in files]
         sizes = [store.parquet_rows(p) for p in paths]
@@ -399,6 +401,7 @@ def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int) -> N
     """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while another task
     updates it: the centroids and the kept tracks' lists are the same in both, an added track's own vid has an
     infinite floor and a removed track's rows match no list of the new snapshot."""
+    drop_cached()
     added = read_added(store, folder(snapshot))
     write_reverse(store, folder(snapshot), open_index(store, f"{update.previous}/index.faiss"), added.vids, added.matrix, previous_floors(store, update), buckets)
 
@@ -484,6 +487,7 @@ def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarra
 def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
     """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
     bucket by bucket (it holds one bucket of vectors, not all of them), without the removed tracks, with its ADDED_FILE."""
+    drop_cached()
     out = folder(snapshot)
     if update is None:
         ids, matrix = read_embeddings(store, files)
@@ -648,6 +652,13 @@ not one per bucket task."""
 
 _INDEX: dict[tuple, faiss.Index] = {}
 """The last memory-mapped index in this (worker) process: its pages stay mapped from one bucket task to the next."""
+
+
+def drop_cached() -> None:
+    """Forget this process's mapped index and id map (of an earlier snapshot's list tasks): a task writing the next
+    snapshot does not read them, and their pages (~620 MB at 1M) would add to its peak."""
+    _INDEX.clear()
+    _ID_MAP.clear()
 
 
 def cached_index(store: Store, relative: str) -> faiss.Index:
