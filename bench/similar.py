@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bench import accuracy
-from bench.ann import K, exact_top, generate, recall_at_k
+from bench.ann import K, exact_top, generate, recall_at_k, reset_peak_rss
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
 from genre_batch.stages.tag import peak_rss_mb
@@ -91,8 +91,7 @@ def cpu_seconds() -> float:
 def with_peak(function: object, *args: object) -> tuple[object, float, float, float]:
     """(result, task seconds, task CPU seconds, peak RSS MB of this worker process during the task: Linux's VmHWM,
     reset to the current RSS first by writing 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+    reset_peak_rss()
     started, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args)  # type: ignore[operator]
     return result, time.perf_counter() - started, cpu_seconds() - cpu, peak_rss_mb()

@@ -26,16 +26,10 @@ from pathlib import Path
 RUN_ID = "20261201T230000Z-benchtag"
 
 
-def rss_hwm_mb() -> float:
-    """This process's peak RSS (VmHWM) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1e3
-    return 0.0
-
-
 def timed(profile: bool, fn, *args):  # noqa: ANN001, ANN202 (any worker call)
     """Run fn(*args) on a worker: its result and what it cost (wall, CPU, pid, peak RSS; cProfile's top with `profile`)."""
+    from genre_batch.stages.tag import peak_rss_mb
+
     prof = cProfile.Profile() if profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if prof:
@@ -43,7 +37,7 @@ def timed(profile: bool, fn, *args):  # noqa: ANN001, ANN202 (any worker call)
     result = fn(*args)
     if prof:
         prof.disable()
-    cost = {"fn": fn.__name__, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "pid": os.getpid(), "hwm": rss_hwm_mb()}
+    cost = {"fn": fn.__name__, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "pid": os.getpid(), "hwm": peak_rss_mb()}
     if prof:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
@@ -138,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
             print("stopped before the similar build")
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         workers_cpu = sum(client.run(time.process_time).values()) - workers_cpu
-        peaks = sorted(round(v) for v in client.run(rss_hwm_mb).values())
+        peaks = sorted(round(v) for v in client.run(tag.peak_rss_mb).values())
     print(f"tag(): {wall:.1f} s wall; CPU s: flow process {cpu:.1f}, workers {workers_cpu:.1f}; load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"peak RSS MB: flow process {rss_hwm_mb():.0f}, workers {peaks}")
+    print(f"peak RSS MB: flow process {tag.peak_rss_mb():.0f}, workers {peaks}")
     for name, row in steps.taken.items():
         print(f"  step {name:34s} wall {row['wall_s']:7.2f} s  CPU {row['cpu_s']:6.2f} s  peak RSS {row.get('peak_rss_mb')} MB")
     by_fn: dict[str, list[dict]] = defaultdict(list)
