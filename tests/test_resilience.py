@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from conftest import cli, current_features, make_library
+from distributed import Client
 from test_catalog import SPACE, rows
 from test_servers import (  # noqa: F401 - dask_cluster: fixture
     DASK,
@@ -148,13 +149,17 @@ def worker_of(nanny: psutil.Process) -> psutil.Process:
     return worker
 
 
-def tasks_on(scheduler: str, pid: int) -> list[str]:
-    """Keys the scheduler has assigned to the worker process `pid`."""
-    from distributed import Client
-
-    with Client(scheduler, timeout="10s") as client:
-        [address] = [a for a, p in client.run(os.getpid).items() if p == pid]
-        return list(client.processing(workers=[address])[address])
+def tasks_on(client: Client, pid: int, timeout: float) -> list[str]:
+    """Keys the scheduler has assigned to the worker process `pid`, polled every 20 ms until there are some (a worker
+    holds none between two shards; a shard of this library lasts about a second), [] after `timeout`."""
+    [address] = [a for a, p in client.run(os.getpid).items() if p == pid]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        keys = list(client.processing(workers=[address])[address])
+        if keys:
+            return keys
+        time.sleep(0.02)
+    return []
 
 
 def test_worker_killed_mid_extraction_every_file_once(
@@ -166,11 +171,10 @@ def test_worker_killed_mid_extraction_every_file_once(
     nanny = nanny_of("test-worker-0")
     cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa", "--scheduler", dask_cluster]
     log = tmp_path / "extract.log"
-    with server(cmd, cli_env, log, tmp_path) as run:
+    with Client(dask_cluster, timeout="10s") as client, server(cmd, cli_env, log, tmp_path) as run:
         wait_until(lambda: part_files(store), 180, "the first shard part", [(run, log)])
         victim = worker_of(nanny)
-        # Between a shard's end and the next assignment the worker holds no task: wait until it holds one.
-        assigned = wait_until(lambda: tasks_on(dask_cluster, victim.pid), 60, "a shard on the victim", [(run, log)])
+        assigned = tasks_on(client, victim.pid, 60)
         victim.kill()
         parts_at_kill = len(part_files(store))
         code = run.wait(240)

@@ -344,6 +344,7 @@ def vids_from(track_ids: pa.Array, known: pa.Table) -> np.ndarray:
 def write_lookups(store: Store, out: str, files: list[str], update: Update | None) -> dict[str, str]:
     """Write a snapshot's lookup files (every track in vid order, and in uri order); returns column -> file. An update
     takes the vids of the tracks the previous snapshot's vid lookup file lists from there."""
+    drop_cached()
     previous = f"{update.previous}/{LOOKUP_FILES['vid']}" if update else None
     known = store.read_table(f"{store.catalog}/{previous}", ["vid", "track_id"]) if previous and store.exists(f"{store.catalog}/{previous}") else None
     table = tracks_table(store, files, known)
@@ -656,7 +657,8 @@ _INDEX: dict[tuple, faiss.Index] = {}
 
 def drop_cached() -> None:
     """Forget this process's mapped index and id map (of an earlier snapshot's list tasks): a task writing the next
-    snapshot does not read them, and their pages (~620 MB at 1M) would add to its peak."""
+    snapshot (index, vectors, lookup files, added tracks, reverse scan) does not read them, and their pages (~620 MB
+    at 1M) would add to its peak."""
     _INDEX.clear()
     _ID_MAP.clear()
 
