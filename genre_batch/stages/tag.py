@@ -39,7 +39,6 @@ from genre_batch.storage.feature_store import (
     MUSICNN,
     TRACK_COLUMNS,
     batches,
-    current_by_family,
     current_positions,
     index_rows,
     lacking,
@@ -278,10 +277,9 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
             return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
                               previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0, steps.taken)
     with steps.step("index rows to predict"):
-        if carried is None:
-            indexed = current_by_family(store, inventory, TRACK_COLUMNS)
-        else:  # only the rows of the tracks to predict, from the index files that hold them
-            indexed = {name: index_rows(store, current, f, carried.todo, TRACK_COLUMNS) for name, f in FAMILIES.items()}
+        # from the index files that hold them, a group of files at a time: every current track's, or the ones to predict
+        indexed = {name: index_rows(store, current, f, positions[name] if carried is None else carried.todo, TRACK_COLUMNS)
+                   for name, f in FAMILIES.items()}
         todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
         todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
         musicnn = indexed[MUSICNN.name] = indexed[MUSICNN.name].select([*KEYS, *training.LOCATION])  # what tag tasks and the space read of it
