@@ -16,8 +16,8 @@ from genre_batch import GenreBatchError, default_numba_cache_dir
 
 WORKER_WAIT_S = 60
 IN_FLIGHT_PER_WORKER = 2
-"""Tasks of one `Session.completed` (and `run`) on the cluster at a time per worker: one running and one waiting keeps a worker busy,
-and the arguments waiting in the scheduler stay few (a full tag at 1M sends ~7 MB of index rows with each of its 50
+"""Tasks of one `Session.completed` (and `run`) on the cluster at a time per worker: one running and one waiting keeps
+a worker busy, and the arguments waiting in the scheduler stay few (a full tag at 1M sends ~7 MB of index rows with each of its 50
 tasks; 50 tasks carrying 106 MB of tables, submitted at once, added 107 MB to the flow process, 11 MB with the window)."""
 
 WORKER_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 268435456, "MALLOC_MMAP_THRESHOLD_": 67108864}
@@ -197,10 +197,11 @@ class Session:
 
     def completed(self, calls: Iterable[tuple], name: str | None = None) -> Iterator[tuple[int, Future]]:
         """Function calls `(function, *args)` run as Dask tasks (keyed `<name>-<number>` when `name` is given), each
-        yielded as (its number in `calls`, its finished future) in the order they end; no cluster starts for no calls. At most IN_FLIGHT_PER_WORKER tasks per worker are
-        on the cluster at a time, the next call taken from `calls` (and only then built, when lazy) as one ends: the
-        scheduler holds each task's arguments (index rows, Arrow tables) serialized until it ends, in this process on a
-        local cluster. Then every worker trims its memory: a step's freed tables do not stay in the next step's peak."""
+        yielded as (its number in `calls`, its finished future) in the order they end; no cluster starts for no calls.
+        At most IN_FLIGHT_PER_WORKER tasks per worker are on the cluster at a time, the next call taken from `calls`
+        (and only then built, when lazy) as one ends: the scheduler holds each task's arguments (index rows, Arrow
+        tables) serialized until it ends, in this process on a local cluster. Then every worker trims its memory: a
+        step's freed tables do not stay in the next step's peak."""
         numbered = enumerate(calls)
         first = next(numbered, None)
         if first is None:
