@@ -11,18 +11,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_resilience import (  # noqa: F401 - library, cli_env: fixtures
-    FILES,
+from test_resilience import (  # noqa: F401 - uneven_library, cli_env: fixtures
     GENRE_BATCH,
+    UNEVEN_FILES,
     assert_every_file_once,
     cli_env,
     lease_file,
-    library,
     part_files,
     run_command,
     run_records,
     server,
     tail,
+    uneven_library,
     wait_until,
 )
 
@@ -39,9 +39,11 @@ def test_exit_status_is_the_shells() -> None:
 
 
 def test_sigterm_mid_extraction_stops_workers_releases_the_lease_and_the_next_run_completes(
-    library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str], dask_scheduler: str
+    uneven_library: tuple[Path, set[str]], tmp_path: Path, warm_numba: None, cli_env: dict[str, str], dask_scheduler: str
 ) -> None:
-    root, uris = library
+    """SIGTERM after the first part: the uneven library's later shards hold 30 s clips, so the run is still extracting
+    (with 3 s clips everywhere an idle CI machine finished all shards before the signal)."""
+    root, uris = uneven_library
     store = tmp_path / "store"
     cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa"]  # a local cluster: the CLI's own worker processes
     log = tmp_path / "interrupted.log"
@@ -68,8 +70,8 @@ def test_sigterm_mid_extraction_stops_workers_releases_the_lease_and_the_next_ru
     code, out, err = run_command([*cmd, "--scheduler", dask_scheduler, "--format", "json"], cli_env, tmp_path, timeout=300)
     assert code == 0, out + err
     summary = json.loads(out)
-    assert summary["status"] == "completed" and summary["extract"]["discovered"] == FILES
-    assert summary["extract"]["extracted"] + summary["extract"]["unchanged"] == FILES
+    assert summary["status"] == "completed" and summary["extract"]["discovered"] == UNEVEN_FILES
+    assert summary["extract"]["extracted"] + summary["extract"]["unchanged"] == UNEVEN_FILES
     assert {name: part_files(store)[name] for name in finished} == finished  # parts of finished shards kept as they were
     assert_every_file_once(store, uris)
     assert not lease_file(store).exists()
