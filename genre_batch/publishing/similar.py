@@ -204,12 +204,13 @@ def read_embeddings(store: Store, files: list[str], only: list[str] | None = Non
     matrix = np.empty((sum(store.parquet_rows(p) for p in paths) if only is None else len(only), VECTOR_DIM), np.float32)
     ids, filled = [], 0
     for path in paths:
-        table = store.read_table(path, ["track_id", "embedding"])
+        track_ids, vectors = file_embeddings(store, path)
         if only is not None:
-            table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(only, pa.string())))
-        matrix[filled : filled + table.num_rows] = as_matrix(table["embedding"])
-        ids.append(table["track_id"].combine_chunks())
-        filled += table.num_rows
+            keep = pc.is_in(track_ids, value_set=pa.array(only, pa.string()))
+            track_ids, vectors = track_ids.filter(keep), vectors[keep.to_numpy(zero_copy_only=False)]
+        matrix[filled : filled + len(track_ids)] = vectors
+        ids.append(track_ids)
+        filled += len(track_ids)
     return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), matrix[:filled]
 
 

@@ -791,10 +791,9 @@ def source_rows(store: Store, sources: list[tuple[str, np.ndarray]], columns: li
     for start in range(0, len(sources), SOURCE_FILES_PER_READ):
         group = sources[start : start + SOURCE_FILES_PER_READ]
         table = index_sources(store, [f for f, _ in group], names)
-        file_of = table["_file"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, file_of[1:] != file_of[:-1]]) if len(file_of) else np.zeros(0, np.int64)
+        starts, _ = spans(table["_file"].combine_chunks())  # each file's rows are one run (index_sources checks it)
         first = np.zeros(len(group), np.int64)
-        first[file_of[starts]] = starts  # each file's rows are one run (index_sources checks it)
+        first[table["_file"].to_numpy()[starts]] = starts
         rows = np.concatenate([first[i] + lines for i, (_, lines) in enumerate(group)])
         taken.append(table.select(names).take(pa.array(rows)))
         del table
