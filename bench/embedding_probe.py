@@ -2,20 +2,25 @@
 
     python -m bench.embedding_probe                          # ../shared/data, task emotify
     python -m bench.embedding_probe --task gtzan-mini --workers 2
+    python -m bench.embedding_probe --vgg /tmp/msd_vgg.onnx  # also the MSD VGG variant (scripts/convert_musicnn.py)
 
 Every patch of every file is embedded once (mono 16 kHz, soundfile + soxr); each patch choice then
 averages the `penultimate` vectors of its patches per track. Scores: accuracy of a standardised L2
 logistic regression (C from --C, default 1), mean +- std over the folds of --repeats shuffled
 stratified k-fold runs (fold-to-fold spread is large on 200 tracks), plain and grouped by the embedded
-artist tag (as bench/accuracy.py splits).
+artist tag (as bench/accuracy.py splits). With --vgg, the MSD VGG variant's `pool5` (256 dims) of the same patches is
+scored alone and beside the musicnn embedding, and every row also gets the genre precision@K of its pooled vectors
+(cosine of z-scored means, K as bench/similar.py's --quality).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.accuracy import DEFAULT_DATA, SEED, discover
+from bench.similar import QUALITY_DEFAULT_K, QUALITY_K, precision_at_k, zscored
 from genre_batch.analysis import audio, musicnn
 
 CHOICES: dict[str, Callable[[int], list[int]]] = {
@@ -37,11 +43,17 @@ CHOICES: dict[str, Callable[[int], list[int]]] = {
 }
 
 
-def patch_embeddings(path: Path) -> np.ndarray:
-    """Penultimate embeddings of every patch of the file at path, [n, 200]."""
+def patch_embeddings(path: Path, vgg: Path | None = None) -> np.ndarray:
+    """Penultimate embeddings of every patch of the file at path, [n, 200], followed by the VGG model's `pool5`
+    [n, 256] when vgg (its ONNX file) is given."""
     y, rate = sf.read(path, dtype="float32", always_2d=True)
     y16 = soxr.resample(y.mean(axis=1), rate, musicnn.SAMPLE_RATE).astype(np.float32)
-    return musicnn.embed(musicnn.log_mel(y16))[0]
+    patches = musicnn.log_mel(y16)
+    if vgg is None:
+        return musicnn.embed(patches)[0]
+    network = musicnn.load_session(vgg, hashlib.sha256(vgg.read_bytes()).hexdigest())
+    pool5 = np.concatenate([network.run(["pool5"], {"logmel": patches[i : i + 1]})[0] for i in range(len(patches))])
+    return np.hstack([musicnn.embed(patches)[0], pool5])
 
 
 def cv_accuracy(
@@ -68,19 +80,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="k-fold runs with different shuffles (default 10)")
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default 1, scikit-learn's)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--vgg", type=Path, default=None, help="the MSD VGG variant as ONNX (scripts/convert_musicnn.py MSD_vgg --out FILE)")
     args = parser.parse_args()
     task = next(t for t in discover(args.data) if t.name == args.task)
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        per_file = list(pool.map(patch_embeddings, task.files, chunksize=4))
+        per_file = list(pool.map(partial(patch_embeddings, vgg=args.vgg), task.files, chunksize=4))
     artists = [audio.read_tags(str(f)).artist or str(f) for f in task.files]
     groups = np.unique(artists, return_inverse=True)[1]
     counts = [len(e) for e in per_file]
     print(f"{task.name}: {len(task.files)} files, {len(set(artists))} artists, patches per file {min(counts)}-{max(counts)}")
+    models = {"musicnn": slice(0, musicnn.EMBEDDING_DIM)}
+    if args.vgg is not None:
+        models |= {"vgg pool5": slice(musicnn.EMBEDDING_DIM, None), "musicnn + vgg pool5": slice(None)}
+    k = QUALITY_K.get(task.name, QUALITY_DEFAULT_K)
     for name, choose in CHOICES.items():
-        X = np.stack([e[choose(len(e))].mean(axis=0) for e in per_file])
-        plain = cv_accuracy(X, task.y, None, args.folds, args.repeats, args.C)
-        grouped = cv_accuracy(X, task.y, groups, args.folds, args.repeats, args.C)
-        print(f"{name:28s} stratified {plain[0]:.3f} +- {plain[1]:.3f}   grouped by artist {grouped[0]:.3f} +- {grouped[1]:.3f}")
+        pooled = np.stack([e[choose(len(e))].mean(axis=0) for e in per_file])
+        for model, columns in models.items():
+            X = pooled[:, columns]
+            plain = cv_accuracy(X, task.y, None, args.folds, args.repeats, args.C)
+            grouped = cv_accuracy(X, task.y, groups, args.folds, args.repeats, args.C)
+            precision = f"   precision@{k} {precision_at_k(zscored(X, X), task.y, k):.3f}" if args.vgg is not None else ""
+            print(f"{name:28s} {model:19s} stratified {plain[0]:.3f} +- {plain[1]:.3f}   grouped by artist {grouped[0]:.3f} +- {grouped[1]:.3f}{precision}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Usage (musicnn 0.1.0 is on PyPI; its declared requirements are obsolete, so no d
     pip download musicnn==0.1.0 --no-deps -d /tmp/musicnn && unzip -q /tmp/musicnn/musicnn-0.1.0-*.whl -d /tmp/musicnn
     python scripts/convert_musicnn.py /tmp/musicnn/musicnn/MSD_musicnn
 It prints the SHA-256 to record in musicnn.py (MODEL_SHA256) and LICENSE-musicnn.md; reruns are byte-identical.
+
+    python scripts/convert_musicnn.py /tmp/musicnn/musicnn/MSD_vgg --out /tmp/msd_vgg.onnx
+converts the MSD VGG variant instead (issue #14's cheaper alternative), for bench/embedding_probe.py --vgg only: it is
+measured, not shipped (README, Accuracy), and not checked against the TensorFlow network.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ BN_EPSILON = 1e-3
 DT_FLOAT = 1
 OPSET = 18  # ReduceMax/ReduceMin take axes as an input from opset 18
 IR_VERSION = 8  # the oldest IR that carries opset 18, so older onnxruntime releases load the file
-OUT_DIR = Path(__file__).resolve().parents[1] / "genre_batch" / "embedding"
+OUT_DIR = Path(__file__).resolve().parents[1] / "genre_batch" / "analysis"
 
 # (layer name in the ONNX graph, TF1 conv/dense scope, TF1 batch-norm scope applied after it)
 LAYERS = [
@@ -319,14 +323,55 @@ def musicnn_graph(arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
+VGG_POOLS = [([4, 1], [2, 2]), ([2, 2], [2, 2]), ([2, 2], [2, 2]), ([2, 2], [2, 2]), ([4, 4], [4, 4])]
+"""musicnn's models.vgg: max pooling (time, frequency) window and strides after each of its five 3x3 conv layers."""
+
+
+def vgg_variable_names() -> list[str]:
+    """Every checkpoint variable of musicnn's VGG (MSD: 128 filters) that inference reads."""
+    bn = [f"batch_normalization{'' if i == 0 else f'_{i}'}/{v}" for i in range(6) for v in ("gamma", "beta", "moving_mean", "moving_variance")]
+    return bn + [f"{s}/{v}" for s in [f"{i}CNN" for i in range(1, 6)] + ["dense"] for v in ("kernel", "bias")]
+
+
+def vgg_graph(variables: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """musicnn's models.vgg in inference mode, as ONNX: input "logmel" [batch, 187, 96]; outputs "pool5" [batch, 256]
+    (the last pooling flattened in TensorFlow's (time, frequency, channel) order, musicnn's 'pool5') and "tags"."""
+    g = Graph()
+    scale, shift = folded_batch_norm(variables, "batch_normalization")
+    x = g.op("Unsqueeze", ["logmel", g.const("channel_axis", np.array([1], np.int64))], "logmel_nchw")
+    x = g.op("Add", [g.op("Mul", [x, g.const("input/scale", scale)], "input_scaled"), g.const("input/shift", shift)], "input_bn")
+    for i, (window, strides) in enumerate(VGG_POOLS, start=1):
+        arrays = dict(zip((f"conv{i}/scale", f"conv{i}/shift"), folded_batch_norm(variables, f"batch_normalization_{i}")))
+        kernel = variables[f"{i}CNN/kernel"].transpose(3, 2, 0, 1)  # TF HWIO -> ONNX OIHW
+        z = g.op("Conv", [x, g.const(f"conv{i}/W", kernel), g.const(f"conv{i}/bias", variables[f"{i}CNN/bias"])], f"conv{i}", pads=[1, 1, 1, 1])
+        x = g.op("MaxPool", [relu_bn(g, arrays, z, f"conv{i}", (1, -1, 1, 1))], f"maxpool{i}", kernel_shape=window, strides=strides)
+    pool5 = g.op("Flatten", [g.op("Transpose", [x], "maxpool5_nhwc", perm=[0, 2, 3, 1])], "pool5")
+    g.op("Sigmoid", [dense(g, {"output/kernel": variables["dense/kernel"], "output/bias": variables["dense/bias"]}, pool5, "output")], "tags")
+    graph = helper.make_graph(
+        g.nodes,
+        "musicnn_msd_vgg",
+        [helper.make_tensor_value_info("logmel", TensorProto.FLOAT, ["batch", 187, 96])],
+        [helper.make_tensor_value_info("pool5", TensorProto.FLOAT, ["batch", 256]), helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["batch", 50])],
+        g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION, producer_name="genre-batch convert_musicnn")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def main() -> None:
     """Convert the checkpoint folder given on the command line and print the model's SHA-256."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="musicnn's MSD_musicnn folder (holds .index and .data-00000-of-00001)")
+    parser.add_argument("checkpoint", type=Path, help="musicnn's MSD_musicnn (or MSD_vgg) folder (holds .index and .data-00000-of-00001)")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "musicnn_msd.onnx")
     args = parser.parse_args()
-    arrays = converted_arrays(read_checkpoint(args.checkpoint, variable_names()))
-    args.out.write_bytes(musicnn_graph(arrays).SerializeToString())
+    if args.checkpoint.name == "MSD_vgg":
+        arrays = read_checkpoint(args.checkpoint, vgg_variable_names())
+        model = vgg_graph(arrays)
+    else:
+        arrays = converted_arrays(read_checkpoint(args.checkpoint, variable_names()))
+        model = musicnn_graph(arrays)
+    args.out.write_bytes(model.SerializeToString())
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes, {sum(a.size for a in arrays.values())} parameters)")
     print(f"sha256 {digest}")
