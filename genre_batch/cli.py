@@ -416,6 +416,8 @@ def print_train(summary: dict) -> None:
     )
     if summary["dropped_genres"]:
         say(f"  genres with too few tracks, left out: {summary['dropped_genres']}")
+    if summary.get("hint"):
+        say(f"  hint: {summary['hint']}")
 
 
 def print_tag(summary: dict) -> None:

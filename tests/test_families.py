@@ -216,6 +216,7 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     with session(dask_scheduler) as cluster:
         trained = train_stage.train(store, "folders", "run-train", cluster)
     assert trained.promoted and registry.metadata(store, trained.version)["feature_families"] == {"librosa": fstore.LIBROSA.version}
+    assert trained.hint is None  # no current model: the defaults for this store (librosa alone) were trained
     assert tag(path, dask_scheduler).rows == 12
     librosa_before, windows_before = librosa_part_bytes(path), current_features(store)
 
@@ -238,6 +239,7 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     with session(dask_scheduler) as cluster:
         early = train_stage.train(store, "folders", "run-train", cluster, families=["librosa", "musicnn"])
     assert not early.promoted and "feature families incomplete (7 tracks lack musicnn)" in early.reason
+    assert early.hint is None and train_stage.families_hint(store) is None  # families given; musicnn still incomplete
     assert early.sampled_tracks == 5 and registry.current_version(store) == trained.version
 
     # a model trained on the family is refused while some tracks lack it, naming the family and how to backfill it
@@ -281,3 +283,6 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     with session(dask_scheduler) as cluster:
         again = train_stage.train(store, "folders", "run-train", cluster)
     assert (again.features, again.classifier) == (["musicnn"], "xgboost")
+    # ... and says how to train the default now that every track has both families
+    assert again.hint == (f"trained on musicnn like the current model {both.version}; every track has librosa,musicnn now: "
+                          "--features librosa,musicnn trains the default (linear on librosa,musicnn)")

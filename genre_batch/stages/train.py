@@ -65,6 +65,8 @@ class TrainSummary:
     classifier: str
     features: list[str]
     dropped_genres: dict[str, int] = field(default_factory=dict)
+    hint: str | None = None
+    """How to train the default families when this training kept the current model's other ones (`families_hint`)."""
 
 
 def on_worker(session: Session | None, function: Callable[..., T], *args: object) -> T:
@@ -96,6 +98,18 @@ def choices(store: Store, families: list[str] | None, classifier: str | None, se
         classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
     model_class(classifier)
     return families, classifier
+
+
+def families_hint(store: Store, session: Session | None = None) -> str | None:
+    """When the current model's families are not training.DEFAULT_FAMILIES although every current track now has those
+    (a backfill completed), the option that trains the default; else None."""
+    version = registry.current_version(store)
+    own = training.ordered_families(list(registry.model_families(registry.metadata(store, version)))) if version else None
+    default = list(training.DEFAULT_FAMILIES)
+    if own is None or own == default or default_families(store, session) != default:
+        return None
+    return (f"trained on {','.join(own)} like the current model {version}; every track has {','.join(default)} now: "
+            f"--features {','.join(default)} trains the default ({default_kind(default)} on {','.join(default)})")
 
 
 def read_sample(store: Store, sample: pa.Table, session: Session, families: list[str],
@@ -369,6 +383,7 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
     if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`);
     `on_progress` hears the sample's reading and the fits on the workers."""
+    hint = families_hint(store, session) if families is None else None
     families, classifier = choices(store, families, classifier, session)
     if all_tracks and classifier != XGBoostModel.kind:
         raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
@@ -443,4 +458,5 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
         classifier=classifier,
         features=families,
         dropped_genres=data.dropped,
+        hint=hint,
     )
