@@ -14,6 +14,7 @@ import pytest
 from conftest import cli, keep_pristine, make_library, restored
 from test_catalog import SPACE, rows
 
+from genre_batch import GenreBatchError
 from genre_batch.analysis.audio import SAMPLE_RATE
 from genre_batch.cluster import session
 from genre_batch.library.synth import render, write_audio
@@ -420,6 +421,10 @@ def test_a_version_2_store_keeps_working_and_the_first_run_fills_the_new_columns
     strip_to_version_2(s)
     assert query.run(s, "SELECT count(*) AS n FROM catalog").to_pylist() == [{"n": 13}]
     assert query.run(s, "SELECT count(*) AS n FROM \"similar\"").to_pylist() == [{"n": 0}]
+    with pytest.raises(GenreBatchError, match=r'syntax error at or near "similar" \(SIMILAR is a reserved word in DuckDB: name the table as "similar", in double quotes\)'):
+        query.run(s, "SELECT count(*) FROM similar")
+    with pytest.raises(GenreBatchError, match=r"Referenced column \"nope\" not found[^(]*$"):  # other errors: no hint
+        query.run(s, "SELECT nope FROM \"similar\"")
     summary = run_tag(store, dask_scheduler, "run-tag-v3")
     assert (summary.mode, summary.predicted, summary.carried) == ("full", 13, 0)  # v2 rows lack the columns: re-tagged
     table = catalog.read(s)

@@ -112,6 +112,13 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             raise GenreBatchError(f"query refused: genre-batch query is read-only and runs only SELECT statements, not {kind}")
 
 
+def reserved_hint(error: duckdb.Error) -> str:
+    """A hint for SQL that names the similar table unquoted (SIMILAR is a reserved word of DuckDB's grammar), else ''."""
+    if isinstance(error, duckdb.ParserException) and 'near "similar"' in str(error).lower():
+        return ' (SIMILAR is a reserved word in DuckDB: name the table as "similar", in double quotes)'
+    return ""
+
+
 def answer(store: Store, sql: str, collect: Callable[[duckdb.DuckDBPyRelation], Any]) -> Any:
     """Run read-only SQL (one statement, or several: the last one's result) and `collect` its result."""
     con = connect(store, sql)
@@ -119,7 +126,7 @@ def answer(store: Store, sql: str, collect: Callable[[duckdb.DuckDBPyRelation], 
         check_read_only(con, sql)
         return collect(con.sql(sql))
     except duckdb.Error as e:
-        raise GenreBatchError(f"query failed: {str(e).splitlines()[0]}") from None  # one line: no caret diagram
+        raise GenreBatchError(f"query failed: {str(e).splitlines()[0]}{reserved_hint(e)}") from None  # one line: no caret diagram
     finally:
         con.close()
 
