@@ -462,7 +462,8 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
     assert sorted(p for p in store.rglob("*")) == before  # nothing stored
 
     code, out, err = cli("similar", "--store", str(store), "no-such-track")
-    assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file")
+    assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file: "
+                                                     "cannot read file: No such file or directory")
     code, _, err = cli("similar", "--store", str(store), copy, "--genre", "polka")
     assert code == 1 and err.startswith("error: --genre polka: no such genre in the published catalog; it has ambient, chiptune")
 

@@ -983,7 +983,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
             try:
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
             except audio.AudioError as e:
-                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file ({e.kind})") from None
+                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file: {e}") from None
             except vectors.MissingSpace as e:
                 raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: {e}") from None
             hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
