@@ -112,12 +112,19 @@ def say(text: str, err: bool = False) -> None:
     stream.flush()
 
 
+UNBOUNDED = 1_000_000
+"""The console width of a pipe or file: tables keep their natural width (rich would cut them to 80 columns)."""
+
+
 @functools.cache
 def console(stderr: bool = False) -> Console:
-    """rich's console on stdout (or stderr), for tables and progress bars."""
+    """rich's console on stdout (or stderr), for tables and progress bars: a terminal's width (or COLUMNS), unbounded on
+    a pipe or file, so that a table written there holds every value whole (URIs, model versions)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else UNBOUNDED
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 PREFECT_DEFAULTS = {
@@ -600,7 +607,7 @@ RETAG_NOTE = "the catalog is not re-tagged now: the next 'tag' or 'run' re-tags 
 @models_app.command("list", cls=PlainFirstCommand)
 @friendly
 def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
-    """Every registered model: version, created, tracks, genres, CV and held-out accuracy, gate, current marker."""
+    """Every registered model: version, created, classifier and feature families, tracks, genres, CV and held-out accuracy, gate, current marker."""
     checks.summary_format(fmt)
     check_reader(store)
     from rich.table import Table
@@ -612,11 +619,13 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> Non
     if fmt == "json":
         print_json(rows)
         return
-    view = Table("", "version", "created", "tracks", "genres", "CV acc", "held-out acc", "gate")
+    view = Table("", "version", "created", "model", "tracks", "genres", "CV acc", "held-out acc", "gate")
+    view.columns[1].no_wrap = True  # what `models show` and `promote` take: whole even in 80 columns (a pipe)
+    view.columns[1].min_width = max((len(r["version"]) for r in rows), default=0)
     for r in rows:
         mark = ("*" if r["current"] else "") + ("P" if r["pinned"] else "")
-        view.add_row(mark, r["version"], r["created_at"][:19], str(r["tracks"]), str(r["genres"]), f"{r['cv_accuracy']:.3f}",
-                     f"{r['holdout_accuracy']:.3f}", "passed" if r["gate_passed"] else "refused")
+        view.add_row(mark, r["version"], r["created_at"][:16].replace("T", " "), f"{r['classifier']} {r['features']}", str(r["tracks"]),
+                     str(r["genres"]), f"{r['cv_accuracy']:.3f}", f"{r['holdout_accuracy']:.3f}", "passed" if r["gate_passed"] else "refused")
     console().print(view, markup=False)
     say("(* current, P pinned)")
 

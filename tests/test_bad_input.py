@@ -223,6 +223,8 @@ def test_errors_table_and_strict_exit_status(ran: Run, dask_scheduler: str) -> N
     code, out, _ = cli("query", "--store", str(ran.store), "--format", "json", "SELECT uri, error_type FROM errors")
     assert code == 0
     assert {r["uri"]: r["error_type"] for r in json.loads(out)} == {u: k for u, (k, _) in ran.matrix.errors.items()}
+    code, out, _ = cli("query", "--store", str(ran.store), "SELECT uri, error_type FROM errors")  # a table on a pipe
+    assert code == 0 and all(uri in out for uri in ran.matrix.errors)  # holds every value whole (rich cut at 80 columns)
     code, out, err = cli("run", str(ran.matrix.root), "--store", str(ran.store), "--features", "librosa", "--scheduler", dask_scheduler, "--strict")
     retried = sum(kind == "io_error" for kind, _ in ran.matrix.errors.values())  # unreadable files are tried again
     assert retried >= 2 and code == 3 and f"0 extracted, {retried} failed" in out

@@ -78,7 +78,8 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
     code, out, _ = cli("models", "pin", "--store", store.url)
     assert code == 0 and "(pinned)" in out and registry.pinned(store)
     code, out, _ = cli("models", "list", "--store", store.url)
-    assert "*P" in out
+    current = next(line for line in out.splitlines() if "*P" in line)
+    assert "m-1" in current and f"{listed[0]['classifier']} {listed[0]['features']}" in current  # whole, and the model kind
     assert cli("models", "pin", "--store", store.url, "--unpin")[0] == 0 and not registry.pinned(store)
     assert cli("models", "show", "m-9", "--store", store.url)[0] == 1
 
