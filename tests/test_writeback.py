@@ -189,6 +189,27 @@ def test_undo_restores_the_old_tags_of_files_not_changed_since(tagged: tuple[Pat
     assert [Path(u).name for u in plan.todo["uri"].to_pylist()] == ["c.ogg"]  # restored files keep their features too
 
 
+def test_undo_of_a_run_that_filled_only_missing_tags_clears_them_again(tagged: tuple[Path, Store]) -> None:
+    """Every value restored is 'no tag' (an undone --only-missing run): the undo used to end in a traceback."""
+    library, store = tagged
+    code, out, _ = cli("write-tags", "--store", store.url, "--only-missing", "--apply", "--format", "json")
+    run = json.loads(out)["run_id"]
+    assert code == 0 and json.loads(out)["written"] == 4  # c.ogg, d.m4a, e.wav, g.mp3 (h.au has no tags to write)
+    code, out, err = cli("write-tags", "--store", store.url, "--undo", run, "--format", "json")
+    assert code == 0 and json.loads(out)["written"] == 4 and "Traceback" not in err, err
+    assert all(raw_genre(library / name) == [] for name in ("c.ogg", "d.m4a", "e.wav", "g.mp3"))
+    assert fstore.plan(discover(str(library)), fstore.read_index(store)).todo.num_rows == 0  # features kept, re-keyed
+
+
+def test_a_local_name_with_brackets_and_a_double_colon_is_written(tmp_path: Path) -> None:
+    """Local paths are not URLs: fsspec reads '::' as a chain of filesystems (the file was reported changed)."""
+    path = tmp_path / "Live [2001]" / "a::b [Remastered].wav"
+    path.parent.mkdir()
+    write_audio(path, render("chiptune", 1.0, 1), audio.SAMPLE_RATE, None)
+    old, (fingerprint, size, _) = writeback.replace(str(path), writeback.local_fingerprint(str(path))[0], ["rock"])
+    assert old == [] and raw_genre(path) == ["rock"] and (fingerprint, size) == writeback.local_fingerprint(str(path))[:2]
+
+
 def test_usage_errors_and_the_lease(tagged: tuple[Path, Store]) -> None:
     _, store = tagged
     code, _, err = cli("write-tags", "--store", store.url, "--min-confidence", "1.5")

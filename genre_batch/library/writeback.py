@@ -29,7 +29,7 @@ from mutagen.mp4 import MP4Tags
 from genre_batch import FileError
 from genre_batch.library.discovery import fingerprint
 from genre_batch.publishing import catalog
-from genre_batch.storage.feature_store import FAMILIES, read_index, read_inventory, rekeyed, resolved
+from genre_batch.storage.feature_store import FAMILIES, INDEX_SCHEMA, read_index, read_inventory, rekeyed, resolved
 from genre_batch.storage.store import TEMP_MARK, Store, is_local, is_s3, s3_error_code
 
 WRITES_VERSION = 1
@@ -208,6 +208,8 @@ def replace_s3(fs: fsspec.AbstractFileSystem, path: str, expected: str, values: 
 
 def replace(uri: str, expected: str, values: list[str]) -> tuple[list[str], tuple[str, int, str]]:
     """Set a file's genre tag to `values` if it is still the version `expected`: (old values, (fingerprint, size, version))."""
+    if "://" not in uri:  # a local path, read as audio.py reads it: fsspec would take a '::' in a name for a URL chain
+        return replace_local(uri, expected, values)
     fs, path = fsspec.core.url_to_fs(uri)
     if is_local(fs):
         return replace_local(path, expected, values)
@@ -306,13 +308,19 @@ def flushed(store: Store, run_id: str, rows: list[dict], number: int) -> None:
     store.write_table(f"{writes_folder(store)}/{run_id}-{number:05d}.parquet", pa.Table.from_pylist(rows, schema=WRITES_SCHEMA))
 
 
+REKEYED_SCHEMA = pa.schema([INDEX_SCHEMA.field("uri"), INDEX_SCHEMA.field("fingerprint").with_name("old_fingerprint"),
+                            *(INDEX_SCHEMA.field(name) for name in ("fingerprint", "size", "version", "tag_genre"))])
+"""The written files' keys and new listing facts, as `feature_store.rekeyed` takes them."""
+
+
 def keep_features(store: Store, run_id: str, done: list[tuple[dict, tuple[str, int, str]]]) -> None:
     """Re-key the written files' index rows to their new fingerprint and update the stored listing: no re-extraction."""
     if not done:
         return
     files = pa.Table.from_pylist(
         [{"uri": r["uri"], "old_fingerprint": r["old_fingerprint"], "fingerprint": fp, "size": size, "version": version,
-          "tag_genre": (r["new_tag"] or [None])[0]} for r, (fp, size, version) in done]
+          "tag_genre": (r["new_tag"] or [None])[0]} for r, (fp, size, version) in done],
+        schema=REKEYED_SCHEMA,  # typed: an undo that restores no tag at all has only nulls in tag_genre
     )
     inventory = read_inventory(store)
     old_keys = pa.table({"uri": files["uri"], "fingerprint": files["old_fingerprint"]})
