@@ -84,6 +84,30 @@ def test_musicnn_features_are_deterministic_for_a_generated_signal(tmp_path: Pat
         assert np.array_equal(tagging.file_rows(str(path), families), stored)
 
 
+def test_an_unexpected_failure_decoding_one_file_is_its_error_row_not_the_shard_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an AudioError (a library's bug: '::' in an S3 key once raised TypeError in fsspec): the other files go on."""
+    good, bad = tmp_path / "good.wav", tmp_path / "bad.wav"
+    for path in (good, bad):
+        write_audio(path, render("electronic", 12.0, 1), audio.SAMPLE_RATE)
+    load = audio.load
+
+    def failing(uri: str, spans: audio.SpanPlan) -> tuple:
+        """audio.load, raising TypeError for the bad file."""
+        if uri == str(bad):
+            raise TypeError("boom")
+        return load(uri, spans)
+
+    monkeypatch.setattr(audio, "load", failing)
+    listing = pa.table({"uri": [str(bad), str(good)], "track_id": ["b", "g"], "fingerprint": ["f1", "f2"], "size": [1, 1], "version": ["v", "v"],
+                        "families": ["librosa", "librosa"]})
+    store = Store(str(tmp_path / "store"))
+    result = extract_shard(store, listing, "run", 0)
+    assert (result.extracted, result.failed) == (1, 1)
+    index = {r["uri"]: r for r in fstore.stored_index(store).to_pylist()}
+    assert (index[str(bad)]["error_stage"], index[str(bad)]["error_type"], index[str(bad)]["error_message"]) == ("decode", "TypeError", "boom")
+    assert index[str(good)]["error_type"] is None and index[str(good)]["row_count"] > 0
+
+
 def musicnn_shard(store: Store, name: str, shard: list[dict], run_id: str) -> None:
     """Write a shard holding only musicnn rows, as a backfill does."""
     stamp = {"feature_version": EMBEDDING_VERSION, "run_id": run_id, "extracted_at": T0}

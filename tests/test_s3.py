@@ -19,7 +19,10 @@ import s3fs
 from conftest import cli
 
 from genre_batch import GenreBatchError
-from genre_batch.library.synth import STYLES
+from genre_batch.analysis import audio
+from genre_batch.library import writeback
+from genre_batch.library.discovery import discover
+from genre_batch.library.synth import STYLES, render, write_audio
 from genre_batch.publishing import catalog
 from genre_batch.storage.store import Store, swap_bytes, version_token
 
@@ -135,6 +138,26 @@ def test_run_with_library_and_store_on_s3(
         assert KEY.encode() not in data and SECRET.encode() not in data, path
     model = next(p for p in stored if p.endswith("model.ubj"))
     assert s3.cat_file(model)[:1] == b"{" and not s3.cat_file(model).startswith(b"\x80")  # UBJSON, not a pickle
+
+
+ODD_KEYS = ["Live [2001]/a::b.wav", "c#d?e.wav", "f g {h}.flac", "*star*.ogg"]
+"""Object keys holding URL and glob syntax: '::' (fsspec's chain of filesystems), '#' and '?', brackets, braces, '*'."""
+
+
+def test_object_keys_with_url_and_glob_syntax_are_listed_read_and_written(s3: s3fs.S3FileSystem, tmp_path: Path) -> None:
+    """Such a key is a name: a '::' in one used to fail the whole shard that read it (a TypeError, not an audio error)."""
+    s3.mkdir("odd")
+    for i, key in enumerate(ODD_KEYS):
+        local = write_audio(tmp_path / f"{i}{Path(key).suffix}", render("chiptune", 1.0, i), audio.SAMPLE_RATE, {"genre": "Jazz"})
+        s3.put_file(str(local), f"odd/lib/{key}")
+    listing = discover("s3://odd/lib").to_pylist()
+    assert sorted(r["uri"] for r in listing) == sorted(f"s3://odd/lib/{key}" for key in ODD_KEYS)
+    for row in listing:
+        _, info, tags = audio.load(row["uri"])
+        assert info.duration_s > 0.9 and tags.genre == "Jazz", row["uri"]
+    chained = next(r for r in listing if "::" in r["uri"])
+    old, _ = writeback.replace(chained["uri"], chained["fingerprint"], ["rock"])
+    assert old == ["Jazz"] and audio.read_tags(chained["uri"]).genre == "rock"
 
 
 def test_wrong_credentials_give_one_clear_line(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> None:

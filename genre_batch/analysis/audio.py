@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import av
-import fsspec
 import mutagen
 import numpy as np
 import soundfile as sf
@@ -16,6 +15,7 @@ import soxr
 from mutagen.id3 import ID3
 
 from genre_batch import FileError
+from genre_batch.storage.store import file_system
 
 SAMPLE_RATE = 22050
 SILENCE_DBFS = -80.0
@@ -82,11 +82,11 @@ def _opened(uri: str) -> Iterator[IO[bytes]]:
     """An open file of a local path (builtin open: its reads cost less CPU than fsspec's local file object's) or of an
     fsspec URL; open and read failures become AudioError("io_error")."""
     try:
-        opener = fsspec.open(uri, "rb") if "://" in uri else None
-    except ValueError as e:
+        fs, path = file_system(uri) if "://" in uri else (None, uri)
+    except ValueError as e:  # an unknown protocol
         raise AudioError("io_error", f"cannot open: {e}") from e
     try:
-        with opener if opener is not None else open(uri, "rb") as f:
+        with fs.open(path, "rb") if fs is not None else open(uri, "rb") as f:
             yield f
     except OSError as e:
         raise AudioError("io_error", f"cannot read file: {_os_reason(e)}") from e

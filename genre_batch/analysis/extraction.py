@@ -178,8 +178,9 @@ def extract_shard(store: Store, files: pa.Table, run_id: str, shard: int) -> Sha
         families = [FAMILIES[name] for name in file.pop("families", LIBROSA.name).split(",")]
         try:
             segments, info, tags = audio.load(file["uri"], features.window_spans)
-        except audio.AudioError as e:
-            out.index += [error_row(file, "decode", e.kind, str(e), run_id, f) for f in families]
+        except Exception as e:  # an AudioError is the file's fault; anything else on one file must not sink the shard either
+            kind = e.kind if isinstance(e, audio.AudioError) else type(e).__name__
+            out.index += [error_row(file, "decode", kind, str(e) or repr(e), run_id, f) for f in families]
             failed += 1
             continue
         meta = file_meta(info, tags)

@@ -30,7 +30,7 @@ from genre_batch import FileError
 from genre_batch.library.discovery import fingerprint
 from genre_batch.publishing import catalog
 from genre_batch.storage.feature_store import FAMILIES, INDEX_SCHEMA, read_index, read_inventory, rekeyed, resolved
-from genre_batch.storage.store import TEMP_MARK, Store, is_local, is_s3, s3_error_code
+from genre_batch.storage.store import TEMP_MARK, Store, file_system, is_local, is_s3, s3_error_code
 
 WRITES_VERSION = 1
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -208,9 +208,9 @@ def replace_s3(fs: fsspec.AbstractFileSystem, path: str, expected: str, values: 
 
 def replace(uri: str, expected: str, values: list[str]) -> tuple[list[str], tuple[str, int, str]]:
     """Set a file's genre tag to `values` if it is still the version `expected`: (old values, (fingerprint, size, version))."""
-    if "://" not in uri:  # a local path, read as audio.py reads it: fsspec would take a '::' in a name for a URL chain
+    if "://" not in uri:  # a local path, read as audio.py reads it
         return replace_local(uri, expected, values)
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = file_system(uri)
     if is_local(fs):
         return replace_local(path, expected, values)
     if is_s3(fs):

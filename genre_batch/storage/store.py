@@ -80,6 +80,15 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return "s3" in fs.protocol if isinstance(fs.protocol, tuple) else fs.protocol in ("s3", "s3a")
 
 
+def file_system(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of one file's URI (protocol://path, or a local path), taken literally: fsspec's URL
+    parsing reads a '::' in a file's name as a chain of filesystems."""
+    import fsspec
+
+    protocol, path = fsspec.core.split_protocol(uri)
+    return fsspec.filesystem(protocol or "file"), path
+
+
 def absolute(url: str) -> str:
     """A local path made absolute (workers may run elsewhere); URLs unchanged."""
     return url if "://" in url else str(Path(url).expanduser().resolve())
