@@ -201,13 +201,16 @@ def test_undo_of_a_run_that_filled_only_missing_tags_clears_them_again(tagged: t
     assert fstore.plan(discover(str(library)), fstore.read_index(store)).todo.num_rows == 0  # features kept, re-keyed
 
 
-def test_a_local_name_with_brackets_and_a_double_colon_is_written(tmp_path: Path) -> None:
-    """Local paths are not URLs: fsspec reads '::' as a chain of filesystems (the file was reported changed)."""
-    path = tmp_path / "Live [2001]" / "a::b [Remastered].wav"
+@pytest.mark.parametrize("name", ["a::b [Remastered].wav", "ü" * 123 + ".wav"])
+def test_a_local_name_with_url_syntax_or_at_the_length_limit_is_written(tmp_path: Path, name: str) -> None:
+    """Local paths are not URLs: fsspec reads '::' as a chain of filesystems (the file was reported changed); a name of
+    250 bytes left no room for the temporary copy's name (File name too long)."""
+    path = tmp_path / "Live [2001]" / name
     path.parent.mkdir()
     write_audio(path, render("chiptune", 1.0, 1), audio.SAMPLE_RATE, None)
     old, (fingerprint, size, _) = writeback.replace(str(path), writeback.local_fingerprint(str(path))[0], ["rock"])
     assert old == [] and raw_genre(path) == ["rock"] and (fingerprint, size) == writeback.local_fingerprint(str(path))[:2]
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]  # no temporary copy left
 
 
 def test_usage_errors_and_the_lease(tagged: tuple[Path, Store]) -> None:

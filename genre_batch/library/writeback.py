@@ -157,7 +157,7 @@ def replace_local(path: str, expected: str, values: list[str]) -> tuple[list[str
     if read_only(st, target):
         raise WriteError("read_only", "the file is read-only")
     folder, name = os.path.split(target)
-    tmp = os.path.join(folder, f".{name}{TEMP_MARK}{uuid.uuid4().hex}")
+    tmp = os.path.join(folder, f".genre-batch{TEMP_MARK}{uuid.uuid4().hex}")  # not from the name: a long one has no room for more
     try:
         shutil.copyfile(target, tmp)
         os.chmod(tmp, stat.S_IMODE(st.st_mode))
