@@ -62,9 +62,22 @@ def test_label_file_in_parquet_with_other_column_names(tmp_path: Path) -> None:
     assert labels.label_source(str(path)) == "file:labels.parquet"
 
 
+@pytest.mark.parametrize("content", [
+    "\ufeffFile,Genre\r\nc.ogg,Ambient\r\n",  # a spreadsheet's export: byte-order mark, capitals, CRLF
+    "path;label\n./c.ogg;Ambient\n",  # semicolons (spreadsheets of many locales)
+    "uri\tgenre\nc.ogg\tAmbient\n",  # tabs
+])
+def test_label_files_as_spreadsheets_write_them(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text(content, encoding="utf-8")
+    assert as_dict(labels.resolve(str(path), tracks(), LIBRARY)) == {f"{LIBRARY}/c.ogg": "ambient"}
+
+
 @pytest.mark.parametrize(
     "content, message",
-    [("name,style\nx,y\n", "needs a file column"), (None, "cannot read labels file")],
+    [("name,style\nx,y\n", "needs a file column"), (None, "cannot read labels file"),
+     ("file,genre\njazz\\live\\b.flac,Jazz\nnope.mp3,Rock\n",  # no row names a track: say so, not 'no labelled tracks'
+      r"none of its 2 rows names a track of the store \(the first: 'jazz\\\\live\\\\b.flac'\); name files by URI or by a path relative to the library root /music/lib")],
 )
 def test_bad_label_files_are_clear_errors(tmp_path: Path, content: str | None, message: str) -> None:
     path = tmp_path / "labels.csv"

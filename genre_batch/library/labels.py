@@ -58,14 +58,26 @@ def from_tags(tracks: pa.Table) -> pa.Table:
     return table.filter(pc.is_valid(table["genre"]))
 
 
+def delimiter_of(path: str) -> str:
+    """A CSV file's delimiter: the first of ',', ';' (spreadsheets in many locales) or a tab in its header line."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    return next((d for d in ",;\t" if d in header), ",")
+
+
 def read_label_file(path: str) -> pa.Table:
-    """Read a CSV or Parquet label file with a file column and a genre column."""
+    """Read a CSV (comma, semicolon or tab separated) or Parquet label file with a file column and a genre column
+    (names in any case)."""
     try:
-        table = pq.read_table(path) if path.lower().endswith(".parquet") else pacsv.read_csv(path)
+        if path.lower().endswith(".parquet"):
+            table = pq.read_table(path)
+        else:
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter_of(path)))
     except (OSError, pa.ArrowInvalid) as e:
         raise GenreBatchError(f"cannot read labels file {path}: {e}") from None
-    file_col = next((c for c in FILE_COLUMNS if c in table.column_names), None)
-    genre_col = next((c for c in GENRE_COLUMNS if c in table.column_names), None)
+    named = {c.strip().lower(): c for c in reversed(table.column_names)}  # the first of a name in any case
+    file_col = next((named[c] for c in FILE_COLUMNS if c in named), None)
+    genre_col = next((named[c] for c in GENRE_COLUMNS if c in named), None)
     if file_col is None or genre_col is None:
         raise GenreBatchError(
             f"labels file {path} needs a file column ({'/'.join(FILE_COLUMNS)}) and a genre column "
@@ -80,10 +92,18 @@ def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
     known = set(tracks["uri"].to_pylist())
     prefix = library.rstrip("/") + "/"
     genres: dict[str, str] = {}
+    unmatched = []
     for file, genre in zip(given["file"].to_pylist(), given["genre"].to_pylist()):
         uri = file if file in known else prefix + posixpath.normpath((file or "").lstrip("/"))
-        if uri in known and normalise(genre):  # paths outside the library never match a track
+        if uri not in known:  # paths outside the library never match a track
+            unmatched.append(file)
+        elif normalise(genre):
             genres[uri] = normalise(genre)
+    if unmatched and len(unmatched) == given.num_rows:
+        raise GenreBatchError(
+            f"labels file {path}: none of its {given.num_rows} rows names a track of the store (the first: {unmatched[0]!r}); "
+            f"name files by URI or by a path relative to the library root {library}, with '/' between folders"
+        )
     return pa.table({"uri": list(genres), "genre": list(genres.values())}, schema=LABELS_SCHEMA)
 
 
