@@ -6,6 +6,7 @@ This module imports neither Prefect nor Dask, so that a wrong invocation costs n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from genre_batch import GenreBatchError, UsageError
@@ -18,6 +19,24 @@ SERVER_COMMAND = "prefect server start --host 127.0.0.1 --port 4200"
 SERVER_API_URL = "http://127.0.0.1:4200/api"
 NIGHTLY_CRON = "0 2 * * *"
 """Default schedule of the nightly deployment: every day at 02:00 (UTC unless a timezone is given)."""
+
+
+DASK_SCHEMES = ("tcp", "tls", "ws", "wss", "inproc", "ucx")
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+"""host:port of a network scheduler address ([IPv6]:port too)."""
+
+
+def scheduler(address: str | None) -> None:
+    """A Dask scheduler address as distributed parses it: [scheme://]host:port (tcp by default), any location for
+    inproc and ucx."""
+    if address is None:
+        return
+    scheme, location = address.split("://", 1) if "://" in address else ("tcp", address)
+    if scheme not in DASK_SCHEMES:
+        raise UsageError(f"--scheduler {address}: unknown scheme {scheme}://; use one of {', '.join(DASK_SCHEMES)}, e.g. tcp://127.0.0.1:8786")
+    if (scheme in ("inproc", "ucx") and location) or HOST_PORT.fullmatch(location):
+        return
+    raise UsageError(f"--scheduler {address}: not a Dask scheduler address; give host:port, e.g. tcp://127.0.0.1:8786")
 
 
 def is_url(location: str) -> bool:

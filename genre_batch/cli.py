@@ -140,9 +140,21 @@ StoreOpt = Annotated[
         "--store", "-s", envvar="GENRE_BATCH_STORE", help="Store URL (folder or s3://bucket/prefix) holding features, models, catalog."
     ),
 ]
+
+
+def scheduler_option(address: str | None) -> str | None:
+    """--scheduler: refused while the command line is parsed, like any malformed option (checks.scheduler)."""
+    try:
+        checks.scheduler(address)
+    except UsageError as e:
+        raise typer.BadParameter(str(e).removeprefix(f"--scheduler {address}: ")) from None
+    return address
+
+
 SchedulerOpt = Annotated[
     str | None,
-    typer.Option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", help="Dask scheduler address (tcp://host:8786). Default: a local cluster, one single-threaded worker per core."),
+    typer.Option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", callback=scheduler_option,
+                 help="Dask scheduler address (tcp://host:8786). Default: a local cluster, one single-threaded worker per core."),
 ]
 LabelsOpt = Annotated[
     str | None,

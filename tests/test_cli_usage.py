@@ -271,3 +271,10 @@ def test_bad_cron_expressions_are_usage_errors_naming_the_field(expression: str,
     assert str(raised.value) == f"invalid --cron {expression!r}: {reason}"
     with pytest.raises(ValueError):
         validate_cron_string(expression)  # Prefect refuses it too
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:8786", "127.0.0.1:8786", "tls://scheduler.example:8786", "tcp://[::1]:8786", "inproc://10.0.0.1/123/1", None])
+def test_scheduler_addresses_dask_accepts_pass_the_check(address: str | None) -> None:
+    from genre_batch import checks
+
+    checks.scheduler(address)  # raises UsageError for a refused one
