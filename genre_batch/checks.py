@@ -49,8 +49,29 @@ def local_path(location: str) -> Path:
     return Path(location.removeprefix("file://")).expanduser().absolute()
 
 
+def protocol(location: str, what: str) -> None:
+    """A URL's protocol must be one fsspec knows and can use here (its package installed)."""
+    if not is_url(location):
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(location.split("://", 1)[0])
+    except (ValueError, ImportError) as e:  # Protocol not known: foo / Install gcsfs to access Google Storage
+        raise UsageError(f"{what} {location}: {e}") from None
+
+
+def endpoint(url: str | None) -> None:
+    """An S3 endpoint is an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+        raise UsageError(f"--endpoint-url {url}: not an http(s) URL with a host, e.g. http://127.0.0.1:8333")
+
+
 def library(location: str) -> None:
-    """A local library must be an existing folder."""
+    """A local library must be an existing folder; a library URL's protocol one fsspec can use."""
+    protocol(location, "library")
     if not is_url(location) and not local_path(location).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
 
@@ -63,8 +84,10 @@ def nearest_existing(path: Path) -> Path:
 
 
 def writable_folder(location: str, what: str) -> None:
-    """A local folder that a run writes to must be a folder, or creatable in a writable parent."""
+    """A local folder that a run writes to must be a folder, or creatable in a writable parent; a URL's protocol one
+    fsspec can use."""
     if is_url(location):
+        protocol(location, what)
         return
     path = local_path(location)
     existing = nearest_existing(path)

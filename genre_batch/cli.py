@@ -142,18 +142,23 @@ StoreOpt = Annotated[
 ]
 
 
-def scheduler_option(address: str | None) -> str | None:
-    """--scheduler: refused while the command line is parsed, like any malformed option (checks.scheduler)."""
-    try:
-        checks.scheduler(address)
-    except UsageError as e:
-        raise typer.BadParameter(str(e).removeprefix(f"--scheduler {address}: ")) from None
-    return address
+def checked_option(check: Callable[[str | None], None], name: str) -> Callable[[str | None], str | None]:
+    """An option callback: the value refused while the command line is parsed, like any malformed option."""
+
+    def callback(value: str | None) -> str | None:
+        """The value, once `check` passes it."""
+        try:
+            check(value)
+        except UsageError as e:
+            raise typer.BadParameter(str(e).removeprefix(f"{name} {value}: ")) from None
+        return value
+
+    return callback
 
 
 SchedulerOpt = Annotated[
     str | None,
-    typer.Option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", callback=scheduler_option,
+    typer.Option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", callback=checked_option(checks.scheduler, "--scheduler"),
                  help="Dask scheduler address (tcp://host:8786). Default: a local cluster, one single-threaded worker per core."),
 ]
 LabelsOpt = Annotated[
@@ -319,7 +324,8 @@ def options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs on the console (serve always shows them).")] = False,
     endpoint_url: Annotated[
         str | None,
-        typer.Option("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
+        typer.Option("--endpoint-url", callback=checked_option(checks.endpoint, "--endpoint-url"),
+                     help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL). Credentials come from the standard AWS chain."),
     ] = None,
     _version: Annotated[
         bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
@@ -534,7 +540,8 @@ def check_writer(library: str | None, store: str, fmt: str, labels: str | None =
 
 
 def check_reader(store: str) -> None:
-    """A verb that reads the store: a local store must be an existing folder."""
+    """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use."""
+    checks.protocol(store, "store")
     if not checks.is_url(store) and not checks.local_path(store).is_dir():
         raise UsageError(f"store not found or not a folder: {store}")
 
