@@ -723,7 +723,7 @@ def store_targets(stores: list[dict]) -> list[dict]:
         rows.append(target(f"{n}: no-op plan in process (load {s['plan']['process']['load_1m'][0]:g})", s["plan"]["plan_total_s"], PLAN_LIMIT_S, "s"))
         if "query" in s:
             q = s["query"]
-            rows.append(target(f"{n}: top-100 query in process (median, load {q['load_1m']:g})", q["query_in_process_s"]["median"], QUERY_PROCESS_LIMIT_S, "s"))
+            rows.append(target(f"{n}: top-100 query in process (median, load {q['load_1m'][0]:g})", q["query_in_process_s"]["median"], QUERY_PROCESS_LIMIT_S, "s"))
             rows.append(target(f"{n}: top-100 query, genre-batch query CLI (median wall)", q["query_cli_s"]["median"], QUERY_CLI_LIMIT_S, "s"))
     return rows
 
