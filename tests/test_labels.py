@@ -10,6 +10,7 @@ import pytest
 
 from genre_batch import GenreBatchError
 from genre_batch.library import labels
+from genre_batch.publishing import tagging
 
 LIBRARY = "/music/lib"
 
@@ -85,3 +86,14 @@ def test_bad_label_files_are_clear_errors(tmp_path: Path, content: str | None, m
         path.write_text(content)
     with pytest.raises(GenreBatchError, match=message):
         labels.resolve(str(path), tracks(), LIBRARY)
+
+
+def test_unknown_is_never_a_label(tmp_path: Path) -> None:
+    """'Unknown' (ID3 genre 255 as mutagen reads it) is the catalog's genre of an abstention, not a class to learn."""
+    tagged = pa.table({"uri": [f"{LIBRARY}/Unknown/a.mp3", f"{LIBRARY}/b.mp3"], "tag_genre": [" Unknown ", "Rock"]})
+    assert as_dict(labels.resolve("tags", tagged, LIBRARY)) == {f"{LIBRARY}/b.mp3": "rock"}
+    assert as_dict(labels.resolve("folders", tagged, LIBRARY)) == {}
+    path = tmp_path / "labels.csv"
+    path.write_text("file,genre\nb.mp3,UNKNOWN\nUnknown/a.mp3,jazz\n")
+    assert as_dict(labels.resolve(str(path), tagged, LIBRARY)) == {f"{LIBRARY}/Unknown/a.mp3": "jazz"}
+    assert labels.normalise("unknown") is None and labels.UNKNOWN == tagging.UNKNOWN

@@ -16,12 +16,17 @@ FILE_COLUMNS = ("file", "uri", "path")
 GENRE_COLUMNS = ("genre", "label")
 
 
+UNKNOWN = "unknown"
+"""The catalog's genre of a track the model abstained on: never a label, so a tag, folder or labels file saying
+'Unknown' (mutagen reads ID3 genre 255 so) gives none, and the model never has a class of that name."""
+
+
 def normalise(genre: str | None) -> str | None:
-    """Canonical genre name: trimmed and lower-case; None for blanks."""
+    """Canonical genre name: trimmed and lower-case; None for blanks and UNKNOWN."""
     if genre is None:
         return None
     genre = " ".join(genre.split()).casefold()
-    return genre or None
+    return None if genre in ("", UNKNOWN) else genre
 
 
 def label_source(spec: str) -> str:
@@ -30,13 +35,14 @@ def label_source(spec: str) -> str:
 
 
 def from_folders(tracks: pa.Table, library: str) -> pa.Table:
-    """Genre = name of the parent folder, for tracks inside a sub-folder of the library."""
+    """Genre = name of the parent folder, for tracks inside a sub-folder of the library (not one named 'Unknown')."""
     prefix = library.rstrip("/") + "/"
     rows = []
     for uri in tracks["uri"].to_pylist():
         relative = uri[len(prefix):] if uri.startswith(prefix) else None
-        if relative and "/" in relative:
-            rows.append({"uri": uri, "genre": normalise(posixpath.basename(posixpath.dirname(relative)))})
+        genre = normalise(posixpath.basename(posixpath.dirname(relative))) if relative and "/" in relative else None
+        if genre:
+            rows.append({"uri": uri, "genre": genre})
     return pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
 
 

@@ -28,6 +28,7 @@ from mutagen.mp4 import MP4Tags
 
 from genre_batch import FileError
 from genre_batch.library.discovery import fingerprint
+from genre_batch.library.labels import UNKNOWN
 from genre_batch.publishing import catalog
 from genre_batch.storage.feature_store import FAMILIES, INDEX_SCHEMA, read_index, read_inventory, rekeyed, resolved
 from genre_batch.storage.store import TEMP_MARK, Store, file_system, is_local, is_s3, s3_error_code
@@ -254,8 +255,6 @@ CANDIDATE_COLUMNS = ["uri", "track_id", "fingerprint", "genre", "confidence", "e
 def chosen(rows: pa.Table, choice: Choice) -> pa.Table:
     """Catalog rows to write: a genre (not unknown) at or over the confidence, differing from the embedded tag
     (missing, with only_missing)."""
-    from genre_batch.publishing.tagging import UNKNOWN  # here: tagging loads XGBoost
-
     keep = pc.and_kleene(pc.not_equal(rows["genre"], UNKNOWN), pc.greater_equal(rows["confidence"], choice.min_confidence))
     missing = pc.is_null(rows["embedded_genre"])
     keep = pc.and_kleene(keep, missing if choice.only_missing else pc.or_kleene(missing, pc.not_equal(rows["embedded_genre"], rows["genre"])))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch.analysis.columns import FEATURE_NAMES
-from genre_batch.library.labels import normalise
+from genre_batch.library.labels import UNKNOWN, normalise
 from genre_batch.modelling import registry
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
@@ -22,8 +22,6 @@ from genre_batch.storage.store import Store
 if TYPE_CHECKING:  # xgboost and scikit-learn: loaded with the model (registry.load), not by the flow process importing this
     from genre_batch.modelling.model import GenreModel
 
-UNKNOWN = "unknown"
-"""Genre of a track whose confidence is under the model's abstain threshold."""
 
 BATCH_WINDOWS = 120_000
 """Window rows per tagging task (parts are never split): about 300 MB of features in a worker at a time."""
