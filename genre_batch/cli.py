@@ -912,7 +912,7 @@ def query(
 @app.command(cls=PlainFirstCommand)
 @friendly
 def classify(
-    files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify.")],
+    files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify; a local folder stands for the audio files under it.")],
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
     fmt: FormatOpt = "text",
@@ -920,10 +920,14 @@ def classify(
     """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
     checks.summary_format(fmt)
     check_reader(store)
+    from genre_batch.library.discovery import files_of
     from genre_batch.publishing.tagging import classify_files
     from genre_batch.storage.store import Store
 
-    results = classify_files(Store.at(store), [absolute(f) for f in files], top)
+    uris = files_of([absolute(f) for f in files])
+    if not uris:
+        raise GenreBatchError(f"no audio files to classify in {', '.join(files)}")
+    results = classify_files(Store.at(store), uris, top)
     failed = sum(isinstance(result, str) for _, result in results)
     if fmt == "json":
         print_json([{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}
@@ -932,7 +936,7 @@ def classify(
         for uri, result in results:
             say(f"{uri}: error: {result}" if isinstance(result, str) else f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result))
     if failed:
-        say(f"error: {failed} of {len(files)} files could not be classified", err=True)
+        say(f"error: {failed} of {len(results)} files could not be classified", err=True)
         raise typer.Exit(1)
 
 

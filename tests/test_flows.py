@@ -72,6 +72,13 @@ def test_cli_run_query_classify(
     good, bad = json.loads(out)
     assert code == 1 and good["uri"] == str(clip) and [g["genre"] for g in good["genres"]][0] == "chiptune" and len(good["genres"]) == 2
     assert bad["uri"] == str(library / "broken.mp3") and bad["error"].startswith("undecodable")
+    code, out, _ = cli("classify", "--store", store, "--top", "1", str(library / "chiptune"))  # a folder: its audio files
+    named = [line.split(": ", 1) for line in out.splitlines()]
+    assert code == 0 and [n for n, _ in named] == [str(f) for f in sorted((library / "chiptune").iterdir())]
+    assert all(genres.startswith("chiptune ") for _, genres in named)
+    (library / "empty").mkdir()
+    code, _, err = cli("classify", "--store", store, str(library / "empty"))
+    assert code == 1 and err == f"error: no audio files to classify in {library / 'empty'}\n"
 
 
 @pytest.mark.parametrize(

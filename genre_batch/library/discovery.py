@@ -154,6 +154,11 @@ def inventory_batch(fs: fsspec.AbstractFileSystem, rows: list[tuple[str, int, st
     )
 
 
+def files_of(locations: list[str]) -> list[str]:
+    """The files named: a local folder stands for the audio files under it (in URI order, as `discover` lists them)."""
+    return [uri for location in locations for uri in (discover(location)["uri"].to_pylist() if os.path.isdir(location) else [location])]
+
+
 def discover(library: str) -> pa.Table:
     """List every audio file under a library URL, sorted by URI, with size, version and fingerprint.
 
