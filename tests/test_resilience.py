@@ -149,13 +149,14 @@ def worker_of(nanny: psutil.Process) -> psutil.Process:
     return worker
 
 
-def tasks_on(client: Client, pid: int, timeout: float) -> list[str]:
-    """Keys the scheduler has assigned to the worker process `pid`, polled every 20 ms until there are some (a worker
-    holds none between two shards; a shard of this library lasts about a second), [] after `timeout`."""
+def shards_on(client: Client, pid: int, timeout: float) -> list[str]:
+    """Keys of extraction shards the scheduler has assigned to the worker process `pid`, polled every 20 ms until there
+    are some (a worker holds none between two shards; a shard of this library lasts about a second), [] after
+    `timeout`."""
     [address] = [a for a, p in client.run(os.getpid).items() if p == pid]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        keys = list(client.processing(workers=[address])[address])
+        keys = [k for k in client.processing(workers=[address])[address] if str(k).startswith("extract-")]
         if keys:
             return keys
         time.sleep(0.02)
@@ -172,9 +173,8 @@ def test_worker_killed_mid_extraction_every_file_once(
     cmd = [GENRE_BATCH, "extract", str(root), "--store", str(store), "--features", "librosa", "--scheduler", dask_cluster]
     log = tmp_path / "extract.log"
     with Client(dask_cluster, timeout="10s") as client, server(cmd, cli_env, log, tmp_path) as run:
-        wait_until(lambda: part_files(store), 180, "the first shard part", [(run, log)])
         victim = worker_of(nanny)
-        assigned = tasks_on(client, victim.pid, 60)
+        assigned = shards_on(client, victim.pid, 180)  # polled from the run's start: its first shard, whatever the pace
         victim.kill()
         parts_at_kill = len(part_files(store))
         code = run.wait(240)
