@@ -65,7 +65,8 @@ def endpoint(url: str | None) -> None:
     """An S3 endpoint is an http(s) URL with a host."""
     from urllib.parse import urlsplit
 
-    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+    parts = urlsplit(url) if url is not None else None
+    if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
         raise UsageError(f"--endpoint-url {url}: not an http(s) URL with a host, e.g. http://127.0.0.1:8333")
 
 

@@ -98,16 +98,16 @@ def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
     known = set(tracks["uri"].to_pylist())
     prefix = library.rstrip("/") + "/"
     genres: dict[str, str] = {}
-    unmatched = []
+    matched = 0
     for file, genre in zip(given["file"].to_pylist(), given["genre"].to_pylist()):
         uri = file if file in known else prefix + posixpath.normpath((file or "").lstrip("/"))
-        if uri not in known:  # paths outside the library never match a track
-            unmatched.append(file)
-        elif normalise(genre):
-            genres[uri] = normalise(genre)
-    if unmatched and len(unmatched) == given.num_rows:
+        if uri in known:  # paths outside the library never match a track
+            matched += 1
+            if normalise(genre):
+                genres[uri] = normalise(genre)
+    if given.num_rows and not matched:
         raise GenreBatchError(
-            f"labels file {path}: none of its {given.num_rows} rows names a track of the store (the first: {unmatched[0]!r}); "
+            f"labels file {path}: none of its {given.num_rows} rows names a track of the store (the first: {given['file'][0].as_py()!r}); "
             f"name files by URI or by a path relative to the library root {library}, with '/' between folders"
         )
     return pa.table({"uri": list(genres), "genre": list(genres.values())}, schema=LABELS_SCHEMA)
