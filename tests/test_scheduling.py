@@ -84,14 +84,20 @@ def run_logs(url: str, run_id: str) -> str:
 
 
 def test_serve_cron_fires_a_run_that_completes_and_a_colliding_run_is_cancelled(
-    prefect_api: tuple[str, dict[str, str]], library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str
+    prefect_api: tuple[str, dict[str, str]], library_factory: Callable[..., Path], tmp_path: Path
 ) -> None:
+    """The scheduled run's scheduler has no worker until the colliding run has been cancelled: the scheduled run waits
+    for one (cluster.WORKER_WAIT_S), so it still holds the deployment's slot when the second run asks for it (with
+    workers from the start, a quick run ended first on CI and the second run completed)."""
+    from distributed import LocalCluster
+
     url, env = prefect_api
     library, store = library_factory(per_style=3), tmp_path / "store"  # as test_flows: a model that passes the gate
     log = (tmp_path / "serve.log").open("w")
+    cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0")
     served = subprocess.Popen(
         [str(BIN / "genre-batch"), "serve", str(library), "--store", str(store), "--labels", "folders",
-         "--scheduler", dask_scheduler, "--cron", "* * * * *", "--name", DEPLOYMENT],
+         "--scheduler", cluster.scheduler_address, "--cron", "* * * * *", "--name", DEPLOYMENT],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -119,6 +125,8 @@ def test_serve_cron_fires_a_run_that_completes_and_a_colliding_run_is_cancelled(
         assert cancelled["state_type"] == "CANCELLED" and cancelled["state"]["message"] == "Deployment concurrency limit reached."
         said = wait_for(lambda: [line for line in (tmp_path / "serve.log").read_text().splitlines() if second["id"] in line], 30, "serve logging the cancelled run")
         assert "CANCELLED" in " ".join(said), said  # serve's log says what happened to the second run
+        assert final(first["id"]) is None, run_logs(url, first["id"])  # still waiting for a worker
+        cluster.scale(1)
         done = wait_for(lambda: final(first["id"]), RUN_WAIT_S, "the scheduled run ending")
         assert done["state_type"] == "COMPLETED", run_logs(url, first["id"])
         assert (store / "catalog" / "CURRENT.json").exists()
@@ -127,6 +135,7 @@ def test_serve_cron_fires_a_run_that_completes_and_a_colliding_run_is_cancelled(
     finally:
         stop(served)
         log.close()
+        cluster.close()
 
 
 def test_serve_refuses_a_server_that_does_not_answer(tmp_path: Path) -> None:
