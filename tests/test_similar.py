@@ -3,6 +3,7 @@ incremental), a version 2 store upgraded, and the `similar` verb."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,31 +85,20 @@ def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Pat
     s = Store(str(tmp_path))
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])  # two files
     pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)  # 31 lists trained on 31 of the 60 vectors
-    index = similar.open_index(s, pointer["similar"]["index"])
+    index = similar.open_index(s, pointer["similar"])
     assert (index.ntotal, index.nlist) == (60, 31)
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)  # nprobe >= nlist
     assert similar._INDEX and similar._ID_MAP  # the list tasks (here, in process) keep the mapped index and id map
-    assert similar.write_index(s, "next", pointer["files"], None) == 31
+    assert similar.write_cells(s, similar.folder("next"), pointer["files"]) == 31
     assert not similar._INDEX and not similar._ID_MAP  # a task writing the next snapshot drops them first
 
 
-def drop_deep_lists(s: Store) -> None:
-    """Make the published snapshot look written before deep lists existed: no deep files, no `deep` in CURRENT.json."""
-    pointer = catalog.pointer(s)
-    info = pointer["similar"]
-    s.delete([f"{s.catalog}/{similar.deep_piece(info['folder'], b)}" for b in range(info["buckets"])])
-    old = {**pointer, "similar": {k: v for k, v in info.items() if k not in ("deep", "depth")}}
-    catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
-
-
-@pytest.mark.parametrize("previous", ["deep lists", "no spare (a list that lost a member is queried)", "published lists only (an earlier version's)"])
+@pytest.mark.parametrize("previous", ["deep lists", "no spare (a list that lost a member is queried)"])
 def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
     if previous.startswith("no spare"):
         monkeypatch.setattr(similar, "SPARE", 0)
     s = Store(str(tmp_path / "nightly"))
     catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
-    if previous.startswith("published"):
-        drop_deep_lists(s)
     # the next night: t0 removed, t60 and t61 added, t10 changed (new content: near t50's vector, a new fingerprint)
     second = rows(62, "rock", "run-b")
     second = second.filter(pc.not_equal(second["track_id"], "t0"))
@@ -137,60 +127,44 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest
         assert neighbours == similar.vector_ids([ids[j] for j in np.argsort(-(x @ x[i]), kind="stable")[1 : len(neighbours) + 1]]).tolist()
 
 
-def as_version_1(table: pa.Table) -> pa.Table:
-    """Rows of a vectors file as version 1 wrote them: embeddings as lists of float32, no version in the schema."""
-    if "embedding" not in table.column_names:
-        return table
-    lists = pa.FixedSizeListArray.from_arrays(pa.array(similar.as_matrix(table["embedding"]).reshape(-1)), catalog.VECTOR_DIM)
-    return table.set_column(3, "embedding", lists).replace_schema_metadata(None)
-
-
-def rewrite_as_version_1(s: Store) -> None:
-    """Rewrite the published snapshot's similar files as the version before per-file writer options wrote them: zstd
-    and dictionaries on every column, statistics on all, the same row groups, vectors as lists of floats."""
-    info = catalog.pointer(s)["similar"]
-    for f in sorted(Path(s.catalog, info["folder"]).glob("*.parquet")):
-        parquet = pq.ParquetFile(f)
-        groups = [as_version_1(parquet.read_row_group(g)) for g in range(parquet.metadata.num_row_groups)]
-        with pq.ParquetWriter(f, groups[0].schema, compression="zstd") as writer:
-            for group in groups:
-                writer.write_table(group)
-        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
-    assert pq.read_schema(f"{s.catalog}/{info['vectors']}").field("embedding").type == pa.list_(pa.float32(), catalog.VECTOR_DIM)
-
-
-@pytest.mark.parametrize("previous", ["this version's files", "zstd on every column, vectors as lists (an earlier version's)"])
-def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
+def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(similar, "BUCKET_TRACKS", 20)  # 3 buckets, row groups of 8 rows: the night's merges cross them
     monkeypatch.setattr(similar, "ROW_GROUP", 8)
     s = Store(str(tmp_path / "nightly"))
-    catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)  # nlist 31 <= nprobe: exhaustive search
-    if previous.startswith("zstd"):
-        rewrite_as_version_1(s)
+    first = catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)["similar"]  # nlist 31 <= nprobe: exhaustive search
     second = rows(64, "rock", "run-b")  # t0 and t33 leave, t60..t63 arrive; t7 moves to another uri (same content)
     second = second.filter(pc.invert(pc.is_in(second["track_id"], pa.array(["t0", "t33"]))))
     second = second.set_column(1, "uri", pa.array(["/music/moved.mp3" if t == "t7" else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]))
     night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
     assert (night["mode"], night["added"], night["removed"], night["buckets"]) == ("incremental", 4, 2, 3)
+    assert night["bounds"] == first["bounds"] and s.fs.cat_file(f"{s.catalog}/{night['cells']}") == s.fs.cat_file(f"{s.catalog}/{first['cells']}")
     rebuilt = Store(str(tmp_path / "rebuilt"))
     full = catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)["similar"]
     same_lists(lists(s), lists(rebuilt))
     for column in ("vid", "uri"):  # the lookup files: the same rows in the same order (vids taken over from the night before)
-        assert s.read_table(f"{s.catalog}/{night['lookup'][column]}").equals(rebuilt.read_table(f"{rebuilt.catalog}/{full['lookup'][column]}"))
+        before = s.read_table(f"{s.catalog}/{night['lookup'][column]}")
+        assert before.drop_columns("cell").equals(rebuilt.read_table(f"{rebuilt.catalog}/{full['lookup'][column]}").drop_columns("cell"))
     by_vid = s.read_table(f"{s.catalog}/{night['lookup']['vid']}")
     assert by_vid["vid"].to_pylist() == similar.vector_ids(by_vid["track_id"].to_pylist()).tolist()
-    # the vectors file: every track once, with its embedding, in (bucket, vid) order, each row group within one bucket
-    vectors = pq.ParquetFile(f"{s.catalog}/{night['vectors']}")
-    table = vectors.read()
+    # the vectors parts: every track once, with its embedding and its cell (the night's tracks assigned by the first
+    # night's cells), in its cell's bucket, in vid order
     ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
-    vids = similar.vector_ids(ids)
-    expected = sorted(zip(similar.buckets_of(vids, 3).tolist(), vids.tolist(), ids))
-    assert list(zip(table["bucket"].to_pylist(), table["vid"].to_pylist(), table["track_id"].to_pylist())) == expected
-    assert np.array_equal(similar.as_matrix(table["embedding"]), x[[ids.index(t) for _, _, t in expected]])
-    assert all(len(set(vectors.read_row_group(g, ["bucket"])["bucket"].to_pylist())) == 1 for g in range(vectors.metadata.num_row_groups))
-    assert vectors.metadata.row_group(0).column(3).compression == "UNCOMPRESSED"  # written by this version (version 2)
-    assert vectors.schema_arrow.field("embedding").type == pa.binary(4 * catalog.VECTOR_DIM)
-    assert vectors.schema_arrow.metadata[b"genre_batch.vectors_version"] == str(similar.VECTORS_VERSION).encode()
+    cells = similar.assign(similar.read_cells(s, night["folder"]), x)
+    assert dict(zip(by_vid["track_id"].to_pylist(), by_vid["cell"].to_pylist())) == dict(zip(ids, cells.tolist()))
+    seen = []
+    for bucket, f in enumerate(night["vectors"]):
+        vectors = pq.ParquetFile(f"{s.catalog}/{f}")
+        table = vectors.read()
+        assert table["vid"].to_pylist() == sorted(table["vid"].to_pylist())
+        assert all(night["bounds"][bucket] <= c < night["bounds"][bucket + 1] for c in table["cell"].to_pylist())
+        assert np.array_equal(similar.as_matrix(table["embedding"]), x[[ids.index(t) for t in table["track_id"].to_pylist()]])
+        assert table["cell"].to_pylist() == cells[[ids.index(t) for t in table["track_id"].to_pylist()]].tolist()
+        assert vectors.metadata.row_group(0).column(3).compression == "UNCOMPRESSED"
+        assert vectors.schema_arrow.field("embedding").type == pa.binary(4 * catalog.VECTOR_DIM)
+        assert vectors.schema_arrow.metadata[b"genre_batch.vectors_version"] == str(similar.VECTORS_VERSION).encode()
+        seen += table["track_id"].to_pylist()
+    assert sorted(seen) == sorted(ids)
+    assert not [p for p in Path(s.catalog, night["folder"]).iterdir() if p.name.startswith("_")]  # routed and added files are gone
     for f in night["files"]:  # the pieces: in (track_id, rank) order
         piece = s.read_table(f"{s.catalog}/{f}")
         keys = list(zip(piece["track_id"].to_pylist(), piece["rank"].to_pylist()))
@@ -284,12 +258,39 @@ def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) 
     assert [n["track_id"] for n in with_lookup[1].neighbours] == exact["t45"][:5] and with_lookup[1].genre == "jazz"
     assert [n["track_id"] for n in with_lookup[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
     assert all(n["genre"] == "jazz" and n["uri"] == f"/music/{n['track_id'][1:]}.mp3" for n in with_lookup[2].neighbours)
+
+
+LAYOUT_1 = Path(__file__).parent / "data" / "store-layout-1"
+"""A store as genre-batch 8225ea5 published it (similar layout 1: one index.faiss, one vectors.parquet, buckets by vid
+hash; BUCKET_TRACKS 25): test_similar_answers_from_the_lookup_files's table, t0..t39 rock and t40..t59 jazz."""
+
+
+def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_build(tmp_path: Path) -> None:
+    shutil.copytree(LAYOUT_1, tmp_path / "store")
+    s = Store(str(tmp_path / "store"))
+    table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
+    info = catalog.pointer(s)["similar"]
+    assert "layout" not in info and info["buckets"] == 3 and Path(s.catalog, info["index"]).is_file()
+    exact = exact_lists(table, 59)
+    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
+    answers = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None)
+    assert [a.source for a in answers] == ["table", "table", "index", "index", "index"]
+    assert [n["track_id"] for n in answers[0].neighbours] == exact["t7"][:5]
+    assert [n["track_id"] for n in answers[1].neighbours] == exact["t45"][:5] and answers[1].genre == "jazz"
+    assert [n["track_id"] for n in answers[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
+    assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]  # past K: the track's vector searched in the index
     # a snapshot published before the lookup files existed: the same answers, by a scan of the catalog
+    pointer = catalog.pointer(s)
     for f in pointer["similar"]["lookup"].values():
         s.fs.rm_file(f"{s.catalog}/{f}")
     old = {**pointer, "similar": {k: v for k, v in pointer["similar"].items() if k != "lookup"}}
     catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
-    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") == with_lookup
+    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
+    # the next snapshot, same tracks and space: built afresh in layout 2 (an update needs the previous cells and parts)
+    night = catalog.publish(s, table, "run-b", "m-1", SPACE)["similar"]
+    assert (night["layout"], night["mode"]) == (similar.LAYOUT, "full")
+    assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)
+    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
 
 
 def test_space_fit_is_deterministic_and_normalises() -> None:

@@ -1,26 +1,32 @@
 """Similar tracks: a faiss IVFFlat index of a snapshot's embeddings and each track's top SIMILAR_K neighbour list.
 
-Every snapshot's `similar/` folder holds `index.faiss` (inner product = cosine on the L2-normalised embeddings;
-nlist = 4 sqrt(n), searched with nprobe NPROBE: bench/ann.py measured recall@10 0.99 at 1M x 200), `vectors.parquet`
-(vid, track_id, bucket, embedding: the index's vectors by bucket of their id) and one piece `part-<bucket>.parquet`
-of the `similar` table per bucket (row groups of PIECE_ROW_GROUP rows in track_id order: one track's list is read
-without the rest), and two lookup files of (vid, track_id, uri, genre), `by_vid.parquet` in vid order and
-`by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track and
-describes its neighbours from a few row groups instead of scanning the catalog (a track_id's vid is its hash). The
-index, the vectors file and the lookup files are written by worker tasks (the index task holds 1M x 128 float32
-= 512 MB of vectors twice: as a matrix and in the index); then the lists are queried on the workers, one task per
-bucket, each memory-mapping the index.
+The index's cells (inner product = cosine on the L2-normalised embeddings; nlist = 4 sqrt(n), searched with nprobe
+NPROBE: bench/ann.py measured recall@10 0.99 at 1M x 200) are split into buckets, contiguous ranges of cells holding
+about BUCKET_TRACKS tracks each, and every piece of the similarity work is per bucket (layout 2). A snapshot's
+`similar/` folder holds `cells.faiss` (the cells' centroids, a flat index), per bucket `index-<bucket>.faiss` (an
+IVFFlat index of the bucket's cells only), `vectors-<bucket>.parquet` (vid, track_id, cell, embedding of the bucket's
+tracks, in vid order), the similar table's piece `part-<bucket>.parquet` (the bucket's tracks' lists, row groups of
+PIECE_ROW_GROUP rows in track_id order: one track's list is read without the rest) and the private deep lists
+`deep-<bucket>.parquet`; and two lookup files of (vid, track_id, uri, genre, cell), `by_vid.parquet` in vid order and
+`by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track, its
+bucket and its neighbours from a few row groups (a track_id's vid is its hash). Searches memory-map every part and
+stack their cells into one index (faiss.VStackInvertedLists): no process holds the library's vectors.
 
-With the vector space unchanged a snapshot updates the previous one instead: departed and changed tracks leave the
-index, new and changed ones are added (the centroids stay), and new tracks get full queries. Every snapshot also
-keeps private deep lists (top K + SPARE per track, and the floor above which a list holds every track): an existing
-list drops its departed and changed members and takes exactly the added tracks a with score(a, x) >= its floor(x),
-and is queried again only when fewer than K members remain above its floor. Those pairs come from one reverse scan
-(a task of its own, over the previous index while another task updates it): each added track scans the nprobe
-inverted lists its own search would scan and keeps every track there that it scores at or above the floor of (exact
-inner products, no depth cut). A rebuild's search of x scans
-x's nprobe lists instead, so each list equals a rebuild's up to the index's recall (exactly, when nlist <= nprobe:
-both scans are then exhaustive).
+A full build runs as tasks: one trains the cells on a sample; one per catalog file assigns its tracks to cells
+(`_routed-<n>.parquet`, in cell order); one per bucket gathers its cells' tracks from those files into its index
+and vectors parts; then one per bucket queries its tracks' lists. A snapshot written by an earlier version (one
+`index.faiss` and one `vectors.parquet` in buckets by vid hash: layout 1) is still answered by `similar`, and the
+next snapshot after it is a full build.
+
+With the vector space unchanged a snapshot updates the previous one instead (the cells and buckets stay): each bucket
+task rewrites its parts without the departed and changed tracks and with the new and changed ones in its cells, and
+new tracks get full queries. Every snapshot also keeps deep lists (top K + SPARE per track, and the floor above
+which a list holds every track): an existing list drops its departed and changed members and takes exactly the added
+tracks a with score(a, x) >= its floor(x), and is queried again only when fewer than K members remain above its
+floor. Those pairs come from one reverse scan (a task of its own, over the previous index): each added track scans
+the nprobe cells its own search would scan and keeps every track there that it scores at or above the floor of
+(exact inner products, no depth cut). A rebuild's search of x scans x's nprobe cells instead, so each list equals a
+rebuild's up to the index's recall (exactly, when nlist <= nprobe: both scans are then exhaustive).
 """
 
 from __future__ import annotations
@@ -53,7 +59,11 @@ TRAIN_PER_LIST = 64
 """Vectors per IVF list that train the index's k-means (faiss advises 39 to 256): at 1M tracks a sample of 256k, not all
 of them, so the index task holds the vectors once (in the index) plus the sample, not twice."""
 BUCKET_TRACKS = 25_000
-"""Tracks per query task (bucket) when an index is built; an incremental update keeps the previous bucket count."""
+"""Tracks per bucket (a range of cells: its index and vectors parts, its query task) when an index is built; an
+incremental update keeps the previous buckets."""
+LAYOUT = 2
+"""The similar folder's layout recorded in the pointer (absent: 1, one index and one vectors file)."""
+CELLS_FILE = "cells.faiss"
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
 ROW_GROUP = 10_000
@@ -64,14 +74,16 @@ PIECE_ROW_GROUP = 20_000
 LOOKUP_ROW_GROUP = 4_096
 """Rows per row group of the lookup files: a named track or a neighbour costs one such group."""
 
-VECTORS_VERSION = 2
+VECTORS_VERSION = 3
 VECTORS_SCHEMA = pa.schema(
-    [("vid", pa.int64()), ("track_id", pa.string()), ("bucket", pa.int32()), ("embedding", pa.binary(4 * VECTOR_DIM))],
+    [("vid", pa.int64()), ("track_id", pa.string()), ("cell", pa.int32()), ("embedding", pa.binary(4 * VECTOR_DIM))],
     metadata={"genre_batch.vectors_version": str(VECTORS_VERSION)},
 )
-"""`vectors.parquet`: each embedding as VECTOR_DIM little-endian float32 in one fixed-size binary value (Parquet reads
-and writes it as one block; as a list of floats, version 1, every float carried its own repetition level: 4x the
-CPU). Version 1 files read the same (as_matrix takes both)."""
+"""The vectors parts (in vid order), the routed files (in cell order) and ADDED_FILE: each track's index cell, and
+its embedding as VECTOR_DIM little-endian float32 in one fixed-size binary value (Parquet reads and writes it as one
+block; as a list of floats, version 1, every float carried its own repetition level: 4x the CPU). Layout 1's
+`vectors.parquet` (versions 1 and 2: a `bucket` column, no cell) is read by `stored_vector` (as_matrix takes both
+embedding types)."""
 REVERSE_SCHEMA = pa.schema([("bucket", pa.int32()), ("vid", pa.int64()), ("added", pa.int64()), ("score", pa.float32())])
 """`_reverse.parquet` of an incremental update (deleted when the lists are written), in bucket order: the added track
 `added` scores `score` with the existing track `vid`, at or above that track's floor."""
@@ -80,22 +92,23 @@ DEEP_SCHEMA = pa.schema([("vid", pa.int64()), ("floor", pa.float32()), ("neighbo
                         metadata={"genre_batch.deep_version": str(DEEP_VERSION)})
 """`deep-<bucket>.parquet`, in vid order: each track's top K + SPARE neighbours (vids, scores, nearest first) and its
 floor: the list holds every track scoring above it (-inf: every other track)."""
-LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string())])
-"""The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track."""
+LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string()), ("cell", pa.int32())])
+"""The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track with its
+index cell (layout 1's files have no cell)."""
 LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
 
 # Parquet writer options per file: random floats and 64-bit hashes do not compress (zstd of the vectors file cost 7 s
 # and saved 9 %), nor do their dictionaries pay; strings keep zstd; statistics only on the columns row groups are
 # found by. Files written with zstd everywhere (before these options) read the same.
-VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "bucket": "zstd", "embedding": "none"},
-                   "use_dictionary": ["bucket"], "write_statistics": ["vid", "bucket"]}
+VECTORS_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "cell": "zstd", "embedding": "none"},
+                   "use_dictionary": False, "write_statistics": ["vid", "cell"]}
 DEEP_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": ["vid"]}
 """Deep lists and `_reverse.parquet`: hashes and scores only."""
 PIECE_OPTIONS = {"compression": {"track_id": "zstd", "neighbour_id": "zstd", "rank": "zstd", "score": "none"}, "use_dictionary": ["track_id", "rank"],
                  "write_statistics": ["track_id", "rank"]}
 """The published pieces: 20 rows per track_id (dictionary), distinct neighbour ids (zstd, no dictionary), raw scores;
 statistics on what a reader filters by."""
-LOOKUP_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd"}, "use_dictionary": ["genre"]}
+LOOKUP_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd", "cell": "zstd"}, "use_dictionary": ["genre"]}
 
 
 class UnknownTrack(GenreBatchError):
@@ -110,9 +123,8 @@ class Update:
     """The previous snapshot's `similar` folder, relative to the catalog."""
     added: list[str]
     removed: list[str]
-    buckets: int
-    deep: bool = False
-    """Whether the previous snapshot has deep lists (else its published top K lists are read)."""
+    bounds: list[int]
+    """The previous snapshot's buckets: bucket b holds cells bounds[b] to bounds[b + 1] - 1."""
     added_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
     """The vids of `added`, sorted (hashed once, not by every task); None: hashed from `added`."""
     removed_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
@@ -123,10 +135,15 @@ class Update:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.sort(vector_ids(tracks)))
 
+    @property
+    def buckets(self) -> int:
+        """How many buckets the snapshots have."""
+        return len(self.bounds) - 1
+
 
 ADDED_FILE = "_added.parquet"
-"""An incremental update's added tracks (VECTORS_SCHEMA), read from the catalog once for the index, reverse scan and
-vectors tasks; deleted with `_reverse.parquet` when the lists are written."""
+"""An incremental update's added tracks (VECTORS_SCHEMA, in cell order), read from the catalog once for the bucket,
+reverse scan and lookup tasks; deleted with `_reverse.parquet` when the lists are written."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,7 @@ class Added:
     vids: np.ndarray
     matrix: np.ndarray
     """Their embeddings [n, VECTOR_DIM]."""
+    cells: np.ndarray
 
 
 def folder(snapshot: str) -> str:
@@ -220,6 +238,21 @@ def file_embeddings(store: Store, path: str) -> tuple[pa.Array, np.ndarray]:
     return table["track_id"].combine_chunks(), as_matrix(table["embedding"])
 
 
+def index_part(similar_folder: str, bucket: int) -> str:
+    """The index part of one bucket: an IVFFlat index of its cells."""
+    return f"{similar_folder}/index-{bucket:05d}.faiss"
+
+
+def vectors_part(similar_folder: str, bucket: int) -> str:
+    """The vectors part of one bucket (VECTORS_SCHEMA, in vid order)."""
+    return f"{similar_folder}/vectors-{bucket:05d}.parquet"
+
+
+def routed_file(similar_folder: str, position: int) -> str:
+    """The tracks of one catalog file with their cells, in cell order (a full build's; deleted when the lists are written)."""
+    return f"{similar_folder}/_routed-{position:05d}.parquet"
+
+
 def local_file(store: Store, relative: str) -> str:
     """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
     path = f"{store.catalog}/{relative}"
@@ -233,11 +266,30 @@ def local_file(store: Store, relative: str) -> str:
     return cache
 
 
-def open_index(store: Store, relative: str, mapped: bool = True) -> faiss.Index:
-    """A snapshot's index, memory-mapped (read-only) unless `mapped` is False, searching NPROBE lists."""
+def read_cells(store: Store, similar_folder: str) -> faiss.Index:
+    """A snapshot's cells: the flat inner-product index of their centroids."""
     import faiss  # imported here, like pyarrow.compute: `similar` answering from the stored lists needs neither (0.15 s CPU)
-    index = faiss.read_index(local_file(store, relative), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
-    index.nprobe = NPROBE
+    return faiss.read_index(local_file(store, f"{similar_folder}/{CELLS_FILE}"))
+
+
+def open_index(store: Store, info: dict) -> faiss.Index:
+    """A snapshot's index (`info`: the pointer's `similar`, or folder and bounds), searching NPROBE cells: its parts
+    memory-mapped (read-only) and stacked into one (layout 1: its one file, memory-mapped)."""
+    import faiss
+    if info.get("layout", 1) < 2:
+        index = faiss.read_index(local_file(store, info["index"]), faiss.IO_FLAG_MMAP_IFC)
+        index.nprobe = NPROBE
+        return index
+    quantizer = read_cells(store, info["folder"])
+    parts = [faiss.read_index(local_file(store, index_part(info["folder"], b)), faiss.IO_FLAG_MMAP_IFC) for b in range(len(info["bounds"]) - 1)]
+    stacked = faiss.InvertedListsPtrVector()
+    for part in parts:
+        stacked.push_back(part.invlists)
+    invlists = faiss.VStackInvertedLists(stacked.size(), stacked.data())  # list c of the stack: list c - bounds[b] of part b
+    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, quantizer.ntotal, faiss.METRIC_INNER_PRODUCT)
+    index.replace_invlists(invlists, False)
+    index.ntotal, index.nprobe = sum(part.ntotal for part in parts), NPROBE
+    index.referenced_objects = [quantizer, parts, stacked, invlists]  # the index borrows them: they live as long as it does
     return index
 
 
@@ -269,26 +321,9 @@ def save_index(store: Store, index: faiss.Index, relative: str) -> None:
         faiss.write_index(index, local)
 
 
-@contextmanager
-def vectors_writer(store: Store, relative: str) -> Iterator[pq.ParquetWriter]:
-    """A Parquet writer of a vectors file (VECTORS_OPTIONS) into an (unpublished) snapshot folder."""
-    with local_target(store, relative) as local, pq.ParquetWriter(local, VECTORS_SCHEMA, **VECTORS_OPTIONS) as writer:
-        yield writer
-
-
 def write_parquet(store: Store, relative: str, table: pa.Table, row_group: int, options: dict) -> None:
     """Write a table as one catalog file (relative to the catalog), atomically, with its Parquet writer options."""
     store.write_table(f"{store.catalog}/{relative}", table, row_group, options)
-
-
-def put_vectors(store: Store, relative: str, table: pa.Table, rows: np.ndarray) -> None:
-    """Write the `rows` of a vectors table in (bucket, vid) order, ROW_GROUP rows at a time: the sorted table is never
-    held whole."""
-    vids, bucket = buffer_view(table["vid"], np.int64)[rows], buffer_view(table["bucket"], np.int32)[rows]
-    order = rows[np.lexsort((vids, bucket))]
-    with vectors_writer(store, relative) as writer:
-        for start in range(0, len(order), ROW_GROUP):
-            writer.write_table(table.take(pa.array(order[start : start + ROW_GROUP])), row_group_size=ROW_GROUP)
 
 
 def new_index(sample: np.ndarray, nlist: int) -> faiss.Index:
@@ -314,40 +349,144 @@ def training_rows(sizes: list[int], nlist: int) -> list[np.ndarray]:
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def vectors_table(track_ids: pa.Array, vids: np.ndarray, matrix: np.ndarray, buckets: int) -> pa.Table:
-    """The index's vectors with their ids and buckets, in the matrix's order (the embedding column is a view of it)."""
-    return pa.table(
-        {"vid": vids, "track_id": track_ids, "bucket": buckets_of(vids, buckets),
-         "embedding": embedding_column(matrix)},
-        schema=VECTORS_SCHEMA,
-    )
+def vectors_table(track_ids: pa.Array, vids: np.ndarray, matrix: np.ndarray, cells: np.ndarray) -> pa.Table:
+    """Tracks' vectors with their ids and cells, in the matrix's order (the embedding column is a view of it)."""
+    return pa.table({"vid": vids, "track_id": track_ids, "cell": cells.astype(np.int32), "embedding": embedding_column(matrix)}, schema=VECTORS_SCHEMA)
+
+
+def assign(quantizer: faiss.Index, matrix: np.ndarray) -> np.ndarray:
+    """The cell of each vector: its nearest centroid (as IndexIVF.add assigns it)."""
+    if len(matrix) == 0:
+        return np.zeros(0, np.int32)
+    return quantizer.search(np.ascontiguousarray(matrix, np.float32), 1)[1][:, 0].astype(np.int32)
+
+
+def bounds_for(counts: np.ndarray, buckets: int) -> list[int]:
+    """Bounds of `buckets` contiguous ranges of cells (tracks per cell: `counts`) holding about equal numbers of
+    tracks, each at least one cell: bucket b holds cells bounds[b] to bounds[b + 1] - 1."""
+    nlist = len(counts)
+    buckets = max(1, min(buckets, nlist))
+    total = np.cumsum(counts)
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, buckets) / buckets, side="left") + 1 if nlist else np.zeros(0, np.int64)
+    bounds = [0]
+    for b, cut in enumerate(cuts.tolist(), start=1):
+        bounds.append(min(max(cut, bounds[-1] + 1), nlist - (buckets - b)))
+    return [*bounds, nlist]
+
+
+def bucket_of(cells: np.ndarray, bounds: list[int]) -> np.ndarray:
+    """The bucket of each cell."""
+    return (np.searchsorted(np.asarray(bounds), cells, side="right") - 1).astype(np.int32)
+
+
+def write_cells(store: Store, out: str, files: list[str]) -> int:
+    """Train the index's cells (k-means) on a sample of the snapshot's embeddings (`training_rows`) and write them as
+    CELLS_FILE (runs on one worker: it holds the sample); returns their number."""
+    drop_cached()
+    paths = [f"{store.catalog}/{f}" for f in files]
+    sizes = [store.parquet_rows(p) for p in paths]
+    nlist = nlist_for(sum(sizes))
+    sample = np.concatenate([file_embeddings(store, p)[1][rows] for p, rows in zip(paths, training_rows(sizes, nlist))])
+    index = new_index(sample, nlist)
+    save_index(store, index.quantizer, f"{out}/{CELLS_FILE}")
+    return nlist
+
+
+def route(store: Store, out: str, position: int, file: str) -> np.ndarray:
+    """Write a catalog file's tracks with their vids and cells as its routed file, in (cell, vid) order (row groups
+    found by cell); returns its tracks per cell."""
+    drop_cached()
+    quantizer = read_cells(store, out)
+    ids, matrix = file_embeddings(store, f"{store.catalog}/{file}")
+    vids = vector_ids(ids.to_pylist())
+    cells = assign(quantizer, matrix)
+    order = np.lexsort((vids, cells))
+    write_parquet(store, routed_file(out, position), vectors_table(ids.take(pa.array(order)), vids[order], matrix[order], cells[order]), ROW_GROUP, VECTORS_OPTIONS)
+    return np.bincount(cells, minlength=quantizer.ntotal)
+
+
+def cells_between(store: Store, relative: str, lo: int, hi: int) -> pa.Table:
+    """The rows of a file in cell order (a routed file, ADDED_FILE) whose cell is in [lo, hi), from the row groups
+    that may hold them."""
+    with store.open(f"{store.catalog}/{relative}") as f:
+        parquet = pq.ParquetFile(f)
+        index = parquet.schema_arrow.get_field_index("cell")
+        groups = [g for g in range(parquet.num_row_groups) if overlaps(parquet.metadata.row_group(g).column(index).statistics, lo, hi - 1)]
+        table = parquet.read_row_groups(groups)
+    cell = buffer_view(table["cell"], np.int32)
+    return table.filter(pa.array((cell >= lo) & (cell < hi)))
+
+
+def overlaps(stats: pq.Statistics | None, lo: object, hi: object) -> bool:
+    """Whether a row group's min/max statistics may hold a value in [lo, hi] (a group without them may)."""
+    return stats is None or not stats.has_min_max or (stats.min <= hi and lo <= stats.max)
+
+
+def write_part(store: Store, out: str, bucket: int, bounds: list[int], sources: list[str]) -> int:
+    """Write one bucket's index and vectors parts from the rows of its cells in `sources` (the routed files); returns
+    its tracks."""
+    drop_cached()
+    lo, hi = bounds[bucket], bounds[bucket + 1]
+    return put_part(store, out, bucket, lo, hi, pa.concat_tables([cells_between(store, s, lo, hi) for s in sources]))
+
+
+def update_part(store: Store, out: str, bucket: int, update: Update) -> int:
+    """Write one bucket's index and vectors parts of an update: the previous snapshot's without the removed tracks,
+    with the added tracks in its cells (ADDED_FILE); returns its tracks."""
+    drop_cached()
+    lo, hi = update.bounds[bucket], update.bounds[bucket + 1]
+    previous = store.read_table(f"{store.catalog}/{vectors_part(update.previous, bucket)}")
+    kept = previous.filter(pa.array(~member(buffer_view(previous["vid"], np.int64), update.removed_vids)))
+    return put_part(store, out, bucket, lo, hi, pa.concat_tables([kept, cells_between(store, f"{out}/{ADDED_FILE}", lo, hi)]))
+
+
+def put_part(store: Store, out: str, bucket: int, lo: int, hi: int, table: pa.Table) -> int:
+    """Write a bucket's vectors part (`table`, in vid order) and its index part: an IVFFlat index of cells [lo, hi)
+    (their centroids its quantizer) holding the table's vectors in their cells; returns the table's rows."""
+    import faiss
+    table = table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable")))
+    write_parquet(store, vectors_part(out, bucket), table, ROW_GROUP, VECTORS_OPTIONS)
+    quantizer = faiss.IndexFlatIP(VECTOR_DIM)
+    quantizer.add(read_cells(store, out).reconstruct_n(lo, hi - lo))
+    index = faiss.IndexIVFFlat(quantizer, VECTOR_DIM, hi - lo, faiss.METRIC_INNER_PRODUCT)
+    matrix, vids = np.ascontiguousarray(as_matrix(table["embedding"])), np.ascontiguousarray(buffer_view(table["vid"], np.int64))
+    cells = buffer_view(table["cell"], np.int32).astype(np.int64) - lo
+    index.add_core(len(vids), faiss.swig_ptr(matrix), faiss.swig_ptr(vids), faiss.swig_ptr(cells))  # cells as routed: no second assignment
+    save_index(store, index, index_part(out, bucket))
+    return table.num_rows
 
 
 def tracks_table(store: Store, files: list[str], known: pa.Table | None = None) -> pa.Table:
-    """(vid, track_id, uri, genre) of every track of snapshot files (relative to the catalog); vids from `known`
-    (a lookup table's vid and track_id) where it lists the track."""
-    table = catalog.read_files(store, files, ["track_id", "uri", "genre"])
-    vids = vector_ids(table["track_id"].to_pylist()) if known is None else vids_from(table["track_id"].combine_chunks(), known)
-    return pa.table({"vid": vids, **{c: table[c] for c in ("track_id", "uri", "genre")}}, schema=LOOKUP_SCHEMA)
-
-
-def vids_from(track_ids: pa.Array, known: pa.Table) -> np.ndarray:
-    """vids of track_ids: taken from `known` (vid, track_id) by an Arrow hash lookup (a third of the CPU of hashing a
-    million track_ids in Python), hashed for the tracks it does not list."""
+    """(vid, track_id, uri, genre, cell) of every track of snapshot files (relative to the catalog); vid and cell from
+    `known` (vid, track_id, cell; the first row of a track counts) where it lists the track (else hashed; no cell)."""
     import pyarrow.compute as pc
-    at = buffer_view(pc.fill_null(pc.index_in(track_ids, value_set=known["track_id"].combine_chunks()), -1), np.int32)
-    vids = buffer_view(known["vid"], np.int64)[np.maximum(at, 0)].copy() if len(at) else np.zeros(0, np.int64)
-    missing = np.flatnonzero(at == -1)
+    table = catalog.read_files(store, files, ["track_id", "uri", "genre"])
+    track_ids = table["track_id"].combine_chunks()
+    if known is None:
+        vids, cells = vector_ids(track_ids.to_pylist()), pa.nulls(len(track_ids), pa.int32())
+    else:
+        at = pc.index_in(track_ids, value_set=known["track_id"].combine_chunks())
+        vids, cells = vids_at(track_ids, at, known), known["cell"].take(at)
+    return pa.table({"vid": vids, **{c: table[c] for c in ("track_id", "uri", "genre")}, "cell": cells}, schema=LOOKUP_SCHEMA)
+
+
+def vids_at(track_ids: pa.Array, at: pa.Array, known: pa.Table) -> np.ndarray:
+    """vids of track_ids: taken from `known` at rows `at` (an Arrow hash lookup, index_in: a third of the CPU of
+    hashing a million track_ids in Python), hashed for the tracks it does not list (null rows)."""
+    import pyarrow.compute as pc
+    rows = buffer_view(pc.fill_null(at, -1), np.int32)
+    vids = buffer_view(known["vid"], np.int64)[np.maximum(rows, 0)].copy() if len(rows) else np.zeros(0, np.int64)
+    missing = np.flatnonzero(rows == -1)
     vids[missing] = vector_ids(track_ids.take(pa.array(missing)).to_pylist())
     return vids
 
 
-def write_lookups(store: Store, out: str, files: list[str], update: Update | None) -> dict[str, str]:
-    """Write a snapshot's lookup files (every track in vid order, and in uri order); returns column -> file. An update
-    takes the vids of the tracks the previous snapshot's vid lookup file lists from there."""
+def write_lookups(store: Store, out: str, files: list[str], sources: list[str]) -> dict[str, str]:
+    """Write a snapshot's lookup files (every track in vid order, and in uri order) with each track's vid and cell from
+    `sources` (files with vid, track_id and cell: the routed files, or an update's ADDED_FILE then the previous vid
+    lookup file); returns column -> file."""
     drop_cached()
-    previous = f"{update.previous}/{LOOKUP_FILES['vid']}" if update else None
-    known = store.read_table(f"{store.catalog}/{previous}", ["vid", "track_id"]) if previous and store.exists(f"{store.catalog}/{previous}") else None
+    known = pa.concat_tables([store.read_table(f"{store.catalog}/{s}", ["vid", "track_id", "cell"]) for s in sources]) if sources else None
     table = tracks_table(store, files, known)
     del known
     written = {"vid": f"{out}/{LOOKUP_FILES['vid']}", "uri": f"{out}/{LOOKUP_FILES['uri']}"}
@@ -357,61 +496,39 @@ def write_lookups(store: Store, out: str, files: list[str], update: Update | Non
     return written
 
 
-def write_added(store: Store, out: str, files: list[str], update: Update, buckets: int) -> int:
-    """Write ADDED_FILE: the added tracks of an update with their vids and embeddings (one read of the catalog's
-    embedding column); returns its rows."""
+def write_added(store: Store, out: str, files: list[str], update: Update) -> int:
+    """Write ADDED_FILE: the added tracks of an update with their vids, cells (the previous snapshot's, copied into
+    this one) and embeddings, in cell order (one read of the catalog's embedding column); returns its rows."""
     drop_cached()
+    store.write_bytes(f"{store.catalog}/{out}/{CELLS_FILE}", store.fs.cat_file(f"{store.catalog}/{update.previous}/{CELLS_FILE}"))
     ids, matrix = read_embeddings(store, files, update.added)
-    write_parquet(store, f"{out}/{ADDED_FILE}", vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets), ROW_GROUP, VECTORS_OPTIONS)
+    cells = assign(read_cells(store, out), matrix)
+    order = np.lexsort((vector_ids(ids.to_pylist()), cells))
+    ids, matrix = ids.take(pa.array(order)), matrix[order]
+    write_parquet(store, f"{out}/{ADDED_FILE}", vectors_table(ids, vector_ids(ids.to_pylist()), matrix, cells[order]), ROW_GROUP, VECTORS_OPTIONS)
     return len(ids)
 
 
 def read_added(store: Store, out: str) -> Added:
     """An update's added tracks from its ADDED_FILE."""
     table = store.read_table(f"{store.catalog}/{out}/{ADDED_FILE}")
-    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]))
+    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]), buffer_view(table["cell"], np.int32))
 
 
-def write_index(store: Store, snapshot: str, files: list[str], update: Update | None) -> int:
-    """Write a snapshot's index (runs on one worker): trained on a sample (`training_rows`) and filled file by file
-    (peak: the vectors once, in the index, and the sample), or the previous index with the update's tracks removed and
-    its ADDED_FILE added; returns its nlist."""
-    drop_cached()
-    if update is None:
-        paths = [f"{store.catalog}/{f}" for f in files]
-        sizes = [store.parquet_rows(p) for p in paths]
-        if sum(sizes) == 0:
-            return 0
-        nlist = nlist_for(sum(sizes))
-        sample = np.concatenate([file_embeddings(store, p)[1][rows] for p, rows in zip(paths, training_rows(sizes, nlist))])
-        index = new_index(sample, nlist)
-        del sample
-        for path in paths:  # filled file by file: the vectors are held once, in the index
-            ids, matrix = file_embeddings(store, path)
-            index.add_with_ids(matrix, vector_ids(ids.to_pylist()))
-        save_index(store, index, f"{folder(snapshot)}/index.faiss")
-        return index.nlist
-    index = open_index(store, f"{update.previous}/index.faiss", mapped=False)
-    index.remove_ids(update.removed_vids)
-    added = read_added(store, folder(snapshot))
-    index.add_with_ids(added.matrix, added.vids)
-    save_index(store, index, f"{folder(snapshot)}/index.faiss")
-    return index.nlist
-
-
-def reverse_scan(store: Store, snapshot: str, update: Update, buckets: int) -> None:
-    """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while another task
-    updates it: the centroids and the kept tracks' lists are the same in both, an added track's own vid has an
+def reverse_scan(store: Store, out: str, update: Update) -> None:
+    """The added tracks' reverse scan (write_reverse) over the previous index, memory-mapped, while other tasks
+    write the new one: the cells and the kept tracks' lists are the same in both, an added track's own vid has an
     infinite floor and a removed track's rows match no list of the new snapshot."""
     drop_cached()
-    added = read_added(store, folder(snapshot))
-    write_reverse(store, folder(snapshot), open_index(store, f"{update.previous}/index.faiss"), added.vids, added.matrix, previous_floors(store, update), buckets)
+    added = read_added(store, out)
+    index = open_index(store, {"layout": LAYOUT, "folder": update.previous, "bounds": update.bounds})
+    write_reverse(store, out, index, added.vids, added.matrix, previous_floors(store, update), update.bounds)
 
 
 def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, matrix: np.ndarray, floors: tuple[np.ndarray, np.ndarray],
-                  buckets: int) -> None:
+                  bounds: list[int]) -> None:
     """Write `_reverse.parquet`: every (existing track x, added track a) with score(a, x) >= floor(x) (`floors`: sorted
-    vids and their floors; a track without one has -inf) among the inverted lists a's own search scans, list by list."""
+    vids and their floors; a track without one has -inf) among the cells a's own search scans, cell by cell."""
     import faiss
     probes = index.quantizer.search(np.ascontiguousarray(matrix), min(index.nprobe, index.nlist))[1] if len(vids) else np.zeros((0, 1), np.int64)
     cell, who = probes.reshape(-1), np.repeat(np.arange(len(vids)), probes.shape[1])
@@ -420,19 +537,20 @@ def write_reverse(store: Store, out: str, index: faiss.Index, vids: np.ndarray, 
     starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.int64)
     invlists = faiss.downcast_InvertedLists(index.invlists)
     lists = [list_ids(invlists, int(c)) for c in cell[starts]]
-    bounds = np.cumsum([0] + [len(ids) for ids in lists])
+    bounds_of_lists = np.cumsum([0] + [len(ids) for ids in lists])
     floor = floor_at(floors, np.concatenate(lists) if lists else np.zeros(0, np.int64), np.sort(vids))  # one lookup for all lists
-    hits, by, scores = [], [], []
+    hits, by, scores, buckets = [], [], [], []
     for j, (start, stop) in enumerate(zip(starts, np.r_[starts[1:], len(cell)].astype(np.int64))):
         ids = lists[j]
         if len(ids) == 0:
             continue
         codes = faiss.rev_swig_ptr(invlists.get_codes(int(cell[start])), len(ids) * VECTOR_DIM * 4).view(np.float32).reshape(len(ids), VECTOR_DIM)
         exact = matrix[who[start:stop]] @ codes.T
-        row, column = np.nonzero(exact >= floor[bounds[j] : bounds[j + 1]][None, :])
+        row, column = np.nonzero(exact >= floor[bounds_of_lists[j] : bounds_of_lists[j + 1]][None, :])
         hits.append(ids[column])
         by.append(vids[who[start:stop]][row])
         scores.append(exact[row, column])
+        buckets.append(np.full(len(row), bucket_of(np.array([cell[start]]), bounds)[0], np.int32))
     write_parquet(store, f"{out}/_reverse.parquet", reverse_table(hits, by, scores, buckets), ROW_GROUP, DEEP_OPTIONS)
 
 
@@ -457,88 +575,27 @@ def floor_at(floors: tuple[np.ndarray, np.ndarray], ids: np.ndarray, added: np.n
     return out
 
 
-def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.ndarray], buckets: int) -> pa.Table:
-    """Rows (bucket, vid, added, score) of the reverse scan, in (bucket, vid, added) order."""
-    hit, added, score = (np.concatenate(x) if x else np.zeros(0, t) for x, t in ((hits, np.int64), (by, np.int64), (scores, np.float32)))
-    bucket = buckets_of(hit, buckets)
+def reverse_table(hits: list[np.ndarray], by: list[np.ndarray], scores: list[np.ndarray], buckets: list[np.ndarray]) -> pa.Table:
+    """Rows (bucket, vid, added, score) of the reverse scan (`buckets`: the bucket of each hit's track), in (bucket,
+    vid, added) order."""
+    hit, added, score, bucket = (np.concatenate(x) if x else np.zeros(0, t) for x, t in ((hits, np.int64), (by, np.int64), (scores, np.float32), (buckets, np.int32)))
     order = np.lexsort((added, hit, bucket))
     return pa.table({"bucket": bucket[order], "vid": hit[order], "added": added[order], "score": score[order].astype(np.float32)}, schema=REVERSE_SCHEMA)
 
 
-def last_entries(store: Store, relative: str) -> pa.Table:
-    """(track_id, score) of the K-th entries of a published similar piece: one piece at a time, so an upgrade night
-    never holds every list (20M rows at 1M tracks)."""
-    import pyarrow.compute as pc
-    table = store.read_table(f"{store.catalog}/{relative}", ["track_id", "rank", "score"])
-    return table.filter(pc.equal(table["rank"], SIMILAR_K)).select(["track_id", "score"])
-
-
 def previous_floors(store: Store, update: Update) -> tuple[np.ndarray, np.ndarray]:
-    """The floors of the previous snapshot's lists as (sorted vids, floors): from its deep lists, or, for a snapshot
-    written before them, the K-th score of its published lists (a shorter list has none: -inf)."""
-    if update.deep:
-        table = pa.concat_tables([store.read_table(f"{store.catalog}/{deep_piece(update.previous, b)}", ["vid", "floor"]) for b in range(update.buckets)])
-        vids, floors = buffer_view(table["vid"], np.int64), buffer_view(table["floor"], np.float32)
-    else:
-        table = pa.concat_tables([last_entries(store, piece(update.previous, b)) for b in range(update.buckets)])
-        vids, floors = vector_ids(table["track_id"].to_pylist()), buffer_view(table["score"], np.float32)
+    """The floors of the previous snapshot's lists, from its deep lists, as (sorted vids, floors)."""
+    table = pa.concat_tables([store.read_table(f"{store.catalog}/{deep_piece(update.previous, b)}", ["vid", "floor"]) for b in range(update.buckets)])
+    vids, floors = buffer_view(table["vid"], np.int64), buffer_view(table["floor"], np.float32)
     order = np.argsort(vids)
     return vids[order], floors[order]
-
-
-def write_vectors(store: Store, snapshot: str, files: list[str], update: Update | None, buckets: int) -> int:
-    """Write a snapshot's vectors file (runs on one worker); returns its rows. An update streams the previous file
-    bucket by bucket (it holds one bucket of vectors, not all of them), without the removed tracks, with its ADDED_FILE."""
-    drop_cached()
-    out = folder(snapshot)
-    if update is None:
-        ids, matrix = read_embeddings(store, files)
-        pa.default_memory_pool().release_unused()
-        table = vectors_table(ids, vector_ids(ids.to_pylist()), matrix, buckets)
-        put_vectors(store, f"{out}/vectors.parquet", table, np.arange(table.num_rows))
-        return table.num_rows
-    added = read_added(store, out)
-    new = vectors_table(added.track_ids, added.vids, added.matrix, buckets)
-    new_bucket, removed, rows = buffer_view(new["bucket"], np.int32), update.removed_vids, 0
-    with store.open(f"{store.catalog}/{update.previous}/vectors.parquet") as f, vectors_writer(store, f"{out}/vectors.parquet") as writer:
-        previous = pq.ParquetFile(f)
-        for bucket in range(buckets):
-            old = as_version_2(previous.read_row_groups(row_groups_holding(previous, "bucket", [bucket])))
-            old_vids = buffer_view(old["vid"], np.int64)
-            kept = np.flatnonzero((buffer_view(old["bucket"], np.int32) == bucket) & ~member(old_vids, removed))
-            mine = np.flatnonzero(new_bucket == bucket)
-            both = pa.concat_tables([old, new])  # rows: the kept old ones (in vid order) merged with the bucket's added ones
-            rows_in_order = np.concatenate([kept, old.num_rows + mine])[np.argsort(np.concatenate([old_vids[kept], added.vids[mine]]), kind="stable")]
-            writer.write_table(slices(both, rows_in_order), row_group_size=ROW_GROUP)
-            rows += len(rows_in_order)
-    return rows
-
-
-def as_version_2(table: pa.Table) -> pa.Table:
-    """Rows of a vectors file with VECTORS_SCHEMA (those of a version 1 file, whose embeddings are lists, converted)."""
-    if table.schema.field("embedding").type != VECTORS_SCHEMA.field("embedding").type:
-        table = table.set_column(3, "embedding", embedding_column(as_matrix(table["embedding"])))
-    return table.cast(VECTORS_SCHEMA)
-
-
-def slices(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """table.take(rows) as zero-copy slices of its runs of consecutive rows (most rows of a night's bucket are one
-    run: no copy of their vectors)."""
-    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts, stops = np.r_[0, cuts], np.r_[cuts, len(rows)]
-    return pa.concat_tables([table.slice(int(rows[a]), int(b - a)) for a, b in zip(starts, stops)]) if len(rows) else table.slice(0, 0)
 
 
 def row_groups_holding(parquet: pq.ParquetFile, column: str, values: list) -> list[int]:
     """Row groups of a Parquet file whose min/max statistics of `column` may hold one of `values` (every group
     without statistics)."""
     index = parquet.schema_arrow.get_field_index(column)
-    groups = []
-    for g in range(parquet.num_row_groups):
-        stats = parquet.metadata.row_group(g).column(index).statistics
-        if stats is None or not stats.has_min_max or any(stats.min <= v <= stats.max for v in values):
-            groups.append(g)
-    return groups
+    return [g for g in range(parquet.num_row_groups) if any(overlaps(parquet.metadata.row_group(g).column(index).statistics, v, v) for v in values)]
 
 
 def rows_where(store: Store, relative: str, column: str, values: list, columns: list[str] | None = None) -> pa.Table:
@@ -551,11 +608,6 @@ def rows_where(store: Store, relative: str, column: str, values: list, columns: 
     keys = table[column].to_pylist()
     runs = [(bisect.bisect_left(keys, v), bisect.bisect_right(keys, v)) for v in sorted(set(values))]
     return pa.concat_tables([table.slice(lo, hi - lo) for lo, hi in runs]) if runs else table.slice(0, 0)
-
-
-def read_bucket(store: Store, relative: str, bucket: int) -> pa.Table:
-    """The rows of one bucket of a vectors file, in vid order (its row groups are in bucket order: the others are skipped)."""
-    return rows_where(store, relative, "bucket", [bucket])
 
 
 def track_ids_of(vids: np.ndarray, ids: tuple[np.ndarray, pa.Array]) -> pa.Array:
@@ -603,12 +655,8 @@ Lists = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Neighbour lists of some tracks: vids [n, depth] (-1 padded), scores [n, depth] and floors [n] (DEEP_SCHEMA)."""
 
 
-def previous_lists(store: Store, update: Update, bucket: int, vids: np.ndarray, track_ids: pa.Array,
-                   ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
-    """The previous snapshot's lists of a bucket's tracks (`vids`, sorted) and which tracks had one: its deep lists,
-    or, for a snapshot written before them, its published top K lists."""
-    if not update.deep:
-        return published_lists(store, update, bucket, track_ids, ids)
+def previous_lists(store: Store, update: Update, bucket: int, vids: np.ndarray) -> tuple[Lists, np.ndarray]:
+    """The previous snapshot's deep lists of a bucket's tracks (`vids`, sorted) and which tracks had one."""
     table = store.read_table(f"{store.catalog}/{deep_piece(update.previous, bucket)}")
     previous = buffer_view(table["vid"], np.int64)
     row = np.minimum(np.searchsorted(previous, vids), max(0, len(previous) - 1))
@@ -624,27 +672,6 @@ def list_matrix(column: pa.ChunkedArray, dtype: type, pad: float) -> np.ndarray:
     out = np.full((len(array), int(lengths.max()) if len(lengths) else 0), pad, dtype)
     out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = buffer_view(array.flatten(), dtype)
     return out
-
-
-def published_lists(store: Store, update: Update, bucket: int, track_ids: pa.Array, ids: tuple[np.ndarray, pa.Array]) -> tuple[Lists, np.ndarray]:
-    """The previous snapshot's published top K lists of a bucket's tracks (floor: the K-th score, -inf for a shorter
-    list) and which tracks had one. Neighbours are matched to the new snapshot's tracks (`ids`) by Arrow hash
-    lookups, no Python string per row; one that left has no vid (-1: it leaves the list anyway)."""
-    import pyarrow.compute as pc
-    table = store.read_table(f"{store.catalog}/{piece(update.previous, bucket)}")
-    found = pc.index_in(table["track_id"], value_set=track_ids)
-    listed = pc.is_valid(found).to_numpy(zero_copy_only=False)
-    row = pc.fill_null(found, 0).to_numpy().astype(np.int64)[listed]
-    rank = table["rank"].to_numpy().astype(np.int64)[listed] - 1
-    position = pc.index_in(table["neighbour_id"], value_set=ids[1])
-    present = pc.is_valid(position).to_numpy(zero_copy_only=False)[listed]
-    neighbours, scores = np.full((len(track_ids), SIMILAR_K), -1, np.int64), np.zeros((len(track_ids), SIMILAR_K), np.float32)
-    neighbours[row, rank] = np.where(present, ids[0][pc.fill_null(position, 0).to_numpy().astype(np.int64)[listed]], -1)
-    scores[row, rank] = table["score"].to_numpy()[listed]
-    full = np.bincount(row, minlength=len(track_ids)) == SIMILAR_K
-    known = np.zeros(len(track_ids), bool)
-    known[row] = True
-    return (neighbours, scores, np.where(full, scores[:, -1], -np.inf).astype(np.float32)), known
 
 
 _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
@@ -664,14 +691,15 @@ def drop_cached() -> None:
     _ID_MAP.clear()
 
 
-def cached_index(store: Store, relative: str) -> faiss.Index:
-    """open_index of a snapshot's index, once per process while the file is unchanged (path, size and mtime or ETag)."""
-    path = f"{store.catalog}/{relative}"
+def cached_index(store: Store, out: str, bounds: list[int]) -> faiss.Index:
+    """open_index of a snapshot's index, once per process while its cells file is unchanged (path, size and mtime or
+    ETag: a snapshot folder's parts are written before its lists and never again)."""
+    path = f"{store.catalog}/{out}/{CELLS_FILE}"
     info = store.fs.info(path)
-    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"), tuple(bounds))
     if key not in _INDEX:
         _INDEX.clear()
-        _INDEX[key] = open_index(store, relative)
+        _INDEX[key] = open_index(store, {"layout": LAYOUT, "folder": out, "bounds": bounds})
     return _INDEX[key]
 
 
@@ -689,21 +717,21 @@ def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
     return _ID_MAP[key]
 
 
-def query_bucket(store: Store, snapshot: str, bucket: int, update: Update | None, k: int = SIMILAR_K) -> int:
+def query_bucket(store: Store, out: str, bucket: int, bounds: list[int], update: Update | None, k: int = SIMILAR_K) -> int:
     """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped); returns
     the piece's rows."""
-    out, depth = folder(snapshot), k + SPARE
+    depth = k + SPARE
     ids = cached_id_map(store, f"{out}/{LOOKUP_FILES['vid']}")
-    mine = read_bucket(store, f"{out}/vectors.parquet", bucket)
+    mine = store.read_table(f"{store.catalog}/{vectors_part(out, bucket)}")
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
     found, scores, floors = np.full((len(vids), depth), -1, np.int64), np.zeros((len(vids), depth), np.float32), np.full(len(vids), -np.inf, np.float32)
     if len(vids):
         redo = np.ones(len(vids), bool)
         if update is not None:
-            redo = refresh(store, update, out, bucket, k, vids, track_ids, queries, (found, scores, floors), ids)
+            redo = refresh(store, update, out, bucket, k, vids, (found, scores, floors))
         if redo.any():
-            found[redo], scores[redo] = search(cached_index(store, f"{out}/index.faiss"), queries[redo], vids[redo], depth)
+            found[redo], scores[redo] = search(cached_index(store, out, bounds), queries[redo], vids[redo], depth)
             floors[redo] = floor_of(found[redo], scores[redo])
     write_parquet(store, deep_piece(out, bucket), deep_table(vids, found, scores, floors), PIECE_ROW_GROUP, DEEP_OPTIONS)
     write_parquet(store, piece(out, bucket), lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP, PIECE_OPTIONS)
@@ -718,12 +746,11 @@ def deep_table(vids: np.ndarray, found: np.ndarray, scores: np.ndarray, floors: 
                      "scores": pa.ListArray.from_arrays(offsets, pa.array(scores[valid]))}, schema=DEEP_SCHEMA)
 
 
-def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: np.ndarray, track_ids: pa.Array, queries: np.ndarray,
-            lists: Lists, ids: tuple[np.ndarray, pa.Array]) -> np.ndarray:
+def refresh(store: Store, update: Update, out: str, bucket: int, k: int, vids: np.ndarray, lists: Lists) -> np.ndarray:
     """Fill the deep lists of a bucket's existing tracks (in place) from their previous lists without the removed
     tracks and with the added tracks that reach their floor; returns which tracks need a full query: new ones, and
     those whose list fell short of K above its floor."""
-    (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids, track_ids, ids)
+    (old_ids, old_scores, old_floors), known = previous_lists(store, update, bucket, vids)
     removed = member(old_ids, update.removed_vids)
     redo = member(vids, update.added_vids) | ~known
     candidates = reverse_candidates(store, out, bucket, vids) if update.added else (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -811,40 +838,47 @@ KEYS = ["track_id", "fingerprint"]
 
 def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.Table) -> Update | None:
     """How the new snapshot's index follows the previous one (`after`: the new snapshot's KEYS); None: rebuild it (no
-    previous index, another vector space or K, or more than INCREMENTAL_MAX_SHARE of the tracks changed)."""
+    previous index, one of layout 1, another vector space or K, or more than INCREMENTAL_MAX_SHARE of the tracks
+    changed)."""
     similar = (previous or {}).get("similar")
-    if not similar or not similar.get("index") or (previous.get("vector_space") or {}).get("name") != space_name or similar.get("k") != SIMILAR_K:
+    if (not similar or not similar.get("index") or similar.get("layout", 1) != LAYOUT or (previous.get("vector_space") or {}).get("name") != space_name
+            or similar.get("k") != SIMILAR_K):
         return None
     before = catalog.read_files(store, previous["files"], KEYS)
     added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
         return None
-    return Update(similar["folder"], sorted(added), sorted(removed), similar["buckets"], similar.get("deep") == DEEP_VERSION)
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["bounds"])
 
 
 Runner = Callable[[list[tuple]], list]
 
 
 def build(store: Store, snapshot: str, files: list[str], update: Update | None, run: Runner) -> dict:
-    """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process); returns what
-    the pointer records under `similar`."""
+    """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process), bucket by
+    bucket; returns what the pointer records under `similar`."""
     out = folder(snapshot)
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
-    buckets = update.buckets if update else max(1, math.ceil(tracks / BUCKET_TRACKS))
-    if update is None:  # three tasks, on different workers when there are: their peaks do not add up in one process
-        nlist, vectors, lookup = run([(write_index, store, snapshot, files, update), (write_vectors, store, snapshot, files, update, buckets),
-                                      (write_lookups, store, out, files, update)])
-    else:  # the added tracks read once (next to the lookup files) into ADDED_FILE, then read by the index, reverse scan and vectors tasks
-        _, lookup = run([(write_added, store, out, files, update, buckets), (write_lookups, store, out, files, update)])
-        _, vectors, nlist = run([(reverse_scan, store, snapshot, update, buckets), (write_vectors, store, snapshot, files, update, buckets),
-                                 (write_index, store, snapshot, files, update)])  # the longest first: the third goes to the first worker free
-    rows = run([(query_bucket, store, snapshot, b, update) for b in range(buckets)]) if tracks else []
-    store.delete([f"{store.catalog}/{out}/_reverse.parquet", f"{store.catalog}/{out}/{ADDED_FILE}"])
+    if update is None:
+        run([(write_cells, store, out, files)] if tracks else [])
+        counts = run([(route, store, out, i, f) for i, f in enumerate(files)]) if tracks else []
+        bounds = bounds_for(np.sum(counts, axis=0), math.ceil(tracks / BUCKET_TRACKS)) if tracks else [0]
+        sources = [routed_file(out, i) for i in range(len(counts))]
+        *sizes, lookup = run([(write_part, store, out, b, bounds, sources) for b in range(len(bounds) - 1)] + [(write_lookups, store, out, files, sources)])
+    else:  # the added tracks read once into ADDED_FILE, then read by the reverse scan, lookup and bucket tasks
+        bounds, sources = update.bounds, [f"{out}/{ADDED_FILE}", f"{update.previous}/{LOOKUP_FILES['vid']}"]
+        run([(write_added, store, out, files, update)])
+        _, lookup, *sizes = run([(reverse_scan, store, out, update), (write_lookups, store, out, files, sources)]
+                                + [(update_part, store, out, b, update) for b in range(update.buckets)])  # the longest first
+    buckets = len(bounds) - 1
+    rows = run([(query_bucket, store, out, b, bounds, update) for b in range(buckets)])
+    store.delete([f"{store.catalog}/{f}" for f in (f"{out}/_reverse.parquet", f"{out}/{ADDED_FILE}", *(routed_file(out, i) for i in range(len(files))))])
     return {
-        "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE, "index": f"{out}/index.faiss" if tracks else None, "lookup": lookup,
-        "vectors": f"{out}/vectors.parquet", "files": [piece(out, b) for b in range(buckets) if tracks],
-        "rows": sum(rows), "tracks": vectors, "buckets": buckets, "nlist": nlist, "nprobe": NPROBE,
+        "layout": LAYOUT, "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE,
+        "index": [index_part(out, b) for b in range(buckets)] or None, "cells": f"{out}/{CELLS_FILE}" if buckets else None, "lookup": lookup,
+        "vectors": [vectors_part(out, b) for b in range(buckets)], "files": [piece(out, b) for b in range(buckets)],
+        "rows": sum(rows), "tracks": sum(sizes), "buckets": buckets, "bounds": bounds, "nlist": bounds[-1], "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
         "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
     }
@@ -874,44 +908,54 @@ class Answer:
 
 
 def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
-    """(vid, track_id, uri, genre) of the published catalog's tracks whose `column` (vid or uri) is one of `values`:
-    from the snapshot's lookup file in that order (a few row groups), or by a scan of the catalog for snapshots
-    published before lookup files existed."""
+    """(vid, track_id, uri, genre, cell) of the published catalog's tracks whose `column` (vid or uri) is one of
+    `values`: from the snapshot's lookup file in that order (a few row groups; layout 1's have no cell: null), or by a
+    scan of the catalog for snapshots published before lookup files existed."""
     if not values:
         return LOOKUP_SCHEMA.empty_table()
     files = pointer["similar"].get("lookup") or {}
     if column in files:
-        return rows_where(store, files[column], column, values)
+        table = rows_where(store, files[column], column, values)
+        return table if "cell" in table.column_names else table.append_column("cell", pa.nulls(table.num_rows, pa.int32()))
     import pyarrow.compute as pc
 
     table = tracks_table(store, pointer["files"])
     return table.filter(pc.is_in(table[column], value_set=pa.array(values, LOOKUP_SCHEMA.field(column).type)))
 
 
-def stored_list(store: Store, pointer: dict, track_id: str, top: int) -> list[tuple[int, float]]:
-    """The first `top` entries of a track's stored list: (neighbour vid, score)."""
+def bucket_in(info: dict, row: dict) -> int:
+    """The bucket of a catalog track (a lookup row) in a snapshot's similar folder (`info`): its cell's (layout 1:
+    its vid's hash)."""
+    if info.get("layout", 1) < 2:
+        return int(buckets_of(np.array([row["vid"]], np.int64), info["buckets"])[0])
+    return int(bucket_of(np.array([row["cell"]]), info["bounds"])[0])
+
+
+def stored_list(store: Store, pointer: dict, row: dict, top: int) -> list[tuple[int, float]]:
+    """The first `top` entries of a catalog track's (a lookup row's) stored list: (neighbour vid, score)."""
     info = pointer["similar"]
-    bucket = int(buckets_of(vector_ids([track_id]), info["buckets"])[0])
-    table = rows_where(store, piece(info["folder"], bucket), "track_id", [track_id]).slice(0, top)  # in rank order
+    table = rows_where(store, piece(info["folder"], bucket_in(info, row)), "track_id", [row["track_id"]]).slice(0, top)  # in rank order
     return list(zip(vector_ids(table["neighbour_id"].to_pylist()).tolist(), table["score"].to_pylist()))
 
 
-def stored_vector(store: Store, pointer: dict, track_id: str) -> np.ndarray:
-    """A catalog track's embedding, from the row group of the vectors file whose bucket and vid statistics hold it."""
-    info = pointer["similar"]
-    vid = vector_ids([track_id])
-    bucket = int(buckets_of(vid, info["buckets"])[0])
-    with store.open(f"{store.catalog}/{info['vectors']}") as f:
+def stored_vector(store: Store, pointer: dict, row: dict) -> np.ndarray:
+    """A catalog track's (a lookup row's) embedding, from the row group of its bucket's vectors part whose vid
+    statistics hold it (layout 1: of the vectors file, whose bucket and vid statistics hold it)."""
+    info, vid = pointer["similar"], row["vid"]
+    bucket = bucket_in(info, row)
+    with store.open(f"{store.catalog}/{vectors_part(info['folder'], bucket) if info.get('layout', 1) >= 2 else info['vectors']}") as f:
         parquet = pq.ParquetFile(f)
-        groups = sorted(set(row_groups_holding(parquet, "bucket", [bucket])) & set(row_groups_holding(parquet, "vid", [int(vid[0])])))
-        rows = parquet.read_row_groups(groups, ["vid", "embedding"])
-    return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid[0])[0])]
+        groups = set(row_groups_holding(parquet, "vid", [vid]))
+        if info.get("layout", 1) < 2:
+            groups &= set(row_groups_holding(parquet, "bucket", [bucket]))
+        rows = parquet.read_row_groups(sorted(groups), ["vid", "embedding"])
+    return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid)[0])]
 
 
 def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: np.ndarray | None) -> list[tuple[dict, float]]:
     """The `top` nearest tracks (lookup row, score) to a vector in the memory-mapped index, `own` id left out; with
     `allowed` (vids), only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
-    index = open_index(store, pointer["similar"]["index"])
+    index = open_index(store, pointer["similar"])
     k = top if allowed is None else 4 * top
     while True:
         found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
@@ -972,9 +1016,9 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     for name, uri in names:
         row = by_name.get(name) or by_name.get(uri)
         if row is not None and genre is None and top <= pointer["similar"]["k"]:
-            hits, source = described(store, pointer, stored_list(store, pointer, row["track_id"], top)), "table"
+            hits, source = described(store, pointer, stored_list(store, pointer, row, top)), "table"
         elif row is not None:
-            hits, source = nearest(store, pointer, stored_vector(store, pointer, row["track_id"]), row["vid"], top, allowed), "index"
+            hits, source = nearest(store, pointer, stored_vector(store, pointer, row), row["vid"], top, allowed), "index"
         else:
             # the feature code (librosa, onnxruntime): only for files outside the catalog
             from genre_batch.analysis import audio
