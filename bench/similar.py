@@ -110,18 +110,20 @@ class Measured:
         return [r for r, _, _, _ in out]
 
     def report(self) -> dict:
-        """Per step: seconds and CPU seconds of each task (the list tasks summed, with their max), the peak RSS of its
-        worker so far (when the step ended: the first step to show a peak raised it), and the peak over all."""
+        """Per task function: seconds and CPU seconds of its task (of several, e.g. one per bucket: summed, with their
+        max), the peak RSS of its worker so far (when the step ended: the first step to show a peak raised it), and the
+        peak over all."""
         out: dict = {}
         for step in self.tasks:
-            if len(step) > 1 and len({name for name, *_ in step}) == 1:  # one task per bucket
-                name = step[0][0]
-                out[f"{name}_tasks"] = {"n": len(step), "wall_s_sum": round(sum(t for _, t, _, _ in step), 1),
-                                        "cpu_s_sum": round(sum(c for _, _, c, _ in step), 1), "wall_s_max": round(max(t for _, t, _, _ in step), 1),
-                                        "cpu_s_per_task": round(sum(c for _, _, c, _ in step) / len(step), 2)}
-                out[f"{name}_tasks"]["worker_peak_rss_mb"] = round(max(m for *_, m in step))
-            else:
-                out.update({f"{name}_task": {"wall_s": round(t, 1), "cpu_s": round(c, 1), "worker_peak_rss_mb": round(m)} for name, t, c, m in step})
+            for name in dict.fromkeys(n for n, *_ in step):
+                mine = [(t, c, m) for n, t, c, m in step if n == name]
+                if len(mine) > 1:
+                    out[f"{name}_tasks"] = {"n": len(mine), "wall_s_sum": round(sum(t for t, _, _ in mine), 1), "cpu_s_sum": round(sum(c for _, c, _ in mine), 1),
+                                            "wall_s_max": round(max(t for t, _, _ in mine), 1), "cpu_s_per_task": round(sum(c for _, c, _ in mine) / len(mine), 2),
+                                            "worker_peak_rss_mb": round(max(m for *_, m in mine))}
+                else:
+                    [(t, c, m)] = mine
+                    out[f"{name}_task"] = {"wall_s": round(t, 1), "cpu_s": round(c, 1), "worker_peak_rss_mb": round(m)}
         out["task_cpu_s"] = round(sum(c for step in self.tasks for _, _, c, _ in step), 1)
         out["peak_rss_mb"] = round(max(m for step in self.tasks for *_, m in step))
         return out
@@ -215,7 +217,7 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         started = time.perf_counter()
         info = similar.build(store, "s1", files, None, runner)
         report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **runner.report(), "buckets": info["buckets"],
-                          "nlist": info["nlist"], "rows": info["rows"], "index_mb": round(os.path.getsize(f"{store.catalog}/{info['index']}") / 1e6, 1)}
+                          "nlist": info["nlist"], "rows": info["rows"], "index_mb": round(sum(os.path.getsize(f"{store.catalog}/{f}") for f in info["index"]) / 1e6, 1)}
         report["full"]["recall_at_10"] = round(recall(store, info, base, ids[:n], seed), 4)
         print(json.dumps({"n": n, "full": report["full"]}), flush=True)
 

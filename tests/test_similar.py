@@ -89,7 +89,7 @@ def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Pat
     assert (index.ntotal, index.nlist) == (60, 31)
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)  # nprobe >= nlist
     assert similar._INDEX and similar._ID_MAP  # the list tasks (here, in process) keep the mapped index and id map
-    assert similar.write_cells(s, similar.folder("next"), pointer["files"]) == 31
+    assert similar.write_cells(s, similar.folder("next"), similar.units_of(s, pointer["files"])) == 31
     assert not similar._INDEX and not similar._ID_MAP  # a task writing the next snapshot drops them first
 
 

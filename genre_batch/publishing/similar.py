@@ -214,28 +214,38 @@ def embedding_column(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(VECTORS_SCHEMA.field("embedding").type, len(matrix), [None, pa.py_buffer(matrix)])
 
 
-def read_embeddings(store: Store, files: list[str], only: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
-    """track_ids and embeddings of snapshot files (relative to the catalog), optionally of some tracks only, filled
-    file by file into one matrix (the vectors are held once, plus one file's)."""
-    import pyarrow.compute as pc
-    paths = [f"{store.catalog}/{f}" for f in files]
-    matrix = np.empty((sum(store.parquet_rows(p) for p in paths) if only is None else len(only), VECTOR_DIM), np.float32)
-    ids, filled = [], 0
-    for path in paths:
-        track_ids, vectors = file_embeddings(store, path)
-        if only is not None:
-            keep = pc.is_in(track_ids, value_set=pa.array(only, pa.string()))
-            track_ids, vectors = track_ids.filter(keep), vectors[keep.to_numpy(zero_copy_only=False)]
-        matrix[filled : filled + len(track_ids)] = vectors
-        ids.append(track_ids)
-        filled += len(track_ids)
-    return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), matrix[:filled]
+Unit = tuple[str, int, int]
+"""A row group of a snapshot file: (file relative to the catalog, row group, rows)."""
 
 
-def file_embeddings(store: Store, path: str) -> tuple[pa.Array, np.ndarray]:
-    """track_ids and embeddings (a read-only view of the column) of one snapshot file."""
-    table = store.read_table(path, ["track_id", "embedding"])
+def units_of(store: Store, files: list[str]) -> list[Unit]:
+    """The row groups of snapshot files (their footers only)."""
+    units = []
+    for f in files:
+        with store.open(f"{store.catalog}/{f}") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        units += [(f, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+    return units
+
+
+def unit_embeddings(store: Store, unit: Unit) -> tuple[pa.Array, np.ndarray]:
+    """track_ids and embeddings (a read-only view of the column) of one row group of a snapshot file."""
+    with store.open(f"{store.catalog}/{unit[0]}") as f:
+        table = pq.ParquetFile(f).read_row_group(unit[1], ["track_id", "embedding"])
     return table["track_id"].combine_chunks(), as_matrix(table["embedding"])
+
+
+def read_embeddings(store: Store, files: list[str], only: list[str]) -> tuple[pa.Array, np.ndarray]:
+    """track_ids and embeddings of some tracks (`only`) of snapshot files (relative to the catalog), read a row group
+    at a time."""
+    import pyarrow.compute as pc
+    wanted, ids, matrices = pa.array(only, pa.string()), [], []
+    for unit in units_of(store, files):
+        track_ids, vectors = unit_embeddings(store, unit)
+        keep = pc.is_in(track_ids, value_set=wanted)
+        ids.append(track_ids.filter(keep))
+        matrices.append(vectors[keep.to_numpy(zero_copy_only=False)])
+    return pa.concat_arrays(ids) if ids else pa.array([], pa.string()), np.concatenate(matrices) if matrices else np.zeros((0, VECTOR_DIM), np.float32)
 
 
 def index_part(similar_folder: str, bucket: int) -> str:
@@ -379,25 +389,24 @@ def bucket_of(cells: np.ndarray, bounds: list[int]) -> np.ndarray:
     return (np.searchsorted(np.asarray(bounds), cells, side="right") - 1).astype(np.int32)
 
 
-def write_cells(store: Store, out: str, files: list[str]) -> int:
-    """Train the index's cells (k-means) on a sample of the snapshot's embeddings (`training_rows`) and write them as
-    CELLS_FILE (runs on one worker: it holds the sample); returns their number."""
+def write_cells(store: Store, out: str, units: list[Unit]) -> int:
+    """Train the index's cells (k-means) on a sample of the snapshot's embeddings (`training_rows`), read a row group
+    at a time, and write them as CELLS_FILE (runs on one worker: it holds the sample); returns their number."""
     drop_cached()
-    paths = [f"{store.catalog}/{f}" for f in files]
-    sizes = [store.parquet_rows(p) for p in paths]
+    sizes = [rows for _, _, rows in units]
     nlist = nlist_for(sum(sizes))
-    sample = np.concatenate([file_embeddings(store, p)[1][rows] for p, rows in zip(paths, training_rows(sizes, nlist))])
+    sample = np.concatenate([unit_embeddings(store, unit)[1][rows] for unit, rows in zip(units, training_rows(sizes, nlist)) if len(rows)])
     index = new_index(sample, nlist)
     save_index(store, index.quantizer, f"{out}/{CELLS_FILE}")
     return nlist
 
 
-def route(store: Store, out: str, position: int, file: str) -> np.ndarray:
-    """Write a catalog file's tracks with their vids and cells as its routed file, in (cell, vid) order (row groups
-    found by cell); returns its tracks per cell."""
+def route(store: Store, out: str, position: int, unit: Unit) -> np.ndarray:
+    """Write the tracks of a row group of a snapshot file with their vids and cells as routed file `position`, in
+    (cell, vid) order (row groups found by cell); returns its tracks per cell."""
     drop_cached()
     quantizer = read_cells(store, out)
-    ids, matrix = file_embeddings(store, f"{store.catalog}/{file}")
+    ids, matrix = unit_embeddings(store, unit)
     vids = vector_ids(ids.to_pylist())
     cells = assign(quantizer, matrix)
     order = np.lexsort((vids, cells))
@@ -860,20 +869,22 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
     bucket; returns what the pointer records under `similar`."""
     out = folder(snapshot)
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
-    if update is None:
-        run([(write_cells, store, out, files)] if tracks else [])
-        counts = run([(route, store, out, i, f) for i, f in enumerate(files)]) if tracks else []
+    if update is None:  # tasks per row group of the snapshot files (ROW_GROUP_ROWS: 100,000 tracks), then per bucket
+        units = units_of(store, files) if tracks else []
+        run([(write_cells, store, out, units)] if tracks else [])
+        counts = run([(route, store, out, i, unit) for i, unit in enumerate(units)])
         bounds = bounds_for(np.sum(counts, axis=0), math.ceil(tracks / BUCKET_TRACKS)) if tracks else [0]
-        sources = [routed_file(out, i) for i in range(len(counts))]
-        *sizes, lookup = run([(write_part, store, out, b, bounds, sources) for b in range(len(bounds) - 1)] + [(write_lookups, store, out, files, sources)])
+        routed = [routed_file(out, i) for i in range(len(counts))]
+        *sizes, lookup = run([(write_part, store, out, b, bounds, routed) for b in range(len(bounds) - 1)] + [(write_lookups, store, out, files, routed)])
     else:  # the added tracks read once into ADDED_FILE, then read by the reverse scan, lookup and bucket tasks
-        bounds, sources = update.bounds, [f"{out}/{ADDED_FILE}", f"{update.previous}/{LOOKUP_FILES['vid']}"]
+        bounds, routed = update.bounds, []
         run([(write_added, store, out, files, update)])
-        _, lookup, *sizes = run([(reverse_scan, store, out, update), (write_lookups, store, out, files, sources)]
+        known = [f"{out}/{ADDED_FILE}", f"{update.previous}/{LOOKUP_FILES['vid']}"]
+        _, lookup, *sizes = run([(reverse_scan, store, out, update), (write_lookups, store, out, files, known)]
                                 + [(update_part, store, out, b, update) for b in range(update.buckets)])  # the longest first
     buckets = len(bounds) - 1
     rows = run([(query_bucket, store, out, b, bounds, update) for b in range(buckets)])
-    store.delete([f"{store.catalog}/{f}" for f in (f"{out}/_reverse.parquet", f"{out}/{ADDED_FILE}", *(routed_file(out, i) for i in range(len(files))))])
+    store.delete([f"{store.catalog}/{f}" for f in (f"{out}/_reverse.parquet", f"{out}/{ADDED_FILE}", *routed)])
     return {
         "layout": LAYOUT, "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE,
         "index": [index_part(out, b) for b in range(buckets)] or None, "cells": f"{out}/{CELLS_FILE}" if buckets else None, "lookup": lookup,
