@@ -93,6 +93,44 @@ def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Pat
     assert not similar._INDEX and not similar._ID_MAP  # a task writing the next snapshot drops them first
 
 
+def test_buckets_are_contiguous_cell_ranges_of_about_equal_tracks() -> None:
+    counts = np.array([5, 0, 7, 3, 3, 2, 0, 9, 1, 10])  # 40 tracks in 10 cells
+    bounds = similar.bounds_for(counts, 4)
+    assert bounds[0] == 0 and bounds[-1] == 10 and len(bounds) == 5 and all(a < b for a, b in zip(bounds, bounds[1:]))
+    per_bucket = [int(counts[a:b].sum()) for a, b in zip(bounds, bounds[1:])]
+    assert sum(per_bucket) == 40 and max(per_bucket) <= 10 + 9  # each at most a quarter plus its last cell
+    assert similar.bucket_of(np.arange(10), bounds).tolist() == [b for b, (lo, hi) in enumerate(zip(bounds, bounds[1:])) for _ in range(lo, hi)]
+    assert similar.bounds_for(np.array([0, 100, 0, 0]), 3) == [0, 2, 3, 4]  # one cell holds everything: every bucket still has a cell
+    assert similar.bounds_for(np.array([4, 4]), 5) == [0, 1, 2]  # never more buckets than cells
+
+
+def test_the_stacked_parts_search_as_one_index_of_the_same_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nlist > nprobe (a real approximate search) and several buckets, the lists search the index parts stacked
+    into one: the same neighbours and scores as one IVFFlat index of the same cells holding every track."""
+    import faiss
+
+    monkeypatch.setattr(similar, "BUCKET_TRACKS", 400)
+    x = np.random.default_rng(3).standard_normal((2000, catalog.VECTOR_DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    table = with_embeddings(rows(2000, "rock", "run-a"), x)
+    s = Store(str(tmp_path))
+    info = catalog.publish(s, table, "run-a", "m-1", SPACE)["similar"]
+    assert info["nlist"] == 179 > similar.NPROBE and info["buckets"] == 5 and len(info["index"]) == 5
+    cells = similar.read_cells(s, info["folder"])
+    single = faiss.IndexIVFFlat(cells, catalog.VECTOR_DIM, cells.ntotal, faiss.METRIC_INNER_PRODUCT)
+    single.add_with_ids(x, similar.vector_ids(table["track_id"].to_pylist()))
+    single.nprobe = similar.NPROBE
+    stacked = similar.open_index(s, info)
+    assert stacked.ntotal == 2000
+    expected, got = single.search(x[:300], 21), stacked.search(x[:300], 21)
+    assert np.array_equal(expected[1], got[1]) and np.allclose(expected[0], got[0])
+    ids = table["track_id"].to_pylist()
+    by_vid = dict(zip(similar.vector_ids(ids).tolist(), ids))
+    stored = lists(s)
+    for i in range(300):  # the stored lists are those searches, the track itself left out
+        assert [n for n, _ in stored[ids[i]]] == [by_vid[v] for v in expected[1][i] if v != similar.vector_ids([ids[i]])[0]][: catalog.SIMILAR_K]
+
+
 @pytest.mark.parametrize("previous", ["deep lists", "no spare (a list that lost a member is queried)"])
 def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: str) -> None:
     if previous.startswith("no spare"):

@@ -154,7 +154,6 @@ class Added:
     vids: np.ndarray
     matrix: np.ndarray
     """Their embeddings [n, VECTOR_DIM]."""
-    cells: np.ndarray
 
 
 def folder(snapshot: str) -> str:
@@ -521,7 +520,7 @@ def write_added(store: Store, out: str, files: list[str], update: Update) -> int
 def read_added(store: Store, out: str) -> Added:
     """An update's added tracks from its ADDED_FILE."""
     table = store.read_table(f"{store.catalog}/{out}/{ADDED_FILE}")
-    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]), buffer_view(table["cell"], np.int32))
+    return Added(table["track_id"].combine_chunks(), buffer_view(table["vid"], np.int64), as_matrix(table["embedding"]))
 
 
 def reverse_scan(store: Store, out: str, update: Update) -> None:
