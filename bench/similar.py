@@ -129,6 +129,19 @@ class Measured:
         return out
 
 
+def index_share_read(store: Store, info: dict) -> dict:
+    """The share of the index's vectors in the cells one list task's searches visit (the nprobe cells of each of its
+    bucket's tracks): mean and max over the buckets."""
+    index = similar.open_index(store, info)
+    sizes = np.array([index.invlists.list_size(c) for c in range(index.nlist)])
+    shares = []
+    for bucket in range(info["buckets"]):
+        queries = similar.as_matrix(store.read_table(f"{store.catalog}/{similar.vectors_part(info['folder'], bucket)}", ["embedding"])["embedding"])
+        probed = np.unique(index.quantizer.search(np.ascontiguousarray(queries), similar.NPROBE)[1])
+        shares.append(sizes[probed].sum() / sizes.sum())
+    return {"mean": round(float(np.mean(shares)), 3), "max": round(float(np.max(shares)), 3)}
+
+
 def stored_neighbours(store: Store, info: dict, track_ids: list[str], position: dict[str, int]) -> np.ndarray:
     """Row positions of the stored top-K neighbours of some tracks (-1 padded)."""
     wanted = pa.array(track_ids)
@@ -219,6 +232,7 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **runner.report(), "buckets": info["buckets"],
                           "nlist": info["nlist"], "rows": info["rows"], "index_mb": round(sum(os.path.getsize(f"{store.catalog}/{f}") for f in info["index"]) / 1e6, 1)}
         report["full"]["recall_at_10"] = round(recall(store, info, base, ids[:n], seed), 4)
+        report["full"]["index_share_read_per_list_task"] = index_share_read(store, info)
         print(json.dumps({"n": n, "full": report["full"]}), flush=True)
 
         # a nightly: 1 % departed, 1 % new

@@ -390,14 +390,31 @@ def bucket_of(cells: np.ndarray, bounds: list[int]) -> np.ndarray:
 
 def write_cells(store: Store, out: str, units: list[Unit]) -> int:
     """Train the index's cells (k-means) on a sample of the snapshot's embeddings (`training_rows`), read a row group
-    at a time, and write them as CELLS_FILE (runs on one worker: it holds the sample); returns their number."""
+    at a time, and write them as CELLS_FILE, numbered by region (`by_region`; runs on one worker: it holds the sample);
+    returns their number."""
+    import faiss
     drop_cached()
     sizes = [rows for _, _, rows in units]
     nlist = nlist_for(sum(sizes))
     sample = np.concatenate([unit_embeddings(store, unit)[1][rows] for unit, rows in zip(units, training_rows(sizes, nlist)) if len(rows)])
-    index = new_index(sample, nlist)
-    save_index(store, index.quantizer, f"{out}/{CELLS_FILE}")
+    trained = new_index(sample, nlist)  # it owns its quantizer: held while the centroids are read
+    centroids = trained.quantizer.reconstruct_n(0, nlist)
+    cells = faiss.IndexFlatIP(VECTOR_DIM)
+    cells.add(centroids[by_region(centroids, math.ceil(sum(sizes) / BUCKET_TRACKS))])
+    save_index(store, cells, f"{out}/{CELLS_FILE}")
     return nlist
+
+
+def by_region(centroids: np.ndarray, regions: int) -> np.ndarray:
+    """An order of the cells in which neighbouring cells are mostly near each other: by region, the centroids clustered
+    into `regions` (k-means, seeded), so that a bucket's tracks, a range of cells, mostly search the cells of their
+    own region: a list task touches a part of the mapped index, not all of it."""
+    import faiss
+    if regions <= 1 or len(centroids) <= regions:
+        return np.arange(len(centroids))
+    kmeans = faiss.Kmeans(VECTOR_DIM, regions, niter=20, seed=1, spherical=True, min_points_per_centroid=1)
+    kmeans.train(np.ascontiguousarray(centroids))
+    return np.argsort(kmeans.index.search(np.ascontiguousarray(centroids), 1)[1][:, 0], kind="stable")
 
 
 def route(store: Store, out: str, position: int, unit: Unit) -> np.ndarray:
