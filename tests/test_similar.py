@@ -72,9 +72,9 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
 
 
 def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past TRAIN_PER_LIST vectors per list the index's k-means trains on a seeded sample spread over the snapshot's
-    files (the index task holds the vectors once); the index still holds every track. A task writing an index first
-    drops the mapped index and id map that list tasks keep in their process."""
+    """Past TRAIN_PER_LIST vectors per cell the cells' k-means trains on a seeded sample spread over the snapshot's
+    row groups; the index still holds every track. A task writing the next snapshot first drops the id map that list
+    tasks keep in their process."""
     assert [r.tolist() for r in similar.training_rows([3, 5, 4], 2)] == [[0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 3]]  # 128 >= 12: all
     monkeypatch.setattr(similar, "TRAIN_PER_LIST", 1)
     picked = similar.training_rows([30, 50, 40], 10)
@@ -88,9 +88,9 @@ def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Pat
     index = similar.open_index(s, pointer["similar"])
     assert (index.ntotal, index.nlist) == (60, 31)
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)  # nprobe >= nlist
-    assert similar._INDEX and similar._ID_MAP  # the list tasks (here, in process) keep the mapped index and id map
+    assert similar._ID_MAP  # the list tasks (here, in process) keep the id map
     assert similar.write_cells(s, similar.folder("next"), similar.units_of(s, pointer["files"])) == 31
-    assert not similar._INDEX and not similar._ID_MAP  # a task writing the next snapshot drops them first
+    assert not similar._ID_MAP  # a task writing the next snapshot drops it first
 
 
 def test_buckets_are_contiguous_cell_ranges_of_about_equal_tracks() -> None:

@@ -704,28 +704,10 @@ _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
 not one per bucket task."""
 
 
-_INDEX: dict[tuple, faiss.Index] = {}
-"""The last memory-mapped index in this (worker) process: its pages stay mapped from one bucket task to the next."""
-
-
 def drop_cached() -> None:
-    """Forget this process's mapped index and id map (of an earlier snapshot's list tasks): a task writing the next
-    snapshot (index, vectors, lookup files, added tracks, reverse scan) does not read them, and their pages (~620 MB
-    at 1M) would add to its peak."""
-    _INDEX.clear()
+    """Forget this process's id map (of an earlier snapshot's list tasks): a task writing the next snapshot (cells,
+    parts, lookup files, added tracks, reverse scan) does not read it."""
     _ID_MAP.clear()
-
-
-def cached_index(store: Store, out: str, bounds: list[int]) -> faiss.Index:
-    """open_index of a snapshot's index, once per process while its cells file is unchanged (path, size and mtime or
-    ETag: a snapshot folder's parts are written before its lists and never again)."""
-    path = f"{store.catalog}/{out}/{CELLS_FILE}"
-    info = store.fs.info(path)
-    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"), tuple(bounds))
-    if key not in _INDEX:
-        _INDEX.clear()
-        _INDEX[key] = open_index(store, {"layout": LAYOUT, "folder": out, "bounds": bounds})
-    return _INDEX[key]
 
 
 def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
@@ -756,7 +738,8 @@ def query_bucket(store: Store, out: str, bucket: int, bounds: list[int], update:
         if update is not None:
             redo = refresh(store, update, out, bucket, k, vids, (found, scores, floors))
         if redo.any():
-            found[redo], scores[redo] = search(cached_index(store, out, bounds), queries[redo], vids[redo], depth)
+            index = open_index(store, {"layout": LAYOUT, "folder": out, "bounds": bounds})  # per task: its pages unmapped when it ends
+            found[redo], scores[redo] = search(index, queries[redo], vids[redo], depth)
             floors[redo] = floor_of(found[redo], scores[redo])
     write_parquet(store, deep_piece(out, bucket), deep_table(vids, found, scores, floors), PIECE_ROW_GROUP, DEEP_OPTIONS)
     write_parquet(store, piece(out, bucket), lists_table(track_ids, found[:, :k], scores[:, :k], ids), PIECE_ROW_GROUP, PIECE_OPTIONS)
