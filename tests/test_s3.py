@@ -182,3 +182,41 @@ def test_pointer_swap_refuses_a_concurrent_change(s3: s3fs.S3FileSystem) -> None
     with pytest.raises(GenreBatchError, match="changed by another writer"):
         swap_bytes(s3, path, b'{"snapshot": "c"}', seen)  # someone (we) changed it since `seen`
     assert s3.cat_file(path) == b'{"snapshot": "b"}'
+
+
+def test_workers_copying_the_same_index_file_at_once_both_get_it(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two list or routing tasks of one host fetch a snapshot's index file into the local cache at the same moment:
+    each copy has its own name (the full suite failed when both used one `.tmp` name and the second rename found
+    nothing)."""
+    import threading
+
+    from genre_batch.publishing import similar
+
+    monkeypatch.setattr(similar.tempfile, "gettempdir", lambda: str(tmp_path))
+    s3.mkdir("cache")
+    s3.pipe_file("cache/catalog/snapshots/x/similar/cells.faiss", b"cells " * 1000)
+    store = Store("s3://cache")
+    both_inside = threading.Barrier(2)
+    real = store.fs.get_file
+
+    def get_file(path: str, local: str) -> None:
+        real(path, local)
+        both_inside.wait(10)  # each thread has its copy before either renames it
+
+    monkeypatch.setattr(store.fs, "get_file", get_file)
+    got, failed = [], []
+
+    def fetch() -> None:
+        try:
+            got.append(similar.local_file(store, "snapshots/x/similar/cells.faiss"))
+        except OSError as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failed and len(got) == 2 and got[0] == got[1]
+    assert Path(got[0]).read_bytes() == b"cells " * 1000
+    assert [p.name for p in Path(got[0]).parent.iterdir()] == [Path(got[0]).name]  # no copy left behind

@@ -268,10 +268,11 @@ def local_file(store: Store, relative: str) -> str:
     if store.local:
         return path
     cache = os.path.join(tempfile.gettempdir(), "genre-batch-similar", hashlib.sha1(store.fs.unstrip_protocol(path).encode()).hexdigest() + ".faiss")
-    if not os.path.exists(cache):
+    if not os.path.exists(cache):  # workers of one host may copy the same file at once: each to its own name, then renamed
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        store.fs.get_file(path, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        copy = f"{cache}{TEMP_MARK}{uuid.uuid4().hex}"
+        store.fs.get_file(path, copy)
+        os.replace(copy, cache)
     return cache
 
 
