@@ -56,8 +56,8 @@ if TYPE_CHECKING:
 
 NPROBE = 32
 TRAIN_PER_LIST = 64
-"""Vectors per IVF list that train the index's k-means (faiss advises 39 to 256): at 1M tracks a sample of 256k, not all
-of them, so the index task holds the vectors once (in the index) plus the sample, not twice."""
+"""Vectors per cell that train the cells' k-means (faiss advises 39 to 256): at 1M tracks a sample of 256k, at 10M of
+810k (0.4 GB in the cells task), not all of them."""
 BUCKET_TRACKS = 25_000
 """Tracks per bucket (a range of cells: its index and vectors parts, its query task) when an index is built; an
 incremental update keeps the previous buckets."""
