@@ -165,6 +165,17 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest
         assert neighbours == similar.vector_ids([ids[j] for j in np.argsort(-(x @ x[i]), kind="stable")[1 : len(neighbours) + 1]]).tolist()
 
 
+@pytest.mark.parametrize("bucket_tracks, mode", [(30, "incremental"), (25, "full")])
+def test_a_bucket_grown_past_twice_its_size_makes_the_next_snapshot_a_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              bucket_tracks: int, mode: str) -> None:
+    s = Store(str(tmp_path))
+    monkeypatch.setattr(similar, "BUCKET_TRACKS", 60)
+    assert catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)["similar"]["sizes"] == [60]
+    monkeypatch.setattr(similar, "BUCKET_TRACKS", bucket_tracks)  # 60 <= 2 x 30: kept; 60 > 2 x 25: rebuilt, in 3 buckets
+    night = catalog.publish(s, rows(61, "rock", "run-b"), "run-b", "m-1", SPACE)["similar"]
+    assert night["mode"] == mode and night["buckets"] == (1 if mode == "incremental" else 3) and sum(night["sizes"]) == 61
+
+
 def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(similar, "BUCKET_TRACKS", 20)  # 3 buckets, row groups of 8 rows: the night's merges cross them
     monkeypatch.setattr(similar, "ROW_GROUP", 8)

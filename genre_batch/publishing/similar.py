@@ -66,6 +66,9 @@ LAYOUT = 2
 CELLS_FILE = "cells.faiss"
 INCREMENTAL_MAX_SHARE = 0.1
 """Past this share of added + removed tracks a snapshot rebuilds its index (centroids trained afresh) instead."""
+BUCKET_GROWTH = 2
+"""Past this many times BUCKET_TRACKS in one bucket a snapshot rebuilds its index: nights of small additions (each
+below INCREMENTAL_MAX_SHARE) do not grow a bucket's tasks without bound."""
 ROW_GROUP = 10_000
 SPARE = 10
 """Entries kept past K in the deep lists: a list that lost members keeps its top K without a query while it holds K."""
@@ -847,11 +850,11 @@ KEYS = ["track_id", "fingerprint"]
 
 def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.Table) -> Update | None:
     """How the new snapshot's index follows the previous one (`after`: the new snapshot's KEYS); None: rebuild it (no
-    previous index, one of layout 1, another vector space or K, or more than INCREMENTAL_MAX_SHARE of the tracks
-    changed)."""
+    previous index, one of layout 1, another vector space or K, a bucket grown past BUCKET_GROWTH x BUCKET_TRACKS, or more
+    than INCREMENTAL_MAX_SHARE of the tracks changed)."""
     similar = (previous or {}).get("similar")
     if (not similar or not similar.get("index") or similar.get("layout", 1) != LAYOUT or (previous.get("vector_space") or {}).get("name") != space_name
-            or similar.get("k") != SIMILAR_K):
+            or similar.get("k") != SIMILAR_K or max(similar.get("sizes") or [0]) > BUCKET_GROWTH * BUCKET_TRACKS):
         return None
     before = catalog.read_files(store, previous["files"], KEYS)
     added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
@@ -889,7 +892,7 @@ def build(store: Store, snapshot: str, files: list[str], update: Update | None, 
         "layout": LAYOUT, "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE,
         "index": [index_part(out, b) for b in range(buckets)] or None, "cells": f"{out}/{CELLS_FILE}" if buckets else None, "lookup": lookup,
         "vectors": [vectors_part(out, b) for b in range(buckets)], "files": [piece(out, b) for b in range(buckets)],
-        "rows": sum(rows), "tracks": sum(sizes), "buckets": buckets, "bounds": bounds, "nlist": bounds[-1], "nprobe": NPROBE,
+        "rows": sum(rows), "tracks": sum(sizes), "buckets": buckets, "bounds": bounds, "sizes": sizes, "nlist": bounds[-1], "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
         "added": None if update is None else len(update.added), "removed": None if update is None else len(update.removed),
     }
