@@ -220,3 +220,28 @@ def test_workers_copying_the_same_index_file_at_once_both_get_it(s3: s3fs.S3File
     assert not failed and len(got) == 2 and got[0] == got[1]
     assert Path(got[0]).read_bytes() == b"cells " * 1000
     assert [p.name for p in Path(got[0]).parent.iterdir()] == [Path(got[0]).name]  # no copy left behind
+
+
+def test_the_local_cache_keeps_one_folder_per_snapshot_and_drops_idle_ones(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each night's snapshot has new index parts; their copies in a worker's temp folder go once idle for an hour,
+    when another snapshot's first file is copied (before, every night's copies stayed)."""
+    from genre_batch.publishing import similar
+
+    monkeypatch.setattr(similar.tempfile, "gettempdir", lambda: str(tmp_path))
+    s3.mkdir("nightly")
+    for snapshot in ("a", "b", "c"):
+        for name in ("cells.faiss", "index-00000.faiss"):
+            s3.pipe_file(f"nightly/catalog/snapshots/{snapshot}/similar/{name}", f"{snapshot} {name}".encode())
+    store = Store("s3://nightly")
+    a = [similar.local_file(store, f"snapshots/a/similar/{n}") for n in ("cells.faiss", "index-00000.faiss")]
+    b = similar.local_file(store, "snapshots/b/similar/cells.faiss")
+    assert Path(a[0]).parent == Path(a[1]).parent != Path(b).parent and Path(a[1]).read_bytes() == b"a index-00000.faiss"
+    root = tmp_path / "genre-batch-similar"
+    (root / "0123.faiss").write_bytes(b"a copy of an earlier version")
+    for stale in (Path(a[0]).parent, root / "0123.faiss"):
+        os.utime(stale, (time.time() - 2 * similar.CACHE_IDLE_S,) * 2)
+    assert similar.local_file(store, "snapshots/b/similar/index-00000.faiss")  # b's folder exists: nothing pruned
+    assert Path(a[0]).exists()
+    c = similar.local_file(store, "snapshots/c/similar/cells.faiss")  # a new snapshot's first copy: idle folders go
+    assert sorted(p.name for p in root.iterdir()) == sorted([Path(b).parent.name, Path(c).parent.name])
+    assert Path(c).read_bytes() == b"c cells.faiss"

@@ -38,7 +38,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -265,18 +265,48 @@ def routed_file(similar_folder: str, position: int) -> str:
     return f"{similar_folder}/_routed-{position:05d}.parquet"
 
 
+CACHE_IDLE_S = 3600
+"""A snapshot's copies in the local cache of object-store index files are deleted once unused this long, when the
+next snapshot's first copy is made (a nightly's new parts would otherwise add the whole index to the disk each night)."""
+
+
 def local_file(store: Store, relative: str) -> str:
-    """A local path of a catalog file for faiss to memory-map (a file of an object store is copied once to a cache)."""
+    """A local path of a catalog file for faiss to memory-map: a file of an object store is copied once to a cache,
+    one folder per snapshot folder (`prune_cache` deletes the idle ones)."""
     path = f"{store.catalog}/{relative}"
     if store.local:
         return path
-    cache = os.path.join(tempfile.gettempdir(), "genre-batch-similar", hashlib.sha1(store.fs.unstrip_protocol(path).encode()).hexdigest() + ".faiss")
+    folder_of, name = relative.rsplit("/", 1)
+    root = os.path.join(tempfile.gettempdir(), "genre-batch-similar")
+    mine = os.path.join(root, hashlib.sha1(store.fs.unstrip_protocol(f"{store.catalog}/{folder_of}").encode()).hexdigest())
+    cache = os.path.join(mine, name)
     if not os.path.exists(cache):  # workers of one host may copy the same file at once: each to its own name, then renamed
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        if not os.path.isdir(mine):
+            prune_cache(root, CACHE_IDLE_S)
+        os.makedirs(mine, exist_ok=True)
         copy = f"{cache}{TEMP_MARK}{uuid.uuid4().hex}"
         store.fs.get_file(path, copy)
         os.replace(copy, cache)
+    os.utime(mine)  # in use: not idle
     return cache
+
+
+def prune_cache(root: str, idle_s: float) -> None:
+    """Delete what the cache folder holds that has not been used for `idle_s` (a process that mapped a file keeps its
+    pages: Linux frees them when it unmaps)."""
+    import shutil
+    import time
+
+    if not os.path.isdir(root):
+        return
+    for entry in os.scandir(root):
+        with suppress(FileNotFoundError):  # another worker of the host pruned it first
+            if time.time() - entry.stat().st_mtime <= idle_s:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 def read_cells(store: Store, similar_folder: str) -> faiss.Index:
