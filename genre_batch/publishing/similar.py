@@ -12,8 +12,8 @@ PIECE_ROW_GROUP rows in track_id order: one track's list is read without the res
 bucket and its neighbours from a few row groups (a track_id's vid is its hash). Searches memory-map every part and
 stack their cells into one index (faiss.VStackInvertedLists): no process holds the library's vectors.
 
-A full build runs as tasks: one trains the cells on a sample; one per catalog file assigns its tracks to cells
-(`_routed-<n>.parquet`, in cell order); one per bucket gathers its cells' tracks from those files into its index
+A full build runs as tasks: one trains the cells on a sample and numbers them by region (`by_region`); one per row
+group of the snapshot's files assigns its tracks to cells (`_routed-<n>.parquet`, in cell order); one per bucket gathers its cells' tracks from those files into its index
 and vectors parts; then one per bucket queries its tracks' lists. A snapshot written by an earlier version (one
 `index.faiss` and one `vectors.parquet` in buckets by vid hash: layout 1) is still answered by `similar`, and the
 next snapshot after it is a full build.
