@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import s3fs
 from conftest import cli
+from test_servers import free_port
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis import audio
@@ -28,22 +28,6 @@ from genre_batch.storage.store import Store, swap_bytes, version_token
 
 KEY, SECRET = "genre-batch-test-key", "genre-batch-test-secret-0123456789"
 GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on the S3 port + 10000
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free, as is the port 10000 above it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + GRPC_OFFSET < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + GRPC_OFFSET))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free port pair")
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:
@@ -63,7 +47,7 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SeaweedFS S3 server accepting KEY/SECRET; stopped after the module, also on failure."""
-    port, data = free_port(), tmp_path_factory.mktemp("weed")
+    port, data = free_port(GRPC_OFFSET), tmp_path_factory.mktemp("weed")
     log = open(data / "weed.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

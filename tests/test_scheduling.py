@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import PrefectServer
+from test_servers import free_port
 
 from flows.pipeline import artifact_key, check_parameters, nightly
 from genre_batch import GenreBatchError
@@ -24,13 +24,6 @@ BIN = Path(sys.executable).parent
 SERVER_START_S = 120
 RUN_WAIT_S = 150
 DEPLOYMENT = "nightly-every-minute"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -14,6 +14,7 @@ flow-run processes in their own session) are found with psutil beforehand and ki
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from genre_batch.storage.store import Store
 BIN = Path(sys.executable).parent
 DASK, PREFECT, GENRE_BATCH = str(BIN / "dask"), str(BIN / "prefect"), str(BIN / "genre-batch")
 HOST = "127.0.0.1"
+WEED_PORTS = {7333, 8181, 8888, 9101, 9333, 9340, 18888, 19333, 19340, 23646, 33646}  # `weed mini`'s fixed ports (test_s3)
 DEPLOYMENT_NAME = "nightly-test"
 DEPLOYMENT = f"genre-batch-nightly/{DEPLOYMENT_NAME}"
 CRON = "0 2 * * *"
@@ -46,11 +48,34 @@ TRACKS = 12  # 4 styles x PER_STYLE
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bind to port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def ephemeral_ports() -> range:
+    """The kernel's range for port-0 binds and outgoing connections' source ports (Linux's default if unreadable)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_port(*offsets: int) -> int:
+    """A TCP port on 127.0.0.1 that is free now, as are `port + offset` for each of `offsets`.
+
+    Drawn at random outside the kernel's ephemeral range: a port the kernel picked for a port-0 bind could be taken by
+    another port-0 bind or an outgoing connection before the server binds it (CI failed once so: the Prefect server's
+    port was in use when it started)."""
+    ephemeral, shifts = ephemeral_ports(), (0, *offsets)
+    usable = [p for p in range(10000, 65536 - max(shifts)) if not any(p + o in ephemeral or p + o in WEED_PORTS for o in shifts)]
+    pick = random.SystemRandom()
+    for _ in range(100):
+        port = pick.choice(usable)
+        with ExitStack() as stack:
+            try:
+                for o in shifts:
+                    stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind((HOST, port + o))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on {HOST} with offsets {offsets}")
 
 
 def base_env(**extra: str) -> dict[str, str]:
