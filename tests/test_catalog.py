@@ -192,7 +192,7 @@ def die_after_first_rm() -> Callable[..., None]:
 CRASHES: dict[str, Callable[[], None]] = {
     "snapshot-half-written": lambda: setattr(os, "fsync", die_at_fsync(1)),
     "before-switch": lambda: setattr(catalog, "promote", kill_self),
-    "pointer-half-written": lambda: setattr(os, "fsync", die_at_fsync(9)),  # 1: the genre file, 2: the change feed, 3: the similar routed file, 4: its vectors part, 5-6: its lookups, 7: its deep lists, 8: its piece, 9: the pointer
+    "pointer-half-written": lambda: setattr(os, "fsync", die_at_fsync(11)),  # 1: the genre file, 2: the change feed, 3: the similar routed file, 4-5: its spread lookup rows, 6: its vectors part, 7-8: its lookups, 9: its deep lists, 10: its piece, 11: the pointer
     "pointer-before-rename": lambda: setattr(os, "replace", die_at_pointer_rename()),
     "before-prune": lambda: setattr(catalog, "prune", kill_self),
     "during-prune": lambda: setattr(LocalFileSystem, "rm", die_after_first_rm()),

@@ -179,6 +179,7 @@ def test_a_bucket_grown_past_twice_its_size_makes_the_next_snapshot_a_rebuild(tm
 def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(similar, "BUCKET_TRACKS", 20)  # 3 buckets, row groups of 8 rows: the night's merges cross them
     monkeypatch.setattr(similar, "ROW_GROUP", 8)
+    monkeypatch.setattr(similar, "LOOKUP_TRACKS", 16)  # 4 lookup partitions, kept by the night
     s = Store(str(tmp_path / "nightly"))
     first = catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE)["similar"]  # nlist 31 <= nprobe: exhaustive search
     second = rows(64, "rock", "run-b")  # t0 and t33 leave, t60..t63 arrive; t7 moves to another uri (same content)
@@ -190,11 +191,17 @@ def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: p
     rebuilt = Store(str(tmp_path / "rebuilt"))
     full = catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)["similar"]
     same_lists(lists(s), lists(rebuilt))
-    for column in ("vid", "uri"):  # the lookup files: the same rows in the same order (vids taken over from the night before)
-        before = s.read_table(f"{s.catalog}/{night['lookup'][column]}")
-        assert before.drop_columns("cell").equals(rebuilt.read_table(f"{rebuilt.catalog}/{full['lookup'][column]}").drop_columns("cell"))
-    by_vid = s.read_table(f"{s.catalog}/{night['lookup']['vid']}")
-    assert by_vid["vid"].to_pylist() == similar.vector_ids(by_vid["track_id"].to_pylist()).tolist()
+    for column in ("vid", "uri"):  # the lookups: the same rows in the same order (cells aside: the night's are the first night's)
+        before = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night["lookup"][column]])
+        after = pa.concat_tables([rebuilt.read_table(f"{rebuilt.catalog}/{f}") for f in full["lookup"][column]])
+        assert before.select(["vid", "uri"]).equals(after.select(["vid", "uri"])) and before.schema == after.schema
+    assert len(night["lookup"]["vid"]) == len(night["lookup"]["uri"]) == len(first["lookup"]["vid"]) == 4
+    for column, files in night["lookup"].items():  # each partition holds the keys of its range
+        for p, f in enumerate(files):
+            keys = similar.lookup_keys(column, s.read_table(f"{s.catalog}/{f}")[column].combine_chunks())
+            assert len(keys) and (similar.partition_of(keys, 4) == p).all()
+    by_vid = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night["lookup"]["vid"]])
+    assert by_vid["vid"].to_pylist() == sorted(similar.vector_ids(by_vid["track_id"].to_pylist()).tolist())  # partitions in order: vid order
     # the vectors parts: every track once, with its embedding and its cell (the night's tracks assigned by the first
     # night's cells), in its cell's bucket, in vid order
     ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
@@ -291,14 +298,14 @@ def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) 
     s = Store(str(tmp_path))
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])  # t40..t59 jazz; nlist 31: exhaustive
     pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)
-    small = {"row_group": similar.LOOKUP_ROW_GROUP, "piece": similar.PIECE_ROW_GROUP}
-    similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP = 16, 40  # several row groups: the lookups must pick the right ones
+    small = {"row_group": similar.LOOKUP_ROW_GROUP, "piece": similar.PIECE_ROW_GROUP, "tracks": similar.LOOKUP_TRACKS}
+    similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP, similar.LOOKUP_TRACKS = 4, 40, 30  # 2 partitions, several row groups each: the lookups must pick the right ones
     try:
         pointer = catalog.publish(s, table, "run-b", "m-1", {**SPACE, "name": "rebuilt-with-small-row-groups"})
     finally:
-        similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP = small["row_group"], small["piece"]
-    by_vid = pq.ParquetFile(f"{s.catalog}/{pointer['similar']['lookup']['vid']}")
-    assert by_vid.metadata.num_row_groups == 4 and by_vid.metadata.num_rows == 60
+        similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP, similar.LOOKUP_TRACKS = small["row_group"], small["piece"], small["tracks"]
+    by_vid = [pq.ParquetFile(f"{s.catalog}/{f}").metadata for f in pointer["similar"]["lookup"]["vid"]]
+    assert len(by_vid) == 2 and all(m.num_row_groups > 3 for m in by_vid) and sum(m.num_rows for m in by_vid) == 60
     exact = exact_lists(table, 59)
     names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
     with_lookup = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz")
@@ -330,8 +337,8 @@ def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_buil
     assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]  # past K: the track's vector searched in the index
     # a snapshot published before the lookup files existed: the same answers, by a scan of the catalog
     pointer = catalog.pointer(s)
-    for f in pointer["similar"]["lookup"].values():
-        s.fs.rm_file(f"{s.catalog}/{f}")
+    for files in pointer["similar"]["lookup"].values():
+        s.fs.rm_file(f"{s.catalog}/{files}")
     old = {**pointer, "similar": {k: v for k, v in pointer["similar"].items() if k != "lookup"}}
     catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
     assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
@@ -340,6 +347,40 @@ def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_buil
     assert (night["layout"], night["mode"]) == (similar.LAYOUT, "full")
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)
     assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
+
+
+ONE_LOOKUP_FILE = Path(__file__).parent / "data" / "store-layout-2-one-lookup-file"
+"""A store as genre-batch a1ba515 published it (similar layout 2, one lookup file by vid and one by uri, not
+partitions; BUCKET_TRACKS 25): the same table as LAYOUT_1's."""
+
+
+def test_a_snapshot_with_one_lookup_file_is_answered_and_updated_in_one_partition(tmp_path: Path) -> None:
+    shutil.copytree(ONE_LOOKUP_FILE, tmp_path / "store")
+    s = Store(str(tmp_path / "store"))
+    table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
+    info = catalog.pointer(s)["similar"]
+    assert info["layout"] == 2 and isinstance(info["lookup"]["vid"], str) and info["buckets"] == 3
+    exact = exact_lists(table, 59)
+    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
+    answers = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None)
+    assert [a.source for a in answers] == ["table", "table", "index", "index", "index"]
+    assert [n["track_id"] for n in answers[0].neighbours] == exact["t7"][:5]
+    assert [n["track_id"] for n in answers[1].neighbours] == exact["t45"][:5] and answers[1].genre == "jazz"
+    assert [n["track_id"] for n in answers[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
+    assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]
+    # the next night adds t60 and t61: an update that keeps the one partition, its lists those of a rebuild
+    second = pa.concat_tables([rows(40, "rock", "run-b"), rows(62, "jazz", "run-b").slice(40)])
+    night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
+    assert (night["mode"], night["added"], night["bounds"]) == ("incremental", 2, info["bounds"])
+    assert [len(files) for files in night["lookup"].values()] == [1, 1]
+    rebuilt = Store(str(tmp_path / "rebuilt"))
+    catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
+    same_lists(lists(s), lists(rebuilt))
+    exact = exact_lists(second, 61)
+    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == [
+        *similar.answer(rebuilt, names, 5, None), *similar.answer(rebuilt, names, 10, "jazz"), *similar.answer(rebuilt, [("t3", "t3")], 25, None)]
+    added = similar.answer(s, [("/music/61.mp3", "/music/61.mp3")], 5, None)[0]
+    assert (added.source, added.track_id, [n["track_id"] for n in added.neighbours]) == ("table", "t61", exact["t61"][:5])
 
 
 def test_space_fit_is_deterministic_and_normalises() -> None:

@@ -76,6 +76,8 @@ PIECE_ROW_GROUP = 20_000
 """Rows per row group of a similar piece (1,000 tracks' lists)."""
 LOOKUP_ROW_GROUP = 4_096
 """Rows per row group of the lookup files: a named track or a neighbour costs one such group."""
+LOOKUP_TRACKS = 250_000
+"""Tracks per lookup partition when an index is built (an update keeps the previous partitions)."""
 
 VECTORS_VERSION = 3
 VECTORS_SCHEMA = pa.schema(
@@ -96,9 +98,13 @@ DEEP_SCHEMA = pa.schema([("vid", pa.int64()), ("floor", pa.float32()), ("neighbo
 """`deep-<bucket>.parquet`, in vid order: each track's top K + SPARE neighbours (vids, scores, nearest first) and its
 floor: the list holds every track scoring above it (-inf: every other track)."""
 LOOKUP_SCHEMA = pa.schema([("vid", pa.int64()), ("track_id", pa.string()), ("uri", pa.string()), ("genre", pa.string()), ("cell", pa.int32())])
-"""The lookup files of a snapshot's similar folder (by_vid.parquet, by_uri.parquet): every catalog track with its
-index cell (layout 1's files have no cell)."""
-LOOKUP_FILES = {"vid": "by_vid.parquet", "uri": "by_uri.parquet"}
+"""The vid lookup partitions (`by_vid-<p>.parquet`, in vid order): every catalog track with its index cell (layout 1's
+files have no cell)."""
+URI_SCHEMA = pa.schema([("uri", pa.string()), ("vid", pa.int64())])
+"""The uri lookup partitions (`by_uri-<p>.parquet`, in uri order): a uri's vid. Snapshots before partitions had one
+file of each, with every LOOKUP_SCHEMA column in both."""
+LOOKUPS = {"vid": LOOKUP_SCHEMA, "uri": URI_SCHEMA}
+"""A snapshot's lookups: by vid and by uri."""
 
 # Parquet writer options per file: random floats and 64-bit hashes do not compress (zstd of the vectors file cost 7 s
 # and saved 9 %), nor do their dictionaries pay; strings keep zstd; statistics only on the columns row groups are
@@ -111,7 +117,12 @@ PIECE_OPTIONS = {"compression": {"track_id": "zstd", "neighbour_id": "zstd", "ra
                  "write_statistics": ["track_id", "rank"]}
 """The published pieces: 20 rows per track_id (dictionary), distinct neighbour ids (zstd, no dictionary), raw scores;
 statistics on what a reader filters by."""
-LOOKUP_OPTIONS = {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd", "cell": "zstd"}, "use_dictionary": ["genre"]}
+LOOKUP_OPTIONS = {
+    "vid": {"compression": {"vid": "none", "track_id": "zstd", "uri": "zstd", "genre": "zstd", "cell": "zstd"}, "use_dictionary": ["genre"], "write_statistics": ["vid"]},
+    "uri": {"compression": {"uri": "zstd", "vid": "none"}, "use_dictionary": False, "write_statistics": ["uri"]},
+}
+"""Per lookup column, its partitions' options (row groups are found by that column)."""
+SPREAD_OPTIONS = {"compression": "zstd", "use_dictionary": ["genre"], "write_statistics": ["partition"]}
 
 
 class UnknownTrack(GenreBatchError):
@@ -128,6 +139,8 @@ class Update:
     removed: list[str]
     bounds: list[int]
     """The previous snapshot's buckets: bucket b holds cells bounds[b] to bounds[b + 1] - 1."""
+    lookup: list[str]
+    """The previous snapshot's vid lookup files, in partition order (the update keeps their number)."""
     added_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
     """The vids of `added`, sorted (hashed once, not by every task); None: hashed from `added`."""
     removed_vids: np.ndarray = field(default=None, compare=False)  # type: ignore[assignment]
@@ -147,6 +160,7 @@ class Update:
 ADDED_FILE = "_added.parquet"
 """An incremental update's added tracks (VECTORS_SCHEMA, in cell order), read from the catalog once for the bucket,
 reverse scan and lookup tasks; deleted with `_reverse.parquet` when the lists are written."""
+
 
 
 @dataclass(frozen=True)
@@ -263,6 +277,36 @@ def vectors_part(similar_folder: str, bucket: int) -> str:
 def routed_file(similar_folder: str, position: int) -> str:
     """The tracks of one catalog file with their cells, in cell order (a full build's; deleted when the lists are written)."""
     return f"{similar_folder}/_routed-{position:05d}.parquet"
+
+
+def lookup_file(similar_folder: str, column: str, partition: int) -> str:
+    """Partition `partition` of a snapshot's lookup by `column` (vid or uri)."""
+    return f"{similar_folder}/by_{column}-{partition:05d}.parquet"
+
+
+def spread_file(similar_folder: str, column: str, position: int) -> str:
+    """The lookup rows by `column` of one row group of the snapshot files, in partition order (deleted when the lists
+    are written)."""
+    return f"{similar_folder}/_by_{column}-{position:05d}.parquet"
+
+
+def lookup_files(info: dict, column: str) -> list[str]:
+    """A snapshot's lookup files by `column` (its pointer's `similar`), in partition order: one for a snapshot published
+    before partitions, none before lookup files."""
+    files = (info.get("lookup") or {}).get(column)
+    return [files] if isinstance(files, str) else list(files or [])
+
+
+def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """The lookup partition of int64 hash keys (vids, hashed uris): `partitions` ranges of equal width in signed order,
+    so that a vid lookup's partitions, one after another, are in vid order."""
+    high = (keys.view(np.uint64) ^ np.uint64(1 << 63)) >> np.uint64(32)
+    return (high * np.uint64(partitions) >> np.uint64(32)).astype(np.int32)
+
+
+def lookup_keys(column: str, values: pa.Array) -> np.ndarray:
+    """The hash keys that place lookup rows in partitions: the vid itself, a uri's hash."""
+    return buffer_view(values, np.int64) if column == "vid" else vector_ids(values.to_pylist())
 
 
 CACHE_IDLE_S = 3600
@@ -451,9 +495,10 @@ def by_region(centroids: np.ndarray, regions: int) -> np.ndarray:
     return np.argsort(kmeans.index.search(np.ascontiguousarray(centroids), 1)[1][:, 0], kind="stable")
 
 
-def route(store: Store, out: str, position: int, unit: Unit) -> np.ndarray:
+def route(store: Store, out: str, position: int, unit: Unit, partitions: int) -> np.ndarray:
     """Write the tracks of a row group of a snapshot file with their vids and cells as routed file `position`, in
-    (cell, vid) order (row groups found by cell); returns its tracks per cell."""
+    (cell, vid) order (row groups found by cell), and its lookup rows with their cells (`spread`); returns its tracks
+    per cell."""
     drop_cached()
     quantizer = read_cells(store, out)
     ids, matrix = unit_embeddings(store, unit)
@@ -461,19 +506,36 @@ def route(store: Store, out: str, position: int, unit: Unit) -> np.ndarray:
     cells = assign(quantizer, matrix)
     order = np.lexsort((vids, cells))
     write_parquet(store, routed_file(out, position), vectors_table(ids.take(pa.array(order)), vids[order], matrix[order], cells[order]), ROW_GROUP, VECTORS_OPTIONS)
+    spread(store, out, position, unit, partitions, cells)
     return np.bincount(cells, minlength=quantizer.ntotal)
 
 
-def cells_between(store: Store, relative: str, lo: int, hi: int) -> pa.Table:
-    """The rows of a file in cell order (a routed file, ADDED_FILE) whose cell is in [lo, hi), from the row groups
-    that may hold them."""
+def spread(store: Store, out: str, position: int, unit: Unit, partitions: int, cells: np.ndarray | None = None) -> None:
+    """Write the lookup rows of a row group of a snapshot file (LOOKUP_SCHEMA; `cells` in the row group's order, or
+    none) as its spread files, one per lookup column, in the order of that column's partitions (row groups found by
+    a `partition` column)."""
+    drop_cached()
+    with store.open(f"{store.catalog}/{unit[0]}") as f:
+        read = pq.ParquetFile(f).read_row_group(unit[1], ["track_id", "uri", "genre"])
+    cell = pa.nulls(read.num_rows, pa.int32()) if cells is None else pa.array(cells, pa.int32())
+    table = pa.table({"vid": vector_ids(read["track_id"].to_pylist()), **{c: read[c] for c in ("track_id", "uri", "genre")}, "cell": cell}, schema=LOOKUP_SCHEMA)
+    for column, schema in LOOKUPS.items():
+        part = partition_of(lookup_keys(column, table[column].combine_chunks()), partitions)
+        order = pa.array(np.argsort(part, kind="stable"))
+        rows = table.select(schema.names).take(order).append_column("partition", pa.array(part).take(order))
+        write_parquet(store, spread_file(out, column, position), rows, LOOKUP_ROW_GROUP, SPREAD_OPTIONS)
+
+
+def rows_between(store: Store, relative: str, column: str, lo: int, hi: int) -> pa.Table:
+    """The rows of a file in `column` order (an int32 column: the cell of a routed file or ADDED_FILE, the partition of
+    a spread file) whose `column` is in [lo, hi), from the row groups that may hold them."""
     with store.open(f"{store.catalog}/{relative}") as f:
         parquet = pq.ParquetFile(f)
-        index = parquet.schema_arrow.get_field_index("cell")
+        index = parquet.schema_arrow.get_field_index(column)
         groups = [g for g in range(parquet.num_row_groups) if overlaps(parquet.metadata.row_group(g).column(index).statistics, lo, hi - 1)]
         table = parquet.read_row_groups(groups)
-    cell = buffer_view(table["cell"], np.int32)
-    return table.filter(pa.array((cell >= lo) & (cell < hi)))
+    values = buffer_view(table[column], np.int32)
+    return table.filter(pa.array((values >= lo) & (values < hi)))
 
 
 def overlaps(stats: pq.Statistics | None, lo: object, hi: object) -> bool:
@@ -486,7 +548,7 @@ def write_part(store: Store, out: str, bucket: int, bounds: list[int], sources: 
     its tracks."""
     drop_cached()
     lo, hi = bounds[bucket], bounds[bucket + 1]
-    return put_part(store, out, bucket, lo, hi, pa.concat_tables([cells_between(store, s, lo, hi) for s in sources]))
+    return put_part(store, out, bucket, lo, hi, pa.concat_tables([rows_between(store, s, "cell", lo, hi) for s in sources]))
 
 
 def update_part(store: Store, out: str, bucket: int, update: Update) -> int:
@@ -496,7 +558,7 @@ def update_part(store: Store, out: str, bucket: int, update: Update) -> int:
     lo, hi = update.bounds[bucket], update.bounds[bucket + 1]
     previous = store.read_table(f"{store.catalog}/{vectors_part(update.previous, bucket)}")
     kept = previous.filter(pa.array(~member(buffer_view(previous["vid"], np.int64), update.removed_vids)))
-    return put_part(store, out, bucket, lo, hi, pa.concat_tables([kept, cells_between(store, f"{out}/{ADDED_FILE}", lo, hi)]))
+    return put_part(store, out, bucket, lo, hi, pa.concat_tables([kept, rows_between(store, f"{out}/{ADDED_FILE}", "cell", lo, hi)]))
 
 
 def put_part(store: Store, out: str, bucket: int, lo: int, hi: int, table: pa.Table) -> int:
@@ -515,44 +577,36 @@ def put_part(store: Store, out: str, bucket: int, lo: int, hi: int, table: pa.Ta
     return table.num_rows
 
 
-def tracks_table(store: Store, files: list[str], known: pa.Table | None = None) -> pa.Table:
-    """(vid, track_id, uri, genre, cell) of every track of snapshot files (relative to the catalog); vid and cell from
-    `known` (vid, track_id, cell; the first row of a track counts) where it lists the track (else hashed; no cell)."""
-    import pyarrow.compute as pc
+def tracks_table(store: Store, files: list[str]) -> pa.Table:
+    """(vid, track_id, uri, genre, cell) of every track of snapshot files (relative to the catalog), without cells: a
+    scan for snapshots published before lookup files."""
     table = catalog.read_files(store, files, ["track_id", "uri", "genre"])
-    track_ids = table["track_id"].combine_chunks()
-    if known is None:
-        vids, cells = vector_ids(track_ids.to_pylist()), pa.nulls(len(track_ids), pa.int32())
-    else:
-        at = pc.index_in(track_ids, value_set=known["track_id"].combine_chunks())
-        vids, cells = vids_at(track_ids, at, known), known["cell"].take(at)
-    return pa.table({"vid": vids, **{c: table[c] for c in ("track_id", "uri", "genre")}, "cell": cells}, schema=LOOKUP_SCHEMA)
+    vids = vector_ids(table["track_id"].to_pylist())
+    return pa.table({"vid": vids, **{c: table[c] for c in ("track_id", "uri", "genre")}, "cell": pa.nulls(len(vids), pa.int32())}, schema=LOOKUP_SCHEMA)
 
 
-def vids_at(track_ids: pa.Array, at: pa.Array, known: pa.Table) -> np.ndarray:
-    """vids of track_ids: taken from `known` at rows `at` (an Arrow hash lookup, index_in: a third of the CPU of
-    hashing a million track_ids in Python), hashed for the tracks it does not list (null rows)."""
-    import pyarrow.compute as pc
-    rows = buffer_view(pc.fill_null(at, -1), np.int32)
-    vids = buffer_view(known["vid"], np.int64)[np.maximum(rows, 0)].copy() if len(rows) else np.zeros(0, np.int64)
-    missing = np.flatnonzero(rows == -1)
-    vids[missing] = vector_ids(track_ids.take(pa.array(missing)).to_pylist())
-    return vids
-
-
-def write_lookups(store: Store, out: str, files: list[str], sources: list[str]) -> dict[str, str]:
-    """Write a snapshot's lookup files (every track in vid order, and in uri order) with each track's vid and cell from
-    `sources` (files with vid, track_id and cell: the routed files, or an update's ADDED_FILE then the previous vid
-    lookup file); returns column -> file."""
+def write_lookup(store: Store, out: str, partition: int, positions: int, update: Update | None) -> int:
+    """Write partition `partition` of a snapshot's lookups, by vid and by uri, from the spread files of its `positions`
+    row groups; an update's spread files have no cells: its tracks take theirs from ADDED_FILE, else from the previous
+    snapshot's partition. Returns the partition's tracks."""
     drop_cached()
-    known = pa.concat_tables([store.read_table(f"{store.catalog}/{s}", ["vid", "track_id", "cell"]) for s in sources]) if sources else None
-    table = tracks_table(store, files, known)
-    del known
-    written = {"vid": f"{out}/{LOOKUP_FILES['vid']}", "uri": f"{out}/{LOOKUP_FILES['uri']}"}
-    by_vid = table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable")))
-    write_parquet(store, written["vid"], by_vid, LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["vid"]})  # row groups are found by it
-    write_parquet(store, written["uri"], table.sort_by("uri"), LOOKUP_ROW_GROUP, {**LOOKUP_OPTIONS, "write_statistics": ["uri"]})
-    return written
+    for column, schema in LOOKUPS.items():
+        spreads = [rows_between(store, spread_file(out, column, n), "partition", partition, partition + 1).drop_columns("partition") for n in range(positions)]
+        table = pa.concat_tables([schema.empty_table(), *spreads])
+        if column == "vid" and update is not None:
+            table = table.set_column(4, "cell", cells_of(store, out, buffer_view(table["vid"], np.int64), update.lookup[partition]))
+        table = table.take(pa.array(np.argsort(buffer_view(table["vid"], np.int64), kind="stable"))) if column == "vid" else table.sort_by("uri")
+        write_parquet(store, lookup_file(out, column, partition), table, LOOKUP_ROW_GROUP, LOOKUP_OPTIONS[column])
+    return table.num_rows
+
+
+def cells_of(store: Store, out: str, vids: np.ndarray, previous: str) -> pa.Array:
+    """The cells of an update's tracks (`vids`): an added track's from ADDED_FILE, any other's from the previous
+    snapshot's lookup file `previous` (the partition holding them)."""
+    import pyarrow.compute as pc
+    known = pa.concat_tables([store.read_table(f"{store.catalog}/{f}", ["vid", "cell"]) for f in (f"{out}/{ADDED_FILE}", previous)])
+    at = pc.index_in(pa.array(vids), value_set=known["vid"].combine_chunks())  # the first row of a track counts: added first
+    return known["cell"].combine_chunks().take(at)
 
 
 def write_added(store: Store, out: str, files: list[str], update: Update) -> int:
@@ -734,8 +788,8 @@ def list_matrix(column: pa.ChunkedArray, dtype: type, pad: float) -> np.ndarray:
 
 
 _ID_MAP: dict[tuple, tuple[np.ndarray, pa.Array]] = {}
-"""The last vid lookup file's id map in this (worker) process, keyed by its path and version: one read per process,
-not one per bucket task."""
+"""The last vid lookup's id map in this (worker) process, keyed by its files' paths and versions: one read per
+process, not one per bucket task."""
 
 
 def drop_cached() -> None:
@@ -744,25 +798,24 @@ def drop_cached() -> None:
     _ID_MAP.clear()
 
 
-def cached_id_map(store: Store, relative: str) -> tuple[np.ndarray, pa.Array]:
-    """(sorted vids, their track_ids) of a vid lookup file (in vid order), for mapping search results back to tracks
-    (Arrow strings: no Python object per track); read once per process while the file is unchanged (path, size and
-    mtime or ETag)."""
-    path = f"{store.catalog}/{relative}"
-    info = store.fs.info(path)
-    key = (store.fs.unstrip_protocol(path), info.get("size"), info.get("ETag") or info.get("mtime"))
+def cached_id_map(store: Store, files: list[str]) -> tuple[np.ndarray, pa.Array]:
+    """(sorted vids, their track_ids) of a vid lookup (its partitions, in order: vid order), for mapping search results
+    back to tracks (Arrow strings: no Python object per track); read once per process while its files are unchanged
+    (path, size and mtime or ETag)."""
+    paths = [f"{store.catalog}/{f}" for f in files]
+    key = tuple((store.fs.unstrip_protocol(p), i.get("size"), i.get("ETag") or i.get("mtime")) for p, i in zip(paths, map(store.fs.info, paths)))
     if key not in _ID_MAP:
         _ID_MAP.clear()
-        table = store.read_table(path, ["vid", "track_id"])
+        table = pa.concat_tables([store.read_table(p, ["vid", "track_id"]) for p in paths])
         _ID_MAP[key] = buffer_view(table["vid"], np.int64), table["track_id"].combine_chunks()
     return _ID_MAP[key]
 
 
-def query_bucket(store: Store, out: str, bucket: int, bounds: list[int], update: Update | None, k: int = SIMILAR_K) -> int:
-    """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped); returns
-    the piece's rows."""
+def query_bucket(store: Store, out: str, bucket: int, bounds: list[int], update: Update | None, partitions: int, k: int = SIMILAR_K) -> int:
+    """Write the similar piece and the deep lists of one bucket (runs on a worker, the index memory-mapped; the
+    snapshot's vid lookup has `partitions`); returns the piece's rows."""
     depth = k + SPARE
-    ids = cached_id_map(store, f"{out}/{LOOKUP_FILES['vid']}")
+    ids = cached_id_map(store, [lookup_file(out, "vid", p) for p in range(partitions)])
     mine = store.read_table(f"{store.catalog}/{vectors_part(out, bucket)}")
     track_ids = mine["track_id"].combine_chunks()
     vids, queries = buffer_view(mine["vid"], np.int64), as_matrix(mine["embedding"])
@@ -891,36 +944,39 @@ def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
         return None
-    return Update(similar["folder"], sorted(added), sorted(removed), similar["bounds"])
+    return Update(similar["folder"], sorted(added), sorted(removed), similar["bounds"], lookup_files(similar, "vid"))
 
 
 Runner = Callable[[list[tuple]], list]
 
 
 def build(store: Store, snapshot: str, files: list[str], update: Update | None, run: Runner) -> dict:
-    """Index and similar table of a written snapshot, the work run by `run` (Dask tasks, or in process), bucket by
-    bucket; returns what the pointer records under `similar`."""
+    """Index, similar table and lookups of a written snapshot, the work run by `run` (Dask tasks, or in process), by
+    row group of the snapshot files, by bucket and by lookup partition; returns what the pointer records under
+    `similar`."""
     out = folder(snapshot)
     tracks = sum(store.parquet_rows(f"{store.catalog}/{f}") for f in files)
-    if update is None:  # tasks per row group of the snapshot files (ROW_GROUP_ROWS: 100,000 tracks), then per bucket
-        units = units_of(store, files) if tracks else []
+    units = units_of(store, files) if tracks else []  # row groups of ROW_GROUP_ROWS (100,000) tracks
+    partitions = max(1, math.ceil(tracks / LOOKUP_TRACKS)) if update is None else len(update.lookup)
+    lookups = [(write_lookup, store, out, p, len(units), update) for p in range(partitions)]
+    if update is None:  # cells; routing (and spreading) per row group; parts per bucket beside lookups per partition
         run([(write_cells, store, out, units)] if tracks else [])
-        counts = run([(route, store, out, i, unit) for i, unit in enumerate(units)])
+        counts = run([(route, store, out, i, unit, partitions) for i, unit in enumerate(units)])
         bounds = bounds_for(np.sum(counts, axis=0), math.ceil(tracks / BUCKET_TRACKS)) if tracks else [0]
         routed = [routed_file(out, i) for i in range(len(counts))]
-        *sizes, lookup = run([(write_part, store, out, b, bounds, routed) for b in range(len(bounds) - 1)] + [(write_lookups, store, out, files, routed)])
-    else:  # the added tracks read once into ADDED_FILE, then read by the reverse scan, lookup and bucket tasks
+        sizes = run([(write_part, store, out, b, bounds, routed) for b in range(len(bounds) - 1)] + lookups)[: len(bounds) - 1]
+    else:  # the added tracks read once into ADDED_FILE (beside spreading), then read by the reverse scan, parts and lookups
         bounds, routed = update.bounds, []
-        run([(write_added, store, out, files, update)])
-        known = [f"{out}/{ADDED_FILE}", f"{update.previous}/{LOOKUP_FILES['vid']}"]
-        _, lookup, *sizes = run([(reverse_scan, store, out, update), (write_lookups, store, out, files, known)]
-                                + [(update_part, store, out, b, update) for b in range(update.buckets)])  # the longest first
+        run([(write_added, store, out, files, update)] + [(spread, store, out, i, unit, partitions) for i, unit in enumerate(units)])
+        sizes = run([(reverse_scan, store, out, update)] + [(update_part, store, out, b, update) for b in range(update.buckets)] + lookups)[1 : update.buckets + 1]
     buckets = len(bounds) - 1
-    rows = run([(query_bucket, store, out, b, bounds, update) for b in range(buckets)])
-    store.delete([f"{store.catalog}/{f}" for f in (f"{out}/_reverse.parquet", f"{out}/{ADDED_FILE}", *routed)])
+    rows = run([(query_bucket, store, out, b, bounds, update, partitions) for b in range(buckets)])
+    spreads = [spread_file(out, c, i) for c in LOOKUPS for i in range(len(units))]
+    store.delete([f"{store.catalog}/{f}" for f in (f"{out}/_reverse.parquet", f"{out}/{ADDED_FILE}", *routed, *spreads)])
     return {
         "layout": LAYOUT, "folder": out, "k": SIMILAR_K, "deep": DEEP_VERSION, "depth": SIMILAR_K + SPARE,
-        "index": [index_part(out, b) for b in range(buckets)] or None, "cells": f"{out}/{CELLS_FILE}" if buckets else None, "lookup": lookup,
+        "index": [index_part(out, b) for b in range(buckets)] or None, "cells": f"{out}/{CELLS_FILE}" if buckets else None,
+        "lookup": {c: [lookup_file(out, c, p) for p in range(partitions)] for c in LOOKUPS},
         "vectors": [vectors_part(out, b) for b in range(buckets)], "files": [piece(out, b) for b in range(buckets)],
         "rows": sum(rows), "tracks": sum(sizes), "buckets": buckets, "bounds": bounds, "sizes": sizes, "nlist": bounds[-1], "nprobe": NPROBE,
         "mode": "full" if update is None else "incremental",
@@ -953,14 +1009,19 @@ class Answer:
 
 def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
     """(vid, track_id, uri, genre, cell) of the published catalog's tracks whose `column` (vid or uri) is one of
-    `values`: from the snapshot's lookup file in that order (a few row groups; layout 1's have no cell: null), or by a
-    scan of the catalog for snapshots published before lookup files existed."""
+    `values`: from the partitions of the snapshot's lookup by that column that hold them (a few row groups each; a uri
+    gives its vid, looked up by vid; layout 1's files have no cell: null), or by a scan of the catalog for snapshots
+    published before lookup files existed."""
     if not values:
         return LOOKUP_SCHEMA.empty_table()
-    files = pointer["similar"].get("lookup") or {}
-    if column in files:
-        table = rows_where(store, files[column], column, values)
-        return table if "cell" in table.column_names else table.append_column("cell", pa.nulls(table.num_rows, pa.int32()))
+    files = lookup_files(pointer["similar"], column)
+    if files:
+        keys = partition_of(lookup_keys(column, pa.array(values, LOOKUP_SCHEMA.field(column).type)), len(files))
+        found = pa.concat_tables([rows_where(store, files[p], column, [v for v, at in zip(values, keys) if at == p], ["vid", column] if column == "uri" else None)
+                                  for p in sorted(set(keys.tolist()))])
+        if column == "uri":
+            return lookup(store, pointer, "vid", found["vid"].to_pylist())
+        return found if "cell" in found.column_names else found.append_column("cell", pa.nulls(found.num_rows, pa.int32()))
     import pyarrow.compute as pc
 
     table = tracks_table(store, pointer["files"])
@@ -1016,17 +1077,19 @@ def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
     files = [f for f, g in pointer["genres"].items() if g == genre]
     if not files:
         raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
-    by_vid = (pointer["similar"].get("lookup") or {}).get("vid")
-    if by_vid is None:
+    by_vid = lookup_files(pointer["similar"], "vid")
+    if not by_vid:
         return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
-    with store.open(f"{store.catalog}/{by_vid}") as f:
-        table = pq.ParquetFile(f, read_dictionary=["genre"]).read(["vid", "genre"])
-    vids, start, found = buffer_view(table["vid"], np.int64), 0, []
-    for codes in table["genre"].chunks:
-        names = codes.dictionary.to_pylist()
-        if genre in names:
-            found.append(vids[start:start + len(codes)][buffer_view(codes.indices, np.int32) == names.index(genre)])
-        start += len(codes)
+    found = []
+    for part in by_vid:
+        with store.open(f"{store.catalog}/{part}") as f:
+            table = pq.ParquetFile(f, read_dictionary=["genre"]).read(["vid", "genre"])
+        vids, start = buffer_view(table["vid"], np.int64), 0
+        for codes in table["genre"].chunks:
+            names = codes.dictionary.to_pylist()
+            if genre in names:
+                found.append(vids[start:start + len(codes)][buffer_view(codes.indices, np.int32) == names.index(genre)])
+            start += len(codes)
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
