@@ -7,14 +7,17 @@ about BUCKET_TRACKS tracks each, and every piece of the similarity work is per b
 IVFFlat index of the bucket's cells only), `vectors-<bucket>.parquet` (vid, track_id, cell, embedding of the bucket's
 tracks, in vid order), the similar table's piece `part-<bucket>.parquet` (the bucket's tracks' lists, row groups of
 PIECE_ROW_GROUP rows in track_id order: one track's list is read without the rest) and the private deep lists
-`deep-<bucket>.parquet`; and two lookup files of (vid, track_id, uri, genre, cell), `by_vid.parquet` in vid order and
-`by_uri.parquet` in uri order, in row groups of LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track, its
-bucket and its neighbours from a few row groups (a track_id's vid is its hash). Searches memory-map every part and
-stack their cells into one index (faiss.VStackInvertedLists): no process holds the library's vectors.
+`deep-<bucket>.parquet`; and two lookups in partitions of about LOOKUP_TRACKS tracks, `by_vid-<p>.parquet` (vid,
+track_id, uri, genre, cell) in vid order and `by_uri-<p>.parquet` (uri, vid) in uri order, in row groups of
+LOOKUP_ROW_GROUP: `genre-batch similar` finds a named track, its bucket and its neighbours from a few row groups (a
+track_id's vid is its hash; `partition_of` a vid or a uri's hash names its partition). Searches memory-map every part
+and stack their cells into one index (faiss.VStackInvertedLists): no process holds the library's vectors.
 
 A full build runs as tasks: one trains the cells on a sample and numbers them by region (`by_region`); one per row
-group of the snapshot's files assigns its tracks to cells (`_routed-<n>.parquet`, in cell order); one per bucket gathers its cells' tracks from those files into its index
-and vectors parts; then one per bucket queries its tracks' lists. A snapshot written by an earlier version (one
+group of the snapshot's files assigns its tracks to cells (`_routed-<n>.parquet`, in cell order) and splits its
+lookup rows by partition (`spread`); one per bucket gathers its cells' tracks from those files into its index and
+vectors parts, beside one per lookup partition gathering its rows (`write_lookup`); then one per bucket queries its
+tracks' lists. A snapshot written by an earlier version (one
 `index.faiss` and one `vectors.parquet` in buckets by vid hash: layout 1) is still answered by `similar`, and the
 next snapshot after it is a full build.
 
@@ -304,9 +307,10 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     return (high * np.uint64(partitions) >> np.uint64(32)).astype(np.int32)
 
 
-def lookup_keys(column: str, values: pa.Array) -> np.ndarray:
-    """The hash keys that place lookup rows in partitions: the vid itself, a uri's hash."""
-    return buffer_view(values, np.int64) if column == "vid" else vector_ids(values.to_pylist())
+def lookup_keys(column: str, values: list) -> np.ndarray:
+    """The hash keys that place lookup rows in partitions: the vid itself, a uri's hash (no Arrow array: pa.array
+    imports pandas, 0.3-1 s of a CLI start)."""
+    return np.array(values, np.int64) if column == "vid" else vector_ids(values)
 
 
 CACHE_IDLE_S = 3600
@@ -520,7 +524,7 @@ def spread(store: Store, out: str, position: int, unit: Unit, partitions: int, c
     cell = pa.nulls(read.num_rows, pa.int32()) if cells is None else pa.array(cells, pa.int32())
     table = pa.table({"vid": vector_ids(read["track_id"].to_pylist()), **{c: read[c] for c in ("track_id", "uri", "genre")}, "cell": cell}, schema=LOOKUP_SCHEMA)
     for column, schema in LOOKUPS.items():
-        part = partition_of(lookup_keys(column, table[column].combine_chunks()), partitions)
+        part = partition_of(lookup_keys(column, table[column].to_pylist()), partitions)
         order = pa.array(np.argsort(part, kind="stable"))
         rows = table.select(schema.names).take(order).append_column("partition", pa.array(part).take(order))
         write_parquet(store, spread_file(out, column, position), rows, LOOKUP_ROW_GROUP, SPREAD_OPTIONS)
@@ -1012,13 +1016,11 @@ def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
     `values`: from the partitions of the snapshot's lookup by that column that hold them (a few row groups each; a uri
     gives its vid, looked up by vid; layout 1's files have no cell: null), or by a scan of the catalog for snapshots
     published before lookup files existed."""
-    if not values:
-        return LOOKUP_SCHEMA.empty_table()
     files = lookup_files(pointer["similar"], column)
     if files:
-        keys = partition_of(lookup_keys(column, pa.array(values, LOOKUP_SCHEMA.field(column).type)), len(files))
+        keys = partition_of(lookup_keys(column, values), len(files))
         found = pa.concat_tables([rows_where(store, files[p], column, [v for v, at in zip(values, keys) if at == p], ["vid", column] if column == "uri" else None)
-                                  for p in sorted(set(keys.tolist()))])
+                                  for p in sorted(set(keys.tolist())) or [0]])  # no values: no rows, from no row group (an empty table imports pandas)
         if column == "uri":
             return lookup(store, pointer, "vid", found["vid"].to_pylist())
         return found if "cell" in found.column_names else found.append_column("cell", pa.nulls(found.num_rows, pa.int32()))
@@ -1071,7 +1073,7 @@ def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int,
 
 
 def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
-    """The vids of one genre's tracks of the published catalog: from the vid lookup file's genre column read
+    """The vids of one genre's tracks of the published catalog: from the vid lookup partitions' genre column read
     dictionary-encoded (compared as codes: neither a Python string per track nor pyarrow.compute, which imports pandas),
     or, for a snapshot without lookup files, by hashing the track_ids of the genre's catalog file."""
     files = [f for f, g in pointer["genres"].items() if g == genre]
