@@ -386,10 +386,12 @@ def progress_bar() -> Progress:
 
 
 def progress_text(news: Report) -> tuple[str, str]:
-    """A stage's bar label and the words after its count: extraction's files and errors, the training sample's batches
-    read, training's fits and what the latest step was."""
+    """A stage's bar label and the words after its count: extraction's (and classification's) files and errors, the
+    training sample's batches read, training's fits and what the latest step was."""
     if news.stage == "extract":
         return "extracting", f"files, {news.errors} errors"
+    if news.stage == "classify":
+        return "classifying", f"files, {news.errors} errors"
     if news.stage == "read":
         return "reading sample", f"batches; {news.note}"
     return "fitting", f"fits; {news.note}"
@@ -927,7 +929,7 @@ def classify(
     uris = files_of([absolute(f) for f in files])
     if not uris:
         raise GenreBatchError(f"no audio files to classify in {', '.join(files)}")
-    results = classify_files(Store.at(store), uris, top)
+    results = with_progress(lambda: classify_files(Store.at(store), uris, top))
     failed = sum(isinstance(result, str) for _, result in results)
     if fmt == "json":
         print_json([{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from conftest import current_features, keep_pristine, make_library, restored
 
-from genre_batch import GenreBatchError
+from genre_batch import GenreBatchError, progress
 from genre_batch.analysis.audio import SAMPLE_RATE
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
@@ -120,9 +120,15 @@ def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Pa
     for style in STYLES:
         for seed in (7001, 7002):
             files.append(write_audio(unseen / f"{seed}.{style}.ogg", render(style, 3.0, seed), SAMPLE_RATE))
-    results = classify_files(Store(str(store)), [str(f) for f in files], top=2)
-    predicted = [r[0][0] for _, r in results]
-    assert predicted == [f.name.split(".")[1] for f in files]
+    broken = unseen / "broken.ogg"
+    broken.write_bytes(b"not audio")
+    reports: list[progress.Report] = []
+    with progress.listening(reports.append):  # the CLI's progress bar listens so
+        results = classify_files(Store(str(store)), [str(f) for f in files] + [str(broken)], top=2)
+    predicted = [r[0][0] for _, r in results[:-1]]
+    assert predicted == [f.name.split(".")[1] for f in files] and isinstance(results[-1][1], str)
+    n = len(files) + 1
+    assert [(r.stage, r.done, r.total, r.errors) for r in reports] == [("classify", i, n, int(i == n)) for i in range(1, n + 1)]
 
 
 def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path]) -> None:

@@ -171,7 +171,9 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
 
 
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
-    """The `top` genres and probabilities of each file with the current model, or the reason it failed."""
+    """The `top` genres and probabilities of each file with the current model, or the reason it failed (progress
+    reported as stage `classify`, file by file)."""
+    from genre_batch import progress
     from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
     _, model, meta = registry.load_current(store)
@@ -180,10 +182,10 @@ def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, l
     for uri in uris:
         try:
             rows = file_rows(uri, families)
+            probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
+            order = np.argsort(probabilities)[::-1][:top]
+            results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
-            continue
-        probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
-        order = np.argsort(probabilities)[::-1][:top]
-        results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
+        progress.report(progress.Report("classify", len(results), len(uris), sum(isinstance(r, str) for _, r in results)))
     return results
