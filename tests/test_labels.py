@@ -41,6 +41,15 @@ def test_tags_are_normalised_and_blank_tags_ignored() -> None:
     assert as_dict(labels.resolve("tags", tracks(), LIBRARY)) == {f"{LIBRARY}/Rock/a.mp3": "hard rock", f"{LIBRARY}/c.ogg": "jazz"}
 
 
+def test_a_tag_of_several_genres_labels_its_first() -> None:
+    """`Rock; Pop` (Picard's and foobar2000's join) and ID3v2.4's NUL-separated values name their first genre; a `/`
+    is part of a name; an abstention or blank value is skipped."""
+    tagged = pa.table({"uri": [f"{LIBRARY}/{i}.mp3" for i in range(6)],
+                       "tag_genre": ["Rock; Pop", "Hip-Hop\x00Jazz", "R&B/Soul", "Unknown; Blues", " ; ", ";Metal"]})
+    assert list(as_dict(labels.resolve("tags", tagged, LIBRARY)).values()) == ["rock", "hip-hop", "r&b/soul", "blues", "metal"]
+    assert labels.tag_genre("Rock; Pop") == "rock" and labels.tag_genre(None) is None and labels.tag_genre(" ; ") is None
+
+
 def test_label_file_matches_uris_and_relative_paths_but_never_outside_the_library(tmp_path: Path) -> None:
     csv = tmp_path / "labels.csv"
     csv.write_text(

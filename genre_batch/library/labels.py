@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +28,16 @@ def normalise(genre: str | None) -> str | None:
         return None
     genre = " ".join(genre.split()).casefold()
     return None if genre in ("", UNKNOWN) else genre
+
+
+TAG_SEPARATORS = re.compile("[;\x00]")
+"""What separates the values of one genre tag holding several (`Rock; Pop`: Picard, foobar2000 and MusicBrainz join
+them with `; `; a NUL is ID3v2.4's separator). A `/` is not one: `R&B/Soul` is one genre."""
+
+
+def tag_genre(tag: str | None) -> str | None:
+    """The genre a file's genre tag names: its first value that is a genre (normalised), where it holds several."""
+    return next((g for g in map(normalise, TAG_SEPARATORS.split(tag)) if g), None) if tag is not None else None
 
 
 def label_source(spec: str) -> str:
@@ -58,8 +69,8 @@ def without_written(tracks: pa.Table, written: pa.Table | None) -> pa.Table:
 
 
 def from_tags(tracks: pa.Table) -> pa.Table:
-    """Genre = the genre tag embedded in the file."""
-    genres = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
+    """Genre = the genre tag embedded in the file (its first value, `tag_genre`)."""
+    genres = [tag_genre(g) for g in tracks["tag_genre"].to_pylist()]
     table = pa.table({"uri": tracks["uri"], "genre": pa.array(genres, pa.string())}, schema=LABELS_SCHEMA)
     return table.filter(pc.is_valid(table["genre"]))
 

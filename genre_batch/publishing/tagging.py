@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genre_batch.analysis.columns import FEATURE_NAMES
-from genre_batch.library.labels import UNKNOWN, normalise
+from genre_batch.library.labels import UNKNOWN, tag_genre
 from genre_batch.modelling import registry
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
@@ -74,7 +74,7 @@ def catalog_rows(
     confidence = probabilities.max(axis=1) if n else np.zeros(0)
     top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
     predicted = [g if c >= meta.get("abstain_below", 0.0) else UNKNOWN for g, c in zip(top, confidence)]
-    embedded = [normalise(g) for g in tracks["tag_genre"].to_pylist()]
+    embedded = [tag_genre(g) for g in tracks["tag_genre"].to_pylist()]
     return pa.table(
         {
             "track_id": tracks["track_id"],
