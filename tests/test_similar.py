@@ -316,6 +316,24 @@ def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) 
     assert all(n["genre"] == "jazz" and n["uri"] == f"/music/{n['track_id'][1:]}.mp3" for n in with_lookup[2].neighbours)
 
 
+def old_store_answers(s: Store) -> list[similar.Answer]:
+    """What the tests of stores of earlier versions ask `similar`: t7 and /music/45.mp3 (top 5; then top 10 of genre
+    jazz) and t3 past K (top 25)."""
+    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
+    return similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None)
+
+
+def assert_exact(answers: list[similar.Answer], table: pa.Table) -> None:
+    """old_store_answers of a store holding `table` (t0..t39 rock, the rest jazz) are the exact neighbours, from the
+    stored lists where they can be, from the index past K or within a genre."""
+    exact = exact_lists(table, table.num_rows - 1)
+    assert [a.source for a in answers] == ["table", "table", "index", "index", "index"]
+    assert [n["track_id"] for n in answers[0].neighbours] == exact["t7"][:5]
+    assert [n["track_id"] for n in answers[1].neighbours] == exact["t45"][:5] and answers[1].genre == "jazz"
+    assert [n["track_id"] for n in answers[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
+    assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]  # past K: the track's vector searched in the index
+
+
 LAYOUT_1 = Path(__file__).parent / "data" / "store-layout-1"
 """A store as genre-batch 8225ea5 published it (similar layout 1: one index.faiss, one vectors.parquet, buckets by vid
 hash; BUCKET_TRACKS 25): test_similar_answers_from_the_lookup_files's table, t0..t39 rock and t40..t59 jazz."""
@@ -327,26 +345,20 @@ def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_buil
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
     info = catalog.pointer(s)["similar"]
     assert "layout" not in info and info["buckets"] == 3 and Path(s.catalog, info["index"]).is_file()
-    exact = exact_lists(table, 59)
-    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
-    answers = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None)
-    assert [a.source for a in answers] == ["table", "table", "index", "index", "index"]
-    assert [n["track_id"] for n in answers[0].neighbours] == exact["t7"][:5]
-    assert [n["track_id"] for n in answers[1].neighbours] == exact["t45"][:5] and answers[1].genre == "jazz"
-    assert [n["track_id"] for n in answers[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
-    assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]  # past K: the track's vector searched in the index
+    answers = old_store_answers(s)
+    assert_exact(answers, table)
     # a snapshot published before the lookup files existed: the same answers, by a scan of the catalog
     pointer = catalog.pointer(s)
     for files in pointer["similar"]["lookup"].values():
         s.fs.rm_file(f"{s.catalog}/{files}")
     old = {**pointer, "similar": {k: v for k, v in pointer["similar"].items() if k != "lookup"}}
     catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
-    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
+    assert old_store_answers(s) == answers
     # the next snapshot, same tracks and space: built afresh in layout 2 (an update needs the previous cells and parts)
     night = catalog.publish(s, table, "run-b", "m-1", SPACE)["similar"]
     assert (night["layout"], night["mode"]) == (similar.LAYOUT, "full")
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)
-    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == answers
+    assert old_store_answers(s) == answers
 
 
 ONE_LOOKUP_FILE = Path(__file__).parent / "data" / "store-layout-2-one-lookup-file"
@@ -360,14 +372,7 @@ def test_a_snapshot_with_one_lookup_file_is_answered_and_updated_in_one_partitio
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
     info = catalog.pointer(s)["similar"]
     assert info["layout"] == 2 and isinstance(info["lookup"]["vid"], str) and info["buckets"] == 3
-    exact = exact_lists(table, 59)
-    names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
-    answers = similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None)
-    assert [a.source for a in answers] == ["table", "table", "index", "index", "index"]
-    assert [n["track_id"] for n in answers[0].neighbours] == exact["t7"][:5]
-    assert [n["track_id"] for n in answers[1].neighbours] == exact["t45"][:5] and answers[1].genre == "jazz"
-    assert [n["track_id"] for n in answers[3].neighbours] == [t for t in exact["t45"] if int(t[1:]) >= 40][:10]
-    assert [n["track_id"] for n in answers[4].neighbours] == exact["t3"][:25]
+    assert_exact(old_store_answers(s), table)
     # the next night adds t60 and t61: an update that keeps the one partition, its lists those of a rebuild
     second = pa.concat_tables([rows(40, "rock", "run-b"), rows(62, "jazz", "run-b").slice(40)])
     night = catalog.publish(s, second, "run-b", "m-1", SPACE)["similar"]
@@ -377,8 +382,8 @@ def test_a_snapshot_with_one_lookup_file_is_answered_and_updated_in_one_partitio
     catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
     same_lists(lists(s), lists(rebuilt))
     exact = exact_lists(second, 61)
-    assert similar.answer(s, names, 5, None) + similar.answer(s, names, 10, "jazz") + similar.answer(s, [("t3", "t3")], 25, None) == [
-        *similar.answer(rebuilt, names, 5, None), *similar.answer(rebuilt, names, 10, "jazz"), *similar.answer(rebuilt, [("t3", "t3")], 25, None)]
+    assert old_store_answers(s) == old_store_answers(rebuilt)
+    assert_exact(old_store_answers(s), second)
     added = similar.answer(s, [("/music/61.mp3", "/music/61.mp3")], 5, None)[0]
     assert (added.source, added.track_id, [n["track_id"] for n in added.neighbours]) == ("table", "t61", exact["t61"][:5])
 
