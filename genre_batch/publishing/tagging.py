@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from genre_batch import progress
 from genre_batch.analysis.columns import FEATURE_NAMES
 from genre_batch.library.labels import UNKNOWN, tag_genre
 from genre_batch.modelling import registry
@@ -173,12 +174,12 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
 def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
     """The `top` genres and probabilities of each file with the current model, or the reason it failed (progress
     reported as stage `classify`, file by file)."""
-    from genre_batch import progress
     from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
     _, model, meta = registry.load_current(store)
     families = families_of(meta)
     results: list[tuple[str, list[tuple[str, float]] | str]] = []
+    errors = 0
     for uri in uris:
         try:
             rows = file_rows(uri, families)
@@ -187,5 +188,6 @@ def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, l
             results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
-        progress.report(progress.Report("classify", len(results), len(uris), sum(isinstance(r, str) for _, r in results)))
+            errors += 1
+        progress.report(progress.Report("classify", len(results), len(uris), errors))
     return results
