@@ -917,19 +917,25 @@ def classify(
     files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify; a local folder stands for the audio files under it.")],
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
+    scheduler: SchedulerOpt = None,
     fmt: FormatOpt = "text",
 ) -> None:
-    """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed."""
+    """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed.
+
+    Up to 64 files are decoded in this process; more, or any number with --scheduler, by Dask tasks."""
     checks.summary_format(fmt)
     check_reader(store)
+    from genre_batch.cluster import session
     from genre_batch.library.discovery import files_of
-    from genre_batch.publishing.tagging import classify_files
+    from genre_batch.publishing.tagging import CLASSIFY_IN_PROCESS, classify_files
     from genre_batch.storage.store import Store
 
     uris = files_of([absolute(f) for f in files])
     if not uris:
         raise GenreBatchError(f"no audio files to classify in {', '.join(files)}")
-    results = with_progress(lambda: classify_files(Store.at(store), uris, top))
+    with session(scheduler) as cluster:  # started only when used
+        on = cluster if scheduler or len(uris) > CLASSIFY_IN_PROCESS else None
+        results = with_progress(lambda: classify_files(Store.at(store), uris, top, on))
     failed = sum(isinstance(result, str) for _, result in results)
     if fmt == "json":
         print_json([{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}

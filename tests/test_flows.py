@@ -76,6 +76,8 @@ def test_cli_run_query_classify(
     named = [line.split(": ", 1) for line in out.splitlines()]
     assert code == 0 and [n for n, _ in named] == [str(f) for f in sorted((library / "chiptune").iterdir())]
     assert all(genres.startswith("chiptune ") for _, genres in named)
+    code, on_cluster, _ = cli("classify", "--store", store, "--top", "1", "--scheduler", dask_scheduler, str(library / "chiptune"))
+    assert code == 0 and on_cluster == out  # the same lines from Dask tasks
     (library / "empty").mkdir()
     code, _, err = cli("classify", "--store", store, str(library / "empty"))
     assert code == 1 and err == f"error: no audio files to classify in {library / 'empty'}\n"

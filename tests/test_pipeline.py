@@ -24,7 +24,7 @@ from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.library.synth import STYLES, render, write_audio
 from genre_batch.modelling import registry
-from genre_batch.publishing import catalog, query
+from genre_batch.publishing import catalog, query, tagging
 from genre_batch.publishing.tagging import classify_files
 from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import retrain, runs
@@ -112,7 +112,10 @@ def trained_store(trained_once: tuple[Path, Path]) -> Iterator[tuple[Path, Path]
     yield from restored(trained_once)
 
 
-def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Path], tmp_path: Path) -> None:
+def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Path], tmp_path: Path, dask_scheduler: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process and as Dask tasks (chunks of 3 files here): the same answers in the files' order, progress reported
+    chunk by chunk with the errors so far."""
     _, store = trained_store
     unseen = tmp_path / "unseen"
     unseen.mkdir()
@@ -122,13 +125,21 @@ def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Pa
             files.append(write_audio(unseen / f"{seed}.{style}.ogg", render(style, 3.0, seed), SAMPLE_RATE))
     broken = unseen / "broken.ogg"
     broken.write_bytes(b"not audio")
+    uris, n = [str(broken)] + [str(f) for f in files], len(files) + 1
+    monkeypatch.setattr(tagging, "CLASSIFY_CHUNK", 3)
     reports: list[progress.Report] = []
     with progress.listening(reports.append):  # the CLI's progress bar listens so
-        results = classify_files(Store(str(store)), [str(f) for f in files] + [str(broken)], top=2)
-    predicted = [r[0][0] for _, r in results[:-1]]
-    assert predicted == [f.name.split(".")[1] for f in files] and isinstance(results[-1][1], str)
-    n = len(files) + 1
-    assert [(r.stage, r.done, r.total, r.errors) for r in reports] == [("classify", i, n, int(i == n)) for i in range(1, n + 1)]
+        results = classify_files(Store(str(store)), uris, top=2)
+    assert [u for u, _ in results] == uris and isinstance(results[0][1], str)
+    assert [r[0][0] for _, r in results[1:]] == [f.name.split(".")[1] for f in files]
+    assert [(r.stage, r.done, r.total, r.errors) for r in reports] == [("classify", min(i, n), n, 1) for i in range(3, n + 3, 3)]
+    reports.clear()
+    with session(dask_scheduler) as cluster, progress.listening(reports.append):
+        on_cluster = classify_files(Store(str(store)), uris, top=2, cluster=cluster)
+    assert [u for u, _ in on_cluster] == uris and on_cluster[0] == results[0]
+    for (_, a), (_, b) in zip(on_cluster[1:], results[1:]):  # single-threaded BLAS on the workers: equal to rounding
+        assert [g for g, _ in a] == [g for g, _ in b] and [p for _, p in a] == pytest.approx([p for _, p in b], rel=1e-5, abs=1e-12)
+    assert len(reports) == -(-n // 3) and [r.done for r in reports] == sorted({r.done for r in reports}) and (reports[-1].done, reports[-1].errors) == (n, 1)
 
 
 def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path]) -> None:

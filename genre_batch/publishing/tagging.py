@@ -21,6 +21,7 @@ from genre_batch.storage.feature_store import LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
 
 if TYPE_CHECKING:  # xgboost and scikit-learn: loaded with the model (registry.load), not by the flow process importing this
+    from genre_batch.cluster import Session
     from genre_batch.modelling.model import GenreModel
 
 
@@ -171,15 +172,23 @@ def file_rows(uri: str, families: list[str]) -> np.ndarray:
     return np.hstack(parts).astype(np.float32)
 
 
-def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, list[tuple[str, float]] | str]]:
-    """The `top` genres and probabilities of each file with the current model, or the reason it failed (progress
-    reported as stage `classify`, file by file)."""
+CLASSIFY_CHUNK = 16
+"""Files per classify task (the model is loaded once per task)."""
+CLASSIFY_IN_PROCESS = 64
+"""Up to this many files `classify` decodes in its own process; more are classified by Dask tasks (a local cluster
+unless a scheduler is given)."""
+
+Classified = tuple[str, list[tuple[str, float]] | str]
+"""A file and its `top` (genre, probability), most likely first, or the reason it could not be classified."""
+
+
+def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> list[Classified]:
+    """Classify some files with model `version` (one task: the model loaded once)."""
     from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
-    _, model, meta = registry.load_current(store)
+    model, meta = registry.load(store, version)
     families = families_of(meta)
-    results: list[tuple[str, list[tuple[str, float]] | str]] = []
-    errors = 0
+    results: list[Classified] = []
     for uri in uris:
         try:
             rows = file_rows(uri, families)
@@ -188,6 +197,22 @@ def classify_files(store: Store, uris: list[str], top: int) -> list[tuple[str, l
             results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
-            errors += 1
-        progress.report(progress.Report("classify", len(results), len(uris), errors))
     return results
+
+
+def classify_files(store: Store, uris: list[str], top: int, cluster: Session | None = None) -> list[Classified]:
+    """The `top` genres and probabilities of each file with the current model, or the reason it failed, in `uris`'
+    order: in this process, or on `cluster` as tasks of CLASSIFY_CHUNK files (progress reported as stage `classify`,
+    task by task)."""
+    version = registry.load_current(store)[0]  # a clear error when there is no model, before any task
+    calls = [(classify_chunk, store, version, uris[i:i + CLASSIFY_CHUNK], top) for i in range(0, len(uris), CLASSIFY_CHUNK)]
+    if cluster is None:
+        finished = ((n, classify_chunk(*call[1:])) for n, call in enumerate(calls))
+    else:
+        finished = ((n, future.result()) for n, future in cluster.completed(calls, "classify"))
+    done: dict[int, list[Classified]] = {}
+    for n, chunk in finished:
+        done[n] = chunk
+        files = [r for c in done.values() for r in c]
+        progress.report(progress.Report("classify", len(files), len(uris), sum(isinstance(r, str) for _, r in files)))
+    return [r for n in range(len(calls)) for r in done[n]]
