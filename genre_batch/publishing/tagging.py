@@ -209,7 +209,7 @@ def classify_files(store: Store, uris: list[str], top: int, cluster: Session | N
     if cluster is None:
         finished = ((n, classify_chunk(*call[1:])) for n, call in enumerate(calls))
     else:
-        finished = ((n, future.result()) for n, future in cluster.completed(calls, "classify"))
+        finished = ((n, future.result()) for n, future in cluster.completed(calls))  # Dask's unique keys: classify runs may share a scheduler
     done: dict[int, list[Classified]] = {}
     for n, chunk in finished:
         done[n] = chunk
