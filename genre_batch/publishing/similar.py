@@ -510,21 +510,24 @@ def route(store: Store, out: str, position: int, unit: Unit, partitions: int) ->
     cells = assign(quantizer, matrix)
     order = np.lexsort((vids, cells))
     write_parquet(store, routed_file(out, position), vectors_table(ids.take(pa.array(order)), vids[order], matrix[order], cells[order]), ROW_GROUP, VECTORS_OPTIONS)
-    spread(store, out, position, unit, partitions, cells)
+    spread(store, out, position, unit, partitions, (vids, cells))
     return np.bincount(cells, minlength=quantizer.ntotal)
 
 
-def spread(store: Store, out: str, position: int, unit: Unit, partitions: int, cells: np.ndarray | None = None) -> None:
-    """Write the lookup rows of a row group of a snapshot file (LOOKUP_SCHEMA; `cells` in the row group's order, or
-    none) as its spread files, one per lookup column, in the order of that column's partitions (row groups found by
-    a `partition` column)."""
+def spread(store: Store, out: str, position: int, unit: Unit, partitions: int, routed: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Write the lookup rows of a row group of a snapshot file (LOOKUP_SCHEMA) as its spread files, one per lookup
+    column, in the order of that column's partitions (row groups found by a `partition` column). `routed`: the row
+    group's vids and cells, in its order, as routing computed them; without, the vids are hashed and cells left null
+    (an update's)."""
     drop_cached()
     with store.open(f"{store.catalog}/{unit[0]}") as f:
         read = pq.ParquetFile(f).read_row_group(unit[1], ["track_id", "uri", "genre"])
+    vids, cells = routed if routed is not None else (vector_ids(read["track_id"].to_pylist()), None)
     cell = pa.nulls(read.num_rows, pa.int32()) if cells is None else pa.array(cells, pa.int32())
-    table = pa.table({"vid": vector_ids(read["track_id"].to_pylist()), **{c: read[c] for c in ("track_id", "uri", "genre")}, "cell": cell}, schema=LOOKUP_SCHEMA)
+    table = pa.table({"vid": vids, **{c: read[c] for c in ("track_id", "uri", "genre")}, "cell": cell}, schema=LOOKUP_SCHEMA)
+    keys = {"vid": vids, "uri": lookup_keys("uri", read["uri"].to_pylist())}
     for column, schema in LOOKUPS.items():
-        part = partition_of(lookup_keys(column, table[column].to_pylist()), partitions)
+        part = partition_of(keys[column], partitions)
         order = pa.array(np.argsort(part, kind="stable"))
         rows = table.select(schema.names).take(order).append_column("partition", pa.array(part).take(order))
         write_parquet(store, spread_file(out, column, position), rows, LOOKUP_ROW_GROUP, SPREAD_OPTIONS)
