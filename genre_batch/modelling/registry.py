@@ -107,11 +107,17 @@ def load(store: Store, version: str) -> tuple[GenreModel, dict]:
     return kind.from_files({name: store.fs.cat_file(f"{store.models}/{version}/{name}") for name in kind.files}), meta
 
 
-def load_current(store: Store) -> tuple[str, GenreModel, dict]:
-    """The current model, or a clear error when there is none."""
+def required_version(store: Store) -> str:
+    """The current model's version, or a clear error when there is none."""
     version = current_version(store)
     if version is None:
         raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
+    return version
+
+
+def load_current(store: Store) -> tuple[str, GenreModel, dict]:
+    """The current model, or a clear error when there is none."""
+    version = required_version(store)
     model, meta = load(store, version)
     return version, model, meta
 

@@ -204,7 +204,7 @@ def classify_files(store: Store, uris: list[str], top: int, cluster: Session | N
     """The `top` genres and probabilities of each file with the current model, or the reason it failed, in `uris`'
     order: in this process, or on `cluster` as tasks of CLASSIFY_CHUNK files (progress reported as stage `classify`,
     task by task)."""
-    version = registry.load_current(store)[0]  # a clear error when there is no model, before any task
+    version = registry.required_version(store)  # a clear error when there is no model, before any task (the model is loaded by them)
     calls = [(classify_chunk, store, version, uris[i:i + CLASSIFY_CHUNK], top) for i in range(0, len(uris), CLASSIFY_CHUNK)]
     if cluster is None:
         finished = ((n, classify_chunk(*call[1:])) for n, call in enumerate(calls))
