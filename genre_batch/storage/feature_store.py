@@ -420,11 +420,6 @@ def resolved_outcome(index: pa.Table, inventory: pa.Table, family: Family, failu
     return index.take(picked["_row"].filter(picked["_failed"] if failures else pc.invert(picked["_failed"])))
 
 
-def succeeded(rows: pa.Table) -> pa.Table:
-    """The rows of successful extractions."""
-    return rows.filter(pc.is_null(rows["error_type"]))
-
-
 def failed(rows: pa.Table) -> pa.Table:
     """The rows of failed extractions."""
     return rows.filter(pc.is_valid(rows["error_type"]))
