@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 
 import dask
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 
 from genre_batch import GenreBatchError, default_numba_cache_dir
 
@@ -129,10 +129,36 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> I
         yield client
 
 
+def user_errors(cls: type[Exception] = GenreBatchError) -> set[str]:
+    """Names of the errors a user can act on: GenreBatchError and its subclasses (those imported so far)."""
+    return {cls.__name__} | {name for sub in cls.__subclasses__() for name in user_errors(sub)}
+
+
+def not_a_user_error(record: logging.LogRecord) -> bool:
+    """False for a worker's "Compute Failed" record of a task that raised a user error (its 4th argument is the
+    exception's repr), which the CLI prints as one line: logged as well, it added a traceback to a local run's stderr."""
+    if not str(record.msg).startswith("Compute Failed") or not isinstance(record.args, tuple) or len(record.args) < 4:
+        return True
+    return not str(record.args[3]).startswith(tuple(f"{name}(" for name in user_errors()))
+
+
+class QuietUserErrors(WorkerPlugin):
+    """Filters user errors out of the workers' "Compute Failed" log (`not_a_user_error`): a local cluster's workers
+    write to the CLI's stderr. Other task failures are still logged."""
+
+    name = "genre-batch-quiet-user-errors"
+
+    def setup(self, worker: object) -> None:
+        """Add the filter to the worker process's `distributed.worker` logger."""
+        logging.getLogger("distributed.worker").addFilter(not_a_user_error)
+
+
 @contextmanager
 def cluster_client(cluster: LocalCluster) -> Iterator[Client]:
-    """A client on a local cluster, its futures cancelled on failure or interruption (as dask_client's)."""
+    """A client on a local cluster (its workers' logs without the user errors the CLI prints), its futures cancelled on
+    failure or interruption (as dask_client's)."""
     with Client(cluster) as client, cancelling(client):
+        client.register_plugin(QuietUserErrors())
         yield client
 
 
