@@ -39,6 +39,12 @@ def scheduler(address: str | None) -> None:
     raise UsageError(f"--scheduler {address}: not a Dask scheduler address; give host:port, e.g. tcp://127.0.0.1:8786")
 
 
+def given(location: str, what: str) -> None:
+    """A location is not empty (an unset shell variable would otherwise name the current folder)."""
+    if not location.strip():
+        raise UsageError(f"{what} is an empty string: give a folder or URL")
+
+
 def is_url(location: str) -> bool:
     """True for a URL with a protocol other than file:// (a path on another system)."""
     return "://" in location and not location.startswith("file://")
@@ -72,6 +78,7 @@ def endpoint(url: str | None) -> None:
 
 def library(location: str) -> None:
     """A local library must be an existing folder; a library URL's protocol one fsspec can use."""
+    given(location, "library")
     protocol(location, "library")
     if not is_url(location) and not local_path(location).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
@@ -87,6 +94,7 @@ def nearest_existing(path: Path) -> Path:
 def writable_folder(location: str, what: str) -> None:
     """A local folder that a run writes to must be a folder, or creatable in a writable parent; a URL's protocol one
     fsspec can use."""
+    given(location, what)
     if is_url(location):
         protocol(location, what)
         return
@@ -123,6 +131,15 @@ def classifier(kind: str | None, all_tracks: bool = False) -> None:
         raise UsageError(f"--classifier {kind}: use one of {', '.join(CLASSIFIERS)}")
     if all_tracks and kind not in (None, "xgboost"):
         raise UsageError(f"--all-tracks fits with xgboost.dask: it cannot be used with --classifier {kind}")
+
+
+def grouping(value: str) -> None:
+    """--group-by is one of training.GROUPINGS or a column of the track index."""
+    from genre_batch.modelling.training import GROUPINGS
+    from genre_batch.storage.feature_store import INDEX_SCHEMA
+
+    if value not in GROUPINGS and value not in INDEX_SCHEMA.names:
+        raise UsageError(f"--group-by {value}: use one of {', '.join(GROUPINGS)} or a column of the track index (e.g. tag_genre)")
 
 
 RETRAIN_POLICIES = ("auto", "always", "never")
@@ -181,6 +198,12 @@ def write_back_run(store: str, run_id: str) -> None:
     runs = {n.rsplit("/", 1)[-1].rsplit("-", 1)[0] for n in names if n.endswith(".parquet")}
     if run_id not in runs:
         raise UsageError(f"no write-back run {run_id} in the store {store}: see genre-batch query \"SELECT DISTINCT run_id FROM writes\"")
+    from genre_batch.library.writeback import already_undone
+    from genre_batch.storage.store import Store
+
+    undone_by = already_undone(Store.at(store), run_id)
+    if undone_by:
+        raise UsageError(f"write-back run {run_id} was already undone by run {undone_by}: to write its tags again, undo {undone_by}")
 
 
 def remote_library(location: str) -> None:
@@ -201,6 +224,46 @@ def remote_store(location: str) -> None:
     bucket = path.split("/", 1)[0]
     if not fs.exists(bucket):
         raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist (or is not visible with these credentials)")
+
+
+def training_options(spec: str | None, retrain: str, min_accuracy: float, abstain_below: float, group_by: str) -> None:
+    """`run` trains only with --labels: options of training without it are a mistake, not ignored."""
+    named = [option for option, on in (("--retrain always", retrain == "always"), ("--min-accuracy", min_accuracy != 0.0),
+                                       ("--abstain-below", abstain_below != 0.0), (f"--group-by {group_by}", group_by != "auto")) if on]
+    if spec is None and named:
+        raise UsageError(f"{', '.join(named)}: only used when the run trains, and it trains only with --labels folders|tags|FILE")
+
+
+def local_store_has(store: str, path: str, missing: str) -> None:
+    """A local store holds `path` (relative to it), else a usage error saying what is `missing`; stores on object stores
+    are checked by the run itself."""
+    if not is_url(store) and not (local_path(store) / path).exists():
+        raise UsageError(f"the store {store} {missing}")
+
+
+def extracted(store: str) -> None:
+    """A verb that reads features needs a store with an extracted library (its inventory)."""
+    local_store_has(store, "features/inventory.parquet", "has no extracted library yet: run 'genre-batch extract LIBRARY' first")
+
+
+def published(store: str) -> None:
+    """A verb that reads the catalog needs a published snapshot (its pointer)."""
+    local_store_has(store, "catalog/CURRENT.json", "has no published catalog yet: run 'genre-batch tag' (or 'run') first")
+
+
+def is_store(store: str) -> None:
+    """A folder given as the store of a verb that changes it must already be a store."""
+    if not is_url(store) and not any((local_path(store) / part).is_dir() for part in ("features", "models", "catalog", "runs")):
+        raise UsageError(f"{store} is not a genre-batch store (no features, models, catalog or runs folder)")
+
+
+def has_model(store: str) -> None:
+    """`tag` needs a current model: without one it ends as a run would, with NoModel (exit 4), but before anything starts."""
+    from genre_batch.modelling import registry
+    from genre_batch.storage.store import Store
+
+    if registry.current_version(Store.at(store)) is None:
+        raise registry.no_model(Store.at(store))
 
 
 def has_model_or_labels(store: str, spec: str | None, verb: str = "run") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import sys
 import threading
@@ -183,6 +184,9 @@ StrictOpt = Annotated[
 FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="Summary format: text (for people) or json (one object on stdout, keys in the README).")
 ]
+ListFormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="Output format: text (for people) or json (one array on stdout, keys in the README).")
+]
 FeaturesOpt = Annotated[
     str,
     typer.Option("--features", help="Feature families to extract, comma-separated: librosa (always) and musicnn. New and changed files get every one; files lacking one are backfilled, --backfill-cap per run."),
@@ -199,7 +203,7 @@ BackfillCapOpt = Annotated[
     int, typer.Option("--backfill-cap", min=0, help="At most this many files per run extracted only for a family they lack.")
 ]
 DEFAULT_STORE = "genre-batch-store"
-SUMMARY_KEYS = ("run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag")
+SUMMARY_KEYS = ("run_id", "flow", "status", "error", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag")
 """Keys of the JSON summary (--format json), besides failing_files; a stage that did not run is null."""
 
 
@@ -264,9 +268,20 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
     say("dry run: nothing was written")
 
 
+def finite(obj: object) -> object:
+    """`obj` with NaN and infinite floats as None: strict JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj: object) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    """One JSON document on stdout (NaN and infinities as null)."""
+    sys.stdout.write(json.dumps(finite(obj), sort_keys=True, default=str) + "\n")
 
 
 RetrainOpt = Annotated[
@@ -387,13 +402,17 @@ def progress_bar() -> Progress:
 
 def progress_text(news: Report) -> tuple[str, str]:
     """A stage's bar label and the words after its count: extraction's (and classification's) files and errors, the
-    training sample's batches read, training's fits and what the latest step was."""
+    training sample's batches read, the tracks tagged, the publishing steps and training's fits (with the step in work)."""
     if news.stage == "extract":
         return "extracting", f"files, {news.errors} errors"
     if news.stage == "classify":
         return "classifying", f"files, {news.errors} errors"
     if news.stage == "read":
         return "reading sample", f"batches; {news.note}"
+    if news.stage == "tag":
+        return "tagging", "tracks"
+    if news.stage == "publish":
+        return "publishing", f"steps; {news.note}"
     return "fitting", f"fits; {news.note}"
 
 
@@ -504,7 +523,7 @@ def print_record(record: dict, store_url: str, strict: bool = False, fmt: str = 
     """Print the summary of a run record (text or json); with `strict`, exit STRICT_EXIT when library files currently fail."""
     if fmt == "json":
         failing = failing_files(store_url)
-        sys.stdout.write(json.dumps(json_summary(record, failing), sort_keys=True) + "\n")
+        print_json(json_summary(record, failing))
     else:
         failing = print_text_record(record, store_url)
     if strict and failing:
@@ -529,6 +548,26 @@ def print_text_record(record: dict, store_url: str) -> int:
     return failing
 
 
+def recorded(call: Callable[[], dict], store_url: str, strict: bool = False, fmt: str = "text") -> None:
+    """Run a flow and print its record (`print_record`). A run that ends with no model to tag with (exit 4) or held by a
+    guard (exit 5) still prints its JSON summary with --format json, from the record it wrote, before its error line."""
+    from genre_batch import NoModel, PublishRefused
+
+    try:
+        record = call()
+    except (NoModel, PublishRefused):
+        if fmt == "json":
+            from genre_batch.status import run_records
+            from genre_batch.storage.store import Store
+
+            s = Store(store_url)
+            written = run_records(s)  # the newest is this run's: it held the store's lease
+            if written:
+                print_json(json_summary(s.read_json(written[-1]), failing_files(store_url)))
+        raise
+    print_record(record, store_url, strict, fmt)
+
+
 def check_writer(library: str | None, store: str, fmt: str, labels: str | None = None) -> None:
     """Checks of a store-writing verb: local ones first (exit 2), then one request each to a remote library and store (exit 1)."""
     if library is not None:
@@ -543,6 +582,7 @@ def check_writer(library: str | None, store: str, fmt: str, labels: str | None =
 
 def check_reader(store: str) -> None:
     """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use."""
+    checks.given(store, "store")
     checks.protocol(store, "store")
     if not checks.is_url(store) and not checks.local_path(store).is_dir():
         raise UsageError(f"store not found or not a folder: {store}")
@@ -571,8 +611,7 @@ def extract(
         from flows.pipeline import extract_flow
 
     store = absolute(store)
-    record = with_progress(lambda: extract_flow(absolute(library), store, scheduler, force, names, backfill_cap))
-    print_record(record, store, strict, fmt)
+    recorded(lambda: with_progress(lambda: extract_flow(absolute(library), store, scheduler, force, names, backfill_cap)), store, strict, fmt)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -581,11 +620,12 @@ def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt
     """Rewrite the feature store's current rows into large parts, dropping superseded rows and leftover files."""
     check_reader(store)
     check_writer(None, store, fmt)
+    checks.extracted(store)
     with prefect_api_starting():
         from flows.pipeline import compact_flow
 
     store = absolute(store)
-    print_record(compact_flow(store, scheduler), store, fmt=fmt)
+    recorded(lambda: compact_flow(store, scheduler), store, fmt=fmt)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -627,7 +667,7 @@ RETAG_NOTE = "the catalog is not re-tagged now: the next 'tag' or 'run' re-tags 
 
 @models_app.command("list", cls=PlainFirstCommand)
 @friendly
-def models_list(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
+def models_list(store: StoreOpt = DEFAULT_STORE, fmt: ListFormatOpt = "text") -> None:
     """Every registered model: version, created, classifier and feature families, tracks, genres, CV and held-out accuracy, gate, current marker."""
     checks.summary_format(fmt)
     check_reader(store)
@@ -669,18 +709,20 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
     """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
     checks.summary_format(fmt)
     check_reader(store)
+    from genre_batch.modelling import registry
     from genre_batch.stages.runs import new_run_id
     from genre_batch.storage import lease
     from genre_batch.storage.store import Store
 
     s = Store.at(store)
     with lease.held(s, new_run_id()):
+        before = (registry.pointer(s) or {}).get("version")
         pointer = change(s)
     if fmt == "json":
         print_json(pointer)
         return
     pinned = " (pinned)" if pointer.get("pinned") else ""
-    say(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}")
+    say(f"models: current model is {pointer['version']}{pinned}" + (f"; {RETAG_NOTE}" if pointer["version"] != before else " (unchanged)"))
 
 
 @models_app.command("promote", cls=PlainFirstCommand)
@@ -731,6 +773,7 @@ def prune(
     """Delete old models, run records and evaluation reports, keeping the newest of each."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.is_store(store)
     from genre_batch.modelling import registry
     from genre_batch.stages.runs import new_run_id
     from genre_batch.status import prune_evaluations, prune_runs
@@ -766,13 +809,15 @@ def train(
     check_reader(store)
     families = None if features is None else list(feature_names(features))
     checks.classifier(classifier, all_tracks)
+    checks.grouping(group_by)
     check_writer(None, store, fmt, labels)
+    checks.extracted(store)
     with prefect_api_starting():
         from flows.pipeline import train_flow
 
     store = absolute(store)
-    print_record(with_progress(lambda: train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier)),
-                 store, fmt=fmt)
+    recorded(lambda: with_progress(lambda: train_flow(store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, all_tracks, families, classifier)),
+             store, fmt=fmt)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -792,6 +837,8 @@ def evaluate(
     checks.labels(labels)
     families = None if features is None else list(feature_names(features))
     checks.classifier(classifier)
+    checks.grouping(group_by)
+    checks.extracted(store)
     from genre_batch import progress
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
@@ -827,11 +874,12 @@ def tag(
     """Tag the store's tracks with the current model (new and changed ones only, when the model is unchanged) and publish a catalog snapshot."""
     check_reader(store)
     check_writer(None, store, fmt)
+    checks.has_model(store)
     with prefect_api_starting():
         from flows.pipeline import tag_flow
 
     store = absolute(store)
-    print_record(tag_flow(store, scheduler, full, force), store, fmt=fmt)
+    recorded(lambda: with_progress(lambda: tag_flow(store, scheduler, full, force)), store, fmt=fmt)
 
 
 def labels_spec(labels: str | None) -> str | None:
@@ -859,8 +907,10 @@ def run(
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain as --retrain says, tag what changed, publish."""
     check_writer(library, store, fmt, labels)
-    checks.has_model_or_labels(store, labels)
     checks.retrain_policy(retrain)
+    checks.grouping(group_by)
+    checks.training_options(labels, retrain, min_accuracy, abstain_below, group_by)
+    checks.has_model_or_labels(store, labels)
     names = feature_names(features)
     if dry_run:
         print_plan(library, store, False, force, labels_spec(labels), retrain, names, backfill_cap, fmt)
@@ -869,10 +919,9 @@ def run(
         from flows.pipeline import nightly
 
     store = absolute(store)
-    record = with_progress(
+    recorded(lambda: with_progress(
         lambda: nightly(absolute(library), store, labels_spec(labels), scheduler, min_accuracy, abstain_below, group_by, retrain, force, names, backfill_cap)
-    )
-    print_record(record, store, strict, fmt)
+    ), store, strict, fmt)
 
 
 def render(store: Store, sql: str, fmt: str) -> None:
@@ -918,7 +967,7 @@ def classify(
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
     scheduler: SchedulerOpt = None,
-    fmt: FormatOpt = "text",
+    fmt: ListFormatOpt = "text",
 ) -> None:
     """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed.
 
@@ -1000,6 +1049,8 @@ def write_tags(
     checks.write_tags_options(undo, apply, only_missing, min_confidence)
     if undo is not None:
         checks.write_back_run(store, undo)
+    else:
+        checks.published(store)
     from genre_batch.library import writeback
     from genre_batch.storage.store import Store
 
@@ -1022,9 +1073,10 @@ def similar(
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, max=checks.SIMILAR_MAX_TOP, help="How many similar tracks per track.")] = 10,
     genre: Annotated[str | None, typer.Option("--genre", help="Only neighbours of this genre (searches deeper until --top are found).")] = None,
-    fmt: FormatOpt = "text",
+    fmt: ListFormatOpt = "text",
 ) -> None:
-    """The most similar catalog tracks (cosine of the snapshot's embeddings) of catalog tracks or audio files."""
+    """The most similar catalog tracks (cosine of the snapshot's embeddings) of catalog tracks or audio files; exit 1 if
+    any track is neither (the others are still answered)."""
     checks.summary_format(fmt)
     checks.genre_name(genre)
     check_reader(store)
@@ -1034,13 +1086,19 @@ def similar(
     from genre_batch.storage.store import Store
 
     answers = neighbours.answer(Store.at(store), [(t, absolute(t)) for t in tracks], top, genre)
+    unanswered = [a.error for a in answers if isinstance(a, neighbours.Unanswered)]
     if fmt == "json":
         print_json([asdict(a) for a in answers])
-        return
-    for a in answers:
-        say(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):")
-        for n in a.neighbours:
-            say(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})")
+    else:
+        for a in answers:
+            if isinstance(a, neighbours.Answer):
+                say(f"{a.uri} ({a.genre or 'not in the catalog'}, from the {a.source}):")
+                for n in a.neighbours:
+                    say(f"  {n['rank']:>3}. {n['score']:.3f}  {n['uri']}  ({n['genre']})")
+    for error in unanswered:
+        say(f"error: {error}", err=True)
+    if unanswered:
+        raise typer.Exit(1)
 
 
 @app.command(cls=PlainFirstCommand)

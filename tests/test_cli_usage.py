@@ -194,8 +194,8 @@ def test_extract_json_summary_and_query_import_no_training_library(workdir: Path
     done, modules = zygote.run(["extract", "library", "--store", "store", "--format", "json"], workdir, env)
     assert done.returncode == 0 and "prefect" in modules and not set(TRAINING) & modules, done.stderr
     summary = json.loads(done.stdout)
-    assert set(summary) == {"run_id", "flow", "status", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag", "failing_files"}
-    assert (summary["flow"], summary["status"], summary["train"], summary["tag"], summary["failing_files"]) == ("extract", "completed", None, None, 0)
+    assert set(summary) == {"run_id", "flow", "status", "error", "started_at", "finished_at", "extract", "compact", "train_decision", "train", "tag", "failing_files"}
+    assert (summary["flow"], summary["status"], summary["error"], summary["train"], summary["tag"], summary["failing_files"]) == ("extract", "completed", None, None, None, 0)
     assert summary["extract"]["discovered"] == 0 and summary["extract"]["library"] == str(workdir / "library")
     done, modules = zygote.run(["query", "--store", "store", "--format", "json", "SELECT count(*) AS n FROM errors"], workdir, env)
     assert (done.returncode, json.loads(done.stdout)) == (0, [{"n": 0}]), done.stderr  # errors are queryable before any catalog

@@ -122,7 +122,7 @@ def test_prefect_server_not_starting_is_one_line(tmp_path: Path) -> None:
 
 def test_cli_starts_prefects_ephemeral_server_and_leaves_no_process(tmp_path: Path) -> None:
     """Without PREFECT_API_URL the CLI starts Prefect's ephemeral server in the background while it imports the flows;
-    the flow runs on it (here: to the store's missing model, exit 4) and no process of the run is left behind."""
+    the flow runs on it (here: an extraction of an empty library) and no process of the run is left behind."""
     import os
     import subprocess
     import sys
@@ -132,9 +132,10 @@ def test_cli_starts_prefects_ephemeral_server_and_leaves_no_process(tmp_path: Pa
     home = str(tmp_path / "prefect-home")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=home)
-    done = subprocess.run([sys.executable, "-m", "genre_batch.cli", "tag", "--store", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert done.returncode == 4 and done.stderr.startswith(f"error: no current model in {tmp_path}") and done.stderr.count("\n") == 1, done.stderr
+    (tmp_path / "library").mkdir()
+    done = subprocess.run([sys.executable, "-m", "genre_batch.cli", "extract", str(tmp_path / "library"), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "0 audio files" in done.stdout and done.stderr == "", done.stderr
     assert (tmp_path / "prefect-home" / "prefect.db").exists()  # the ephemeral server ran (its database)
 
     def ours(p: psutil.Process) -> bool:

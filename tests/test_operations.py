@@ -14,7 +14,7 @@ import xgboost as xgb
 from conftest import cli
 from test_feature_store import T0, files, set_inventory, write_shard
 
-from genre_batch import PublishRefused
+from genre_batch import PublishRefused, progress
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.modelling import registry
@@ -70,10 +70,16 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
     assert registry.current_version(store) == "m-1"
     code, out, _ = cli("models", "promote", "m-2", "--store", store.url, "--force")
     assert code == 0 and "current model is m-2" in out and "not re-tagged now" in out
+    code, out, _ = cli("models", "promote", "m-2", "--store", store.url, "--force")  # the current model again: nothing changes
+    assert code == 0 and "current model is m-2 (unchanged)" in out and "re-tagged" not in out
+    assert registry.pointer(store)["history"] == ["m-1"]
     code, out, _ = cli("models", "rollback", "--store", store.url, "--format", "json")
     assert code == 0 and json.loads(out)["version"] == "m-1" and registry.current_version(store) == "m-1"
     assert registry.pointer(store)["history"] == []
     assert cli("models", "rollback", "--store", store.url)[0] == 1  # nothing earlier to go back to
+    promoted_twice = {"version": "m-3", "pinned": False, "promoted_at": "2026-12-01T00:00:00+00:00", "history": ["m-1", "m-3", "m-3"]}
+    store.write_json(f"{store.models}/{registry.POINTER}", promoted_twice)  # as promoting the current model left it before
+    assert registry.rollback(store)["version"] == "m-1" and registry.pointer(store)["history"] == []
 
     code, out, _ = cli("models", "pin", "--store", store.url)
     assert code == 0 and "(pinned)" in out and registry.pinned(store)
@@ -85,9 +91,13 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
 
 
 def test_promote_does_not_retag_until_the_next_tag_which_retags_everything(store: Store, dask_scheduler: str) -> None:
-    with session(dask_scheduler) as cluster:
+    heard: list[progress.Report] = []
+    with session(dask_scheduler) as cluster, progress.listening(heard.append):  # the CLI's bars listen so
         first = tag_stage.tag(store, "run-1", cluster)
         assert (first.mode, first.model_version, first.genres) == ("full", "m-1", {"rock": 20})
+        tagged = [(r.done, r.total) for r in heard if r.stage == "tag"]  # tracks predicted, as the tag tasks end
+        assert tagged[-1] == (20, 20) and [d for d, _ in tagged] == sorted(d for d, _ in tagged)
+        assert [(r.done, r.note) for r in heard if r.stage == "publish"] == [*enumerate(tag_stage.PUBLISH_STEPS), (5, "published")]
         registry.promote_checked(store, "m-2", force=True)  # the same predictions: no guard applies
         assert catalog.pointer(store)["model_version"] == "m-1"  # promoting re-tags nothing by itself
         second = tag_stage.tag(store, "run-2", cluster)
@@ -167,9 +177,13 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
     clips = sorted(p for p in library.rglob("*") if p.is_file() and p.name != "broken.mp3")
     labels = tmp_path / "labels.csv"  # one clip labelled as another genre: no model can reach accuracy 1.0 on these
     labels.write_text("file,genre\n" + "".join(f"{p},{'percussion' if i == 0 else p.parent.name}\n" for i, p in enumerate(clips)))
-    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--features", "librosa", "--scheduler", dask_scheduler)
+    code, out, err = cli("run", str(library), "--store", store, "--labels", str(labels), "--min-accuracy", "1.0", "--features", "librosa", "--scheduler", dask_scheduler,
+                         "--format", "json")
     assert code == 4, out + err  # the gate refused the only model: extraction kept, a distinct status and the next step
     assert err.strip().startswith("error: no current model in") and "the promotion gate refused model m-" in err
+    summary = json.loads(out)  # a script still gets the run's summary
+    assert (summary["flow"], summary["status"], summary["extract"]["extracted"], summary["train"]["promoted"], summary["tag"]) == ("nightly", "failed", 12, False, None)
+    assert summary["error"] == "NoModel: " + err.strip().removeprefix("error: ")
     assert "vs majority baseline" in err and "and minimum 1.000" in err and "models promote" in err
     code, out, _ = cli("query", "--store", store, "--format", "json", "SELECT uri, error_type FROM errors")
     assert code == 0 and json.loads(out) == [{"uri": str(library / "broken.mp3"), "error_type": "undecodable"}]  # no catalog needed
@@ -186,8 +200,9 @@ def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(
     for path in clips:
         if path.suffix != ".ogg":
             path.unlink()  # 8 of 13 files gone: 62 % fewer
-    code, out, err = cli("extract", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler)
+    code, out, err = cli("extract", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler, "--format", "json")
     assert code == 5 and "has 5 audio files, the previous one 13: 62% fewer, over the 30% limit" in err
+    assert (json.loads(out)["flow"], json.loads(out)["status"], json.loads(out)["error"]) == ("extract", "failed", "PublishRefused: " + err.strip().removeprefix("error: "))
     assert (tmp_path / "store" / "features" / "inventory.parquet").read_bytes() == inventory  # nothing changed
     code, out, _ = cli("extract", str(library), "--store", store, "--features", "librosa", "--scheduler", dask_scheduler, "--force")
     assert code == 0 and "5 audio files" in out

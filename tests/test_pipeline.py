@@ -366,7 +366,7 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
     assert one[0] and "10.0% of the labelled set changed" in one[1]
     registry.promote(s, "m-file", pinned=True)
     assert retrain.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
-    assert registry.pointer(s)["history"][-2:] == [version, "m-file"]
+    assert registry.pointer(s)["history"][-1:] == [version]  # promoting the current model to pin it adds no history
     registry.promote(s, "m-file")
     late = datetime.now(timezone.utc) + timedelta(days=retrain.RETRAIN_AFTER_DAYS + 1)
     many = [f"{u},{Path(u).parent.name}" for u in uris] + ["/elsewhere/x.mp3,rock"]  # ignored: outside the library
@@ -407,8 +407,9 @@ def test_all_tracks_option_fits_on_every_labelled_track_with_xgboost_dask(traine
     _, store = trained_store
     s = Store(str(store))
     with session(dask_scheduler) as cluster:
-        summary = train_stage.train(s, "folders", "run-all", cluster, all_tracks=True, classifier="xgboost")  # xgboost.dask's option
-        assert summary.promoted and summary.tracks == 20
+        assert registry.model_kind(registry.metadata(s, registry.current_version(s))) == "linear"
+        summary = train_stage.train(s, "folders", "run-all", cluster, all_tracks=True)  # xgboost.dask's option: xgboost without being told
+        assert summary.promoted and summary.tracks == 20 and summary.classifier == "xgboost"
         card = registry.metadata(s, summary.version)
         assert card["fit"] == {"tracks": 20, "engine": "xgboost.dask", "on": "every labelled track"} and card["params"]["num_boost_round"] > 0
         tagged = tag_stage.tag(s, "run-all", cluster)

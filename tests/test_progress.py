@@ -17,11 +17,13 @@ def test_listeners_hear_every_stage_while_listening_only() -> None:
 
 
 def test_bars_name_their_stage_and_what_it_counts() -> None:
-    """Extraction's bar counts files and errors; the training sample's bar counts batches read; training's counts fits
-    and shows the latest step."""
+    """Extraction's bar counts files and errors; the training sample's bar counts batches read; tagging's counts tracks,
+    publishing's its steps (naming the one in work); training's counts fits and shows the latest step."""
     assert cli.progress_text(Report("extract", 3, 10, errors=1)) == ("extracting", "files, 1 errors")
     assert cli.progress_text(Report("read", 2, 7, note="127560 windows of 63780 sampled tracks")) == (
         "reading sample", "batches; 127560 windows of 63780 sampled tracks")
+    assert cli.progress_text(Report("tag", 40, 100)) == ("tagging", "tracks")
+    assert cli.progress_text(Report("publish", 3, 5, note="similar build")) == ("publishing", "steps; similar build")
     assert cli.progress_text(Report("fit", 2, 6, note="fold 3/5: round 120, validation log-loss 0.6120")) == (
         "fitting", "fits; fold 3/5: round 120, validation log-loss 0.6120")
 

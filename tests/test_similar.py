@@ -544,6 +544,8 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
     code, out, err = cli("similar", "--store", str(store), copy, "--top", "3", "--genre", "percussion", "--format", "json")
     [only] = json.loads(out)
     assert code == 0 and only["source"] == "index" and [n["genre"] for n in only["neighbours"]] == ["percussion"] * 3
+    code, out, _ = cli("similar", "--store", str(store), copy, "--top", "3", "--genre", " Percussion ", "--format", "json")
+    assert code == 0 and json.loads(out) == [only]  # genres are compared as labels are stored: trimmed, lower-case
     code, out, _ = cli("similar", "--store", str(store), copy, "--top", "12", "--format", "json")
     deep = json.loads(out)[0]["neighbours"]  # all 12 others, past nothing: the table holds them all
     assert len(deep) == 12 and deep[:3] == first["neighbours"]
@@ -560,6 +562,10 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
     code, out, err = cli("similar", "--store", str(store), "no-such-track")
     assert (code, out) == (1, "") and err.startswith("error: no-such-track: not a track_id or uri of the published catalog, nor a readable audio file: "
                                                      "cannot read file: No such file or directory")
+    code, out, err = cli("similar", "--store", str(store), "no-such-track", copy, "--top", "3", "--format", "json")
+    missing, found = json.loads(out)  # the other track is still answered, in the order named
+    assert code == 1 and found == first and missing == {"track": "no-such-track", "error": err.splitlines()[0].removeprefix("error: ")}
+    assert err.count("\n") == 1 and err.startswith("error: no-such-track: not a track_id or uri")
     code, _, err = cli("similar", "--store", str(store), copy, "--genre", "polka")
     assert code == 1 and err.startswith("error: --genre polka: no such genre in the published catalog; it has ambient, chiptune")
 

@@ -185,6 +185,8 @@ def test_undo_restores_the_old_tags_of_files_not_changed_since(tagged: tuple[Pat
             assert raw_genre(library / name) == values
     assert raw_genre(library / "c.ogg") == ["Hand Edited"]
     assert writeback.written(store).num_rows == 7  # the write run's rows stay; their contents are gone from the library
+    code, out, _ = cli("write-tags", "--store", store.url, "--undo", run, "--format", "json")  # again: only the file that failed
+    assert code == 0 and [(Path(f["uri"]).name, f["outcome"]) for f in json.loads(out)["files"]] == [("c.ogg", "failed")]
     plan = fstore.plan(discover(str(library)), fstore.read_index(store))
     assert [Path(u).name for u in plan.todo["uri"].to_pylist()] == ["c.ogg"]  # restored files keep their features too
 
@@ -199,6 +201,14 @@ def test_undo_of_a_run_that_filled_only_missing_tags_clears_them_again(tagged: t
     assert code == 0 and json.loads(out)["written"] == 4 and "Traceback" not in err, err
     assert all(raw_genre(library / name) == [] for name in ("c.ogg", "d.m4a", "e.wav", "g.mp3"))
     assert fstore.plan(discover(str(library)), fstore.read_index(store)).todo.num_rows == 0  # features kept, re-keyed
+    undo_run = json.loads(out)["run_id"]
+    code, out, err = cli("write-tags", "--store", store.url, "--undo", run)  # every file is restored: nothing left to undo
+    assert (code, out) == (2, "") and err.strip() == f"error: write-back run {run} was already undone by run {undo_run}: to write its tags again, undo {undo_run}"
+    code, out, _ = cli("write-tags", "--store", store.url, "--undo", undo_run, "--format", "json")  # the tags come back
+    assert code == 0 and json.loads(out)["written"] == 4 and all(raw_genre(library / name) != [] for name in ("c.ogg", "d.m4a", "e.wav", "g.mp3"))
+    redo_run = json.loads(out)["run_id"]
+    code, _, err = cli("write-tags", "--store", store.url, "--undo", undo_run)  # undone in turn
+    assert code == 2 and err.strip().endswith(f"was already undone by run {redo_run}: to write its tags again, undo {redo_run}")
 
 
 @pytest.mark.parametrize("name", ["a::b [Remastered].wav", "ü" * 123 + ".wav"])

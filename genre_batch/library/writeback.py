@@ -356,10 +356,26 @@ def write(store: Store, run_id: str, rows: pa.Table) -> pa.Table:
     return run(store, run_id, ((r, "write", [r["genre"]], {}) for r in rows.to_pylist()))
 
 
+def standing_undoes(writes: pa.Table, undone: str) -> list[str]:
+    """The runs that restored files of run `undone` and have not been undone themselves."""
+    runs = sorted(set(writes.filter(pc.and_(pc.equal(writes["undoes"], undone), pc.equal(writes["outcome"], "restored")))["run_id"].to_pylist()))
+    return [run_id for run_id in runs if not standing_undoes(writes, run_id)]
+
+
 def undo_rows(store: Store, undone: str) -> pa.Table:
-    """The files a write-back run wrote or restored, with the fingerprint they got (what an undo expects to find)."""
+    """The files a write-back run wrote or restored, with the fingerprint they got (what an undo expects to find),
+    less those an undo of it still standing has restored."""
     writes = read_writes(store)
-    return writes.filter(pc.and_(pc.equal(writes["run_id"], undone), pc.is_in(writes["outcome"], value_set=pa.array(["written", "restored"]))))
+    done = writes.filter(pc.and_(pc.equal(writes["run_id"], undone), pc.is_in(writes["outcome"], value_set=pa.array(["written", "restored"]))))
+    restored = writes.filter(pc.and_(pc.is_in(writes["run_id"], value_set=pa.array(standing_undoes(writes, undone), pa.string())),
+                                     pc.equal(writes["outcome"], "restored")))["uri"]
+    return done.filter(pc.invert(pc.is_in(done["uri"], value_set=restored.combine_chunks())))
+
+
+def already_undone(store: Store, undone: str) -> str | None:
+    """The undo run that restored every file run `undone` changed (and still stands), if one did."""
+    standing = standing_undoes(read_writes(store), undone)
+    return standing[-1] if standing and undo_rows(store, undone).num_rows == 0 else None
 
 
 def undo(store: Store, run_id: str, undone: str) -> pa.Table:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from genre_batch import GenreBatchError
+from genre_batch import GenreBatchError, NoModel
 from genre_batch.storage.store import Store
 
 METADATA_FILE = "metadata.json"
@@ -52,11 +52,12 @@ def pointer(store: Store) -> dict | None:
 
 
 def promote(store: Store, version: str, pinned: bool = False) -> dict:
-    """Make a registered model the current one: a conditional switch of the pointer, the old version into its history."""
+    """Make a registered model the current one: a conditional switch of the pointer, the old version (when another one)
+    into its history."""
     path = f"{store.models}/{POINTER}"
     expected = store.version_token(path)
     previous = pointer(store) or {}
-    history = previous.get("history", []) + ([previous["version"]] if previous.get("version") else [])
+    history = previous.get("history", []) + ([previous["version"]] if previous.get("version") not in (None, version) else [])
     new = {"version": version, "pinned": pinned, "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history[-HISTORY:]}
     store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
     return new
@@ -66,6 +67,18 @@ def current_version(store: Store) -> str | None:
     """The current model's version, or None when no model was promoted."""
     current = pointer(store)
     return current["version"] if current else None
+
+
+def no_model(store: Store) -> NoModel:
+    """Why there is no model to tag with, and what to do next."""
+    refused = [v for v in versions(store) if not metadata(store, v)["gate"]["passed"]]
+    if refused:
+        reason = metadata(store, refused[-1])["gate"]["reason"]
+        return NoModel(
+            f"no current model in {store.url}: the promotion gate refused model {refused[-1]} ({reason}); the extraction "
+            f"is kept. Next: add or fix labelled tracks and run again, or 'genre-batch models promote {refused[-1]} --force'"
+        )
+    return NoModel(f"no current model in {store.url}: run 'genre-batch train --labels ...' (or 'run' with --labels) first")
 
 
 def pinned(store: Store) -> bool:
@@ -162,13 +175,17 @@ def promote_checked(store: Store, version: str, force: bool = False) -> dict:
 
 
 def rollback(store: Store) -> dict:
-    """Make the model that was current before the current one current again (from the pointer's history)."""
+    """Make the model that was current before the current one current again (from the pointer's history; entries of the
+    current model itself, which promoting the current model added before, are skipped)."""
     path = f"{store.models}/{POINTER}"
     expected = store.version_token(path)
-    current = pointer(store)
-    if not current or not current.get("history"):
+    current = pointer(store) or {}
+    history = list(current.get("history", []))
+    while history and history[-1] == current.get("version"):
+        history.pop()
+    if not history:
         raise GenreBatchError(f"no earlier current model to roll back to in {store.url}")
-    *history, previous = current["history"]
+    *history, previous = history
     new = {"version": previous, "pinned": current.get("pinned", False), "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history}
     store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
     return new

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -105,11 +106,15 @@ def parquet_view(con: duckdb.DuckDBPyConnection, store: Store, name: str, files:
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Refuse any statement that is not a query (CREATE, INSERT, COPY, SET, ATTACH, ...)."""
-    for statement in con.extract_statements(sql):
-        kind = statement.type.name
-        if kind not in READ_ONLY:
+    """Refuse any statement that is not a query (CREATE, INSERT, COPY, SET, ATTACH, INSTALL, ...), and more than one
+    (only the last one's result would be printed)."""
+    statements = con.extract_statements(sql)
+    for statement in statements:
+        kind = "INSTALL or LOAD" if statement.type.name == "LOAD" else statement.type.name
+        if statement.type.name not in READ_ONLY:
             raise GenreBatchError(f"query refused: genre-batch query is read-only and runs only SELECT statements, not {kind}")
+    if len(statements) > 1:
+        raise GenreBatchError(f"query refused: give one statement, not {len(statements)} (run each with its own genre-batch query)")
 
 
 def reserved_hint(error: duckdb.Error) -> str:
@@ -120,7 +125,7 @@ def reserved_hint(error: duckdb.Error) -> str:
 
 
 def answer(store: Store, sql: str, collect: Callable[[duckdb.DuckDBPyRelation], Any]) -> Any:
-    """Run read-only SQL (one statement, or several: the last one's result) and `collect` its result."""
+    """Run one read-only SQL statement and `collect` its result."""
     con = connect(store, sql)
     try:
         check_read_only(con, sql)
@@ -142,7 +147,10 @@ def fetch(store: Store, sql: str) -> Result:
 
 
 def plain(value: object) -> object:
-    """A JSON-ready version of one DuckDB value: maps become objects, arrays lists, times ISO strings."""
+    """A JSON-ready version of one DuckDB value: maps become objects, arrays lists, times ISO strings, NaN and infinities
+    null (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

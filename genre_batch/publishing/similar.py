@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genre_batch import GenreBatchError
+from genre_batch.library.labels import normalise
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
 from genre_batch.storage.store import TEMP_MARK, Store
@@ -126,10 +127,6 @@ LOOKUP_OPTIONS = {
 }
 """Per lookup column, its partitions' options (row groups are found by that column)."""
 SPREAD_OPTIONS = {"compression": "zstd", "use_dictionary": ["genre"], "write_statistics": ["partition"]}
-
-
-class UnknownTrack(GenreBatchError):
-    """A track named on the command line is neither in the published catalog nor a readable audio file."""
 
 
 @dataclass(frozen=True)
@@ -1014,6 +1011,14 @@ class Answer:
     """{rank, track_id, uri, genre, score}, nearest first."""
 
 
+@dataclass(frozen=True)
+class Unanswered:
+    """A track named on the command line that is neither in the catalog nor a readable audio file, and why."""
+
+    track: str
+    error: str
+
+
 def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
     """(vid, track_id, uri, genre, cell) of the published catalog's tracks whose `column` (vid or uri) is one of
     `values`: from the partitions of the snapshot's lookup by that column that hold them (a few row groups each; a uri
@@ -1110,10 +1115,11 @@ def entries(hits: list[tuple[dict, float]]) -> list[dict]:
             for i, (r, s) in enumerate(hits)]
 
 
-def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer]:
+def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer | Unanswered]:
     """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
-    lists (top <= SIMILAR_K, no genre) or the index; audio files outside the catalog extracted now (nothing stored).
-    Raises UnknownTrack for a name that is neither."""
+    lists (top <= SIMILAR_K, no genre, which is compared normalised) or the index; audio files outside the catalog
+    extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
+    genre = normalise(genre) if genre is not None else None
     pointer = catalog.pointer(store)
     if pointer is None:
         raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
@@ -1124,7 +1130,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     known = pa.concat_tables([lookup(store, pointer, "vid", vector_ids([n for n, _ in names]).tolist()),
                               lookup(store, pointer, "uri", [u for _, u in names])])
     by_name = {**{r["uri"]: r for r in known.to_pylist()}, **{r["track_id"]: r for r in known.to_pylist()}}
-    answers = []
+    answers: list[Answer | Unanswered] = []
     for name, uri in names:
         row = by_name.get(name) or by_name.get(uri)
         if row is not None and genre is None and top <= pointer["similar"]["k"]:
@@ -1139,9 +1145,11 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
             try:
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
             except audio.AudioError as e:
-                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, nor a readable audio file: {e}") from None
+                answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, nor a readable audio file: {e}"))
+                continue
             except vectors.MissingSpace as e:
-                raise UnknownTrack(f"{name}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: {e}") from None
+                answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: {e}"))
+                continue
             hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
         answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], entries(hits)))
     return answers

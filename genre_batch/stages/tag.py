@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genre_batch import GenreBatchError, NoModel, PublishRefused
+from genre_batch import GenreBatchError, PublishRefused, progress
 from genre_batch.analysis.columns import FEATURE_VERSION
 from genre_batch.cluster import Session, trim_memory
 from genre_batch.library.labels import without_written
@@ -46,6 +46,10 @@ from genre_batch.storage.feature_store import (
     read_inventory,
 )
 from genre_batch.storage.store import Store
+
+
+PUBLISH_STEPS = ("merge tasks", "change feed", "similar plan", "similar build", "switch")
+"""The tag stage's steps after its tag tasks, reported as progress of stage `publish` (the similar build is the longest)."""
 
 
 def peak_rss_mb() -> float:
@@ -79,6 +83,16 @@ class Steps:
         if self.others:
             row["others_cpu_s"] = round(row.get("others_cpu_s", 0.0) + self.others() - other, 3)
 
+    @contextmanager
+    def publishing(self, name: str) -> Iterator[None]:
+        """Measure one of PUBLISH_STEPS, reporting progress of stage `publish` as it starts (and when the last ends)."""
+        number = PUBLISH_STEPS.index(name)
+        progress.report(progress.Report("publish", number, len(PUBLISH_STEPS), note=name))
+        with self.step(name):
+            yield
+        if number == len(PUBLISH_STEPS) - 1:
+            progress.report(progress.Report("publish", len(PUBLISH_STEPS), len(PUBLISH_STEPS), note="published"))
+
 
 @dataclass
 class TagSummary:
@@ -104,23 +118,11 @@ GENRE_FLIP_LIMIT = 0.3
 published unless forced: the previous catalog stays."""
 
 
-def no_model(store: Store) -> NoModel:
-    """Why there is no model to tag with, and what to do next."""
-    refused = [v for v in registry.versions(store) if not registry.metadata(store, v)["gate"]["passed"]]
-    if refused:
-        reason = registry.metadata(store, refused[-1])["gate"]["reason"]
-        return NoModel(
-            f"no current model in {store.url}: the promotion gate refused model {refused[-1]} ({reason}); the extraction "
-            f"is kept. Next: add or fix labelled tracks and run again, or 'genre-batch models promote {refused[-1]} --force'"
-        )
-    return NoModel(f"no current model in {store.url}: run 'genre-batch train --labels ...' (or 'run' with --labels) first")
-
-
 def current_model(store: Store) -> tuple[str, dict]:
     """The current model's version and card, checked to read the store's feature version."""
     version = registry.current_version(store)
     if version is None:
-        raise no_model(store)
+        raise registry.no_model(store)
     meta = registry.metadata(store, version)
     if meta["feature_version"] != FEATURE_VERSION:
         raise GenreBatchError(
@@ -297,9 +299,10 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         trim_memory()
     with steps.step("tag tasks"):
         predicted: Counter[str] = Counter()
-        for counts in session.run(calls):
-            predicted.update(counts)
-    with steps.step("merge tasks"):
+        for _, task in session.completed(calls):  # progress of stage `tag`: tracks predicted
+            predicted.update(task.result())
+            progress.report(progress.Report("tag", predicted.total(), todo.num_rows))
+    with steps.publishing("merge tasks"):
         carried_files = {g: f for f, g in previous["genres"].items()} if carried is not None else {}
         numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
         dropped = carried.dropped if carried is not None else {}
@@ -311,16 +314,16 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     counts = {genres[n]: rows for n, (rows, _) in zip(numbers, merged) if rows}
     total = sum(counts.values())
     disagreements = sum(d for _, d in merged)
-    with steps.step("change feed"):
+    with steps.publishing("change feed"):
         changes = change_feed(store, session, snapshot, previous, files, diffed=carried is not None)
     if previous and previous.get("model_version") != version and not force:
         check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
-    with steps.step("similar plan"):
+    with steps.publishing("similar plan"):
         after = todo.select(similar.KEYS) if carried is None else pa.concat_tables([carried.kept, todo.select(similar.KEYS)], promote_options="permissive")
         update = similar.plan_update(store, previous, space.name, after)
-    with steps.step("similar build"):
+    with steps.publishing("similar build"):
         neighbours = similar.build(store, snapshot, sorted(files), update, session.run)
-    with steps.step("switch"):
+    with steps.publishing("switch"):
         catalog.switch(store, snapshot, files, total, version, run_id, keep, genre_rows=counts, disagreements=disagreements,
                        feature_version=FEATURE_VERSION, changes=catalog.changes_file(snapshot), vector_space=space.describe(),
                        similar=neighbours)

@@ -381,12 +381,11 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
           on_progress: Listener = unheard) -> TrainSummary:
     """Cross-validate and hold out (grouped) on the capped sample, fit on it (or, with `all_tracks`, XGBoost on every
     labelled track with xgboost.dask, for the rounds early stopping chose on the sample), calibrate, register; promote
-    if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`);
+    if it passes. Families and classifier: as given, else the current model's, else the defaults (`choices`; xgboost with
+    `all_tracks`, which the CLI allows with no other classifier);
     `on_progress` hears the sample's reading and the fits on the workers."""
     hint = families_hint(store, session) if families is None else None
-    families, classifier = choices(store, families, classifier, session)
-    if all_tracks and classifier != XGBoostModel.kind:
-        raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it needs --classifier xgboost, not {classifier}")
+    families, classifier = choices(store, families, XGBoostModel.kind if all_tracks and classifier is None else classifier, session)
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families, on_progress=on_progress)
     matrix_bytes = int(data.X.nbytes)
     final = (sample_rounds, "rounds for --all-tracks") if all_tracks else (partial(training.final_fit, kind=classifier), "final fit")
