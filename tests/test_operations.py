@@ -20,6 +20,7 @@ from genre_batch.cluster import session
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import PARAMS, XGBoostModel
 from genre_batch.publishing import catalog
+from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import runs
 from genre_batch.stages import tag as tag_stage
 from genre_batch.storage.store import Store
@@ -167,6 +168,29 @@ def test_status_shows_the_store_at_a_glance(store: Store, dask_scheduler: str) -
     assert (completed["flow"], completed["status"], completed["error"]) == ("tag", "completed", None) and completed["duration_s"] >= 0
     code, out, _ = cli("status", "--store", store.url)
     assert f"run {failed['run_id']} (extract): failed in 0 s: ValueError: the library is gone" in out
+
+
+def test_another_library_of_as_many_files_is_refused_and_the_same_files_moved_are_not(
+    library_factory: Callable[..., Path], tmp_path: Path, dask_scheduler: str
+) -> None:
+    """A store given another library (or a wrong folder) of as many files would drop every track and extract anew: the
+    listing guard refuses it unless forced. The same files under another root are moved, not gone: accepted."""
+    first, other = library_factory(per_style=1, name="first"), library_factory(per_style=1, name="other", seed=1)
+    n = sum(1 for p in first.rglob("*") if p.is_file())
+    store, inventory = Store(str(tmp_path / "store")), tmp_path / "store" / "features" / "inventory.parquet"
+    with session(dask_scheduler) as cluster:
+        assert extract_stage.extract(str(first), store, "r1", cluster, features=("librosa",)).extracted == n
+        listed = inventory.read_bytes()
+        message = rf"{n} of the {n} files of the previous listing \(100%\) are not in the listing of {other} \(nor moved in it\)"
+        with pytest.raises(PublishRefused, match=message):
+            extract_stage.extract(str(other), store, "r2", cluster, features=("librosa",))
+        assert inventory.read_bytes() == listed and not list((tmp_path / "store" / "features" / "index").glob("r2-*"))
+        assert extract_stage.dry_run(str(other), store, features=("librosa",)).refused.startswith(f"{n} of the {n} files")
+        renamed = first.rename(tmp_path / "renamed")  # the same files (same size and mtime) under another root
+        moved = extract_stage.extract(str(renamed), store, "r3", cluster, features=("librosa",))
+        assert (moved.moved, moved.removed, moved.extracted) == (n, n, 0)
+        forced = extract_stage.extract(str(other), store, "r4", cluster, features=("librosa",), allow_shrink=True)
+    assert (forced.extracted, forced.removed) == (n, n)
 
 
 def test_shrunken_listing_is_refused_and_a_refused_gate_says_what_happened(

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from genre_batch.analysis.extraction import Progress
 
 LISTING_SHRINK_LIMIT = 0.3
-"""A listing with more than this share fewer files than the previous one is refused (an empty or unmounted library,
-a wrong prefix) unless forced: nothing is written, and the catalog keeps the files."""
+"""A listing with more than this share fewer files than the previous one, or without more than this share of the
+previous one's files (neither listed again nor moved), is refused unless forced (an empty or unmounted library, a wrong
+prefix, another library): nothing is written, and the catalog keeps the files."""
 
 
 def check_listing(previous: int, listed: int, library: str, force: bool) -> None:
@@ -108,6 +109,8 @@ def extract(
         unchanged=todo.unchanged, moved=todo.moved_files, repaired_parts=len(repaired),
         backfilled=todo.backfill, backfill_left=todo.backfill_left,
     )
+    removed = removed_count(previous, inventory)
+    check_gone(previous.num_rows, removed - todo.moved_files, library, force or allow_shrink)
     if todo.moved.num_rows:
         store.write_table(f"{store.index}/{run_id}-moves.parquet", todo.moved)
     if todo.todo.num_rows:
@@ -118,7 +121,7 @@ def extract(
             raise GenreBatchError("extraction failed on the cluster: " + "; ".join(result.shard_failures))
         summary.extracted, summary.failed, summary.shards = result.extracted, result.failed, result.shards
         summary.wall_s, summary.cpu_s = round(result.wall_s, 3), round(result.cpu_s, 3)
-    summary.removed = removed_count(previous, inventory)
+    summary.removed = removed
     write_inventory(store, inventory)
     return summary
 
@@ -156,8 +159,10 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
     needed = run.todo.filter(pc.starts_with(run.todo["families"], LIBROSA.name))  # new, changed, retried: every family
     known = int(pc.sum(pc.is_in(needed["uri"], value_set=previous["uri"])).as_py() or 0)
     same = needed.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
+    removed = removed_count(previous, inventory)
     try:
         check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
+        check_gone(previous.num_rows, removed - run.moved_files, library, force or allow_shrink)
         refused = None
     except PublishRefused as e:
         refused = str(e)
@@ -166,8 +171,20 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
         new=needed.num_rows - known, changed=known - same, retried=same, forced=rest if force else 0,
         backfill=0 if force else run.backfill, backfill_left=0 if force else run.backfill_left,
-        moved=0 if force else run.moved_files, removed=removed_count(previous, inventory), unchanged=0 if force else run.unchanged,
+        moved=0 if force else run.moved_files, removed=removed, unchanged=0 if force else run.unchanged,
         refused=refused,
+    )
+
+
+def check_gone(previous: int, gone: int, library: str, force: bool) -> None:
+    """Refuse a listing without more than LISTING_SHRINK_LIMIT of the previous listing's files (`gone`: neither listed
+    again nor moved), unless `force`: another library, or a wrong folder, of about as many files."""
+    if force or previous == 0 or gone / previous <= LISTING_SHRINK_LIMIT:
+        return
+    raise PublishRefused(
+        f"{gone} of the {previous} files of the previous listing ({gone / previous:.0%}) are not in the listing of {library} "
+        f"(nor moved in it), over the {LISTING_SHRINK_LIMIT:.0%} limit (another library, or a wrong folder?); nothing was "
+        "changed: pass --force if the files are really gone"
     )
 
 
