@@ -362,8 +362,10 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
     s.write_json(f"{s.models}/m-file/metadata.json", {**meta, "label_source": "file:labels.csv"})
     registry.promote(s, "m-file")
     assert retrain.retrain_decision(s, relabel(0)) == (False, "current model m-file was trained on the same labelled data")
-    one = retrain.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 2 rows differ = 10 % > 5 %
-    assert one[0] and "10.0% of the labelled set changed" in one[1]
+    one = retrain.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 5 %, not above
+    assert one == (False, "only 5.0% of the labelled set changed (retrain above 5%): current model m-file kept")
+    two = retrain.retrain_decision(s, relabel(2))  # 2 of 20: 10 % > 5 %
+    assert two[0] and "10.0% of the labelled set changed" in two[1]
     registry.promote(s, "m-file", pinned=True)
     assert retrain.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
     assert registry.pointer(s)["history"][-1:] == [version]  # promoting the current model to pin it adds no history
@@ -401,6 +403,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trained_store: tuple[Path, P
     code, out, _ = cli("extract", str(library), "--store", str(store), "--dry-run", "--force")
     assert code == 0 and "1 new, 1 changed, 0 to retry, 18 re-extracted by --force, 0 moved, 1 removed, 0 unchanged" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == tree  # no lease, no record, nothing
+
+
+def test_the_changed_share_counts_a_track_once_and_a_tag_written_back_not_at_all() -> None:
+    """A track with new content or a new label differs in a row of each set: it counts once. A fingerprint that only
+    genre-batch's tag writes changed (the writes table's new and old fingerprints, a write then an undo) is no change."""
+    uris = list("abcdefghij")
+    before = pa.table({"uri": uris, "fingerprint": ["1"] * 10, "genre": ["rock"] * 10})
+    now = pa.table({"uri": [*uris[:9], "k"], "fingerprint": ["3", *["1"] * 9], "genre": ["rock", "pop", *["rock"] * 8]})
+    assert retrain.changed_share(before, now) == pytest.approx(0.4)  # a (content), b (label), j (gone), k (new)
+    rewrites = pa.table({"uri": ["a", "a"], "new_fingerprint": ["2", "3"], "old_fingerprint": ["1", "2"]})  # written, then undone
+    assert retrain.untagged(now, rewrites).sort_by("uri")["fingerprint"].to_pylist()[:2] == ["1", "1"]
+    assert retrain.changed_share(retrain.untagged(before, rewrites), retrain.untagged(now, rewrites)) == pytest.approx(0.3)
 
 
 def test_all_tracks_option_fits_on_every_labelled_track_with_xgboost_dask(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:

@@ -240,6 +240,14 @@ def successful_writes(writes: pa.Table) -> pa.Table:
     return writes.filter(pc.and_(pc.equal(writes["action"], "write"), pc.equal(writes["outcome"], "written")))
 
 
+def retagged(store: Store) -> pa.Table:
+    """(uri, new_fingerprint, old_fingerprint) of every tag genre-batch wrote or restored: contents that differ from the
+    one before only in the genre tag (the same audio, whose features were kept)."""
+    writes = read_writes(store)
+    done = writes.filter(pc.is_in(writes["outcome"], value_set=pa.array(["written", "restored"])))
+    return done.select(["uri", "new_fingerprint", "old_fingerprint"])
+
+
 def written(store: Store) -> pa.Table:
     """(uri, fingerprint) of file contents whose genre tag genre-batch wrote: predictions, never labels or disagreements."""
     done = successful_writes(read_writes(store))

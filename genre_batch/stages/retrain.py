@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError
 from genre_batch.library import labels
-from genre_batch.library.writeback import written
+from genre_batch.library.writeback import retagged, written
 from genre_batch.modelling import registry, training
 from genre_batch.stages.extract import library_of
 from genre_batch.storage.feature_store import KEYS, current_tracks, read_inventory
@@ -48,12 +49,30 @@ def labelled_keys(data: Labelled) -> pa.Table:
     return data.tracks.select([*KEYS, "genre"])
 
 
+TAG_WRITE_CHAIN = 16
+"""Most tag writes of one file (write, undo, write again ...) traced back by `untagged`."""
+
+
+def untagged(keys: pa.Table, rewrites: pa.Table) -> pa.Table:
+    """Labelled keys with each fingerprint that genre-batch's tag writes gave a file traced back to the content before
+    them (`rewrites`: writeback.retagged): a tag written back changes neither the audio nor the label."""
+    for _ in range(TAG_WRITE_CHAIN if rewrites.num_rows else 0):
+        traced = keys.join(rewrites, keys=["uri", "fingerprint"], right_keys=["uri", "new_fingerprint"], join_type="left outer")
+        if pc.all(pc.is_null(traced["old_fingerprint"])).as_py() is not False:
+            break
+        keys = traced.set_column(traced.schema.get_field_index("fingerprint"), "fingerprint",
+                                 pc.coalesce(traced["old_fingerprint"], traced["fingerprint"])).drop_columns(["old_fingerprint"])
+    return keys
+
+
 def changed_share(before: pa.Table, now: pa.Table) -> float:
-    """Share of a labelled set that changed: rows in one set and not the other, over the size of the old set."""
+    """Share of a labelled set that changed: tracks (URIs) with a row in one set and not the same in the other (added,
+    removed, re-labelled or new content, each counted once), over the size of the old set."""
     keys = [*KEYS, "genre"]
-    gone = before.join(now.select(keys), keys=keys, join_type="left anti").num_rows
-    new = now.join(before.select(keys), keys=keys, join_type="left anti").num_rows
-    return (gone + new) / max(1, before.num_rows)
+    gone = before.join(now.select(keys), keys=keys, join_type="left anti")["uri"]
+    new = now.join(before.select(keys), keys=keys, join_type="left anti")["uri"]
+    changed = pc.count_distinct(pa.chunked_array([*gone.chunks, *new.chunks], pa.string())).as_py()
+    return changed / max(1, before.num_rows)
 
 
 def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetime | None = None) -> tuple[bool, str]:
@@ -77,7 +96,8 @@ def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetim
     if before is None:  # a model registered before labelled sets were kept: only an identical set counts as unchanged
         same = meta.get("training_fingerprint") == data.fingerprint
         return (False, f"current model {version} was trained on the same labelled data") if same else (True, "labels or features changed since the current model was trained")
-    share = changed_share(before, labelled_keys(data))
+    rewrites = retagged(store)
+    share = changed_share(untagged(before, rewrites), untagged(labelled_keys(data), rewrites))
     age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(meta["created_at"])
     if share > RETRAIN_CHANGED_SHARE:
         return True, f"{share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%})"
