@@ -266,6 +266,18 @@ def has_model(store: str) -> None:
         raise registry.no_model(Store.at(store))
 
 
+def remote_store_found(location: str) -> None:
+    """A store on an object store that a verb reads holds something (one listing request; credentials are checked on the
+    way): a wrong bucket or prefix would read as an empty store."""
+    if not is_url(location):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    if not fs.exists(path.rstrip("/")):
+        raise GenreBatchError(f"store not found: {location} (no object under it, or not visible with these credentials)")
+
+
 def has_model_or_labels(store: str, spec: str | None, verb: str = "run") -> None:
     """`run` (or the nightly runs `serve` schedules) without --labels needs a current model to tag with."""
     if spec is not None:

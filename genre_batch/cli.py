@@ -581,11 +581,13 @@ def check_writer(library: str | None, store: str, fmt: str, labels: str | None =
 
 
 def check_reader(store: str) -> None:
-    """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use."""
+    """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use, and a
+    store on an object store must hold something (one request)."""
     checks.given(store, "store")
     checks.protocol(store, "store")
     if not checks.is_url(store) and not checks.local_path(store).is_dir():
         raise UsageError(f"store not found or not a folder: {store}")
+    checks.remote_store_found(store)
 
 
 @app.command(cls=PlainFirstCommand)

@@ -228,6 +228,15 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "No such file" in message and str(tmp_path) not in message
 
 
+def test_os_errors_without_text_say_what_they_mean() -> None:
+    """s3fs raises PermissionError and FileNotFoundError with no text: the reason still says what happened."""
+    from genre_batch.analysis.audio import _os_reason
+
+    assert _os_reason(PermissionError()) == "access denied (PermissionError)"
+    assert _os_reason(FileNotFoundError("s3://bucket/key")) == "no such file or object (FileNotFoundError)"  # never the name
+    assert _os_reason(OSError()) == "OSError"
+
+
 def test_nan_samples(tmp_path: Path) -> None:
     y = _tone(440.0, 1.0)
     y[1000:1010] = np.nan

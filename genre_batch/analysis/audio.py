@@ -131,9 +131,14 @@ def load(uri: str, spans: SpanPlan = whole, min_seconds: float = 0.5) -> tuple[l
     return segments, info, tags
 
 
+OS_REASONS = {FileNotFoundError: "no such file or object", PermissionError: "access denied", IsADirectoryError: "a folder, not a file"}
+"""What an OS error means when it carries no text of its own (s3fs raises them so)."""
+
+
 def _os_reason(e: OSError) -> str:
     """Describe an OS error without its file name (which may be a URL carrying credentials)."""
-    return f"{e.strerror} ({type(e).__name__})" if e.strerror else type(e).__name__
+    reason = e.strerror or next((text for kind, text in OS_REASONS.items() if isinstance(e, kind)), None)
+    return f"{reason} ({type(e).__name__})" if reason else type(e).__name__
 
 
 def _to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
