@@ -26,6 +26,8 @@ from genre_batch.library.discovery import is_audio_path
 from genre_batch.library.labels import normalise
 
 BOOTSTRAP = 2000
+CLASSIFY_FILES = 1000
+"""Files per `classify` command (a command line holds only so many paths)."""
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-heldout"
 
 
@@ -49,7 +51,7 @@ def genre_batch(work: Path, *args: str, failing: bool = False) -> object:
 
 
 def train(work: Path, store: Path, labels: str) -> dict:
-    """Train the store's default model (labels: 'folders' or a labels file) with the promotion gate open; its summary."""
+    """Train the store's default model on a labels file with the promotion gate open; its summary."""
     summary = genre_batch(work, "train", "--store", str(store), "--labels", labels)["train"]
     if not summary["promoted"]:
         raise SystemExit(f"the model was not made current: {summary['reason']}")
@@ -57,15 +59,28 @@ def train(work: Path, store: Path, labels: str) -> dict:
 
 
 def classify(work: Path, store: Path, files: list[str]) -> dict[str, str | None]:
-    """Each file's top genre by the store's current model (None where it could not be classified)."""
-    results = genre_batch(work, "classify", "--store", str(store), "--top", "1", *files, failing=True)
-    return {r["uri"]: r["genres"][0]["genre"] if "genres" in r else None for r in results}
+    """Each file's top genre by the store's current model (None where it could not be classified), CLASSIFY_FILES
+    files per command."""
+    top: dict[str, str | None] = {}
+    for start in range(0, len(files), CLASSIFY_FILES):
+        results = genre_batch(work, "classify", "--store", str(store), "--top", "1", *files[start:start + CLASSIFY_FILES], failing=True)
+        top |= {r["uri"]: r["genres"][0]["genre"] if "genres" in r else None for r in results}
+    return top
+
+
+def labels_file(path: Path, files: list[tuple[str, str]]) -> str:
+    """A labels file (file, genre) of labelled files: training reads the genres exactly as they are scored."""
+    with path.open("w", newline="") as out:
+        csv.writer(out).writerows([("file", "genre"), *files])
+    return str(path)
 
 
 def score(truth: list[str], predicted: list[str | None], genres: list[str], seed: int = SEED) -> dict:
     """Accuracy (with a 95 % bootstrap interval over files), macro-F1, per-genre F1 and the confusion matrix of the
     files whose genre the model knows; files it could not classify count as wrong."""
     known = [i for i, g in enumerate(truth) if g in genres]
+    if not known:
+        raise SystemExit(f"no test file has a genre the model was trained on ({', '.join(genres)}); the test folders: {', '.join(sorted(set(truth)))}")
     y = np.array([genres.index(truth[i]) for i in known])
     p = np.array([genres.index(predicted[i]) if predicted[i] in genres else -1 for i in known])
     correct = p == y
@@ -84,7 +99,7 @@ def held_out(train_dir: Path, test_dir: Path, work: Path) -> dict:
     """Train on one folder, classify and score the other."""
     store = work / "store"
     genre_batch(work, "extract", str(train_dir.resolve()), "--store", str(store))
-    model = train(work, store, "folders")
+    model = train(work, store, labels_file(work / "train-labels.csv", labelled(train_dir)))
     test = labelled(test_dir)
     predicted = classify(work, store, [f for f, _ in test])
     return {"model": model, "test": str(test_dir), **score([g for _, g in test], [predicted.get(f) for f, _ in test], model["genres"])}
@@ -106,10 +121,7 @@ def folds(data: Path, n_folds: int, seed: int, work: Path) -> dict:
         store = work / f"fold-{k}"
         shutil.rmtree(store, ignore_errors=True)
         shutil.copytree(base, store)
-        labels = work / f"fold-{k}-labels.csv"
-        with labels.open("w", newline="") as out:
-            csv.writer(out).writerows([("file", "genre"), *(files[i] for i in train_rows)])
-        models.append(train(work, store, str(labels)))
+        models.append(train(work, store, labels_file(work / f"fold-{k}-labels.csv", [files[i] for i in train_rows])))
         predicted |= classify(work, store, [files[i][0] for i in test_rows])
         print(f"fold {k + 1}/{n_folds}: {len(test_rows)} files classified", file=sys.stderr)
     return {"models": models, "folds": n_folds, "seed": seed, "data": str(data), "artists": len(set(artists)),

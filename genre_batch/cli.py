@@ -551,8 +551,11 @@ def print_text_record(record: dict, store_url: str) -> int:
 def recorded(call: Callable[[], dict], store_url: str, strict: bool = False, fmt: str = "text") -> None:
     """Run a flow and print its record (`print_record`). A run that ends with no model to tag with (exit 4) or held by a
     guard (exit 5) still prints its JSON summary with --format json, from the record it wrote, before its error line."""
+    from datetime import datetime, timezone
+
     from genre_batch import NoModel, PublishRefused
 
+    started = datetime.now(timezone.utc).isoformat()
     try:
         record = call()
     except (NoModel, PublishRefused):
@@ -561,9 +564,10 @@ def recorded(call: Callable[[], dict], store_url: str, strict: bool = False, fmt
             from genre_batch.storage.store import Store
 
             s = Store(store_url)
-            written = run_records(s)  # the newest is this run's: it held the store's lease
-            if written:
-                print_json(json_summary(s.read_json(written[-1]), failing_files(store_url)))
+            written = run_records(s)
+            newest = s.read_json(written[-1]) if written else {}
+            if newest.get("started_at", "") >= started:  # this run's (it held the store's lease), not an earlier one's
+                print_json(json_summary(newest, failing_files(store_url)))
         raise
     print_record(record, store_url, strict, fmt)
 
@@ -581,13 +585,12 @@ def check_writer(library: str | None, store: str, fmt: str, labels: str | None =
 
 
 def check_reader(store: str) -> None:
-    """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use, and a
-    store on an object store must hold something (one request)."""
+    """A verb that reads the store: a local store must be an existing folder, a URL's protocol one fsspec can use (a store
+    on an object store is checked to hold something by `checks.remote_store_found`, after every local check)."""
     checks.given(store, "store")
     checks.protocol(store, "store")
     if not checks.is_url(store) and not checks.local_path(store).is_dir():
         raise UsageError(f"store not found or not a folder: {store}")
-    checks.remote_store_found(store)
 
 
 @app.command(cls=PlainFirstCommand)
@@ -623,6 +626,7 @@ def compact(store: StoreOpt = DEFAULT_STORE, scheduler: SchedulerOpt = None, fmt
     check_reader(store)
     check_writer(None, store, fmt)
     checks.extracted(store)
+    checks.remote_store_found(store)
     with prefect_api_starting():
         from flows.pipeline import compact_flow
 
@@ -636,6 +640,7 @@ def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     """The store at a glance: current model and its scores, catalog snapshot, last runs, current errors by kind, lease holder."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.remote_store_found(store)
     from genre_batch.status import status as store_status
     from genre_batch.storage.store import Store
 
@@ -673,6 +678,7 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: ListFormatOpt = "text") ->
     """Every registered model: version, created, classifier and feature families, tracks, genres, CV and held-out accuracy, gate, current marker."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.remote_store_found(store)
     from rich.table import Table
 
     from genre_batch.modelling import registry
@@ -698,6 +704,7 @@ def models_list(store: StoreOpt = DEFAULT_STORE, fmt: ListFormatOpt = "text") ->
 def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
     """A model's card (JSON): genres, metrics, sample, gate, parameters, provenance."""
     check_reader(store)
+    checks.remote_store_found(store)
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
@@ -711,6 +718,7 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
     """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.remote_store_found(store)
     from genre_batch.modelling import registry
     from genre_batch.stages.runs import new_run_id
     from genre_batch.storage import lease
@@ -718,13 +726,16 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
 
     s = Store.at(store)
     with lease.held(s, new_run_id()):
-        before = (registry.pointer(s) or {}).get("version")
+        before = registry.pointer(s) or {}
         pointer = change(s)
     if fmt == "json":
         print_json(pointer)
         return
     pinned = " (pinned)" if pointer.get("pinned") else ""
-    say(f"models: current model is {pointer['version']}{pinned}" + (f"; {RETAG_NOTE}" if pointer["version"] != before else " (unchanged)"))
+    if pointer["version"] != before.get("version"):
+        say(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}")
+    else:
+        say(f"models: current model is {pointer['version']}{pinned}" + ("" if pointer.get("pinned") != before.get("pinned") else " (unchanged)"))
 
 
 @models_app.command("promote", cls=PlainFirstCommand)
@@ -776,6 +787,7 @@ def prune(
     checks.summary_format(fmt)
     check_reader(store)
     checks.is_store(store)
+    checks.remote_store_found(store)
     from genre_batch.modelling import registry
     from genre_batch.stages.runs import new_run_id
     from genre_batch.status import prune_evaluations, prune_runs
@@ -814,6 +826,7 @@ def train(
     checks.grouping(group_by)
     check_writer(None, store, fmt, labels)
     checks.extracted(store)
+    checks.remote_store_found(store)
     with prefect_api_starting():
         from flows.pipeline import train_flow
 
@@ -841,6 +854,7 @@ def evaluate(
     checks.classifier(classifier)
     checks.grouping(group_by)
     checks.extracted(store)
+    checks.remote_store_found(store)
     from genre_batch import progress
     from genre_batch.cluster import session
     from genre_batch.stages import train as stage
@@ -876,6 +890,7 @@ def tag(
     """Tag the store's tracks with the current model (new and changed ones only, when the model is unchanged) and publish a catalog snapshot."""
     check_reader(store)
     check_writer(None, store, fmt)
+    checks.remote_store_found(store)
     checks.has_model(store)
     with prefect_api_starting():
         from flows.pipeline import tag_flow
@@ -908,12 +923,12 @@ def run(
     fmt: FormatOpt = "text",
 ) -> None:
     """The nightly job as one Prefect flow: extract what changed, retrain as --retrain says, tag what changed, publish."""
-    check_writer(library, store, fmt, labels)
     checks.retrain_policy(retrain)
     checks.grouping(group_by)
     checks.training_options(labels, retrain, min_accuracy, abstain_below, group_by)
-    checks.has_model_or_labels(store, labels)
     names = feature_names(features)
+    check_writer(library, store, fmt, labels)
+    checks.has_model_or_labels(store, labels)
     if dry_run:
         print_plan(library, store, False, force, labels_spec(labels), retrain, names, backfill_cap, fmt)
         return
@@ -957,6 +972,7 @@ def query(
     checks.sql_statement(sql)
     checks.query_format(fmt)
     check_reader(store)
+    checks.remote_store_found(store)
     from genre_batch.storage.store import Store
 
     render(Store.at(store), sql, fmt)
@@ -976,6 +992,7 @@ def classify(
     Up to 64 files are decoded in this process; more, or any number with --scheduler, by Dask tasks."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.remote_store_found(store)
     from genre_batch.cluster import session
     from genre_batch.library.discovery import files_of
     from genre_batch.publishing.tagging import CLASSIFY_IN_PROCESS, classify_files
@@ -1049,6 +1066,7 @@ def write_tags(
     checks.summary_format(fmt)
     check_reader(store)
     checks.write_tags_options(undo, apply, only_missing, min_confidence)
+    checks.remote_store_found(store)
     if undo is not None:
         checks.write_back_run(store, undo)
     else:
@@ -1082,6 +1100,7 @@ def similar(
     checks.summary_format(fmt)
     checks.genre_name(genre)
     check_reader(store)
+    checks.remote_store_found(store)
     from dataclasses import asdict
 
     from genre_batch.publishing import similar as neighbours

@@ -41,6 +41,13 @@ def test_tags_are_normalised_and_blank_tags_ignored() -> None:
     assert as_dict(labels.resolve("tags", tracks(), LIBRARY)) == {f"{LIBRARY}/Rock/a.mp3": "hard rock", f"{LIBRARY}/c.ogg": "jazz"}
 
 
+def test_a_genre_name_is_canonical_and_unknown_is_no_label() -> None:
+    """`similar --genre` compares names as the catalog writes them, `unknown` (its abstentions) too; as a label,
+    `unknown` is none."""
+    assert labels.canonical("  Hard   ROCK ") == "hard rock" and labels.canonical(" Unknown") == "unknown"
+    assert labels.normalise(" Unknown") is None and labels.normalise("  ") is None and labels.normalise("Hard  Rock") == "hard rock"
+
+
 def test_a_tag_of_several_genres_labels_its_first() -> None:
     """`Rock; Pop` (Picard's and foobar2000's join) and ID3v2.4's NUL-separated values name their first genre; a `/`
     is part of a name; an abstention or blank value is skipped."""

@@ -83,7 +83,7 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
     assert registry.rollback(store)["version"] == "m-1" and registry.pointer(store)["history"] == []
 
     code, out, _ = cli("models", "pin", "--store", store.url)
-    assert code == 0 and "(pinned)" in out and registry.pinned(store)
+    assert code == 0 and out.strip() == "models: current model is m-1 (pinned)" and registry.pinned(store)
     code, out, _ = cli("models", "list", "--store", store.url)
     current = next(line for line in out.splitlines() if "*P" in line)
     assert "m-1" in current and f"{listed[0]['classifier']} {listed[0]['features']}" in current  # whole, and the model kind

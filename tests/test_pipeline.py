@@ -415,6 +415,10 @@ def test_the_changed_share_counts_a_track_once_and_a_tag_written_back_not_at_all
     rewrites = pa.table({"uri": ["a", "a"], "new_fingerprint": ["2", "3"], "old_fingerprint": ["1", "2"]})  # written, then undone
     assert retrain.untagged(now, rewrites).sort_by("uri")["fingerprint"].to_pylist()[:2] == ["1", "1"]
     assert retrain.changed_share(retrain.untagged(before, rewrites), retrain.untagged(now, rewrites)) == pytest.approx(0.3)
+    back_and_forth = pa.table({"uri": ["b"] * 3, "new_fingerprint": ["2", "1", "2"], "old_fingerprint": ["1", "2", "1"]})  # a restore gave the old bytes back
+    was, is_now = (pa.table({"uri": ["b"], "fingerprint": [f], "genre": ["rock"]}) for f in ("1", "2"))
+    assert retrain.untagged(is_now, back_and_forth).to_pylist() == [{"uri": "b", "fingerprint": "1", "genre": "rock"}]  # one row, no cycle
+    assert retrain.changed_share(retrain.untagged(was, back_and_forth), retrain.untagged(is_now, back_and_forth)) == 0
 
 
 def test_all_tracks_option_fits_on_every_labelled_track_with_xgboost_dask(trained_store: tuple[Path, Path], dask_scheduler: str) -> None:

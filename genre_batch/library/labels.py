@@ -22,11 +22,16 @@ UNKNOWN = "unknown"
 'Unknown' (mutagen reads ID3 genre 255 so) gives none, and the model never has a class of that name."""
 
 
+def canonical(genre: str) -> str:
+    """A genre name as the catalog writes it: trimmed, inner spaces single, lower-case."""
+    return " ".join(genre.split()).casefold()
+
+
 def normalise(genre: str | None) -> str | None:
-    """Canonical genre name: trimmed and lower-case; None for blanks and UNKNOWN."""
+    """Canonical genre name of a label: `canonical`; None for blanks and UNKNOWN."""
     if genre is None:
         return None
-    genre = " ".join(genre.split()).casefold()
+    genre = canonical(genre)
     return None if genre in ("", UNKNOWN) else genre
 
 

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genre_batch import GenreBatchError
-from genre_batch.library.labels import normalise
+from genre_batch.library.labels import canonical
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
 from genre_batch.storage.store import TEMP_MARK, Store
@@ -1119,7 +1119,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
     lists (top <= SIMILAR_K, no genre, which is compared normalised) or the index; audio files outside the catalog
     extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
-    genre = normalise(genre) if genre is not None else None
+    genre = canonical(genre) if genre is not None else None  # `unknown` too: the genre of abstentions
     pointer = catalog.pointer(store)
     if pointer is None:
         raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")

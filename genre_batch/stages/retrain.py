@@ -49,20 +49,35 @@ def labelled_keys(data: Labelled) -> pa.Table:
     return data.tracks.select([*KEYS, "genre"])
 
 
-TAG_WRITE_CHAIN = 16
-"""Most tag writes of one file (write, undo, write again ...) traced back by `untagged`."""
+def tag_write_contents(rewrites: pa.Table) -> pa.Table:
+    """(uri, fingerprint, content) of every fingerprint genre-batch's tag writes gave or took from a file
+    (`rewrites`: writeback.retagged): fingerprints linked by writes and undos are one audio content, named by the
+    smallest of them (a union-find over the writes; a restore may give a file its old fingerprint back)."""
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(node: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for uri, new, old in zip(*(rewrites[c].to_pylist() for c in ("uri", "new_fingerprint", "old_fingerprint"))):
+        if new is not None and old is not None:
+            a, b = root((uri, new)), root((uri, old))
+            parent[max(a, b)] = min(a, b)
+    nodes = list(parent)
+    return pa.table({"uri": pa.array([u for u, _ in nodes], pa.string()), "fingerprint": pa.array([f for _, f in nodes], pa.string()),
+                     "content": pa.array([root(n)[1] for n in nodes], pa.string())})
 
 
 def untagged(keys: pa.Table, rewrites: pa.Table) -> pa.Table:
-    """Labelled keys with each fingerprint that genre-batch's tag writes gave a file traced back to the content before
-    them (`rewrites`: writeback.retagged): a tag written back changes neither the audio nor the label."""
-    for _ in range(TAG_WRITE_CHAIN if rewrites.num_rows else 0):
-        traced = keys.join(rewrites, keys=["uri", "fingerprint"], right_keys=["uri", "new_fingerprint"], join_type="left outer")
-        if pc.all(pc.is_null(traced["old_fingerprint"])).as_py() is not False:
-            break
-        keys = traced.set_column(traced.schema.get_field_index("fingerprint"), "fingerprint",
-                                 pc.coalesce(traced["old_fingerprint"], traced["fingerprint"])).drop_columns(["old_fingerprint"])
-    return keys
+    """Labelled keys with each fingerprint that genre-batch's tag writes reach replaced by its content's name
+    (`tag_write_contents`): a tag written back, or undone, changes neither the audio nor the label."""
+    if rewrites.num_rows == 0:
+        return keys
+    traced = keys.join(tag_write_contents(rewrites), keys=["uri", "fingerprint"], join_type="left outer")
+    return traced.set_column(traced.schema.get_field_index("fingerprint"), "fingerprint",
+                             pc.coalesce(traced["content"], traced["fingerprint"])).drop_columns(["content"])
 
 
 def changed_share(before: pa.Table, now: pa.Table) -> float:

@@ -385,6 +385,8 @@ def train(store: Store, spec: str, run_id: str, session: Session, min_accuracy: 
     `all_tracks`, which the CLI allows with no other classifier);
     `on_progress` hears the sample's reading and the fits on the workers."""
     hint = families_hint(store, session) if families is None else None
+    if all_tracks and classifier not in (None, XGBoostModel.kind):
+        raise GenreBatchError(f"--all-tracks fits with xgboost.dask: it cannot be used with --classifier {classifier}")
     families, classifier = choices(store, families, XGBoostModel.kind if all_tracks and classifier is None else classifier, session)
     data, labelled_set, cap = training_data(store, spec, session, grouping, families=families, on_progress=on_progress)
     matrix_bytes = int(data.X.nbytes)
