@@ -262,8 +262,9 @@ def has_model(store: str) -> None:
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
-    if registry.current_version(Store.at(store)) is None:
-        raise registry.no_model(Store.at(store))
+    s = Store.at(store)
+    if registry.current_version(s) is None:
+        raise registry.no_model(s)
 
 
 def remote_store_found(location: str) -> None:

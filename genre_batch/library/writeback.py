@@ -373,7 +373,11 @@ def standing_undoes(writes: pa.Table, undone: str) -> list[str]:
 def undo_rows(store: Store, undone: str) -> pa.Table:
     """The files a write-back run wrote or restored, with the fingerprint they got (what an undo expects to find),
     less those an undo of it still standing has restored."""
-    writes = read_writes(store)
+    return pending(read_writes(store), undone)
+
+
+def pending(writes: pa.Table, undone: str) -> pa.Table:
+    """`undo_rows` of the writes table `writes`."""
     done = writes.filter(pc.and_(pc.equal(writes["run_id"], undone), pc.is_in(writes["outcome"], value_set=pa.array(["written", "restored"]))))
     restored = writes.filter(pc.and_(pc.is_in(writes["run_id"], value_set=pa.array(standing_undoes(writes, undone), pa.string())),
                                      pc.equal(writes["outcome"], "restored")))["uri"]
@@ -382,8 +386,9 @@ def undo_rows(store: Store, undone: str) -> pa.Table:
 
 def already_undone(store: Store, undone: str) -> str | None:
     """The undo run that restored every file run `undone` changed (and still stands), if one did."""
-    standing = standing_undoes(read_writes(store), undone)
-    return standing[-1] if standing and undo_rows(store, undone).num_rows == 0 else None
+    writes = read_writes(store)
+    standing = standing_undoes(writes, undone)
+    return standing[-1] if standing and pending(writes, undone).num_rows == 0 else None
 
 
 def undo(store: Store, run_id: str, undone: str) -> pa.Table:

@@ -162,7 +162,6 @@ ADDED_FILE = "_added.parquet"
 reverse scan and lookup tasks; deleted with `_reverse.parquet` when the lists are written."""
 
 
-
 @dataclass(frozen=True)
 class Added:
     """An update's added tracks, as read from ADDED_FILE."""
@@ -1117,7 +1116,7 @@ def entries(hits: list[tuple[dict, float]]) -> list[dict]:
 
 def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | None) -> list[Answer | Unanswered]:
     """Neighbours of tracks named (as given, as an absolute URI): catalog tracks by track_id or uri from the stored
-    lists (top <= SIMILAR_K, no genre, which is compared normalised) or the index; audio files outside the catalog
+    lists (top <= SIMILAR_K, no genre, which is compared as the catalog writes names) or the index; audio files outside the catalog
     extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
     genre = canonical(genre) if genre is not None else None  # `unknown` too: the genre of abstentions
     pointer = catalog.pointer(store)
@@ -1144,11 +1143,9 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
 
             try:
                 vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
-            except audio.AudioError as e:
-                answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, nor a readable audio file: {e}"))
-                continue
-            except vectors.MissingSpace as e:
-                answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: {e}"))
+            except (audio.AudioError, vectors.MissingSpace) as e:
+                why = "nor a readable audio file" if isinstance(e, audio.AudioError) else "and files outside it cannot be embedded"
+                answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, {why}: {e}"))
                 continue
             hits, source = nearest(store, pointer, vector, -1, top, allowed), "file"
         answers.append(Answer(name, source, row and row["track_id"], row["uri"] if row else uri, row and row["genre"], entries(hits)))
