@@ -215,15 +215,20 @@ def remote_library(location: str) -> None:
 
 
 def remote_store(location: str) -> None:
-    """The bucket of a store on S3 must exist (one request); credentials are checked on the way."""
+    """A store on S3: its bucket exists and these credentials reach it (one request; a refusal is the caller's "access
+    denied"), and its prefix is not an object (one more request)."""
     if not location.startswith(("s3://", "s3a://")):
         return
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location)
-    bucket = path.split("/", 1)[0]
-    if not fs.exists(bucket):
-        raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist (or is not visible with these credentials)")
+    bucket, _, prefix = path.rstrip("/").partition("/")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist") from None
+    if prefix and fs.isfile(path.rstrip("/")):
+        raise GenreBatchError(f"the store {location} is an object, not a folder: give the prefix to keep the store under")
 
 
 def training_options(spec: str | None, retrain: str, min_accuracy: float, abstain_below: float, group_by: str) -> None:

@@ -981,7 +981,7 @@ def query(
 @app.command(cls=PlainFirstCommand)
 @friendly
 def classify(
-    files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify; a local folder stands for the audio files under it.")],
+    files: Annotated[list[str], typer.Argument(help="Audio files or URLs to classify; a folder or an S3 prefix stands for the audio files under it.")],
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
     scheduler: SchedulerOpt = None,

@@ -229,7 +229,11 @@ def s3_env(moto_url: str) -> dict[str, str]:
         (["query", "--store", "s3://nobucket/store", "SELECT 1"], "error: store not found: s3://nobucket/store (no object under it, or not visible with these credentials)"),
         (
             ["run", "s3://music/library", "--store", "s3://nobucket/store", "--labels", "folders"],
-            "error: the bucket nobucket of the store s3://nobucket/store does not exist (or is not visible with these credentials)",
+            "error: the bucket nobucket of the store s3://nobucket/store does not exist",
+        ),
+        (
+            ["extract", "s3://music/library", "--store", "s3://music/library/a.wav"],
+            "error: the store s3://music/library/a.wav is an object, not a folder: give the prefix to keep the store under",
         ),
     ],
 )

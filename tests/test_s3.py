@@ -123,6 +123,13 @@ def test_run_with_library_and_store_on_s3(
     model = next(p for p in stored if p.endswith("model.ubj"))
     assert s3.cat_file(model)[:1] == b"{" and not s3.cat_file(model).startswith(b"\x80")  # UBJSON, not a pickle
 
+    # a prefix stands for the audio files under it, as a local folder does
+    code, out, err = cli("classify", "s3://music/library/", "--store", store, "--top", "1", "--format", "json")
+    answers = {a["uri"]: a for a in json.loads(out)}
+    assert code == 1 and "1 of 13 files could not be classified" in err
+    assert set(answers) == {f"s3://music/library/{p.relative_to(local)}" for p in local.rglob("*.*")}
+    assert "error" in answers["s3://music/library/broken.mp3"] and sum("genres" in a for a in answers.values()) == 12
+
 
 ODD_KEYS = ["Live [2001]/a::b.wav", "c#d?e.wav", "f g {h}.flac", "*star*.ogg"]
 """Object keys holding URL and glob syntax: '::' (fsspec's chain of filesystems), '#' and '?', brackets, braces, '*'."""
@@ -153,6 +160,16 @@ def test_wrong_credentials_give_one_clear_line(s3: s3fs.S3FileSystem, monkeypatc
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and err.startswith("error: access denied")
     assert "Traceback" not in out + err and "not-the-secret" not in out + err and KEY not in out + err
+
+
+def test_wrong_credentials_for_a_store_on_s3_are_access_denied(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With a local library the store's bucket check meets the refusal: it says so, not that the bucket is missing."""
+    s3.mkdir("guarded")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    code, out, err = cli("extract", str(tmp_path), "--store", "s3://guarded/store")
+    assert (code, out) == (1, "") and err.startswith("error: access denied") and err.count("\n") == 1
+    assert "not-the-secret" not in err and KEY not in err
 
 
 def test_pointer_swap_refuses_a_concurrent_change(s3: s3fs.S3FileSystem) -> None:

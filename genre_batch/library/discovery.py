@@ -154,9 +154,20 @@ def inventory_batch(fs: fsspec.AbstractFileSystem, rows: list[tuple[str, int, st
     )
 
 
+def is_folder(location: str) -> bool:
+    """A local folder, or a URL without an audio file's extension that is a prefix (one request): named audio files
+    cost no request."""
+    if "://" not in location:
+        return os.path.isdir(location)
+    if is_audio_path(location):
+        return False
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.isdir(path.rstrip("/"))
+
+
 def files_of(locations: list[str]) -> list[str]:
-    """The files named: a local folder stands for the audio files under it (in URI order, as `discover` lists them)."""
-    return [uri for location in locations for uri in (discover(location)["uri"].to_pylist() if os.path.isdir(location) else [location])]
+    """The files named: a folder or prefix stands for the audio files under it (in URI order, as `discover` lists them)."""
+    return [uri for location in locations for uri in (discover(location)["uri"].to_pylist() if is_folder(location) else [location])]
 
 
 def discover(library: str) -> pa.Table:
