@@ -265,7 +265,14 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
         say(f"train: {'yes' if plan['would_train'] else 'no'} ({plan['train_reason']})")
     if plan["refused"]:
         say(f"refused: {plan['refused']}")
+    say_unlisted(plan["unlisted"])
     say("dry run: nothing was written")
+
+
+def say_unlisted(folders: list[str]) -> None:
+    """Warn, on stderr, of library folders the listing could not read (their files were kept as they were)."""
+    for folder in folders:
+        say(f"warning: cannot list the folder {folder}; its files are kept as the previous listing had them", err=True)
 
 
 def finite(obj: object) -> object:
@@ -448,6 +455,7 @@ def print_extract(summary: dict) -> None:
         + (f"; {summary['backfilled']} backfilled for a new family, {summary['backfill_left']} left for later runs" if summary.get("backfilled") or summary.get("backfill_left") else "")
         + (f" ({summary['wall_s']:.1f} s, {summary['cpu_s'] / max(1, summary['extracted'] + summary['failed']):.3f} CPU s/file)" if summary["shards"] else ""),
     )
+    say_unlisted(summary.get("unlisted") or [])
 
 
 def print_train(summary: dict) -> None:

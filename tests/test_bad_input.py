@@ -361,3 +361,53 @@ def test_file_deleted_or_rewritten_between_listing_and_reading(tmp_path: Path, d
     new = relisted.filter(pc.equal(relisted["uri"], str(rewritten))).to_pylist()[0]
     assert {(r["fingerprint"], r["run_id"]) for r in mine} == {(new["fingerprint"], "run-2")} and len(mine) == 1
     assert current_errors(store).num_rows == 0  # the deleted file left the library, and its error with it
+
+
+CLI_MAIN = "from genre_batch.cli import main; main()"
+
+
+def test_an_unreadable_folder_keeps_its_files(
+    tmp_path: Path, dask_scheduler: str, prefect_server: None, prefect_server_process: "PrefectServer"
+) -> None:
+    """A library folder the listing cannot read (here mode 000, read without root's capabilities) is reported, and the
+    files the previous listing had under it stay: not removed from the store, not extracted again."""
+    library, store = tmp_path / "library", tmp_path / "store"
+    for folder, seeds in (("open", (0, 1)), ("locked", (2, 3))):
+        (library / folder).mkdir(parents=True)
+        for seed in seeds:
+            write_audio(library / folder / f"{seed}.wav", render("chiptune", 2.0, seed), SR)
+    code, out, err = cli("extract", str(library), "--store", str(store), "--features", "librosa", "--scheduler", dask_scheduler)
+    assert code == 0, out + err
+    write_audio(library / "open" / "new.wav", render("chiptune", 2.0, 9), SR)
+    (library / "locked").chmod(0)
+    try:
+        python = [sys.executable, "-c", DROP_DAC_CAPS] if os.geteuid() == 0 else [sys.executable]
+        env = {**os.environ, "PREFECT_API_URL": prefect_server_process.api_url()}
+        runs = [subprocess.run([*python, "-c", CLI_MAIN, "extract", str(library), "--store", str(store), "--features", "librosa", *extra, "--format", "json"],
+                               capture_output=True, text=True, env=env) for extra in (["--dry-run"], ["--scheduler", dask_scheduler])]
+    finally:
+        (library / "locked").chmod(0o755)
+    if runs[0].returncode == CANNOT_DROP_CAPS:
+        pytest.skip(f"running as root, and dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed ({runs[0].stderr.strip()})")
+    plan, ran = (json.loads(r.stdout) for r in runs)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    unlisted = [f"{library / 'locked'}: Permission denied"]
+    assert (plan["new"], plan["removed"], plan["unchanged"], plan["unlisted"]) == (1, 0, 4, unlisted)
+    summary = ran["extract"]
+    assert (summary["discovered"], summary["extracted"], summary["removed"], summary["unchanged"], summary["unlisted"]) == (5, 1, 0, 4, unlisted)
+    assert sorted(Path(u).name for u in current_tracks(Store(str(store)))["uri"].to_pylist()) == ["0.wav", "1.wav", "2.wav", "3.wav", "new.wav"]
+
+
+def test_an_unreadable_library_folder_is_an_error(tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    library.mkdir()
+    library.chmod(0)
+    try:
+        python = [sys.executable, "-c", DROP_DAC_CAPS] if os.geteuid() == 0 else [sys.executable]
+        child = subprocess.run([*python, "-c", CLI_MAIN, "extract", str(library), "--store", str(tmp_path / "store"), "--dry-run"],
+                               capture_output=True, text=True)
+    finally:
+        library.chmod(0o755)
+    if child.returncode == CANNOT_DROP_CAPS:
+        pytest.skip(f"running as root, and dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed ({child.stderr.strip()})")
+    assert (child.returncode, child.stdout, child.stderr) == (1, "", f"error: cannot list the library folder {library}: Permission denied\n")

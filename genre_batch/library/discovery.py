@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +28,14 @@ INVENTORY_SCHEMA = pa.schema(
 """One row per audio file found: `version` is the ETag on object stores, the mtime on disks."""
 
 LIST_BATCH = 50_000
+
+
+@dataclass(frozen=True)
+class Unlisted:
+    """A folder of a library that could not be listed, and why: its files are neither new nor removed."""
+
+    folder: str
+    reason: str
 
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
@@ -72,17 +82,23 @@ def library_root(library: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root
 
 
-def local_listing(root: str) -> Iterator[tuple[str, int, str]]:
+def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, int, str]]:
     """(path, size, version) of the files under a local folder, one folder at a time.
 
     A symbolic link to a file counts as that file, with the size and mtime of its target; a broken or looping link
     is kept (size 0), so that reading it records an error. Links to folders are not followed: no cycle, no duplicate.
+    A folder under the root that cannot be read (permissions, a stale mount) is added to `unlisted` and skipped; the
+    root itself is an error.
     """
     folders = [root]
     while folders:
+        folder = folders.pop()
         try:
-            entries = os.scandir(folders.pop())
-        except OSError:
+            entries = os.scandir(folder)
+        except OSError as e:
+            if folder == root:
+                raise GenreBatchError(f"cannot list the library folder {root}: {e.strerror or type(e).__name__}") from None
+            unlisted.append(Unlisted(folder, e.strerror or type(e).__name__))
             continue
         with entries:
             for entry in entries:
@@ -130,10 +146,11 @@ def walk_listing(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str
                 yield info["name"], int(info.get("size") or 0), file_version(info)
 
 
-def listing(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, int, str]]:
-    """(path, size, version) of every audio file under a library root, streamed."""
+def listing(fs: fsspec.AbstractFileSystem, root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, int, str]]:
+    """(path, size, version) of every audio file under a library root, streamed; local folders that cannot be read go
+    to `unlisted` (an object store's listing fails as a whole)."""
     if is_local(fs):
-        return local_listing(root)
+        return local_listing(root, unlisted)
     if is_s3(fs):
         return s3_listing(fs, root)
     return walk_listing(fs, root)
@@ -177,11 +194,17 @@ def discover(library: str) -> pa.Table:
     inventory table itself (about 150 bytes per file)."""
     fs, root = library_root(library)
     fs.invalidate_cache(root)
-    tables, rows = [], []
-    for row in listing(fs, root):
+    tables, rows, unreadable = [], [], []
+    for row in listing(fs, root, unreadable):
         rows.append(row)
         if len(rows) == LIST_BATCH:
             tables.append(inventory_batch(fs, rows))
             rows = []
     tables.append(inventory_batch(fs, rows))
-    return pa.concat_tables(tables).sort_by("uri").replace_schema_metadata({"library": uri_of(fs, root)})
+    meta = {"library": uri_of(fs, root), "unlisted": json.dumps([[u.folder, u.reason] for u in unreadable])}
+    return pa.concat_tables(tables).sort_by("uri").replace_schema_metadata(meta)
+
+
+def unlisted(inventory: pa.Table) -> list[Unlisted]:
+    """The folders a listing could not read (recorded in its metadata by `discover`)."""
+    return [Unlisted(*pair) for pair in json.loads((inventory.schema.metadata or {}).get(b"unlisted", b"[]"))]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import reduce
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, PublishRefused
 from genre_batch.cluster import Session
-from genre_batch.library.discovery import discover
+from genre_batch.library.discovery import discover, unlisted
 from genre_batch.storage.feature_store import (
     BACKFILL_CAP,
     CHOICE_COLUMNS,
@@ -66,6 +67,8 @@ class ExtractSummary:
     backfill_left: int = 0
     """Files still lacking a family of the run after it (over --backfill-cap): later runs continue."""
     removed: int = 0
+    unlisted: list[str] = field(default_factory=list)
+    """Folders of the library that could not be read, "folder: reason": their files were kept as they were."""
     shards: int = 0
     repaired_parts: int = 0
     wall_s: float = 0.0
@@ -96,8 +99,8 @@ def extract(
     `force` re-extracts every file; it, or `allow_shrink`, also accepts a listing that shrank past the limit."""
     families = families_of(features)
     repaired = repair(store)
-    inventory = discover(library)
     previous = read_inventory(store)
+    inventory = with_unlisted(discover(library), previous)
     check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
     index = read_index(store, CHOICE_COLUMNS)
     todo = plan_run(inventory, index, families, force, backfill_cap)
@@ -107,7 +110,7 @@ def extract(
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
         unchanged=todo.unchanged, moved=todo.moved_files, repaired_parts=len(repaired),
-        backfilled=todo.backfill, backfill_left=todo.backfill_left,
+        backfilled=todo.backfill, backfill_left=todo.backfill_left, unlisted=unlisted_text(inventory),
     )
     removed = removed_count(previous, inventory)
     check_gone(previous.num_rows, removed - todo.moved_files, library, force or allow_shrink)
@@ -146,14 +149,16 @@ class DryRun:
     unchanged: int
     refused: str | None
     """Why the listing guard would refuse the run (None: it would go on)."""
+    unlisted: list[str]
+    """Folders that could not be read, as ExtractSummary has them."""
 
 
 def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False,
             features: tuple[str, ...] = DEFAULT_FEATURES, backfill_cap: int = BACKFILL_CAP) -> DryRun:
     """The plan of an extraction of some feature families: new, changed, retried (failed before), forced, backfilled,
     moved, removed and unchanged files (`force`, `allow_shrink`, `features` and `backfill_cap` as extract takes them)."""
-    inventory = discover(library)
     previous = read_inventory(store)
+    inventory = with_unlisted(discover(library), previous)
     index = read_index(store, CHOICE_COLUMNS)
     run = plan_run(inventory, index, families_of(features), False, backfill_cap)
     needed = run.todo.filter(pc.starts_with(run.todo["families"], LIBROSA.name))  # new, changed, retried: every family
@@ -172,8 +177,24 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
         new=needed.num_rows - known, changed=known - same, retried=same, forced=rest if force else 0,
         backfill=0 if force else run.backfill, backfill_left=0 if force else run.backfill_left,
         moved=0 if force else run.moved_files, removed=removed, unchanged=0 if force else run.unchanged,
-        refused=refused,
+        refused=refused, unlisted=unlisted_text(inventory),
     )
+
+
+def with_unlisted(listed: pa.Table, previous: pa.Table) -> pa.Table:
+    """The listing with the previous listing's files under the folders it could not read, kept as they were: neither
+    removed nor extracted again."""
+    folders = [u.folder for u in unlisted(listed)]
+    if not folders or previous.num_rows == 0:
+        return listed
+    under = reduce(pc.or_, [pc.starts_with(previous["uri"], folder.rstrip("/") + "/") for folder in folders])
+    kept = previous.filter(under).select(listed.column_names).cast(listed.schema)
+    return pa.concat_tables([listed, kept]).sort_by("uri").replace_schema_metadata(listed.schema.metadata)
+
+
+def unlisted_text(listed: pa.Table) -> list[str]:
+    """The folders a listing could not read, "folder: reason"."""
+    return [f"{u.folder}: {u.reason}" for u in unlisted(listed)]
 
 
 def check_gone(previous: int, gone: int, library: str, force: bool) -> None:
