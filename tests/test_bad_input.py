@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import soundfile as sf
-from conftest import cli, current_features, make_library
+from conftest import PrefectServer, cli, current_features, make_library
 
 from genre_batch.analysis import audio, features
 from genre_batch.analysis.extraction import run_shards
@@ -367,7 +367,7 @@ CLI_MAIN = "from genre_batch.cli import main; main()"
 
 
 def test_an_unreadable_folder_keeps_its_files(
-    tmp_path: Path, dask_scheduler: str, prefect_server: None, prefect_server_process: "PrefectServer"
+    tmp_path: Path, dask_scheduler: str, prefect_server: None, prefect_server_process: PrefectServer
 ) -> None:
     """A library folder the listing cannot read (here mode 000, read without root's capabilities) is reported, and the
     files the previous listing had under it stay: not removed from the store, not extracted again."""
