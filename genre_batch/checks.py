@@ -263,13 +263,12 @@ def is_store(store: str) -> None:
 
 
 def has_model(store: str) -> None:
-    """`tag` needs a current model: without one it ends as a run would, with NoModel (exit 4), but before anything starts."""
+    """`tag` needs a usable current model: without one it ends as a run would, with NoModel (exit 4), but before anything
+    starts; one trained on another feature version is refused likewise (exit 1)."""
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
-    s = Store.at(store)
-    if registry.current_version(s) is None:
-        raise registry.no_model(s)
+    registry.current(Store.at(store))
 
 
 def remote_store_found(location: str) -> None:

@@ -92,6 +92,7 @@ def test_cli_run_query_classify(
         (["query", "--store", "{empty}/no/store", "--format", "xml", "SELECT 1"], 2, "unknown format 'xml'"),
         (["query", "--store", "{empty}", "SELECT count(*) FROM catalog"], 1, "no published catalog in {empty}"),
         (["tag", "--store", "{empty}"], 4, "no current model in {empty}"),
+        (["classify", "--store", "{empty}", "song.mp3"], 4, "no current model in {empty}"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], status: int, message: str, tmp_path: Path, prefect_server: None) -> None:

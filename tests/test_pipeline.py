@@ -142,10 +142,25 @@ def test_model_classifies_held_out_synthetic_files(trained_store: tuple[Path, Pa
     assert len(reports) == -(-n // 3) and [r.done for r in reports] == sorted({r.done for r in reports}) and (reports[-1].done, reports[-1].errors) == (n, 1)
 
 
+def test_a_model_of_another_feature_version_is_refused_by_tag_and_classify(trained_store: tuple[Path, Path]) -> None:
+    """A model whose features this genre-batch no longer extracts is never fed today's columns: tag and classify both say so."""
+    from conftest import cli
+
+    library, store = trained_store
+    s = Store(str(store))
+    version = registry.current_version(s)
+    card = f"{s.models}/{version}/{registry.METADATA_FILE}"
+    s.write_json(card, {**s.read_json(card), "feature_version": FEATURE_VERSION - 1})
+    line = (f"error: current model {version} was trained on feature version {FEATURE_VERSION - 1}, the store holds version "
+            f"{FEATURE_VERSION}: retrain with 'genre-batch train'\n")
+    for argv in (["tag"], ["classify", str(next(p for p in library.rglob("*") if p.is_file()))]):
+        assert cli(argv[0], "--store", str(store), *argv[1:]) == (1, "", line)
+
+
 def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path]) -> None:
     _, store = trained_store
     s = Store(str(store))
-    version, _, meta = registry.load_current(s)
+    version, meta = registry.current(s)
     assert meta["label_source"] == "folders" and meta["feature_version"] == FEATURE_VERSION
     assert meta["classifier"] == "linear" and meta["feature_families"] == {"librosa": LIBROSA.version, "musicnn": MUSICNN.version}
     assert meta["tracks"] == 20 and meta["cross_validation"]["folds"] == 5

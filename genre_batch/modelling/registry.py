@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from genre_batch import GenreBatchError, NoModel
+from genre_batch.analysis.columns import FEATURE_VERSION
 from genre_batch.storage.store import Store
 
 METADATA_FILE = "metadata.json"
@@ -120,19 +121,19 @@ def load(store: Store, version: str) -> tuple[GenreModel, dict]:
     return kind.from_files({name: store.fs.cat_file(f"{store.models}/{version}/{name}") for name in kind.files}), meta
 
 
-def required_version(store: Store) -> str:
-    """The current model's version, or a clear error when there is none."""
+def current(store: Store) -> tuple[str, dict]:
+    """The current model's version and card: NoModel when there is none (why, and what to do next), a clear error when
+    it was trained on another feature version than this genre-batch extracts."""
     version = current_version(store)
     if version is None:
-        raise GenreBatchError(f"no current model in {store.url}: run 'genre-batch train --labels ...' first")
-    return version
-
-
-def load_current(store: Store) -> tuple[str, GenreModel, dict]:
-    """The current model, or a clear error when there is none."""
-    version = required_version(store)
-    model, meta = load(store, version)
-    return version, model, meta
+        raise no_model(store)
+    meta = metadata(store, version)
+    if meta["feature_version"] != FEATURE_VERSION:
+        raise GenreBatchError(
+            f"current model {version} was trained on feature version {meta['feature_version']}, "
+            f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
+        )
+    return version, meta
 
 
 def versions(store: Store) -> list[str]:

@@ -197,6 +197,8 @@ def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> lis
             results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
+        except Exception as e:  # any other failure on one file (a decoder's, the features') fails that file alone, as in extraction
+            results.append((uri, f"{type(e).__name__}: {e}"))
     return results
 
 
@@ -204,7 +206,7 @@ def classify_files(store: Store, uris: list[str], top: int, cluster: Session | N
     """The `top` genres and probabilities of each file with the current model, or the reason it failed, in `uris`'
     order: in this process, or on `cluster` as tasks of CLASSIFY_CHUNK files (progress reported as stage `classify`,
     task by task)."""
-    version = registry.required_version(store)  # a clear error when there is no model, before any task (the model is loaded by them)
+    version, _ = registry.current(store)  # a clear error when there is no usable model, before any task (they load it)
     calls = [(classify_chunk, store, version, uris[i:i + CLASSIFY_CHUNK], top) for i in range(0, len(uris), CLASSIFY_CHUNK)]
     if cluster is None:
         finished = ((n, classify_chunk(*call[1:])) for n, call in enumerate(calls))

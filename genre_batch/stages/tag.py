@@ -118,20 +118,6 @@ GENRE_FLIP_LIMIT = 0.3
 published unless forced: the previous catalog stays."""
 
 
-def current_model(store: Store) -> tuple[str, dict]:
-    """The current model's version and card, checked to read the store's feature version."""
-    version = registry.current_version(store)
-    if version is None:
-        raise registry.no_model(store)
-    meta = registry.metadata(store, version)
-    if meta["feature_version"] != FEATURE_VERSION:
-        raise GenreBatchError(
-            f"current model {version} was trained on feature version {meta['feature_version']}, "
-            f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
-        )
-    return version, meta
-
-
 def check_families(store: Store, version: str, meta: dict, current: dict[str, np.ndarray]) -> None:
     """Refuse a model trained on a family (or family version) that this genre-batch does not extract, or that some
     current track of the store lacks, naming it: the model is fed exactly the families it was trained on."""
@@ -258,7 +244,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     from the index files that hold them (all of them for a full re-tag)."""
     steps = Steps() if steps is None else steps
     with steps.step("model, inventory"):
-        version, meta = current_model(store)
+        version, meta = registry.current(store)
         previous = catalog.pointer(store)
         if full or workers_wanted(store, previous, version):
             session.start_soon()  # the workers start while this process reads the store (~7 s at 1M tracks)
