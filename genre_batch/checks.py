@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from genre_batch import GenreBatchError, UsageError
+from genre_batch.storage.locations import is_url, local_path
 
 LABEL_KINDS = ("folders", "tags")
 LABEL_FILE_SUFFIXES = (".csv", ".parquet")
@@ -45,16 +46,6 @@ def given(location: str, what: str) -> None:
         raise UsageError(f"{what} is an empty string: give a folder or URL")
 
 
-def is_url(location: str) -> bool:
-    """True for a URL with a protocol other than file:// (a path on another system)."""
-    return "://" in location and not location.startswith("file://")
-
-
-def local_path(location: str) -> Path:
-    """A local path or file:// URL as an absolute path."""
-    return Path(location.removeprefix("file://")).expanduser().absolute()
-
-
 def protocol(location: str, what: str) -> None:
     """A URL's protocol must be one fsspec knows and can use here (its package installed)."""
     if not is_url(location):
@@ -80,7 +71,7 @@ def library(location: str) -> None:
     """A local library must be an existing folder; a library URL's protocol one fsspec can use."""
     given(location, "library")
     protocol(location, "library")
-    if not is_url(location) and not local_path(location).is_dir():
+    if not is_url(location) and not Path(local_path(location)).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
 
 
@@ -98,7 +89,7 @@ def writable_folder(location: str, what: str) -> None:
     if is_url(location):
         protocol(location, what)
         return
-    path = local_path(location)
+    path = Path(local_path(location))
     existing = nearest_existing(path)
     if not existing.is_dir():
         raise UsageError(f"{what} {location} is not a folder: {existing} is a file")
@@ -110,7 +101,7 @@ def labels(spec: str | None) -> None:
     """A label spec is 'folders', 'tags', or an existing local CSV/Parquet file with a file and a genre column."""
     if spec is None or spec in LABEL_KINDS or is_url(spec):
         return
-    path = local_path(spec)
+    path = Path(local_path(spec))
     if not path.is_file() or path.suffix.lower() not in LABEL_FILE_SUFFIXES:
         raise UsageError(f"--labels {spec}: not 'folders', 'tags' or an existing .csv/.parquet file")
     from genre_batch.library.labels import read_label_file
@@ -190,7 +181,7 @@ def write_back_run(store: str, run_id: str) -> None:
     """`--undo RUN` names a write-back run recorded in the store (its files writes/RUN-<n>.parquet); one listing request on S3."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(store if is_url(store) else str(local_path(store)))
+    fs, root = fsspec.core.url_to_fs(store if is_url(store) else local_path(store))
     try:
         names = fs.ls(f"{root.rstrip('/')}/writes", detail=False)
     except FileNotFoundError:
@@ -242,7 +233,7 @@ def training_options(spec: str | None, retrain: str, min_accuracy: float, abstai
 def local_store_has(store: str, path: str, missing: str) -> None:
     """A local store holds `path` (relative to it), else a usage error saying what is `missing`; stores on object stores
     are checked by the run itself."""
-    if not is_url(store) and not (local_path(store) / path).exists():
+    if not is_url(store) and not (Path(local_path(store)) / path).exists():
         raise UsageError(f"the store {store} {missing}")
 
 
@@ -258,7 +249,7 @@ def published(store: str) -> None:
 
 def is_store(store: str) -> None:
     """A folder given as the store of a verb that changes it must already be a store."""
-    if not is_url(store) and not any((local_path(store) / part).is_dir() for part in ("features", "models", "catalog", "runs")):
+    if not is_url(store) and not any((Path(local_path(store)) / part).is_dir() for part in ("features", "models", "catalog", "runs")):
         raise UsageError(f"{store} is not a genre-batch store (no features, models, catalog or runs folder)")
 
 

@@ -24,6 +24,7 @@ from typer._coercion import RuntimeParam, build_runtime_param
 from typer.core import TyperCommand, TyperGroup
 
 from genre_batch import GenreBatchError, UsageError, checks, default_numba_cache_dir, signals
+from genre_batch.storage.locations import absolute, is_url, local_path
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -216,13 +217,6 @@ def feature_names(value: str) -> tuple[str, ...]:
     if unknown or not names:
         raise UsageError(f"--features {value!r}: unknown family {', '.join(unknown) or '(none given)'}; choose from {', '.join(FAMILIES)}")
     return names
-
-
-def absolute(url: str) -> str:
-    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
-    from genre_batch.storage.store import absolute as made_absolute
-
-    return made_absolute(url)
 
 
 DryRunOpt = Annotated[
@@ -597,7 +591,7 @@ def check_reader(store: str) -> None:
     on an object store is checked to hold something by `checks.remote_store_found`, after every local check)."""
     checks.given(store, "store")
     checks.protocol(store, "store")
-    if not checks.is_url(store) and not checks.local_path(store).is_dir():
+    if not is_url(store) and not Path(local_path(store)).is_dir():
         raise UsageError(f"store not found or not a folder: {store}")
 
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from genre_batch import GenreBatchError
+from genre_batch.storage.locations import absolute, local_path
 
 if TYPE_CHECKING:
     import fsspec
@@ -63,18 +63,6 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-LOCAL_PROTOCOLS = ("file://", "local://")
-"""URL prefixes of the local disk (fsspec's LocalFileSystem); a location without "://" is a local path too."""
-
-
-def local_path(url: str) -> str | None:
-    """The absolute path of a local path or file:// URL; None for a URL of another filesystem."""
-    for prefix in LOCAL_PROTOCOLS:
-        if url.startswith(prefix):
-            return os.path.abspath(os.path.expanduser(url.removeprefix(prefix)))
-    return None if "://" in url else os.path.abspath(os.path.expanduser(url))
-
-
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     """True when `fs` speaks the S3 API (which has conditional writes)."""
     return "s3" in fs.protocol if isinstance(fs.protocol, tuple) else fs.protocol in ("s3", "s3a")
@@ -87,11 +75,6 @@ def file_system(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
     protocol, path = fsspec.core.split_protocol(uri)
     return fsspec.filesystem(protocol or "file"), path
-
-
-def absolute(url: str) -> str:
-    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
-    return url if "://" in url else str(Path(url).expanduser().resolve())
 
 
 @dataclass(frozen=True)

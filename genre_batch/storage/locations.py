@@ -1,0 +1,27 @@
+"""Locations: local paths and URLs told apart without fsspec or pyarrow (the CLI's checks use them before any import)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCAL_PROTOCOLS = ("file://", "local://")
+"""URL prefixes of the local disk (fsspec's LocalFileSystem); a location without "://" is a local path too."""
+
+
+def local_path(url: str) -> str | None:
+    """The absolute path of a local path or file:// URL; None for a URL of another filesystem."""
+    for prefix in LOCAL_PROTOCOLS:
+        if url.startswith(prefix):
+            return os.path.abspath(os.path.expanduser(url.removeprefix(prefix)))
+    return None if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def is_url(location: str) -> bool:
+    """True for a URL of a filesystem other than the local disk (a path on another system)."""
+    return local_path(location) is None
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
