@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
@@ -11,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from genre_batch import progress
 from genre_batch.cluster import Session, session
-from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, markdown_table, summary_row
+from genre_batch.reports import artifact_key, check_parameters, confusion_markdown, errors_rows, markdown_table, summary_row
 from genre_batch.stages import compact, extract, retrain, runs, tag
 from genre_batch.storage.feature_store import BACKFILL_CAP
 from genre_batch.storage.store import Store
@@ -23,12 +22,11 @@ if TYPE_CHECKING:  # Prefect's deployment modules: only `serve` needs them
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(store: Store, record: dict) -> None:
     """Keyed artifacts of a finished run: summary, errors by kind, and the confusion matrix of a trained model."""
-    from genre_batch.storage.feature_store import current_errors
+    from genre_batch.status import errors_by_kind
 
     create_table_artifact([summary_row(record)], key=artifact_key("summary", store.url), description=f"run {record['run_id']} on {store.url}")
-    kinds = Counter(current_errors(store)["error_type"].to_pylist())
     create_table_artifact(
-        [{"error_type": kind, "files": n} for kind, n in kinds.most_common()] or [{"error_type": "none", "files": 0}],
+        errors_rows(errors_by_kind(store)),
         key=artifact_key("errors", store.url),
         description=f"files of the library that currently fail, by kind (run {record['run_id']})",
     )

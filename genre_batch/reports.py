@@ -59,6 +59,11 @@ def summary_row(record: dict) -> dict:
     }
 
 
+def errors_rows(kinds: dict[str, int]) -> list[dict]:
+    """The errors artifact's rows: files failing per kind (one row saying none when nothing fails)."""
+    return [{"error_type": kind, "files": n} for kind, n in kinds.items()] or [{"error_type": "none", "files": 0}]
+
+
 def confusion_markdown(metadata: dict) -> str:
     """A model's held-out confusion matrix as a Markdown table (rows: true genre, columns: predicted)."""
     genres, confusion = metadata["genres"], metadata["holdout"]["confusion"]

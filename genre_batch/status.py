@@ -51,16 +51,20 @@ def catalog_status(store: Store) -> dict | None:
     return {k: pointer.get(k) for k in ("snapshot", "rows", "model_version", "catalog_version", "published_at", "run_id")}
 
 
+def errors_by_kind(store: Store) -> dict[str, int]:
+    """How many files of the library currently fail, per error kind, most frequent first."""
+    return dict(Counter(current_errors(store)["error_type"].to_pylist()).most_common())
+
+
 def status(store: Store, last_runs: int = LAST_RUNS) -> dict:
     """The store at a glance."""
     holder, _ = lease.read(store)
-    errors = current_errors(store)
     return {
         "store": store.url,
         "model": model_status(store),
         "catalog": catalog_status(store),
         "tracks": current_tracks(store).num_rows,
-        "errors_by_kind": dict(Counter(errors["error_type"].to_pylist()).most_common()),
+        "errors_by_kind": errors_by_kind(store),
         "last_runs": [run_line(store.read_json(p)) for p in run_records(store)[-last_runs:]][::-1],
         "lease": holder,
     }

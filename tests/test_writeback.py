@@ -87,7 +87,8 @@ def digest(path: Path) -> str:
 def tag_in_process(store: Store) -> pa.Table:
     """Tag the store's current tracks with model m-1 in this process and publish the rows (vector space fitted here)."""
     tracks, musicnn = fstore.current_tracks(store), fstore.current_tracks(store, family=fstore.MUSICNN)
-    space = vectors.space_for(store, None, tracks, musicnn, similar.in_process)
+    family = vectors.space_family(tracks.num_rows, tracks.num_rows - musicnn.num_rows)  # the tag stage's choice
+    space = vectors.fitted(store, family, musicnn if family == fstore.MUSICNN else tracks, similar.in_process)
     rows = tag_groups(store, "m-1", fstore.by_part(tracks), "t1", T0, space, musicnn)
     catalog.publish(store, rows, "t1", "m-1", space.describe())
     return rows

@@ -197,12 +197,6 @@ def track_vectors(store: Store, tracks: pa.Table, musicnn: pa.Table, space: Vect
     return project(space, inputs), tags
 
 
-def family_for(tracks: pa.Table, musicnn: pa.Table) -> Family:
-    """musicnn when every current track has it (index rows of both families), else librosa."""
-    complete = tracks.num_rows > 0 and tracks.select(KEYS).join(musicnn.select(KEYS), keys=KEYS, join_type="left anti").num_rows == 0
-    return space_family(tracks.num_rows, 0 if complete else 1)
-
-
 def space_family(tracks: int, lacking_musicnn: int) -> Family:
     """The family of the space: musicnn when every one of the `tracks` current tracks has it, else librosa."""
     return MUSICNN if tracks > 0 and lacking_musicnn == 0 else LIBROSA
@@ -225,14 +219,6 @@ def fitted(store: Store, family: Family, source: pa.Table, run: Callable[[list[t
     space = fit(family, np.vstack(blocks) if blocks else np.zeros((0, len(input_columns(family.name))), np.float32))
     save(store, space)
     return space
-
-
-def space_for(store: Store, previous: dict | None, tracks: pa.Table, musicnn: pa.Table, run: Callable[[list[tuple]], list]) -> VectorSpace:
-    """The vector space of a new snapshot from the current index rows of both families: the previous snapshot's when
-    `reusable`, else one `fitted` now."""
-    family = family_for(tracks, musicnn)
-    source = musicnn if family == MUSICNN else tracks
-    return reusable(store, previous, family, source.num_rows) or fitted(store, family, source, run)
 
 
 def musicnn_rows(musicnn: pa.Table, groups: list[pa.Table]) -> pa.Table:
