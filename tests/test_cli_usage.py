@@ -284,3 +284,18 @@ def test_scheduler_addresses_dask_accepts_pass_the_check(address: str | None) ->
     from genre_batch import checks
 
     checks.scheduler(address)  # raises UsageError for a refused one
+
+
+@pytest.mark.parametrize("verb", ["extract", "run"])
+def test_the_cli_defaults_are_the_stages_defaults(verb: str) -> None:
+    """The CLI states the defaults of --features and --backfill-cap itself (it must not import the feature store to
+    parse a command line): they are the extract stage's."""
+    import inspect
+
+    from genre_batch import cli
+    from genre_batch.stages.extract import DEFAULT_FEATURES
+    from genre_batch.storage.feature_store import BACKFILL_CAP
+
+    defaults = inspect.signature(getattr(cli, verb)).parameters
+    assert tuple(defaults["features"].default.split(",")) == DEFAULT_FEATURES
+    assert defaults["backfill_cap"].default == BACKFILL_CAP
