@@ -254,12 +254,14 @@ def is_store(store: str) -> None:
 
 
 def has_model(store: str) -> None:
-    """`tag` needs a usable current model: without one it ends as a run would, with NoModel (exit 4), but before anything
-    starts; one trained on another feature version is refused likewise (exit 1)."""
+    """`tag` needs a current model: without one it ends as a run would, with NoModel (exit 4), but before anything starts
+    (reading the pointer only: the stage checks the model itself)."""
     from genre_batch.modelling import registry
     from genre_batch.storage.store import Store
 
-    registry.current(Store.at(store))
+    s = Store.at(store)
+    if registry.current_version(s) is None:
+        raise registry.no_model(s)
 
 
 def remote_store_found(location: str) -> None:

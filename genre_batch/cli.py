@@ -263,10 +263,10 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
     say("dry run: nothing was written")
 
 
-def say_unlisted(folders: list[str]) -> None:
-    """Warn, on stderr, of library folders the listing could not read (their files were kept as they were)."""
-    for folder in folders:
-        say(f"warning: cannot list the folder {folder}; its files are kept as the previous listing had them", err=True)
+def say_unlisted(skipped: list[str]) -> None:
+    """Warn, on stderr, of what the listing skipped ("path: reason"; what the previous listing had there is kept)."""
+    for path in skipped:
+        say(f"warning: not listed: {path} (kept as the previous listing had it)", err=True)
 
 
 def finite(obj: object) -> object:

@@ -411,3 +411,20 @@ def test_an_unreadable_library_folder_is_an_error(tmp_path: Path) -> None:
     if child.returncode == CANNOT_DROP_CAPS:
         pytest.skip(f"running as root, and dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed ({child.stderr.strip()})")
     assert (child.returncode, child.stdout, child.stderr) == (1, "", f"error: cannot list the library folder {library}: Permission denied\n")
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_reported(tmp_path: Path, dask_scheduler: str, prefect_server: None) -> None:
+    """Latin-1 names (from Windows or Samba shares) cannot be URIs in a UTF-8 table: the file, or a folder, is named in
+    the summary and the rest of the library is extracted."""
+    library, store = tmp_path / "library", tmp_path / "store"
+    make_library(library, per_style=1)
+    for name in (b"caf\xe9.wav", b"m\xfasica/x.wav"):
+        target = bytes(library) + b"/" + name
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(write_audio(tmp_path / "plain.wav", render("chiptune", 1.0, 5), SR), target)
+    code, out, err = cli("extract", str(library), "--store", str(store), "--features", "librosa", "--scheduler", dask_scheduler, "--format", "json")
+    assert code == 0, out + err
+    summary = json.loads(out)["extract"]
+    reason = "its name is not valid UTF-8: rename it"
+    assert sorted(summary["unlisted"]) == [f"{library}/caf\\xe9.wav: {reason}", f"{library}/m\\xfasica: {reason}"]
+    assert summary["extracted"] == summary["discovered"] == len(list(library.rglob("*.*"))) - 2

@@ -32,9 +32,10 @@ LIST_BATCH = 50_000
 
 @dataclass(frozen=True)
 class Unlisted:
-    """A folder of a library that could not be listed, and why: its files are neither new nor removed."""
+    """A folder or file of a library that the listing skipped, and why: what the previous listing had there is neither
+    new nor removed."""
 
-    folder: str
+    path: str
     reason: str
 
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
@@ -87,8 +88,8 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
 
     A symbolic link to a file counts as that file, with the size and mtime of its target; a broken or looping link
     is kept (size 0), so that reading it records an error. Links to folders are not followed: no cycle, no duplicate.
-    A folder under the root that cannot be read (permissions, a stale mount) is added to `unlisted` and skipped; the
-    root itself is an error.
+    A folder under the root that cannot be read (permissions, a stale mount), and a file or folder whose name is not
+    valid UTF-8 (URIs are UTF-8 in every table), are added to `unlisted` and skipped; an unreadable root is an error.
     """
     folders = [root]
     while folders:
@@ -102,12 +103,29 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
             continue
         with entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
+                if not is_utf8(entry.name):
+                    if entry.is_dir(follow_symlinks=False) or is_audio_path(entry.path):
+                        unlisted.append(Unlisted(printable(entry.path), "its name is not valid UTF-8: rename it"))
+                elif entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                 elif is_audio_path(entry.path):
                     found = local_file(entry)
                     if found is not None:
                         yield found
+
+
+def is_utf8(name: str) -> bool:
+    """True for a file name that is valid UTF-8 (os.scandir keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """A path whose bytes are not all UTF-8, with those bytes written as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def local_file(entry: os.DirEntry) -> tuple[str, int, str] | None:
@@ -201,10 +219,10 @@ def discover(library: str) -> pa.Table:
             tables.append(inventory_batch(fs, rows))
             rows = []
     tables.append(inventory_batch(fs, rows))
-    meta = {"library": uri_of(fs, root), "unlisted": json.dumps([[u.folder, u.reason] for u in unreadable])}
+    meta = {"library": uri_of(fs, root), "unlisted": json.dumps([[u.path, u.reason] for u in unreadable])}
     return pa.concat_tables(tables).sort_by("uri").replace_schema_metadata(meta)
 
 
 def unlisted(inventory: pa.Table) -> list[Unlisted]:
-    """The folders a listing could not read (recorded in its metadata by `discover`)."""
+    """What a listing skipped (recorded in its metadata by `discover`)."""
     return [Unlisted(*pair) for pair in json.loads((inventory.schema.metadata or {}).get(b"unlisted", b"[]"))]

@@ -94,8 +94,13 @@ def labelled_set(store: Store, version: str) -> pa.Table | None:
 
 
 def metadata(store: Store, version: str) -> dict:
-    """A registered model's metadata."""
-    return store.read_json(f"{store.models}/{version}/{METADATA_FILE}")
+    """A registered model's metadata; a clear error when its card is missing (a damaged registry)."""
+    path = f"{store.models}/{version}/{METADATA_FILE}"
+    try:
+        return store.read_json(path)
+    except FileNotFoundError:
+        raise GenreBatchError(f"model {version} has no card ({path} is missing): 'genre-batch models promote' another "
+                              "version, or train again") from None
 
 
 LEGACY_CLASSIFIER = "xgboost"

@@ -68,7 +68,8 @@ class ExtractSummary:
     """Files still lacking a family of the run after it (over --backfill-cap): later runs continue."""
     removed: int = 0
     unlisted: list[str] = field(default_factory=list)
-    """Folders of the library that could not be read, "folder: reason": their files were kept as they were."""
+    """Folders the listing could not read and names that are not UTF-8, "path: reason": what the previous listing had
+    there was kept as it was."""
     shards: int = 0
     repaired_parts: int = 0
     wall_s: float = 0.0
@@ -150,7 +151,7 @@ class DryRun:
     refused: str | None
     """Why the listing guard would refuse the run (None: it would go on)."""
     unlisted: list[str]
-    """Folders that could not be read, as ExtractSummary has them."""
+    """What the listing skipped, as ExtractSummary has it."""
 
 
 def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool = False,
@@ -182,9 +183,9 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
 
 
 def with_unlisted(listed: pa.Table, previous: pa.Table) -> pa.Table:
-    """The listing with the previous listing's files under the folders it could not read, kept as they were: neither
-    removed nor extracted again."""
-    folders = [u.folder for u in unlisted(listed)]
+    """The listing with the previous listing's files under the folders it skipped, kept as they were: neither removed nor
+    extracted again."""
+    folders = [u.path for u in unlisted(listed)]
     if not folders or previous.num_rows == 0:
         return listed
     under = reduce(pc.or_, [pc.starts_with(previous["uri"], folder.rstrip("/") + "/") for folder in folders])
@@ -193,8 +194,8 @@ def with_unlisted(listed: pa.Table, previous: pa.Table) -> pa.Table:
 
 
 def unlisted_text(listed: pa.Table) -> list[str]:
-    """The folders a listing could not read, "folder: reason"."""
-    return [f"{u.folder}: {u.reason}" for u in unlisted(listed)]
+    """What a listing skipped, "path: reason"."""
+    return [f"{u.path}: {u.reason}" for u in unlisted(listed)]
 
 
 def check_gone(previous: int, gone: int, library: str, force: bool) -> None:

@@ -112,9 +112,11 @@ def read(store: Store) -> tuple[dict | None, str | None]:
     except FileNotFoundError:
         return None, None
     try:
-        return json.loads(data), token
-    except ValueError:
+        lease = json.loads(data)
+        datetime.fromisoformat(lease["expires_at"]), int(lease["pid"]), lease["run_id"], lease["host"]
+    except (ValueError, TypeError, KeyError):  # not JSON, or not a lease's fields
         raise GenreBatchError(f"unreadable run lease {store.uri(path)}: delete it if no run is active") from None
+    return lease, token
 
 
 def put(store: Store, lease: dict, expected: str | None) -> None:

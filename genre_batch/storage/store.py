@@ -214,9 +214,12 @@ class Store:
         write_json(self.fs, path, obj)
 
     def read_json(self, path: str) -> Any:
-        """Read a JSON document."""
+        """Read a JSON document; a damaged one is an error naming it."""
         with self.open(path) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except ValueError as e:
+                raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} ({e})") from None
 
     def list(self, folder: str, suffix: str = "") -> list[str]:
         """Sorted paths of finished files with `suffix` directly in `folder` (temporary files excluded)."""
