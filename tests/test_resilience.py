@@ -494,3 +494,22 @@ def test_query_cannot_write_or_open_store_files(tmp_path: Path, sql: str, messag
     assert (code, json.loads(out)) == (0, [{"genre": "rock", "n": 3}])
     code, out, _ = cli("query", "--store", str(store), "--format", "json", "SELECT 'nan'::DOUBLE AS a, ln(0.0) AS b, 0.5::DOUBLE AS c")
     assert (code, json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))) == (0, [{"a": None, "b": None, "c": 0.5}])
+
+
+@pytest.mark.parametrize(
+    "path, content, argv, line",
+    [
+        ("catalog/CURRENT.json", '{"snapshot": "s-1", "fi', ["status"], "error: damaged JSON file in the store: {store}/catalog/CURRENT.json (Unterminated string starting at: line 1 column 21 (char 20))"),
+        ("catalog/CURRENT.json", '{"snapshot": "s-1", "fi', ["query", "SELECT count(*) FROM errors"], "error: damaged JSON file in the store: {store}/catalog/CURRENT.json (Unterminated string starting at: line 1 column 21 (char 20))"),
+        ("runs/LEASE.json", "{}", ["status"], "error: unreadable run lease {store}/runs/LEASE.json: delete it if no run is active"),
+        ("runs/LEASE.json", '{"run_id": "r", "pid": 1, "host": "h", "expires_at": "soon"}', ["status"], "error: unreadable run lease {store}/runs/LEASE.json: delete it if no run is active"),
+        ("models/CURRENT.json", '{"version": "m-1", "pinned": false, "history": []}', ["classify", "song.mp3"],
+         "error: model m-1 has no card ({store}/models/m-1/metadata.json is missing): 'genre-batch models promote' another version, or train again"),
+    ],
+)
+def test_a_damaged_store_file_is_one_line_naming_it(path: str, content: str, argv: list[str], line: str, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / path).parent.mkdir(parents=True)
+    (store / path).write_text(content)
+    code, out, err = cli(argv[0], "--store", str(store), *argv[1:])
+    assert (code, out, err) == (1, "", line.format(store=store) + "\n")
