@@ -113,3 +113,13 @@ def test_unknown_is_never_a_label(tmp_path: Path) -> None:
     path.write_text("file,genre\nb.mp3,UNKNOWN\nUnknown/a.mp3,jazz\n")
     assert as_dict(labels.resolve(str(path), tagged, LIBRARY)) == {f"{LIBRARY}/Unknown/a.mp3": "jazz"}
     assert labels.normalise("unknown") is None and labels.UNKNOWN == tagging.UNKNOWN
+
+
+def test_a_labels_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    """A spreadsheet's CSV export in a Windows code page: exit 2 with what to do, not a traceback."""
+    from genre_batch import UsageError, checks
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes("file;genre\na.flac;M\u00fasica\n".encode("cp1252"))
+    with pytest.raises(UsageError, match=f"^cannot read labels file {path}: its text is not UTF-8 \\(save it as UTF-8\\)$"):
+        checks.labels(str(path))

@@ -105,7 +105,10 @@ def read_label_file(path: str) -> pa.Table:
             f"labels file {path} needs a file column ({'/'.join(FILE_COLUMNS)}) and a genre column "
             f"({'/'.join(GENRE_COLUMNS)}); it has: {', '.join(table.column_names)}"
         )
-    return pa.table({"file": table[file_col].cast(pa.string()), "genre": table[genre_col].cast(pa.string())})
+    try:
+        return pa.table({"file": table[file_col].cast(pa.string()), "genre": table[genre_col].cast(pa.string())})
+    except pa.ArrowInvalid:  # bytes that are not UTF-8: a spreadsheet's export in a Windows code page
+        raise GenreBatchError(f"cannot read labels file {path}: its text is not UTF-8 (save it as UTF-8)") from None
 
 
 def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
