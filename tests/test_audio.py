@@ -302,3 +302,37 @@ def test_render_rejects_unknown_style() -> None:
 def test_write_audio_rejects_unknown_extension(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsupported extension"):
         write_audio(tmp_path / "x.xyz", _tone(440.0, 0.1), NATIVE_RATE)
+
+
+def test_a_pipe_or_device_is_an_io_error_not_a_hang(tmp_path: Path) -> None:
+    """`classify` takes any path a user names: a FIFO would block the open, /dev/zero never ends."""
+    import os
+
+    fifo = tmp_path / "stream.mp3"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(AudioError, match="not a regular file") as raised:
+            decode(path)
+        assert raised.value.kind == "io_error"
+
+
+def test_float_samples_far_over_full_scale_are_invalid(tmp_path: Path) -> None:
+    """Finite but absurd float samples (3e29) would overflow the features' powers into inf: an invalid_samples record."""
+    path = tmp_path / "huge.wav"
+    sf.write(path, (3e29 * _tone(330.0, 2.0)).astype(np.float32), NATIVE_RATE, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"decoded audio peaks at 1\.5e\+29, over 10000 \(full scale is 1\)") as raised:
+        decode(str(path))
+    assert raised.value.kind == "invalid_samples"
+    loud = tmp_path / "loud.wav"  # a little over full scale is a float file's right
+    sf.write(loud, (1.5 * _tone(330.0, 2.0) / 0.5).astype(np.float32), NATIVE_RATE, subtype="FLOAT")
+    assert decode(str(loud))[1].duration_s == pytest.approx(2.0)
+
+
+def test_a_link_loop_is_named_as_given(tmp_path: Path) -> None:
+    from genre_batch.storage.locations import absolute
+
+    (tmp_path / "a.mp3").symlink_to(tmp_path / "b.mp3")
+    (tmp_path / "b.mp3").symlink_to(tmp_path / "a.mp3")
+    assert absolute(str(tmp_path / "a.mp3")) == str(tmp_path / "a.mp3")
+    with pytest.raises(AudioError, match="Too many levels of symbolic links"):
+        decode(str(tmp_path / "a.mp3"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from genre_batch import FileError
 from genre_batch.storage.store import file_system
 
 SAMPLE_RATE = 22050
+PEAK_LIMIT = 1e4
+"""Float formats may exceed full scale (1.0) a little; samples 80 dB over it are garbage, and their powers overflow."""
 SILENCE_DBFS = -80.0
 """Audio whose analysed samples all stay below this peak level is digital silence: an error, it has no genre."""
 _PREROLL_S = 0.25  # decoded and dropped before a seek target: libsndfile's MP3 decoder outputs ~0.1 s of zeros after a seek
@@ -86,6 +90,8 @@ def _opened(uri: str) -> Iterator[IO[bytes]]:
     except ValueError as e:  # an unknown protocol
         raise AudioError("io_error", f"cannot open: {e}") from e
     try:
+        if fs is None and not stat.S_ISREG(os.stat(uri).st_mode):  # a pipe would block the open, a device never end
+            raise AudioError("io_error", "not a regular file (a pipe, device or socket)")
         with fs.open(path, "rb") if fs is not None else open(uri, "rb") as f:
             yield f
     except OSError as e:
@@ -106,6 +112,8 @@ def _decoded(f: IO[bytes], spans: SpanPlan, min_seconds: float) -> tuple[list[Se
     peaks = [_peak(s.samples) for s in segments]
     if not np.isfinite(peaks).all():
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")
+    if max(peaks) > PEAK_LIMIT:
+        raise AudioError("invalid_samples", f"decoded audio peaks at {max(peaks):.3g}, over {PEAK_LIMIT:g} (full scale is 1): a broken float file")
     if max(peaks) < 10 ** (SILENCE_DBFS / 20):
         raise AudioError("silent", f"audio is digital silence (peak below {SILENCE_DBFS:g} dBFS)")
     return segments, AudioInfo(native.duration_s, rate, native.channels, segments[0].offset_s, analysed_s)

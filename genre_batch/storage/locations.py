@@ -23,5 +23,11 @@ def is_url(location: str) -> bool:
 
 
 def absolute(url: str) -> str:
-    """A local path made absolute (workers may run elsewhere); URLs unchanged."""
-    return url if "://" in url else str(Path(url).expanduser().resolve())
+    """A local path made absolute, links resolved (workers may run elsewhere); URLs unchanged. A link loop is left as
+    named: reading it is the error."""
+    if "://" in url:
+        return url
+    try:
+        return str(Path(url).expanduser().resolve())
+    except (RuntimeError, OSError):  # a symbolic link loop
+        return os.path.abspath(os.path.expanduser(url))
