@@ -136,6 +136,28 @@ def test_old_snapshots_are_pruned_keeping_the_last_n(tmp_path: Path) -> None:
     assert catalog.pointer(s)["snapshot"] == kept[-1]
 
 
+def test_a_damaged_snapshot_file_is_named_and_a_lost_pointer_costs_no_snapshot(tmp_path: Path) -> None:
+    """A truncated catalog file: every read names it, `errors` stays queryable; the README's way out (move the pointer
+    aside, publish again) keeps the earlier snapshots."""
+    from conftest import cli
+
+    s = Store(str(tmp_path))
+    for i in range(3):
+        catalog.publish(s, rows(2, "rock", f"run-{i}"), f"run-{i}", "m-1", SPACE)
+    damaged = f"{s.catalog}/{catalog.pointer(s)['files'][0]}"
+    Path(damaged).write_bytes(Path(damaged).read_bytes()[:100])
+    with pytest.raises(GenreBatchError, match=f"^damaged Parquet file in the store: {damaged} \\(.*magic bytes.*\\); see the README, Reliability$"):
+        catalog.read(s)
+    code, out, err = cli("query", "--store", str(tmp_path), "SELECT count(*) FROM catalog")
+    assert code == 1 and err.startswith("error: cannot read the published catalog: ") and damaged in err and err.count("\n") == 1
+    assert cli("query", "--store", str(tmp_path), "--format", "json", "SELECT count(*) AS n FROM errors")[:2] == (0, '[{"n": 0}]\n')
+    before = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
+    (tmp_path / "catalog" / "CURRENT.json").rename(tmp_path / "catalog" / "CURRENT.json.damaged")
+    catalog.publish(s, rows(2, "jazz", "run-3"), "run-3", "m-1", SPACE)
+    after = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
+    assert after[:-1] == before and catalog.pointer(s)["history"] == after and catalog.read(s).num_rows == 2
+
+
 def test_write_bytes_is_all_or_nothing(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     path = s.path("x", "file.bin")

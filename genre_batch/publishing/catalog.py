@@ -275,6 +275,14 @@ def published_history(store: Store, current: dict | None, keep: int) -> list[str
     return [n for n in snapshot_names(store) if n <= current["snapshot"]][-keep:]
 
 
+def earlier(store: Store, previous: dict | None, snapshot: str, keep: int) -> list[str]:
+    """The `keep` newest snapshots published before `snapshot`; without a pointer (a first publish, or a pointer lost)
+    the newest folders before it, so that a lost pointer costs no snapshot."""
+    if previous is None:
+        return [n for n in snapshot_names(store) if n < snapshot][-keep:]
+    return published_history(store, previous, keep)
+
+
 def prune(store: Store, keep: int = KEEP_SNAPSHOTS) -> list[str]:
     """Delete every snapshot but the `keep` newest published ones (a snapshot never published, left by a crash, goes
     at once); returns those deleted."""
@@ -300,7 +308,7 @@ def switch(store: Store, snapshot: str, files: dict[str, str], rows: int, model_
         "model_version": model_version,
         "run_id": run_id,
         "published_at": datetime.now(timezone.utc).isoformat(),
-        "history": (published_history(store, previous, max(1, keep) - 1) if keep > 1 else []) + [snapshot],
+        "history": (earlier(store, previous, snapshot, keep - 1) if keep > 1 else []) + [snapshot],
         **extra,
     }
     promote(store, new, expected)

@@ -43,8 +43,8 @@ def published(store: Store) -> dict | None:
 
 
 def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `catalog` and (when `sql` names them) `changes`, `similar` and
-    `errors`, and no file access beyond the published snapshot's own files.
+    """An in-memory DuckDB connection with views (those `sql` names) `catalog`, `changes`, `similar`, `errors` and
+    `writes`, and no file access beyond the published snapshot's own files.
 
     On disk DuckDB reads the snapshot's Parquet files itself (its fastest path), allowed by `allowed_paths`; on
     object stores they are read through a pyarrow dataset on the store's filesystem. External access is then
@@ -58,12 +58,13 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
         from genre_batch.publishing import catalog
 
         catalog.files(store)  # raises: no published catalog
-    files = [f"{store.catalog}/{name}" for name in current["files"]] if current else []
+    files = [f"{store.catalog}/{name}" for name in current["files"]] if current and "catalog" in named else []
     current = current or {}
     pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in named else []
     if store.local and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
-    parquet_view(con, store, "catalog", files)
+    if "catalog" in named:  # built only when asked for, as the others: a query of errors reads no catalog file
+        parquet_view(con, store, "catalog", files)
     if "similar" in named:  # the neighbour lists (no rows before a snapshot has them); SIMILAR is reserved: SQL quotes it
         parquet_view(con, store, "similar", pieces)
     if "changes" in named:  # the published snapshot's change feed (no rows before the first one that has it)
@@ -126,7 +127,10 @@ def reserved_hint(error: duckdb.Error) -> str:
 
 def answer(store: Store, sql: str, collect: Callable[[duckdb.DuckDBPyRelation], Any]) -> Any:
     """Run one read-only SQL statement and `collect` its result."""
-    con = connect(store, sql)
+    try:
+        con = connect(store, sql)
+    except duckdb.Error as e:  # a damaged file of the snapshot (DuckDB's message names it)
+        raise GenreBatchError(f"cannot read the published catalog: {str(e).splitlines()[0]}; see the README, Reliability") from None
     try:
         check_read_only(con, sql)
         return collect(con.sql(sql))

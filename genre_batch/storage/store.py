@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,10 +191,15 @@ class Store:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if self.local:
-            return pq.read_table(pa.memory_map(path), columns=columns)
-        with self.open(path) as f:
-            return pq.read_table(f, columns=columns)
+        try:
+            if self.local:
+                return pq.read_table(pa.memory_map(path), columns=columns)
+            with self.open(path) as f:
+                return pq.read_table(f, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            if not damaged(e, self.local):
+                raise
+            raise GenreBatchError(f"damaged Parquet file in the store: {self.uri(path)} ({str(e).splitlines()[0]}); see the README, Reliability") from None
 
     def parquet_schema(self, path: str) -> pa.Schema:
         """The schema and metadata of a Parquet file (its footer only)."""
@@ -339,6 +345,15 @@ def applied(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         return False
 
 
+def damaged(e: BaseException, local: bool) -> bool:
+    """True for a Parquet read error that means a damaged file: pyarrow's ArrowInvalid (no footer, truncated), or on
+    disk an OSError other than a missing or forbidden file (corrupt pages); on an object store an OSError may be the
+    network."""
+    import pyarrow as pa
+
+    return isinstance(e, pa.ArrowInvalid) or (local and isinstance(e, OSError) and not isinstance(e, FileNotFoundError | PermissionError))
+
+
 def storage_error(e: BaseException) -> str | None:
     """A one-line explanation of a storage access failure (never containing credentials), else None."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -351,6 +366,9 @@ def storage_error(e: BaseException) -> str | None:
         return f"object store error: {e}"
     if isinstance(e, OSError) and isinstance(e.__cause__, ClientError):  # s3fs's translation of an S3 error answer
         return f"object store error: {e.__cause__}"
+    pyarrow = sys.modules.get("pyarrow")
+    if pyarrow is not None and isinstance(e, pyarrow.ArrowInvalid) and "Parquet" in str(e):  # a dataset's read names its file
+        return f"damaged Parquet file in the store: {str(e).splitlines()[0]}; see the README, Reliability"
     return None
 
 
