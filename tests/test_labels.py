@@ -123,3 +123,13 @@ def test_a_labels_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None
     path.write_bytes("file;genre\na.flac;M\u00fasica\n".encode("cp1252"))
     with pytest.raises(UsageError, match=f"^cannot read labels file {path}: its text is not UTF-8 \\(save it as UTF-8\\)$"):
         checks.labels(str(path))
+
+
+def test_a_labels_file_giving_a_file_two_genres_is_refused(tmp_path: Path) -> None:
+    """The last row used to win silently; the same genre twice (in any spelling) is no conflict."""
+    from genre_batch import UsageError, checks
+
+    path = tmp_path / "labels.csv"
+    path.write_text("file,genre\na.flac,Ambient\na.flac,ambient\nb.flac,Jazz\nb.flac,Rock\nb.flac,Pop\nc.flac,\nc.flac,Rock\n")
+    with pytest.raises(UsageError, match=f"^labels file {path} gives 1 file two or more genres: b.flac: jazz, pop, rock; keep one row per file$"):
+        checks.labels(str(path))

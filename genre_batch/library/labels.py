@@ -106,9 +106,29 @@ def read_label_file(path: str) -> pa.Table:
             f"({'/'.join(GENRE_COLUMNS)}); it has: {', '.join(table.column_names)}"
         )
     try:
-        return pa.table({"file": table[file_col].cast(pa.string()), "genre": table[genre_col].cast(pa.string())})
+        labels = pa.table({"file": table[file_col].cast(pa.string()), "genre": table[genre_col].cast(pa.string())})
     except pa.ArrowInvalid:  # bytes that are not UTF-8: a spreadsheet's export in a Windows code page
         raise GenreBatchError(f"cannot read labels file {path}: its text is not UTF-8 (save it as UTF-8)") from None
+    check_conflicts(labels, path)
+    return labels
+
+
+CONFLICTS_SHOWN = 3
+
+
+def check_conflicts(labels: pa.Table, path: str) -> None:
+    """Refuse a labels file that gives one file two genres (which one is meant cannot be guessed), naming the first few."""
+    seen: dict[str, str] = {}
+    conflicts: dict[str, set[str]] = {}
+    for file, genre in zip(labels["file"].to_pylist(), labels["genre"].to_pylist()):
+        genre = normalise(genre)
+        if genre is not None and seen.setdefault(file, genre) != genre:
+            conflicts.setdefault(file, {seen[file]}).add(genre)
+    if conflicts:
+        shown = "; ".join(f"{file}: {', '.join(sorted(genres))}" for file, genres in list(conflicts.items())[:CONFLICTS_SHOWN])
+        more = f" (and {len(conflicts) - CONFLICTS_SHOWN} more)" if len(conflicts) > CONFLICTS_SHOWN else ""
+        files = f"{len(conflicts)} file{'s' if len(conflicts) > 1 else ''}"
+        raise GenreBatchError(f"labels file {path} gives {files} two or more genres: {shown}{more}; keep one row per file")
 
 
 def from_file(tracks: pa.Table, path: str, library: str) -> pa.Table:
