@@ -134,12 +134,17 @@ def user_errors(cls: type[Exception] = GenreBatchError) -> set[str]:
     return {cls.__name__} | {name for sub in cls.__subclasses__() for name in user_errors(sub)}
 
 
+STORAGE_ERRORS = ("PermissionError",)
+"""Task errors the CLI also prints as one line (`store.storage_error`: "access denied: ..."): a store or file the run
+may not write or read."""
+
+
 def not_a_user_error(record: logging.LogRecord) -> bool:
     """False for a worker's "Compute Failed" record of a task that raised a user error (its 4th argument is the
     exception's repr), which the CLI prints as one line: logged as well, it added a traceback to a local run's stderr."""
     if not str(record.msg).startswith("Compute Failed") or not isinstance(record.args, tuple) or len(record.args) < 4:
         return True
-    return not str(record.args[3]).startswith(tuple(f"{name}(" for name in user_errors()))
+    return not str(record.args[3]).startswith(tuple(f"{name}(" for name in (*user_errors(), *STORAGE_ERRORS)))
 
 
 class QuietUserErrors(WorkerPlugin):

@@ -54,7 +54,8 @@ def test_a_cluster_started_in_the_background_is_used_or_closed_with_the_session(
 
 def test_a_local_cluster_s_workers_log_failed_tasks_but_not_user_errors(capfd: pytest.CaptureFixture[str]) -> None:
     """A task's user error (GenreBatchError) reaches the caller and is not logged by the worker: the CLI prints it as
-    one line, and a local cluster's workers share its stderr. Other failures are still logged, with their traceback."""
+    one line, and a local cluster's workers share its stderr; so is a PermissionError ("access denied"). Other failures
+    are still logged, with their traceback."""
     from genre_batch import UsageError
     from genre_batch.checks import summary_format
     from genre_batch.cluster import session
@@ -64,9 +65,11 @@ def test_a_local_cluster_s_workers_log_failed_tasks_but_not_user_errors(capfd: p
             s.run([(summary_format, "yaml")])
         with pytest.raises(ValueError, match="invalid literal"):
             s.run([(int, "x")])
+        with pytest.raises(PermissionError):  # the store's folder not writable: "error: access denied" from the CLI
+            s.run([(exec, "raise PermissionError(13, 'Permission denied')")])
     err = capfd.readouterr().err
     assert err.count("Compute Failed") == 1 and "ValueError" in err and "Traceback" in err
-    assert "UsageError" not in err and "unknown format" not in err
+    assert "UsageError" not in err and "unknown format" not in err and "PermissionError" not in err
 
 
 def test_the_tag_stage_wants_workers_early_only_when_something_changed(tmp_path: Path) -> None:
