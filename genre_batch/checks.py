@@ -68,11 +68,13 @@ def endpoint(url: str | None) -> None:
 
 
 def library(location: str) -> None:
-    """A local library must be an existing folder; a library URL's protocol one fsspec can use."""
+    """A local library must be an existing folder this process may list; a library URL's protocol one fsspec can use."""
     given(location, "library")
     protocol(location, "library")
     if not is_url(location) and not Path(local_path(location)).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
+    if not is_url(location) and not os.access(local_path(location), os.R_OK | os.X_OK):
+        raise UsageError(f"cannot list the library folder {location}: Permission denied")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -206,8 +208,8 @@ def remote_library(location: str) -> None:
 
 
 def remote_store(location: str) -> None:
-    """A store on S3: its bucket exists and these credentials reach it (one request; a refusal is the caller's "access
-    denied"), and its prefix is not an object (one more request)."""
+    """A store on S3: its bucket exists and these credentials reach it (one request, two when they may list only a
+    prefix of it), and its prefix is not an object (one more request)."""
     if not location.startswith(("s3://", "s3a://")):
         return
     import fsspec
@@ -218,6 +220,11 @@ def remote_store(location: str) -> None:
         fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:
         raise GenreBatchError(f"the bucket {bucket} of the store {location} does not exist") from None
+    except PermissionError:  # HeadBucket needs s3:ListBucket on the whole bucket; credentials may hold it for a prefix
+        try:
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except PermissionError:
+            raise GenreBatchError(f"access denied to the store {location} (bucket {bucket}): check the credentials") from None
     if prefix and fs.isfile(path.rstrip("/")):
         raise GenreBatchError(f"the store {location} is an object, not a folder: give the prefix to keep the store under")
 

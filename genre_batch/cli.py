@@ -264,9 +264,9 @@ def print_plan(library: str, store: str, force: bool, allow_shrink: bool, labels
 
 
 def say_unlisted(skipped: list[str]) -> None:
-    """Warn, on stderr, of what the listing skipped ("path: reason"; what the previous listing had there is kept)."""
+    """Warn, on stderr, of what the listing skipped ("path: reason")."""
     for path in skipped:
-        say(f"warning: not listed: {path} (kept as the previous listing had it)", err=True)
+        say(f"warning: not listed: {path}", err=True)
 
 
 def finite(obj: object) -> object:

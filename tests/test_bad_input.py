@@ -384,21 +384,24 @@ def test_an_unreadable_folder_keeps_its_files(
         python = [sys.executable, "-c", DROP_DAC_CAPS] if os.geteuid() == 0 else [sys.executable]
         env = {**os.environ, "PREFECT_API_URL": prefect_server_process.api_url()}
         runs = [subprocess.run([*python, "-c", CLI_MAIN, "extract", str(library), "--store", str(store), "--features", "librosa", *extra, "--format", "json"],
-                               capture_output=True, text=True, env=env) for extra in (["--dry-run"], ["--scheduler", dask_scheduler])]
+                               capture_output=True, text=True, env=env)
+                for extra in (["--dry-run"], ["--scheduler", dask_scheduler], ["--scheduler", dask_scheduler, "--force"])]
     finally:
         (library / "locked").chmod(0o755)
     if runs[0].returncode == CANNOT_DROP_CAPS:
         pytest.skip(f"running as root, and dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed ({runs[0].stderr.strip()})")
-    plan, ran = (json.loads(r.stdout) for r in runs)
-    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    plan, ran, forced = (json.loads(r.stdout) for r in runs)
+    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
     unlisted = [f"{library / 'locked'}: Permission denied"]
     assert (plan["new"], plan["removed"], plan["unchanged"], plan["unlisted"]) == (1, 0, 4, unlisted)
     summary = ran["extract"]
     assert (summary["discovered"], summary["extracted"], summary["removed"], summary["unchanged"], summary["unlisted"]) == (5, 1, 0, 4, unlisted)
     assert sorted(Path(u).name for u in current_tracks(Store(str(store)))["uri"].to_pylist()) == ["0.wav", "1.wav", "2.wav", "3.wav", "new.wav"]
+    summary = forced["extract"]  # --force extracts what it listed, not the kept files (it cannot read them)
+    assert (summary["extracted"], summary["failed"], summary["unchanged"], summary["removed"]) == (3, 0, 2, 0)
 
 
-def test_an_unreadable_library_folder_is_an_error(tmp_path: Path) -> None:
+def test_an_unreadable_library_folder_is_a_usage_error(tmp_path: Path) -> None:
     library = tmp_path / "library"
     library.mkdir()
     library.chmod(0)
@@ -410,7 +413,7 @@ def test_an_unreadable_library_folder_is_an_error(tmp_path: Path) -> None:
         library.chmod(0o755)
     if child.returncode == CANNOT_DROP_CAPS:
         pytest.skip(f"running as root, and dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH failed ({child.stderr.strip()})")
-    assert (child.returncode, child.stdout, child.stderr) == (1, "", f"error: cannot list the library folder {library}: Permission denied\n")
+    assert (child.returncode, child.stdout, child.stderr) == (2, "", f"error: cannot list the library folder {library}: Permission denied\n")
 
 
 def test_a_name_that_is_not_utf8_is_skipped_and_reported(tmp_path: Path, dask_scheduler: str, prefect_server: None) -> None:

@@ -152,6 +152,9 @@ def test_a_damaged_snapshot_file_is_named_and_a_lost_pointer_costs_no_snapshot(t
     assert code == 1 and err.startswith("error: cannot read the published catalog: ") and damaged in err and err.count("\n") == 1
     assert cli("query", "--store", str(tmp_path), "--format", "json", "SELECT count(*) AS n FROM errors")[:2] == (0, '[{"n": 0}]\n')
     before = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
+    crashed = tmp_path / "catalog" / "snapshots" / "20000101T000000000000Z-crashed"  # a publish that died before its switch
+    crashed.mkdir()
+    (crashed / "genre-000.parquet.tmp-1").write_bytes(b"PAR1")
     (tmp_path / "catalog" / "CURRENT.json").rename(tmp_path / "catalog" / "CURRENT.json.damaged")
     catalog.publish(s, rows(2, "jazz", "run-3"), "run-3", "m-1", SPACE)
     after = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
@@ -434,3 +437,23 @@ def test_merge_diff_equals_the_diff_of_the_whole_files(tmp_path: Path) -> None:
     merged = pa.concat_tables([previous.filter(pa.array(kept)), clash])
     assert catalog.merge_diff(previous, kept, clash).equals(catalog.diff(previous, merged))
     assert catalog.merge_diff(previous.slice(0, 0), np.zeros(0, bool), clash).equals(catalog.diff(previous.slice(0, 0), clash))
+
+
+def test_a_corrupt_page_is_a_damaged_file_named_by_direct_and_dataset_reads(tmp_path: Path) -> None:
+    """A truncated file has no footer (ArrowInvalid); a corrupt page raises pyarrow's own OSError: both are named."""
+    import pyarrow.dataset as ds
+
+    s = Store(str(tmp_path))
+    good, bad = (f"{tmp_path}/{name}.parquet" for name in ("good", "bad"))
+    table = pa.table({"uri": [f"/music/{i:06d}.mp3" for i in range(50_000)]})
+    for path in (good, bad):
+        s.write_table(path, table)
+    data = bytearray(Path(bad).read_bytes())
+    data[100:20_000] = bytes(19_900)  # inside the first data page
+    Path(bad).write_bytes(bytes(data))
+    message = f"^damaged Parquet file in the store: {bad} \\(.+\\); see the README, Reliability$"
+    with pytest.raises(GenreBatchError, match=message):
+        s.read_table(bad)
+    with pytest.raises(GenreBatchError, match=message), s.naming_damage([good, bad]):
+        ds.dataset([good, bad], format="parquet").to_table()
+    assert s.read_table(good).equals(table)

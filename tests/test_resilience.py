@@ -500,7 +500,7 @@ def test_query_cannot_write_or_open_store_files(tmp_path: Path, sql: str, messag
     "path, content, argv, line",
     [
         ("catalog/CURRENT.json", '{"snapshot": "s-1", "fi', ["status"], "error: damaged JSON file in the store: {store}/catalog/CURRENT.json (Unterminated string starting at: line 1 column 21 (char 20))"),
-        ("catalog/CURRENT.json", '{"snapshot": "s-1", "fi', ["query", "SELECT count(*) FROM errors"], "error: damaged JSON file in the store: {store}/catalog/CURRENT.json (Unterminated string starting at: line 1 column 21 (char 20))"),
+        ("catalog/CURRENT.json", '{"snapshot": "s-1", "fi', ["query", "SELECT count(*) FROM catalog"], "error: damaged JSON file in the store: {store}/catalog/CURRENT.json (Unterminated string starting at: line 1 column 21 (char 20))"),
         ("runs/LEASE.json", "{}", ["status"], "error: unreadable run lease {store}/runs/LEASE.json: delete it if no run is active"),
         ("runs/LEASE.json", '{"run_id": "r", "pid": 1, "host": "h", "expires_at": "soon"}', ["status"], "error: unreadable run lease {store}/runs/LEASE.json: delete it if no run is active"),
         ("models/CURRENT.json", '{"version": "m-1", "pinned": false, "history": []}', ["classify", "song.mp3"],
@@ -513,3 +513,11 @@ def test_a_damaged_store_file_is_one_line_naming_it(path: str, content: str, arg
     (store / path).write_text(content)
     code, out, err = cli(argv[0], "--store", str(store), *argv[1:])
     assert (code, out, err) == (1, "", line.format(store=store) + "\n")
+
+
+def test_errors_stay_queryable_beside_a_damaged_pointer(tmp_path: Path) -> None:
+    """`query` reads only what the SQL names, word for word (a column alias holding 'catalog' names no table)."""
+    store = tmp_path / "store"
+    (store / "catalog").mkdir(parents=True)
+    (store / "catalog" / "CURRENT.json").write_text('{"snapshot": "s-1", "fi')
+    assert cli("query", "--store", str(store), "--format", "json", "SELECT count(*) AS not_in_catalog FROM errors") == (0, '[{"not_in_catalog": 0}]\n', "")

@@ -17,6 +17,7 @@ import soxr
 from mutagen.id3 import ID3
 
 from genre_batch import FileError
+from genre_batch.storage.locations import local_path
 from genre_batch.storage.store import file_system
 
 SAMPLE_RATE = 22050
@@ -90,7 +91,8 @@ def _opened(uri: str) -> Iterator[IO[bytes]]:
     except ValueError as e:  # an unknown protocol
         raise AudioError("io_error", f"cannot open: {e}") from e
     try:
-        if fs is None and not stat.S_ISREG(os.stat(uri).st_mode):  # a pipe would block the open, a device never end
+        local = local_path(uri)
+        if local is not None and not stat.S_ISREG(os.stat(local).st_mode):  # a pipe would block the open, a device never end
             raise AudioError("io_error", "not a regular file (a pipe, device or socket)")
         with fs.open(path, "rb") if fs is not None else open(uri, "rb") as f:
             yield f

@@ -37,6 +37,9 @@ class Unlisted:
 
     path: str
     reason: str
+    unreadable: bool = True
+    """A folder that exists but could not be read: what the previous listing had under it is kept. False for a name
+    that is not UTF-8, which no listing ever had."""
 
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".m4a", ".mp4", ".aac", ".wma"}
@@ -96,6 +99,8 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
         folder = folders.pop()
         try:
             entries = os.scandir(folder)
+        except FileNotFoundError:  # removed (or renamed) while the listing ran: gone, as its files are
+            continue
         except OSError as e:
             if folder == root:
                 raise GenreBatchError(f"cannot list the library folder {root}: {e.strerror or type(e).__name__}") from None
@@ -105,7 +110,7 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
             for entry in entries:
                 if not is_utf8(entry.name):
                     if entry.is_dir(follow_symlinks=False) or is_audio_path(entry.path):
-                        unlisted.append(Unlisted(printable(entry.path), "its name is not valid UTF-8: rename it"))
+                        unlisted.append(Unlisted(printable(entry.path), "its name is not valid UTF-8: rename it", unreadable=False))
                 elif entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                 elif is_audio_path(entry.path):
@@ -190,11 +195,11 @@ def inventory_batch(fs: fsspec.AbstractFileSystem, rows: list[tuple[str, int, st
 
 
 def is_folder(location: str) -> bool:
-    """A local folder, or a URL without an audio file's extension that is a prefix (one request): named audio files
-    cost no request."""
+    """A local folder, or a URL (not http) without an audio file's extension that is a prefix of an object store (one
+    request): named audio files cost no request."""
     if "://" not in location:
         return os.path.isdir(location)
-    if is_audio_path(location):
+    if is_audio_path(location) or location.startswith(("http://", "https://")):  # a web page is no folder
         return False
     fs, path = fsspec.core.url_to_fs(location)
     return fs.isdir(path.rstrip("/"))
@@ -219,7 +224,7 @@ def discover(library: str) -> pa.Table:
             tables.append(inventory_batch(fs, rows))
             rows = []
     tables.append(inventory_batch(fs, rows))
-    meta = {"library": uri_of(fs, root), "unlisted": json.dumps([[u.path, u.reason] for u in unreadable])}
+    meta = {"library": uri_of(fs, root), "unlisted": json.dumps([[u.path, u.reason, u.unreadable] for u in unreadable])}
     return pa.concat_tables(tables).sort_by("uri").replace_schema_metadata(meta)
 
 

@@ -232,7 +232,8 @@ def read_writes(store: Store) -> pa.Table:
     files = store.list(writes_folder(store), ".parquet")
     if not files:
         return WRITES_SCHEMA.empty_table()
-    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=WRITES_SCHEMA).to_table()
+    with store.naming_damage(files):
+        return ds.dataset(files, filesystem=store.fs, format="parquet", schema=WRITES_SCHEMA).to_table()
 
 
 def successful_writes(writes: pa.Table) -> pa.Table:

@@ -277,9 +277,10 @@ def published_history(store: Store, current: dict | None, keep: int) -> list[str
 
 def earlier(store: Store, previous: dict | None, snapshot: str, keep: int) -> list[str]:
     """The `keep` newest snapshots published before `snapshot`; without a pointer (a first publish, or a pointer lost)
-    the newest folders before it, so that a lost pointer costs no snapshot."""
+    the newest folders before it that hold a change feed (written before a switch: a publish that crashed earlier left
+    none), so that a lost pointer costs no snapshot."""
     if previous is None:
-        return [n for n in snapshot_names(store) if n < snapshot][-keep:]
+        return [n for n in snapshot_names(store) if n < snapshot and store.exists(f"{store.catalog}/{changes_file(n)}")][-keep:]
     return published_history(store, previous, keep)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -52,8 +53,8 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     any other path. The errors view is built only when asked for: it reads the feature store's key columns.
     """
     con = duckdb.connect(":memory:")
-    named = sql.lower()
-    current = published(store)
+    named = set(re.findall(r"[a-z_][a-z0-9_]*", sql.lower()))  # words of the SQL: a table is built only when named
+    current = published(store) if named & {"catalog", "similar", "changes"} else None  # errors and writes need no snapshot
     if current is None and "catalog" in named:  # SQL naming the catalog needs one published; the errors table is queryable before
         from genre_batch.publishing import catalog
 

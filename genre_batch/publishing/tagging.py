@@ -192,13 +192,15 @@ def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> lis
     for uri in uris:
         try:
             rows = file_rows(uri, families)
-            probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
-            order = np.argsort(probabilities)[::-1][:top]
-            results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
         except AudioError as e:
             results.append((uri, f"{e.kind}: {e}"))
-        except Exception as e:  # any other failure on one file (a decoder's, the features') fails that file alone, as in extraction
+            continue
+        except Exception as e:  # any other failure of one file's decoding or features fails that file alone, as in extraction
             results.append((uri, f"{type(e).__name__}: {e}"))
+            continue
+        probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
+        order = np.argsort(probabilities)[::-1][:top]
+        results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
     return results
 
 

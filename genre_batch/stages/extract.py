@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -101,16 +101,17 @@ def extract(
     families = families_of(features)
     repaired = repair(store)
     previous = read_inventory(store)
-    inventory = with_unlisted(discover(library), previous)
+    listed = discover(library)
+    inventory = with_unlisted(listed, previous)
     check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
     index = read_index(store, CHOICE_COLUMNS)
-    todo = plan_run(inventory, index, families, force, backfill_cap)
+    todo = plan_run(listed, index, families, force, backfill_cap)
     if needs_rows(todo, index):  # files moved (rare): plan again on whole rows, which the moves file carries
         del index
-        todo = plan_run(inventory, read_index(store), families, force, backfill_cap)
+        todo = plan_run(listed, read_index(store), families, force, backfill_cap)
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        unchanged=todo.unchanged, moved=todo.moved_files, repaired_parts=len(repaired),
+        unchanged=todo.unchanged + inventory.num_rows - listed.num_rows, moved=todo.moved_files, repaired_parts=len(repaired),
         backfilled=todo.backfill, backfill_left=todo.backfill_left, unlisted=unlisted_text(inventory),
     )
     removed = removed_count(previous, inventory)
@@ -159,9 +160,11 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
     """The plan of an extraction of some feature families: new, changed, retried (failed before), forced, backfilled,
     moved, removed and unchanged files (`force`, `allow_shrink`, `features` and `backfill_cap` as extract takes them)."""
     previous = read_inventory(store)
-    inventory = with_unlisted(discover(library), previous)
+    listed = discover(library)
+    inventory = with_unlisted(listed, previous)
+    kept = inventory.num_rows - listed.num_rows
     index = read_index(store, CHOICE_COLUMNS)
-    run = plan_run(inventory, index, families_of(features), False, backfill_cap)
+    run = plan_run(listed, index, families_of(features), False, backfill_cap)
     needed = run.todo.filter(pc.starts_with(run.todo["families"], LIBROSA.name))  # new, changed, retried: every family
     known = int(pc.sum(pc.is_in(needed["uri"], value_set=previous["uri"])).as_py() or 0)
     same = needed.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
@@ -172,24 +175,26 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
         refused = None
     except PublishRefused as e:
         refused = str(e)
-    rest = inventory.num_rows - needed.num_rows  # what `force` re-extracts too
+    rest = listed.num_rows - needed.num_rows  # what `force` re-extracts too (not the files kept under unread folders)
     return DryRun(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
         new=needed.num_rows - known, changed=known - same, retried=same, forced=rest if force else 0,
         backfill=0 if force else run.backfill, backfill_left=0 if force else run.backfill_left,
-        moved=0 if force else run.moved_files, removed=removed, unchanged=0 if force else run.unchanged,
+        moved=0 if force else run.moved_files, removed=removed, unchanged=kept + (0 if force else run.unchanged),
         refused=refused, unlisted=unlisted_text(inventory),
     )
 
 
 def with_unlisted(listed: pa.Table, previous: pa.Table) -> pa.Table:
-    """The listing with the previous listing's files under the folders it skipped, kept as they were: neither removed nor
-    extracted again."""
-    folders = [u.path for u in unlisted(listed)]
+    """The listing with the previous listing's files under the folders it could not read, kept as they were: neither
+    removed nor extracted (the plan is made on `listed` alone)."""
+    folders = [u.path.rstrip("/") + "/" for u in unlisted(listed) if u.unreadable]
     if not folders or previous.num_rows == 0:
         return listed
-    under = reduce(pc.or_, [pc.starts_with(previous["uri"], folder.rstrip("/") + "/") for folder in folders])
-    kept = previous.filter(under).select(listed.column_names).cast(listed.schema)
+    uris = previous["uri"].to_pylist()  # sorted: every listing is written in URI order
+    rows = [i for folder in folders
+            for i in range(bisect_left(uris, folder), bisect_left(uris, folder[:-1] + chr(ord("/") + 1)))]
+    kept = previous.take(pa.array(rows, pa.int64())).select(listed.column_names).cast(listed.schema)
     return pa.concat_tables([listed, kept]).sort_by("uri").replace_schema_metadata(listed.schema.metadata)
 
 

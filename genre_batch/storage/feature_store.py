@@ -287,7 +287,8 @@ def stored_index(store: Store, columns: list[str] | None = None, files: list[str
     files = index_files(store) if files is None else files
     if not files:
         return INDEX_SCHEMA.empty_table() if columns is None else INDEX_SCHEMA.empty_table().select(columns)
-    return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns, filter=where)
+    with store.naming_damage(files):
+        return ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA).to_table(columns=columns, filter=where)
 
 
 def read_index(store: Store, columns: list[str] | None = None, where: ds.Expression | None = None) -> pa.Table:
@@ -737,8 +738,9 @@ def index_sources(store: Store, files: list[str], columns: list[str]) -> pa.Tabl
     that file (`_line`): enough for a worker to read the whole row again."""
     if not files:
         return INDEX_SCHEMA.empty_table().select(columns).append_column("_file", pa.array([], pa.int32())).append_column("_line", pa.array([], pa.int64()))
-    dataset = ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA)
-    table = dataset.to_table(columns=[*columns, "__fragment_index"])  # a number per row, not its file's path
+    with store.naming_damage(files):
+        dataset = ds.dataset(files, filesystem=store.fs, format="parquet", schema=INDEX_SCHEMA)
+        table = dataset.to_table(columns=[*columns, "__fragment_index"])  # a number per row, not its file's path
     found = pc.index_in(pa.array(dataset.files, pa.string()), value_set=pa.array(files, pa.string()))
     if found.null_count:
         raise RuntimeError("pyarrow named an index file by another path than the one it was given")

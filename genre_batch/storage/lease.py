@@ -113,10 +113,20 @@ def read(store: Store) -> tuple[dict | None, str | None]:
         return None, None
     try:
         lease = json.loads(data)
-        datetime.fromisoformat(lease["expires_at"]), int(lease["pid"]), lease["run_id"], lease["host"]
-    except (ValueError, TypeError, KeyError):  # not JSON, or not a lease's fields
-        raise GenreBatchError(f"unreadable run lease {store.uri(path)}: delete it if no run is active") from None
+    except ValueError:
+        lease = None
+    if not is_lease(lease):
+        raise GenreBatchError(f"unreadable run lease {store.uri(path)}: delete it if no run is active")
     return lease, token
+
+
+def is_lease(lease: object) -> bool:
+    """True for a lease's fields: run_id, host, a pid and an ISO expiry time."""
+    try:
+        datetime.fromisoformat(lease["expires_at"]), int(lease["pid"]), lease["run_id"], lease["host"]  # type: ignore[index]
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def put(store: Store, lease: dict, expected: str | None) -> None:

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,9 +196,24 @@ class Store:
             with self.open(path) as f:
                 return pq.read_table(f, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
-            if not damaged(e, self.local):
+            if not damaged(e):
                 raise
             raise GenreBatchError(f"damaged Parquet file in the store: {self.uri(path)} ({str(e).splitlines()[0]}); see the README, Reliability") from None
+
+    @contextmanager
+    def naming_damage(self, files: list[str]) -> Iterator[None]:
+        """Around a dataset's read of `files`: a damaged file becomes the error `read_table` gives, naming it (the
+        files are read again one by one to find it)."""
+        import pyarrow as pa
+
+        try:
+            yield
+        except (pa.ArrowInvalid, OSError) as e:
+            if not damaged(e):
+                raise
+            for path in files:
+                self.read_table(path)
+            raise GenreBatchError(f"damaged Parquet file in the store, among {len(files)} files ({str(e).splitlines()[0]})") from None
 
     def parquet_schema(self, path: str) -> pa.Schema:
         """The schema and metadata of a Parquet file (its footer only)."""
@@ -345,13 +359,13 @@ def applied(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         return False
 
 
-def damaged(e: BaseException, local: bool) -> bool:
-    """True for a Parquet read error that means a damaged file: pyarrow's ArrowInvalid (no footer, truncated), or on
-    disk an OSError other than a missing or forbidden file (corrupt pages); on an object store an OSError may be the
-    network."""
+def damaged(e: BaseException) -> bool:
+    """True for a Parquet read error that means a damaged file: pyarrow's ArrowInvalid (no footer, truncated) or its
+    own OSError, which carries no errno (a corrupt page or footer); the OS's and s3fs's errors carry one, or are a
+    missing or forbidden file."""
     import pyarrow as pa
 
-    return isinstance(e, pa.ArrowInvalid) or (local and isinstance(e, OSError) and not isinstance(e, FileNotFoundError | PermissionError))
+    return isinstance(e, pa.ArrowInvalid) or (isinstance(e, OSError) and e.errno is None and not isinstance(e, FileNotFoundError | PermissionError))
 
 
 def storage_error(e: BaseException) -> str | None:
@@ -366,9 +380,6 @@ def storage_error(e: BaseException) -> str | None:
         return f"object store error: {e}"
     if isinstance(e, OSError) and isinstance(e.__cause__, ClientError):  # s3fs's translation of an S3 error answer
         return f"object store error: {e.__cause__}"
-    pyarrow = sys.modules.get("pyarrow")
-    if pyarrow is not None and isinstance(e, pyarrow.ArrowInvalid) and "Parquet" in str(e):  # a dataset's read names its file
-        return f"damaged Parquet file in the store: {str(e).splitlines()[0]}; see the README, Reliability"
     return None
 
 
