@@ -192,11 +192,8 @@ def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> lis
     for uri in uris:
         try:
             rows = file_rows(uri, families)
-        except AudioError as e:
-            results.append((uri, f"{e.kind}: {e}"))
-            continue
-        except Exception as e:  # any other failure of one file's decoding or features fails that file alone, as in extraction
-            results.append((uri, f"{type(e).__name__}: {e}"))
+        except Exception as e:  # any failure of one file's decoding or features fails that file alone, as in extraction
+            results.append((uri, f"{e.kind if isinstance(e, AudioError) else type(e).__name__}: {e}"))
             continue
         probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
         order = np.argsort(probabilities)[::-1][:top]

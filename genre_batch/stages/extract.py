@@ -103,6 +103,7 @@ def extract(
     previous = read_inventory(store)
     listed = discover(library)
     inventory = with_unlisted(listed, previous)
+    kept = inventory.num_rows - listed.num_rows
     check_listing(previous.num_rows, inventory.num_rows, library, force or allow_shrink)
     index = read_index(store, CHOICE_COLUMNS)
     todo = plan_run(listed, index, families, force, backfill_cap)
@@ -111,7 +112,7 @@ def extract(
         todo = plan_run(listed, read_index(store), families, force, backfill_cap)
     summary = ExtractSummary(
         library=inventory.schema.metadata[b"library"].decode(), discovered=inventory.num_rows,
-        unchanged=todo.unchanged + inventory.num_rows - listed.num_rows, moved=todo.moved_files, repaired_parts=len(repaired),
+        unchanged=todo.unchanged + kept, moved=todo.moved_files, repaired_parts=len(repaired),
         backfilled=todo.backfill, backfill_left=todo.backfill_left, unlisted=unlisted_text(inventory),
     )
     removed = removed_count(previous, inventory)
