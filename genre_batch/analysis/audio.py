@@ -86,15 +86,15 @@ def whole(duration_s: float) -> list[Span]:
 def _opened(uri: str) -> Iterator[IO[bytes]]:
     """An open file of a local path (builtin open: its reads cost less CPU than fsspec's local file object's) or of an
     fsspec URL; open and read failures become AudioError("io_error")."""
+    local = local_path(uri)
     try:
-        fs, path = file_system(uri) if "://" in uri else (None, uri)
+        fs, path = file_system(uri) if local is None else (None, local)
     except ValueError as e:  # an unknown protocol
         raise AudioError("io_error", f"cannot open: {e}") from e
     try:
-        local = local_path(uri)
         if local is not None and not stat.S_ISREG(os.stat(local).st_mode):  # a pipe would block the open, a device never end
             raise AudioError("io_error", "not a regular file (a pipe, device or socket)")
-        with fs.open(path, "rb") if fs is not None else open(uri, "rb") as f:
+        with fs.open(path, "rb") if fs is not None else open(local, "rb") as f:
             yield f
     except OSError as e:
         raise AudioError("io_error", f"cannot read file: {_os_reason(e)}") from e

@@ -14,6 +14,7 @@ import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
+from genre_batch.storage.locations import local_path
 from genre_batch.storage.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
@@ -197,8 +198,9 @@ def inventory_batch(fs: fsspec.AbstractFileSystem, rows: list[tuple[str, int, st
 def is_folder(location: str) -> bool:
     """A local folder, or a URL (not http) without an audio file's extension that is a prefix of an object store (one
     request): named audio files cost no request."""
-    if "://" not in location:
-        return os.path.isdir(location)
+    local = local_path(location)
+    if local is not None:
+        return os.path.isdir(local)
     if is_audio_path(location) or location.startswith(("http://", "https://")):  # a web page is no folder
         return False
     fs, path = fsspec.core.url_to_fs(location)
