@@ -35,7 +35,7 @@ def report_task(store: Store, record: dict) -> None:
 
         version = record["train"]["version"]
         create_markdown_artifact(
-            confusion_markdown(registry.metadata(store, version)),
+            confusion_markdown(registry.card(store, version)),
             key=artifact_key("confusion-matrix", store.url),
             description=f"held-out confusion matrix of model {version} ({'promoted' if record['train']['promoted'] else 'not promoted'})",
         )

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from genre_batch.modelling.registry import ModelPointer
     from genre_batch.progress import Report
-
     from genre_batch.storage.store import Store
 
 
@@ -713,10 +713,10 @@ def models_show(version: VersionArg, store: StoreOpt = DEFAULT_STORE) -> None:
     s = Store.at(store)
     if version not in registry.versions(s):
         raise GenreBatchError(f"no model {version} in {s.url}: see 'genre-batch models list'")
-    print_json(registry.metadata(s, version))
+    print_json(registry.card(s, version).document)
 
 
-def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
+def switch_model(store: str, change: Callable[[Store], ModelPointer], fmt: str) -> None:
     """Change the model pointer under the store's run lease and say what is current now (the pointer, with json)."""
     checks.summary_format(fmt)
     check_reader(store)
@@ -728,16 +728,16 @@ def switch_model(store: str, change: Callable[[Any], dict], fmt: str) -> None:
 
     s = Store.at(store)
     with lease.held(s, new_run_id()):
-        before = registry.pointer(s) or {}
+        before = registry.pointer(s)
         pointer = change(s)
     if fmt == "json":
-        print_json(pointer)
+        print_json(pointer.document())
         return
-    pinned = " (pinned)" if pointer.get("pinned") else ""
-    if pointer["version"] != before.get("version"):
-        say(f"models: current model is {pointer['version']}{pinned}; {RETAG_NOTE}")
+    now = f"models: current model is {pointer.version}" + (" (pinned)" if pointer.pinned else "")
+    if before is None or pointer.version != before.version:
+        say(f"{now}; {RETAG_NOTE}")
     else:
-        say(f"models: current model is {pointer['version']}{pinned}" + ("" if pointer.get("pinned") != before.get("pinned") else " (unchanged)"))
+        say(now + ("" if pointer.pinned != before.pinned else " (unchanged)"))
 
 
 @models_app.command("promote", cls=PlainFirstCommand)

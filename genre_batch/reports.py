@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import TYPE_CHECKING
 
 from genre_batch import GenreBatchError
+
+if TYPE_CHECKING:
+    from genre_batch.modelling.registry import ModelCard
 
 PARAMETER_VARIABLES = {"library": "GENRE_BATCH_LIBRARY", "store": "GENRE_BATCH_STORE", "labels": "GENRE_BATCH_LABELS"}
 """The environment variables prefect.yaml reads each deployment parameter from."""
@@ -64,7 +68,6 @@ def errors_rows(kinds: dict[str, int]) -> list[dict]:
     return [{"error_type": kind, "files": n} for kind, n in kinds.items()] or [{"error_type": "none", "files": 0}]
 
 
-def confusion_markdown(metadata: dict) -> str:
+def confusion_markdown(card: ModelCard) -> str:
     """A model's held-out confusion matrix as a Markdown table (rows: true genre, columns: predicted)."""
-    genres, confusion = metadata["genres"], metadata["holdout"]["confusion"]
-    return markdown_table(["true \\ predicted", *genres], [[g, *row] for g, row in zip(genres, confusion)])
+    return markdown_table(["true \\ predicted", *card.genres], [[g, *row] for g, row in zip(card.genres, card.confusion)])

@@ -38,9 +38,7 @@ def run_line(record: dict) -> dict:
 def model_status(store: Store) -> dict | None:
     """The current model's key facts, or None."""
     current = registry.pointer(store)
-    if current is None:
-        return None
-    return registry.summary(registry.metadata(store, current["version"]), current)
+    return registry.summary(registry.card(store, current.version), current) if current else None
 
 
 def catalog_status(store: Store) -> dict | None:

@@ -27,6 +27,15 @@ from genre_batch.storage.store import Store  # noqa: E402
 
 CLIP_SECONDS = 3.0
 FORMATS_CYCLE = ("wav", "flac", "ogg", "mp3")
+FIRST_CARD = {
+    "version": "m-1", "created_at": "2026-11-25T00:20:23+00:00", "run_id": "r-1", "genres": ["a", "b", "c"], "label_source": "folders",
+    "feature_version": 1, "training_fingerprint": "0123456789abcdef", "tracks": 30, "tracks_per_genre": {"a": 10, "b": 10, "c": 10},
+    "dropped_genres": [], "params": {"max_depth": 4}, "cross_validation": {"accuracy": 0.9, "macro_f1": 0.9, "folds": 5},
+    "holdout": {"accuracy": 0.8, "macro_f1": 0.8, "confusion": [[3, 0, 0], [0, 2, 1], [0, 1, 3]], "fraction": 0.2},
+    "majority_baseline": 0.33, "gate": {"passed": True, "reason": "cross-validated accuracy 0.900 vs majority baseline 0.333", "min_accuracy": None},
+    "xgboost_version": "2.1.0", "python": "3.11.2",
+}
+"""The card the first genre-batch wrote (genre_batch/training.py of 299d140): no classifier, families, calibration or labelled set."""
 
 
 def make_library(root: Path, per_style: int, seed: int = 0, styles: tuple[str, ...] = STYLES) -> list[Path]:

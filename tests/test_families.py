@@ -220,7 +220,7 @@ def tag(store: Path, scheduler: str, full: bool = False) -> tag_stage.TagSummary
 def promote_copy(store: Store, version: str, families: dict[str, int]) -> str:
     """Register the model `version` again under a card naming other feature families (as a later version trains), promoted."""
     folder = f"{store.models}/{version}"
-    meta = {k: v for k, v in registry.metadata(store, version).items() if k != "version"}
+    meta = {k: v for k, v in registry.card(store, version).document.items() if k != "version"}
     copy = registry.new_version()
     for path in store.fs.ls(folder, detail=False):
         name = path.rsplit("/", 1)[-1]
@@ -239,7 +239,7 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     assert extract(library, path, dask_scheduler, ("librosa",)).extracted == 12
     with session(dask_scheduler) as cluster:
         trained = train_stage.train(store, "folders", "run-train", cluster)
-    assert trained.promoted and registry.metadata(store, trained.version)["feature_families"] == {"librosa": fstore.LIBROSA.version}
+    assert trained.promoted and registry.card(store, trained.version).families == {"librosa": fstore.LIBROSA.version}
     assert trained.hint is None  # no current model: the defaults for this store (librosa alone) were trained
     assert tag(path, dask_scheduler).rows == 12
     librosa_before, windows_before = librosa_part_bytes(path), current_features(store)
@@ -295,9 +295,9 @@ def test_adding_the_family_backfills_it_and_the_old_model_keeps_tagging(
     for families, kind in ((["librosa", "musicnn"], "linear"), (["musicnn"], "xgboost")):
         with session(dask_scheduler) as cluster:
             both = train_stage.train(store, "folders", "run-train", cluster, families=families, classifier=kind)
-        card = registry.metadata(store, both.version)
+        card = registry.card(store, both.version)
         assert both.promoted and both.sampled_tracks == 13, both.reason
-        assert card["classifier"] == kind and card["feature_families"] == {f: fstore.FAMILIES[f].version for f in families}
+        assert card.classifier == kind and card.families == {f: fstore.FAMILIES[f].version for f in families}
         tagged = tag(path, dask_scheduler)
         assert (tagged.rows, tagged.model_version, tagged.mode) == (13, both.version, "full")
         rows = catalog.read(store, ["model_version", "probabilities"])

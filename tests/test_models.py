@@ -12,11 +12,13 @@ import pytest
 import xgboost as xgb
 from sklearn.linear_model import LogisticRegression
 
-from genre_batch import checks
+from genre_batch import GenreBatchError, checks
 from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import KINDS, MAX_ROUNDS, PARAMS, PREDICT_CHUNK, LinearModel, XGBoostModel, model_class, validation_split
 from genre_batch.storage.store import Store
+
+from conftest import FIRST_CARD
 
 COLUMNS = [f"c{i}" for i in range(6)]
 
@@ -41,9 +43,9 @@ def test_every_kind_learns_and_round_trips_through_the_registry(kind: str, tmp_p
 
     store = Store(str(tmp_path))
     labelled = pa.table({k: pa.array([], pa.string()) for k in ("uri", "fingerprint", "genre")})
-    registry.register(store, "m-1", model, {"feature_version": FEATURE_VERSION, "genres": ["a", "b", "c"]}, b"", labelled)
-    loaded, meta = registry.load(store, "m-1")
-    assert meta["classifier"] == kind and type(loaded) is type(model)
+    registry.register(store, "m-1", model, {**FIRST_CARD, "feature_version": FEATURE_VERSION}, b"", labelled)
+    loaded, card = registry.load(store, "m-1")
+    assert card.classifier == kind and card.version == "m-1" and type(loaded) is type(model)
     assert np.allclose(loaded.predict_proba(X[90:]), p, atol=1e-6)
     assert loaded.params() == model.params()
     assert sorted(p.name for p in (tmp_path / "models" / "m-1").iterdir()) == sorted([*model.files, "confusion_matrix.png", "labelled.parquet", "metadata.json"])
@@ -76,17 +78,29 @@ def test_linear_model_matches_scikit_learn_for_two_genres_and_a_genre_absent_fro
     assert p.shape == (len(y), 3) and p[:, 2].max() < 1e-9 and np.allclose(p[:, :2], reference, atol=1e-4)
 
 
-def test_a_card_without_classifier_loads_as_xgboost(tmp_path: Path) -> None:
-    """Stores written before model kinds: model.ubj and a card without `classifier` or `feature_families`."""
+def test_a_card_of_the_first_version_loads_as_xgboost_on_librosa_uncalibrated(tmp_path: Path) -> None:
+    """Stores written before model kinds: model.ubj and a card as the first genre-batch wrote it."""
     X, y, groups = blobs()
     booster = XGBoostModel.fit(np.pad(X, ((0, 0), (0, len(FEATURE_NAMES) - X.shape[1]))), y, np.ones(len(y)), groups, 3, list(FEATURE_NAMES)).booster
     store = Store(str(tmp_path))
     store.write_bytes(f"{store.models}/m-old/model.ubj", bytes(booster.save_raw("ubj")))
-    store.write_json(f"{store.models}/m-old/metadata.json", {"version": "m-old", "feature_version": FEATURE_VERSION, "genres": ["a", "b", "c"]})
-    model, meta = registry.load(store, "m-old")
-    assert isinstance(model, XGBoostModel) and registry.model_kind(meta) == "xgboost"
-    assert registry.model_families(meta) == {"librosa": FEATURE_VERSION}
+    store.write_json(f"{store.models}/m-old/metadata.json", {**FIRST_CARD, "version": "m-old", "feature_version": FEATURE_VERSION})
+    model, card = registry.load(store, "m-old")
+    assert isinstance(model, XGBoostModel) and card.classifier == "xgboost" and card.families == {"librosa": FEATURE_VERSION}
+    assert (card.temperature, card.abstain_below, card.labelled_tracks, card.genres) == (1.0, 0.0, 30, ("a", "b", "c"))
+    assert card.created_at.isoformat() == FIRST_CARD["created_at"] and card.gate_passed and card.holdout_accuracy == 0.8
     assert model.predict_proba(np.zeros((2, len(FEATURE_NAMES)), np.float32)).shape == (2, 3)
+    assert registry.summary(card, registry.ModelPointer("m-old"))["classifier"] == "xgboost"
+
+
+def test_a_card_lacking_a_field_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.write_json(f"{store.models}/m-1/metadata.json", {k: v for k, v in FIRST_CARD.items() if k != "holdout"})
+    with pytest.raises(GenreBatchError, match=f"^damaged JSON file in the store: {tmp_path}/models/m-1/metadata.json \\(no field 'holdout'\\)$"):
+        registry.card(store, "m-1")
+    store.write_json(f"{store.models}/{registry.POINTER}", {"pinned": True})
+    with pytest.raises(GenreBatchError, match="models/CURRENT.json \\(no field 'version'\\)$"):
+        registry.pointer(store)
 
 
 def test_unknown_kind_is_a_clear_error_and_the_cli_lists_every_kind() -> None:

@@ -73,14 +73,14 @@ def test_models_verbs(store: Store, dask_scheduler: str) -> None:
     assert code == 0 and "current model is m-2" in out and "not re-tagged now" in out
     code, out, _ = cli("models", "promote", "m-2", "--store", store.url, "--force")  # the current model again: nothing changes
     assert code == 0 and "current model is m-2 (unchanged)" in out and "re-tagged" not in out
-    assert registry.pointer(store)["history"] == ["m-1"]
+    assert registry.pointer(store).history == ("m-1",)
     code, out, _ = cli("models", "rollback", "--store", store.url, "--format", "json")
     assert code == 0 and json.loads(out)["version"] == "m-1" and registry.current_version(store) == "m-1"
-    assert registry.pointer(store)["history"] == []
+    assert registry.pointer(store).history == ()
     assert cli("models", "rollback", "--store", store.url)[0] == 1  # nothing earlier to go back to
     promoted_twice = {"version": "m-3", "pinned": False, "promoted_at": "2026-12-01T00:00:00+00:00", "history": ["m-1", "m-3", "m-3"]}
     store.write_json(f"{store.models}/{registry.POINTER}", promoted_twice)  # as promoting the current model left it before
-    assert registry.rollback(store)["version"] == "m-1" and registry.pointer(store)["history"] == []
+    assert registry.rollback(store).version == "m-1" and registry.pointer(store).history == ()
 
     code, out, _ = cli("models", "pin", "--store", store.url)
     assert code == 0 and out.strip() == "models: current model is m-1 (pinned)" and registry.pinned(store)

@@ -160,9 +160,10 @@ def test_a_model_of_another_feature_version_is_refused_by_tag_and_classify(train
 def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path]) -> None:
     _, store = trained_store
     s = Store(str(store))
-    version, meta = registry.current(s)
-    assert meta["label_source"] == "folders" and meta["feature_version"] == FEATURE_VERSION
-    assert meta["classifier"] == "linear" and meta["feature_families"] == {"librosa": LIBROSA.version, "musicnn": MUSICNN.version}
+    card = registry.current(s)
+    meta = card.document
+    assert card.label_source == "folders" and card.feature_version == FEATURE_VERSION and card.labelled_tracks == 20
+    assert card.classifier == "linear" and card.families == {"librosa": LIBROSA.version, "musicnn": MUSICNN.version}
     assert meta["tracks"] == 20 and meta["cross_validation"]["folds"] == 5
     sample = meta["sample"]  # far below the budget: nothing thinned
     assert sample["windows_per_track"] == round(meta["windows"] / 20, 2) and sample["min_windows"] == 2
@@ -174,10 +175,10 @@ def test_training_metadata_and_current_pointer(trained_store: tuple[Path, Path])
     assert meta["cross_validation"]["accuracy"] >= 0.8 > meta["majority_baseline"]
     assert set(meta["holdout"]["per_genre"]) == set(STYLES)
     assert len(meta["training_fingerprint"]) == 16
-    folder = store / "models" / version
+    folder = store / "models" / card.version
     assert (folder / "model.npz").stat().st_size > 0 and not (folder / "model.ubj").exists()  # coefficients and scaler, no pickle
     assert (folder / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert retrain.retrain_decision(s, "folders") == (False, f"current model {version} was trained on the same labelled data")
+    assert retrain.retrain_decision(s, "folders") == (False, f"current model {card.version} was trained on the same labelled data")
     assert retrain.retrain_decision(s, "tags")[0]  # another label source: another training set
 
 
@@ -275,7 +276,7 @@ def test_distributed_tagging_equals_the_single_process_result(trained_store: tup
     assert space.family == MUSICNN.name  # the default extraction gives every track musicnn: its embeddings are the space
     inventory = read_inventory(s, KEYS)
     # as the stage: each track's rows of the model's other families located beside its librosa rows, then by part
-    tracks = training.located(s, current_tracks(s, inventory), inventory, families_of(registry.metadata(s, summary.model_version)))
+    tracks = training.located(s, current_tracks(s, inventory), inventory, families_of(registry.card(s, summary.model_version)))
     local = tag_groups(s, summary.model_version, by_part(tracks), "run-d", datetime.now(timezone.utc), space, current_tracks(s, inventory, MUSICNN))
     expected = {r["uri"]: (r["track_id"], r["genre"], dict(r["probabilities"])) for r in local.to_pylist()}
     assert catalog_by_uri(store) == expected  # row for row: same tracks, genres, probabilities
@@ -372,9 +373,9 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
     decided, modules = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout)
     assert decided == [False, f"current model {version} was trained on the same labelled data"]  # read the index and the registry
     assert not {"xgboost", "sklearn", "librosa", "numba", "matplotlib"} & set(modules)  # run --dry-run and a no-op nightly stay cheap
-    registry.register(s, "m-file", *registry.load(s, version), b"", retrain.labelled_keys(retrain.labelled(s, relabel(0))))
-    meta = registry.metadata(s, "m-file")
-    s.write_json(f"{s.models}/m-file/metadata.json", {**meta, "label_source": "file:labels.csv"})
+    model, card = registry.load(s, version)
+    labelled = retrain.labelled_keys(retrain.labelled(s, relabel(0)))
+    registry.register(s, "m-file", model, {**card.document, "label_source": "file:labels.csv"}, b"", labelled)
     registry.promote(s, "m-file")
     assert retrain.retrain_decision(s, relabel(0)) == (False, "current model m-file was trained on the same labelled data")
     one = retrain.retrain_decision(s, relabel(1))  # 1 of 20 relabelled: 5 %, not above
@@ -383,7 +384,7 @@ def test_retrain_policy_decisions(trained_store: tuple[Path, Path], tmp_path: Pa
     assert two[0] and "10.0% of the labelled set changed" in two[1]
     registry.promote(s, "m-file", pinned=True)
     assert retrain.retrain_decision(s, relabel(1)) == (False, "current model m-file is pinned")
-    assert registry.pointer(s)["history"][-1:] == [version]  # promoting the current model to pin it adds no history
+    assert registry.pointer(s).history[-1:] == (version,)  # promoting the current model to pin it adds no history
     registry.promote(s, "m-file")
     late = datetime.now(timezone.utc) + timedelta(days=retrain.RETRAIN_AFTER_DAYS + 1)
     many = [f"{u},{Path(u).parent.name}" for u in uris] + ["/elsewhere/x.mp3,rock"]  # ignored: outside the library
@@ -440,10 +441,10 @@ def test_all_tracks_option_fits_on_every_labelled_track_with_xgboost_dask(traine
     _, store = trained_store
     s = Store(str(store))
     with session(dask_scheduler) as cluster:
-        assert registry.model_kind(registry.metadata(s, registry.current_version(s))) == "linear"
+        assert registry.current(s).classifier == "linear"
         summary = train_stage.train(s, "folders", "run-all", cluster, all_tracks=True)  # xgboost.dask's option: xgboost without being told
         assert summary.promoted and summary.tracks == 20 and summary.classifier == "xgboost"
-        card = registry.metadata(s, summary.version)
+        card = registry.card(s, summary.version).document
         assert card["fit"] == {"tracks": 20, "engine": "xgboost.dask", "on": "every labelled track"} and card["params"]["num_boost_round"] > 0
         tagged = tag_stage.tag(s, "run-all", cluster)
     assert tagged.model_version == summary.version and tagged.mode == "full"

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import FIRST_CARD
 from test_feature_store import T0, files, set_inventory, write_shard
 
 from genre_batch import GenreBatchError
@@ -22,6 +23,7 @@ from genre_batch.analysis.features import FEATURE_NAMES
 from genre_batch.cluster import session
 from genre_batch.modelling import evaluation, training
 from genre_batch.modelling.model import DEFAULT_C, DEFAULT_ROUNDS, PREDICT_CHUNK, LinearModel, XGBoostModel
+from genre_batch.modelling.registry import ModelCard
 from genre_batch.publishing.tagging import UNKNOWN, catalog_rows
 from genre_batch.stages import train as train_stage
 from genre_batch.storage import feature_store as fstore
@@ -237,8 +239,8 @@ def test_abstain_threshold_gives_unknown_rows_that_keep_their_probabilities() ->
         }
     )
     probabilities = np.array([[0.4, 0.3, 0.2, 0.1], [0.05, 0.9, 0.03, 0.02]])
-    meta = {"genres": GENRES, "abstain_below": 0.5}
-    rows = catalog_rows(first, probabilities, meta, "m-1", "run-1", datetime.now(timezone.utc), np.zeros((2, 128)), [None, None]).to_pylist()
+    card = ModelCard.parse({**FIRST_CARD, "genres": GENRES, "abstain_below": 0.5})
+    rows = catalog_rows(first, probabilities, card, "run-1", datetime.now(timezone.utc), np.zeros((2, 128)), [None, None]).to_pylist()
     assert [r["genre"] for r in rows] == [UNKNOWN, "chiptune"]
     assert dict(rows[0]["probabilities"]) == pytest.approx(dict(zip(GENRES, probabilities[0])))
     assert rows[0]["confidence"] == pytest.approx(0.4)

@@ -1,7 +1,7 @@
 """Model registry: versioned models of any kind (genre_batch.modelling.model: XGBoost in its UBJSON format, linear as plain
 arrays in .npz; never pickle) with their cards, and a CURRENT pointer with history.
 
-The pointer `models/CURRENT.json` is {"version", "pinned", "history"}: switched by a conditional write (like the
+The pointer `models/CURRENT.json` (ModelPointer) is {"version", "pinned", "promoted_at", "history"}: switched by a conditional write (like the
 catalog's), `history` the versions that were current before, newest last; a pinned model is never replaced by an
 automatic retrain."""
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import pyarrow as pa
 
@@ -24,6 +26,7 @@ LABELLED_FILE = "labelled.parquet"
 """The labelled set a model was trained on: (uri, fingerprint, genre) of every labelled track, sampled or not."""
 POINTER = "CURRENT.json"
 HISTORY = 20
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost or scikit-learn (README, Cheap start)
     from genre_batch.modelling.model import GenreModel
@@ -32,6 +35,79 @@ if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboo
 def new_version() -> str:
     """A sortable, unique model version."""
     return f"m-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A registered model's card (`metadata.json`), read once: the facts stages act on, with the defaults of cards
+    written before a field existed; `document` is the card as stored (`models show`)."""
+
+    version: str
+    created_at: datetime
+    genres: tuple[str, ...]
+    classifier: str
+    families: dict[str, int]
+    """The feature families and versions the model was trained on."""
+    feature_version: int
+    temperature: float
+    abstain_below: float
+    label_source: str | None
+    training_fingerprint: str | None
+    labelled_tracks: int
+    cv_accuracy: float
+    holdout_accuracy: float
+    confusion: list[list[int]]
+    """The held-out confusion matrix, rows the true genre, in `genres` order."""
+    gate_passed: bool
+    gate_reason: str
+    document: dict
+
+    @classmethod
+    def parse(cls, document: dict) -> ModelCard:
+        """A card from its stored JSON (xgboost on librosa alone, uncalibrated, for cards before kinds and families)."""
+        return cls(
+            version=document["version"],
+            created_at=datetime.fromisoformat(document["created_at"]),
+            genres=tuple(document["genres"]),
+            classifier=document.get("classifier", LEGACY_CLASSIFIER),
+            families=document.get("feature_families") or {"librosa": document["feature_version"]},
+            feature_version=document["feature_version"],
+            temperature=document.get("temperature", 1.0),
+            abstain_below=document.get("abstain_below") or 0.0,
+            label_source=document.get("label_source"),
+            training_fingerprint=document.get("training_fingerprint"),
+            labelled_tracks=document.get("labelled_tracks", document["tracks"]),
+            cv_accuracy=document["cross_validation"]["accuracy"],
+            holdout_accuracy=document["holdout"]["accuracy"],
+            confusion=document["holdout"]["confusion"],
+            gate_passed=document["gate"]["passed"],
+            gate_reason=document["gate"]["reason"],
+            document=document,
+        )
+
+
+LEGACY_CLASSIFIER = "xgboost"
+"""The classifier of a model whose card does not say (stores before model kinds): they were all XGBoost."""
+
+
+@dataclass(frozen=True)
+class ModelPointer:
+    """`models/CURRENT.json`: the current version, whether it is pinned, and the versions current before it (newest
+    last; stores before the history have only `version`)."""
+
+    version: str
+    pinned: bool = False
+    promoted_at: str | None = None
+    history: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, document: dict) -> ModelPointer:
+        """A pointer from its stored JSON."""
+        return cls(document["version"], bool(document.get("pinned")), document.get("promoted_at"), tuple(document.get("history", ())))
+
+    def document(self) -> dict:
+        """The pointer as stored (and printed by `models promote/rollback/pin --format json`)."""
+        return {"version": self.version, "pinned": self.pinned, "promoted_at": self.promoted_at, "history": list(self.history)}
 
 
 def register(store: Store, version: str, model: GenreModel, metadata: dict, confusion_png: bytes, labelled: pa.Table) -> str:
@@ -46,45 +122,70 @@ def register(store: Store, version: str, model: GenreModel, metadata: dict, conf
     return folder
 
 
-def pointer(store: Store) -> dict | None:
-    """The model pointer ({"version": ...} in stores before the history), or None when no model was promoted."""
+def pointer(store: Store) -> ModelPointer | None:
+    """The model pointer, or None when no model was promoted."""
     path = f"{store.models}/{POINTER}"
-    return store.read_json(path) if store.exists(path) else None
+    return read(store, path, ModelPointer.parse) if store.exists(path) else None
 
 
-def promote(store: Store, version: str, pinned: bool = False) -> dict:
-    """Make a registered model the current one: a conditional switch of the pointer, the old version (when another one)
-    into its history."""
+def read(store: Store, path: str, parse: Callable[[dict], T]) -> T:
+    """A registry file parsed; a damaged one (a field missing or of the wrong type) is an error naming it."""
+    try:
+        return parse(store.read_json(path))
+    except KeyError as e:
+        raise GenreBatchError(f"damaged JSON file in the store: {store.uri(path)} (no field {e})") from None
+    except (TypeError, ValueError) as e:
+        raise GenreBatchError(f"damaged JSON file in the store: {store.uri(path)} ({e})") from None
+
+
+def switched(store: Store, change: Callable[[ModelPointer | None], ModelPointer]) -> ModelPointer:
+    """Replace the pointer by `change` of it, with a conditional write: a concurrent switch makes this one fail."""
     path = f"{store.models}/{POINTER}"
     expected = store.version_token(path)
-    previous = pointer(store) or {}
-    history = previous.get("history", []) + ([previous["version"]] if previous.get("version") not in (None, version) else [])
-    new = {"version": version, "pinned": pinned, "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history[-HISTORY:]}
-    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
+    new = change(pointer(store))
+    store.swap(path, json.dumps(new.document(), indent=2, sort_keys=True).encode(), expected)
     return new
+
+
+def now() -> str:
+    """The time of a switch, as stored in the pointer."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def history_after(previous: ModelPointer | None, version: str) -> tuple[str, ...]:
+    """The pointer's history once `version` replaces `previous` as current (the last HISTORY versions)."""
+    if previous is None:
+        return ()
+    return (previous.history if previous.version == version else (*previous.history, previous.version))[-HISTORY:]
+
+
+def promote(store: Store, version: str, pinned: bool = False) -> ModelPointer:
+    """Make a registered model the current one, the old version (when another one) into the pointer's history."""
+    return switched(store, lambda previous: ModelPointer(version, pinned, now(), history_after(previous, version)))
 
 
 def current_version(store: Store) -> str | None:
     """The current model's version, or None when no model was promoted."""
     current = pointer(store)
-    return current["version"] if current else None
+    return current.version if current else None
 
 
 def no_model(store: Store) -> NoModel:
     """Why there is no model to tag with, and what to do next."""
-    refused = [v for v in versions(store) if not metadata(store, v)["gate"]["passed"]]
+    refused = [c for c in map(partial(card, store), versions(store)) if not c.gate_passed]
     if refused:
-        reason = metadata(store, refused[-1])["gate"]["reason"]
         return NoModel(
-            f"no current model in {store.url}: the promotion gate refused model {refused[-1]} ({reason}); the extraction "
-            f"is kept. Next: add or fix labelled tracks and run again, or 'genre-batch models promote {refused[-1]} --force'"
+            f"no current model in {store.url}: the promotion gate refused model {refused[-1].version} ({refused[-1].gate_reason}); "
+            f"the extraction is kept. Next: add or fix labelled tracks and run again, or 'genre-batch models promote "
+            f"{refused[-1].version} --force'"
         )
     return NoModel(f"no current model in {store.url}: run 'genre-batch train --labels ...' (or 'run' with --labels) first")
 
 
 def pinned(store: Store) -> bool:
     """Whether the current model is pinned (never replaced by an automatic retrain)."""
-    return bool((pointer(store) or {}).get("pinned"))
+    current = pointer(store)
+    return bool(current and current.pinned)
 
 
 def labelled_set(store: Store, version: str) -> pa.Table | None:
@@ -93,52 +194,43 @@ def labelled_set(store: Store, version: str) -> pa.Table | None:
     return store.read_table(path) if store.exists(path) else None
 
 
-def metadata(store: Store, version: str) -> dict:
-    """A registered model's metadata; a clear error when its card is missing (a damaged registry)."""
+def card(store: Store, version: str) -> ModelCard:
+    """A registered model's card; a clear error when it is missing or damaged."""
     path = f"{store.models}/{version}/{METADATA_FILE}"
     try:
-        return store.read_json(path)
+        return read(store, path, ModelCard.parse)
     except FileNotFoundError:
         raise GenreBatchError(f"model {version} has no card ({path} is missing): 'genre-batch models promote' another "
                               "version, or train again") from None
 
 
-LEGACY_CLASSIFIER = "xgboost"
-"""The classifier of a model whose card does not say (stores before model kinds): they were all XGBoost."""
-
-
-def model_kind(meta: dict) -> str:
-    """The classifier kind a model card records (`classifier`; xgboost for cards written before kinds)."""
-    return meta.get("classifier", LEGACY_CLASSIFIER)
-
-
-def model_families(meta: dict) -> dict[str, int]:
-    """The feature families and versions a model was trained on (librosa alone for cards that do not say)."""
-    return meta.get("feature_families") or {"librosa": meta["feature_version"]}
-
-
-def load(store: Store, version: str) -> tuple[GenreModel, dict]:
-    """Load a registered model (of the kind its card names; xgboost for cards before kinds) and its metadata."""
+def load(store: Store, version: str) -> tuple[GenreModel, ModelCard]:
+    """Load a registered model (of the kind its card names) and its card."""
     from genre_batch.modelling.model import model_class
 
-    meta = metadata(store, version)
-    kind = model_class(model_kind(meta))
-    return kind.from_files({name: store.fs.cat_file(f"{store.models}/{version}/{name}") for name in kind.files}), meta
+    found = card(store, version)
+    kind = model_class(found.classifier)
+    return kind.from_files({name: store.fs.cat_file(f"{store.models}/{version}/{name}") for name in kind.files}), found
 
 
-def current(store: Store) -> tuple[str, dict]:
-    """The current model's version and card: NoModel when there is none (why, and what to do next), a clear error when
-    it was trained on another feature version than this genre-batch extracts."""
+def current_card(store: Store) -> ModelCard | None:
+    """The current model's card, or None when no model was promoted."""
     version = current_version(store)
-    if version is None:
+    return card(store, version) if version else None
+
+
+def current(store: Store) -> ModelCard:
+    """The current model's card to tag with: NoModel when there is none (why, and what to do next), a clear error when
+    it was trained on another feature version than this genre-batch extracts."""
+    found = current_card(store)
+    if found is None:
         raise no_model(store)
-    meta = metadata(store, version)
-    if meta["feature_version"] != FEATURE_VERSION:
+    if found.feature_version != FEATURE_VERSION:
         raise GenreBatchError(
-            f"current model {version} was trained on feature version {meta['feature_version']}, "
+            f"current model {found.version} was trained on feature version {found.feature_version}, "
             f"the store holds version {FEATURE_VERSION}: retrain with 'genre-batch train'"
         )
-    return version, meta
+    return found
 
 
 def versions(store: Store) -> list[str]:
@@ -147,72 +239,67 @@ def versions(store: Store) -> list[str]:
                   if store.exists(f"{p.rstrip('/')}/{METADATA_FILE}")) if store.exists(store.models) else []
 
 
-def summary(meta: dict, current: dict | None) -> dict:
+def summary(found: ModelCard, current: ModelPointer | None) -> dict:
     """One line of `models list`: the card's key facts and whether it is current or pinned."""
+    is_current = bool(current and current.version == found.version)
     return {
-        "version": meta["version"],
-        "created_at": meta["created_at"],
-        "tracks": meta.get("labelled_tracks", meta["tracks"]),
-        "genres": len(meta["genres"]),
-        "classifier": model_kind(meta),
-        "features": ",".join(model_families(meta)),
-        "cv_accuracy": round(meta["cross_validation"]["accuracy"], 4),
-        "holdout_accuracy": round(meta["holdout"]["accuracy"], 4),
-        "gate_passed": meta["gate"]["passed"],
-        "current": bool(current and current["version"] == meta["version"]),
-        "pinned": bool(current and current["version"] == meta["version"] and current.get("pinned")),
+        "version": found.version,
+        "created_at": found.created_at.isoformat(),
+        "tracks": found.labelled_tracks,
+        "genres": len(found.genres),
+        "classifier": found.classifier,
+        "features": ",".join(found.families),
+        "cv_accuracy": round(found.cv_accuracy, 4),
+        "holdout_accuracy": round(found.holdout_accuracy, 4),
+        "gate_passed": found.gate_passed,
+        "current": is_current,
+        "pinned": is_current and current.pinned,
     }
 
 
 def catalogue(store: Store) -> list[dict]:
     """`models list`: every registered model, oldest first."""
     current = pointer(store)
-    return [summary(metadata(store, v), current) for v in versions(store)]
+    return [summary(card(store, v), current) for v in versions(store)]
 
 
-def promote_checked(store: Store, version: str, force: bool = False) -> dict:
+def promote_checked(store: Store, version: str, force: bool = False) -> ModelPointer:
     """Make a registered model current by hand; a model the promotion gate refused needs `force`."""
     if version not in versions(store):
         raise GenreBatchError(f"no model {version} in {store.url}: see 'genre-batch models list'")
-    gate = metadata(store, version)["gate"]
-    if not gate["passed"] and not force:
-        raise GenreBatchError(f"model {version} failed the promotion gate ({gate['reason']}): pass --force to promote it anyway")
-    return promote(store, version, pinned=bool((pointer(store) or {}).get("pinned")))
+    found = card(store, version)
+    if not found.gate_passed and not force:
+        raise GenreBatchError(f"model {version} failed the promotion gate ({found.gate_reason}): pass --force to promote it anyway")
+    return promote(store, version, pinned=pinned(store))
 
 
-def rollback(store: Store) -> dict:
+def rollback(store: Store) -> ModelPointer:
     """Make the model that was current before the current one current again (from the pointer's history; entries of the
     current model itself, which promoting the current model added before, are skipped)."""
-    path = f"{store.models}/{POINTER}"
-    expected = store.version_token(path)
-    current = pointer(store) or {}
-    history = list(current.get("history", []))
-    while history and history[-1] == current.get("version"):
-        history.pop()
-    if not history:
-        raise GenreBatchError(f"no earlier current model to roll back to in {store.url}")
-    *history, previous = history
-    new = {"version": previous, "pinned": current.get("pinned", False), "promoted_at": datetime.now(timezone.utc).isoformat(), "history": history}
-    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
-    return new
+    def change(current: ModelPointer | None) -> ModelPointer:
+        history = list(current.history) if current else []
+        while history and history[-1] == current.version:
+            history.pop()
+        if not history:
+            raise GenreBatchError(f"no earlier current model to roll back to in {store.url}")
+        *history, previous = history
+        return ModelPointer(previous, current.pinned, now(), tuple(history))
+    return switched(store, change)
 
 
-def pin(store: Store, pinned: bool = True) -> dict:
+def pin(store: Store, pinned: bool = True) -> ModelPointer:
     """Pin (or unpin) the current model: a pinned model is never replaced by an automatic retrain."""
-    path = f"{store.models}/{POINTER}"
-    expected = store.version_token(path)
-    current = pointer(store)
-    if not current:
-        raise GenreBatchError(f"no current model in {store.url} to pin")
-    new = {**current, "pinned": pinned}
-    store.swap(path, json.dumps(new, indent=2, sort_keys=True).encode(), expected)
-    return new
+    def change(current: ModelPointer | None) -> ModelPointer:
+        if current is None:
+            raise GenreBatchError(f"no current model in {store.url} to pin")
+        return replace(current, pinned=pinned)
+    return switched(store, change)
 
 
 def prune(store: Store, keep: int) -> list[str]:
     """Delete all but the `keep` newest models, never the current one nor a model in its history; returns those deleted."""
-    current = pointer(store) or {}
-    protected = {current.get("version"), *current.get("history", [])}  # what rollback can return to
+    current = pointer(store)
+    protected = {current.version, *current.history} if current else set()  # what rollback can return to
     old = [v for v in versions(store)[:-keep] if v not in protected] if keep > 0 else []
     for version in old:
         store.fs.rm(f"{store.models}/{version}", recursive=True)

@@ -13,6 +13,7 @@ from genre_batch import progress
 from genre_batch.analysis.columns import FEATURE_NAMES
 from genre_batch.library.labels import UNKNOWN, tag_genre
 from genre_batch.modelling import registry
+from genre_batch.modelling.registry import ModelCard
 from genre_batch.modelling.training import columns_of, family_rows, matrix, ordered_families, per_track
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import CATALOG_SCHEMA, VECTOR_DIM
@@ -37,11 +38,11 @@ def batch_windows(windows: int) -> int:
     return min(BATCH_WINDOWS, max(1, -(-windows // SPREAD_TASKS)))
 
 
-_models: dict[tuple[str, str], tuple[GenreModel, dict]] = {}
+_models: dict[tuple[str, str], tuple[GenreModel, ModelCard]] = {}
 """Models loaded in this process, by (store URL, version): each worker loads a model once."""
 
 
-def worker_model(store: Store, version: str) -> tuple[GenreModel, dict]:
+def worker_model(store: Store, version: str) -> tuple[GenreModel, ModelCard]:
     """A registered model, loaded once per process."""
     key = (store.url, version)
     if key not in _models:
@@ -50,32 +51,32 @@ def worker_model(store: Store, version: str) -> tuple[GenreModel, dict]:
     return _models[key]
 
 
-def calibrated(model: GenreModel, X: np.ndarray, track: np.ndarray, n_tracks: int, meta: dict) -> np.ndarray:
+def calibrated(model: GenreModel, X: np.ndarray, track: np.ndarray, n_tracks: int, card: ModelCard) -> np.ndarray:
     """Track probabilities from feature rows: predictions averaged per track, the model's temperature applied."""
     from genre_batch.modelling.model import calibrate  # with the model's own imports (xgboost): never in the flow process
-    return calibrate(per_track(model.predict_proba(X), track, n_tracks), meta.get("temperature", 1.0))
+    return calibrate(per_track(model.predict_proba(X), track, n_tracks), card.temperature)
 
 
-def families_of(meta: dict) -> list[str]:
-    """The feature families a model is fed, in FAMILIES order (its card's `feature_families`)."""
-    return ordered_families(list(registry.model_families(meta)))
+def families_of(card: ModelCard) -> list[str]:
+    """The feature families a model is fed, in FAMILIES order."""
+    return ordered_families(list(card.families))
 
 
-def genres_of(meta: dict) -> list[str]:
+def genres_of(card: ModelCard) -> list[str]:
     """Every genre a model's catalog rows can carry: its genres, then `unknown`."""
-    return [*meta["genres"], UNKNOWN]
+    return [*card.genres, UNKNOWN]
 
 
 def catalog_rows(
-    tracks: pa.Table, probabilities: np.ndarray, meta: dict, model_version: str, run_id: str, tagged_at: datetime,
+    tracks: pa.Table, probabilities: np.ndarray, card: ModelCard, run_id: str, tagged_at: datetime,
     embeddings: np.ndarray, tags: list[list[str] | None],
 ) -> pa.Table:
     """Catalog rows of tracks (index rows), their probabilities, embeddings [n, VECTOR_DIM] and musicnn tags (None
     without the family); under the abstain threshold the genre is `unknown`."""
-    genres, n = meta["genres"], tracks.num_rows
+    genres, n = card.genres, tracks.num_rows
     confidence = probabilities.max(axis=1) if n else np.zeros(0)
     top = [genres[i] for i in probabilities.argmax(axis=1)] if n else []
-    predicted = [g if c >= meta.get("abstain_below", 0.0) else UNKNOWN for g, c in zip(top, confidence)]
+    predicted = [g if c >= card.abstain_below else UNKNOWN for g, c in zip(top, confidence)]
     embedded = [tag_genre(g) for g in tracks["tag_genre"].to_pylist()]
     return pa.table(
         {
@@ -90,7 +91,7 @@ def catalog_rows(
             "embedded_genre": pa.array(embedded, pa.string()),
             "disagrees_with_tag": pa.array([None if e is None else e != p for e, p in zip(embedded, predicted)], pa.bool_()),
             "duration_s": tracks["duration_s"],
-            "model_version": pa.array([model_version] * n, pa.string()),
+            "model_version": pa.array([card.version] * n, pa.string()),
             "feature_version": tracks["feature_version"],
             "run_id": pa.array([run_id] * n, pa.string()),
             "tagged_at": pa.array([tagged_at] * n, CATALOG_SCHEMA.field("tagged_at").type),
@@ -101,27 +102,27 @@ def catalog_rows(
     )
 
 
-def predict_part(store: Store, tracks: pa.Table, model: GenreModel, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_part(store: Store, tracks: pa.Table, model: GenreModel, card: ModelCard) -> tuple[np.ndarray, np.ndarray | None]:
     """Calibrated probabilities of the given index rows of one part (with the locations of the model's other
     families, training.located), fed the families the model was trained on; and, when librosa is among them, each
     track's mean of its windows' librosa features (the librosa space's pooled input) from the same read of the part."""
-    families = families_of(meta)
+    families = families_of(card)
     rows = family_rows(store, tracks, families)
     track = pc.index_in(rows["uri"], value_set=tracks["uri"]).to_numpy(zero_copy_only=False).astype(np.int64)
     X = matrix(rows, columns_of(families))
     means = window_means(X[:, : len(FEATURE_NAMES)], tracks["row_count"].to_numpy().astype(np.int64)) if LIBROSA.name in families else None
-    return calibrated(model, X, track, tracks.num_rows, meta), means
+    return calibrated(model, X, track, tracks.num_rows, card), means
 
 
 def tag_groups(store: Store, version: str, groups: list[pa.Table], run_id: str, tagged_at: datetime, space: VectorSpace,
                musicnn: pa.Table) -> pa.Table:
     """Catalog rows of the tracks of some parts (index rows grouped by part), with the model loaded once per process;
     `musicnn`: the musicnn index rows of (some of) these tracks, for the embeddings and tags. Each part is read once."""
-    model, meta = worker_model(store, version)
+    model, card = worker_model(store, version)
     tables = []
     for g in groups:
-        probabilities, means = predict_part(store, g, model, meta)
-        tables.append(catalog_rows(g, probabilities, meta, version, run_id, tagged_at, *track_vectors(store, g, musicnn, space, means)))
+        probabilities, means = predict_part(store, g, model, card)
+        tables.append(catalog_rows(g, probabilities, card, run_id, tagged_at, *track_vectors(store, g, musicnn, space, means)))
     return pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
 
 
@@ -186,8 +187,8 @@ def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> lis
     """Classify some files with model `version` (one task: the model loaded once)."""
     from genre_batch.analysis.audio import AudioError  # imported here: a tagging worker decodes no audio
 
-    model, meta = registry.load(store, version)
-    families = families_of(meta)
+    model, card = registry.load(store, version)
+    families = families_of(card)
     results: list[Classified] = []
     for uri in uris:
         try:
@@ -195,9 +196,9 @@ def classify_chunk(store: Store, version: str, uris: list[str], top: int) -> lis
         except Exception as e:  # any failure of one file's decoding or features fails that file alone, as in extraction
             results.append((uri, f"{e.kind if isinstance(e, AudioError) else type(e).__name__}: {e}"))
             continue
-        probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, meta)[0]  # one track
+        probabilities = calibrated(model, rows, np.zeros(len(rows), np.int64), 1, card)[0]  # one track
         order = np.argsort(probabilities)[::-1][:top]
-        results.append((uri, [(meta["genres"][i], float(probabilities[i])) for i in order]))
+        results.append((uri, [(card.genres[i], float(probabilities[i])) for i in order]))
     return results
 
 
@@ -205,7 +206,7 @@ def classify_files(store: Store, uris: list[str], top: int, cluster: Session | N
     """The `top` genres and probabilities of each file with the current model, or the reason it failed, in `uris`'
     order: in this process, or on `cluster` as tasks of CLASSIFY_CHUNK files (progress reported as stage `classify`,
     task by task)."""
-    version, _ = registry.current(store)  # a clear error when there is no usable model, before any task (they load it)
+    version = registry.current(store).version  # a clear error when there is no usable model, before any task (they load it)
     calls = [(classify_chunk, store, version, uris[i:i + CLASSIFY_CHUNK], top) for i in range(0, len(uris), CLASSIFY_CHUNK)]
     if cluster is None:
         finished = ((n, classify_chunk(*call[1:])) for n, call in enumerate(calls))

@@ -103,17 +103,17 @@ def retrain_decision(store: Store, spec: str, policy: str = "auto", now: datetim
         return False, f"--retrain never: current model {version} kept"
     if registry.pinned(store):
         return False, f"current model {version} is pinned"
-    meta = registry.metadata(store, version)
+    card = registry.card(store, version)
     data = labelled(store, spec)
-    if meta.get("label_source") != data.source:
-        return True, f"label source changed ({meta.get('label_source')} -> {data.source})"
+    if card.label_source != data.source:
+        return True, f"label source changed ({card.label_source} -> {data.source})"
     before = registry.labelled_set(store, version)
     if before is None:  # a model registered before labelled sets were kept: only an identical set counts as unchanged
-        same = meta.get("training_fingerprint") == data.fingerprint
+        same = card.training_fingerprint == data.fingerprint
         return (False, f"current model {version} was trained on the same labelled data") if same else (True, "labels or features changed since the current model was trained")
     rewrites = retagged(store)
     share = changed_share(untagged(before, rewrites), untagged(labelled_keys(data), rewrites))
-    age = (now or datetime.now(timezone.utc)) - datetime.fromisoformat(meta["created_at"])
+    age = (now or datetime.now(timezone.utc)) - card.created_at
     if share > RETRAIN_CHANGED_SHARE:
         return True, f"{share:.1%} of the labelled set changed (retrain above {RETRAIN_CHANGED_SHARE:.0%})"
     if share > 0 and age > timedelta(days=RETRAIN_AFTER_DAYS):

@@ -29,6 +29,7 @@ from genre_batch.cluster import Session, trim_memory
 from genre_batch.library.labels import without_written
 from genre_batch.library.writeback import written
 from genre_batch.modelling import registry, training
+from genre_batch.modelling.registry import ModelCard
 from genre_batch.publishing import catalog, similar, vectors
 from genre_batch.publishing.tagging import batch_windows, genres_of, merge_genre, tag_batch
 from genre_batch.publishing.vectors import VectorSpace
@@ -118,10 +119,10 @@ GENRE_FLIP_LIMIT = 0.3
 published unless forced: the previous catalog stays."""
 
 
-def check_families(store: Store, version: str, meta: dict, current: dict[str, np.ndarray]) -> None:
+def check_families(store: Store, card: ModelCard, current: dict[str, np.ndarray]) -> None:
     """Refuse a model trained on a family (or family version) that this genre-batch does not extract, or that some
     current track of the store lacks, naming it: the model is fed exactly the families it was trained on."""
-    families = registry.model_families(meta)
+    version, families = card.version, card.families
     for name, family_version in families.items():
         family = FAMILIES.get(name)
         if family is None or family.version != family_version:
@@ -244,7 +245,8 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     from the index files that hold them (all of them for a full re-tag)."""
     steps = Steps() if steps is None else steps
     with steps.step("model, inventory"):
-        version, meta = registry.current(store)
+        card = registry.current(store)
+        version = card.version
         previous = catalog.pointer(store)
         if full or workers_wanted(store, previous, version):
             session.start_soon()  # the workers start while this process reads the store (~7 s at 1M tracks)
@@ -254,7 +256,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         positions = current.positions()
         trim_memory()  # the choice columns of every index file, read and freed: ~500 MB at 1M kept by the allocators
     with steps.step("families, vector space"):
-        check_families(store, version, meta, positions)
+        check_families(store, card, positions)
         family = vectors.space_family(positions[LIBROSA.name].size, lacking(positions, [MUSICNN.name]).get(MUSICNN.name, 0))
         space = vectors.reusable(store, previous, family, positions[family.name].size)
     carried = None
@@ -269,7 +271,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         indexed = {name: index_rows(store, current, f, positions[name] if carried is None else carried.todo, TRACK_COLUMNS)
                    for name, f in FAMILIES.items()}
         todo = without_written(indexed[LIBROSA.name], written(store))  # tags genre-batch wrote: no disagreement
-        todo = training.located(store, todo, inventory, list(registry.model_families(meta)), indexed)
+        todo = training.located(store, todo, inventory, list(card.families), indexed)
         musicnn = indexed[MUSICNN.name] = indexed[MUSICNN.name].select([*KEYS, *training.LOCATION])  # what tag tasks and the space read of it
         trim_memory()
     if space is None:
@@ -278,7 +280,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     del indexed  # the tag tasks need `todo` and `musicnn` of it
     with steps.step("batches"):
         snapshot, tagged_at = catalog.snapshot_id(run_id), datetime.now(timezone.utc)
-        genres = genres_of(meta)
+        genres = genres_of(card)
         work = batches(todo, batch_windows(int(pc.sum(todo["row_count"]).as_py() or 0)))
         calls = ((tag_batch, store, version, groups, run_id, tagged_at, snapshot, i, space, vectors.musicnn_rows(musicnn, groups))
                  for i, groups in enumerate(work))  # a batch's musicnn rows are joined when its task is submitted

@@ -90,12 +90,11 @@ def choices(store: Store, families: list[str] | None, classifier: str | None, se
     """The feature families and classifier to train with: as given, else the current model's (a nightly retrain keeps
     them), else the defaults (`default_families`, checked on a worker of `session` if given; `model.default_kind` of
     the families)."""
-    version = registry.current_version(store)
-    meta = registry.metadata(store, version) if version else None
-    own = training.ordered_families(list(registry.model_families(meta))) if meta else None
+    card = registry.current_card(store)
+    own = training.ordered_families(list(card.families)) if card else None
     families = training.ordered_families(families) if families is not None else own or default_families(store, session)
     if classifier is None:
-        classifier = registry.model_kind(meta) if meta and families == own else default_kind(families)
+        classifier = card.classifier if card and families == own else default_kind(families)
     model_class(classifier)
     return families, classifier
 
@@ -103,12 +102,12 @@ def choices(store: Store, families: list[str] | None, classifier: str | None, se
 def families_hint(store: Store, session: Session | None = None) -> str | None:
     """When the current model's families are not training.DEFAULT_FAMILIES although every current track now has those
     (a backfill completed), the option that trains the default; else None."""
-    version = registry.current_version(store)
-    own = training.ordered_families(list(registry.model_families(registry.metadata(store, version)))) if version else None
+    card = registry.current_card(store)
+    own = training.ordered_families(list(card.families)) if card else None
     default = list(training.DEFAULT_FAMILIES)
     if own is None or own == default or default_families(store, session) != default:
         return None
-    return (f"trained on {','.join(own)} like the current model {version}; every track has {','.join(default)} now: "
+    return (f"trained on {','.join(own)} like the current model {card.version}; every track has {','.join(default)} now: "
             f"--features {','.join(default)} trains the default ({default_kind(default)} on {','.join(default)})")
 
 
