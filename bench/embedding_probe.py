@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from bench.accuracy import DEFAULT_DATA, SEED, discover
 from bench.similar import QUALITY_DEFAULT_K, QUALITY_K, precision_at_k, zscored
 from genre_batch.analysis import audio, musicnn
+from genre_batch.analysis.columns import EMBEDDING_DIM
 
 CHOICES: dict[str, Callable[[int], list[int]]] = {
     "spread 4 (track_embedding)": lambda n: musicnn.spread_patches(n, 4),
@@ -89,9 +90,9 @@ def main() -> None:
     groups = np.unique(artists, return_inverse=True)[1]
     counts = [len(e) for e in per_file]
     print(f"{task.name}: {len(task.files)} files, {len(set(artists))} artists, patches per file {min(counts)}-{max(counts)}")
-    models = {"musicnn": slice(0, musicnn.EMBEDDING_DIM)}
+    models = {"musicnn": slice(0, EMBEDDING_DIM)}
     if args.vgg is not None:
-        models |= {"vgg pool5": slice(musicnn.EMBEDDING_DIM, None), "musicnn + vgg pool5": slice(None)}
+        models |= {"vgg pool5": slice(EMBEDDING_DIM, None), "musicnn + vgg pool5": slice(None)}
     k = QUALITY_K.get(task.name, QUALITY_DEFAULT_K)
     for name, choose in CHOICES.items():
         pooled = np.stack([e[choose(len(e))].mean(axis=0) for e in per_file])

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.library.discovery import INVENTORY_SCHEMA, fingerprint, track_id
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import PARAMS, XGBoostModel

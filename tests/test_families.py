@@ -17,7 +17,7 @@ from test_feature_store import T0, files, set_inventory, write_shard
 from genre_batch import GenreBatchError
 from genre_batch.analysis import audio, features
 from genre_batch.analysis.extraction import MUSICNN_PATCHES, extract_shard, musicnn_vector
-from genre_batch.analysis.musicnn import EMBEDDING_VERSION, TAG_NAMES
+from genre_batch.analysis.columns import EMBEDDING_VERSION, TAG_NAMES
 from genre_batch.cluster import session
 from genre_batch.library.synth import render, write_audio
 from genre_batch.modelling import registry, training

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 from conftest import current_features
 
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.library.discovery import INVENTORY_SCHEMA, fingerprint, track_id
 from genre_batch.stages import compact

@@ -6,7 +6,7 @@ import librosa
 import numpy as np
 import pytest
 
-from genre_batch.analysis import features
+from genre_batch.analysis import columns, features
 from genre_batch.analysis.audio import SAMPLE_RATE
 from genre_batch.library.synth import STYLES, render
 
@@ -16,7 +16,7 @@ SR = SAMPLE_RATE
 def named(matrix: np.ndarray) -> dict[str, float]:
     """The single window's features of a short excerpt as a name -> value dict."""
     assert matrix.shape[0] == 1
-    return dict(zip(features.FEATURE_NAMES, matrix[0].tolist()))
+    return dict(zip(columns.FEATURE_NAMES, matrix[0].tolist()))
 
 
 def sine(freq: float, seconds: float = 3.0, amplitude: float = 0.5) -> np.ndarray:
@@ -36,8 +36,8 @@ def clicks(bpm: float, seconds: float = 8.0) -> np.ndarray:
 
 
 def test_names_are_unique_and_match_series() -> None:
-    expected = sum(n for _, n in features.SERIES) * len(features.STATISTICS) + len(features.SCALARS)
-    assert len(features.FEATURE_NAMES) == expected == len(set(features.FEATURE_NAMES))
+    expected = sum(n for _, n in columns.SERIES) * len(columns.STATISTICS) + len(columns.SCALARS)
+    assert len(columns.FEATURE_NAMES) == expected == len(set(columns.FEATURE_NAMES))
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -45,7 +45,7 @@ def test_names_are_unique_and_match_series() -> None:
 def test_windows_are_finite_float32_of_fixed_length(style: str, seconds: float, windows: int) -> None:
     matrix = features.extract(render(style, seconds, seed=1), SR)
     assert matrix.dtype == np.float32
-    assert matrix.shape == (windows, len(features.FEATURE_NAMES))
+    assert matrix.shape == (windows, len(columns.FEATURE_NAMES))
     assert np.isfinite(matrix).all()
 
 
@@ -79,7 +79,7 @@ def test_window_spans_cover_the_middle_and_bound_the_cost(duration: float) -> No
 def test_each_window_describes_its_own_part_of_the_excerpt() -> None:
     y = np.concatenate([sine(220.0, features.WINDOW_S), sine(1760.0, features.WINDOW_S)])
     matrix = features.extract(y, SR)
-    centroid = features.FEATURE_NAMES.index("centroid_mean")
+    centroid = columns.FEATURE_NAMES.index("centroid_mean")
     assert matrix[0, centroid] == pytest.approx(220.0, rel=0.1)
     assert matrix[1, centroid] == pytest.approx(1760.0, rel=0.1)
 
@@ -110,7 +110,7 @@ def test_fast_series_match_librosa(name: str) -> None:
     mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=SR, n_mels=features.N_MELS))
     frames = {"n_fft": features.N_FFT, "hop_length": features.HOP}
     expected = {  # librosa's own functions, as extract used them: family -> (series, rtol, atol)
-        "mfcc": (librosa.feature.mfcc(S=mel_db, n_mfcc=features.N_MFCC), 1e-4, 1e-3),
+        "mfcc": (librosa.feature.mfcc(S=mel_db, n_mfcc=columns.N_MFCC), 1e-4, 1e-3),
         "contrast": (librosa.feature.spectral_contrast(S=mag, sr=SR, **frames), 1e-5, 1e-4),
         "chroma": (librosa.feature.chroma_stft(S=power, sr=SR, tuning=0.0), 1e-4, 1e-6),
         "centroid": (librosa.feature.spectral_centroid(S=mag, sr=SR), 1e-4, 1e-3),
@@ -121,7 +121,7 @@ def test_fast_series_match_librosa(name: str) -> None:
         "rms": (librosa.feature.rms(S=mag, frame_length=features.N_FFT, hop_length=features.HOP), 1e-5, 1e-9),
         "onset": (librosa.onset.onset_strength(S=mel_db, sr=SR, hop_length=features.HOP)[None, :], 1e-4, 1e-4),
     }
-    series = dict(zip([f for f, _ in features.SERIES], features.frame_series(y, SR)))
+    series = dict(zip([f for f, _ in columns.SERIES], features.frame_series(y, SR)))
     for family, (want, rtol, atol) in expected.items():  # compared as extract keeps them: non-finite values zeroed
         got = np.nan_to_num(series[family], nan=0.0, posinf=0.0, neginf=0.0)
         np.testing.assert_allclose(got, np.nan_to_num(want, nan=0.0, posinf=0.0, neginf=0.0), rtol=rtol, atol=atol, err_msg=family)
@@ -152,9 +152,9 @@ def test_pooled_median_min_max_match_numpy(frames: int) -> None:
     series = np.random.default_rng(frames).standard_normal((4, frames)).astype(np.float32)
     series[2, 0] = np.nan  # non-finite values propagate as in numpy (and extract then zeroes them)
     series[3, -1] = np.inf
-    stats = features.pool_windows(series, [(0, frames)])[0].reshape(4, len(features.STATISTICS))
+    stats = features.pool_windows(series, [(0, frames)])[0].reshape(4, len(columns.STATISTICS))
     for stat, numpy_stat in (("median", np.median), ("min", np.min), ("max", np.max)):
-        i = features.STATISTICS.index(stat)
+        i = columns.STATISTICS.index(stat)
         np.testing.assert_array_equal(stats[:, i], numpy_stat(series.astype(np.float64), axis=1))
 
 
@@ -197,10 +197,10 @@ def test_tempo_of_a_click_track(bpm: float) -> None:
 
 def test_pool_statistics_on_known_rows() -> None:
     series = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
-    stats = features.pool_windows(series, [(0, 4)])[0].reshape(2, len(features.STATISTICS))
-    row = dict(zip(features.STATISTICS, stats[0]))
+    stats = features.pool_windows(series, [(0, 4)])[0].reshape(2, len(columns.STATISTICS))
+    row = dict(zip(columns.STATISTICS, stats[0]))
     assert (row["mean"], row["min"], row["max"], row["median"]) == (2.5, 1.0, 4.0, 2.5)
     assert row["std"] == pytest.approx(np.std([1, 2, 3, 4]))
     assert row["skew"] == pytest.approx(0.0)
-    constant = dict(zip(features.STATISTICS, stats[1]))
+    constant = dict(zip(columns.STATISTICS, stats[1]))
     assert constant["std"] == constant["skew"] == constant["kurtosis"] == 0.0

@@ -13,7 +13,7 @@ import xgboost as xgb
 from sklearn.linear_model import LogisticRegression
 
 from genre_batch import GenreBatchError, checks
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import KINDS, MAX_ROUNDS, PARAMS, PREDICT_CHUNK, LinearModel, XGBoostModel, model_class, validation_split
 from genre_batch.storage.store import Store

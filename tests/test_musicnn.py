@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from musicnn_signals import tones_and_noise
 
-from genre_batch.analysis import musicnn
+from genre_batch.analysis import columns, musicnn
 from genre_batch.library.synth import render
 
 REFERENCE = Path(__file__).with_name("data") / "musicnn_reference.npz"  # made by scripts/musicnn_reference.py
@@ -41,7 +41,7 @@ def test_log_mel_matches_musicnn_input(reference: dict[str, np.ndarray], signal:
 
 def test_converted_model_matches_original_network(reference: dict[str, np.ndarray], signal: np.ndarray) -> None:
     penultimate, tags = musicnn.embed(musicnn.log_mel(signal))
-    assert penultimate.shape == (3, musicnn.EMBEDDING_DIM) and tags.shape == (3, len(musicnn.TAG_NAMES))
+    assert penultimate.shape == (3, columns.EMBEDDING_DIM) and tags.shape == (3, len(columns.TAG_NAMES))
     assert np.abs(reference["penultimate"]).max() > 1.0 and reference["tags"].max() > 0.3  # a non-trivial reference
     np.testing.assert_allclose(penultimate, reference["penultimate"], rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(tags, reference["tags"], rtol=0, atol=TOLERANCE)
@@ -67,7 +67,7 @@ def test_embedding_is_deterministic_and_batch_independent(signal: np.ndarray) ->
 
 def test_track_embedding_shapes_and_patch_counts(signal: np.ndarray) -> None:
     embedding, tags, used = musicnn.track_embedding(signal, 2)
-    assert embedding.shape == (musicnn.EMBEDDING_DIM,) and embedding.dtype == np.float32
+    assert embedding.shape == (columns.EMBEDDING_DIM,) and embedding.dtype == np.float32
     assert tags.shape == (50,) and ((tags > 0) & (tags < 1)).all()
     assert used == 2
     assert musicnn.track_embedding(signal[: musicnn.SAMPLE_RATE], 4)[2] == 1  # 1 s: one zero-padded patch
@@ -104,9 +104,9 @@ def test_embed_rejects_wrong_input_shape() -> None:
 def test_different_music_gives_different_tag_profiles() -> None:
     ambient_embedding, ambient_tags, _ = musicnn.track_embedding(render("ambient", 9.0, 1, sr=musicnn.SAMPLE_RATE), None)
     beat_embedding, beat_tags, _ = musicnn.track_embedding(render("electronic", 9.0, 1, sr=musicnn.SAMPLE_RATE), None)
-    tag = {name: i for i, name in enumerate(musicnn.TAG_NAMES)}
-    assert musicnn.TAG_NAMES[int(np.argmax(ambient_tags))] == "ambient"
-    assert musicnn.TAG_NAMES[int(np.argmax(beat_tags))] == "electronic"
+    tag = {name: i for i, name in enumerate(columns.TAG_NAMES)}
+    assert columns.TAG_NAMES[int(np.argmax(ambient_tags))] == "ambient"
+    assert columns.TAG_NAMES[int(np.argmax(beat_tags))] == "electronic"
     assert ambient_tags[tag["ambient"]] > 5 * beat_tags[tag["ambient"]]
     assert beat_tags[tag["dance"]] > 5 * ambient_tags[tag["dance"]]
     cosine = ambient_embedding @ beat_embedding / np.linalg.norm(ambient_embedding) / np.linalg.norm(beat_embedding)
@@ -114,9 +114,9 @@ def test_different_music_gives_different_tag_profiles() -> None:
 
 
 def test_tag_names_are_musicnn_msd_labels() -> None:
-    assert len(musicnn.TAG_NAMES) == 50 and len(set(musicnn.TAG_NAMES)) == 50
-    assert musicnn.TAG_NAMES[:3] == ("rock", "pop", "alternative") and musicnn.TAG_NAMES[-1] == "happy"
-    assert musicnn.EMBEDDING_VERSION == 1 and musicnn.EMBEDDING_DIM == 200
+    assert len(columns.TAG_NAMES) == 50 and len(set(columns.TAG_NAMES)) == 50
+    assert columns.TAG_NAMES[:3] == ("rock", "pop", "alternative") and columns.TAG_NAMES[-1] == "happy"
+    assert columns.EMBEDDING_VERSION == 1 and columns.EMBEDDING_DIM == 200
 
 
 def test_shipped_model_checksum_is_recorded_with_its_licence() -> None:

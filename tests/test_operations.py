@@ -15,7 +15,7 @@ from conftest import cli
 from test_feature_store import T0, files, set_inventory, write_shard
 
 from genre_batch import PublishRefused, progress
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import PARAMS, XGBoostModel

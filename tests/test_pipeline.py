@@ -20,7 +20,7 @@ from conftest import current_features, keep_pristine, make_library, restored
 
 from genre_batch import GenreBatchError, progress
 from genre_batch.analysis.audio import SAMPLE_RATE
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.library.synth import STYLES, render, write_audio
 from genre_batch.modelling import registry

@@ -19,7 +19,7 @@ from conftest import FIRST_CARD
 from test_feature_store import T0, files, set_inventory, write_shard
 
 from genre_batch import GenreBatchError
-from genre_batch.analysis.features import FEATURE_NAMES
+from genre_batch.analysis.columns import FEATURE_NAMES
 from genre_batch.cluster import session
 from genre_batch.modelling import evaluation, training
 from genre_batch.modelling.model import DEFAULT_C, DEFAULT_ROUNDS, PREDICT_CHUNK, LinearModel, XGBoostModel

@@ -21,7 +21,7 @@ from test_s3 import s3, s3_endpoint  # noqa: F401 - fixtures: a real S3 server (
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis import audio
-from genre_batch.analysis.features import FEATURE_NAMES, FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION
 from genre_batch.cluster import session
 from genre_batch.library import labels, writeback
 from genre_batch.library.discovery import discover

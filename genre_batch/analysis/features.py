@@ -10,7 +10,7 @@ import numba
 import numpy as np
 import scipy.fft
 
-from genre_batch.analysis.columns import FEATURE_NAMES, FEATURE_VERSION, N_MFCC, SCALARS, SERIES, STATISTICS  # noqa: F401  (re-exported)
+from genre_batch.analysis.columns import N_MFCC
 
 WINDOW_S = 10.0
 """Length of the analysis windows a track is cut into: one feature row per window."""

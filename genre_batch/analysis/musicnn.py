@@ -18,7 +18,7 @@ import librosa
 import numpy as np
 import onnxruntime as ort
 
-from genre_batch.analysis.columns import EMBEDDING_DIM, EMBEDDING_VERSION, TAG_NAMES  # noqa: F401  (re-exported)
+from genre_batch.analysis.columns import EMBEDDING_DIM, TAG_NAMES
 
 SAMPLE_RATE = 16000
 N_FFT = 512

@@ -22,7 +22,7 @@ import xgboost as xgb
 from distributed import Client, Future
 
 from genre_batch import GenreBatchError
-from genre_batch.analysis.features import FEATURE_VERSION
+from genre_batch.analysis.columns import FEATURE_VERSION
 from genre_batch.cluster import Session, tell, trim_memory
 from genre_batch.modelling import evaluation, registry, training
 from genre_batch.modelling.model import XGBoostModel, default_kind, model_class

@@ -40,7 +40,7 @@ class Family:
 
 
 LIBROSA = Family("librosa", FEATURE_VERSION, "parts")
-"""The librosa family: 603 pooled series per 10 s window (features.FEATURE_NAMES)."""
+"""The librosa family: 603 pooled series per 10 s window (columns.FEATURE_NAMES)."""
 MUSICNN = Family("musicnn", EMBEDDING_VERSION, "musicnn")
 """The musicnn family: one row per track, the MSD model's mean embedding and 50 tag scores (MUSICNN_SCHEMA)."""
 FAMILIES: dict[str, Family] = {f.name: f for f in (LIBROSA, MUSICNN)}
@@ -84,7 +84,7 @@ def tag_slug(tag: str) -> str:
 EMBEDDING_COLUMNS = [f"emb_{i:03d}" for i in range(EMBEDDING_DIM)]
 TAG_COLUMNS = [tag_slug(t) for t in TAG_NAMES]
 MUSICNN_COLUMNS = EMBEDDING_COLUMNS + TAG_COLUMNS
-"""The musicnn family's value columns: embedding, then tag scores in musicnn.TAG_NAMES order."""
+"""The musicnn family's value columns: embedding, then tag scores in columns.TAG_NAMES order."""
 MUSICNN_SCHEMA = pa.schema(
     [(f.name, f.type) for f in PROVENANCE_SCHEMA if f.name in ("uri", "track_id", "fingerprint", "feature_version", "run_id", "extracted_at")]
     + [(name, pa.float32()) for name in MUSICNN_COLUMNS]
