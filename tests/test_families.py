@@ -16,8 +16,8 @@ from test_feature_store import T0, files, set_inventory, write_shard
 
 from genre_batch import GenreBatchError
 from genre_batch.analysis import audio, features
+from genre_batch.analysis.columns import EMBEDDING_VERSION, FEATURE_NAMES, TAG_NAMES
 from genre_batch.analysis.extraction import MUSICNN_PATCHES, extract_shard, musicnn_vector
-from genre_batch.analysis.columns import EMBEDDING_VERSION, TAG_NAMES
 from genre_batch.cluster import session
 from genre_batch.library.synth import render, write_audio
 from genre_batch.modelling import registry, training
@@ -63,7 +63,7 @@ def test_musicnn_features_are_deterministic_for_a_generated_signal(tmp_path: Pat
 
     # the same file extracted by two shards gives identical musicnn rows, one per track, indexed with row_count 1
     listing = pa.table({"uri": [str(path)], "track_id": ["t"], "fingerprint": ["f"], "size": [1], "version": ["v"],
-                        "families": ["librosa,musicnn"]})
+                        "families": [["librosa", "musicnn"]]})
     rows = []
     for name in ("a", "b"):
         store = Store(str(tmp_path / name))
@@ -99,7 +99,7 @@ def test_an_unexpected_failure_decoding_one_file_is_its_error_row_not_the_shard_
 
     monkeypatch.setattr(audio, "load", failing)
     listing = pa.table({"uri": [str(bad), str(good)], "track_id": ["b", "g"], "fingerprint": ["f1", "f2"], "size": [1, 1], "version": ["v", "v"],
-                        "families": ["librosa", "librosa"]})
+                        "families": [["librosa"], ["librosa"]]})
     store = Store(str(tmp_path / "store"))
     result = extract_shard(store, listing, "run", 0)
     assert (result.extracted, result.failed) == (1, 1)
@@ -137,7 +137,7 @@ def test_training_and_tagging_join_the_families_per_track(tmp_path: Path) -> Non
     assert [v for v in rows["emb_000"].to_pylist()] == [expected[u] for u in rows["uri"].to_pylist()]
     assert rows["uri"].to_pylist() == [u for u in located["uri"].to_pylist() for _ in range(3)]
     librosa = training.family_rows(store, located, ["librosa"])
-    assert rows.select(["uri", *features.FEATURE_NAMES]).equals(librosa)
+    assert rows.select(["uri", *FEATURE_NAMES]).equals(librosa)
 
     # defaults without a current model: librosa + musicnn with linear once every current track has musicnn, else librosa
     assert train_stage.choices(store, None, None) == (["librosa"], "xgboost")
@@ -149,7 +149,7 @@ def test_training_and_tagging_join_the_families_per_track(tmp_path: Path) -> Non
 
     alone = training.family_rows(store, located, ["musicnn"])
     assert alone.num_rows == 3 and alone["tag_rock"].to_pylist() == [2.0, 1.0, 0.0]
-    assert training.columns_of(["musicnn", "librosa"]) == [*features.FEATURE_NAMES, *fstore.MUSICNN_COLUMNS]
+    assert training.columns_of(["musicnn", "librosa"]) == [*FEATURE_NAMES, *fstore.MUSICNN_COLUMNS]
 
 
 def test_plan_backfills_only_the_missing_family_under_the_cap(tmp_path: Path) -> None:
@@ -162,11 +162,11 @@ def test_plan_backfills_only_the_missing_family_under_the_cap(tmp_path: Path) ->
     index = fstore.read_index(store)
 
     only_librosa = fstore.plan_run(inventory, index, [fstore.LIBROSA])
-    assert only_librosa.todo["families"].to_pylist() == ["librosa"] and only_librosa.backfill == 0
+    assert only_librosa.todo["families"].to_pylist() == [["librosa"]] and only_librosa.backfill == 0
 
     capped = fstore.plan_run(inventory, index, [fstore.LIBROSA, fstore.MUSICNN], backfill_cap=2)
     todo = dict(zip(capped.todo["uri"].to_pylist(), capped.todo["families"].to_pylist()))
-    assert todo == {"/music/new.mp3": "librosa,musicnn", "/music/t1.mp3": "musicnn", "/music/t2.mp3": "musicnn"}
+    assert todo == {"/music/new.mp3": ["librosa", "musicnn"], "/music/t1.mp3": ["musicnn"], "/music/t2.mp3": ["musicnn"]}
     assert (capped.backfill, capped.backfill_left, capped.unchanged) == (2, 3, 4)
 
     uncapped = fstore.plan_run(inventory, index, [fstore.LIBROSA, fstore.MUSICNN])

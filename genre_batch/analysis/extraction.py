@@ -175,7 +175,7 @@ def extract_shard(store: Store, files: pa.Table, run_id: str, shard: int) -> Sha
     out = Shard(f"{run_id}-{shard:05d}.parquet", run_id)
     failed = 0
     for file in files.to_pylist():
-        families = [FAMILIES[name] for name in file.pop("families", LIBROSA.name).split(",")]
+        families = [FAMILIES[name] for name in file.pop("families", [LIBROSA.name])]
         try:
             segments, info, tags = audio.load(file["uri"], features.window_spans)
         except Exception as e:  # an AudioError is the file's fault; anything else on one file must not sink the shard either

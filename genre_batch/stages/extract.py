@@ -16,6 +16,7 @@ from genre_batch.storage.feature_store import (
     BACKFILL_CAP,
     CHOICE_COLUMNS,
     FAMILIES,
+    KEYS,
     LIBROSA,
     MUSICNN,
     Family,
@@ -166,7 +167,7 @@ def dry_run(library: str, store: Store, force: bool = False, allow_shrink: bool 
     kept = inventory.num_rows - listed.num_rows
     index = read_index(store, CHOICE_COLUMNS)
     run = plan_run(listed, index, families_of(features), False, backfill_cap)
-    needed = run.todo.filter(pc.starts_with(run.todo["families"], LIBROSA.name))  # new, changed, retried: every family
+    needed = run.todo.filter(pc.equal(pc.list_element(run.todo["families"], 0), LIBROSA.name)).select(KEYS)  # new, changed, retried: every family
     known = int(pc.sum(pc.is_in(needed["uri"], value_set=previous["uri"])).as_py() or 0)
     same = needed.join(previous.select(["uri", "fingerprint"]), keys=["uri", "fingerprint"], join_type="left semi").num_rows
     removed = removed_count(previous, inventory)

@@ -567,7 +567,7 @@ class RunPlan:
     """What an extraction of several families must do: files with the families each needs, and moved rows."""
 
     todo: pa.Table
-    """Listing rows to extract, sorted by URI, with a `families` column: comma-separated names of the families to compute."""
+    """Listing rows to extract, sorted by URI, with a `families` column: the names of the families to compute (librosa first)."""
     moved: pa.Table
     """Index rows (of every family) re-pointed to files that moved."""
     unchanged: int
@@ -602,7 +602,7 @@ def plan_run(inventory: pa.Table, index: pa.Table, families: list[Family], force
             needs.setdefault(uri, []).append(family.name)
             backfill.add(uri)
     todo = inventory.filter(pc.is_in(inventory["uri"], value_set=pa.array(list(needs), pa.string()))).sort_by("uri")
-    todo = todo.append_column("families", pa.array([",".join(needs[u]) for u in todo["uri"].to_pylist()], pa.string()))
+    todo = todo.append_column("families", pa.array([needs[u] for u in todo["uri"].to_pylist()], pa.list_(pa.string())))
     moved_rows = pa.concat_tables(moved)
     moved_uris = set(moved_rows["uri"].to_pylist())
     return RunPlan(todo, moved_rows, inventory.num_rows - len(set(needs) | moved_uris), len(backfill), left)
