@@ -33,6 +33,7 @@ from bench.accuracy import DEFAULT_DATA
 from genre_batch.library.discovery import track_id
 from genre_batch.modelling.model import KINDS, default_kind
 from genre_batch.publishing import catalog, query
+from genre_batch.publishing.pointer import published
 from genre_batch.storage.store import Store
 
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "genre-batch-bench"
@@ -271,7 +272,7 @@ def catalog_run(work: Path, rows: int = CATALOG_ROWS) -> dict:
     pointer = catalog.publish(store, table, "bench-run", "bench-model", RANDOM_SPACE)  # with its similar table
     publish_s = time.perf_counter() - started
     size_mb = sum(p.stat().st_size for p in store_dir.rglob("*.parquet")) / 1e6
-    return {"rows": pointer["rows"], "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
+    return {"rows": pointer.rows, "table_build_s": round(built, 1), "publish_s": round(publish_s, 2), "parquet_mb": round(size_mb, 1),
             **query_times(work, store_dir)}
 
 
@@ -302,7 +303,7 @@ def query_check(work: Path, rows: int = CATALOG_ROWS) -> dict:
     store_dir = work / "scale" / f"catalog-{rows}"
     if not (store_dir / "catalog" / catalog.POINTER).exists():
         return catalog_run(work, rows)
-    return {"rows": catalog.pointer(Store(str(store_dir)))["rows"], **query_times(work, store_dir)}
+    return {"rows": published(Store(str(store_dir))).rows, **query_times(work, store_dir)}
 
 
 def print_query(q: dict) -> None:
@@ -468,7 +469,7 @@ def store_checks(work: Path, n: int, train: str | None, processes: int, save: Ca
     print(f"[{n}] store ready ({result['build']['store_bytes'] / 1e9:.1f} GB); full tag", flush=True)
     if not step("tag_full", "tag", "tag", "--full"):
         print(f"[{n}] full tag killed", flush=True)
-    if catalog.pointer(Store.at(url)):
+    if published(Store.at(url)):
         result["catalog_bytes"] = catalog_bytes(store)
         print(f"[{n}] catalog query", flush=True)
         result["query"] = query_times(work, store)

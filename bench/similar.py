@@ -33,6 +33,7 @@ from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k, reset_peak_rss
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.publishing.pointer import published
 from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.storage.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
@@ -189,15 +190,15 @@ def cli_report(root: Path, runs: int) -> dict:
     `genre-batch query` (the query of bench/scale), and, when the snapshot has similar tracks, `genre-batch similar`
     for one catalog track from the stored lists (by track_id and by uri) and from the index (--genre)."""
     store = Store(str(root))
-    pointer = catalog.pointer(store)
+    pointer = published(store)
     if pointer is None:
         raise SystemExit(f"no published catalog in {root}")
-    genres = sorted(set(pointer["genres"].values()))
+    genres = sorted(set(pointer.genres.values()))
     sql = f"SELECT uri, confidence, probabilities['{genres[-1]}'] AS p FROM catalog WHERE genre = '{genres[-1]}' ORDER BY confidence DESC LIMIT 100"
-    report = {"store": str(root), "rows": pointer["rows"], "help": cli_latency(["--help"], runs),
+    report = {"store": str(root), "rows": pointer.rows, "help": cli_latency(["--help"], runs),
               "query_top100": cli_latency(["query", "--store", str(root), sql, "--format", "json"], runs)}
-    if (pointer.get("similar") or {}).get("index"):
-        first = catalog.read_files(store, pointer["files"][:1], ["track_id", "uri"]).slice(0, 1).to_pylist()[0]
+    if (pointer.similar or {}).get("index"):
+        first = catalog.read_files(store, pointer.files[:1], ["track_id", "uri"]).slice(0, 1).to_pylist()[0]
         report["similar_table_by_track_id"] = cli_latency(["similar", "--store", str(root), first["track_id"], "--top", "10"], runs)
         report["similar_table_by_uri"] = cli_latency(["similar", "--store", str(root), first["uri"], "--top", "10"], runs)
         report["similar_index_genre"] = cli_latency(["similar", "--store", str(root), first["track_id"], "--top", "10", "--genre", genres[0]], runs)

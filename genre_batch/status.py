@@ -6,7 +6,7 @@ from collections import Counter
 from datetime import datetime
 
 from genre_batch.modelling import registry
-from genre_batch.publishing import catalog
+from genre_batch.publishing.pointer import published
 from genre_batch.storage import lease
 from genre_batch.storage.feature_store import current_errors, current_tracks
 from genre_batch.storage.store import Store
@@ -43,10 +43,11 @@ def model_status(store: Store) -> dict | None:
 
 def catalog_status(store: Store) -> dict | None:
     """The published snapshot's key facts, or None."""
-    pointer = catalog.pointer(store)
+    pointer = published(store)
     if pointer is None:
         return None
-    return {k: pointer.get(k) for k in ("snapshot", "rows", "model_version", "catalog_version", "published_at", "run_id")}
+    return {"snapshot": pointer.snapshot, "rows": pointer.rows, "model_version": pointer.model_version, "catalog_version": pointer.catalog_version,
+            "published_at": pointer.published_at.isoformat(), "run_id": pointer.run_id}
 
 
 def errors_by_kind(store: Store) -> dict[str, int]:

@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from genre_batch import GenreBatchError
 from genre_batch.publishing import catalog
+from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.storage import store as store_mod
 from genre_batch.storage.store import Store
 
@@ -67,7 +68,7 @@ def test_publish_switches_readers_to_the_new_snapshot(tmp_path: Path) -> None:
     pointer = catalog.publish(s, rows(5, "jazz", "run-b"), "run-b", "m-1", SPACE)
     table = catalog.read(s)
     assert table.num_rows == 5 and set(table["genre"].to_pylist()) == {"jazz"}
-    assert pointer["rows"] == 5 and pointer["catalog_version"] == catalog.CATALOG_VERSION
+    assert pointer.rows == 5 and pointer.catalog_version == catalog.CATALOG_VERSION
     assert table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
@@ -83,10 +84,10 @@ def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path, 
     pointer = catalog.publish(s, shuffled, "run-a", "m-1", SPACE)
     table = catalog.read(s)
     assert table.num_rows == n and sorted(table["confidence"].to_pylist()) == sorted(shuffled["confidence"].to_pylist())
-    assert sorted(pointer["genres"].values()) == sorted(genres) and len(catalog.files(s)) == 5
+    assert sorted(pointer.genres.values()) == sorted(genres) and len(catalog.files(s)) == 5
     for path in catalog.files(s):
         part = pq.read_table(path)
-        assert set(part["genre"].to_pylist()) == {pointer["genres"][path.split("/catalog/", 1)[1]]}
+        assert set(part["genre"].to_pylist()) == {pointer.genres[path.split("/catalog/", 1)[1]]}
         confidence = part["confidence"].to_pylist()
         assert confidence == sorted(confidence, reverse=True) and part.num_rows in (n // 5, n // 5 + 1)
         assert pq.ParquetFile(path).metadata.row_group(0).num_rows == min(part.num_rows, catalog.ROW_GROUP_ROWS)
@@ -95,7 +96,7 @@ def test_snapshot_holds_one_file_per_genre_sorted_by_confidence(tmp_path: Path, 
 def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(str(tmp_path))
     catalog.publish(s, rows(4, "rock", "run-a"), "run-a", "m-1", SPACE)
-    before = catalog.pointer(s)
+    before = published(s)
 
     def crash(*args: object) -> None:
         raise KeyboardInterrupt("killed during publish")
@@ -103,7 +104,7 @@ def test_crash_before_pointer_switch_leaves_previous_catalog_complete(tmp_path: 
     monkeypatch.setattr(catalog, "promote", crash)
     with pytest.raises(KeyboardInterrupt):
         catalog.publish(s, rows(9, "jazz", "run-b"), "run-b", "m-1", SPACE)
-    assert catalog.pointer(s) == before
+    assert published(s) == before
     table = catalog.read(s)
     assert table.num_rows == 4 and set(table["genre"].to_pylist()) == {"rock"}
     monkeypatch.undo()
@@ -133,7 +134,7 @@ def test_old_snapshots_are_pruned_keeping_the_last_n(tmp_path: Path) -> None:
         catalog.publish(s, rows(1, "rock", f"run-{i}"), f"run-{i}", "m-1", SPACE, keep=3)
     kept = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
     assert len(kept) == 3
-    assert catalog.pointer(s)["snapshot"] == kept[-1]
+    assert published(s).snapshot == kept[-1]
 
 
 def test_a_damaged_snapshot_file_is_named_and_a_lost_pointer_costs_no_snapshot(tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_a_damaged_snapshot_file_is_named_and_a_lost_pointer_costs_no_snapshot(t
     s = Store(str(tmp_path))
     for i in range(3):
         catalog.publish(s, rows(2, "rock", f"run-{i}"), f"run-{i}", "m-1", SPACE)
-    damaged = f"{s.catalog}/{catalog.pointer(s)['files'][0]}"
+    damaged = f"{s.catalog}/{published(s).files[0]}"
     Path(damaged).write_bytes(Path(damaged).read_bytes()[:100])
     with pytest.raises(GenreBatchError, match=f"^damaged Parquet file in the store: {damaged} \\(.*magic bytes.*\\); see the README, Reliability$"):
         catalog.read(s)
@@ -158,7 +159,26 @@ def test_a_damaged_snapshot_file_is_named_and_a_lost_pointer_costs_no_snapshot(t
     (tmp_path / "catalog" / "CURRENT.json").rename(tmp_path / "catalog" / "CURRENT.json.damaged")
     catalog.publish(s, rows(2, "jazz", "run-3"), "run-3", "m-1", SPACE)
     after = sorted(p.name for p in (tmp_path / "catalog" / "snapshots").iterdir())
-    assert after[:-1] == before and catalog.pointer(s)["history"] == after and catalog.read(s).num_rows == 2
+    assert after[:-1] == before and published(s).history == after and catalog.read(s).num_rows == 2
+
+
+def test_a_pointer_of_the_first_version_is_read_and_the_next_publish_keeps_its_snapshots(tmp_path: Path) -> None:
+    """catalog/CURRENT.json as the first genre-batch wrote it (no history, genres, change feed, vector space or similar):
+    read with those empty, the snapshots up to it count as published, and the next publish writes today's pointer."""
+    s = Store(str(tmp_path))
+    for i in range(2):
+        first = catalog.publish(s, rows(2, "rock", f"run-{i}"), f"run-{i}", "m-1", SPACE)
+    keys = ("snapshot", "files", "rows", "catalog_version", "model_version", "run_id", "published_at")
+    s.write_json(s.pointer, {**{k: first.document[k] for k in keys}, "catalog_version": 1})
+    old = published(s)
+    assert (old.snapshot, old.rows, old.catalog_version, old.published_at.isoformat()) == (first.snapshot, 2, 1, first.document["published_at"])
+    assert (old.history, old.genres, old.genre_rows, old.changes, old.vector_space, old.similar, old.space_name) == (None, {}, {}, None, None, None, None)
+    assert catalog.published_history(s, old, 5) == snapshot_names(tmp_path) and catalog.read(s).num_rows == 2
+    new = catalog.publish(s, rows(3, "jazz", "run-2"), "run-2", "m-1", SPACE)
+    assert new.history == snapshot_names(tmp_path) and len(new.history) == 3 and new.catalog_version == catalog.CATALOG_VERSION
+    s.write_json(s.pointer, {k: v for k, v in new.document.items() if k != "published_at"})
+    with pytest.raises(GenreBatchError, match=f"^damaged JSON file in the store: {s.pointer} \\(no field 'published_at'\\)$"):
+        published(s)
 
 
 def test_write_bytes_is_all_or_nothing(tmp_path: Path) -> None:
@@ -240,7 +260,7 @@ def assert_published(s: Store, genre: str, n: int) -> None:
     """The pointer names complete files that read whole as the catalog of `n` tracks of `genre`."""
     table = catalog.read(s)
     assert (table.num_rows, set(table["genre"].to_pylist())) == (n, {genre})
-    assert catalog.pointer(s)["rows"] == n and table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
+    assert published(s).rows == n and table.schema.metadata[b"genre_batch.catalog_version"] == str(catalog.CATALOG_VERSION).encode()
 
 
 @pytest.mark.parametrize(
@@ -259,7 +279,7 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
     for i, (genre, n) in enumerate(OLD):
         catalog.publish(s, rows(n, genre, f"run-old-{i}"), f"run-old-{i}", "m-1", SPACE, keep=10)
     old = snapshot_names(tmp_path)
-    previous = catalog.pointer(s)
+    previous = published(s)
 
     child = subprocess.run(
         [sys.executable, "-c", f"import test_catalog; test_catalog.crash_publish({str(tmp_path)!r}, {step!r})"],
@@ -270,9 +290,9 @@ def test_publisher_killed_at_each_step(tmp_path: Path, step: str, switched: bool
     # Readers see one complete catalog: the previous one until the switch, the new one from the switch on.
     if switched:
         assert_published(s, *NEW)
-        assert catalog.pointer(s)["run_id"] == "run-new"
+        assert published(s).run_id == "run-new"
     else:
-        assert catalog.pointer(s) == previous
+        assert published(s) == previous
         assert_published(s, *OLD[-1])
     [new] = [name for name in snapshot_names(tmp_path) if name not in old]
     assert snapshot_names(tmp_path) == old[3 - old_left:] + [new]  # prune deletes oldest first
@@ -335,8 +355,8 @@ def test_change_feed_gathered_from_per_genre_pieces_equals_the_whole_diff(tmp_pa
     uris = [f"/music/moved/{t}.mp3" if t in ("t3", "t4") else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]
     second = second.set_column(3, "genre", pa.array(genres)).set_column(1, "uri", pa.array(uris))  # t3 moves, t4 moves and changes genre
     after = catalog.publish(s, second, "run-b", "m-1", SPACE)
-    whole = s.read_table(f"{s.catalog}/{after['changes']}")
-    groups = change_groups(before, after["genres"])
+    whole = s.read_table(f"{s.catalog}/{after.changes}")
+    groups = change_groups(before, after.genres)
     assert [len(b) + len(a) for b, a in groups] == [1, 2, 2, 2]  # blues (new), jazz, pop, rock
     for n, (old, new) in enumerate(groups):
         catalog.diff_genre(s, "again", n, old, new)
@@ -345,8 +365,8 @@ def test_change_feed_gathered_from_per_genre_pieces_equals_the_whole_diff(tmp_pa
     assert gathered.equals(whole) and gathered.schema == catalog.CHANGES_SCHEMA
     assert kinds == {"removed": 1, "added": 1, "genre_changed": 2, "moved": 1}
     assert not s.exists(catalog.changes_folder(s, "again"))
-    unnamed = {k: v for k, v in before.items() if k != "genres"}  # a pointer that does not name its genres: one group
-    for n, (old, new) in enumerate(change_groups(unnamed, after["genres"])):
+    unnamed = CatalogPointer.parse({k: v for k, v in before.document.items() if k != "genres"})  # a pointer that does not name its genres: one group
+    for n, (old, new) in enumerate(change_groups(unnamed, after.genres)):
         catalog.diff_genre(s, "unnamed", n, old, new)
     catalog.gather_changes(s, "unnamed")
     assert s.read_table(f"{s.catalog}/{catalog.changes_file('unnamed')}").equals(whole)
@@ -370,11 +390,11 @@ def test_carried_rows_are_matched_on_listing_positions_and_merged_by_row_number(
     carried = carried_over(s, previous, inventory, tracks)
     assert sorted(carried.todo.tolist()) == [2, 5]  # the changed and the new file
     assert sorted(carried.kept["track_id"].to_pylist()) == ["t0", "t1", "t5"] and carried.kept.column_names == ["track_id", "fingerprint"]
-    by_genre = {previous["genres"][f]: s.read_table(f"{s.catalog}/{f}", ["track_id"])["track_id"].to_pylist() for f in previous["files"]}
-    dropped = {previous["genres"][f]: sorted(by_genre[previous["genres"][f]][i] for i in lines) for f, lines in carried.dropped.items()}
+    by_genre = {previous.genres[f]: s.read_table(f"{s.catalog}/{f}", ["track_id"])["track_id"].to_pylist() for f in previous.files}
+    dropped = {previous.genres[f]: sorted(by_genre[previous.genres[f]][i] for i in lines) for f, lines in carried.dropped.items()}
     assert dropped == {"rock": ["t2", "t4"], "jazz": ["t3"]} and carried.dropped_rows == 3
     # the merge task of rock: the carried file less its dropped rows (by number), plus a new piece
-    rock = next(f for f, g in previous["genres"].items() if g == "rock")
+    rock = next(f for f, g in previous.genres.items() if g == "rock")
     s.write_table(f"{catalog.pieces_folder(s, 'next')}/000/00000.parquet", rows(10, "rock", "run-b").slice(9))  # t9
     assert merge_genre(s, "next", 0, rock, carried.dropped[rock]) == (2, 0)
     merged = s.read_table(f"{s.catalog}/{catalog.genre_file('next', 0)}")

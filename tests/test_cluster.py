@@ -78,16 +78,18 @@ def test_the_tag_stage_wants_workers_early_only_when_something_changed(tmp_path:
 
     import pyarrow as pa
 
+    from genre_batch.publishing.pointer import CatalogPointer
     from genre_batch.stages.tag import workers_wanted
     from genre_batch.storage.store import Store
 
     store = Store.at(str(tmp_path / "store"))
     store.write_table(store.inventory, pa.table({"uri": ["a.wav"]}))
     written = store.fs.modified(store.inventory)
-    published = {"model_version": "m-1", "published_at": (written + timedelta(seconds=1)).isoformat()}
+    first = {"snapshot": "s-1", "files": [], "rows": 0, "catalog_version": 3, "model_version": "m-1", "run_id": "r-1"}
+    published = CatalogPointer.parse({**first, "published_at": (written + timedelta(seconds=1)).isoformat()})
     assert workers_wanted(store, None, "m-1") and workers_wanted(store, published, "m-2")
     assert not workers_wanted(store, published, "m-1")
-    assert workers_wanted(store, {**published, "published_at": (written - timedelta(seconds=1)).isoformat()}, "m-1")
+    assert workers_wanted(store, CatalogPointer.parse({**first, "published_at": (written - timedelta(seconds=1)).isoformat()}), "m-1")
 
 
 def tasks_held(prefix: str) -> int:

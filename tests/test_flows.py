@@ -13,7 +13,7 @@ from conftest import cli
 from flows.pipeline import deployment, nightly
 from genre_batch.checks import NIGHTLY_CRON
 from genre_batch.library.synth import STYLES
-from genre_batch.publishing import catalog
+from genre_batch.publishing.pointer import published
 from genre_batch.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_nightly_flow_end_to_end(
     assert first["extract"]["extracted"] == 12 and first["train"]["promoted"]
     assert first["tag"]["rows"] == 12
     record = json.loads((store / "runs" / f"{first['run_id']}.json").read_text())
-    assert record["status"] == "completed" and record["tag"]["snapshot"] == catalog.pointer(Store(str(store)))["snapshot"]
+    assert record["status"] == "completed" and record["tag"]["snapshot"] == published(Store(str(store))).snapshot
 
     second = nightly(str(library), str(store), "folders", dask_scheduler, features=("librosa",))
     assert second["extract"]["extracted"] == 0

@@ -20,6 +20,7 @@ from genre_batch.cluster import session
 from genre_batch.modelling import registry
 from genre_batch.modelling.model import PARAMS, XGBoostModel
 from genre_batch.publishing import catalog
+from genre_batch.publishing.pointer import published
 from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import runs
 from genre_batch.stages import tag as tag_stage
@@ -100,7 +101,7 @@ def test_promote_does_not_retag_until_the_next_tag_which_retags_everything(store
         assert tagged[-1] == (20, 20) and [d for d, _ in tagged] == sorted(d for d, _ in tagged)
         assert [(r.done, r.note) for r in heard if r.stage == "publish"] == [*enumerate(tag_stage.PUBLISH_STEPS), (5, "published")]
         registry.promote_checked(store, "m-2", force=True)  # the same predictions: no guard applies
-        assert catalog.pointer(store)["model_version"] == "m-1"  # promoting re-tags nothing by itself
+        assert published(store).model_version == "m-1"  # promoting re-tags nothing by itself
         second = tag_stage.tag(store, "run-2", cluster)
     assert (second.mode, second.predicted, second.model_version) == ("full", 20, "m-2")
     assert set(catalog.read(store)["model_version"].to_pylist()) == {"m-2"}
@@ -109,13 +110,13 @@ def test_promote_does_not_retag_until_the_next_tag_which_retags_everything(store
 def test_a_model_flipping_most_genres_is_not_published_without_force(store: Store, dask_scheduler: str) -> None:
     with session(dask_scheduler) as cluster:
         tag_stage.tag(store, "run-1", cluster)
-        before = catalog.pointer(store)
+        before = published(store)
         registry.promote_checked(store, "m-3")
         with pytest.raises(PublishRefused, match=r"model m-3 gives 100% of the catalog's tracks another genre than model m-1 \(over the 30% limit\)"):
             tag_stage.tag(store, "run-2", cluster)
-        assert catalog.pointer(store) == before and catalog.snapshot_names(store) == [before["snapshot"]]  # nothing left behind
+        assert published(store) == before and catalog.snapshot_names(store) == [before.snapshot]  # nothing left behind
         forced = tag_stage.tag(store, "run-3", cluster, force=True)
-    assert forced.genres == {"jazz": 20} and catalog.pointer(store)["model_version"] == "m-3"
+    assert forced.genres == {"jazz": 20} and published(store).model_version == "m-3"
 
 
 def test_prune_keeps_the_newest_and_never_the_current_model(store: Store) -> None:

@@ -25,6 +25,7 @@ from genre_batch.cluster import session
 from genre_batch.library.synth import STYLES, render, write_audio
 from genre_batch.modelling import registry
 from genre_batch.publishing import catalog, query, tagging
+from genre_batch.publishing.pointer import published
 from genre_batch.publishing.tagging import classify_files
 from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import retrain, runs
@@ -272,7 +273,7 @@ def test_distributed_tagging_equals_the_single_process_result(trained_store: tup
     summary = tag(store, "run-d", dask_scheduler)
     assert summary.mode == "full" and summary.predicted == summary.rows == 20
     s = Store(str(store))
-    space = vectors.load(s, catalog.pointer(s)["vector_space"])
+    space = vectors.load(s, published(s).vector_space)
     assert space.family == MUSICNN.name  # the default extraction gives every track musicnn: its embeddings are the space
     inventory = read_inventory(s, KEYS)
     # as the stage: each track's rows of the model's other families located beside its librosa rows, then by part

@@ -30,6 +30,7 @@ import pytest
 from conftest import PrefectServer, cli
 
 from genre_batch.publishing import catalog
+from genre_batch.publishing.pointer import published
 from genre_batch.storage.store import Store
 
 BIN = Path(sys.executable).parent
@@ -295,6 +296,6 @@ def test_serve_registers_nightly_deployment_and_runs_it(
             state = wait_until(finished, 240, f"flow run {flow_run.name} to finish", watched)
             assert state.is_completed(), f"flow run ended {state.type.value}: {state.message}\n--- serve output:\n{tail(log)}"
 
-    pointer = catalog.pointer(Store(str(store)))
-    assert pointer is not None and pointer["rows"] == TRACKS, pointer
+    pointer = published(Store(str(store)))
+    assert pointer is not None and pointer.rows == TRACKS, pointer
     assert catalog.read(Store(str(store))).num_rows == TRACKS

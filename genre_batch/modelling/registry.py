@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
@@ -26,7 +26,6 @@ LABELLED_FILE = "labelled.parquet"
 """The labelled set a model was trained on: (uri, fingerprint, genre) of every labelled track, sampled or not."""
 POINTER = "CURRENT.json"
 HISTORY = 20
-T = TypeVar("T")
 
 if TYPE_CHECKING:  # imported in load(): reading the pointer must not load xgboost or scikit-learn (README, Cheap start)
     from genre_batch.modelling.model import GenreModel
@@ -125,17 +124,7 @@ def register(store: Store, version: str, model: GenreModel, metadata: dict, conf
 def pointer(store: Store) -> ModelPointer | None:
     """The model pointer, or None when no model was promoted."""
     path = f"{store.models}/{POINTER}"
-    return read(store, path, ModelPointer.parse) if store.exists(path) else None
-
-
-def read(store: Store, path: str, parse: Callable[[dict], T]) -> T:
-    """A registry file parsed; a damaged one (a field missing or of the wrong type) is an error naming it."""
-    try:
-        return parse(store.read_json(path))
-    except KeyError as e:
-        raise GenreBatchError(f"damaged JSON file in the store: {store.uri(path)} (no field {e})") from None
-    except (TypeError, ValueError) as e:
-        raise GenreBatchError(f"damaged JSON file in the store: {store.uri(path)} ({e})") from None
+    return store.read_parsed(path, ModelPointer.parse) if store.exists(path) else None
 
 
 def switched(store: Store, change: Callable[[ModelPointer | None], ModelPointer]) -> ModelPointer:
@@ -198,7 +187,7 @@ def card(store: Store, version: str) -> ModelCard:
     """A registered model's card; a clear error when it is missing or damaged."""
     path = f"{store.models}/{version}/{METADATA_FILE}"
     try:
-        return read(store, path, ModelCard.parse)
+        return store.read_parsed(path, ModelCard.parse)
     except FileNotFoundError:
         raise GenreBatchError(f"model {version} has no card ({path} is missing): 'genre-batch models promote' another "
                               "version, or train again") from None

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
+from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.storage.store import POINTER, Store
 
 CATALOG_VERSION = 3
@@ -249,12 +250,6 @@ def promote(store: Store, pointer: dict, expected: str | None) -> None:
     store.swap(f"{store.catalog}/{POINTER}", json.dumps(pointer, indent=2, sort_keys=True).encode(), expected)
 
 
-def pointer(store: Store) -> dict | None:
-    """The published snapshot's pointer, or None before the first publish."""
-    path = f"{store.catalog}/{POINTER}"
-    return store.read_json(path) if store.exists(path) else None
-
-
 def snapshot_names(store: Store) -> list[str]:
     """Names of the snapshot folders, oldest first (published or not)."""
     folder = f"{store.catalog}/snapshots"
@@ -265,17 +260,17 @@ def snapshot_names(store: Store) -> list[str]:
         return []
 
 
-def published_history(store: Store, current: dict | None, keep: int) -> list[str]:
+def published_history(store: Store, current: CatalogPointer | None, keep: int) -> list[str]:
     """The newest `keep` snapshots that were published, oldest first (pointers before version 2 kept no history:
     then the folders up to the current one count)."""
     if current is None:
         return []
-    if "history" in current:
-        return current["history"][-keep:]
-    return [n for n in snapshot_names(store) if n <= current["snapshot"]][-keep:]
+    if current.history is not None:
+        return current.history[-keep:]
+    return [n for n in snapshot_names(store) if n <= current.snapshot][-keep:]
 
 
-def earlier(store: Store, previous: dict | None, snapshot: str, keep: int) -> list[str]:
+def earlier(store: Store, previous: CatalogPointer | None, snapshot: str, keep: int) -> list[str]:
     """The `keep` newest snapshots published before `snapshot`; without a pointer (a first publish, or a pointer lost)
     the newest folders before it that hold a change feed (written before a switch: a publish that crashed earlier left
     none), so that a lost pointer costs no snapshot."""
@@ -287,7 +282,7 @@ def earlier(store: Store, previous: dict | None, snapshot: str, keep: int) -> li
 def prune(store: Store, keep: int = KEEP_SNAPSHOTS) -> list[str]:
     """Delete every snapshot but the `keep` newest published ones (a snapshot never published, left by a crash, goes
     at once); returns those deleted."""
-    kept = set(published_history(store, pointer(store), max(1, keep)))
+    kept = set(published_history(store, published(store), max(1, keep)))
     old = [n for n in snapshot_names(store) if n not in kept]
     for name in old:
         store.fs.rm(f"{store.catalog}/snapshots/{name}", recursive=True)
@@ -295,11 +290,11 @@ def prune(store: Store, keep: int = KEEP_SNAPSHOTS) -> list[str]:
 
 
 def switch(store: Store, snapshot: str, files: dict[str, str], rows: int, model_version: str, run_id: str,
-           keep: int = KEEP_SNAPSHOTS, **extra: object) -> dict:
+           keep: int = KEEP_SNAPSHOTS, **extra: object) -> CatalogPointer:
     """Publish a written snapshot (`files`: relative path -> genre): switch the pointer, then prune; returns the pointer."""
     path = f"{store.catalog}/{POINTER}"
     expected = store.version_token(path)
-    previous = pointer(store)
+    previous = published(store)
     new = {
         "snapshot": snapshot,
         "files": sorted(files),
@@ -314,7 +309,7 @@ def switch(store: Store, snapshot: str, files: dict[str, str], rows: int, model_
     }
     promote(store, new, expected)
     prune(store, keep)
-    return new
+    return CatalogPointer.parse(new)
 
 
 def split_by_genre(table: pa.Table) -> dict[str, pa.Table]:
@@ -324,7 +319,7 @@ def split_by_genre(table: pa.Table) -> dict[str, pa.Table]:
     return {g: table.filter(pc.equal(table["genre"], g)) for g in sorted(pc.unique(table["genre"]).to_pylist())}
 
 
-def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vector_space: dict, keep: int = KEEP_SNAPSHOTS) -> dict:
+def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vector_space: dict, keep: int = KEEP_SNAPSHOTS) -> CatalogPointer:
     """Write a catalog table held in this process (embeddings in the space `vector_space` describes) as a new
     snapshot with its similar table, and publish it; returns the pointer."""
     from genre_batch.publishing import similar
@@ -334,8 +329,8 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vect
     for number, (genre, rows) in enumerate(split_by_genre(table).items()):
         files[genre_file(snapshot, number)] = genre
         write_genre(store, genre_file(snapshot, number), rows)
-    previous = pointer(store)
-    changes = write_changes(store, snapshot, diff(read_files(store, previous["files"] if previous else [], DIFF_COLUMNS), table))
+    previous = published(store)
+    changes = write_changes(store, snapshot, diff(read_files(store, previous.files if previous else [], DIFF_COLUMNS), table))
     update = similar.plan_update(store, previous, vector_space["name"], table.select(similar.KEYS))
     neighbours = similar.build(store, snapshot, sorted(files), update, similar.in_process)
     return switch(store, snapshot, files, table.num_rows, model_version, run_id, keep, changes=changes,
@@ -344,10 +339,10 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vect
 
 def files(store: Store) -> list[str]:
     """Full paths of the published snapshot's files."""
-    current = pointer(store)
+    current = published(store)
     if current is None:
         raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
-    return [f"{store.catalog}/{name}" for name in current["files"]]
+    return [f"{store.catalog}/{name}" for name in current.files]
 
 
 def read(store: Store, columns: list[str] | None = None) -> pa.Table:

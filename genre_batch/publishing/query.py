@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from genre_batch import GenreBatchError
+from genre_batch.publishing.pointer import published
 from genre_batch.storage.store import Store
 
 if TYPE_CHECKING:
@@ -38,11 +39,6 @@ class Result:
     rows: list[tuple]
 
 
-def published(store: Store) -> dict | None:
-    """The published snapshot's pointer (as catalog.pointer reads it), or None before the first publish."""
-    return store.read_json(store.pointer) if store.exists(store.pointer) else None
-
-
 def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views (those `sql` names) `catalog`, `changes`, `similar`, `errors` and
     `writes`, and no file access beyond the published snapshot's own files.
@@ -59,9 +55,8 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
         from genre_batch.publishing import catalog
 
         catalog.files(store)  # raises: no published catalog
-    files = [f"{store.catalog}/{name}" for name in current["files"]] if current and "catalog" in named else []
-    current = current or {}
-    pieces = [f"{store.catalog}/{f}" for f in (current.get("similar") or {}).get("files", [])] if "similar" in named else []
+    files = [f"{store.catalog}/{name}" for name in current.files] if current and "catalog" in named else []
+    pieces = [f"{store.catalog}/{f}" for f in ((current.similar if current else None) or {}).get("files", [])] if "similar" in named else []
     if store.local and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
     if "catalog" in named:  # built only when asked for, as the others: a query of errors reads no catalog file
@@ -71,7 +66,7 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     if "changes" in named:  # the published snapshot's change feed (no rows before the first one that has it)
         from genre_batch.publishing.catalog import CHANGES_SCHEMA
 
-        feed = store.read_table(f"{store.catalog}/{current['changes']}") if current.get("changes") else CHANGES_SCHEMA.empty_table()
+        feed = store.read_table(f"{store.catalog}/{current.changes}") if current and current.changes else CHANGES_SCHEMA.empty_table()
         con.register("changes_arrow", feed)
         con.execute("CREATE VIEW changes AS SELECT * FROM changes_arrow")
     if "errors" in named:

@@ -53,6 +53,7 @@ from genre_batch import GenreBatchError
 from genre_batch.library.labels import canonical
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
+from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.storage.store import TEMP_MARK, Store
 
 if TYPE_CHECKING:
@@ -934,15 +935,15 @@ KEYS = ["track_id", "fingerprint"]
 """A track whose (track_id, fingerprint) is in both snapshots kept its embedding (same content, same space)."""
 
 
-def plan_update(store: Store, previous: dict | None, space_name: str, after: pa.Table) -> Update | None:
+def plan_update(store: Store, previous: CatalogPointer | None, space_name: str, after: pa.Table) -> Update | None:
     """How the new snapshot's index follows the previous one (`after`: the new snapshot's KEYS); None: rebuild it (no
     previous index, one of layout 1, another vector space or K, a bucket grown past BUCKET_GROWTH x BUCKET_TRACKS, or more
     than INCREMENTAL_MAX_SHARE of the tracks changed)."""
-    similar = (previous or {}).get("similar")
-    if (not similar or not similar.get("index") or similar.get("layout", 1) != LAYOUT or (previous.get("vector_space") or {}).get("name") != space_name
+    similar = previous.similar if previous else None
+    if (not similar or not similar.get("index") or similar.get("layout", 1) != LAYOUT or previous.space_name != space_name
             or similar.get("k") != SIMILAR_K or max(similar.get("sizes") or [0]) > BUCKET_GROWTH * BUCKET_TRACKS):
         return None
-    before = catalog.read_files(store, previous["files"], KEYS)
+    before = catalog.read_files(store, previous.files, KEYS)
     added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
@@ -1018,12 +1019,12 @@ class Unanswered:
     error: str
 
 
-def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
+def lookup(store: Store, pointer: CatalogPointer, column: str, values: list) -> pa.Table:
     """(vid, track_id, uri, genre, cell) of the published catalog's tracks whose `column` (vid or uri) is one of
     `values`: from the partitions of the snapshot's lookup by that column that hold them (a few row groups each; a uri
     gives its vid, looked up by vid; layout 1's files have no cell: null), or by a scan of the catalog for snapshots
     published before lookup files existed."""
-    files = lookup_files(pointer["similar"], column)
+    files = lookup_files(pointer.similar, column)
     if files:
         keys = partition_of(lookup_keys(column, values), len(files))
         found = pa.concat_tables([rows_where(store, files[p], column, [v for v, at in zip(values, keys) if at == p], ["vid", column] if column == "uri" else None)
@@ -1033,7 +1034,7 @@ def lookup(store: Store, pointer: dict, column: str, values: list) -> pa.Table:
         return found if "cell" in found.column_names else found.append_column("cell", pa.nulls(found.num_rows, pa.int32()))
     import pyarrow.compute as pc
 
-    table = tracks_table(store, pointer["files"])
+    table = tracks_table(store, pointer.files)
     return table.filter(pc.is_in(table[column], value_set=pa.array(values, LOOKUP_SCHEMA.field(column).type)))
 
 
@@ -1045,17 +1046,17 @@ def bucket_in(info: dict, row: dict) -> int:
     return int(bucket_of(np.array([row["cell"]]), info["bounds"])[0])
 
 
-def stored_list(store: Store, pointer: dict, row: dict, top: int) -> list[tuple[int, float]]:
+def stored_list(store: Store, pointer: CatalogPointer, row: dict, top: int) -> list[tuple[int, float]]:
     """The first `top` entries of a catalog track's (a lookup row's) stored list: (neighbour vid, score)."""
-    info = pointer["similar"]
+    info = pointer.similar
     table = rows_where(store, piece(info["folder"], bucket_in(info, row)), "track_id", [row["track_id"]]).slice(0, top)  # in rank order
     return list(zip(vector_ids(table["neighbour_id"].to_pylist()).tolist(), table["score"].to_pylist()))
 
 
-def stored_vector(store: Store, pointer: dict, row: dict) -> np.ndarray:
+def stored_vector(store: Store, pointer: CatalogPointer, row: dict) -> np.ndarray:
     """A catalog track's (a lookup row's) embedding, from the row group of its bucket's vectors part whose vid
     statistics hold it (layout 1: of the vectors file, whose bucket and vid statistics hold it)."""
-    info, vid = pointer["similar"], row["vid"]
+    info, vid = pointer.similar, row["vid"]
     bucket = bucket_in(info, row)
     with store.open(f"{store.catalog}/{vectors_part(info['folder'], bucket) if info.get('layout', 1) >= 2 else info['vectors']}") as f:
         parquet = pq.ParquetFile(f)
@@ -1066,10 +1067,10 @@ def stored_vector(store: Store, pointer: dict, row: dict) -> np.ndarray:
     return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid)[0])]
 
 
-def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int, allowed: np.ndarray | None) -> list[tuple[dict, float]]:
+def nearest(store: Store, pointer: CatalogPointer, vector: np.ndarray, own: int, top: int, allowed: np.ndarray | None) -> list[tuple[dict, float]]:
     """The `top` nearest tracks (lookup row, score) to a vector in the memory-mapped index, `own` id left out; with
     `allowed` (vids), only those tracks, searching ever deeper (x4) until `top` are found or the index is exhausted."""
-    index = open_index(store, pointer["similar"])
+    index = open_index(store, pointer.similar)
     k = top if allowed is None else 4 * top
     while True:
         found, scores = search(index, vector[None, :], np.array([own], np.int64), min(k, index.ntotal))
@@ -1079,14 +1080,14 @@ def nearest(store: Store, pointer: dict, vector: np.ndarray, own: int, top: int,
         k *= 4
 
 
-def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
+def genre_vids(store: Store, pointer: CatalogPointer, genre: str) -> np.ndarray:
     """The vids of one genre's tracks of the published catalog: from the vid lookup partitions' genre column read
     dictionary-encoded (compared as codes: neither a Python string per track nor pyarrow.compute, which imports pandas),
     or, for a snapshot without lookup files, by hashing the track_ids of the genre's catalog file."""
-    files = [f for f, g in pointer["genres"].items() if g == genre]
+    files = [f for f, g in pointer.genres.items() if g == genre]
     if not files:
-        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer['genres'].values())))}")
-    by_vid = lookup_files(pointer["similar"], "vid")
+        raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer.genres.values())))}")
+    by_vid = lookup_files(pointer.similar, "vid")
     if not by_vid:
         return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
     found = []
@@ -1102,7 +1103,7 @@ def genre_vids(store: Store, pointer: dict, genre: str) -> np.ndarray:
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
-def described(store: Store, pointer: dict, hits: list[tuple[int, float]]) -> list[tuple[dict, float]]:
+def described(store: Store, pointer: CatalogPointer, hits: list[tuple[int, float]]) -> list[tuple[dict, float]]:
     """Hits (vid, score) with their lookup rows (track_id, uri, genre)."""
     rows = {r["vid"]: r for r in lookup(store, pointer, "vid", [v for v, _ in hits]).to_pylist()}
     return [(rows[v], s) for v, s in hits]
@@ -1119,11 +1120,11 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     lists (top <= SIMILAR_K, no genre, which is compared as the catalog writes names) or the index; audio files outside the catalog
     extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
     genre = canonical(genre) if genre is not None else None  # `unknown` too: the genre of abstentions
-    pointer = catalog.pointer(store)
+    pointer = published(store)
     if pointer is None:
         raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
-    if not (pointer.get("similar") or {}).get("index"):
-        raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.get('catalog_version')}): "
+    if not (pointer.similar or {}).get("index"):
+        raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.catalog_version}): "
                               "run 'genre-batch tag' to publish one that has")
     allowed = genre_vids(store, pointer, genre) if genre is not None else None
     known = pa.concat_tables([lookup(store, pointer, "vid", vector_ids([n for n, _ in names]).tolist()),
@@ -1132,7 +1133,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     answers: list[Answer | Unanswered] = []
     for name, uri in names:
         row = by_name.get(name) or by_name.get(uri)
-        if row is not None and genre is None and top <= pointer["similar"]["k"]:
+        if row is not None and genre is None and top <= pointer.similar["k"]:
             hits, source = described(store, pointer, stored_list(store, pointer, row, top)), "table"
         elif row is not None:
             hits, source = nearest(store, pointer, stored_vector(store, pointer, row), row["vid"], top, allowed), "index"
@@ -1142,7 +1143,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
             from genre_batch.publishing import vectors
 
             try:
-                vector, _ = vectors.file_vector(vectors.load(store, pointer["vector_space"]), uri)
+                vector, _ = vectors.file_vector(vectors.load(store, pointer.vector_space), uri)
             except (audio.AudioError, vectors.MissingSpace) as e:
                 why = "nor a readable audio file" if isinstance(e, audio.AudioError) else "and files outside it cannot be embedded"
                 answers.append(Unanswered(name, f"{name}: not a track_id or uri of the published catalog, {why}: {e}"))

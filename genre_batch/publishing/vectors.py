@@ -21,6 +21,7 @@ import pyarrow as pa
 from genre_batch import GenreBatchError
 from genre_batch.analysis.columns import FEATURE_NAMES, TAG_NAMES
 from genre_batch.publishing.catalog import VECTOR_DIM
+from genre_batch.publishing.pointer import CatalogPointer
 from genre_batch.storage.feature_store import (
     EMBEDDING_COLUMNS,
     KEYS,
@@ -202,11 +203,11 @@ def space_family(tracks: int, lacking_musicnn: int) -> Family:
     return MUSICNN if tracks > 0 and lacking_musicnn == 0 else LIBROSA
 
 
-def reusable(store: Store, previous: dict | None, family: Family, available: int) -> VectorSpace | None:
+def reusable(store: Store, previous: CatalogPointer | None, family: Family, available: int) -> VectorSpace | None:
     """The previous snapshot's space while its family (and version) is still `family` and its sample is at least half
     what the store offers now (`available`: current tracks of the family; a space fitted on a small first library is
     refitted as the library grows, until SAMPLE_TRACKS), else None: a space must be fitted."""
-    described = (previous or {}).get("vector_space") or {}
+    described = (previous.vector_space if previous else None) or {}
     same = (described.get("family"), described.get("family_version")) == (family.name, family.version)
     if same and 2 * described.get("sample_tracks", 0) >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described['file']}"):
         return load(store, described)

@@ -31,6 +31,7 @@ from genre_batch.library.writeback import written
 from genre_batch.modelling import registry, training
 from genre_batch.modelling.registry import ModelCard
 from genre_batch.publishing import catalog, similar, vectors
+from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.publishing.tagging import batch_windows, genres_of, merge_genre, tag_batch
 from genre_batch.publishing.vectors import VectorSpace
 from genre_batch.storage.feature_store import (
@@ -141,12 +142,11 @@ def check_families(store: Store, card: ModelCard, current: dict[str, np.ndarray]
         )
 
 
-def can_carry(previous: dict | None, version: str, space: VectorSpace | None) -> bool:
+def can_carry(previous: CatalogPointer | None, version: str, space: VectorSpace | None) -> bool:
     """Whether the previous snapshot's rows can be carried over: same model, catalog version and vector space (else
     everything is predicted: a version 2 snapshot's rows lack embeddings and tags)."""
-    return (bool(previous) and space is not None and previous.get("model_version") == version
-            and previous.get("catalog_version") == catalog.CATALOG_VERSION
-            and (previous.get("vector_space") or {}).get("name") == space.name)
+    return (previous is not None and space is not None and previous.model_version == version
+            and previous.catalog_version == catalog.CATALOG_VERSION and previous.space_name == space.name)
 
 
 CARRY_COLUMNS = [*KEYS, "track_id"]
@@ -171,10 +171,10 @@ class Carried:
         return sum(len(d) for d in self.dropped.values())
 
 
-def carried_over(store: Store, previous: dict, inventory: pa.Table, tracks: np.ndarray) -> Carried:
+def carried_over(store: Store, previous: CatalogPointer, inventory: pa.Table, tracks: np.ndarray) -> Carried:
     """Which rows of the previous snapshot carry over, given the listing rows of the current tracks (`tracks`): a row
     carries over when its (uri, fingerprint) is a current track's, matched on listing positions, not string joins."""
-    rows = catalog.rows_by_file(store, previous["files"], CARRY_COLUMNS)
+    rows = catalog.rows_by_file(store, previous.files, CARRY_COLUMNS)
     at = listing_positions(rows, inventory)
     current = np.zeros(inventory.num_rows, bool)
     current[tracks] = True
@@ -183,7 +183,7 @@ def carried_over(store: Store, previous: dict, inventory: pa.Table, tracks: np.n
     listed = np.zeros(inventory.num_rows, bool)
     listed[at[kept]] = True
     files, lines = rows["_file"].to_numpy(), rows["_line"].to_numpy()
-    dropped = {previous["files"][f]: lines[~kept & (files == f)] for f in np.unique(files[~kept]).tolist()}
+    dropped = {previous.files[f]: lines[~kept & (files == f)] for f in np.unique(files[~kept]).tolist()}
     return Carried(tracks[~listed[tracks]], dropped, rows.filter(pa.array(kept)).select(similar.KEYS))
 
 
@@ -206,12 +206,12 @@ def check_flips(store: Store, snapshot: str, changes: dict[str, int], previous_r
         )
 
 
-def change_groups(previous: dict | None, files: dict[str, str]) -> list[tuple[list[str], list[str]]]:
+def change_groups(previous: CatalogPointer | None, files: dict[str, str]) -> list[tuple[list[str], list[str]]]:
     """The previous and the new snapshot's files of each genre, to diff genre by genre (a previous pointer that does not
     name its genres is one group)."""
     old: dict[str, list[str]] = {}
     if previous:
-        for name, genre in (previous.get("genres") or {f: "" for f in previous["files"]}).items():
+        for name, genre in (previous.genres or {f: "" for f in previous.files}).items():
             old.setdefault(genre, []).append(name)
     new: dict[str, list[str]] = {}
     for name, genre in files.items():
@@ -219,7 +219,7 @@ def change_groups(previous: dict | None, files: dict[str, str]) -> list[tuple[li
     return [(sorted(old.get(g, [])), sorted(new.get(g, []))) for g in sorted(set(old) | set(new))]
 
 
-def change_feed(store: Store, session: Session, snapshot: str, previous: dict | None, files: dict[str, str], diffed: bool) -> dict[str, int]:
+def change_feed(store: Store, session: Session, snapshot: str, previous: CatalogPointer | None, files: dict[str, str], diffed: bool) -> dict[str, int]:
     """Write the snapshot's change feed on the workers (one diff per genre unless the merge tasks `diffed` each genre
     already, then one task pairs the pieces); returns its rows per kind of change."""
     if not diffed:
@@ -227,12 +227,12 @@ def change_feed(store: Store, session: Session, snapshot: str, previous: dict | 
     return session.run([(catalog.gather_changes, store, snapshot)])[0]
 
 
-def workers_wanted(store: Store, previous: dict | None, version: str) -> bool:
+def workers_wanted(store: Store, previous: CatalogPointer | None, version: str) -> bool:
     """Whether the tag tasks will likely run: no snapshot yet, another model, or a library listing written after the
     snapshot was published. A hint for starting the cluster early (a wrong guess costs a cluster start, or the wait)."""
-    if not previous or previous.get("model_version") != version:
+    if previous is None or previous.model_version != version:
         return True
-    return store.exists(store.inventory) and store.fs.modified(store.inventory) > datetime.fromisoformat(previous["published_at"])
+    return store.exists(store.inventory) and store.fs.modified(store.inventory) > previous.published_at
 
 
 def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SNAPSHOTS, full: bool = False, force: bool = False,
@@ -247,7 +247,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     with steps.step("model, inventory"):
         card = registry.current(store)
         version = card.version
-        previous = catalog.pointer(store)
+        previous = published(store)
         if full or workers_wanted(store, previous, version):
             session.start_soon()  # the workers start while this process reads the store (~7 s at 1M tracks)
         inventory = read_inventory(store, KEYS)
@@ -264,8 +264,8 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
         with steps.step("carried rows"):
             carried = carried_over(store, previous, inventory, positions[LIBROSA.name])
         if carried.todo.size == 0 and carried.dropped_rows == 0:
-            return TagSummary(previous["snapshot"], previous["rows"], version, previous.get("genre_rows", {}),
-                              previous.get("disagreements", 0), "unchanged", 0, previous["rows"], 0, steps.taken)
+            return TagSummary(previous.snapshot, previous.rows, version, previous.genre_rows, previous.disagreements, "unchanged", 0,
+                              previous.rows, 0, steps.taken)
     with steps.step("index rows to predict"):
         # from the index files that hold them, a group of files at a time: every current track's, or the ones to predict
         indexed = {name: index_rows(store, current, f, positions[name] if carried is None else carried.todo, TRACK_COLUMNS)
@@ -291,7 +291,7 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
             predicted.update(task.result())
             progress.report(progress.Report("tag", predicted.total(), todo.num_rows))
     with steps.publishing("merge tasks"):
-        carried_files = {g: f for f, g in previous["genres"].items()} if carried is not None else {}
+        carried_files = {g: f for f, g in previous.genres.items()} if carried is not None else {}
         numbers = [n for n, g in enumerate(genres) if predicted[g] or g in carried_files]
         dropped = carried.dropped if carried is not None else {}
         merged = session.run([(merge_genre, store, snapshot, n, carried_files.get(genres[n]), dropped.get(carried_files.get(genres[n])), carried is not None)
@@ -304,8 +304,8 @@ def tag(store: Store, run_id: str, session: Session, keep: int = catalog.KEEP_SN
     disagreements = sum(d for _, d in merged)
     with steps.publishing("change feed"):
         changes = change_feed(store, session, snapshot, previous, files, diffed=carried is not None)
-    if previous and previous.get("model_version") != version and not force:
-        check_flips(store, snapshot, changes, previous["rows"], version, previous["model_version"])
+    if previous is not None and previous.model_version != version and not force:
+        check_flips(store, snapshot, changes, previous.rows, version, previous.model_version)
     with steps.publishing("similar plan"):
         after = todo.select(similar.KEYS) if carried is None else pa.concat_tables([carried.kept, todo.select(similar.KEYS)], promote_options="permissive")
         update = similar.plan_update(store, previous, space.name, after)

@@ -13,11 +13,11 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from genre_batch import GenreBatchError
 from genre_batch.storage.locations import absolute, local_path
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import fsspec
     import pyarrow as pa
 
+T = TypeVar("T")
 RETRY_DEFAULTS = {"AWS_RETRY_MODE": "legacy", "AWS_MAX_ATTEMPTS": "5"}
 """botocore's retry settings for every S3 request of a run, unless set in the environment (to change them, set
 these variables: they take precedence over retry_mode / max_attempts in ~/.aws/config).
@@ -240,6 +241,17 @@ class Store:
                 return json.load(f)
             except ValueError as e:
                 raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} ({e})") from None
+
+    def read_parsed(self, path: str, parse: Callable[[Any], T]) -> T:
+        """Read a JSON document into the object `parse` makes of it; a damaged one (unparsable, a field missing or of
+        the wrong type) is an error naming it."""
+        document = self.read_json(path)
+        try:
+            return parse(document)
+        except KeyError as e:
+            raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} (no field {e})") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} ({e})") from None
 
     def list(self, folder: str, suffix: str = "") -> list[str]:
         """Sorted paths of finished files with `suffix` directly in `folder` (temporary files excluded)."""
