@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from genre_batch import GenreBatchError, UsageError
-from genre_batch.storage.locations import is_url, local_path
+from genre_batch.storage.locations import absolute, is_url, is_utf8, local_path, printable
 
 LABEL_KINDS = ("folders", "tags")
 LABEL_FILE_SUFFIXES = (".csv", ".parquet")
@@ -68,13 +68,31 @@ def endpoint(url: str | None) -> None:
 
 
 def library(location: str) -> None:
-    """A local library must be an existing folder this process may list; a library URL's protocol one fsspec can use."""
+    """A local library must be an existing folder this process may list, with a UTF-8 path; a library URL's protocol
+    one fsspec can use."""
     given(location, "library")
     protocol(location, "library")
     if not is_url(location) and not Path(local_path(location)).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
+    utf8_folder(location, "library")
     if not is_url(location) and not os.access(local_path(location), os.R_OK | os.X_OK):
         raise UsageError(f"cannot list the library folder {location}: Permission denied")
+
+
+def utf8_folder(location: str, what: str) -> None:
+    """A local folder whose files are listed must have a valid UTF-8 path, as given and as resolved: every table stores
+    the files' URIs as UTF-8 (a file or subfolder with another name is skipped by the listing instead)."""
+    if is_url(location) or is_utf8(absolute(location)):
+        return
+    named = printable(location) if not is_utf8(location) else f"{location} (resolved: {printable(absolute(location))})"
+    raise UsageError(f"{what} {named}: its name is not valid UTF-8: rename it")
+
+
+def classified_folders(locations: list[str]) -> None:
+    """Each local folder given to `classify` (it stands for the audio files under it) has a UTF-8 path."""
+    for location in locations:
+        if not is_url(location) and os.path.isdir(local_path(location)):
+            utf8_folder(location, "folder")
 
 
 def nearest_existing(path: Path) -> Path:

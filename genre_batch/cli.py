@@ -994,6 +994,7 @@ def classify(
     Up to 64 files are decoded in this process; more, or any number with --scheduler, by Dask tasks."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.classified_folders(files)
     checks.remote_store_found(store)
     from genre_batch.cluster import session
     from genre_batch.library.discovery import files_of

@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.storage.locations import local_path
+from genre_batch.storage.locations import is_utf8, local_path, printable
 from genre_batch.storage.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
@@ -118,20 +118,6 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
                     found = local_file(entry)
                     if found is not None:
                         yield found
-
-
-def is_utf8(name: str) -> bool:
-    """True for a file name that is valid UTF-8 (os.scandir keeps other bytes as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(path: str) -> str:
-    """A path whose bytes are not all UTF-8, with those bytes written as \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def local_file(entry: os.DirEntry) -> tuple[str, int, str] | None:

@@ -31,3 +31,17 @@ def absolute(url: str) -> str:
         return str(Path(url).expanduser().resolve())
     except (RuntimeError, OSError):  # a symbolic link loop
         return os.path.abspath(os.path.expanduser(url))
+
+
+def is_utf8(name: str) -> bool:
+    """True for a path or file name that is valid UTF-8 (os.scandir and sys.argv keep other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """A path whose bytes are not all UTF-8, with those bytes written as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
