@@ -193,9 +193,19 @@ def is_folder(location: str) -> bool:
     return fs.isdir(path.rstrip("/"))
 
 
-def files_of(locations: list[str]) -> list[str]:
-    """The files named: a folder or prefix stands for the audio files under it (in URI order, as `discover` lists them)."""
-    return [uri for location in locations for uri in (discover(location)["uri"].to_pylist() if is_folder(location) else [location])]
+def files_of(locations: list[str]) -> tuple[list[str], list[str]]:
+    """The files named, a folder or prefix standing for the audio files under it (in URI order, as `discover` lists
+    them), and what the listings of those folders skipped ("path: reason")."""
+    uris: list[str] = []
+    skipped: list[str] = []
+    for location in locations:
+        if is_folder(location):
+            listed = discover(location)
+            uris += listed["uri"].to_pylist()
+            skipped += unlisted_text(listed)
+        else:
+            uris.append(location)
+    return uris, skipped
 
 
 def discover(library: str) -> pa.Table:
@@ -219,3 +229,8 @@ def discover(library: str) -> pa.Table:
 def unlisted(inventory: pa.Table) -> list[Unlisted]:
     """What a listing skipped (recorded in its metadata by `discover`)."""
     return [Unlisted(*pair) for pair in json.loads((inventory.schema.metadata or {}).get(b"unlisted", b"[]"))]
+
+
+def unlisted_text(inventory: pa.Table) -> list[str]:
+    """What a listing skipped, "path: reason"."""
+    return [f"{u.path}: {u.reason}" for u in unlisted(inventory)]
