@@ -328,7 +328,9 @@ def test_float_samples_far_over_full_scale_are_invalid(tmp_path: Path) -> None:
     assert decode(str(loud))[1].duration_s == pytest.approx(2.0)
 
 
-def test_a_link_loop_is_named_as_given(tmp_path: Path) -> None:
+def test_a_link_loop_or_a_broken_link_is_named_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`classify` and `similar` read (and name) a file as `absolute` makes it: a link that leads nowhere stays the path
+    given; a link to a file, or a path still to be created under a linked folder, is resolved."""
     from genre_batch.storage.locations import absolute
 
     (tmp_path / "a.mp3").symlink_to(tmp_path / "b.mp3")
@@ -336,3 +338,14 @@ def test_a_link_loop_is_named_as_given(tmp_path: Path) -> None:
     assert absolute(str(tmp_path / "a.mp3")) == str(tmp_path / "a.mp3")
     with pytest.raises(AudioError, match="Too many levels of symbolic links"):
         decode(str(tmp_path / "a.mp3"))
+    (tmp_path / "dangling.mp3").symlink_to(tmp_path / "gone" / "target.mp3")
+    monkeypatch.chdir(tmp_path)
+    assert absolute("dangling.mp3") == str(tmp_path / "dangling.mp3")
+    with pytest.raises(AudioError, match="No such file or directory"):
+        decode(absolute("dangling.mp3"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "song.mp3").write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "song.mp3").symlink_to(tmp_path / "real" / "song.mp3")
+    assert absolute("song.mp3") == str(tmp_path / "real" / "song.mp3")
+    assert absolute("linked/new-store") == str(tmp_path / "real" / "new-store")

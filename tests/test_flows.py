@@ -70,6 +70,9 @@ def test_cli_run_query_classify(
     first, second = out.splitlines()
     assert first.startswith(f"{clip}: chiptune ") and first.count(",") == 1
     assert second.startswith(f"{library / 'broken.mp3'}: error: undecodable")
+    (library / "dangling.mp3").symlink_to(library / "gone.mp3")
+    code, out, err = cli("classify", "--store", store, str(library / "dangling.mp3"))  # named as given, not as its target
+    assert (code, out) == (1, f"{library / 'dangling.mp3'}: error: io_error: cannot read file: No such file or directory (FileNotFoundError)\n")
     code, out, _ = cli("classify", "--store", store, "--top", "2", "--format", "json", str(clip), str(library / "broken.mp3"))
     good, bad = json.loads(out)["files"]
     assert code == 1 and good["uri"] == str(clip) and [g["genre"] for g in good["genres"]][0] == "chiptune" and len(good["genres"]) == 2
