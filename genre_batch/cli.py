@@ -664,8 +664,17 @@ def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     for run in facts["last_runs"]:
         took = f" in {run['duration_s']:.0f} s" if run["duration_s"] is not None else ""
         say(f"run {run['run_id']} ({run['flow']}): {run['status']}{took}" + (f": {run['error']}" if run["error"] else ""))
-    holder = facts["lease"]
-    say(f"lease: held by run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) until {holder['expires_at']}" if holder else "lease: free")
+    say(lease_line(facts["lease"]))
+
+
+def lease_line(holder: dict | None) -> str:
+    """What `status` says of the run lease: free, held, or stale (left by a run that died or hung)."""
+    if holder is None:
+        return "lease: free"
+    run = f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']})"
+    if holder["stale"]:
+        return f"lease: stale ({holder['stale']}): left by {run}, valid until {holder['expires_at']}; the next run takes it over"
+    return f"lease: held by {run} until {holder['expires_at']}"
 
 
 models_app = typer.Typer(cls=PlainFirstGroup, help="List, inspect, promote, roll back and pin the store's models.", no_args_is_help=True)
