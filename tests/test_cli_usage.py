@@ -249,8 +249,8 @@ def s3_env(moto_url: str) -> dict[str, str]:
     [
         (["extract", "s3://nobucket/library", "--store", "store"], "error: library not found or not a folder: s3://nobucket/library"),
         (["extract", "s3://music/no-such-prefix", "--store", "store"], "error: library not found or not a folder: s3://music/no-such-prefix"),
-        (["status", "--store", "s3://music/no-store"], "error: store not found: s3://music/no-store (no object under it, or not visible with these credentials)"),
-        (["query", "--store", "s3://nobucket/store", "SELECT 1"], "error: store not found: s3://nobucket/store (no object under it, or not visible with these credentials)"),
+        (["status", "--store", "s3://music/no-store"], "error: store not found: s3://music/no-store (no object under it)"),
+        (["query", "--store", "s3://nobucket/store", "SELECT 1"], "error: the bucket nobucket of the store s3://nobucket/store does not exist"),
         (
             ["run", "s3://music/library", "--store", "s3://nobucket/store", "--labels", "folders"],
             "error: the bucket nobucket of the store s3://nobucket/store does not exist",
