@@ -63,7 +63,7 @@ def classify(work: Path, store: Path, files: list[str]) -> dict[str, str | None]
     files per command."""
     top: dict[str, str | None] = {}
     for start in range(0, len(files), CLASSIFY_FILES):
-        results = genre_batch(work, "classify", "--store", str(store), "--top", "1", *files[start:start + CLASSIFY_FILES], failing=True)["files"]
+        results = genre_batch(work, "classify", "--store", str(store), "--top", "1", *files[start:start + CLASSIFY_FILES], failing=True)
         top |= {r["uri"]: r["genres"][0]["genre"] if "genres" in r else None for r in results}
     return top
 

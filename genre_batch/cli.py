@@ -996,7 +996,7 @@ def classify(
     store: StoreOpt = DEFAULT_STORE,
     top: Annotated[int, typer.Option("--top", min=1, help="How many genres to show per file.")] = 3,
     scheduler: SchedulerOpt = None,
-    fmt: FormatOpt = "text",
+    fmt: ListFormatOpt = "text",
 ) -> None:
     """Predict the genres of files with the current model of the store (nothing is stored); exit 1 if any file failed.
 
@@ -1011,20 +1011,19 @@ def classify(
     from genre_batch.storage.store import Store
 
     uris, skipped = files_of([absolute(f) for f in files])
+    say_unlisted(skipped)  # on stderr with either format: the JSON array holds the files classified
     if not uris:
-        say_unlisted(skipped)
         raise GenreBatchError(f"no audio files to classify in {', '.join(files)}")
     with session(scheduler) as cluster:  # started only when used
         on = cluster if scheduler or len(uris) > CLASSIFY_IN_PROCESS else None
         results = with_progress(lambda: classify_files(Store.at(store), uris, top, on))
     failed = sum(isinstance(result, str) for _, result in results)
     if fmt == "json":
-        print_json({"files": [{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}
-                              for uri, r in results], "unlisted": skipped})
+        print_json([{"uri": uri, "error": r} if isinstance(r, str) else {"uri": uri, "genres": [{"genre": g, "probability": p} for g, p in r]}
+                    for uri, r in results])
     else:
         for uri, result in results:
             say(f"{uri}: error: {result}" if isinstance(result, str) else f"{uri}: " + ", ".join(f"{g} {p:.2f}" for g, p in result))
-        say_unlisted(skipped)
     if failed:
         say(f"error: {failed} of {len(results)} files could not be classified", err=True)
         raise typer.Exit(1)
