@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from genre_batch import GenreBatchError, UsageError
-from genre_batch.storage.locations import is_url, local_path
+from genre_batch.storage.locations import absolute, is_url, is_utf8, local_path, printable
 
 LABEL_KINDS = ("folders", "tags")
 LABEL_FILE_SUFFIXES = (".csv", ".parquet")
@@ -68,13 +69,31 @@ def endpoint(url: str | None) -> None:
 
 
 def library(location: str) -> None:
-    """A local library must be an existing folder this process may list; a library URL's protocol one fsspec can use."""
+    """A local library must be an existing folder this process may list, with a UTF-8 path; a library URL's protocol
+    one fsspec can use."""
     given(location, "library")
     protocol(location, "library")
     if not is_url(location) and not Path(local_path(location)).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
+    utf8_folder(location, "library")
     if not is_url(location) and not os.access(local_path(location), os.R_OK | os.X_OK):
         raise UsageError(f"cannot list the library folder {location}: Permission denied")
+
+
+def utf8_folder(location: str, what: str) -> None:
+    """A local folder whose files are listed must have a valid UTF-8 path, as given and as resolved: every table stores
+    the files' URIs as UTF-8 (a file or subfolder with another name is skipped by the listing instead)."""
+    if is_url(location) or is_utf8(absolute(location)):
+        return
+    named = printable(location) if not is_utf8(location) else f"{location} (resolved: {printable(absolute(location))})"
+    raise UsageError(f"{what} {named}: its name is not valid UTF-8: rename it")
+
+
+def classified_folders(locations: list[str]) -> None:
+    """Each local folder given to `classify` (it stands for the audio files under it) has a UTF-8 path."""
+    for location in locations:
+        if not is_url(location) and os.path.isdir(local_path(location)):
+            utf8_folder(location, "folder")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -207,11 +226,17 @@ def remote_library(location: str) -> None:
         library_root(location)
 
 
-def remote_store(location: str) -> None:
-    """A store on S3: its bucket exists and these credentials reach it (one request, two when they may list only a
-    prefix of it), and its prefix is not an object (one more request)."""
-    if not location.startswith(("s3://", "s3a://")):
-        return
+S3_SCHEMES = ("s3://", "s3a://")
+
+
+def access_denied(location: str, path: str) -> GenreBatchError:
+    """The error of a store that these credentials may not reach (`path`: the store's path, its bucket first)."""
+    return GenreBatchError(f"access denied to the store {location} (bucket {path.split('/', 1)[0]}): check the credentials")
+
+
+def s3_bucket(location: str) -> tuple[Any, str]:
+    """The filesystem and path of a store on S3, once its bucket is found to exist and these credentials to reach it
+    (one request, two when they may list only a prefix of it): a refused request is access denied, not a missing bucket."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(location)
@@ -224,8 +249,17 @@ def remote_store(location: str) -> None:
         try:
             fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
         except PermissionError:
-            raise GenreBatchError(f"access denied to the store {location} (bucket {bucket}): check the credentials") from None
-    if prefix and fs.isfile(path.rstrip("/")):
+            raise access_denied(location, path) from None
+    return fs, path
+
+
+def remote_store(location: str) -> None:
+    """A store on S3 that a verb writes: its bucket is reachable (`s3_bucket`), and its prefix is not an object (one
+    more request)."""
+    if not location.startswith(S3_SCHEMES):
+        return
+    fs, path = s3_bucket(location)
+    if "/" in path.strip("/") and fs.isfile(path.rstrip("/")):
         raise GenreBatchError(f"the store {location} is an object, not a folder: give the prefix to keep the store under")
 
 
@@ -272,15 +306,20 @@ def has_model(store: str) -> None:
 
 
 def remote_store_found(location: str) -> None:
-    """A store on an object store that a verb reads holds something (one listing request; credentials are checked on the
-    way): a wrong bucket or prefix would read as an empty store."""
+    """A store on an object store that a verb reads holds something (one request; on S3 after `s3_bucket`'s): a wrong
+    bucket or prefix would read as an empty store. On S3 "not found" means that: a refusal is access denied."""
     if not is_url(location):
         return
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(location)
-    if not fs.exists(path.rstrip("/")):
-        raise GenreBatchError(f"store not found: {location} (no object under it, or not visible with these credentials)")
+    s3 = location.startswith(S3_SCHEMES)
+    fs, path = s3_bucket(location) if s3 else fsspec.core.url_to_fs(location)
+    try:
+        found = fs.exists(path.rstrip("/"))
+    except PermissionError:
+        raise access_denied(location, path) from None
+    if not found:
+        raise GenreBatchError(f"store not found: {location} (no object under it{'' if s3 else ', or not visible with these credentials'})")
 
 
 def has_model_or_labels(store: str, spec: str | None, verb: str = "run") -> None:

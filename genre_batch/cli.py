@@ -664,8 +664,17 @@ def status(store: StoreOpt = DEFAULT_STORE, fmt: FormatOpt = "text") -> None:
     for run in facts["last_runs"]:
         took = f" in {run['duration_s']:.0f} s" if run["duration_s"] is not None else ""
         say(f"run {run['run_id']} ({run['flow']}): {run['status']}{took}" + (f": {run['error']}" if run["error"] else ""))
-    holder = facts["lease"]
-    say(f"lease: held by run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) until {holder['expires_at']}" if holder else "lease: free")
+    say(lease_line(facts["lease"]))
+
+
+def lease_line(holder: dict | None) -> str:
+    """What `status` says of the run lease: free, held, or stale (left by a run that died or hung)."""
+    if holder is None:
+        return "lease: free"
+    run = f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']})"
+    if holder["stale"]:
+        return f"lease: stale ({holder['stale']}): left by {run}, valid until {holder['expires_at']}; the next run takes it over"
+    return f"lease: held by {run} until {holder['expires_at']}"
 
 
 models_app = typer.Typer(cls=PlainFirstGroup, help="List, inspect, promote, roll back and pin the store's models.", no_args_is_help=True)
@@ -994,13 +1003,15 @@ def classify(
     Up to 64 files are decoded in this process; more, or any number with --scheduler, by Dask tasks."""
     checks.summary_format(fmt)
     check_reader(store)
+    checks.classified_folders(files)
     checks.remote_store_found(store)
     from genre_batch.cluster import session
     from genre_batch.library.discovery import files_of
     from genre_batch.publishing.tagging import CLASSIFY_IN_PROCESS, classify_files
     from genre_batch.storage.store import Store
 
-    uris = files_of([absolute(f) for f in files])
+    uris, skipped = files_of([absolute(f) for f in files])
+    say_unlisted(skipped)  # on stderr with either format: the JSON array holds the files classified
     if not uris:
         raise GenreBatchError(f"no audio files to classify in {', '.join(files)}")
     with session(scheduler) as cluster:  # started only when used

@@ -55,9 +55,15 @@ def errors_by_kind(store: Store) -> dict[str, int]:
     return dict(Counter(current_errors(store)["error_type"].to_pylist()).most_common())
 
 
+def lease_status(store: Store) -> dict | None:
+    """The run lease's fields and `stale` (why another run may take it over, None while its holder runs), or None when
+    the store is free."""
+    holder, _ = lease.read(store)
+    return None if holder is None else {**holder, "stale": lease.stale(holder, lease.utcnow())}
+
+
 def status(store: Store, last_runs: int = LAST_RUNS) -> dict:
     """The store at a glance."""
-    holder, _ = lease.read(store)
     return {
         "store": store.url,
         "model": model_status(store),
@@ -65,7 +71,7 @@ def status(store: Store, last_runs: int = LAST_RUNS) -> dict:
         "tracks": current_tracks(store).num_rows,
         "errors_by_kind": errors_by_kind(store),
         "last_runs": [run_line(store.read_json(p)) for p in run_records(store)[-last_runs:]][::-1],
-        "lease": holder,
+        "lease": lease_status(store),
     }
 
 

@@ -1,5 +1,6 @@
 """Tests for audio decoding, tag reading and the synthetic audio generator (fixtures generated in tmp_path)."""
 
+import warnings
 from pathlib import Path
 
 import av
@@ -328,7 +329,9 @@ def test_float_samples_far_over_full_scale_are_invalid(tmp_path: Path) -> None:
     assert decode(str(loud))[1].duration_s == pytest.approx(2.0)
 
 
-def test_a_link_loop_is_named_as_given(tmp_path: Path) -> None:
+def test_a_link_loop_or_a_broken_link_is_named_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`classify` and `similar` read (and name) a file as `absolute` makes it: a link that leads nowhere stays the path
+    given; a link to a file, or a path still to be created under a linked folder, is resolved."""
     from genre_batch.storage.locations import absolute
 
     (tmp_path / "a.mp3").symlink_to(tmp_path / "b.mp3")
@@ -336,3 +339,43 @@ def test_a_link_loop_is_named_as_given(tmp_path: Path) -> None:
     assert absolute(str(tmp_path / "a.mp3")) == str(tmp_path / "a.mp3")
     with pytest.raises(AudioError, match="Too many levels of symbolic links"):
         decode(str(tmp_path / "a.mp3"))
+    (tmp_path / "dangling.mp3").symlink_to(tmp_path / "gone" / "target.mp3")
+    monkeypatch.chdir(tmp_path)
+    assert absolute("dangling.mp3") == str(tmp_path / "dangling.mp3")
+    with pytest.raises(AudioError, match="No such file or directory"):
+        decode(absolute("dangling.mp3"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "song.mp3").write_bytes(b"")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "song.mp3").symlink_to(tmp_path / "real" / "song.mp3")
+    assert absolute("song.mp3") == str(tmp_path / "real" / "song.mp3")
+    assert absolute("linked/new-store") == str(tmp_path / "real" / "new-store")
+
+
+def _promise_more(flac: Path, total_samples: int) -> None:
+    """Make a FLAC file's STREAMINFO promise `total_samples` (a file cut short keeps the header of the whole)."""
+    data = bytearray(flac.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first: its 36-bit sample count ends at byte 26
+    packed = int.from_bytes(data[18:26], "big")
+    data[18:26] = ((packed >> 36 << 36) | total_samples).to_bytes(8, "big")
+    flac.write_bytes(bytes(data))
+
+
+def test_a_span_past_the_end_of_a_file_cut_short_is_left_out(tmp_path: Path) -> None:
+    """A FLAC whose header promises 80 s and that holds 67.05 s: the span centred at 90 % decodes 0.05 s, too few
+    samples for an STFT window (librosa warned "n_fft=2048 is too large" and its deltas raised, failing the file). The
+    span is left out; the others are analysed, without a warning."""
+    from genre_batch.analysis.extraction import librosa_windows
+
+    path = tmp_path / "cut.flac"
+    write_audio(path, render("electronic", 67.05, 7), SAMPLE_RATE)
+    _promise_more(path, 80 * SAMPLE_RATE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        segments, info = decode(str(path), window_spans)
+        offsets, rows = librosa_windows(segments)
+    assert [w for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    assert info.duration_s == 80.0 and [len(s.samples) / SAMPLE_RATE for s in segments] == [10.0, 10.0, 20.0, 10.0]
+    assert info.analysed_s == 50.0 and offsets == pytest.approx([3.0, 15.0, 30.0, 40.0, 55.0], abs=0.05) and np.isfinite(rows).all()
+    with pytest.raises(AudioError, match=r"^audio is only 0\.05 s long \(minimum 0\.5 s\)$"):
+        decode(str(path), lambda duration_s: [(67.0, 10.0)])  # only that span: too short, as a file of 0.05 s

@@ -174,6 +174,30 @@ def test_bad_invocation(argv: list[str], extra: dict[str, str], status: int, fir
         assert not set(START_UP + TRAINING) & set(modules), "a usage error must not start Prefect, Dask or training libraries"
 
 
+LATIN_1 = os.fsdecode(b"caf\xe9")
+"""A folder name in Latin-1 (from a Windows or Samba share), as sys.argv holds it: its byte as a lone surrogate."""
+
+
+@pytest.mark.parametrize(
+    "argv, first_line",
+    [
+        (["extract", LATIN_1, "--store", "store"], "error: library caf\\xe9: its name is not valid UTF-8: rename it"),
+        (["extract", LATIN_1, "--store", "store", "--dry-run"], "error: library caf\\xe9: its name is not valid UTF-8: rename it"),
+        (["run", LATIN_1, "--store", "store", "--labels", "folders"], "error: library caf\\xe9: its name is not valid UTF-8: rename it"),
+        (["run", "linked", "--store", "store", "--labels", "folders"],
+         "error: library linked (resolved: {workdir}/caf\\xe9): its name is not valid UTF-8: rename it"),
+        (["classify", "--store", "store", LATIN_1], "error: folder caf\\xe9: its name is not valid UTF-8: rename it"),
+    ],
+)
+def test_a_library_whose_path_is_not_utf8_is_a_usage_error(argv: list[str], first_line: str, workdir: Path, zygote: Zygote) -> None:
+    """The files' URIs would not be UTF-8 (every table's): one line naming the folder, before anything starts."""
+    os.mkdir(os.path.join(workdir, LATIN_1))
+    os.symlink(LATIN_1, workdir / "linked")
+    done, modules = zygote.run(argv, workdir, environment(workdir, {}))
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", first_line.format(workdir=workdir) + "\n")
+    assert not set(START_UP + TRAINING) & modules
+
+
 def test_version_is_the_installed_one(workdir: Path) -> None:
     from importlib.metadata import version
 
@@ -225,8 +249,8 @@ def s3_env(moto_url: str) -> dict[str, str]:
     [
         (["extract", "s3://nobucket/library", "--store", "store"], "error: library not found or not a folder: s3://nobucket/library"),
         (["extract", "s3://music/no-such-prefix", "--store", "store"], "error: library not found or not a folder: s3://music/no-such-prefix"),
-        (["status", "--store", "s3://music/no-store"], "error: store not found: s3://music/no-store (no object under it, or not visible with these credentials)"),
-        (["query", "--store", "s3://nobucket/store", "SELECT 1"], "error: store not found: s3://nobucket/store (no object under it, or not visible with these credentials)"),
+        (["status", "--store", "s3://music/no-store"], "error: store not found: s3://music/no-store (no object under it)"),
+        (["query", "--store", "s3://nobucket/store", "SELECT 1"], "error: the bucket nobucket of the store s3://nobucket/store does not exist"),
         (
             ["run", "s3://music/library", "--store", "s3://nobucket/store", "--labels", "folders"],
             "error: the bucket nobucket of the store s3://nobucket/store does not exist",

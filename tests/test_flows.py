@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +70,9 @@ def test_cli_run_query_classify(
     first, second = out.splitlines()
     assert first.startswith(f"{clip}: chiptune ") and first.count(",") == 1
     assert second.startswith(f"{library / 'broken.mp3'}: error: undecodable")
+    (library / "dangling.mp3").symlink_to(library / "gone.mp3")
+    code, out, err = cli("classify", "--store", store, str(library / "dangling.mp3"))  # named as given, not as its target
+    assert (code, out) == (1, f"{library / 'dangling.mp3'}: error: io_error: cannot read file: No such file or directory (FileNotFoundError)\n")
     code, out, _ = cli("classify", "--store", store, "--top", "2", "--format", "json", str(clip), str(library / "broken.mp3"))
     good, bad = json.loads(out)
     assert code == 1 and good["uri"] == str(clip) and [g["genre"] for g in good["genres"]][0] == "chiptune" and len(good["genres"]) == 2
@@ -81,6 +86,19 @@ def test_cli_run_query_classify(
     (library / "empty").mkdir()
     code, _, err = cli("classify", "--store", store, str(library / "empty"))
     assert code == 1 and err == f"error: no audio files to classify in {library / 'empty'}\n"
+
+    latin = library / "latin"  # what the listing of a folder skips is said, as extract says it; the rest is classified
+    latin.mkdir()
+    shutil.copy(clip, latin / clip.name)
+    shutil.copy(clip, os.path.join(latin, os.fsdecode(b"caf\xe9" + clip.suffix.encode())))
+    os.mkdir(os.path.join(latin, os.fsdecode(b"m\xfasica")))
+    skipped = [f"{latin}/caf\\xe9{clip.suffix}: its name is not valid UTF-8: rename it", f"{latin}/m\\xfasica: its name is not valid UTF-8: rename it"]
+    code, out, err = cli("classify", "--store", store, "--top", "1", str(latin))
+    assert code == 0 and [line.split(": ")[0] for line in out.splitlines()] == [str(latin / clip.name)]
+    assert sorted(err.splitlines()) == [f"warning: not listed: {s}" for s in skipped]
+    code, out, err = cli("classify", "--store", store, "--top", "1", "--format", "json", str(latin))
+    assert code == 0 and [f["uri"] for f in json.loads(out)] == [str(latin / clip.name)]  # the array of files classified, as before
+    assert sorted(err.splitlines()) == [f"warning: not listed: {s}" for s in skipped]
 
 
 @pytest.mark.parametrize(

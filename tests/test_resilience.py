@@ -326,15 +326,17 @@ def held_by(host: str, pid: int, expires_in_s: float) -> dict:
 
 
 @pytest.mark.parametrize(
-    "case, taken",
+    "case, stale",
     [
-        ("expired, holder on another host", True),
-        ("live, holder on another host", False),
-        ("live, holder on this host dead", True),
-        ("live, holder on this host alive", False),
+        ("expired, holder on another host", "expired"),
+        ("live, holder on another host", None),
+        ("live, holder on this host dead", "holder dead"),
+        ("live, holder on this host alive", None),
     ],
 )
-def test_takeover_only_of_an_expired_lease_or_a_dead_holder(tmp_path: Path, case: str, taken: bool) -> None:
+def test_takeover_only_of_an_expired_lease_or_a_dead_holder(tmp_path: Path, case: str, stale: str | None) -> None:
+    """`status` says a lease is stale exactly when the next run would take it over (a run killed with kill -9 leaves
+    its lease behind, held by a dead pid)."""
     s = Store(str(tmp_path))
     here = socket.gethostname()
     other = {
@@ -345,7 +347,15 @@ def test_takeover_only_of_an_expired_lease_or_a_dead_holder(tmp_path: Path, case
     }[case]
     lease_file(tmp_path).parent.mkdir()
     lease_file(tmp_path).write_text(json.dumps(other))
-    if taken:
+    code, out, _ = cli("status", "--store", str(tmp_path), "--format", "json")
+    assert (code, json.loads(out)["lease"]) == (0, {**other, "stale": stale})
+    code, out, _ = cli("status", "--store", str(tmp_path))
+    holder = f"run run-other (pid {other['pid']} on {other['host']})"
+    assert code == 0 and out.splitlines()[-1] == (
+        f"lease: stale ({stale}): left by {holder}, valid until {other['expires_at']}; the next run takes it over" if stale
+        else f"lease: held by {holder} until {other['expires_at']}"
+    )
+    if stale:
         mine = lease.acquire(s, "run-mine")
         assert json.loads(lease_file(tmp_path).read_text()) == mine and mine["pid"] == os.getpid()
     else:

@@ -162,14 +162,23 @@ def test_wrong_credentials_give_one_clear_line(s3: s3fs.S3FileSystem, monkeypatc
     assert "Traceback" not in out + err and "not-the-secret" not in out + err and KEY not in out + err
 
 
-def test_wrong_credentials_for_a_store_on_s3_are_access_denied(s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """With a local library the store's bucket check meets the refusal: it says so, not that the bucket is missing."""
-    s3.mkdir("guarded")
+@pytest.mark.parametrize("store", ["s3://guarded/store", "s3://guarded"])
+def test_wrong_credentials_for_a_store_on_s3_are_access_denied(
+    store: str, s3: s3fs.S3FileSystem, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The store's bucket check meets the refusal (403) for verbs that write the store and for those that read it: it
+    says so, not that the bucket or the store is missing; those are said only when they are (credentials that reach it)."""
+    s3.makedirs("guarded", exist_ok=True)
+    s3.pipe_file("guarded/store/features/inventory.parquet", b"PAR1")  # the store holds something
+    found = [(["status", "--store", "s3://nobucket/store"], "error: the bucket nobucket of the store s3://nobucket/store does not exist"),
+             (["query", "--store", "s3://guarded/nostore", "SELECT 1"], "error: store not found: s3://guarded/nostore (no object under it)")]
+    for argv, line in found:
+        assert cli(*argv) == (1, "", line + "\n")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s3fs.S3FileSystem.clear_instance_cache()
-    code, out, err = cli("extract", str(tmp_path), "--store", "s3://guarded/store")
-    assert (code, out) == (1, "") and err.startswith("error: access denied") and err.count("\n") == 1
-    assert "not-the-secret" not in err and KEY not in err
+    denied = f"error: access denied to the store {store} (bucket guarded): check the credentials\n"
+    for argv in (["extract", str(tmp_path), "--store", store], ["status", "--store", store], ["query", "--store", store, "SELECT 1"]):
+        assert cli(*argv) == (1, "", denied), argv
 
 
 def test_pointer_swap_refuses_a_concurrent_change(s3: s3fs.S3FileSystem) -> None:

@@ -107,10 +107,14 @@ def _decoded(f: IO[bytes], spans: SpanPlan, min_seconds: float) -> tuple[list[Se
     f.seek(0)
     native = _decode_native(f, spans)
     rate = native.sample_rate
-    segments = [Segment(start / rate, _to_sample_rate(x, rate)) for start, x in native.parts if len(x)]
+    parts = [Segment(start / rate, _to_sample_rate(x, rate)) for start, x in native.parts if len(x)]
+    # A span shorter than a file's minimum is left out: a file cut short (its header promises more audio than it
+    # holds) decodes only a few samples of the span across its end, too few for an STFT window or a delta.
+    segments = [s for s in parts if len(s.samples) >= min_seconds * SAMPLE_RATE]
+    if not segments:
+        longest_s = max((len(s.samples) for s in parts), default=0) / SAMPLE_RATE
+        raise AudioError("too_short", f"audio is only {longest_s:.2f} s long (minimum {min_seconds:g} s)")
     analysed_s = sum(len(s.samples) for s in segments) / SAMPLE_RATE
-    if analysed_s < min_seconds:
-        raise AudioError("too_short", f"audio is only {analysed_s:.2f} s long (minimum {min_seconds:g} s)")
     peaks = [_peak(s.samples) for s in segments]
     if not np.isfinite(peaks).all():
         raise AudioError("invalid_samples", "decoded audio contains NaN or infinite samples")

@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 
 from genre_batch import GenreBatchError
-from genre_batch.storage.locations import local_path
+from genre_batch.storage.locations import is_utf8, local_path, printable
 from genre_batch.storage.store import is_local, is_s3
 
 INVENTORY_SCHEMA = pa.schema(
@@ -120,20 +120,6 @@ def local_listing(root: str, unlisted: list[Unlisted]) -> Iterator[tuple[str, in
                         yield found
 
 
-def is_utf8(name: str) -> bool:
-    """True for a file name that is valid UTF-8 (os.scandir keeps other bytes as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(path: str) -> str:
-    """A path whose bytes are not all UTF-8, with those bytes written as \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def local_file(entry: os.DirEntry) -> tuple[str, int, str] | None:
     """(path, size, version) of a listed file or link to a file; None for links to folders, pipes and the like."""
     if entry.is_symlink():
@@ -207,9 +193,19 @@ def is_folder(location: str) -> bool:
     return fs.isdir(path.rstrip("/"))
 
 
-def files_of(locations: list[str]) -> list[str]:
-    """The files named: a folder or prefix stands for the audio files under it (in URI order, as `discover` lists them)."""
-    return [uri for location in locations for uri in (discover(location)["uri"].to_pylist() if is_folder(location) else [location])]
+def files_of(locations: list[str]) -> tuple[list[str], list[str]]:
+    """The files named, a folder or prefix standing for the audio files under it (in URI order, as `discover` lists
+    them), and what the listings of those folders skipped ("path: reason")."""
+    uris: list[str] = []
+    skipped: list[str] = []
+    for location in locations:
+        if is_folder(location):
+            listed = discover(location)
+            uris += listed["uri"].to_pylist()
+            skipped += unlisted_text(listed)
+        else:
+            uris.append(location)
+    return uris, skipped
 
 
 def discover(library: str) -> pa.Table:
@@ -233,3 +229,8 @@ def discover(library: str) -> pa.Table:
 def unlisted(inventory: pa.Table) -> list[Unlisted]:
     """What a listing skipped (recorded in its metadata by `discover`)."""
     return [Unlisted(*pair) for pair in json.loads((inventory.schema.metadata or {}).get(b"unlisted", b"[]"))]
+
+
+def unlisted_text(inventory: pa.Table) -> list[str]:
+    """What a listing skipped, "path: reason"."""
+    return [f"{u.path}: {u.reason}" for u in unlisted(inventory)]

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from genre_batch import GenreBatchError, PublishRefused
 from genre_batch.cluster import Session
-from genre_batch.library.discovery import discover, unlisted
+from genre_batch.library.discovery import discover, unlisted, unlisted_text
 from genre_batch.storage.feature_store import (
     BACKFILL_CAP,
     CHOICE_COLUMNS,
@@ -198,11 +198,6 @@ def with_unlisted(listed: pa.Table, previous: pa.Table) -> pa.Table:
             for i in range(bisect_left(uris, folder), bisect_left(uris, folder[:-1] + chr(ord("/") + 1)))]
     kept = previous.take(pa.array(rows, pa.int64())).select(listed.column_names).cast(listed.schema)
     return pa.concat_tables([listed, kept]).sort_by("uri").replace_schema_metadata(listed.schema.metadata)
-
-
-def unlisted_text(listed: pa.Table) -> list[str]:
-    """What a listing skipped, "path: reason"."""
-    return [f"{u.path}: {u.reason}" for u in unlisted(listed)]
 
 
 def check_gone(previous: int, gone: int, library: str, force: bool) -> None:

@@ -84,9 +84,12 @@ def holder_dead(lease: dict) -> bool:
     return here and not pid_alive(int(lease["pid"]))
 
 
-def takeable(lease: dict, now: datetime) -> bool:
-    """True when another run may take the lease over: it expired or its holder is dead."""
-    return expired(lease, now) or holder_dead(lease)
+def stale(lease: dict, now: datetime) -> str | None:
+    """Why another run may take the lease over ("holder dead", or "expired": its holder stopped renewing it), None while
+    it is live."""
+    if holder_dead(lease):
+        return "holder dead"
+    return "expired" if expired(lease, now) else None
 
 
 def refusal(store: Store, lease: dict) -> str:
@@ -138,7 +141,8 @@ def acquire(store: Store, run_id: str, ttl_s: float = TTL_S) -> dict:
     """Take the store's lease for `run_id`, or raise GenreBatchError naming the live holder."""
     current, token = read(store)
     now = utcnow()
-    if current is not None and not takeable(current, now):
+    why = None if current is None else stale(current, now)
+    if current is not None and why is None:
         raise GenreBatchError(refusal(store, current))
     lease = new_lease(run_id, now, ttl_s)
     try:
@@ -147,7 +151,7 @@ def acquire(store: Store, run_id: str, ttl_s: float = TTL_S) -> dict:
         winner, _ = read(store)
         raise GenreBatchError(refusal(store, winner) if winner else "another run changed the store lease at the same moment: try again") from None
     if current is not None:
-        log.warning("took over the store lease of run %s (%s)", current["run_id"], "holder dead" if holder_dead(current) else "expired")
+        log.warning("took over the store lease of run %s (%s)", current["run_id"], why)
     return lease
 
 

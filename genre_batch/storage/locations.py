@@ -23,11 +23,27 @@ def is_url(location: str) -> bool:
 
 
 def absolute(url: str) -> str:
-    """A local path made absolute, links resolved (workers may run elsewhere); URLs unchanged. A link loop is left as
-    named: reading it is the error."""
+    """A local path made absolute, links resolved (workers may run elsewhere); URLs unchanged. A link loop or a broken
+    link is left as named: reading it is the error, and the error names the path given, not a missing target."""
     if "://" in url:
         return url
+    named = os.path.abspath(os.path.expanduser(url))
     try:
-        return str(Path(url).expanduser().resolve())
+        resolved = Path(named).resolve()
     except (RuntimeError, OSError):  # a symbolic link loop
-        return os.path.abspath(os.path.expanduser(url))
+        return named
+    return str(resolved) if os.path.exists(resolved) or not os.path.lexists(named) else named
+
+
+def is_utf8(name: str) -> bool:
+    """True for a path or file name that is valid UTF-8 (os.scandir and sys.argv keep other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """A path whose bytes are not all UTF-8, with those bytes written as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
