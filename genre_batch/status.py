@@ -70,7 +70,7 @@ def status(store: Store, last_runs: int = LAST_RUNS) -> dict:
         "catalog": catalog_status(store),
         "tracks": current_tracks(store).num_rows,
         "errors_by_kind": errors_by_kind(store),
-        "last_runs": [run_line(store.read_json(p)) for p in run_records(store)[-last_runs:]][::-1],
+        "last_runs": [store.read_parsed(p, run_line) for p in run_records(store)[-last_runs:]][::-1],
         "lease": lease_status(store),
     }
 
