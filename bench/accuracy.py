@@ -23,8 +23,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from genre_batch.analysis import audio, extraction, features
-from genre_batch.analysis.columns import FEATURE_VERSION
-from genre_batch.analysis.columns import EMBEDDING_VERSION
+from genre_batch.analysis.columns import EMBEDDING_VERSION, FEATURE_VERSION
 from genre_batch.library.discovery import AUDIO_EXTENSIONS
 from genre_batch.modelling import training
 from genre_batch.modelling.evaluation import majority_baseline, scores

@@ -31,6 +31,7 @@ import soundfile as sf
 from bench import learning_curve, s3_listing, synthetic_store
 from bench.accuracy import DEFAULT_DATA
 from genre_batch.library.discovery import track_id
+from genre_batch.modelling import registry
 from genre_batch.modelling.model import KINDS, default_kind
 from genre_batch.publishing import catalog, query
 from genre_batch.publishing.pointer import published
@@ -534,11 +535,12 @@ def compaction_checks(work: Path, n: int) -> dict:
 def model_card(store: Path, version: str) -> dict:
     """What a trained model's card says of its sample: the cap, the windows, the matrix, the fit and each CV fold's fit
     (rows, rounds or C, CPU seconds) and the fingerprint."""
-    meta = json.loads((store / "models" / version / "metadata.json").read_text())
+    card = registry.card(Store(str(store)), version)
+    meta = card.document
     return {"cap_per_genre": meta["sample"]["cap_per_genre"], "rows_per_genre": meta["sample"].get("rows_per_genre"), "sampled_tracks": meta["tracks"],
             "sampled_windows": meta["windows"], "matrix_mb": round(meta["sample"]["matrix_bytes"] / 1e6, 1),
-            "cv_accuracy": meta["cross_validation"]["accuracy"], "classifier": meta["classifier"], "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
-            "training_fingerprint": meta["training_fingerprint"]}
+            "cv_accuracy": card.cv_accuracy, "classifier": card.classifier, "fit": meta["fit"], "cv_fits": meta["cross_validation"].get("fits", []),
+            "training_fingerprint": card.training_fingerprint}
 
 
 def train_checks(work: Path, n: int, copies: Path, classifier: str | None = None) -> dict:

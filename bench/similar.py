@@ -33,7 +33,7 @@ from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k, reset_peak_rss
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
-from genre_batch.publishing.pointer import published
+from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.storage.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
@@ -243,7 +243,8 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         night_ids = [ids[i] for i in keep] + ids[n:]
         table = pa.concat_tables([catalog_table(base, 0).take(pa.array(keep)), catalog_table(fresh, n)])
         files2 = write_snapshot(store, "s2", table)
-        previous = {"vector_space": {"name": "bench"}, "files": files, "similar": info}
+        previous = CatalogPointer.parse({"snapshot": "s1", "files": files, "rows": n, "catalog_version": catalog.CATALOG_VERSION, "model_version": "bench",
+                                         "run_id": "bench", "published_at": "2026-01-01T00:00:00+00:00", "vector_space": {"name": "bench"}, "similar": info})
         update = similar.plan_update(store, previous, "bench", table.select(similar.KEYS))
         runner = Measured(cluster)
         started = time.perf_counter()

@@ -75,25 +75,25 @@ def library(location: str) -> None:
     protocol(location, "library")
     if not is_url(location) and not Path(local_path(location)).is_dir():
         raise UsageError(f"library not found or not a folder: {location}")
-    utf8_folder(location, "library")
+    utf8_path(location, "library")
     if not is_url(location) and not os.access(local_path(location), os.R_OK | os.X_OK):
         raise UsageError(f"cannot list the library folder {location}: Permission denied")
 
 
-def utf8_folder(location: str, what: str) -> None:
-    """A local folder whose files are listed must have a valid UTF-8 path, as given and as resolved: every table stores
-    the files' URIs as UTF-8 (a file or subfolder with another name is skipped by the listing instead)."""
+def utf8_path(location: str, what: str) -> None:
+    """A local path given on the command line must be valid UTF-8, as given and as resolved: every table and JSON
+    output holds URIs as UTF-8 (a file or subfolder with another name met by a listing is skipped instead)."""
     if is_url(location) or is_utf8(absolute(location)):
         return
     named = printable(location) if not is_utf8(location) else f"{location} (resolved: {printable(absolute(location))})"
     raise UsageError(f"{what} {named}: its name is not valid UTF-8: rename it")
 
 
-def classified_folders(locations: list[str]) -> None:
-    """Each local folder given to `classify` (it stands for the audio files under it) has a UTF-8 path."""
+def classified_paths(locations: list[str]) -> None:
+    """Each local file or folder given to `classify` has a UTF-8 path."""
     for location in locations:
-        if not is_url(location) and os.path.isdir(local_path(location)):
-            utf8_folder(location, "folder")
+        if not is_url(location):
+            utf8_path(location, "folder" if os.path.isdir(local_path(location)) else "file")
 
 
 def nearest_existing(path: Path) -> Path:

@@ -740,7 +740,7 @@ def switch_model(store: str, change: Callable[[Store], ModelPointer], fmt: str) 
         before = registry.pointer(s)
         pointer = change(s)
     if fmt == "json":
-        print_json(pointer.document())
+        print_json(pointer.document)
         return
     now = f"models: current model is {pointer.version}" + (" (pinned)" if pointer.pinned else "")
     if before is None or pointer.version != before.version:
@@ -1003,7 +1003,7 @@ def classify(
     Up to 64 files are decoded in this process; more, or any number with --scheduler, by Dask tasks."""
     checks.summary_format(fmt)
     check_reader(store)
-    checks.classified_folders(files)
+    checks.classified_paths(files)
     checks.remote_store_found(store)
     from genre_batch.cluster import session
     from genre_batch.library.discovery import files_of

@@ -350,6 +350,11 @@ def test_a_link_loop_or_a_broken_link_is_named_as_given(tmp_path: Path, monkeypa
     (tmp_path / "song.mp3").symlink_to(tmp_path / "real" / "song.mp3")
     assert absolute("song.mp3") == str(tmp_path / "real" / "song.mp3")
     assert absolute("linked/new-store") == str(tmp_path / "real" / "new-store")
+    (tmp_path / "real" / "x").mkdir()
+    (tmp_path / "deep").symlink_to(tmp_path / "real" / "x")
+    assert absolute("deep/../song.mp3") == str(tmp_path / "real" / "song.mp3")  # the link first, then "..", as the OS reads it
+    (tmp_path / "real" / "gone.mp3").symlink_to(tmp_path / "nowhere.mp3")
+    assert absolute("linked/gone.mp3") == str(tmp_path / "real" / "gone.mp3")  # a broken link: named, in its folder resolved
 
 
 def _promise_more(flac: Path, total_samples: int) -> None:

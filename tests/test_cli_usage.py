@@ -187,6 +187,7 @@ LATIN_1 = os.fsdecode(b"caf\xe9")
         (["run", "linked", "--store", "store", "--labels", "folders"],
          "error: library linked (resolved: {workdir}/caf\\xe9): its name is not valid UTF-8: rename it"),
         (["classify", "--store", "store", LATIN_1], "error: folder caf\\xe9: its name is not valid UTF-8: rename it"),
+        (["classify", "--store", "store", LATIN_1 + ".mp3"], "error: file caf\\xe9.mp3: its name is not valid UTF-8: rename it"),
     ],
 )
 def test_a_library_whose_path_is_not_utf8_is_a_usage_error(argv: list[str], first_line: str, workdir: Path, zygote: Zygote) -> None:

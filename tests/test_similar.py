@@ -572,7 +572,7 @@ def test_similar_verb_answers_for_catalog_tracks_and_outside_files(tagged: tuple
 
 
 def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path, dask_scheduler: str) -> None:
-    from genre_batch.analysis.musicnn import TAG_NAMES
+    from genre_batch.analysis.columns import TAG_NAMES
     from genre_batch.storage.feature_store import TAG_COLUMNS, by_part, current_tracks, read_windows
 
     library, store = tmp_path / "library", tmp_path / "store"

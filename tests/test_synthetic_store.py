@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from bench import synthetic_store
+from genre_batch.modelling import registry
 from genre_batch.storage import feature_store as fs
 from genre_batch.storage.store import Store
 
@@ -13,6 +14,8 @@ def test_a_synthetic_store_has_both_families_for_every_track_and_changes_rewrite
     built = synthetic_store.build(tmp_path / "base", 300, processes=1)
     assert built["params"]["families"] == ["librosa", "musicnn"] and built["parts"] == 2
     store = Store.at(str(tmp_path / "base" / "store"))
+    card = registry.current(store)  # a card the tag stage reads, as train writes them
+    assert card.version == built["model"] and card.gate_passed and card.families == {"librosa": fs.LIBROSA.version}
     inventory = fs.read_inventory(store)
     current = {f.name: fs.current_tracks(store, inventory, f) for f in (fs.LIBROSA, fs.MUSICNN)}
     assert {name: rows.num_rows for name, rows in current.items()} == {"librosa": 300, "musicnn": 300}

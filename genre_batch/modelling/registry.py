@@ -36,6 +36,10 @@ def new_version() -> str:
     return f"m-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
+LEGACY_CLASSIFIER = "xgboost"
+"""The classifier of a model whose card does not say (stores before model kinds): they were all XGBoost."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A registered model's card (`metadata.json`), read once: the facts stages act on, with the defaults of cards
@@ -72,7 +76,7 @@ class ModelCard:
             families=document.get("feature_families") or {"librosa": document["feature_version"]},
             feature_version=document["feature_version"],
             temperature=document.get("temperature", 1.0),
-            abstain_below=document.get("abstain_below") or 0.0,
+            abstain_below=document.get("abstain_below", 0.0),
             label_source=document.get("label_source"),
             training_fingerprint=document.get("training_fingerprint"),
             labelled_tracks=document.get("labelled_tracks", document["tracks"]),
@@ -83,10 +87,6 @@ class ModelCard:
             gate_reason=document["gate"]["reason"],
             document=document,
         )
-
-
-LEGACY_CLASSIFIER = "xgboost"
-"""The classifier of a model whose card does not say (stores before model kinds): they were all XGBoost."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class ModelPointer:
         """A pointer from its stored JSON."""
         return cls(document["version"], bool(document.get("pinned")), document.get("promoted_at"), tuple(document.get("history", ())))
 
+    @property
     def document(self) -> dict:
         """The pointer as stored (and printed by `models promote/rollback/pin --format json`)."""
         return {"version": self.version, "pinned": self.pinned, "promoted_at": self.promoted_at, "history": list(self.history)}
@@ -132,7 +133,7 @@ def switched(store: Store, change: Callable[[ModelPointer | None], ModelPointer]
     path = f"{store.models}/{POINTER}"
     expected = store.version_token(path)
     new = change(pointer(store))
-    store.swap(path, json.dumps(new.document(), indent=2, sort_keys=True).encode(), expected)
+    store.swap(path, json.dumps(new.document, indent=2, sort_keys=True).encode(), expected)
     return new
 
 

@@ -8,8 +8,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from genre_batch import GenreBatchError
-from genre_batch.publishing.pointer import CatalogPointer, published
+from genre_batch.publishing.pointer import CatalogPointer, published, required
 from genre_batch.storage.store import POINTER, Store
 
 CATALOG_VERSION = 3
@@ -339,10 +338,7 @@ def publish(store: Store, table: pa.Table, run_id: str, model_version: str, vect
 
 def files(store: Store) -> list[str]:
     """Full paths of the published snapshot's files."""
-    current = published(store)
-    if current is None:
-        raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
-    return [f"{store.catalog}/{name}" for name in current.files]
+    return [f"{store.catalog}/{name}" for name in required(store).files]
 
 
 def read(store: Store, columns: list[str] | None = None) -> pa.Table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from genre_batch import GenreBatchError
 from genre_batch.storage.store import Store
 
 
@@ -57,3 +58,11 @@ class CatalogPointer:
 def published(store: Store) -> CatalogPointer | None:
     """The published snapshot's pointer, or None before the first publish."""
     return store.read_parsed(store.pointer, CatalogPointer.parse) if store.exists(store.pointer) else None
+
+
+def required(store: Store) -> CatalogPointer:
+    """The published snapshot's pointer; a clear error before the first publish."""
+    current = published(store)
+    if current is None:
+        raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
+    return current

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from genre_batch import GenreBatchError
-from genre_batch.publishing.pointer import published
+from genre_batch.publishing.pointer import published, required
 from genre_batch.storage.store import Store
 
 if TYPE_CHECKING:
@@ -50,11 +50,8 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect(":memory:")
     named = set(re.findall(r"[a-z_][a-z0-9_]*", sql.lower()))  # words of the SQL: a table is built only when named
-    current = published(store) if named & {"catalog", "similar", "changes"} else None  # errors and writes need no snapshot
-    if current is None and "catalog" in named:  # SQL naming the catalog needs one published; the errors table is queryable before
-        from genre_batch.publishing import catalog
-
-        catalog.files(store)  # raises: no published catalog
+    # errors and writes need no snapshot; SQL naming the catalog needs one published (errors are queryable before)
+    current = required(store) if "catalog" in named else published(store) if named & {"similar", "changes"} else None
     files = [f"{store.catalog}/{name}" for name in current.files] if current and "catalog" in named else []
     pieces = [f"{store.catalog}/{f}" for f in ((current.similar if current else None) or {}).get("files", [])] if "similar" in named else []
     if store.local and files + pieces:

@@ -53,7 +53,7 @@ from genre_batch import GenreBatchError
 from genre_batch.library.labels import canonical
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
-from genre_batch.publishing.pointer import CatalogPointer, published
+from genre_batch.publishing.pointer import CatalogPointer, required
 from genre_batch.storage.store import TEMP_MARK, Store
 
 if TYPE_CHECKING:
@@ -1120,9 +1120,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     lists (top <= SIMILAR_K, no genre, which is compared as the catalog writes names) or the index; audio files outside the catalog
     extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
     genre = canonical(genre) if genre is not None else None  # `unknown` too: the genre of abstentions
-    pointer = published(store)
-    if pointer is None:
-        raise GenreBatchError(f"no published catalog in {store.url}: run 'genre-batch tag' or 'run' first")
+    pointer = required(store)
     if not (pointer.similar or {}).get("index"):
         raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.catalog_version}): "
                               "run 'genre-batch tag' to publish one that has")

@@ -27,12 +27,14 @@ def absolute(url: str) -> str:
     link is left as named: reading it is the error, and the error names the path given, not a missing target."""
     if "://" in url:
         return url
-    named = os.path.abspath(os.path.expanduser(url))
+    given = Path(url).expanduser()
     try:
-        resolved = Path(named).resolve()
+        resolved = given.resolve()  # links first, then "..", as the OS reads the path
+        if resolved.exists() or not os.path.lexists(given):
+            return str(resolved)
     except (RuntimeError, OSError):  # a symbolic link loop
-        return named
-    return str(resolved) if os.path.exists(resolved) or not os.path.lexists(named) else named
+        pass
+    return str(given.absolute().parent.resolve() / given.name)
 
 
 def is_utf8(name: str) -> bool:

@@ -246,11 +246,13 @@ class Store:
         """Read a JSON document into the object `parse` makes of it; a damaged one (unparsable, a field missing or of
         the wrong type) is an error naming it."""
         document = self.read_json(path)
+        if not isinstance(document, dict):
+            raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} (not an object)")
         try:
             return parse(document)
         except KeyError as e:
             raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} (no field {e})") from None
-        except (TypeError, ValueError, AttributeError) as e:
+        except (TypeError, ValueError) as e:  # a field of the wrong type or form (a date that is not ISO 8601)
             raise GenreBatchError(f"damaged JSON file in the store: {self.uri(path)} ({e})") from None
 
     def list(self, folder: str, suffix: str = "") -> list[str]:
