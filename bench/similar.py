@@ -33,7 +33,7 @@ from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k, reset_peak_rss
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
-from genre_batch.publishing.pointer import CatalogPointer, published
+from genre_batch.publishing.pointer import CatalogPointer, SimilarRecord, published
 from genre_batch.stages.tag import peak_rss_mb
 from genre_batch.storage.feature_store import EMBEDDING_COLUMNS, LIBROSA, MUSICNN
 from genre_batch.storage.store import Store
@@ -130,25 +130,25 @@ class Measured:
         return out
 
 
-def index_share_read(store: Store, info: dict) -> dict:
+def index_share_read(store: Store, info: SimilarRecord) -> dict:
     """The share of the index's vectors in the cells one list task's searches visit (the nprobe cells of each of its
     bucket's tracks): mean and max over the buckets."""
     index = similar.open_index(store, info)
     sizes = np.array([index.invlists.list_size(c) for c in range(index.nlist)])
     shares = []
-    for bucket in range(info["buckets"]):
-        queries = similar.as_matrix(store.read_table(f"{store.catalog}/{similar.vectors_part(info['folder'], bucket)}", ["embedding"])["embedding"])
+    for bucket in range(info.buckets):
+        queries = similar.as_matrix(store.read_table(f"{store.catalog}/{similar.vectors_part(info.folder, bucket)}", ["embedding"])["embedding"])
         probed = np.unique(index.quantizer.search(np.ascontiguousarray(queries), similar.NPROBE)[1])
         shares.append(sizes[probed].sum() / sizes.sum())
     return {"mean": round(float(np.mean(shares)), 3), "max": round(float(np.max(shares)), 3)}
 
 
-def stored_neighbours(store: Store, info: dict, track_ids: list[str], position: dict[str, int]) -> np.ndarray:
+def stored_neighbours(store: Store, info: SimilarRecord, track_ids: list[str], position: dict[str, int]) -> np.ndarray:
     """Row positions of the stored top-K neighbours of some tracks (-1 padded)."""
     wanted = pa.array(track_ids)
     found = np.full((len(track_ids), K), -1, np.int64)
     row = {t: i for i, t in enumerate(track_ids)}
-    for f in info["files"]:
+    for f in info.files:
         table = store.read_table(f"{store.catalog}/{f}")
         table = table.filter(pc.and_(pc.is_in(table["track_id"], value_set=wanted), pc.less_equal(table["rank"], K)))
         for t, n, r in zip(table["track_id"].to_pylist(), table["neighbour_id"].to_pylist(), table["rank"].to_pylist()):
@@ -156,7 +156,7 @@ def stored_neighbours(store: Store, info: dict, track_ids: list[str], position: 
     return found
 
 
-def recall(store: Store, info: dict, vectors: np.ndarray, ids: list[str], seed: int) -> float:
+def recall(store: Store, info: SimilarRecord, vectors: np.ndarray, ids: list[str], seed: int) -> float:
     """Tie-aware recall@10 of the stored lists of SAMPLE random tracks against exact search."""
     sample = np.random.default_rng(seed).choice(len(vectors), min(SAMPLE, len(vectors)), replace=False)
     kth = exact_top(vectors, sample, K)[0][:, -1]
@@ -197,7 +197,7 @@ def cli_report(root: Path, runs: int) -> dict:
     sql = f"SELECT uri, confidence, probabilities['{genres[-1]}'] AS p FROM catalog WHERE genre = '{genres[-1]}' ORDER BY confidence DESC LIMIT 100"
     report = {"store": str(root), "rows": pointer.rows, "help": cli_latency(["--help"], runs),
               "query_top100": cli_latency(["query", "--store", str(root), sql, "--format", "json"], runs)}
-    if (pointer.similar or {}).get("index"):
+    if pointer.similar and pointer.similar.has_index:
         first = catalog.read_files(store, pointer.files[:1], ["track_id", "uri"]).slice(0, 1).to_pylist()[0]
         report["similar_table_by_track_id"] = cli_latency(["similar", "--store", str(root), first["track_id"], "--top", "10"], runs)
         report["similar_table_by_uri"] = cli_latency(["similar", "--store", str(root), first["uri"], "--top", "10"], runs)
@@ -229,9 +229,10 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         cluster.client  # noqa: B018  start the cluster before the clock
         runner = Measured(cluster)
         started = time.perf_counter()
-        info = similar.build(store, "s1", files, None, runner)
-        report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **runner.report(), "buckets": info["buckets"],
-                          "nlist": info["nlist"], "rows": info["rows"], "index_mb": round(sum(os.path.getsize(f"{store.catalog}/{f}") for f in info["index"]) / 1e6, 1)}
+        built = similar.build(store, "s1", files, None, runner)
+        info = SimilarRecord.parse(built)
+        report["full"] = {"wall_s": round(time.perf_counter() - started, 1), **runner.report(), "buckets": info.buckets,
+                          "nlist": info.nlist, "rows": info.rows, "index_mb": round(sum(os.path.getsize(f"{store.catalog}/{f}") for f in info.index_parts) / 1e6, 1)}
         report["full"]["recall_at_10"] = round(recall(store, info, base, ids[:n], seed), 4)
         report["full"]["index_share_read_per_list_task"] = index_share_read(store, info)
         print(json.dumps({"n": n, "full": report["full"]}), flush=True)
@@ -244,13 +245,14 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         table = pa.concat_tables([catalog_table(base, 0).take(pa.array(keep)), catalog_table(fresh, n)])
         files2 = write_snapshot(store, "s2", table)
         previous = CatalogPointer.parse({"snapshot": "s1", "files": files, "rows": n, "catalog_version": catalog.CATALOG_VERSION, "model_version": "bench",
-                                         "run_id": "bench", "published_at": "2026-01-01T00:00:00+00:00", "vector_space": {"name": "bench"}, "similar": info})
+                                         "run_id": "bench", "published_at": "2026-01-01T00:00:00+00:00", "vector_space": {"name": "bench"}, "similar": built})
         update = similar.plan_update(store, previous, "bench", table.select(similar.KEYS))
         runner = Measured(cluster)
         started = time.perf_counter()
-        info2 = similar.build(store, "s2", files2, update, runner)
-        report["nightly"] = {"wall_s": round(time.perf_counter() - started, 1), "mode": info2["mode"], "added": info2["added"],
-                             "removed": info2["removed"], **runner.report()}
+        built2 = similar.build(store, "s2", files2, update, runner)
+        info2 = SimilarRecord.parse(built2)
+        report["nightly"] = {"wall_s": round(time.perf_counter() - started, 1), "mode": info2.mode, "added": info2.added,
+                             "removed": info2.removed, **runner.report()}
         report["nightly"]["recall_at_10"] = round(recall(store, info2, night_vectors, night_ids, seed + 2), 4)
         print(json.dumps({"n": n, "nightly": report["nightly"]}), flush=True)
     if not latency:
@@ -258,7 +260,7 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
 
     # publish s2 so that `genre-batch similar` reads it, then latency in process and through the CLI
     genres = {f: g for f, g in zip(files2, sorted(set(table["genre"].to_pylist())))}
-    catalog.switch(store, "s2", genres, table.num_rows, "bench", "bench", keep=5, vector_space={"name": "bench"}, similar=info2)
+    catalog.switch(store, "s2", genres, table.num_rows, "bench", "bench", keep=5, vector_space={"name": "bench"}, similar=built2)
     rng = np.random.default_rng(seed + 3)
     names = [night_ids[i] for i in rng.choice(len(night_ids), LATENCY_QUERIES, replace=False)]
     for label, top, genre in (("table", 10, None), ("index_genre", 10, "g3")):

@@ -181,6 +181,22 @@ def test_a_pointer_of_the_first_version_is_read_and_the_next_publish_keeps_its_s
         published(s)
 
 
+def test_a_pointer_whose_similar_or_vector_space_lacks_a_field_is_a_one_line_error(tmp_path: Path) -> None:
+    """The pointer's `similar` and `vector_space` are read with it: one that lacks a field every version wrote makes
+    the pointer damaged, named in one line."""
+    from conftest import cli
+
+    s = Store(str(tmp_path))
+    pointer = catalog.publish(s, rows(3, "rock", "run-a"), "run-a", "m-1", SPACE)
+    assert (pointer.similar.folder, pointer.vector_space.name) == (pointer.document["similar"]["folder"], "test-space")
+    for key, field in (("similar", "folder"), ("vector_space", "name")):
+        s.write_json(s.pointer, {**pointer.document, key: {k: v for k, v in pointer.document[key].items() if k != field}})
+        with pytest.raises(GenreBatchError, match=f"^damaged JSON file in the store: {s.pointer} \\(no field '{field}'\\)$"):
+            published(s)
+        code, out, err = cli("similar", "--store", str(tmp_path), "t0")
+        assert (code, out, err) == (1, "", f"error: damaged JSON file in the store: {s.pointer} (no field '{field}')\n")
+
+
 def test_write_bytes_is_all_or_nothing(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     path = s.path("x", "file.bin")

@@ -20,7 +20,7 @@ from genre_batch.analysis.audio import SAMPLE_RATE
 from genre_batch.cluster import session
 from genre_batch.library.synth import render, write_audio
 from genre_batch.publishing import catalog, query, similar, vectors
-from genre_batch.publishing.pointer import published
+from genre_batch.publishing.pointer import SimilarRecord, SpaceRecord, published
 from genre_batch.stages import extract as extract_stage
 from genre_batch.stages import runs
 from genre_batch.stages import tag as tag_stage
@@ -28,10 +28,11 @@ from genre_batch.stages import train as train_stage
 from genre_batch.storage.store import Store
 
 
-def lists(s: Store, info: dict | None = None) -> dict[str, list[tuple[str, float]]]:
-    """The published (or an `info`'s: what similar.build returns) similar table as track_id -> [(neighbour_id, score)] by rank."""
+def lists(s: Store, info: SimilarRecord | None = None) -> dict[str, list[tuple[str, float]]]:
+    """The published (or an `info`'s: what similar.build returns, parsed) similar table as track_id -> [(neighbour_id,
+    score)] by rank."""
     info = info or published(s).similar
-    table = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in info["files"]]).sort_by([("track_id", "ascending"), ("rank", "ascending")])
+    table = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in info.files]).sort_by([("track_id", "ascending"), ("rank", "ascending")])
     out: dict[str, list[tuple[str, float]]] = {}
     for row in table.to_pylist():
         out.setdefault(row["track_id"], []).append((row["neighbour_id"], row["score"]))
@@ -64,12 +65,13 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     table = rows(60, "rock", "run-a")  # nlist 31 <= nprobe 32: the IVF search is exhaustive
     pointer = catalog.publish(s, table, "run-a", "m-1", SPACE)
-    assert pointer.similar["k"] == catalog.SIMILAR_K and pointer.similar["nlist"] == 31 and pointer.similar["mode"] == "full"
+    assert pointer.similar.k == catalog.SIMILAR_K and pointer.similar.nlist == 31 and pointer.similar.mode == "full"
     got = lists(s)
     assert {t: [n for n, _ in v] for t, v in got.items()} == exact_lists(table, catalog.SIMILAR_K)
     assert all(len(v) == catalog.SIMILAR_K for v in got.values())
     assert all(a >= b for v in got.values() for (_, a), (_, b) in zip(v, v[1:]))  # rank 1 nearest
-    assert pointer.vector_space == SPACE
+    assert pointer.document["vector_space"] == SPACE and pointer.vector_space == SpaceRecord.parse(SPACE)
+    assert (pointer.vector_space.name, pointer.vector_space.dim, pointer.vector_space.family, pointer.vector_space.file) == ("test-space", catalog.VECTOR_DIM, None, None)
 
 
 def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,8 +118,8 @@ def test_the_stacked_parts_search_as_one_index_of_the_same_cells(tmp_path: Path,
     table = with_embeddings(rows(2000, "rock", "run-a"), x)
     s = Store(str(tmp_path))
     info = catalog.publish(s, table, "run-a", "m-1", SPACE).similar
-    assert info["nlist"] == 179 > similar.NPROBE and info["buckets"] == 5 and len(info["index"]) == 5
-    cells = similar.read_cells(s, info["folder"])
+    assert info.nlist == 179 > similar.NPROBE and info.buckets == 5 and len(info.index_parts) == 5 and info.index_file is None
+    cells = similar.read_cells(s, info.folder)
     single = faiss.IndexIVFFlat(cells, catalog.VECTOR_DIM, cells.ntotal, faiss.METRIC_INNER_PRODUCT)
     single.add_with_ids(x, similar.vector_ids(table["track_id"].to_pylist()))
     single.nprobe = similar.NPROBE
@@ -148,15 +150,15 @@ def test_incremental_update_equals_a_rebuild(tmp_path: Path, monkeypatch: pytest
     second = second.set_column(second.schema.get_field_index("embedding"), "embedding", pa.array(changed, embedding.type))
     second = second.set_column(2, "fingerprint", pa.array(["new" if t == "t10" else f for t, f in zip(ids, second["fingerprint"].to_pylist())]))
     pointer = catalog.publish(s, second, "run-b", "m-1", SPACE)
-    assert (pointer.similar["mode"], pointer.similar["added"], pointer.similar["removed"]) == ("incremental", 3, 2)
+    assert (pointer.similar.mode, pointer.similar.added, pointer.similar.removed) == ("incremental", 3, 2)
     rebuilt = Store(str(tmp_path / "rebuilt"))
-    assert catalog.publish(rebuilt, second, "run-b", "m-1", SPACE).similar["mode"] == "full"
+    assert catalog.publish(rebuilt, second, "run-b", "m-1", SPACE).similar.mode == "full"
     same_lists(lists(s), lists(rebuilt))
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(second, catalog.SIMILAR_K)
     assert lists(s)["t10"][0][0] == "t50" and lists(s)["t10"][0][1] > 0.99  # a changed track finds the track it now sounds like
     assert all(n != "t0" for v in lists(s).values() for n, _ in v)  # the departed track is in no list
-    deep = s.read_table(f"{s.catalog}/{similar.deep_piece(pointer.similar['folder'], 0)}")  # what the next night reads
-    assert pointer.similar["deep"] == similar.DEEP_VERSION and deep.num_rows == 61
+    deep = s.read_table(f"{s.catalog}/{similar.deep_piece(pointer.similar.folder, 0)}")  # what the next night reads
+    assert pointer.similar.deep == similar.DEEP_VERSION and deep.num_rows == 61
     by_vid = {v: (n, f) for v, n, f in zip(deep["vid"].to_pylist(), deep["neighbours"].to_pylist(), deep["floor"].to_pylist())}
     ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
     for i in (5, 10, 60):  # kept (it lost t0 and t10), changed, added: the top of the exact scores down to the floor
@@ -171,10 +173,10 @@ def test_a_bucket_grown_past_twice_its_size_makes_the_next_snapshot_a_rebuild(tm
                                                                               bucket_tracks: int, mode: str) -> None:
     s = Store(str(tmp_path))
     monkeypatch.setattr(similar, "BUCKET_TRACKS", 60)
-    assert catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE).similar["sizes"] == [60]
+    assert catalog.publish(s, rows(60, "rock", "run-a"), "run-a", "m-1", SPACE).similar.sizes == [60]
     monkeypatch.setattr(similar, "BUCKET_TRACKS", bucket_tracks)  # 60 <= 2 x 30: kept; 60 > 2 x 25: rebuilt, in 3 buckets
     night = catalog.publish(s, rows(61, "rock", "run-b"), "run-b", "m-1", SPACE).similar
-    assert night["mode"] == mode and night["buckets"] == (1 if mode == "incremental" else 3) and sum(night["sizes"]) == 61
+    assert night.mode == mode and night.buckets == (1 if mode == "incremental" else 3) and sum(night.sizes) == 61
 
 
 def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,33 +189,33 @@ def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: p
     second = second.filter(pc.invert(pc.is_in(second["track_id"], pa.array(["t0", "t33"]))))
     second = second.set_column(1, "uri", pa.array(["/music/moved.mp3" if t == "t7" else u for t, u in zip(second["track_id"].to_pylist(), second["uri"].to_pylist())]))
     night = catalog.publish(s, second, "run-b", "m-1", SPACE).similar
-    assert (night["mode"], night["added"], night["removed"], night["buckets"]) == ("incremental", 4, 2, 3)
-    assert night["bounds"] == first["bounds"] and s.fs.cat_file(f"{s.catalog}/{night['cells']}") == s.fs.cat_file(f"{s.catalog}/{first['cells']}")
+    assert (night.mode, night.added, night.removed, night.buckets) == ("incremental", 4, 2, 3)
+    assert night.bounds == first.bounds and s.fs.cat_file(f"{s.catalog}/{night.cells}") == s.fs.cat_file(f"{s.catalog}/{first.cells}")
     rebuilt = Store(str(tmp_path / "rebuilt"))
     full = catalog.publish(rebuilt, second, "run-b", "m-1", SPACE).similar
     same_lists(lists(s), lists(rebuilt))
     for column in ("vid", "uri"):  # the lookups: the same rows in the same order (cells aside: the night's are the first night's)
-        before = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night["lookup"][column]])
-        after = pa.concat_tables([rebuilt.read_table(f"{rebuilt.catalog}/{f}") for f in full["lookup"][column]])
+        before = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night.lookup[column]])
+        after = pa.concat_tables([rebuilt.read_table(f"{rebuilt.catalog}/{f}") for f in full.lookup[column]])
         assert before.select(["vid", "uri"]).equals(after.select(["vid", "uri"])) and before.schema == after.schema
-    assert len(night["lookup"]["vid"]) == len(night["lookup"]["uri"]) == len(first["lookup"]["vid"]) == 4
-    for column, files in night["lookup"].items():  # each partition holds the keys of its range
+    assert len(night.lookup["vid"]) == len(night.lookup["uri"]) == len(first.lookup["vid"]) == 4
+    for column, files in night.lookup.items():  # each partition holds the keys of its range
         for p, f in enumerate(files):
             keys = similar.lookup_keys(column, s.read_table(f"{s.catalog}/{f}")[column].to_pylist())
             assert len(keys) and (similar.partition_of(keys, 4) == p).all()
-    by_vid = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night["lookup"]["vid"]])
+    by_vid = pa.concat_tables([s.read_table(f"{s.catalog}/{f}") for f in night.lookup["vid"]])
     assert by_vid["vid"].to_pylist() == sorted(similar.vector_ids(by_vid["track_id"].to_pylist()).tolist())  # partitions in order: vid order
     # the vectors parts: every track once, with its embedding and its cell (the night's tracks assigned by the first
     # night's cells), in its cell's bucket, in vid order
     ids, x = second["track_id"].to_pylist(), similar.as_matrix(second["embedding"])
-    cells = similar.assign(similar.read_cells(s, night["folder"]), x)
+    cells = similar.assign(similar.read_cells(s, night.folder), x)
     assert dict(zip(by_vid["track_id"].to_pylist(), by_vid["cell"].to_pylist())) == dict(zip(ids, cells.tolist()))
     seen = []
-    for bucket, f in enumerate(night["vectors"]):
+    for bucket, f in enumerate(night.vectors_parts):
         vectors = pq.ParquetFile(f"{s.catalog}/{f}")
         table = vectors.read()
         assert table["vid"].to_pylist() == sorted(table["vid"].to_pylist())
-        assert all(night["bounds"][bucket] <= c < night["bounds"][bucket + 1] for c in table["cell"].to_pylist())
+        assert all(night.bounds[bucket] <= c < night.bounds[bucket + 1] for c in table["cell"].to_pylist())
         assert np.array_equal(similar.as_matrix(table["embedding"]), x[[ids.index(t) for t in table["track_id"].to_pylist()]])
         assert table["cell"].to_pylist() == cells[[ids.index(t) for t in table["track_id"].to_pylist()]].tolist()
         assert vectors.metadata.row_group(0).column(3).compression == "UNCOMPRESSED"
@@ -221,8 +223,8 @@ def test_nightly_files_equal_what_a_rebuild_holds(tmp_path: Path, monkeypatch: p
         assert vectors.schema_arrow.metadata[b"genre_batch.vectors_version"] == str(similar.VECTORS_VERSION).encode()
         seen += table["track_id"].to_pylist()
     assert sorted(seen) == sorted(ids)
-    assert not [p for p in Path(s.catalog, night["folder"]).iterdir() if p.name.startswith("_")]  # routed and added files are gone
-    for f in night["files"]:  # the pieces: in (track_id, rank) order
+    assert not [p for p in Path(s.catalog, night.folder).iterdir() if p.name.startswith("_")]  # routed and added files are gone
+    for f in night.files:  # the pieces: in (track_id, rank) order
         piece = s.read_table(f"{s.catalog}/{f}")
         keys = list(zip(piece["track_id"].to_pylist(), piece["rank"].to_pylist()))
         assert keys == sorted(keys)
@@ -255,7 +257,7 @@ def night_of_the_cluster(tmp_path: Path) -> tuple[dict, dict, np.ndarray, np.nda
     second = with_embeddings(rows(61, "rock", "run-b"), np.vstack([matrix[:30], matrix[61:], matrix[31:61]]))
     second = second.set_column(2, "fingerprint", pa.array(["new" if t == "t30" else f for t, f in zip(second["track_id"].to_pylist(), second["fingerprint"].to_pylist())]))
     night = catalog.publish(s, second, "run-b", "m-1", SPACE).similar
-    assert (night["mode"], night["added"], night["removed"]) == ("incremental", 2, 1)
+    assert (night.mode, night.added, night.removed) == ("incremental", 2, 1)
     rebuilt = Store(str(tmp_path / "rebuilt"))
     catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
     before = matrix[:60] @ matrix[:60].T
@@ -292,7 +294,7 @@ def test_a_new_vector_space_rebuilds(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
     catalog.publish(s, rows(50, "rock", "run-a"), "run-a", "m-1", SPACE)
     pointer = catalog.publish(s, rows(51, "rock", "run-b"), "run-b", "m-1", {**SPACE, "name": "another-space"})
-    assert pointer.similar["mode"] == "full" and pointer.vector_space["name"] == "another-space"
+    assert pointer.similar.mode == "full" and pointer.vector_space.name == pointer.space_name == "another-space"
 
 
 def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) -> None:
@@ -305,7 +307,7 @@ def test_similar_answers_from_the_lookup_files_and_without_them(tmp_path: Path) 
         pointer = catalog.publish(s, table, "run-b", "m-1", {**SPACE, "name": "rebuilt-with-small-row-groups"})
     finally:
         similar.LOOKUP_ROW_GROUP, similar.PIECE_ROW_GROUP, similar.LOOKUP_TRACKS = small["row_group"], small["piece"], small["tracks"]
-    by_vid = [pq.ParquetFile(f"{s.catalog}/{f}").metadata for f in pointer.similar["lookup"]["vid"]]
+    by_vid = [pq.ParquetFile(f"{s.catalog}/{f}").metadata for f in pointer.similar.lookup["vid"]]
     assert len(by_vid) == 2 and all(m.num_row_groups > 3 for m in by_vid) and sum(m.num_rows for m in by_vid) == 60
     exact = exact_lists(table, 59)
     names = [("t7", "t7"), ("/music/45.mp3", "/music/45.mp3")]
@@ -344,20 +346,22 @@ def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_buil
     shutil.copytree(LAYOUT_1, tmp_path / "store")
     s = Store(str(tmp_path / "store"))
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
-    info = published(s).similar
-    assert "layout" not in info and info["buckets"] == 3 and Path(s.catalog, info["index"]).is_file()
+    pointer = published(s)
+    info = pointer.similar
+    assert "layout" not in pointer.document["similar"] and info.layout == 1 and info.buckets == 3 and info.bounds is None
+    assert Path(s.catalog, info.index_file).is_file() and Path(s.catalog, info.vectors_file).is_file() and info.index_parts == info.vectors_parts == []
     answers = old_store_answers(s)
     assert_exact(answers, table)
     # a snapshot published before the lookup files existed: the same answers, by a scan of the catalog
-    pointer = published(s)
-    for files in pointer.similar["lookup"].values():
-        s.fs.rm_file(f"{s.catalog}/{files}")
-    old = {**pointer.document, "similar": {k: v for k, v in pointer.similar.items() if k != "lookup"}}
+    assert [len(files) for files in info.lookup.values()] == [1, 1]  # one file each (a string in CURRENT.json)
+    for files in info.lookup.values():
+        s.fs.rm_file(f"{s.catalog}/{files[0]}")
+    old = {**pointer.document, "similar": {k: v for k, v in pointer.document["similar"].items() if k != "lookup"}}
     catalog.promote(s, old, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
     assert old_store_answers(s) == answers
     # the next snapshot, same tracks and space: built afresh in layout 2 (an update needs the previous cells and parts)
     night = catalog.publish(s, table, "run-b", "m-1", SPACE).similar
-    assert (night["layout"], night["mode"]) == (similar.LAYOUT, "full")
+    assert (night.layout, night.mode) == (similar.LAYOUT, "full")
     assert {t: [n for n, _ in v] for t, v in lists(s).items()} == exact_lists(table, catalog.SIMILAR_K)
     assert old_store_answers(s) == answers
 
@@ -371,14 +375,15 @@ def test_a_snapshot_with_one_lookup_file_is_answered_and_updated_in_one_partitio
     shutil.copytree(ONE_LOOKUP_FILE, tmp_path / "store")
     s = Store(str(tmp_path / "store"))
     table = pa.concat_tables([rows(40, "rock", "run-a"), rows(60, "jazz", "run-a").slice(40)])
-    info = published(s).similar
-    assert info["layout"] == 2 and isinstance(info["lookup"]["vid"], str) and info["buckets"] == 3
+    pointer = published(s)
+    info, stored = pointer.similar, pointer.document["similar"]["lookup"]
+    assert info.layout == 2 and isinstance(stored["vid"], str) and info.lookup == {c: [f] for c, f in stored.items()} and info.buckets == 3
     assert_exact(old_store_answers(s), table)
     # the next night adds t60 and t61: an update that keeps the one partition, its lists those of a rebuild
     second = pa.concat_tables([rows(40, "rock", "run-b"), rows(62, "jazz", "run-b").slice(40)])
     night = catalog.publish(s, second, "run-b", "m-1", SPACE).similar
-    assert (night["mode"], night["added"], night["bounds"]) == ("incremental", 2, info["bounds"])
-    assert [len(files) for files in night["lookup"].values()] == [1, 1]
+    assert (night.mode, night.added, night.bounds) == ("incremental", 2, info.bounds)
+    assert [len(files) for files in night.lookup.values()] == [1, 1]
     rebuilt = Store(str(tmp_path / "rebuilt"))
     catalog.publish(rebuilt, second, "run-b", "m-1", SPACE)
     same_lists(lists(s), lists(rebuilt))
@@ -456,9 +461,10 @@ def test_catalog_carries_embeddings_tags_and_its_vector_space(tagged: tuple[Path
     assert table["tags"].null_count == 13  # no musicnn family in this store: no tags
     pointer = published(s)
     space = pointer.vector_space
-    assert pointer.catalog_version == 3 and space["family"] == "librosa" and space["dim"] == catalog.VECTOR_DIM
-    assert space["name"].startswith("librosa-v3-zpca128-") and "mean" in space["pooling"] and "z-score" in space["scaler"]
-    assert vectors.load(s, space).name == space["name"]  # the stored arrays are the space (np.load without pickle)
+    assert pointer.catalog_version == 3 and space.family == "librosa" and space.dim == catalog.VECTOR_DIM
+    assert space.name.startswith("librosa-v3-zpca128-") and "mean" in space.pooling and "z-score" in space.scaler
+    assert space.file == vectors.space_file(space.name) and space.sample_tracks == 13 and space.family_version == vectors.LIBROSA.version
+    assert vectors.load(s, space).name == space.name  # the stored arrays are the space (np.load without pickle)
     assert table.schema.metadata[b"genre_batch.catalog_version"] == b"3"
 
 
@@ -493,11 +499,11 @@ def test_nightly_with_a_new_track_updates_lists_like_a_rebuild(tagged: tuple[Pat
     summary = run_tag(store, dask_scheduler, "run-tag-2")
     pointer = published(s)
     assert (summary.mode, summary.predicted) == ("incremental", 1)
-    assert (pointer.similar["mode"], pointer.similar["added"], pointer.similar["removed"]) == ("incremental", 1, 0)
+    assert (pointer.similar.mode, pointer.similar.added, pointer.similar.removed) == ("incremental", 1, 0)
     ids = uri_ids(s)
     got = lists(s)
     assert got[ids["ambient-0-02.ogg"]][0][0] == ids["copy-of-ambient-02.wav"]  # the new track entered an existing list
-    rebuilt = similar.build(s, "rebuild-check", sorted(pointer.files), None, similar.in_process)
+    rebuilt = SimilarRecord.parse(similar.build(s, "rebuild-check", sorted(pointer.files), None, similar.in_process))
     same_lists(got, lists(s, rebuilt))
 
 
@@ -507,7 +513,7 @@ def strip_to_version_2(s: Store) -> None:
     for f in pointer.files:
         table = s.read_table(f"{s.catalog}/{f}").drop_columns(["embedding", "tags"])
         s.write_table(f"{s.catalog}/{f}", table.replace_schema_metadata({"genre_batch.catalog_version": "2"}))
-    s.fs.rm(f"{s.catalog}/{pointer.similar['folder']}", recursive=True)
+    s.fs.rm(f"{s.catalog}/{pointer.similar.folder}", recursive=True)
     old = {k: v for k, v in pointer.document.items() if k not in ("vector_space", "similar")}
     catalog.promote(s, {**old, "catalog_version": 2}, s.version_token(f"{s.catalog}/{catalog.POINTER}"))
 
@@ -582,14 +588,14 @@ def test_musicnn_family_for_every_track_is_a_new_space_with_tags(tmp_path: Path,
         extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa",))
         assert train_stage.train(s, "folders", "run-train", cluster).promoted
     run_tag(store, dask_scheduler, "run-librosa")
-    assert published(s).vector_space["family"] == "librosa" and catalog.read(s)["tags"].null_count == 12
+    assert published(s).vector_space.family == "librosa" and catalog.read(s)["tags"].null_count == 12
     with session(dask_scheduler) as cluster:  # backfill the musicnn family: now every track has it
         extract_stage.extract(str(library), s, runs.new_run_id(), cluster, features=("librosa", "musicnn"))
     summary = run_tag(store, dask_scheduler, "run-musicnn")
     pointer = published(s)
     assert (summary.mode, summary.predicted) == ("full", 12)  # a new vector space re-tags every track ...
-    assert pointer.vector_space["family"] == "musicnn" and pointer.vector_space["name"].startswith("musicnn-v1-zpca128-")
-    assert pointer.similar["mode"] == "full"  # ... and rebuilds the index
+    assert pointer.vector_space.family == "musicnn" and pointer.vector_space.name.startswith("musicnn-v1-zpca128-")
+    assert pointer.similar.mode == "full"  # ... and rebuilds the index
     table = catalog.read(s, ["uri", "tags", "embedding"])
     rows = pa.concat_tables([read_windows(s, g, ["uri", *TAG_COLUMNS], vectors.MUSICNN) for g in by_part(current_tracks(s, family=vectors.MUSICNN))])
     expected = {r["uri"]: [TAG_NAMES[i].lower() for i in np.argsort([-r[c] for c in TAG_COLUMNS], kind="stable")[:5]] for r in rows.to_pylist()}

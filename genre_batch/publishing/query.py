@@ -53,7 +53,7 @@ def connect(store: Store, sql: str) -> duckdb.DuckDBPyConnection:
     # errors and writes need no snapshot; SQL naming the catalog needs one published (errors are queryable before)
     current = required(store) if "catalog" in named else published(store) if named & {"similar", "changes"} else None
     files = [f"{store.catalog}/{name}" for name in current.files] if current and "catalog" in named else []
-    pieces = [f"{store.catalog}/{f}" for f in ((current.similar if current else None) or {}).get("files", [])] if "similar" in named else []
+    pieces = [f"{store.catalog}/{f}" for f in (current.similar.files if current and current.similar else [])] if "similar" in named else []
     if store.local and files + pieces:
         con.execute("SET allowed_paths = $files", {"files": files + pieces})
     if "catalog" in named:  # built only when asked for, as the others: a query of errors reads no catalog file

@@ -53,7 +53,7 @@ from genre_batch import GenreBatchError
 from genre_batch.library.labels import canonical
 from genre_batch.publishing import catalog
 from genre_batch.publishing.catalog import SIMILAR_K, SIMILAR_SCHEMA, VECTOR_DIM
-from genre_batch.publishing.pointer import CatalogPointer, required
+from genre_batch.publishing.pointer import CatalogPointer, SimilarRecord, required
 from genre_batch.storage.store import TEMP_MARK, Store
 
 if TYPE_CHECKING:
@@ -290,13 +290,6 @@ def spread_file(similar_folder: str, column: str, position: int) -> str:
     return f"{similar_folder}/_by_{column}-{position:05d}.parquet"
 
 
-def lookup_files(info: dict, column: str) -> list[str]:
-    """A snapshot's lookup files by `column` (its pointer's `similar`), in partition order: one for a snapshot published
-    before partitions, none before lookup files."""
-    files = (info.get("lookup") or {}).get(column)
-    return [files] if isinstance(files, str) else list(files or [])
-
-
 def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     """The lookup partition of int64 hash keys (vids, hashed uris): `partitions` ranges of equal width in signed order,
     so that a vid lookup's partitions, one after another, are in vid order."""
@@ -360,16 +353,23 @@ def read_cells(store: Store, similar_folder: str) -> faiss.Index:
     return faiss.read_index(local_file(store, f"{similar_folder}/{CELLS_FILE}"))
 
 
-def open_index(store: Store, info: dict) -> faiss.Index:
-    """A snapshot's index (`info`: the pointer's `similar`, or folder and bounds), searching NPROBE cells: its parts
-    memory-mapped (read-only) and stacked into one (layout 1: its one file, memory-mapped)."""
+def open_index(store: Store, info: SimilarRecord) -> faiss.Index:
+    """A snapshot's index (`info`: what the pointer records of its similar folder), searching NPROBE cells: its parts
+    stacked (open_parts; layout 1: its one file, memory-mapped)."""
     import faiss
-    if info.get("layout", 1) < 2:
-        index = faiss.read_index(local_file(store, info["index"]), faiss.IO_FLAG_MMAP_IFC)
+    if info.layout < 2:
+        index = faiss.read_index(local_file(store, info.index_file), faiss.IO_FLAG_MMAP_IFC)
         index.nprobe = NPROBE
         return index
-    quantizer = read_cells(store, info["folder"])
-    parts = [faiss.read_index(local_file(store, index_part(info["folder"], b)), faiss.IO_FLAG_MMAP_IFC) for b in range(len(info["bounds"]) - 1)]
+    return open_parts(store, info.folder, info.bounds)
+
+
+def open_parts(store: Store, similar_folder: str, bounds: list[int]) -> faiss.Index:
+    """The index of a snapshot folder of layout 2 (`bounds`: its buckets' cells), searching NPROBE cells: its parts
+    memory-mapped (read-only) and stacked into one."""
+    import faiss
+    quantizer = read_cells(store, similar_folder)
+    parts = [faiss.read_index(local_file(store, index_part(similar_folder, b)), faiss.IO_FLAG_MMAP_IFC) for b in range(len(bounds) - 1)]
     stacked = faiss.InvertedListsPtrVector()
     for part in parts:
         stacked.push_back(part.invlists)
@@ -638,7 +638,7 @@ def reverse_scan(store: Store, out: str, update: Update) -> None:
     infinite floor and a removed track's rows match no list of the new snapshot."""
     drop_cached()
     added = read_added(store, out)
-    index = open_index(store, {"layout": LAYOUT, "folder": update.previous, "bounds": update.bounds})
+    index = open_parts(store, update.previous, update.bounds)
     write_reverse(store, out, index, added.vids, added.matrix, previous_floors(store, update), update.bounds)
 
 
@@ -829,7 +829,7 @@ def query_bucket(store: Store, out: str, bucket: int, bounds: list[int], update:
         if update is not None:
             redo = refresh(store, update, out, bucket, k, vids, (found, scores, floors))
         if redo.any():
-            index = open_index(store, {"layout": LAYOUT, "folder": out, "bounds": bounds})  # per task: its pages unmapped when it ends
+            index = open_parts(store, out, bounds)  # per task: its pages unmapped when it ends
             found[redo], scores[redo] = search(index, queries[redo], vids[redo], depth)
             floors[redo] = floor_of(found[redo], scores[redo])
     write_parquet(store, deep_piece(out, bucket), deep_table(vids, found, scores, floors), PIECE_ROW_GROUP, DEEP_OPTIONS)
@@ -940,15 +940,15 @@ def plan_update(store: Store, previous: CatalogPointer | None, space_name: str, 
     previous index, one of layout 1, another vector space or K, a bucket grown past BUCKET_GROWTH x BUCKET_TRACKS, or more
     than INCREMENTAL_MAX_SHARE of the tracks changed)."""
     similar = previous.similar if previous else None
-    if (not similar or not similar.get("index") or similar.get("layout", 1) != LAYOUT or previous.space_name != space_name
-            or similar.get("k") != SIMILAR_K or max(similar.get("sizes") or [0]) > BUCKET_GROWTH * BUCKET_TRACKS):
+    if (not similar or not similar.has_index or similar.layout != LAYOUT or previous.space_name != space_name
+            or similar.k != SIMILAR_K or max(similar.sizes or [0]) > BUCKET_GROWTH * BUCKET_TRACKS):
         return None
     before = catalog.read_files(store, previous.files, KEYS)
     added = after.join(before, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     removed = before.join(after, keys=KEYS, join_type="left anti")["track_id"].to_pylist()
     if len(added) + len(removed) > INCREMENTAL_MAX_SHARE * max(1, after.num_rows):
         return None
-    return Update(similar["folder"], sorted(added), sorted(removed), similar["bounds"], lookup_files(similar, "vid"))
+    return Update(similar.folder, sorted(added), sorted(removed), similar.bounds, similar.lookup.get("vid", []))
 
 
 Runner = Callable[[list[tuple]], list]
@@ -1024,7 +1024,7 @@ def lookup(store: Store, pointer: CatalogPointer, column: str, values: list) -> 
     `values`: from the partitions of the snapshot's lookup by that column that hold them (a few row groups each; a uri
     gives its vid, looked up by vid; layout 1's files have no cell: null), or by a scan of the catalog for snapshots
     published before lookup files existed."""
-    files = lookup_files(pointer.similar, column)
+    files = pointer.similar.lookup.get(column, [])
     if files:
         keys = partition_of(lookup_keys(column, values), len(files))
         found = pa.concat_tables([rows_where(store, files[p], column, [v for v, at in zip(values, keys) if at == p], ["vid", column] if column == "uri" else None)
@@ -1038,18 +1038,18 @@ def lookup(store: Store, pointer: CatalogPointer, column: str, values: list) -> 
     return table.filter(pc.is_in(table[column], value_set=pa.array(values, LOOKUP_SCHEMA.field(column).type)))
 
 
-def bucket_in(info: dict, row: dict) -> int:
+def bucket_in(info: SimilarRecord, row: dict) -> int:
     """The bucket of a catalog track (a lookup row) in a snapshot's similar folder (`info`): its cell's (layout 1:
     its vid's hash)."""
-    if info.get("layout", 1) < 2:
-        return int(buckets_of(np.array([row["vid"]], np.int64), info["buckets"])[0])
-    return int(bucket_of(np.array([row["cell"]]), info["bounds"])[0])
+    if info.layout < 2:
+        return int(buckets_of(np.array([row["vid"]], np.int64), info.buckets)[0])
+    return int(bucket_of(np.array([row["cell"]]), info.bounds)[0])
 
 
 def stored_list(store: Store, pointer: CatalogPointer, row: dict, top: int) -> list[tuple[int, float]]:
     """The first `top` entries of a catalog track's (a lookup row's) stored list: (neighbour vid, score)."""
     info = pointer.similar
-    table = rows_where(store, piece(info["folder"], bucket_in(info, row)), "track_id", [row["track_id"]]).slice(0, top)  # in rank order
+    table = rows_where(store, piece(info.folder, bucket_in(info, row)), "track_id", [row["track_id"]]).slice(0, top)  # in rank order
     return list(zip(vector_ids(table["neighbour_id"].to_pylist()).tolist(), table["score"].to_pylist()))
 
 
@@ -1058,10 +1058,10 @@ def stored_vector(store: Store, pointer: CatalogPointer, row: dict) -> np.ndarra
     statistics hold it (layout 1: of the vectors file, whose bucket and vid statistics hold it)."""
     info, vid = pointer.similar, row["vid"]
     bucket = bucket_in(info, row)
-    with store.open(f"{store.catalog}/{vectors_part(info['folder'], bucket) if info.get('layout', 1) >= 2 else info['vectors']}") as f:
+    with store.open(f"{store.catalog}/{vectors_part(info.folder, bucket) if info.layout >= 2 else info.vectors_file}") as f:
         parquet = pq.ParquetFile(f)
         groups = set(row_groups_holding(parquet, "vid", [vid]))
-        if info.get("layout", 1) < 2:
+        if info.layout < 2:
             groups &= set(row_groups_holding(parquet, "bucket", [bucket]))
         rows = parquet.read_row_groups(sorted(groups), ["vid", "embedding"])
     return as_matrix(rows["embedding"])[int(np.flatnonzero(buffer_view(rows["vid"], np.int64) == vid)[0])]
@@ -1087,7 +1087,7 @@ def genre_vids(store: Store, pointer: CatalogPointer, genre: str) -> np.ndarray:
     files = [f for f, g in pointer.genres.items() if g == genre]
     if not files:
         raise GenreBatchError(f"--genre {genre}: no such genre in the published catalog; it has {', '.join(sorted(set(pointer.genres.values())))}")
-    by_vid = lookup_files(pointer.similar, "vid")
+    by_vid = pointer.similar.lookup.get("vid", [])
     if not by_vid:
         return vector_ids(catalog.read_files(store, files, ["track_id"])["track_id"].to_pylist())
     found = []
@@ -1121,7 +1121,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     extracted now (nothing stored). A name that is neither is Unanswered, the others answered all the same."""
     genre = canonical(genre) if genre is not None else None  # `unknown` too: the genre of abstentions
     pointer = required(store)
-    if not (pointer.similar or {}).get("index"):
+    if not (pointer.similar and pointer.similar.has_index):
         raise GenreBatchError(f"the published catalog of {store.url} has no similar tracks (catalog version {pointer.catalog_version}): "
                               "run 'genre-batch tag' to publish one that has")
     allowed = genre_vids(store, pointer, genre) if genre is not None else None
@@ -1131,7 +1131,7 @@ def answer(store: Store, names: list[tuple[str, str]], top: int, genre: str | No
     answers: list[Answer | Unanswered] = []
     for name, uri in names:
         row = by_name.get(name) or by_name.get(uri)
-        if row is not None and genre is None and top <= pointer.similar["k"]:
+        if row is not None and genre is None and top <= pointer.similar.k:
             hits, source = described(store, pointer, stored_list(store, pointer, row, top)), "table"
         elif row is not None:
             hits, source = nearest(store, pointer, stored_vector(store, pointer, row), row["vid"], top, allowed), "index"

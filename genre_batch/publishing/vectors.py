@@ -21,7 +21,7 @@ import pyarrow as pa
 from genre_batch import GenreBatchError
 from genre_batch.analysis.columns import FEATURE_NAMES, TAG_NAMES
 from genre_batch.publishing.catalog import VECTOR_DIM
-from genre_batch.publishing.pointer import CatalogPointer
+from genre_batch.publishing.pointer import CatalogPointer, SpaceRecord
 from genre_batch.storage.feature_store import (
     EMBEDDING_COLUMNS,
     KEYS,
@@ -89,15 +89,15 @@ class MissingSpace(GenreBatchError):
     """A pointer's vector space whose arrays are not in the store (none recorded, or the file is gone)."""
 
 
-def load(store: Store, described: dict) -> VectorSpace:
+def load(store: Store, described: SpaceRecord) -> VectorSpace:
     """The space a pointer's `vector_space` describes; MissingSpace when its arrays are not in the store."""
-    path = f"{store.catalog}/{described['file']}" if described.get("file") else None
+    path = f"{store.catalog}/{described.file}" if described.file else None
     if path is None or not store.exists(path):
-        raise MissingSpace(f"the arrays of vector space {described.get('name')} are not in the store "
+        raise MissingSpace(f"the arrays of vector space {described.name} are not in the store "
                            f"({store.uri(path) + ' is missing' if path else 'none recorded'}): run 'genre-batch tag' to fit and store one")
     with store.open(path) as f:
         arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
-        return VectorSpace(described["family"], int(arrays["family_version"]), arrays["mean"], arrays["scale"],
+        return VectorSpace(described.family, int(arrays["family_version"]), arrays["mean"], arrays["scale"],
                            arrays["components"], int(arrays["sample_tracks"]))
 
 
@@ -207,9 +207,9 @@ def reusable(store: Store, previous: CatalogPointer | None, family: Family, avai
     """The previous snapshot's space while its family (and version) is still `family` and its sample is at least half
     what the store offers now (`available`: current tracks of the family; a space fitted on a small first library is
     refitted as the library grows, until SAMPLE_TRACKS), else None: a space must be fitted."""
-    described = (previous.vector_space if previous else None) or {}
-    same = (described.get("family"), described.get("family_version")) == (family.name, family.version)
-    if same and 2 * described.get("sample_tracks", 0) >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described['file']}"):
+    described = previous.vector_space if previous else None
+    same = described is not None and (described.family, described.family_version) == (family.name, family.version)
+    if same and 2 * (described.sample_tracks or 0) >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described.file}"):
         return load(store, described)
     return None
 
