@@ -217,7 +217,8 @@ def noop_run(work: Path, n_files: int = TINY_FILES) -> dict:
     return result
 
 
-RANDOM_SPACE = {"name": "bench-random", "dim": catalog.VECTOR_DIM}
+RANDOM_SPACE = {"name": "bench-random", "family": "random", "family_version": 1, "dim": catalog.VECTOR_DIM, "pooling": "none (random unit vectors)",
+                "scaler": "none (random unit vectors)", "sample_tracks": 0, "file": "spaces/bench-random.npz"}
 """The vector space of catalog_table's embeddings, as CURRENT.json records it."""
 
 

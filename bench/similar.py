@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from bench import accuracy
 from bench.ann import K, exact_top, generate, recall_at_k, reset_peak_rss
+from bench.scale import RANDOM_SPACE
 from genre_batch.analysis import audio, extraction
 from genre_batch.publishing import catalog, similar, vectors
 from genre_batch.publishing.pointer import CatalogPointer, SimilarRecord, published
@@ -245,8 +246,8 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
         table = pa.concat_tables([catalog_table(base, 0).take(pa.array(keep)), catalog_table(fresh, n)])
         files2 = write_snapshot(store, "s2", table)
         previous = CatalogPointer.parse({"snapshot": "s1", "files": files, "rows": n, "catalog_version": catalog.CATALOG_VERSION, "model_version": "bench",
-                                         "run_id": "bench", "published_at": "2026-01-01T00:00:00+00:00", "vector_space": {"name": "bench"}, "similar": built})
-        update = similar.plan_update(store, previous, "bench", table.select(similar.KEYS))
+                                         "run_id": "bench", "published_at": "2026-01-01T00:00:00+00:00", "vector_space": RANDOM_SPACE, "similar": built})
+        update = similar.plan_update(store, previous, RANDOM_SPACE["name"], table.select(similar.KEYS))
         runner = Measured(cluster)
         started = time.perf_counter()
         built2 = similar.build(store, "s2", files2, update, runner)
@@ -260,7 +261,7 @@ def measure(n: int, work: Path, workers: int, seed: int, latency: bool = True) -
 
     # publish s2 so that `genre-batch similar` reads it, then latency in process and through the CLI
     genres = {f: g for f, g in zip(files2, sorted(set(table["genre"].to_pylist())))}
-    catalog.switch(store, "s2", genres, table.num_rows, "bench", "bench", keep=5, vector_space={"name": "bench"}, similar=built2)
+    catalog.switch(store, "s2", genres, table.num_rows, "bench", "bench", keep=5, vector_space=RANDOM_SPACE, similar=built2)
     rng = np.random.default_rng(seed + 3)
     names = [night_ids[i] for i in rng.choice(len(night_ids), LATENCY_QUERIES, replace=False)]
     for label, top, genre in (("table", 10, None), ("index_genre", 10, "g3")):

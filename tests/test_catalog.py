@@ -23,7 +23,9 @@ from genre_batch.publishing.pointer import CatalogPointer, published
 from genre_batch.storage import store as store_mod
 from genre_batch.storage.store import Store
 
-SPACE = {"name": "test-space", "dim": catalog.VECTOR_DIM}
+SPACE = {"name": "test-space", "family": "test", "family_version": 1, "dim": catalog.VECTOR_DIM, "pooling": "none (test vectors)",
+         "scaler": "none (test vectors)", "sample_tracks": 0, "file": "spaces/test-space.npz"}
+"""A vector space as the pointer records it, for catalogs of test vectors (its arrays are not stored)."""
 """The vector space tables of rows() are in (a description for CURRENT.json)."""
 
 

@@ -71,7 +71,7 @@ def test_similar_table_is_the_exact_top_k(tmp_path: Path) -> None:
     assert all(len(v) == catalog.SIMILAR_K for v in got.values())
     assert all(a >= b for v in got.values() for (_, a), (_, b) in zip(v, v[1:]))  # rank 1 nearest
     assert pointer.document["vector_space"] == SPACE and pointer.vector_space == SpaceRecord.parse(SPACE)
-    assert (pointer.vector_space.name, pointer.vector_space.dim, pointer.vector_space.family, pointer.vector_space.file) == ("test-space", catalog.VECTOR_DIM, None, None)
+    assert (pointer.vector_space.name, pointer.vector_space.dim, pointer.vector_space.file) == ("test-space", catalog.VECTOR_DIM, "spaces/test-space.npz")
 
 
 def test_the_index_trains_on_a_seeded_sample_and_holds_every_track(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +339,8 @@ def assert_exact(answers: list[similar.Answer], table: pa.Table) -> None:
 
 LAYOUT_1 = Path(__file__).parent / "data" / "store-layout-1"
 """A store as genre-batch 8225ea5 published it (similar layout 1: one index.faiss, one vectors.parquet, buckets by vid
-hash; BUCKET_TRACKS 25): test_similar_answers_from_the_lookup_files's table, t0..t39 rock and t40..t59 jazz."""
+hash; BUCKET_TRACKS 25): test_similar_answers_from_the_lookup_files's table, t0..t39 rock and t40..t59 jazz. Its
+`vector_space` is test_catalog.SPACE (the test stand-in then recorded only name and dim)."""
 
 
 def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_build(tmp_path: Path) -> None:
@@ -368,7 +369,7 @@ def test_a_snapshot_of_layout_1_is_answered_and_the_next_snapshot_is_a_full_buil
 
 ONE_LOOKUP_FILE = Path(__file__).parent / "data" / "store-layout-2-one-lookup-file"
 """A store as genre-batch a1ba515 published it (similar layout 2, one lookup file by vid and one by uri, not
-partitions; BUCKET_TRACKS 25): the same table as LAYOUT_1's."""
+partitions; BUCKET_TRACKS 25): the same table as LAYOUT_1's, the same `vector_space`."""
 
 
 def test_a_snapshot_with_one_lookup_file_is_answered_and_updated_in_one_partition(tmp_path: Path) -> None:

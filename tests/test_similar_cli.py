@@ -119,10 +119,7 @@ def test_a_missing_vector_space_is_a_one_line_error(published: Path, tmp_path: P
     outside = str(tmp_path / "elsewhere.wav")  # not in the catalog: it would be embedded in the snapshot's space
     code, out, err = cli("similar", "--store", str(published), outside)
     assert (code, out) == (1, "") and err.count("\n") == 1, err
+    s = Store(str(published))
     assert err.startswith(f"error: {outside}: not a track_id or uri of the published catalog, and files outside it cannot be embedded: "
-                          "the arrays of vector space test-space are not in the store (none recorded): run 'genre-batch tag'")
-
-    s = Store(str(tmp_path / "store"))  # a space whose file was recorded, then lost
-    catalog.publish(s, rows(20, "rock", "run-a"), "run-a", "m-1", {**SPACE, "file": "spaces/test-space.npz"})
-    code, _, err = cli("similar", "--store", s.root, outside)
-    assert code == 1 and err.count("\n") == 1 and f"({s.catalog}/spaces/test-space.npz is missing)" in err, err
+                          f"the arrays of vector space test-space are not in the store ({s.catalog}/spaces/test-space.npz is missing): "
+                          "run 'genre-batch tag'"), err

@@ -12,32 +12,27 @@ from genre_batch.storage.store import Store
 
 @dataclass(frozen=True)
 class SpaceRecord:
-    """What the pointer records of the snapshot's vector space (`vector_space`, as VectorSpace.describe writes it: a
-    stand-in written by tests or benchmarks may record its name alone, what it lacks is None)."""
+    """What the pointer records of the snapshot's vector space (`vector_space`, as VectorSpace.describe writes it)."""
 
     name: str
-    family: str | None
+    family: str
     """The feature family it pools (librosa or musicnn)."""
-    family_version: int | None
-    dim: int | None
+    family_version: int
+    dim: int
     """The embedding's dimension (VECTOR_DIM)."""
-    pooling: str | None
+    pooling: str
     """How a track's inputs are pooled, in words."""
-    scaler: str | None
+    scaler: str
     """How pooled inputs become an embedding, in words."""
-    sample_tracks: int | None
+    sample_tracks: int
     """The tracks of the sample the space was fitted on."""
-    file: str | None
-    """Its arrays, relative to the catalog folder (None: none recorded)."""
+    file: str
+    """Its arrays, relative to the catalog folder."""
 
     @classmethod
     def parse(cls, document: dict) -> SpaceRecord:
         """A vector space record from the pointer's `vector_space`."""
-        return cls(
-            name=document["name"], family=document.get("family"), family_version=document.get("family_version"),
-            dim=document.get("dim"), pooling=document.get("pooling"), scaler=document.get("scaler"),
-            sample_tracks=document.get("sample_tracks"), file=document.get("file"),
-        )
+        return cls(**{name: document[name] for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -86,15 +86,15 @@ def save(store: Store, space: VectorSpace) -> None:
 
 
 class MissingSpace(GenreBatchError):
-    """A pointer's vector space whose arrays are not in the store (none recorded, or the file is gone)."""
+    """A pointer's vector space whose arrays are not in the store."""
 
 
 def load(store: Store, described: SpaceRecord) -> VectorSpace:
     """The space a pointer's `vector_space` describes; MissingSpace when its arrays are not in the store."""
-    path = f"{store.catalog}/{described.file}" if described.file else None
-    if path is None or not store.exists(path):
-        raise MissingSpace(f"the arrays of vector space {described.name} are not in the store "
-                           f"({store.uri(path) + ' is missing' if path else 'none recorded'}): run 'genre-batch tag' to fit and store one")
+    path = f"{store.catalog}/{described.file}"
+    if not store.exists(path):
+        raise MissingSpace(f"the arrays of vector space {described.name} are not in the store ({store.uri(path)} is missing): "
+                           "run 'genre-batch tag' to fit and store one")
     with store.open(path) as f:
         arrays = np.load(io.BytesIO(f.read()), allow_pickle=False)
         return VectorSpace(described.family, int(arrays["family_version"]), arrays["mean"], arrays["scale"],
@@ -209,7 +209,7 @@ def reusable(store: Store, previous: CatalogPointer | None, family: Family, avai
     refitted as the library grows, until SAMPLE_TRACKS), else None: a space must be fitted."""
     described = previous.vector_space if previous else None
     same = described is not None and (described.family, described.family_version) == (family.name, family.version)
-    if same and 2 * (described.sample_tracks or 0) >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described.file}"):
+    if same and 2 * described.sample_tracks >= min(SAMPLE_TRACKS, available) and store.exists(f"{store.catalog}/{described.file}"):
         return load(store, described)
     return None
 
