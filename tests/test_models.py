@@ -103,6 +103,18 @@ def test_a_card_lacking_a_field_is_a_clear_error_naming_it(tmp_path: Path) -> No
         registry.pointer(store)
 
 
+def test_a_promotion_by_hand_keeps_the_pin_and_a_trained_promotion_sets_it(tmp_path: Path) -> None:
+    """`models promote` keeps the pin of the pointer it replaces (read in the same conditional switch); train's promote
+    sets the pin it is given."""
+    store = Store(str(tmp_path))
+    for version in ("m-1", "m-2", "m-3"):
+        store.write_json(f"{store.models}/{version}/metadata.json", {**FIRST_CARD, "version": version})
+    registry.promote(store, "m-1", pinned=True)
+    assert (registry.promote_checked(store, "m-2").pinned, registry.pointer(store).history) == (True, ("m-1",))
+    assert registry.promote(store, "m-3").pinned is False and not registry.pinned(store)
+    assert registry.promote_checked(store, "m-2").pinned is False
+
+
 def test_unknown_kind_is_a_clear_error_and_the_cli_lists_every_kind() -> None:
     assert checks.CLASSIFIERS == tuple(KINDS)  # checked before any training library loads, so listed twice
     with pytest.raises(Exception, match="unknown classifier 'svm': this genre-batch knows xgboost, linear"):

@@ -149,9 +149,13 @@ def history_after(previous: ModelPointer | None, version: str) -> tuple[str, ...
     return (previous.history if previous.version == version else (*previous.history, previous.version))[-HISTORY:]
 
 
-def promote(store: Store, version: str, pinned: bool = False) -> ModelPointer:
-    """Make a registered model the current one, the old version (when another one) into the pointer's history."""
-    return switched(store, lambda previous: ModelPointer(version, pinned, now(), history_after(previous, version)))
+def promote(store: Store, version: str, pinned: bool | None = False) -> ModelPointer:
+    """Make a registered model the current one, the old version (when another one) into the pointer's history; `pinned`
+    None keeps the pin of the pointer it replaces."""
+    def change(previous: ModelPointer | None) -> ModelPointer:
+        pin = bool(previous and previous.pinned) if pinned is None else pinned
+        return ModelPointer(version, pin, now(), history_after(previous, version))
+    return switched(store, change)
 
 
 def current_version(store: Store) -> str | None:
@@ -260,7 +264,7 @@ def promote_checked(store: Store, version: str, force: bool = False) -> ModelPoi
     found = card(store, version)
     if not found.gate_passed and not force:
         raise GenreBatchError(f"model {version} failed the promotion gate ({found.gate_reason}): pass --force to promote it anyway")
-    return promote(store, version, pinned=pinned(store))
+    return promote(store, version, pinned=None)
 
 
 def rollback(store: Store) -> ModelPointer:
